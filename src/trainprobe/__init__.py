@@ -1,0 +1,46 @@
+"""trainprobe: training-dynamics diagnostics for PyTorch.
+
+Attach probes to any ``nn.Module``, record on a schedule into a crash-safe run
+store, flag instabilities with detectors, look at it all in one HTML file.
+"""
+
+__version__ = "0.1.0"
+
+from .analysis.findings import Finding, Severity  # noqa: E402  (analyze: pending)
+from .monitor import Monitor, StepHandle, watch  # noqa: E402
+from .probes import (  # noqa: E402
+    ActivationStats,
+    LayerNorms,
+    LearningRate,
+    NonFiniteGuard,
+    UpdateNorms,
+    at_steps,
+    default_probes,
+    every,
+    log_spaced,
+)
+from .store import Run, RunError  # noqa: E402
+
+__all__ = [
+    # monitoring
+    "Monitor",
+    "StepHandle",
+    "watch",
+    # probes and schedules
+    "ActivationStats",
+    "LayerNorms",
+    "LearningRate",
+    "NonFiniteGuard",
+    "UpdateNorms",
+    "at_steps",
+    "default_probes",
+    "every",
+    "log_spaced",
+    # stored runs
+    "Run",
+    "RunError",
+    # analysis
+    "Finding",
+    "Severity",
+
+]

@@ -1,0 +1,67 @@
+"""Device values -> host records: one transfer per device per flush."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .probes.base import PerLayer, Value
+from .store import Record
+
+_HOST_DTYPE = {torch.bool: np.bool_}
+
+
+def _collect(pending: Sequence[tuple[int, Mapping[str, Value]]]) -> dict[torch.device, list]:
+    """Tensors to move, grouped by device: ``[(record index, key, tensor), ...]``."""
+    groups: dict[torch.device, list] = {}
+    for index, (_, values) in enumerate(pending):
+        for key, value in values.items():
+            tensor = value.values if isinstance(value, PerLayer) else value
+            if isinstance(tensor, Tensor):
+                groups.setdefault(tensor.device, []).append((index, key, tensor.detach()))
+    return groups
+
+
+def _to_numpy(items: list, device: torch.device) -> list[np.ndarray]:
+    """Host copies of ``items``' tensors; one ``cat`` and one copy for non-CPU devices."""
+    if device.type == "cpu":
+        return [t.numpy() for _, _, t in items]
+    wide = torch.float32 if device.type == "mps" else torch.float64
+    flat = torch.cat([t.reshape(-1).to(wide) for _, _, t in items])  # [sum numel]
+    host = flat.cpu().numpy()  # deliberate sync: the one transfer of this flush
+    out, offset = [], 0
+    for _, _, t in items:
+        chunk = host[offset : offset + t.numel()].reshape(tuple(t.shape))
+        offset += t.numel()
+        kind = _HOST_DTYPE.get(t.dtype)
+        out.append(chunk.astype(kind) if kind is not None else chunk)
+    return out
+
+
+def _expand(key: str, value: Value, host: np.ndarray | None) -> dict[str, float | np.ndarray]:
+    if isinstance(value, PerLayer):
+        numbers = host.astype(np.float64).reshape(-1)
+        return {f"{key}/{name}": float(x) for name, x in zip(value.names, numbers, strict=True)}
+    if host is None:
+        return {key: float(value)}
+    if host.ndim == 0:
+        return {key: float(host)}
+    return {key: np.array(host)}
+
+
+def to_host(pending: Sequence[tuple[int, Mapping[str, Value]]]) -> list[Record]:
+    """Records with every tensor value moved to the host (floats and numpy arrays)."""
+    hosted: dict[tuple[int, str], np.ndarray] = {}
+    for device, items in _collect(pending).items():
+        for (index, key, _), array in zip(items, _to_numpy(items, device), strict=True):
+            hosted[(index, key)] = array
+    records = []
+    for index, (step, values) in enumerate(pending):
+        flat: dict[str, float | np.ndarray] = {}
+        for key, value in values.items():
+            flat.update(_expand(key, value, hosted.get((index, key))))
+        records.append(Record(step, flat))
+    return records

@@ -1,0 +1,83 @@
+"""Checks at the public boundary; every error names the value and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from numbers import Real
+
+import torch
+from torch import Tensor, nn
+
+from .probes.base import NEEDS, Probe
+
+
+def check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"watch(model): expected a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"watch(model): {type(model).__name__} has no trainable parameters (none, or all "
+            "requires_grad=False); unfreeze some with p.requires_grad_(True) or watch the "
+            "module you train"
+        )
+    return model
+
+
+def check_probes(probes: Iterable[object]) -> list[Probe]:
+    if isinstance(probes, (str, bytes)) or not isinstance(probes, Iterable):
+        raise TypeError(f"watch(probes=...): expected a list of probe instances, got {probes!r}")
+    checked: list[Probe] = []
+    for i, probe in enumerate(probes):
+        if isinstance(probe, type):
+            raise TypeError(f"probes[{i}] is the class {probe.__name__}; pass an instance: "
+                            f"{probe.__name__}()")
+        if not isinstance(probe, Probe):
+            missing = [a for a in ("name", "schedule", "needs", "attach", "measure", "settings")
+                       if not hasattr(probe, a)]
+            raise TypeError(f"probes[{i}] ({type(probe).__name__}) is not a probe: it lacks "
+                            f"{missing}; see trainprobe.probes.base for the protocol")
+        unknown = set(probe.needs) - NEEDS
+        if unknown:
+            raise ValueError(f"probe {probe.name!r} needs {sorted(unknown)}, which the monitor "
+                             f"does not provide; choose from {sorted(NEEDS)}")
+        checked.append(probe)
+    names = [p.name for p in checked]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"two probes are named {dupes}: their record keys would collide; "
+                         "pass each probe once (one instance can log every layer)")
+    return checked
+
+
+def check_optimizer(optimizer: object, where: str) -> torch.optim.Optimizer | None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{where}(optimizer=...): expected a torch.optim.Optimizer, "
+                        f"got {type(optimizer).__name__}")
+    return optimizer
+
+
+def check_step(step: object, last: int | None) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise TypeError(f"mon.step(step): expected a non-negative int, got {step!r}")
+    if last is not None and step <= last:
+        raise ValueError(
+            f"step {step} does not come after step {last}: steps must increase; pass a "
+            "global counter (e.g. epoch * len(loader) + i), or resume a run past its last step"
+        )
+    return step
+
+
+def check_logged(values: Mapping[str, object]) -> dict[str, Tensor | float]:
+    out: dict[str, Tensor | float] = {}
+    for name, value in values.items():
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise TypeError(f"log({name}=...): expected a scalar, got a tensor of shape "
+                                f"{tuple(value.shape)}; log value.mean() or a single element")
+            out[name] = value.detach().reshape(())
+        elif isinstance(value, Real) and not isinstance(value, bool):
+            out[name] = float(value)
+        else:
+            raise TypeError(f"log({name}=...): expected a number or a one-element tensor, "
+                            f"got {type(value).__name__}")
+    return out

@@ -1,0 +1,293 @@
+"""The only orchestrator: due probes -> hooks -> measure -> one record per step -> store.
+
+Usage::
+
+    with trainprobe.watch(model, run_dir="runs/exp1", optimizer=opt) as mon:
+        for step, (x, y) in enumerate(loader):
+            with mon.step(step, batch=(x, y)) as s:
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                s.log(loss=loss)
+            opt.step()
+            opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from . import _meta
+from ._transfer import to_host
+from ._validate import check_logged, check_model, check_optimizer, check_probes, check_step
+from .probes import default_probes
+from .probes.base import Probe, StepContext, Value
+from .probes.updates import parameter_deltas
+from .store import RunWriter
+
+
+class StepHandle:
+    """One training step under observation; returned by :meth:`Monitor.step`.
+
+    Entering attaches the hooks of the probes due now (and copies the parameters
+    if an update probe is due); leaving removes them — also when the block
+    raises — and measures.
+    """
+
+    def __init__(self, monitor: Monitor, step: int, due: tuple[Probe, ...], batch: Any,
+                 optimizer: torch.optim.Optimizer | None) -> None:
+        self.monitor = monitor
+        self.step = step
+        self.due = due
+        self.batch = batch
+        self.optimizer = optimizer
+        self.logged: dict[str, Tensor | float] = {}
+        self.handles: list[RemovableHandle] = []
+        self.params_before: dict[str, Tensor] | None = None
+
+    def log(self, **values: Tensor | float) -> None:
+        """Record scalars for this step as ``scalars/<name>`` (e.g. ``loss=loss``).
+
+        Tensors are detached and kept on their device; nothing syncs until the
+        monitor's next flush. Logging the same name twice in a step keeps the last.
+
+        Raises:
+            TypeError: a value is not a number or a one-element tensor.
+        """
+        self.logged.update(check_logged(values))
+
+    def __enter__(self) -> StepHandle:
+        self.monitor._begin(self)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.monitor._end(self, failed=exc_type is not None)
+
+
+class Monitor:
+    """Runs probes on their schedules and writes one record per step; see :func:`watch`."""
+
+    def __init__(self, model: nn.Module, probes: Sequence[Probe] | None, *,
+                 run_dir: str | Path, optimizer: torch.optim.Optimizer | None,
+                 resume: bool, flush_seconds: float, on_probe_error: str,
+                 meta: Mapping[str, Any] | None) -> None:
+        self.model = check_model(model)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.probes = tuple(check_probes(default_probes() if probes is None else probes))
+        self.optimizer = check_optimizer(optimizer, "watch")
+        self.run_dir = Path(run_dir)
+        if not flush_seconds >= 0:
+            raise ValueError(f"watch(flush_seconds=...) must be >= 0, got {flush_seconds!r}")
+        if on_probe_error not in ("warn", "raise"):
+            raise ValueError(f"watch(on_probe_error=...) must be 'warn' or 'raise', "
+                             f"got {on_probe_error!r}")
+        self.flush_seconds = float(flush_seconds)
+        self.on_probe_error = on_probe_error
+        self._resume = resume
+        self._user_meta = dict(meta or {})
+        self._writer: RunWriter | None = None
+        self._last_step: int | None = None
+        self._open: StepHandle | None = None
+        self._previous: tuple[StepHandle, dict[str, Value]] | None = None  # ended, not buffered
+        self._buffer: list[tuple[int, dict[str, Value]]] = []
+        self._last_flush = time.monotonic()
+        self._disabled: dict[str, str] = {}
+        self._optimizer_logged = False
+
+    # -- context management ------------------------------------------------------------
+    def __enter__(self) -> Monitor:
+        self._writer = RunWriter(self.run_dir, resume=self._resume)
+        self._last_step = self._writer.last_step
+        self._writer.set_meta({
+            "status": "running",
+            "created": _meta.now(),
+            "model": _meta.model_summary(self.model, list(self.params)),
+            "probes": [
+                {"name": p.name, "class": type(p).__qualname__, "schedule": p.schedule.describe(),
+                 "needs": sorted(p.needs), "settings": p.settings()}
+                for p in self.probes
+            ],
+            "versions": _meta.versions(),
+            "user": self._user_meta,
+        })
+        self._log_optimizer(self.optimizer)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if self._open is not None:  # the step block never closed (generator abandoned)
+                self._end(self._open, failed=True)
+            self._finish_previous()
+            self.flush()
+        finally:
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                status = "finished" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"
+                writer.set_meta({"status": status, "ended": _meta.now(),
+                                 "disabled_probes": self._disabled})
+                writer.close()
+
+    # -- the training step ---------------------------------------------------------------
+    def step(self, step: int, *, batch: Any = None,
+             optimizer: torch.optim.Optimizer | None = None) -> StepHandle:
+        """Observe training step ``step`` (use as ``with mon.step(...) as s:``).
+
+        Args:
+            step: the global step counter; must increase from call to call.
+            batch: the step's input, for probes that evaluate on it.
+            optimizer: overrides the optimizer given to :func:`watch` for this step.
+
+        Raises:
+            ValueError: ``step`` does not increase, or the monitor is not entered.
+        """
+        if self._writer is None:
+            raise ValueError("mon.step() used outside `with trainprobe.watch(...) as mon:`; "
+                             "enter the monitor first")
+        check_step(step, self._last_step)
+        optimizer = check_optimizer(optimizer, "mon.step") or self.optimizer
+        due = tuple(p for p in self.probes if p.name not in self._disabled and p.schedule(step))
+        return StepHandle(self, step, due, batch, optimizer)
+
+    def _begin(self, handle: StepHandle) -> None:
+        if self._open is not None:
+            raise ValueError(f"step {handle.step} entered while step {self._open.step} is still "
+                             "open; mon.step() blocks cannot nest")
+        self._last_step = handle.step
+        self._finish_previous()
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+        self._log_optimizer(handle.optimizer)
+        self._open = handle
+        try:
+            if any("update" in p.needs for p in handle.due):
+                handle.params_before = dict(zip(
+                    self.params, torch._foreach_mul([p.detach() for p in self.params.values()], 1.0),
+                    strict=True))
+            for probe in handle.due:
+                if "activations" in probe.needs:
+                    handle.handles.extend(probe.attach(self.model))
+        except BaseException:
+            self._remove_hooks(handle)
+            self._open = None
+            raise
+
+    def _end(self, handle: StepHandle, *, failed: bool) -> None:
+        self._remove_hooks(handle)
+        self._open = None
+        values: dict[str, Value] = {f"scalars/{k}": v for k, v in handle.logged.items()}
+        if failed:  # keep what was logged; measuring a half-done step would mislead
+            handle.params_before = None
+        else:
+            ctx = self._context(handle)
+            for probe in handle.due:
+                if "update" not in probe.needs:
+                    self._measure(probe, ctx, values)
+        self._previous = (handle, values)
+
+    def _finish_previous(self) -> None:
+        """Measure update probes of the last step (the optimizer has stepped) and buffer it."""
+        if self._previous is None:
+            return
+        handle, values = self._previous
+        self._previous = None
+        before = handle.params_before
+        if before is not None:
+            ctx = self._context(handle, update=parameter_deltas(self.params, before),
+                                params_before=before)
+            for probe in handle.due:
+                if "update" in probe.needs:
+                    self._measure(probe, ctx, values)
+        if values:
+            self._buffer.append((handle.step, values))
+
+    def _context(self, handle: StepHandle, **extra: Any) -> StepContext:
+        return StepContext(step=handle.step, model=self.model, params=self.params,
+                           batch=handle.batch, optimizer=handle.optimizer,
+                           logged=handle.logged, **extra)
+
+    def _measure(self, probe: Probe, ctx: StepContext, values: dict[str, Value]) -> None:
+        if "optimizer" in probe.needs and ctx.optimizer is None:
+            self._disable(probe, "needs an optimizer: pass optimizer= to watch() or mon.step()")
+            return
+        try:
+            measured = probe.measure(ctx)
+        except Exception as err:
+            if self.on_probe_error == "raise":
+                raise
+            self._disable(probe, f"raised {type(err).__name__}: {err}")
+            return
+        for key in measured:
+            if not key.startswith(f"{probe.name}/"):
+                raise ValueError(f"probe {probe.name!r} wrote key {key!r}; its keys must start "
+                                 f"with '{probe.name}/'")
+        values.update(measured)
+
+    def _disable(self, probe: Probe, reason: str) -> None:
+        self._disabled[probe.name] = reason
+        warnings.warn(f"trainprobe: probe {probe.name!r} disabled for the rest of the run: "
+                      f"{reason}", RuntimeWarning, stacklevel=4)
+
+    def _remove_hooks(self, handle: StepHandle) -> None:
+        while handle.handles:
+            handle.handles.pop().remove()
+
+    def _log_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is not None and not self._optimizer_logged and self._writer is not None:
+            self._writer.set_meta({"optimizer": _meta.optimizer_summary(optimizer)})
+            self._optimizer_logged = True
+
+    # -- storage -------------------------------------------------------------------------
+    def log(self, **values: Tensor | float) -> None:
+        """Record scalars for the last step (e.g. an evaluation after the step block)."""
+        if self._previous is None:
+            raise ValueError("mon.log() records into the step that just ended; call it after a "
+                             "`with mon.step(...)` block, or use s.log() inside it")
+        self._previous[1].update({f"scalars/{k}": v for k, v in check_logged(values).items()})
+
+    def flush(self) -> None:
+        """Move buffered values to the host (one transfer) and commit them in one transaction."""
+        if self._buffer and self._writer is not None:
+            records = to_host(self._buffer)
+            self._buffer = []
+            self._writer.append(records)
+        self._last_flush = time.monotonic()
+
+
+def watch(model: nn.Module, probes: Sequence[Probe] | None = None, *,
+          run_dir: str | Path | None = None, optimizer: torch.optim.Optimizer | None = None,
+          resume: bool = False, flush_seconds: float = 2.0, on_probe_error: str = "warn",
+          meta: Mapping[str, Any] | None = None) -> Monitor:
+    """Watch ``model`` while it trains; use as ``with watch(model, ...) as mon:``.
+
+    Args:
+        model: any ``nn.Module`` with trainable parameters.
+        probes: probe instances; default :func:`trainprobe.probes.default_probes`.
+        run_dir: where the run is stored (default ``runs/run-<UTC time>``).
+        optimizer: lets probes read the learning rate and optimizer state.
+        resume: append to an existing run in ``run_dir`` (steps must go on past it).
+        flush_seconds: values are buffered on the device and committed at most this
+            long after they were measured (0: every step); a process killed in between
+            loses only the buffered steps.
+        on_probe_error: ``"warn"`` disables a probe that raises (training goes on);
+            ``"raise"`` propagates the error.
+        meta: extra JSON-serialisable metadata stored with the run (config, seed, ...).
+
+    Raises:
+        TypeError: ``model`` is not a module, a probe is a class or not a probe.
+        ValueError: no trainable parameters, duplicate probe names, bad options.
+        FileExistsError: ``run_dir`` already holds a run and ``resume`` is false.
+    """
+    if run_dir is None:
+        run_dir = Path("runs") / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    return Monitor(model, probes, run_dir=run_dir, optimizer=optimizer, resume=resume,
+                   flush_seconds=flush_seconds, on_probe_error=on_probe_error, meta=meta)

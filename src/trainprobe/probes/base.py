@@ -1,0 +1,88 @@
+"""The probe protocol, what a probe may read (:class:`StepContext`) and return.
+
+A probe is a small object with one job (DESIGN.md rule 3):
+
+- ``name``: the first part of every key it writes (``name/metric[/layer]``);
+- ``schedule``: ``step -> bool`` (see :mod:`.schedules`);
+- ``needs``: what the monitor must provide, a subset of :data:`NEEDS`;
+- ``attach(model) -> list[RemovableHandle]``: hooks for a due step (often none);
+- ``measure(ctx) -> {key: value}``: device tensors, floats or :class:`PerLayer`;
+- ``settings() -> dict``: its options, stored in the run metadata.
+
+Probes never sync the device (no ``.item()``/``.cpu()``) and never change
+``.grad``, parameters, buffers, train/eval mode or the global RNG: the monitor
+moves every value to the host in one transfer per flush.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .schedules import Schedule
+
+#: What a probe can ask for.
+#: ``grads``: ``.grad`` after the user's backward; ``activations``: its forward hooks
+#: attached during the step; ``update``: ``ctx.update`` = parameters after the
+#: optimizer step minus before (measured when the next step starts); ``optimizer``:
+#: ``ctx.optimizer`` not None; ``logged``: the values given to ``StepHandle.log``.
+NEEDS = frozenset({"grads", "activations", "update", "optimizer", "logged"})
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    """``[L]`` values written as keys ``f"{prefix}/{names[i]}"`` from one tensor.
+
+    Cheaper than ``L`` separate 0-d tensors: one transfer, one conversion.
+    """
+
+    names: tuple[str, ...]
+    values: Tensor  # [L]
+
+
+Value = Tensor | float | int | PerLayer
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a probe may read at a measured step.
+
+    Attributes:
+        step: the training step.
+        model: the watched module.
+        params: trainable parameters by name, in ``named_parameters()`` order.
+        batch: what the user passed as ``batch=`` (may be None).
+        optimizer: the optimizer passed to ``watch`` or ``step`` (may be None).
+        logged: values given to ``StepHandle.log`` at this step (device tensors or floats).
+        update: ``{name: [shape] Δw}`` for probes that need ``"update"``, else None.
+        params_before: ``{name: w_before}`` (detached copies) with ``update``, else None.
+    """
+
+    step: int
+    model: nn.Module
+    params: Mapping[str, nn.Parameter]
+    batch: Any = None
+    optimizer: torch.optim.Optimizer | None = None
+    logged: Mapping[str, Tensor | float] = None  # type: ignore[assignment]
+    update: Mapping[str, Tensor] | None = None
+    params_before: Mapping[str, Tensor] | None = None
+
+
+@runtime_checkable
+class Probe(Protocol):
+    """What the monitor calls; see the module docstring."""
+
+    name: str
+    schedule: Schedule
+    needs: frozenset[str]
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]: ...
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]: ...
+
+    def settings(self) -> dict[str, Any]: ...

@@ -1,0 +1,57 @@
+"""Layer-wise weight and gradient norms."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ._tensors import stacked_norms, total_norm
+from .base import PerLayer, StepContext, Value
+from .schedules import Schedule, check_schedule, every
+
+
+class LayerNorms:
+    """L2 norms of every trainable parameter tensor and of its gradient.
+
+    Keys:
+        ``norms/weight/<param>``: ``||w||_2``; ``norms/weight_total``: ``sqrt(sum ||w||^2)``.
+        ``norms/grad/<param>``: ``||∇w||_2`` (parameters whose ``.grad`` is None
+        that step are left out); ``norms/grad_total``: global gradient norm, the
+        quantity ``clip_grad_norm_`` clips.
+
+    Gradients are read after the user's backward, before the optimizer step
+    (and so before any clipping the user does after the step block).
+
+    Args:
+        schedule: when to measure (default every 10 steps).
+    """
+
+    name = "norms"
+    needs = frozenset({"grads"})
+
+    def __init__(self, *, schedule: Schedule | None = None) -> None:
+        self.schedule = every(10) if schedule is None else schedule
+        check_schedule(self.schedule, "LayerNorms")
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        names = tuple(ctx.params)
+        weights = stacked_norms([p.detach() for p in ctx.params.values()])  # [L]
+        out: dict[str, Value] = {
+            "norms/weight": PerLayer(names, weights),
+            "norms/weight_total": total_norm(weights),
+        }
+        with_grad = [(n, p.grad) for n, p in ctx.params.items() if p.grad is not None]
+        if with_grad:
+            grads = stacked_norms([g.detach() for _, g in with_grad])  # [L']
+            out["norms/grad"] = PerLayer(tuple(n for n, _ in with_grad), grads)
+            out["norms/grad_total"] = total_norm(grads)
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,40 @@
+"""The optimizer's learning rate per parameter group."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .base import StepContext, Value
+from .schedules import Schedule, check_schedule, every
+
+
+class LearningRate:
+    """The learning rate of each parameter group, as the optimizer holds it.
+
+    Keys:
+        ``optim/lr/<group index>``.
+
+    Args:
+        schedule: when to read it (default every step; reading costs no sync).
+    """
+
+    name = "optim"
+    needs = frozenset({"optimizer"})
+
+    def __init__(self, *, schedule: Schedule | None = None) -> None:
+        self.schedule = every(1) if schedule is None else schedule
+        check_schedule(self.schedule, "LearningRate")
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        groups = ctx.optimizer.param_groups if ctx.optimizer is not None else []
+        return {f"optim/lr/{i}": group["lr"] for i, group in enumerate(groups) if "lr" in group}
+
+    def settings(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,6 @@
+"""Run storage: an append-only SQLite writer and the read-only :class:`Run`."""
+
+from .run import Run, RunError, Series
+from .writer import Record, RunWriter
+
+__all__ = ["Record", "Run", "RunError", "RunWriter", "Series"]

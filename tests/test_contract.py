@@ -1,0 +1,115 @@
+"""The contract every probe passes (DESIGN.md rule 10)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import trainprobe
+from trainprobe.probes import PROBES, default_probes, every
+from trainprobe.store import Run
+
+from .cases import MODELS, hook_count, train
+
+PROBE_NAMES = sorted(PROBES)
+
+
+def every_step(name: str):
+    return PROBES[name](schedule=every(1))
+
+
+def _assert_same_training(a, b) -> None:
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    for (name, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values(),
+                              strict=True):
+        assert torch.equal(pa, pb), f"{name} differs"
+    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        for key in state_a[i]:
+            assert torch.equal(torch.as_tensor(state_a[i][key]), torch.as_tensor(state_b[i][key]))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("probe", [*PROBE_NAMES, "all"])
+def test_training_is_bit_identical_and_rng_untouched(tmp_path, model, probe):
+    probes = default_probes(every_n=1) if probe == "all" else [every_step(probe)]
+    reference = train(model)
+    rng_reference = torch.get_rng_state()
+    watched = train(model, probes=probes, run_dir=tmp_path / "run")
+    assert torch.equal(torch.get_rng_state(), rng_reference)
+    _assert_same_training(reference, watched)
+    assert hook_count(watched[0]) == 0
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_default_probes_record_finite_documented_keys(tmp_path, model):
+    train(model, steps=6, probes=default_probes(every_n=1), run_dir=tmp_path / "run")
+    run = Run(tmp_path / "run")
+    documented = {name: _documented_patterns(cls) for name, cls in PROBES.items()}
+    keys = run.keys()
+    assert {k.split("/")[0] for k in keys} == {*PROBES, "scalars"}
+    for key in keys:
+        series = run.series(key)
+        assert len(series) >= 5, key
+        assert all(math.isfinite(v) for v in series.values.ravel()), key
+        if key.startswith("scalars/"):
+            continue
+        patterns = documented[key.split("/")[0]]
+        assert any(p.fullmatch(key) for p in patterns), f"{key} is not in its probe's docstring"
+
+
+def _documented_patterns(cls) -> list[re.Pattern]:
+    """Keys written in ``double backticks`` in a probe's docstring, ``<x>`` as a wildcard."""
+    keys = re.findall(r"``([a-z_]+/[a-z_/<> ]+)``", cls.__doc__)
+    return [re.compile(re.sub(r"<[^>]+>", ".+", re.escape(k).replace(r"\<", "<").replace(
+        r"\>", ">")).replace(r"\ ", " ")) for k in keys]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_hooks_removed_and_records_kept_when_the_loop_raises(tmp_path, model):
+    with pytest.raises(RuntimeError, match="boom"):
+        train(model, probes=default_probes(every_n=1), run_dir=tmp_path / "run", raise_at=5)
+    run = Run(tmp_path / "run")
+    assert run.series("scalars/loss").steps.tolist() == [0, 1, 2, 3, 4, 5]
+    assert run.series("norms/grad_total").steps.tolist() == [0, 1, 2, 3, 4]
+    assert run.meta["status"].startswith("failed: RuntimeError")
+
+
+def test_hooks_removed_when_raising_inside_a_step(tmp_path):
+    model = MODELS["cnn"]()
+    with pytest.raises(KeyError), trainprobe.watch(
+        model, default_probes(every_n=1), run_dir=tmp_path / "r"
+    ) as mon, mon.step(0):
+        assert hook_count(model) > 0  # activation hooks are attached inside the step
+        model(torch.randn(2, 1, 8, 8))
+        raise KeyError("inside")
+    assert hook_count(model) == 0
+
+
+class _RandomProbe:
+    """A deliberately bad probe: it draws from the global RNG."""
+
+    name = "bad"
+    needs = frozenset()
+    schedule = every(1)
+
+    def attach(self, model):
+        return []
+
+    def measure(self, ctx):
+        return {"bad/noise": torch.rand(())}
+
+    def settings(self):
+        return {}
+
+
+def test_the_contract_catches_a_probe_that_perturbs(tmp_path):
+    """Negative control: the comparison above is able to fail."""
+    reference = train("mlp")
+    watched = train("mlp", probes=[_RandomProbe()], run_dir=tmp_path / "run")
+    with pytest.raises(AssertionError):
+        _assert_same_training(reference, watched)
