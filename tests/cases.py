@@ -94,8 +94,14 @@ def train(
         for step in range(steps):
             one_step(step, None)
         return model, opt
-    with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt,
-                          on_probe_error="raise", flush_seconds=flush_seconds) as mon:
+    with trainprobe.watch(
+        model,
+        probes,
+        run_dir=run_dir,
+        optimizer=opt,
+        on_probe_error="raise",
+        flush_seconds=flush_seconds,
+    ) as mon:
         for step in range(steps):
             one_step(step, mon)
     return model, opt
@@ -105,8 +111,14 @@ def hook_count(model: nn.Module) -> int:
     """Every hook a module or parameter can hold, summed over the model."""
     total = 0
     for module in model.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
             total += len(getattr(module, attr, {}))
     for p in model.parameters():
         total += len(getattr(p, "_backward_hooks", None) or {})

@@ -23,8 +23,9 @@ def every_step(name: str):
 
 def _assert_same_training(a, b) -> None:
     (model_a, opt_a), (model_b, opt_b) = a, b
-    for (name, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values(),
-                              strict=True):
+    for (name, pa), pb in zip(
+        model_a.state_dict().items(), model_b.state_dict().values(), strict=True
+    ):
         assert torch.equal(pa, pb), f"{name} differs"
     state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
     assert state_a.keys() == state_b.keys()
@@ -65,8 +66,14 @@ def test_default_probes_record_finite_documented_keys(tmp_path, model):
 def _documented_patterns(cls) -> list[re.Pattern]:
     """Keys written in ``double backticks`` in a probe's docstring, ``<x>`` as a wildcard."""
     keys = re.findall(r"``([a-z_]+/[a-z_/<> ]+)``", cls.__doc__)
-    return [re.compile(re.sub(r"<[^>]+>", ".+", re.escape(k).replace(r"\<", "<").replace(
-        r"\>", ">")).replace(r"\ ", " ")) for k in keys]
+    return [
+        re.compile(
+            re.sub(r"<[^>]+>", ".+", re.escape(k).replace(r"\<", "<").replace(r"\>", ">")).replace(
+                r"\ ", " "
+            )
+        )
+        for k in keys
+    ]
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -81,9 +88,11 @@ def test_hooks_removed_and_records_kept_when_the_loop_raises(tmp_path, model):
 
 def test_hooks_removed_when_raising_inside_a_step(tmp_path):
     model = MODELS["cnn"]()
-    with pytest.raises(KeyError), trainprobe.watch(
-        model, default_probes(every_n=1), run_dir=tmp_path / "r"
-    ) as mon, mon.step(0):
+    with (
+        pytest.raises(KeyError),
+        trainprobe.watch(model, default_probes(every_n=1), run_dir=tmp_path / "r") as mon,
+        mon.step(0),
+    ):
         assert hook_count(model) > 0  # activation hooks are attached inside the step
         model(torch.randn(2, 1, 8, 8))
         raise KeyError("inside")

@@ -6,9 +6,9 @@ store, flag instabilities with detectors, look at it all in one HTML file.
 
 __version__ = "0.1.0"
 
-from .analysis.findings import Finding, Severity  # noqa: E402  (analyze: pending)
-from .monitor import Monitor, StepHandle, watch  # noqa: E402
-from .probes import (  # noqa: E402
+from .analysis.findings import Finding, Severity
+from .monitor import Monitor, StepHandle, watch
+from .probes import (
     ActivationStats,
     LayerNorms,
     LearningRate,
@@ -19,7 +19,7 @@ from .probes import (  # noqa: E402
     every,
     log_spaced,
 )
-from .store import Run, RunError  # noqa: E402
+from .store import Run, RunError
 
 __all__ = [
     # monitoring
@@ -42,5 +42,4 @@ __all__ = [
     # analysis
     "Finding",
     "Severity",
-
 ]

@@ -15,7 +15,9 @@ from . import __version__
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist() if value.numel() <= 16 else f"tensor{list(value.shape)}"
+        return (
+            value.detach().cpu().tolist() if value.numel() <= 16 else f"tensor{list(value.shape)}"
+        )
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:

@@ -29,30 +29,42 @@ def check_probes(probes: Iterable[object]) -> list[Probe]:
     checked: list[Probe] = []
     for i, probe in enumerate(probes):
         if isinstance(probe, type):
-            raise TypeError(f"probes[{i}] is the class {probe.__name__}; pass an instance: "
-                            f"{probe.__name__}()")
+            raise TypeError(
+                f"probes[{i}] is the class {probe.__name__}; pass an instance: {probe.__name__}()"
+            )
         if not isinstance(probe, Probe):
-            missing = [a for a in ("name", "schedule", "needs", "attach", "measure", "settings")
-                       if not hasattr(probe, a)]
-            raise TypeError(f"probes[{i}] ({type(probe).__name__}) is not a probe: it lacks "
-                            f"{missing}; see trainprobe.probes.base for the protocol")
+            missing = [
+                a
+                for a in ("name", "schedule", "needs", "attach", "measure", "settings")
+                if not hasattr(probe, a)
+            ]
+            raise TypeError(
+                f"probes[{i}] ({type(probe).__name__}) is not a probe: it lacks "
+                f"{missing}; see trainprobe.probes.base for the protocol"
+            )
         unknown = set(probe.needs) - NEEDS
         if unknown:
-            raise ValueError(f"probe {probe.name!r} needs {sorted(unknown)}, which the monitor "
-                             f"does not provide; choose from {sorted(NEEDS)}")
+            raise ValueError(
+                f"probe {probe.name!r} needs {sorted(unknown)}, which the monitor "
+                f"does not provide; choose from {sorted(NEEDS)}"
+            )
         checked.append(probe)
     names = [p.name for p in checked]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"two probes are named {dupes}: their record keys would collide; "
-                         "pass each probe once (one instance can log every layer)")
+        raise ValueError(
+            f"two probes are named {dupes}: their record keys would collide; "
+            "pass each probe once (one instance can log every layer)"
+        )
     return checked
 
 
 def check_optimizer(optimizer: object, where: str) -> torch.optim.Optimizer | None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"{where}(optimizer=...): expected a torch.optim.Optimizer, "
-                        f"got {type(optimizer).__name__}")
+        raise TypeError(
+            f"{where}(optimizer=...): expected a torch.optim.Optimizer, "
+            f"got {type(optimizer).__name__}"
+        )
     return optimizer
 
 
@@ -72,12 +84,16 @@ def check_logged(values: Mapping[str, object]) -> dict[str, Tensor | float]:
     for name, value in values.items():
         if isinstance(value, Tensor):
             if value.numel() != 1:
-                raise TypeError(f"log({name}=...): expected a scalar, got a tensor of shape "
-                                f"{tuple(value.shape)}; log value.mean() or a single element")
+                raise TypeError(
+                    f"log({name}=...): expected a scalar, got a tensor of shape "
+                    f"{tuple(value.shape)}; log value.mean() or a single element"
+                )
             out[name] = value.detach().reshape(())
         elif isinstance(value, Real) and not isinstance(value, bool):
             out[name] = float(value)
         else:
-            raise TypeError(f"log({name}=...): expected a number or a one-element tensor, "
-                            f"got {type(value).__name__}")
+            raise TypeError(
+                f"log({name}=...): expected a number or a one-element tensor, "
+                f"got {type(value).__name__}"
+            )
     return out

@@ -42,8 +42,14 @@ class StepHandle:
     raises — and measures.
     """
 
-    def __init__(self, monitor: Monitor, step: int, due: tuple[Probe, ...], batch: Any,
-                 optimizer: torch.optim.Optimizer | None) -> None:
+    def __init__(
+        self,
+        monitor: Monitor,
+        step: int,
+        due: tuple[Probe, ...],
+        batch: Any,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> None:
         self.monitor = monitor
         self.step = step
         self.due = due
@@ -68,18 +74,30 @@ class StepHandle:
         self.monitor._begin(self)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.monitor._end(self, failed=exc_type is not None)
 
 
 class Monitor:
     """Runs probes on their schedules and writes one record per step; see :func:`watch`."""
 
-    def __init__(self, model: nn.Module, probes: Sequence[Probe] | None, *,
-                 run_dir: str | Path, optimizer: torch.optim.Optimizer | None,
-                 resume: bool, flush_seconds: float, on_probe_error: str,
-                 meta: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        probes: Sequence[Probe] | None,
+        *,
+        run_dir: str | Path,
+        optimizer: torch.optim.Optimizer | None,
+        resume: bool,
+        flush_seconds: float,
+        on_probe_error: str,
+        meta: Mapping[str, Any] | None,
+    ) -> None:
         self.model = check_model(model)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.probes = tuple(check_probes(default_probes() if probes is None else probes))
@@ -88,8 +106,9 @@ class Monitor:
         if not flush_seconds >= 0:
             raise ValueError(f"watch(flush_seconds=...) must be >= 0, got {flush_seconds!r}")
         if on_probe_error not in ("warn", "raise"):
-            raise ValueError(f"watch(on_probe_error=...) must be 'warn' or 'raise', "
-                             f"got {on_probe_error!r}")
+            raise ValueError(
+                f"watch(on_probe_error=...) must be 'warn' or 'raise', got {on_probe_error!r}"
+            )
         self.flush_seconds = float(flush_seconds)
         self.on_probe_error = on_probe_error
         self._resume = resume
@@ -107,23 +126,34 @@ class Monitor:
     def __enter__(self) -> Monitor:
         self._writer = RunWriter(self.run_dir, resume=self._resume)
         self._last_step = self._writer.last_step
-        self._writer.set_meta({
-            "status": "running",
-            "created": _meta.now(),
-            "model": _meta.model_summary(self.model, list(self.params)),
-            "probes": [
-                {"name": p.name, "class": type(p).__qualname__, "schedule": p.schedule.describe(),
-                 "needs": sorted(p.needs), "settings": p.settings()}
-                for p in self.probes
-            ],
-            "versions": _meta.versions(),
-            "user": self._user_meta,
-        })
+        self._writer.set_meta(
+            {
+                "status": "running",
+                "created": _meta.now(),
+                "model": _meta.model_summary(self.model, list(self.params)),
+                "probes": [
+                    {
+                        "name": p.name,
+                        "class": type(p).__qualname__,
+                        "schedule": p.schedule.describe(),
+                        "needs": sorted(p.needs),
+                        "settings": p.settings(),
+                    }
+                    for p in self.probes
+                ],
+                "versions": _meta.versions(),
+                "user": self._user_meta,
+            }
+        )
         self._log_optimizer(self.optimizer)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         try:
             if self._open is not None:  # the step block never closed (generator abandoned)
                 self._end(self._open, failed=True)
@@ -133,13 +163,15 @@ class Monitor:
             writer, self._writer = self._writer, None
             if writer is not None:
                 status = "finished" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"
-                writer.set_meta({"status": status, "ended": _meta.now(),
-                                 "disabled_probes": self._disabled})
+                writer.set_meta(
+                    {"status": status, "ended": _meta.now(), "disabled_probes": self._disabled}
+                )
                 writer.close()
 
     # -- the training step ---------------------------------------------------------------
-    def step(self, step: int, *, batch: Any = None,
-             optimizer: torch.optim.Optimizer | None = None) -> StepHandle:
+    def step(
+        self, step: int, *, batch: Any = None, optimizer: torch.optim.Optimizer | None = None
+    ) -> StepHandle:
         """Observe training step ``step`` (use as ``with mon.step(...) as s:``).
 
         Args:
@@ -151,8 +183,10 @@ class Monitor:
             ValueError: ``step`` does not increase, or the monitor is not entered.
         """
         if self._writer is None:
-            raise ValueError("mon.step() used outside `with trainprobe.watch(...) as mon:`; "
-                             "enter the monitor first")
+            raise ValueError(
+                "mon.step() used outside `with trainprobe.watch(...) as mon:`; "
+                "enter the monitor first"
+            )
         check_step(step, self._last_step)
         optimizer = check_optimizer(optimizer, "mon.step") or self.optimizer
         due = tuple(p for p in self.probes if p.name not in self._disabled and p.schedule(step))
@@ -160,8 +194,10 @@ class Monitor:
 
     def _begin(self, handle: StepHandle) -> None:
         if self._open is not None:
-            raise ValueError(f"step {handle.step} entered while step {self._open.step} is still "
-                             "open; mon.step() blocks cannot nest")
+            raise ValueError(
+                f"step {handle.step} entered while step {self._open.step} is still "
+                "open; mon.step() blocks cannot nest"
+            )
         self._last_step = handle.step
         self._finish_previous()
         if time.monotonic() - self._last_flush >= self.flush_seconds:
@@ -170,9 +206,13 @@ class Monitor:
         self._open = handle
         try:
             if any("update" in p.needs for p in handle.due):
-                handle.params_before = dict(zip(
-                    self.params, torch._foreach_mul([p.detach() for p in self.params.values()], 1.0),
-                    strict=True))
+                handle.params_before = dict(
+                    zip(
+                        self.params,
+                        torch._foreach_mul([p.detach() for p in self.params.values()], 1.0),
+                        strict=True,
+                    )
+                )
             for probe in handle.due:
                 if "activations" in probe.needs:
                     handle.handles.extend(probe.attach(self.model))
@@ -202,8 +242,9 @@ class Monitor:
         self._previous = None
         before = handle.params_before
         if before is not None:
-            ctx = self._context(handle, update=parameter_deltas(self.params, before),
-                                params_before=before)
+            ctx = self._context(
+                handle, update=parameter_deltas(self.params, before), params_before=before
+            )
             for probe in handle.due:
                 if "update" in probe.needs:
                     self._measure(probe, ctx, values)
@@ -211,9 +252,15 @@ class Monitor:
             self._buffer.append((handle.step, values))
 
     def _context(self, handle: StepHandle, **extra: Any) -> StepContext:
-        return StepContext(step=handle.step, model=self.model, params=self.params,
-                           batch=handle.batch, optimizer=handle.optimizer,
-                           logged=handle.logged, **extra)
+        return StepContext(
+            step=handle.step,
+            model=self.model,
+            params=self.params,
+            batch=handle.batch,
+            optimizer=handle.optimizer,
+            logged=handle.logged,
+            **extra,
+        )
 
     def _measure(self, probe: Probe, ctx: StepContext, values: dict[str, Value]) -> None:
         if "optimizer" in probe.needs and ctx.optimizer is None:
@@ -228,14 +275,19 @@ class Monitor:
             return
         for key in measured:
             if not key.startswith(f"{probe.name}/"):
-                raise ValueError(f"probe {probe.name!r} wrote key {key!r}; its keys must start "
-                                 f"with '{probe.name}/'")
+                raise ValueError(
+                    f"probe {probe.name!r} wrote key {key!r}; its keys must start "
+                    f"with '{probe.name}/'"
+                )
         values.update(measured)
 
     def _disable(self, probe: Probe, reason: str) -> None:
         self._disabled[probe.name] = reason
-        warnings.warn(f"trainprobe: probe {probe.name!r} disabled for the rest of the run: "
-                      f"{reason}", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"trainprobe: probe {probe.name!r} disabled for the rest of the run: {reason}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _remove_hooks(self, handle: StepHandle) -> None:
         while handle.handles:
@@ -250,8 +302,10 @@ class Monitor:
     def log(self, **values: Tensor | float) -> None:
         """Record scalars for the last step (e.g. an evaluation after the step block)."""
         if self._previous is None:
-            raise ValueError("mon.log() records into the step that just ended; call it after a "
-                             "`with mon.step(...)` block, or use s.log() inside it")
+            raise ValueError(
+                "mon.log() records into the step that just ended; call it after a "
+                "`with mon.step(...)` block, or use s.log() inside it"
+            )
         self._previous[1].update({f"scalars/{k}": v for k, v in check_logged(values).items()})
 
     def flush(self) -> None:
@@ -263,10 +317,17 @@ class Monitor:
         self._last_flush = time.monotonic()
 
 
-def watch(model: nn.Module, probes: Sequence[Probe] | None = None, *,
-          run_dir: str | Path | None = None, optimizer: torch.optim.Optimizer | None = None,
-          resume: bool = False, flush_seconds: float = 2.0, on_probe_error: str = "warn",
-          meta: Mapping[str, Any] | None = None) -> Monitor:
+def watch(
+    model: nn.Module,
+    probes: Sequence[Probe] | None = None,
+    *,
+    run_dir: str | Path | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    resume: bool = False,
+    flush_seconds: float = 2.0,
+    on_probe_error: str = "warn",
+    meta: Mapping[str, Any] | None = None,
+) -> Monitor:
     """Watch ``model`` while it trains; use as ``with watch(model, ...) as mon:``.
 
     Args:
@@ -289,5 +350,13 @@ def watch(model: nn.Module, probes: Sequence[Probe] | None = None, *,
     """
     if run_dir is None:
         run_dir = Path("runs") / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-    return Monitor(model, probes, run_dir=run_dir, optimizer=optimizer, resume=resume,
-                   flush_seconds=flush_seconds, on_probe_error=on_probe_error, meta=meta)
+    return Monitor(
+        model,
+        probes,
+        run_dir=run_dir,
+        optimizer=optimizer,
+        resume=resume,
+        flush_seconds=flush_seconds,
+        on_probe_error=on_probe_error,
+        meta=meta,
+    )

@@ -133,7 +133,7 @@ class ActivationStats:
             out[f"activations/mean/{name}"] = m.mean
             out[f"activations/std/{name}"] = torch.sqrt(m.m2 / m.n)
             if m.zeros is not None:
-                out[f"activations/zero_frac/{name}"] = m.zeros / m.n
+                out[f"activations/zero_frac/{name}"] = m.zeros.to(m.mean.dtype) / m.n
         self._moments = {}
         return out
 

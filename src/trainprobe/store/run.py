@@ -82,8 +82,9 @@ class Run:
 
     def keys(self, prefix: str = "") -> list[str]:
         """Record keys starting with ``prefix``, in the order first written."""
-        rows = self._query("SELECT name FROM keys WHERE substr(name, 1, ?) = ? ORDER BY id",
-                           (len(prefix), prefix))
+        rows = self._query(
+            "SELECT name FROM keys WHERE substr(name, 1, ?) = ? ORDER BY id", (len(prefix), prefix)
+        )
         return [name for (name,) in rows]
 
     def __contains__(self, key: object) -> bool:
@@ -119,13 +120,15 @@ class Run:
         rows = self._query(
             "SELECT step, dtype, shape, data FROM arrays WHERE key_id = ? ORDER BY step", (key_id,)
         )
-        return (np.array([r[0] for r in rows], dtype=np.int64),
-                [decode_array(r[1], r[2], r[3]) for r in rows])
+        return (
+            np.array([r[0] for r in rows], dtype=np.int64),
+            [decode_array(r[1], r[2], r[3]) for r in rows],
+        )
 
     def layers(self, prefix: str) -> list[str]:
         """The ``layer`` parts of scalar keys ``prefix/<layer>``, in recording order."""
         head = prefix.rstrip("/") + "/"
-        return [key[len(head):] for key in self.keys(head)]
+        return [key[len(head) :] for key in self.keys(head)]
 
     def last_step(self) -> int | None:
         """The largest step stored so far, or ``None`` for an empty run."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -113,7 +114,11 @@ class RunWriter:
                     else:
                         number = float(value)
                         scalars.append(
-                            (self._key_id(key, "scalar"), step, None if math.isnan(number) else number)
+                            (
+                                self._key_id(key, "scalar"),
+                                step,
+                                None if math.isnan(number) else number,
+                            )
                         )
             try:
                 self._conn.executemany("INSERT INTO scalars VALUES (?, ?, ?)", scalars)
@@ -144,9 +149,7 @@ class RunWriter:
         """Checkpoint the WAL into ``run.db`` and close; the run stays readable."""
         if self._conn is None:
             return
-        try:
+        with contextlib.suppress(sqlite3.OperationalError):  # a reader may hold the WAL open
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.OperationalError:
-            pass  # a reader holds the WAL open; it is merged on the next open
         self._conn.close()
         self._conn = None

@@ -1,0 +1,1 @@
+"""Command-line front end (``trainprobe demo | report | dashboard``)."""

@@ -1,0 +1,182 @@
+"""The ``trainprobe`` command: demo, report, dashboard. Glue only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .. import __version__
+
+EPILOG = """examples:
+  trainprobe demo                       train a small CNN, print findings, write the dashboard
+  trainprobe report runs/exp1           findings table; exit 1 if any is critical
+  trainprobe dashboard runs/exp1 -o exp1.html
+"""
+
+
+def _free_run_dir(out: Path) -> Path:
+    """``out/run``, or ``out/run-2``, ``-3``, ... if earlier demos used it."""
+    candidate, n = out / "run", 1
+    while candidate.exists():
+        n += 1
+        candidate = out / f"run-{n}"
+    return candidate
+
+
+def _write_dashboard(run, findings, output: Path) -> Path:
+    from ..dashboard import build, to_html
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(to_html(build(run, findings)), encoding="utf-8")
+    return output
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..analysis import analyze
+    from ..store import Run
+    from .demo import DemoConfig, run_demo
+    from .report import format_findings
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = DemoConfig(steps=args.steps, seed=args.seed, mishap=not args.no_mishap)
+    run_dir = _free_run_dir(Path(args.out))
+    print(
+        f"trainprobe demo: training a BatchNorm CNN on generated 8x8 digits for {config.steps} "
+        f"steps -> {run_dir}"
+    )
+    if config.mishap:
+        print(
+            f"(the learning rate is raised {config.mishap_factor:g}x at steps "
+            f"{config.mishap_start}-{config.mishap_start + config.mishap_steps - 1} on purpose, "
+            "to give the detectors something real; --no-mishap trains cleanly)"
+        )
+    run_demo(config, run_dir)
+    run = Run(run_dir)
+    findings = analyze(run)
+    print(format_findings(run, findings))
+    html = _write_dashboard(run, findings, run_dir / "dashboard.html")
+    print(f"\ndashboard: {html}  (one self-contained HTML file; open it in a browser)")
+    print(f"again later: trainprobe report {run_dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..analysis import analyze
+    from ..store import Run
+    from .report import exit_code, format_findings
+
+    run = Run(args.run_dir)
+    findings = analyze(run)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(run.run_dir),
+                    "last_step": run.last_step(),
+                    "status": run.meta.get("status"),
+                    "findings": [f.to_dict() for f in findings],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(format_findings(run, findings))
+    if not args.no_dashboard:
+        html = _write_dashboard(run, findings, Path(args.run_dir) / "dashboard.html")
+        if not args.json:
+            print(f"\ndashboard: {html}")
+    return exit_code(findings)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from ..analysis import analyze
+    from ..store import Run
+
+    run = Run(args.run_dir)
+    output = Path(args.output) if args.output else Path(args.run_dir) / "dashboard.html"
+    print(f"dashboard: {_write_dashboard(run, analyze(run), output)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainprobe",
+        description="Training-dynamics diagnostics for PyTorch runs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trainprobe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small CNN on generated data, watched; report",
+        description="Train a small BatchNorm CNN on generated 8x8 digits with "
+        "the default probes, print the findings and write the dashboard.",
+    )
+    demo.add_argument(
+        "--out",
+        default="trainprobe-demo",
+        help="directory for the run and dashboard (default: %(default)s)",
+    )
+    demo.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument(
+        "--no-mishap",
+        action="store_true",
+        help="train without the deliberate learning-rate mistake",
+    )
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (default: 2; 0 keeps torch's choice)",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser(
+        "report",
+        help="print the findings of a run; exit 1 if critical",
+        description="Analyse a run directory, print its findings (most "
+        "severe first) and refresh RUN_DIR/dashboard.html. Exit code 1 "
+        "when a critical finding exists, so it can gate CI.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--json", action="store_true", help="print findings as JSON")
+    report.add_argument(
+        "--no-dashboard", action="store_true", help="do not rewrite RUN_DIR/dashboard.html"
+    )
+    report.set_defaults(func=cmd_report)
+
+    dash = sub.add_parser(
+        "dashboard",
+        help="write the interactive HTML dashboard of a run",
+        description="Write one self-contained HTML file (plotly.js embedded; "
+        "opens offline) with every recorded series and the findings marked.",
+    )
+    dash.add_argument("run_dir", metavar="RUN_DIR")
+    dash.add_argument("-o", "--output", help="HTML file (default: RUN_DIR/dashboard.html)")
+    dash.set_defaults(func=cmd_dashboard)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"trainprobe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

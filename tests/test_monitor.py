@@ -1,0 +1,217 @@
+"""Monitor behaviour: validation at the boundary, buffering, resume, probe failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import trainprobe
+from trainprobe.probes import LayerNorms, LearningRate, every
+from trainprobe.store import Run
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+
+
+def _steps(mon, steps, model, **kw) -> None:
+    for step in steps:
+        with mon.step(step, **kw) as s:
+            loss = model(torch.ones(2, 3)).pow(2).mean()
+            loss.backward()
+            s.log(loss=loss)
+        model.zero_grad()
+
+
+class _Broken:
+    name = "broken"
+    needs = frozenset()
+    schedule = every(1)
+
+    def attach(self, model):
+        return []
+
+    def measure(self, ctx):
+        raise ZeroDivisionError("probe bug")
+
+    def settings(self):
+        return {}
+
+
+class _Trespasser(_Broken):
+    name = "trespasser"
+
+    def measure(self, ctx):
+        return {"norms/fake": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "net"}, TypeError, r"expected a torch.nn.Module, got str"),
+        ({"model": nn.ReLU()}, ValueError, r"ReLU has no trainable parameters"),
+        (
+            {"probes": [LayerNorms]},
+            TypeError,
+            r"probes\[0\] is the class LayerNorms; pass an "
+            r"instance: LayerNorms\(\)",
+        ),
+        ({"probes": [object()]}, TypeError, r"probes\[0\] \(object\) is not a probe: it lacks"),
+        ({"probes": "norms"}, TypeError, r"expected a list of probe instances"),
+        ({"probes": [LayerNorms(), LayerNorms()]}, ValueError, r"two probes are named \['norms'\]"),
+        ({"optimizer": "sgd"}, TypeError, r"watch\(optimizer=...\): expected a torch.optim"),
+        ({"flush_seconds": -1}, ValueError, r"flush_seconds=...\) must be >= 0"),
+        ({"on_probe_error": "ignore"}, ValueError, r"must be 'warn' or 'raise'"),
+    ],
+)
+def test_watch_validates_its_arguments(tmp_path, kwargs, error, match):
+    kwargs = {"model": _model(), "run_dir": tmp_path / "r"} | kwargs
+    with pytest.raises(error, match=match):
+        trainprobe.watch(kwargs.pop("model"), **kwargs)
+
+
+def test_unfrozen_subset_is_watched(tmp_path):
+    model = _model()
+    model[0].requires_grad_(False)
+    with trainprobe.watch(model, [LayerNorms(schedule=every(1))], run_dir=tmp_path / "r") as mon:
+        _steps(mon, [0], model)
+    run = Run(tmp_path / "r")
+    assert run.meta["model"]["params"] == ["2.weight", "2.bias"]
+    assert run.meta["model"]["num_trainable"] == 5
+    assert run.meta["model"]["num_params"] == 21
+
+
+def test_unknown_need_is_refused(tmp_path):
+    probe = _Broken()
+    probe.needs = frozenset({"hessian"})
+    with pytest.raises(ValueError, match=r"needs \['hessian'\], which the monitor does not"):
+        trainprobe.watch(_model(), [probe], run_dir=tmp_path / "r")
+
+
+def test_steps_must_increase(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, run_dir=tmp_path / "r") as mon:
+        _steps(mon, [0, 5], model)
+        with pytest.raises(ValueError, match=r"step 5 does not come after step 5: steps must"):
+            mon.step(5)
+        with pytest.raises(ValueError, match=r"step 3 does not come after step 5"):
+            mon.step(3)
+        with pytest.raises(TypeError, match=r"expected a non-negative int, got 1.5"):
+            mon.step(1.5)
+        with pytest.raises(TypeError, match=r"expected a non-negative int, got -1"):
+            mon.step(-1)
+    assert Run(tmp_path / "r").series("scalars/loss").steps.tolist() == [0, 5]
+
+
+def test_step_outside_the_monitor_and_nested_steps(tmp_path):
+    model = _model()
+    mon = trainprobe.watch(model, run_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match=r"outside `with trainprobe.watch"):
+        mon.step(0)
+    with mon, mon.step(0), pytest.raises(ValueError, match=r"blocks cannot nest"):
+        mon.step(1).__enter__()
+
+
+def test_log_validates_values(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, run_dir=tmp_path / "r") as mon, mon.step(0) as s:
+        with pytest.raises(
+            TypeError,
+            match=r"log\(x=...\): expected a scalar, got a tensor of "
+            r"shape \(2,\)",
+        ):
+            s.log(x=torch.ones(2))
+        with pytest.raises(TypeError, match=r"expected a number or a one-element tensor, got str"):
+            s.log(x="high")
+        s.log(a=1, b=torch.tensor([2.0]), c=3.5)
+    with pytest.raises(ValueError, match=r"mon.log\(\) records into the step that just ended"):
+        with trainprobe.watch(model, run_dir=tmp_path / "r2") as mon:
+            mon.log(val=1.0)
+    run = Run(tmp_path / "r")
+    assert [run.series(f"scalars/{k}").values[0] for k in "abc"] == [1.0, 2.0, 3.5]
+
+
+def test_values_are_buffered_then_committed_at_exit(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, run_dir=tmp_path / "r", flush_seconds=3600) as mon:
+        _steps(mon, range(5), model)
+        assert "scalars/loss" not in Run(tmp_path / "r")  # still on the device
+        mon.flush()
+        assert len(Run(tmp_path / "r").series("scalars/loss")) == 4  # step 4 awaits its update
+        mon.log(val_accuracy=0.5)
+    run = Run(tmp_path / "r")
+    assert run.series("scalars/loss").steps.tolist() == [0, 1, 2, 3, 4]
+    assert run.series("scalars/val_accuracy").steps.tolist() == [4]
+    assert run.meta["status"] == "finished"
+
+
+def test_resume_appends_past_the_last_step(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, run_dir=tmp_path / "r") as mon:
+        _steps(mon, range(3), model)
+    with pytest.raises(FileExistsError, match=r"already holds a run .* pass resume=True"):
+        trainprobe.watch(model, run_dir=tmp_path / "r").__enter__()
+    with trainprobe.watch(model, run_dir=tmp_path / "r", resume=True) as mon:
+        with pytest.raises(ValueError, match=r"step 2 does not come after step 2"):
+            mon.step(2)
+        _steps(mon, [3, 4], model)
+    assert Run(tmp_path / "r").series("scalars/loss").steps.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_failing_probe_is_disabled_with_a_warning(tmp_path):
+    model = _model()
+    with pytest.warns(RuntimeWarning, match=r"probe 'broken' disabled .* ZeroDivisionError"):
+        with trainprobe.watch(
+            model, [_Broken(), LayerNorms(schedule=every(1))], run_dir=tmp_path / "r"
+        ) as mon:
+            _steps(mon, range(3), model)
+    run = Run(tmp_path / "r")
+    assert len(run.series("norms/grad_total")) == 3
+    assert "ZeroDivisionError" in run.meta["disabled_probes"]["broken"]
+    with pytest.raises(ZeroDivisionError, match="probe bug"):
+        with trainprobe.watch(
+            model, [_Broken()], run_dir=tmp_path / "r2", on_probe_error="raise"
+        ) as mon:
+            _steps(mon, [0], model)
+
+
+def test_a_probe_may_only_write_its_own_keys(tmp_path):
+    model = _model()
+    with pytest.raises(
+        ValueError,
+        match=r"probe 'trespasser' wrote key 'norms/fake'; its keys "
+        r"must start with 'trespasser/'",
+    ):
+        with trainprobe.watch(model, [_Trespasser()], run_dir=tmp_path / "r") as mon:
+            _steps(mon, [0], model)
+
+
+def test_a_probe_needing_the_optimizer_is_skipped_without_one(tmp_path):
+    model = _model()
+    with pytest.warns(RuntimeWarning, match=r"'optim' disabled .* pass optimizer="):
+        with trainprobe.watch(model, [LearningRate()], run_dir=tmp_path / "r") as mon:
+            _steps(mon, range(2), model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with trainprobe.watch(model, [LearningRate()], run_dir=tmp_path / "r2") as mon:
+        _steps(mon, range(2), model, optimizer=opt)  # per-step optimizer works too
+    run = Run(tmp_path / "r2")
+    assert run.series("optim/lr/0").values.tolist() == [0.5, 0.5]
+    assert run.meta["optimizer"]["class"] == "SGD"
+
+
+def test_metadata_describes_the_run(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, run_dir=tmp_path / "r", meta={"seed": 3}) as mon:
+        _steps(mon, [0], model)
+    meta = Run(tmp_path / "r").meta
+    assert meta["user"] == {"seed": 3}
+    assert meta["versions"]["torch"] == torch.__version__
+    assert {p["name"]: p["schedule"] for p in meta["probes"]} == {
+        "norms": "every(10)",
+        "updates": "every(10)",
+        "activations": "every(10)",
+        "nonfinite": "every(1)",
+        "optim": "every(1)",
+    }
+    assert meta["model"]["shapes"]["0.weight"] == [4, 3]

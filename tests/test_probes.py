@@ -1,0 +1,194 @@
+"""Probe values against independent references (float64, exact up to rounding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import trainprobe
+from trainprobe.probes import (
+    ActivationStats,
+    LayerNorms,
+    LearningRate,
+    NonFiniteGuard,
+    UpdateNorms,
+    every,
+)
+from trainprobe.store import Run
+
+from .cases import TinyRNN
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2)).double()
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(9, 5, generator=gen, dtype=torch.float64), torch.randn(
+        9, 2, generator=gen, dtype=torch.float64
+    )
+
+
+def test_norms_and_updates_equal_direct_computation(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5, weight_decay=0.01)
+    expected: dict[str, list[float]] = {}
+    probes = [LayerNorms(schedule=every(2)), UpdateNorms(schedule=every(2))]
+    with trainprobe.watch(model, probes, run_dir=tmp_path / "r", on_probe_error="raise") as mon:
+        for step in range(6):
+            x, y = _data(step)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with mon.step(step):
+                F.mse_loss(model(x), y).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+            if step % 2:
+                continue
+            for n, p in model.named_parameters():
+                delta = torch.linalg.norm(p.detach() - before[n]).item()
+                expected.setdefault(f"norms/weight/{n}", []).append(
+                    torch.linalg.norm(before[n]).item()
+                )
+                expected.setdefault(f"norms/grad/{n}", []).append(
+                    torch.linalg.norm(grads[n]).item()
+                )
+                expected.setdefault(f"updates/norm/{n}", []).append(delta)
+                expected.setdefault(f"updates/ratio/{n}", []).append(
+                    delta / torch.linalg.norm(before[n]).item()
+                )
+            flat_before = torch.cat([b.reshape(-1) for b in before.values()])
+            flat_after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            flat_grad = torch.cat([g.reshape(-1) for g in grads.values()])
+            expected.setdefault("norms/grad_total", []).append(torch.linalg.norm(flat_grad).item())
+            expected.setdefault("updates/ratio_total", []).append(
+                (
+                    torch.linalg.norm(flat_after - flat_before) / torch.linalg.norm(flat_before)
+                ).item()
+            )
+    run = Run(tmp_path / "r")
+    assert len(expected) == 4 * 4 + 2
+    for key, values in expected.items():
+        series = run.series(key)
+        assert series.steps.tolist() == [0, 2, 4], key
+        np.testing.assert_allclose(series.values, values, rtol=1e-10, err_msg=key)
+
+
+def test_grad_norms_skip_parameters_without_grad(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, [LayerNorms(schedule=every(1))], run_dir=tmp_path / "r") as mon:
+        with mon.step(0):
+            model[0](torch.ones(1, 5, dtype=torch.float64)).sum().backward()  # only layer 0
+    run = Run(tmp_path / "r")
+    assert run.layers("norms/grad") == ["0.weight", "0.bias"]
+    assert len(run.layers("norms/weight")) == 4
+
+
+def test_activation_stats_equal_direct_computation(tmp_path):
+    model = _model()
+    shared = nn.Sequential(model[0], model[1], model[0:0], model[2])  # reuses modules
+    outputs: dict[str, list[torch.Tensor]] = {"0": [], "1": [], "2": []}
+    handles = [
+        model[i].register_forward_hook(
+            lambda _m, _i, out, key=str(i): outputs[key].append(out.detach())
+        )
+        for i in range(3)
+    ]
+    with (
+        trainprobe.watch(
+            model, [ActivationStats(schedule=every(1))], run_dir=tmp_path / "r"
+        ) as mon,
+        mon.step(0),
+    ):
+        x, _ = _data(0)
+        shared(x)
+        model(x * 2)  # a second call of every module in the same step
+    for h in handles:
+        h.remove()
+    run = Run(tmp_path / "r")
+    for name, outs in outputs.items():
+        flat = torch.cat([o.reshape(-1) for o in outs])
+        assert run.series(f"activations/mean/{name}").values[0] == pytest.approx(
+            flat.mean().item(), rel=1e-12
+        )
+        assert run.series(f"activations/std/{name}").values[0] == pytest.approx(
+            flat.std(correction=0).item(), rel=1e-10
+        )
+    relu_out = torch.cat([o.reshape(-1) for o in outputs["1"]])
+    assert run.series("activations/zero_frac/1").values[0] == pytest.approx(
+        (relu_out == 0).double().mean().item(), rel=1e-12
+    )
+    assert "activations/zero_frac/0" not in run  # not a ReLU-family module
+
+
+def test_activation_stats_on_tuple_outputs_and_chosen_modules(tmp_path):
+    torch.manual_seed(0)
+    model = TinyRNN()
+    probe = ActivationStats(schedule=every(1), modules=["rnn"])
+    with trainprobe.watch(model, [probe], run_dir=tmp_path / "r") as mon, mon.step(0):
+        x = torch.randn(3, 8)
+        out, _ = model.rnn(x.reshape(3, 4, 2))
+    run = Run(tmp_path / "r")
+    assert run.keys("activations") == ["activations/mean/rnn", "activations/std/rnn"]
+    assert run.series("activations/mean/rnn").values[0] == pytest.approx(
+        out.mean().item(), rel=1e-6
+    )
+
+
+def test_activation_stats_bad_modules():
+    with pytest.raises(TypeError, match=r"takes a list of names, not one string"):
+        ActivationStats(modules="0")
+    probe = ActivationStats(modules=["nope"])
+    with pytest.raises(ValueError, match=r"no module named \['nope'\] in the model"):
+        probe.attach(_model())
+
+
+def test_nonfinite_guard_names_the_first_bad_tensor(tmp_path):
+    model = _model()
+    with trainprobe.watch(
+        model, [NonFiniteGuard()], run_dir=tmp_path / "r", on_probe_error="raise"
+    ) as mon:
+        for step in range(4):
+            x, y = _data(step)
+            with mon.step(step) as s:
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                if step == 2:
+                    model[2].weight.grad[0, 1] = float("nan")
+                    model[2].bias.grad[0] = float("inf")
+                    loss = loss * float("inf")
+                if step == 3:
+                    with torch.no_grad():
+                        model[0].bias[1] = float("-inf")
+                s.log(loss=loss)
+            model.zero_grad()
+    run = Run(tmp_path / "r")
+    params = run.meta["model"]["params"]
+    assert run.series("nonfinite/grad").values.tolist() == [0, 0, 2, 0]
+    assert params[int(run.series("nonfinite/first_grad").values[2])] == "2.weight"
+    assert run.series("nonfinite/loss").values.tolist() == [0, 0, 1, 0]
+    assert run.series("nonfinite/param").values.tolist() == [0, 0, 0, 1]
+    assert params[int(run.series("nonfinite/first_param").values[3])] == "0.bias"
+    assert run.series("nonfinite/first_grad").values[[0, 1, 3]].tolist() == [-1, -1, -1]
+
+
+def test_learning_rate_per_group(tmp_path):
+    model = _model()
+    opt = torch.optim.Adam(
+        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters()}], lr=0.01
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with trainprobe.watch(model, [LearningRate()], run_dir=tmp_path / "r", optimizer=opt) as mon:
+        for step in range(3):
+            with mon.step(step):
+                pass
+            opt.step()
+            sched.step()
+    run = Run(tmp_path / "r")
+    np.testing.assert_allclose(run.series("optim/lr/0").values, [0.1, 0.05, 0.025])
+    np.testing.assert_allclose(run.series("optim/lr/1").values, [0.01, 0.005, 0.0025])
