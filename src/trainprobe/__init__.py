@@ -6,7 +6,7 @@ store, flag instabilities with detectors, look at it all in one HTML file.
 
 __version__ = "0.1.0"
 
-from .analysis.findings import Finding, Severity
+from .analysis import Finding, Severity, analyze
 from .monitor import Monitor, StepHandle, watch
 from .probes import (
     ActivationStats,
@@ -42,4 +42,5 @@ __all__ = [
     # analysis
     "Finding",
     "Severity",
+    "analyze",
 ]

@@ -23,7 +23,7 @@ def format_findings(run: Run, findings: Sequence[Finding]) -> str:
     """A header line about the run, then one block per finding, most severe first."""
     last = run.last_step()
     status = run.meta.get("status", "unknown")
-    lines = [f"trainprobe report: {run.run_dir}  (last step {last}, status: {status})"]
+    lines = [f"trainprobe report: {run.run_dir}", f"last step {last}, status: {status}"]
     if not findings:
         lines.append("No findings: no detector saw a problem in the recorded series.")
         return "\n".join(lines)

@@ -1,0 +1,25 @@
+"""Detectors over stored series, turning a :class:`~trainprobe.store.Run` into Findings.
+
+numpy/scipy only: nothing here imports torch, so a run can be analysed anywhere.
+"""
+
+from .exploding import detect_exploding_gradients
+from .findings import Finding, Severity
+from .loss_spike import detect_loss_spikes
+from .nonfinite import detect_nonfinite
+from .registry import DETECTORS, Detector, analyze
+from .update_ratio import detect_update_ratio
+from .vanishing import detect_vanishing_gradients
+
+__all__ = [
+    "DETECTORS",
+    "Detector",
+    "Finding",
+    "Severity",
+    "analyze",
+    "detect_exploding_gradients",
+    "detect_loss_spikes",
+    "detect_nonfinite",
+    "detect_update_ratio",
+    "detect_vanishing_gradients",
+]

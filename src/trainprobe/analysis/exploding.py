@@ -1,0 +1,116 @@
+"""Exploding gradients: jumps and sustained growth of the global gradient norm."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..store import Run
+from ._checks import check_positive, check_window
+from ._series import finite_series, fmt, rolling_median, trailing_median_mad, true_runs
+from .findings import Finding, Severity
+
+NAME = "exploding_gradients"
+TOTAL = "norms/grad_total"
+
+_CLIP = "enable gradient clipping (torch.nn.utils.clip_grad_norm_)"
+
+
+def detect_exploding_gradients(
+    run: Run, *, window: int = 20, jump_factor: float = 10.0, growth_decades: float = 2.0
+) -> list[Finding]:
+    """Jumps and sustained growth of the global gradient norm ``norms/grad_total``.
+
+    *Jump*: ``g_i > jump_factor * med_i``, with ``med_i`` the median of the
+    ``window`` measurements before ``i`` (no look-ahead); consecutive jump points
+    form a span, ``CRITICAL`` when the median of the next ``window`` points
+    stays above ``jump_factor * med``. *Growth*: the rolling median of
+    ``log10 g`` over ``window`` points climbs by ``>= growth_decades`` from its
+    lowest earlier value; ``CRITICAL`` from ``2 * growth_decades``. Growth is not
+    reported when a jump inside it accounts for half of the climb or more
+    (``log10(ratio) >= climb / 2``): a step change is a jump, not a trend.
+
+    Args:
+        run: the run to read.
+        window: measurements per median (default 20: 200 steps at every-10 scheduling).
+        jump_factor: jump threshold over the trailing median (default 10; healthy
+            gradient norms fluctuate by 2-3x between mini-batches).
+        growth_decades: orders of magnitude of sustained growth (default 2: the
+            late-training drift of a healthy norm is a few x, not 100x).
+
+    Returns:
+        One finding per jump span, and one for growth.
+
+    Raises:
+        ValueError: ``window < 3`` or a non-positive threshold.
+    """
+    check_window("window", window)
+    check_positive("jump_factor", jump_factor)
+    check_positive("growth_decades", growth_decades)
+    steps, norms = finite_series(run, TOTAL)
+    keep = norms > 0
+    steps, norms = steps[keep], norms[keep]
+    if norms.shape[0] < 4:
+        return []
+    findings = _jumps(steps, norms, window, jump_factor)
+    growth = _growth(steps, norms, window, growth_decades)
+    if growth is not None and not any(_explains(jump, growth) for jump in findings):
+        findings.append(growth)
+    return findings
+
+
+def _explains(jump: Finding, growth: Finding) -> bool:
+    """Whether ``jump`` overlaps ``growth`` and makes up half of its climb or more."""
+    overlaps = jump.start_step <= growth.end_step and jump.end_step >= growth.start_step
+    return overlaps and np.log10(jump.evidence["ratio"]) >= 0.5 * growth.evidence["decades"]
+
+
+def _jumps(steps: np.ndarray, norms: np.ndarray, window: int, factor: float) -> list[Finding]:
+    med, _ = trailing_median_mad(norms, window, min_periods=3)
+    with np.errstate(invalid="ignore"):
+        hit = norms > factor * med
+    findings = []
+    for first, last in true_runs(hit):
+        peak = first + int(np.argmax(norms[first:last + 1]))
+        after = norms[last + 1:last + 1 + window]
+        post = float(np.median(after)) if after.size else float("nan")
+        stuck = after.size > 0 and post > factor * med[first]
+        ratio = float(norms[peak] / med[first])
+        findings.append(Finding(
+            NAME, Severity.CRITICAL if stuck else Severity.WARNING,
+            int(steps[first]), int(steps[last]),
+            f"{TOTAL} jumped to {fmt(norms[peak])} at step {int(steps[peak])}, {fmt(ratio)}x "
+            f"its trailing median {fmt(med[first])}"
+            + (f", and stayed high (median {fmt(post)} afterwards)" if stuck else ""),
+            f"Lower the learning rate or {_CLIP}, and inspect the batches around step "
+            f"{int(steps[first])}.",
+            {"peak": float(norms[peak]), "peak_step": int(steps[peak]),
+             "trailing_median": float(med[first]), "ratio": ratio, "jump_factor": factor,
+             "window": window, **({"median_after": post} if after.size else {})},
+            (TOTAL,),
+        ))
+    return findings
+
+
+def _growth(steps: np.ndarray, norms: np.ndarray, window: int, decades: float) -> Finding | None:
+    smooth = rolling_median(np.log10(norms), window)  # [n - window + 1]
+    if smooth.shape[0] < 2:
+        return None
+    rise = smooth - np.minimum.accumulate(smooth)
+    top = int(np.argmax(rise))
+    low = int(np.argmin(smooth[:top + 1]))
+    climb = float(rise[top])
+    if climb < decades:
+        return None
+    start, end = float(10 ** smooth[low]), float(10 ** smooth[top])
+    return Finding(
+        NAME, Severity.CRITICAL if climb >= 2 * decades else Severity.WARNING,
+        int(steps[low]), int(steps[top + window - 1]),
+        f"{TOTAL} grew by {fmt(climb)} orders of magnitude without settling, its "
+        f"{window}-point median rising from {fmt(start)} to {fmt(end)}",
+        f"Lower the learning rate (or lengthen warmup) and {_CLIP} before the growth turns "
+        "into a divergence.",
+        {"median_start": start, "median_end": end, "decades": climb,
+         "growth_decades": decades, "window": window},
+        (TOTAL,),
+    )
+

@@ -1,0 +1,84 @@
+"""The detector registry and :func:`analyze`, which runs every applicable detector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from ..store import Run
+from .exploding import detect_exploding_gradients
+from .findings import Finding
+from .loss_spike import detect_loss_spikes
+from .nonfinite import detect_nonfinite
+from .update_ratio import detect_update_ratio
+from .vanishing import detect_vanishing_gradients
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A named detector and the record keys it reads.
+
+    Attributes:
+        name: the ``Finding.detector`` name its findings carry.
+        func: ``run -> findings``, with default thresholds.
+        needs: fnmatch glob patterns of record keys (e.g. ``"norms/grad/*"``);
+            the detector runs only when every pattern matches some key of the run.
+
+    Raises:
+        TypeError: ``needs`` is a bare string instead of a tuple of patterns.
+    """
+
+    name: str
+    func: Callable[[Run], list[Finding]]
+    needs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.needs, str) or not all(isinstance(p, str) for p in self.needs):
+            raise TypeError(
+                f"Detector {self.name!r}: needs must be a tuple of glob patterns such as "
+                f"('norms/grad/*',), got {self.needs!r}"
+            )
+        object.__setattr__(self, "needs", tuple(self.needs))
+
+    def applies_to(self, keys: Iterable[str]) -> bool:
+        """Whether every pattern in ``needs`` matches at least one of ``keys``."""
+        keys = list(keys)
+        return all(any(fnmatchcase(key, pattern) for key in keys) for pattern in self.needs)
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector("nonfinite", detect_nonfinite, ("nonfinite/*",)),
+    Detector("loss_spike", detect_loss_spikes, ("scalars/*loss*",)),
+    Detector("exploding_gradients", detect_exploding_gradients, ("norms/grad_total",)),
+    Detector("vanishing_gradients", detect_vanishing_gradients, ("norms/grad/*",)),
+    Detector("update_ratio", detect_update_ratio, ("updates/ratio/*",)),
+)
+
+
+def analyze(run: Run, *, detectors: Iterable[Detector] = DETECTORS) -> list[Finding]:
+    """Run every detector whose needed keys the run holds; skip the others silently.
+
+    Args:
+        run: the run to analyse.
+        detectors: the detectors to try (default :data:`DETECTORS`).
+
+    Returns:
+        The findings, most severe first, then by start step (stable otherwise).
+
+    Raises:
+        TypeError: an entry of ``detectors`` is not a :class:`Detector`.
+    """
+    detectors = tuple(detectors)
+    for detector in detectors:
+        if not isinstance(detector, Detector):
+            raise TypeError(
+                f"detectors must hold Detector objects, got {type(detector).__name__}; wrap a "
+                "function as Detector(name, func, needs=(...))"
+            )
+    keys = run.keys()
+    findings: list[Finding] = []
+    for detector in detectors:
+        if detector.applies_to(keys):
+            findings.extend(detector.func(run))
+    return sorted(findings, key=lambda f: (-int(f.severity), f.start_step))

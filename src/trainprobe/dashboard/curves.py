@@ -1,0 +1,137 @@
+"""Line panels: user scalars, learning rate, global norms and non-finite counts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from trainprobe.analysis.findings import Finding
+from trainprobe.store import Run, Series
+
+from .parts import PanelPart
+
+HEALTHY_UPDATE_RATIO = 1e-3
+"""Typical ||dw|| / ||w|| per step of a healthy run (drawn as a reference line)."""
+
+_GLOBAL_NORMS = (
+    ("norms/grad_total", "grad total", None),
+    ("norms/weight_total", "weight total", None),
+    ("updates/ratio_total", "update ratio total", "dash"),
+)
+
+
+def _read(run: Run, keys: Sequence[str]) -> list[Series]:
+    """The non-empty scalar series of ``keys`` that the run has."""
+    series = [run.series(key) for key in keys if key in run]
+    return [s for s in series if s.values.ndim == 1 and len(s) > 0]
+
+
+def _line(series: Series, name: str, *, dash: str | None = None, shape: str = "linear"):
+    return go.Scatter(x=series.steps, y=series.values, name=name, mode="lines",
+                      line={"width": 1.6, "dash": dash, "shape": shape}, yhoverformat=".4g")
+
+
+def _finite(series: Sequence[Series]) -> np.ndarray:
+    values = np.concatenate([s.values for s in series])
+    return values[np.isfinite(values)]
+
+
+def _all_positive(series: Sequence[Series]) -> bool:
+    values = _finite(series)
+    return values.size > 0 and bool(np.all(values > 0))
+
+
+def _log_axis(series: Sequence[Series]) -> dict:
+    """Log y-axis labels: whole decades only when the data spans two or more."""
+    values = _finite(series)
+    values = values[values > 0]
+    wide = values.size > 0 and values.max() >= 100 * values.min()
+    if wide:
+        return {"exponentformat": "power", "minorloglabels": "none"}
+    return {"exponentformat": "power", "dtick": "D2"}
+
+
+def _is_fraction(series: Series) -> bool:
+    """Accuracy-like: every finite value in [0, 1] and not named like a loss."""
+    values = series.values[np.isfinite(series.values)]
+    name = series.key.rsplit("/", 1)[-1]
+    return "loss" not in name and values.size > 0 and bool(np.all((values >= 0) & (values <= 1)))
+
+
+def loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``scalars/*`` that are not accuracy-like, ``scalars/loss`` first."""
+    series = [s for s in _read(run, run.keys("scalars/")) if not _is_fraction(s)]
+    if not series:
+        return None
+    series.sort(key=lambda s: s.key != "scalars/loss")
+    traces = [_line(s, s.key.removeprefix("scalars/")) for s in series]
+    log = _all_positive(series)
+    scale = "log y; " if log else ""
+    return PanelPart(traces, "loss" if len(series) == 1 else "value",
+                     f"Logged scalars ({scale}gaps are NaN). Spikes, plateaus and divergence "
+                     "show here first.", keys=tuple(s.key for s in series), y_log=log, height=1.3,
+                     y_axis=_log_axis(series) if log else {})
+
+
+def metrics_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``scalars/*`` whose values all lie in [0, 1] (accuracy, ...)."""
+    series = [s for s in _read(run, run.keys("scalars/")) if _is_fraction(s)]
+    if not series:
+        return None
+    traces = [_line(s, s.key.removeprefix("scalars/")) for s in series]
+    return PanelPart(traces, "fraction",
+                     "Scalars in [0, 1]. Validation rising long after train saturates is "
+                     "grokking; a gap that widens is overfitting.",
+                     keys=tuple(s.key for s in series), y_axis={"range": [-0.03, 1.03]})
+
+
+def lr_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``optim/lr/<group>``, on a log y-axis when it spans two decades or more."""
+    series = _read(run, run.keys("optim/lr/"))
+    if not series:
+        return None
+    names = [s.key.removeprefix("optim/lr/") for s in series]
+    traces = [_line(s, f"group {n}" if n.isdigit() else n)
+              for s, n in zip(series, names, strict=True)]
+    values = _finite(series)
+    log = _all_positive(series) and values.max() >= 100 * values.min()
+    return PanelPart(traces, "learning rate",
+                     "Learning rate per param group. Instability right after warm-up ends "
+                     "points at a peak LR too high.",
+                     keys=tuple(s.key for s in series), y_log=bool(log), height=0.7,
+                     y_axis=_log_axis(series) if log else {})
+
+
+def norms_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """Global gradient and weight norms and the total update ratio, log y."""
+    present = [(key, name, dash) for key, name, dash in _GLOBAL_NORMS if key in run]
+    series = _read(run, [key for key, _, _ in present])
+    if not series:
+        return None
+    style = {key: (name, dash) for key, name, dash in present}
+    traces = [_line(s, style[s.key][0], dash=style[s.key][1]) for s in series]
+    if any(s.key == "updates/ratio_total" for s in series):
+        lo, hi = min(int(s.steps[0]) for s in series), max(int(s.steps[-1]) for s in series)
+        traces.append(go.Scatter(x=[lo, hi], y=[HEALTHY_UPDATE_RATIO] * 2, mode="lines",
+                                 name="ratio 1e-3 (typical)", hoverinfo="skip",
+                                 line={"width": 1, "dash": "dot", "color": "#888"}))
+    return PanelPart(traces, "L2 norm / ratio",
+                     "Whole-model norms (log y). Grad-norm spikes precede loss spikes; an update "
+                     "ratio far above 1e-3 means steps too large.",
+                     keys=tuple(s.key for s in series), y_log=True, height=1.1,
+                     y_axis=_log_axis(series))
+
+
+def nonfinite_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``nonfinite/loss|grad|param`` counts per step (not the ``first_*`` indices)."""
+    counts = [f"nonfinite/{k}" for k in ("loss", "grad", "param")]
+    series = _read(run, [k for k in counts if k in run])
+    if not series:
+        return None
+    traces = [_line(s, s.key.removeprefix("nonfinite/"), shape="hv") for s in series]
+    return PanelPart(traces, "count",
+                     "Tensors holding NaN/Inf per step (loss: 0/1); all zero is healthy. The "
+                     "first non-zero step is where to look.",
+                     keys=tuple(s.key for s in series), height=0.6, y_axis={"rangemode": "tozero"})

@@ -1,0 +1,134 @@
+"""Heatmap panels: one row per layer (or module), one column per recorded step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+
+from trainprobe.analysis.findings import Finding
+from trainprobe.store import Run
+
+from .curves import HEALTHY_UPDATE_RATIO
+from .grid import bin_columns, layer_matrix, log_ticks, ordered_layers, safe_log10, short_names
+from .parts import ROW_PX, PanelPart
+
+_LABEL_PX = 12  # vertical pixels one y tick label needs
+
+
+@dataclass(frozen=True)
+class HeatStyle:
+    """How one heatmap colours its values.
+
+    Attributes:
+        label: the measured quantity, for the colourbar and the hover.
+        log: colour by ``log10(value)`` (colourbar ticks show real values).
+        colorscale: a Plotly colour-scale name.
+        centre: a real value to put at the middle colour (diverging scales).
+        hover_format: d3 format of the real value in the hover.
+        span: a fixed colour range ``(lo, hi)`` in plotted units; else the data's.
+    """
+
+    label: str
+    log: bool = True
+    colorscale: str = "Viridis"
+    centre: float | None = None
+    hover_format: str = ".3g"
+    span: tuple[float, float] | None = None
+
+
+def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> PanelPart | None:
+    """A layer x step heatmap of the scalar keys ``prefix/<layer>``; ``None`` if there are none.
+
+    Steps are bin-averaged for display when there are more than
+    :data:`~trainprobe.dashboard.grid.MAX_COLUMNS`.
+    """
+    series = [run.series(f"{prefix}/{name}") for name in ordered_layers(run, prefix)]
+    series = [s for s in series if s.values.ndim == 1 and len(s) > 0]
+    if not series:
+        return None
+    names = [s.key[len(prefix) + 1:] for s in series]
+    steps, values = layer_matrix(series)  # [T], [L, T]
+    x, values, width = bin_columns(steps, values)  # [T'], [L, T']
+    z = safe_log10(values) if style.log else values
+    finite = z[np.isfinite(z)]
+    if finite.size == 0:
+        return None
+    trace = go.Heatmap(x=x, y=names, z=z.astype(np.float32), customdata=values.astype(np.float32),
+                       hoverongaps=False, hovertemplate=_hover(style, width),
+                       **_colours(style, float(finite.min()), float(finite.max())))
+    if width > 1:
+        description += f" Columns are means of {width} steps."
+    height, y_axis, prefix = _layer_axis(names)
+    return PanelPart((trace,), f"{prefix}…" if prefix else "", description,
+                     keys=tuple(s.key for s in series), height=height, y_axis=y_axis)
+
+
+def _hover(style: HeatStyle, width: int) -> str:
+    step = "step %{x:.0f}" if width == 1 else f"step ≈ %{{x:.0f}} (mean of {width})"
+    return (f"<b>%{{y}}</b><br>{step}<br>{style.label} "
+            f"%{{customdata:{style.hover_format}}}<extra></extra>")
+
+
+def _colours(style: HeatStyle, lo: float, hi: float) -> dict:
+    """Colour range and colourbar of a heatmap whose z lies in ``[lo, hi]``."""
+    if style.span is not None:
+        lo, hi = style.span
+    elif style.centre is not None:
+        mid = math.log10(style.centre) if style.log else style.centre
+        half = max(abs(lo - mid), abs(hi - mid), 1e-9)
+        lo, hi = mid - half, mid + half
+    elif hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    colorbar = {"title": {"text": style.label, "side": "right"}, "thickness": 12}
+    if style.log:
+        vals, text = log_ticks(lo, hi)
+        colorbar.update(tickmode="array", tickvals=vals, ticktext=text)
+    else:
+        colorbar.update(tickformat=".0%")
+    return {"colorscale": style.colorscale, "zmin": lo, "zmax": hi, "colorbar": colorbar}
+
+
+def _layer_axis(names: list[str]) -> tuple[float, dict, str]:
+    """Row height, y-axis settings (first layer on top, short labels, every k-th) and the
+    prefix that all names share (dropped from the labels)."""
+    px = min(max(len(names) * 14, 160), 700)
+    every = max(1, math.ceil(len(names) * _LABEL_PX / px))
+    prefix, labels = short_names(names)
+    y_axis = {"type": "category", "autorange": "reversed", "automargin": True,
+              "tickmode": "array", "tickvals": names[::every], "ticktext": labels[::every],
+              "tickfont": {"size": 10}, "showgrid": False, "fixedrange": True}
+    return px / ROW_PX, y_axis, prefix
+
+
+def grad_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``norms/grad/<param>``: log colour."""
+    return heatmap_part(run, "norms/grad", HeatStyle("grad norm"),
+                        "log colour. A dark row is a layer that stopped learning (starved or "
+                        "dead); a bright column is a gradient spike.")
+
+
+def update_ratio_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``updates/ratio/<param>``: log colour centred (white) on 1e-3."""
+    style = HeatStyle("update ratio", colorscale="RdBu_r", centre=HEALTHY_UPDATE_RATIO)
+    return heatmap_part(run, "updates/ratio", style,
+                        "||Δw||/||w||, log colour; white ≈ 1e-3 is healthy, red = steps too "
+                        "large (lower LR), blue = barely moving.")
+
+
+def activation_std_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``activations/std/<module>``: log colour."""
+    return heatmap_part(run, "activations/std", HeatStyle("activation std", colorscale="Cividis"),
+                        "log colour. Std shrinking with depth = vanishing signal; growing = "
+                        "exploding activations.")
+
+
+def zero_frac_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``activations/zero_frac/<module>``: linear colour over [0, 1]."""
+    style = HeatStyle("zero fraction", log=False, colorscale="Reds", hover_format=".1%",
+                      span=(0.0, 1.0))
+    return heatmap_part(run, "activations/zero_frac", style,
+                        "Fraction of outputs exactly zero (linear colour). Rows near 100% are "
+                        "dead ReLUs.")

@@ -1,0 +1,26 @@
+"""The dashboard's rows, top to bottom: :data:`PANELS`."""
+
+from __future__ import annotations
+
+from .curves import loss_panel, lr_panel, metrics_panel, nonfinite_panel, norms_panel
+from .heatmaps import activation_std_heatmap, grad_heatmap, update_ratio_heatmap, zero_frac_heatmap
+from .marks import findings_timeline
+from .parts import Panel
+
+PANELS: tuple[Panel, ...] = (
+    Panel("findings", "Findings", findings_timeline, ()),
+    Panel("loss", "Loss and scalars", loss_panel, ("scalars/*",)),
+    Panel("metrics", "Accuracy-like scalars", metrics_panel, ("scalars/*",)),
+    Panel("lr", "Learning rate", lr_panel, ("optim/lr/*",)),
+    Panel("global_norms", "Global norms", norms_panel,
+          ("norms/grad_total", "norms/weight_total", "updates/ratio_total")),
+    Panel("grad_heatmap", "Gradient norm per parameter", grad_heatmap, ("norms/grad/*",)),
+    Panel("update_ratio_heatmap", "Update / weight ratio per parameter", update_ratio_heatmap,
+          ("updates/ratio/*",)),
+    Panel("activation_std_heatmap", "Activation std per module", activation_std_heatmap,
+          ("activations/std/*",)),
+    Panel("zero_frac_heatmap", "Activation zero fraction per module", zero_frac_heatmap,
+          ("activations/zero_frac/*",)),
+    Panel("nonfinite", "Non-finite values", nonfinite_panel, ("nonfinite/*",)),
+)
+"""Every panel, in row order. ``findings`` reads no key: it draws the findings passed in."""

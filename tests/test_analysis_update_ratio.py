@@ -1,0 +1,132 @@
+"""detect_update_ratio: layers updating far faster or slower than ||dw|| / ||w|| ~ 1e-3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.synth import write_run
+from trainprobe.analysis import Severity, detect_update_ratio
+
+STEPS = np.arange(0, 2000, 10)  # 200 measurements
+N = STEPS.size
+LAYERS = ["embed.weight", "fc1.weight", "fc1.bias", "fc2.weight", "head.weight"]
+
+
+def ratios(seed: int, level: dict[str, float | np.ndarray]) -> dict:
+    """``updates/ratio/<layer>``: log-normal noise around ``level`` (default 1e-3)."""
+    rng = np.random.default_rng(seed)
+    return {f"updates/ratio/{layer}": (STEPS, level.get(layer, 1e-3)
+                                       * np.exp(rng.normal(0.0, 0.5, N)))
+            for layer in LAYERS}
+
+
+def peak_window_median(values: np.ndarray, window: int = 20) -> float:
+    return max(np.median(values[j:j + window]) for j in range(values.size - window + 1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_healthy_band_and_zero_initialised_biases_are_quiet(tmp_path, seed):
+    series = ratios(seed, {"fc1.bias": 0.5, "embed.weight": 3e-4, "head.weight": 3e-3})
+    transient = series["updates/ratio/fc2.weight"][1]
+    transient[:5] = [np.inf, 50.0, 5.0, 1.0, 0.3]  # first steps from a zero init
+    run = write_run(tmp_path / "r", series)
+    assert detect_update_ratio(run) == []
+
+
+def test_too_large_warning_and_critical_list_layers_by_deviation(tmp_path):
+    series = ratios(0, {"fc1.weight": 0.3})
+    run = write_run(tmp_path / "r", series)
+    [warning] = detect_update_ratio(run)
+    assert warning.severity is Severity.WARNING
+    assert warning.evidence["peak_median[fc1.weight]"] == pytest.approx(
+        peak_window_median(series["updates/ratio/fc1.weight"][1]))
+    assert (warning.start_step, warning.end_step) == (0, STEPS[-1])
+    assert warning.keys == ("updates/ratio/fc1.weight",)
+    assert warning.message.startswith("1 layer update too fast")
+
+    series = ratios(1, {"fc1.weight": 0.3, "head.weight": 3.0})
+    [critical] = detect_update_ratio(write_run(tmp_path / "c", series))
+    assert critical.severity is Severity.CRITICAL
+    assert critical.keys == ("updates/ratio/head.weight", "updates/ratio/fc1.weight")
+    assert critical.evidence["layers"] == 2
+    assert critical.evidence["critical"] == 1.0
+    assert critical.message.startswith("Learning rate too high for these layers")
+
+
+def test_too_large_span_covers_the_flagged_windows(tmp_path):
+    level = np.where((STEPS >= 500) & (STEPS < 1000), 0.5, 1e-3)
+    series = ratios(2, {"fc2.weight": level})
+    [finding] = detect_update_ratio(write_run(tmp_path / "r", series))
+    values = series["updates/ratio/fc2.weight"][1]
+    over = [j for j in range(N - 19) if np.median(values[j:j + 20]) > 0.1]
+    assert (finding.start_step, finding.end_step) == (STEPS[over[0]], STEPS[over[-1] + 19])
+    assert 300 <= finding.start_step <= 600 and 900 <= finding.end_step <= 1200
+
+
+def test_layers_that_barely_move_are_info(tmp_path):
+    series = ratios(3, {"fc1.weight": 1e-8})
+    series["updates/ratio/fc2.weight"] = (STEPS, np.zeros(N))  # dead layer
+    [finding] = detect_update_ratio(write_run(tmp_path / "r", series))
+    assert finding.severity is Severity.INFO
+    assert finding.keys == ("updates/ratio/fc2.weight", "updates/ratio/fc1.weight")
+    assert finding.evidence["median[fc1.weight]"] == pytest.approx(
+        np.median(series["updates/ratio/fc1.weight"][1]))
+    assert finding.evidence["median[fc2.weight]"] == 0.0
+    assert "barely move" in finding.message
+
+
+def test_a_late_learning_rate_decay_is_not_persistent(tmp_path):
+    level = np.where(STEPS < 1800, 1e-3, 1e-8)  # cosine tail: last 10% of the run
+    run = write_run(tmp_path / "r", ratios(4, {"fc1.weight": level}))
+    assert detect_update_ratio(run) == []
+
+
+def test_both_directions_and_top_limit(tmp_path):
+    series = ratios(5, {"embed.weight": 0.2, "fc1.weight": 0.3, "fc2.weight": 0.5,
+                        "head.weight": 1e-9})
+    large, small = detect_update_ratio(write_run(tmp_path / "r", series), top=2)
+    assert (large.severity, small.severity) == (Severity.WARNING, Severity.INFO)
+    assert "and 1 more" in large.message
+    assert sorted(k for k in large.evidence if k.startswith("peak_median")) == [
+        "peak_median[fc1.weight]", "peak_median[fc2.weight]"]
+    assert len(large.keys) == 3
+
+
+def test_skip_patterns_choose_the_ignored_layers(tmp_path):
+    run = write_run(tmp_path / "r", ratios(6, {"fc1.bias": 0.5, "embed.weight": 0.5}))
+    assert detect_update_ratio(run, skip=("*bias", "embed.*")) == []
+    [finding] = detect_update_ratio(run, skip=())
+    assert finding.evidence["layers"] == 2
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_short_series_give_nothing(tmp_path, n):
+    series = {k: (s[:n], v[:n]) for k, (s, v) in ratios(7, {"fc1.weight": 5.0}).items()}
+    assert detect_update_ratio(write_run(tmp_path / "r", series)) == []
+
+
+def test_series_shorter_than_the_window_use_all_points(tmp_path):
+    series = {k: (s[:8], v[:8]) for k, (s, v) in ratios(8, {"fc1.weight": 5.0}).items()}
+    [finding] = detect_update_ratio(write_run(tmp_path / "r", series))
+    assert finding.evidence["peak_median[fc1.weight]"] == pytest.approx(
+        np.median(series["updates/ratio/fc1.weight"][1]))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"window": 0}, "window must be at least 3 points"),
+    ({"top": 0}, "top must be at least 1"),
+    ({"high": -1.0}, "high must be a finite number > 0"),
+    ({"low": 0.5}, r"low \(0.5\) must be smaller than high"),
+    ({"critical": 0.05}, r"high \(0.1\) must be smaller than critical"),
+])
+def test_invalid_arguments(tmp_path, kwargs, match):
+    run = write_run(tmp_path / "r", ratios(0, {}))
+    with pytest.raises(ValueError, match=match):
+        detect_update_ratio(run, **kwargs)
+
+
+def test_skip_as_a_bare_string_is_refused(tmp_path):
+    run = write_run(tmp_path / "r", ratios(0, {}))
+    with pytest.raises(TypeError, match=r"skip must be a tuple of fnmatch patterns"):
+        detect_update_ratio(run, skip="*bias")

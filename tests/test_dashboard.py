@@ -1,0 +1,199 @@
+"""Dashboard: panels present/absent, heatmap contents, findings marks, offline HTML, bad input."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from tests.synth import write_run
+from trainprobe.analysis.findings import Finding, Severity
+from trainprobe.dashboard import PANELS, Panel, PanelPart, build, to_html
+
+PARAMS = ["features.0.weight", "features.0.bias", "features.3.weight",
+          "encoder.layers.11.self_attention.output_projection.weight", "classifier.2.weight"]
+MODULES = ["features.1", "features.4", "classifier.1"]
+
+
+def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
+    """Every key the dashboard reads, with plausible shapes; a spike around step 0.6 T."""
+    rng = np.random.default_rng(seed)
+    s = np.arange(steps)
+    sched = np.arange(0, steps, every)
+    spike = np.where(np.abs(s - int(0.6 * steps)) < 3, 8.0, 1.0)
+    series = {
+        "scalars/loss": (s, 2.3 * np.exp(-s / (steps / 4)) * spike + 0.05),
+        "scalars/accuracy": (s, 1 - 0.9 * np.exp(-s / (steps / 5))),
+        "optim/lr/0": (s, 1e-3 * np.minimum(1, (s + 1) / (steps / 10))),
+        "nonfinite/loss": (s, (s == int(0.6 * steps)).astype(float)),
+        "nonfinite/grad": (s, np.zeros(steps)),
+        "norms/grad_total": (sched, 1 + rng.random(sched.size)),
+        "norms/weight_total": (sched, 20 + sched / steps),
+        "updates/ratio_total": (sched, 1e-3 * (1 + rng.random(sched.size))),
+    }
+    for i, name in enumerate(PARAMS):
+        scale = 10.0 ** -(i + 1)
+        series[f"norms/grad/{name}"] = (sched, scale * (1 + rng.random(sched.size)))
+        series[f"updates/ratio/{name}"] = (sched, 10.0 ** (-2 - i / 2) * np.ones(sched.size))
+    for i, name in enumerate(MODULES):
+        series[f"activations/std/{name}"] = (sched, (0.5 ** i) * np.ones(sched.size))
+        series[f"activations/zero_frac/{name}"] = (sched, np.full(sched.size, 0.3 * i))
+    return series
+
+
+def spike_finding(**overrides) -> Finding:
+    fields = {"detector": "loss_spike", "severity": Severity.CRITICAL, "start_step": 238,
+              "end_step": 242, "message": "loss jumped 8x at step 240",
+              "action": "lower the learning rate or clip gradients",
+              "evidence": {"ratio": 8.0}, "keys": ("scalars/loss",)}
+    return Finding(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    run = write_run(tmp_path_factory.mktemp("dash") / "r", full_series(),
+                    meta={"model": {"params": PARAMS}})
+    yield run
+    run.close()
+
+
+def heatmap(fig: go.Figure, label: str) -> go.Heatmap:
+    (trace,) = [t for t in fig.data if isinstance(t, go.Heatmap)
+                and t.colorbar.title.text == label]
+    return trace
+
+
+def row_titles(fig: go.Figure) -> list[str]:
+    return [a.text for a in fig.layout.annotations]
+
+
+def test_full_run_has_every_panel_in_order(full_run):
+    fig = build(full_run)
+    titles = row_titles(fig)
+    expected = [p.title for p in PANELS if p.name != "findings"]
+    assert [next(t for t in titles if f"<b>{e}</b>" in t) for e in expected] == titles
+    assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 4
+    assert fig.layout.xaxis.matches is not None or fig.layout.xaxis2.matches is not None
+    assert fig.layout.hovermode == "x unified"
+
+
+def test_grad_heatmap_is_log10_of_stored_values(full_run):
+    trace = heatmap(build(full_run), "grad norm")
+    assert list(trace.y) == PARAMS
+    stored = np.stack([full_run.series(f"norms/grad/{p}").values for p in PARAMS])
+    np.testing.assert_allclose(trace.z, np.log10(stored), rtol=1e-6)
+    np.testing.assert_allclose(trace.customdata, stored, rtol=1e-6)
+    np.testing.assert_array_equal(trace.x, full_run.series("norms/grad/features.0.bias").steps)
+    assert "%{y}" in trace.hovertemplate and "%{customdata" in trace.hovertemplate
+
+
+def test_heatmap_ticks_are_real_values_and_names_short(full_run):
+    fig = build(full_run)
+    trace = heatmap(fig, "grad norm")
+    labels = dict(zip(trace.colorbar.tickvals, trace.colorbar.ticktext, strict=True))
+    assert labels[-3.0] == "1e-3"
+    axis = next(a for a in fig.layout if a.startswith("yaxis") and fig.layout[a].ticktext
+                and PARAMS[3] in fig.layout[a].tickvals)
+    short = fig.layout[axis].ticktext[list(fig.layout[axis].tickvals).index(PARAMS[3])]
+    assert len(short) <= 36 and short.startswith("encoder.layers.11.")
+
+
+def test_colourbars_sit_beside_their_own_rows(full_run):
+    fig = build(full_run)
+    for trace in (t for t in fig.data if isinstance(t, go.Heatmap)):
+        lo, hi = fig.layout[f"yaxis{trace.yaxis[1:]}"].domain
+        assert trace.colorbar.y == pytest.approx((lo + hi) / 2)
+        assert trace.colorbar.len == pytest.approx(hi - lo)
+
+
+def test_zero_fraction_heatmap_is_linear(full_run):
+    trace = heatmap(build(full_run), "zero fraction")
+    np.testing.assert_allclose(trace.z[:, 0], [0.0, 0.3, 0.6], rtol=1e-6)
+    assert (trace.zmin, trace.zmax) == (0.0, 1.0)
+
+
+def test_only_loss_gives_only_the_loss_panel(tmp_path):
+    run = write_run(tmp_path / "r", {"scalars/loss": (range(50), np.linspace(3, 1, 50))})
+    fig = build(run)
+    assert len(fig.data) == 1 and fig.data[0].name == "loss"
+    assert len(row_titles(fig)) == 1 and "Loss and scalars" in row_titles(fig)[0]
+    assert fig.layout.yaxis.type == "log"
+    np.testing.assert_array_equal(fig.data[0].x, np.arange(50))
+
+
+def test_empty_run_builds_a_note(tmp_path):
+    fig = build(write_run(tmp_path / "r", {}))
+    assert not fig.data and "no data" in fig.layout.annotations[0].text
+
+
+def test_findings_draw_spans_timeline_and_title_marker(full_run):
+    finding = spike_finding()
+    info = spike_finding(detector="slow_lr", severity=Severity.INFO, start_step=0,
+                         end_step=390, keys=("optim/lr/*",), message="lr warm-up is long")
+    fig = build(full_run, [finding, info])
+    rows = len(row_titles(fig))
+    assert len(fig.layout.shapes) == 2 * rows
+    filled = [s for s in fig.layout.shapes if s.fillcolor is not None]
+    outlined = [s for s in fig.layout.shapes if s.fillcolor is None]
+    assert len(outlined) == 2 * 4 and {s.line.color for s in outlined} == {"#d62728", "#1f77b4"}
+    span = next(s for s in filled if s.fillcolor == "#d62728" and s.yref == "y2 domain")
+    assert span.x0 <= 238 and span.x1 >= 242 and (span.y0, span.y1) == (0, 1)
+    bar = next(t for t in fig.data if "loss_spike" in (t.hovertemplate or ""))
+    for text in ("CRITICAL", "steps 238–242", finding.message, finding.action):
+        assert text in bar.hovertemplate
+    titles = row_titles(fig)
+    assert "<b>Findings</b>" in titles[0]
+    marked = [t for t in titles if "⚠" in t]
+    assert len(marked) == 2 and "Loss" in marked[0] and "Learning rate" in marked[1]
+
+
+def test_html_is_offline_and_carries_the_finding(full_run):
+    page = to_html(build(full_run, [spike_finding()], title="my run"))
+    assert page.lstrip().lower().startswith("<html") or "<!doctype" in page[:50].lower()
+    assert '<script src="http' not in page and len(page) > 1_000_000
+    assert "loss jumped 8x at step 240" in page and "my run" in page
+
+
+def test_panel_needs_cover_the_keys_read(full_run):
+    for panel in PANELS:
+        part = panel.draw(full_run, (spike_finding(),))
+        assert isinstance(part, PanelPart)
+        assert all(any(fnmatch.fnmatchcase(k, p) for p in panel.needs) for k in part.keys)
+
+
+@pytest.mark.parametrize(
+    ("run", "findings", "title", "match"),
+    [
+        ("/some/run_dir", (), None, r"needs a trainprobe.store.Run.*Run\(run_dir\)"),
+        (None, "loss_spike", None, "iterable of Finding"),
+        (None, [{"detector": "x"}], None, r"findings\[0\] is a dict, not a Finding"),
+        (None, (), 3, "title must be a str"),
+    ],
+)
+def test_bad_input_raises_type_error(full_run, run, findings, title, match):
+    with pytest.raises(TypeError, match=match):
+        build(full_run if run is None else run, findings, title=title)
+
+
+def test_to_html_rejects_non_figure():
+    with pytest.raises(TypeError, match=r"needs a plotly go.Figure from dashboard.build"):
+        to_html({"data": []})
+
+
+def test_panel_and_part_validate():
+    with pytest.raises(TypeError, match=r"Panel.needs must be a tuple"):
+        Panel("x", "X", lambda run, f: None, "scalars/*")
+    with pytest.raises(TypeError, match=r"Panel.func must be callable"):
+        Panel("x", "X", None, ())
+    with pytest.raises(ValueError, match=r"at least one trace; return None"):
+        PanelPart((), "y", "d")
+    with pytest.raises(TypeError, match=r"must be plotly traces"):
+        PanelPart(({"type": "scatter"},), "y", "d")
+
+
+def test_panel_returning_wrong_type_raises(full_run):
+    panel = Panel("bad", "Bad", lambda run, f: "not a part", ())
+    with pytest.raises(TypeError, match=r"must return a PanelPart or None"):
+        panel.draw(full_run, ())

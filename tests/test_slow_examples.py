@@ -1,0 +1,38 @@
+"""Slow: the full demo (with and without its deliberate mistake) and the examples."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import pytest
+
+from trainprobe import Run, Severity, analyze
+from trainprobe.cli.demo import DemoConfig
+from trainprobe.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_full_demo_flags_the_learning_rate_mistake_and_only_it(tmp_path):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    config = DemoConfig()
+    findings = analyze(Run(tmp_path / "run"))
+    serious = [f for f in findings if f.severity >= Severity.WARNING]
+    assert serious, "the learning-rate mishap must be flagged"
+    for f in serious:  # every serious finding lies in the mishap or right after it
+        assert config.mishap_start <= f.start_step <= config.mishap_start + 60, f
+
+
+def test_clean_demo_has_no_serious_findings(tmp_path):
+    assert main(["demo", "--out", str(tmp_path), "--no-mishap"]) == 0
+    findings = analyze(Run(tmp_path / "run"))
+    assert not [f for f in findings if f.severity >= Severity.WARNING], findings
+
+
+def test_quickstart_example_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["quickstart.py", "--out", str(tmp_path / "q")])
+    runpy.run_path("examples/quickstart.py", run_name="__main__")
+    run = Run(tmp_path / "q")
+    assert run.series("scalars/loss").values[-1] < 0.2
+    assert (tmp_path / "q" / "dashboard.html").is_file()
