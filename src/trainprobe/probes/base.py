@@ -17,7 +17,7 @@ moves every value to the host in one transfer per flush.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -68,7 +68,7 @@ class StepContext:
     params: Mapping[str, nn.Parameter]
     batch: Any = None
     optimizer: torch.optim.Optimizer | None = None
-    logged: Mapping[str, Tensor | float] = None  # type: ignore[assignment]
+    logged: Mapping[str, Tensor | float] = field(default_factory=dict)
     update: Mapping[str, Tensor] | None = None
     params_before: Mapping[str, Tensor] | None = None
 

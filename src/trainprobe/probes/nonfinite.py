@@ -44,7 +44,7 @@ class NonFiniteGuard:
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         out: dict[str, Value] = {}
-        loss = ctx.logged.get("loss") if ctx.logged else None
+        loss = ctx.logged.get("loss")
         if loss is not None:
             out["nonfinite/loss"] = (~torch.isfinite(torch.as_tensor(loss))).any().float()
         params = list(ctx.params.values())

@@ -130,6 +130,17 @@ class Run:
         head = prefix.rstrip("/") + "/"
         return [key[len(head) :] for key in self.keys(head)]
 
+    def param_names(self) -> list[str]:
+        """Trainable parameter names in model order, as the monitor recorded them.
+
+        Empty when the run holds no model summary (e.g. a run written by hand).
+        """
+        model = self.meta.get("model")
+        params = model.get("params") if isinstance(model, dict) else None
+        if isinstance(params, list) and all(isinstance(p, str) for p in params):
+            return list(params)
+        return []
+
     def last_step(self) -> int | None:
         """The largest step stored so far, or ``None`` for an empty run."""
         row = self._query(
