@@ -11,6 +11,7 @@ import pytest
 from tests.synth import write_run
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.dashboard import PANELS, Panel, PanelPart, build, to_html
+from trainprobe.store import Run
 
 PARAMS = ["features.0.weight", "features.0.bias", "features.3.weight",
           "encoder.layers.11.self_attention.output_projection.weight", "classifier.2.weight"]
@@ -29,6 +30,8 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
         "optim/lr/0": (s, 1e-3 * np.minimum(1, (s + 1) / (steps / 10))),
         "nonfinite/loss": (s, (s == int(0.6 * steps)).astype(float)),
         "nonfinite/grad": (s, np.zeros(steps)),
+        "nonfinite/param": (s, np.zeros(steps)),
+        "nonfinite/first_grad": (s, np.full(steps, -1.0)),  # an index, not a count
         "norms/grad_total": (sched, 1 + rng.random(sched.size)),
         "norms/weight_total": (sched, 20 + sched / steps),
         "updates/ratio_total": (sched, 1e-3 * (1 + rng.random(sched.size))),
@@ -156,11 +159,29 @@ def test_html_is_offline_and_carries_the_finding(full_run):
     assert "loss jumped 8x at step 240" in page and "my run" in page
 
 
-def test_panel_needs_cover_the_keys_read(full_run):
+def test_panels_read_only_keys_they_need(full_run, monkeypatch):
+    read: list[str] = []
+    series = Run.series
+
+    def recording_series(run: Run, key: str):
+        read.append(key)
+        return series(run, key)
+
+    monkeypatch.setattr(Run, "series", recording_series)
     for panel in PANELS:
-        part = panel.draw(full_run, (spike_finding(),))
-        assert isinstance(part, PanelPart)
-        assert all(any(fnmatch.fnmatchcase(k, p) for p in panel.needs) for k in part.keys)
+        read.clear()
+        assert isinstance(panel.draw(full_run, (spike_finding(),)), PanelPart)
+        assert read or not panel.needs, f"panel {panel.name!r} read no key"
+        stray = [k for k in read if not any(fnmatch.fnmatchcase(k, p) for p in panel.needs)]
+        assert not stray, f"panel {panel.name!r} read {stray}, outside needs {panel.needs}"
+
+
+def test_nonfinite_panel_draws_counts_under_distinct_names(full_run):
+    fig = build(full_run)
+    names = [t.name for t in fig.data if isinstance(t, go.Scatter)]
+    assert len(names) == len(set(names)), f"trace names collide: {names}"
+    nonfinite = [n for n in names if "non-finite" in n]
+    assert nonfinite == ["non-finite loss", "non-finite grad", "non-finite param"]
 
 
 @pytest.mark.parametrize(
@@ -183,6 +204,10 @@ def test_to_html_rejects_non_figure():
 
 
 def test_panel_and_part_validate():
+    with pytest.raises(TypeError, match=r"Panel.name must be a non-empty str, got ''"):
+        Panel("", "X", lambda run, f: None, ())
+    with pytest.raises(TypeError, match=r"Panel.title must be a str, got int"):
+        Panel("x", 3, lambda run, f: None, ())
     with pytest.raises(TypeError, match=r"Panel.needs must be a tuple"):
         Panel("x", "X", lambda run, f: None, "scalars/*")
     with pytest.raises(TypeError, match=r"Panel.func must be callable"):
@@ -191,6 +216,8 @@ def test_panel_and_part_validate():
         PanelPart((), "y", "d")
     with pytest.raises(TypeError, match=r"must be plotly traces"):
         PanelPart(({"type": "scatter"},), "y", "d")
+    with pytest.raises(ValueError, match=r"PanelPart.height must be > 0, got 0"):
+        PanelPart((go.Scatter(),), "y", "d", height=0)
 
 
 def test_panel_returning_wrong_type_raises(full_run):

@@ -79,6 +79,25 @@ def test_norms_and_updates_equal_direct_computation(tmp_path):
         np.testing.assert_allclose(series.values, values, rtol=1e-10, err_msg=key)
 
 
+def test_update_ratio_is_nan_for_an_all_zero_tensor(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model[2].bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with trainprobe.watch(model, [UpdateNorms(schedule=every(1))], run_dir=tmp_path / "r") as mon:
+        for step in range(2):
+            x, y = _data(step)
+            with mon.step(step):
+                F.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    run = Run(tmp_path / "r")
+    ratio = run.series("updates/ratio/2.bias").values
+    assert np.isnan(ratio[0]) and np.isfinite(ratio[1]) and ratio[1] > 0
+    assert run.series("updates/norm/2.bias").values[0] > 0
+    assert np.isfinite(run.series("updates/ratio_total").values).all()
+
+
 def test_grad_norms_skip_parameters_without_grad(tmp_path):
     model = _model()
     with trainprobe.watch(model, [LayerNorms(schedule=every(1))], run_dir=tmp_path / "r") as mon:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,11 +11,10 @@ import plotly.graph_objects as go
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run, Series
 
-from .parts import PanelPart
+from .grid import real_label
+from .parts import HEALTHY_UPDATE_RATIO, PanelPart
 
-HEALTHY_UPDATE_RATIO = 1e-3
-"""Typical ||dw|| / ||w|| per step of a healthy run (drawn as a reference line)."""
-
+_HEALTHY = real_label(math.log10(HEALTHY_UPDATE_RATIO))  # "1e-3"
 _GLOBAL_NORMS = (
     ("norms/grad_total", "grad total", None),
     ("norms/weight_total", "weight total", None),
@@ -115,22 +115,26 @@ def norms_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     if any(s.key == "updates/ratio_total" for s in series):
         lo, hi = min(int(s.steps[0]) for s in series), max(int(s.steps[-1]) for s in series)
         traces.append(go.Scatter(x=[lo, hi], y=[HEALTHY_UPDATE_RATIO] * 2, mode="lines",
-                                 name="ratio 1e-3 (typical)", hoverinfo="skip",
+                                 name=f"ratio {_HEALTHY} (typical)", hoverinfo="skip",
                                  line={"width": 1, "dash": "dot", "color": "#888"}))
     return PanelPart(traces, "L2 norm / ratio",
                      "Whole-model norms (log y). Grad-norm spikes precede loss spikes; an update "
-                     "ratio far above 1e-3 means steps too large.",
+                     f"ratio far above {_HEALTHY} means steps too large.",
                      keys=tuple(s.key for s in series), y_log=True, height=1.1,
                      y_axis=_log_axis(series))
 
 
 def nonfinite_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``nonfinite/loss|grad|param`` counts per step (not the ``first_*`` indices)."""
+    """``nonfinite/loss|grad|param`` counts per step (not the ``first_*`` indices).
+
+    Traces are named ``"non-finite loss"`` etc., distinct from the loss panel's ``"loss"``.
+    """
     counts = [f"nonfinite/{k}" for k in ("loss", "grad", "param")]
     series = _read(run, [k for k in counts if k in run])
     if not series:
         return None
-    traces = [_line(s, s.key.removeprefix("nonfinite/"), shape="hv") for s in series]
+    traces = [_line(s, f"non-finite {s.key.removeprefix('nonfinite/')}", shape="hv")
+              for s in series]
     return PanelPart(traces, "count",
                      "Tensors holding NaN/Inf per step (loss: 0/1); all zero is healthy. The "
                      "first non-zero step is where to look.",

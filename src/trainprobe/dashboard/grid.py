@@ -20,16 +20,15 @@ MAX_COLUMNS = 1500
 def ordered_layers(run: Run, prefix: str) -> list[str]:
     """Layer names under ``prefix``: in the model's parameter order where the run knows it.
 
-    ``run.meta["model"]["params"]`` (when present) orders the names it lists;
-    the others follow in recording order.
+    :meth:`Run.param_names` (when not empty) orders the names it lists; the
+    others follow in recording order, as do all of them when it is empty.
     """
     names = run.layers(prefix)
-    model = run.meta.get("model")
-    params = model.get("params") if isinstance(model, dict) else None
-    if not isinstance(params, list):
+    rank = {name: i for i, name in enumerate(run.param_names())}
+    if not rank:
         return names
-    rank = {name: i for i, name in enumerate(params) if isinstance(name, str)}
-    return sorted(names, key=lambda name: (rank.get(name, len(rank)), names.index(name)))
+    recorded = {name: i for i, name in enumerate(names)}
+    return sorted(names, key=lambda name: (rank.get(name, len(rank)), recorded[name]))
 
 
 def layer_matrix(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray]:

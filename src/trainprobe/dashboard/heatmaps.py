@@ -11,11 +11,25 @@ import plotly.graph_objects as go
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
-from .curves import HEALTHY_UPDATE_RATIO
-from .grid import bin_columns, layer_matrix, log_ticks, ordered_layers, safe_log10, short_names
-from .parts import ROW_PX, PanelPart
+from .grid import (
+    bin_columns,
+    layer_matrix,
+    log_ticks,
+    ordered_layers,
+    real_label,
+    safe_log10,
+    short_names,
+)
+from .parts import HEALTHY_UPDATE_RATIO, ROW_PX, PanelPart
 
 _LABEL_PX = 12  # vertical pixels one y tick label needs
+
+ZERO_DECADES = 1.0
+"""How far (in decades) below the smallest positive value a log heatmap draws its zeros."""
+
+RATIO_HALF_DECADES = 2.0
+"""Least half-width (decades) of the update-ratio colours around the healthy ratio: full
+red at 100x it (1e-1, the update_ratio detector's warning level), full blue at 1/100x."""
 
 
 @dataclass(frozen=True)
@@ -24,9 +38,13 @@ class HeatStyle:
 
     Attributes:
         label: the measured quantity, for the colourbar and the hover.
-        log: colour by ``log10(value)`` (colourbar ticks show real values).
+        log: colour by ``log10(value)`` (colourbar ticks show real values);
+            values <= 0 are drawn with the lowest colour, labelled ``0``.
         colorscale: a Plotly colour-scale name.
         centre: a real value to put at the middle colour (diverging scales).
+        min_half_width: with ``centre``, the least half-width of the symmetric
+            colour range, in plotted units (decades for ``log``), so that a
+            colour means a distance from ``centre``, not a place in the data's range.
         hover_format: d3 format of the real value in the hover.
         span: a fixed colour range ``(lo, hi)`` in plotted units; else the data's.
     """
@@ -35,6 +53,7 @@ class HeatStyle:
     log: bool = True
     colorscale: str = "Viridis"
     centre: float | None = None
+    min_half_width: float = 0.0
     hover_format: str = ".3g"
     span: tuple[float, float] | None = None
 
@@ -43,7 +62,9 @@ def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> P
     """A layer x step heatmap of the scalar keys ``prefix/<layer>``; ``None`` if there are none.
 
     Steps are bin-averaged for display when there are more than
-    :data:`~trainprobe.dashboard.grid.MAX_COLUMNS`.
+    :data:`~trainprobe.dashboard.grid.MAX_COLUMNS`. The hover shows the real
+    (bin-mean) value from ``customdata``: a hovertemplate can format ``z`` but
+    not compute ``10**z``. Both arrays are float32 (plotly sends them as binary).
     """
     series = [run.series(f"{prefix}/{name}") for name in ordered_layers(run, prefix)]
     series = [s for s in series if s.values.ndim == 1 and len(s) > 0]
@@ -52,18 +73,53 @@ def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> P
     names = [s.key[len(prefix) + 1:] for s in series]
     steps, values = layer_matrix(series)  # [T], [L, T]
     x, values, width = bin_columns(steps, values)  # [T'], [L, T']
-    z = safe_log10(values) if style.log else values
-    finite = z[np.isfinite(z)]
-    if finite.size == 0:
+    if not np.isfinite(values).any():
         return None
+    z, colours = _log_z(values, style) if style.log else _linear_z(values, style)
     trace = go.Heatmap(x=x, y=names, z=z.astype(np.float32), customdata=values.astype(np.float32),
-                       hoverongaps=False, hovertemplate=_hover(style, width),
-                       **_colours(style, float(finite.min()), float(finite.max())))
+                       hoverongaps=False, hovertemplate=_hover(style, width), **colours)
     if width > 1:
         description += f" Columns are means of {width} steps."
     height, y_axis, prefix = _layer_axis(names)
     return PanelPart((trace,), f"{prefix}…" if prefix else "", description,
                      keys=tuple(s.key for s in series), height=height, y_axis=y_axis)
+
+
+def _linear_z(values: np.ndarray, style: HeatStyle) -> tuple[np.ndarray, dict]:
+    """``values`` as they are, and their colour settings."""
+    finite = values[np.isfinite(values)]
+    return values, _colours(style, float(finite.min()), float(finite.max()))
+
+
+def _log_z(values: np.ndarray, style: HeatStyle) -> tuple[np.ndarray, dict]:
+    """``log10(values)`` ``[L, T']`` to colour by, and the colour settings.
+
+    A value <= 0 (a dead or frozen layer's gradient norm or update ratio) has
+    no log; it goes on the colour floor ``zmin``, :data:`ZERO_DECADES` below
+    the smallest positive value (so no measured value shares its colour), and
+    the colourbar labels the floor ``0``. NaN (not measured) stays a gap.
+    """
+    z = safe_log10(values)  # [L, T']: NaN where <= 0 or not finite
+    positive = z[np.isfinite(z)]
+    zero = np.isfinite(values) & (values <= 0)  # [L, T']
+    if positive.size:
+        lo, hi = float(positive.min()), float(positive.max())
+        lo -= ZERO_DECADES if zero.any() else 0.0
+    else:  # every measured value is 0
+        lo = hi = math.log10(style.centre) if style.centre is not None else 0.0
+    colours = _colours(style, lo, hi)
+    if zero.any():
+        z[zero] = colours["zmin"]
+        _label_floor_zero(colours["colorbar"], colours["zmin"], colours["zmax"],
+                          alone=positive.size == 0 and style.centre is None)
+    return z, colours
+
+
+def _label_floor_zero(colorbar: dict, lo: float, hi: float, *, alone: bool) -> None:
+    """Put a ``0`` tick at the colour floor ``lo``; drop ticks crowding it (all if ``alone``)."""
+    ticks = zip(colorbar["tickvals"], colorbar["ticktext"], strict=True)
+    kept = [] if alone else [(v, t) for v, t in ticks if v > lo + 0.06 * (hi - lo)]
+    colorbar.update(tickvals=[lo] + [v for v, _ in kept], ticktext=["0"] + [t for _, t in kept])
 
 
 def _hover(style: HeatStyle, width: int) -> str:
@@ -78,7 +134,7 @@ def _colours(style: HeatStyle, lo: float, hi: float) -> dict:
         lo, hi = style.span
     elif style.centre is not None:
         mid = math.log10(style.centre) if style.log else style.centre
-        half = max(abs(lo - mid), abs(hi - mid), 1e-9)
+        half = max(abs(lo - mid), abs(hi - mid), style.min_half_width, 1e-9)
         lo, hi = mid - half, mid + half
     elif hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
@@ -104,18 +160,21 @@ def _layer_axis(names: list[str]) -> tuple[float, dict, str]:
 
 
 def grad_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``norms/grad/<param>``: log colour."""
+    """``norms/grad/<param>``: log colour, exact zeros on the darkest colour."""
     return heatmap_part(run, "norms/grad", HeatStyle("grad norm"),
                         "log colour. A dark row is a layer that stopped learning (starved or "
-                        "dead); a bright column is a gradient spike.")
+                        "dead; darkest = exactly 0); a bright column is a gradient spike.")
 
 
 def update_ratio_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``updates/ratio/<param>``: log colour centred (white) on 1e-3."""
-    style = HeatStyle("update ratio", colorscale="RdBu_r", centre=HEALTHY_UPDATE_RATIO)
+    """``updates/ratio/<param>``: log colour centred (white) on the healthy ratio, at least
+    :data:`RATIO_HALF_DECADES` each side."""
+    style = HeatStyle("update ratio", colorscale="RdBu_r", centre=HEALTHY_UPDATE_RATIO,
+                      min_half_width=RATIO_HALF_DECADES)
+    healthy = real_label(math.log10(HEALTHY_UPDATE_RATIO))
     return heatmap_part(run, "updates/ratio", style,
-                        "||Δw||/||w||, log colour; white ≈ 1e-3 is healthy, red = steps too "
-                        "large (lower LR), blue = barely moving.")
+                        f"||Δw||/||w||, log colour; white ≈ {healthy} is healthy, red = steps too "
+                        "large (lower LR), blue = barely moving, darkest blue = 0 (frozen).")
 
 
 def activation_std_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:

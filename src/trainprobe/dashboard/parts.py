@@ -1,4 +1,5 @@
-"""The two types of the dashboard: a :class:`Panel` and the :class:`PanelPart` it returns."""
+"""The two types of the dashboard, a :class:`Panel` and the :class:`PanelPart` it returns,
+and the constants that several panels share."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from trainprobe.store import Run
 
 ROW_PX = 200
 """Pixels of figure height per unit of :attr:`PanelPart.height`."""
+
+# Rule of thumb from A. Karpathy's CS231n notes ("Neural Networks Part 3: Learning and
+# Evaluation", ratio of weights:updates): ||dw|| / ||w|| per step "should be somewhere
+# around 1e-3"; much higher means the learning rate is too high, much lower too low.
+HEALTHY_UPDATE_RATIO = 1e-3
+"""Typical ``||dw|| / ||w||`` per step of a healthy run: the update-ratio heatmap's white
+centre and the reference line of the global-norms panel."""
 
 PanelFunc = Callable[[Run, tuple[Finding, ...]], "PanelPart | None"]
 

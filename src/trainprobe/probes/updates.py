@@ -24,7 +24,9 @@ class UpdateNorms:
 
     The ratio ``||Δw||/||w||`` is scale-free; around 1e-3 per step is the usual
     healthy band for SGD/Adam training (much larger: the learning rate is too high
-    for that layer; much smaller: the layer barely learns).
+    for that layer; much smaller: the layer barely learns). It is undefined for a
+    tensor that is exactly zero before the step (zero-initialised biases, LoRA B,
+    LayerScale at 0): the probe writes NaN there rather than a huge number.
 
     Keys:
         ``updates/norm/<param>``, ``updates/ratio/<param>``;
@@ -33,18 +35,14 @@ class UpdateNorms:
 
     Args:
         schedule: when to measure (default every 10 steps).
-        eps: added to ``||w||`` so an all-zero tensor gives a finite ratio.
     """
 
     name = "updates"
     needs = frozenset({"update"})
 
-    def __init__(self, *, schedule: Schedule | None = None, eps: float = 1e-12) -> None:
+    def __init__(self, *, schedule: Schedule | None = None) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "UpdateNorms")
-        if not eps >= 0:
-            raise ValueError(f"UpdateNorms: eps must be >= 0, got {eps!r}")
-        self.eps = float(eps)
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         return []
@@ -59,13 +57,18 @@ class UpdateNorms:
         deltas_total = total_norm(deltas)
         return {
             "updates/norm": PerLayer(names, deltas),
-            "updates/ratio": PerLayer(names, deltas / (weights + self.eps)),
+            "updates/ratio": PerLayer(names, _ratio(deltas, weights)),
             "updates/norm_total": deltas_total,
-            "updates/ratio_total": deltas_total / (weights_total + self.eps),
+            "updates/ratio_total": _ratio(deltas_total, weights_total),
         }
 
     def settings(self) -> dict[str, Any]:
-        return {"eps": self.eps}
+        return {}
+
+
+def _ratio(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``deltas / weights``, NaN where ``weights == 0`` (the ratio is undefined there)."""
+    return torch.where(weights > 0, deltas / weights, torch.full_like(deltas, float("nan")))
 
 
 def parameter_deltas(
