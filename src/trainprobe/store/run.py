@@ -64,17 +64,21 @@ class Run:
                 f"{self.run_dir} is not a trainprobe run: {DB_NAME} is missing; pass the "
                 "directory that trainprobe.watch(run_dir=...) or `trainprobe demo --out` wrote"
             )
+        self._conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
         try:
-            self._conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
-            rows = self._conn.execute("SELECT key, value FROM meta").fetchall()
-        except sqlite3.DatabaseError as err:
+            rows = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+            if rows.get("format") != json.dumps(FORMAT):
+                raise RunError(f"{db} is an SQLite file but not a trainprobe run (no format "
+                               "marker); pass a run directory written by trainprobe")
+            meta = {key: json.loads(value) for key, value in rows.items()}
+        except (sqlite3.DatabaseError, ValueError) as err:
+            self._conn.close()
+            if isinstance(err, RunError):
+                raise
             raise RunError(
                 f"{db} cannot be read as a trainprobe run ({err}); the file is corrupt or not a "
                 "run database: re-create the run, or restore run.db from a copy"
             ) from err
-        meta = {key: json.loads(value) for key, value in rows}
-        if meta.get("format") != FORMAT:
-            raise RunError(f"{db} is an SQLite file but not a trainprobe run (no format marker)")
         self.meta: dict[str, Any] = meta
 
     def __repr__(self) -> str:
@@ -126,7 +130,7 @@ class Run:
         )
 
     def layers(self, prefix: str) -> list[str]:
-        """The ``layer`` parts of scalar keys ``prefix/<layer>``, in recording order."""
+        """The ``<layer>`` parts of keys ``prefix/<layer>``, in recording order."""
         head = prefix.rstrip("/") + "/"
         return [key[len(head) :] for key in self.keys(head)]
 

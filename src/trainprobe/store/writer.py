@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import sqlite3
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,37 +99,45 @@ class RunWriter:
         Raises:
             ValueError: a key switches between scalar and array, or a (key, step)
                 pair is written twice.
+            TypeError: a value is neither a number nor a numeric array.
         """
-        known = {key_id for key_id, _ in self._key_ids.values()}
-        scalars: list[tuple[int, int, float | None]] = []
-        arrays: list[tuple[int, int, str, str, bytes]] = []
-        with self._conn:
-            self._conn.execute("BEGIN")
-            for record in records:
-                step = int(record.step)
-                for key, value in record.values.items():
-                    if isinstance(value, np.ndarray) and value.ndim > 0:
-                        arrays.append((self._key_id(key, "array"), step, *encode_array(value)))
-                    else:
-                        number = float(value)
-                        scalars.append(
-                            (
-                                self._key_id(key, "scalar"),
-                                step,
-                                None if math.isnan(number) else number,
-                            )
-                        )
-            try:
+        known = dict(self._key_ids)
+        try:
+            with self._conn:
+                self._conn.execute("BEGIN")
+                scalars, arrays = self._rows(records)
                 self._conn.executemany("INSERT INTO scalars VALUES (?, ?, ?)", scalars)
                 self._conn.executemany("INSERT INTO arrays VALUES (?, ?, ?, ?, ?)", arrays)
-            except sqlite3.IntegrityError as err:
-                raise ValueError(
-                    f"a key was recorded twice for the same step ({err}); steps must increase "
-                    "and a run may be resumed only past its last stored step"
-                ) from err
-            finally:
-                if sys.exc_info()[0] is not None:  # rolled back: forget keys added here
-                    self._key_ids = {k: v for k, v in self._key_ids.items() if v[0] in known}
+        except sqlite3.IntegrityError as err:
+            self._key_ids = known  # rolled back: forget keys added in this transaction
+            raise ValueError(
+                f"a key was recorded twice for the same step ({err}); steps must increase "
+                "and a run may be resumed only past its last stored step"
+            ) from err
+        except BaseException:
+            self._key_ids = known
+            raise
+
+    def _rows(self, records: Iterable[Record]) -> tuple[list[tuple], list[tuple]]:
+        """``scalars`` and ``arrays`` table rows of ``records`` (registers new keys)."""
+        scalars: list[tuple] = []
+        arrays: list[tuple] = []
+        for record in records:
+            step = int(record.step)
+            for key, value in record.values.items():
+                if isinstance(value, np.ndarray) and value.ndim > 0:
+                    arrays.append((self._key_id(key, "array"), step, *encode_array(value)))
+                    continue
+                try:
+                    number = float(value)
+                except (TypeError, ValueError) as err:
+                    raise TypeError(
+                        f"record key {key!r} at step {step}: expected a number or a numeric "
+                        f"array, got {type(value).__name__}"
+                    ) from err
+                nan_as_null = None if math.isnan(number) else number
+                scalars.append((self._key_id(key, "scalar"), step, nan_as_null))
+        return scalars, arrays
 
     def _key_id(self, name: str, kind: str) -> int:
         known = self._key_ids.get(name)
