@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from tests.synth import write_run
 from trainprobe.analysis import Severity, detect_exploding_gradients, detect_vanishing_gradients
+from trainprobe.analysis.vanishing import end_tensors
 
 STEPS = np.arange(0, 5000, 10)  # measured every 10 steps: 500 points
 N = STEPS.size
@@ -99,6 +102,18 @@ def test_fast_growth_without_a_single_jump_is_growth(tmp_path):
     assert all(3000 <= f.start_step <= 3400 for f in findings if f is not growth)
 
 
+def test_many_jumps_are_capped_to_the_largest(tmp_path):
+    norms = healthy_total(4)
+    at = np.arange(40, 480, 55)  # 8 isolated jumps
+    norms[at] *= np.array([40.0, 80.0, 30.0, 90.0, 50.0, 70.0, 60.0, 45.0])
+    run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms)})
+    findings = detect_exploding_gradients(run)
+    largest = sorted(at, key=lambda i: -norms[i] / np.median(norms[i - 20:i]))[:5]
+    assert [f.start_step for f in findings] == sorted(STEPS[largest])
+    assert all(f.evidence["jumps_on_key"] == 8 for f in findings)
+    assert len(detect_exploding_gradients(run, max_jumps=8)) == 8
+
+
 @pytest.mark.parametrize("n", [0, 1, 3])
 def test_exploding_short_series_give_nothing(tmp_path, n):
     run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS[:n], 10.0 ** np.arange(n))})
@@ -109,6 +124,7 @@ def test_exploding_short_series_give_nothing(tmp_path, n):
     ({"window": 2}, "window must be at least 3 points"),
     ({"jump_factor": -1.0}, "jump_factor must be a finite number > 0"),
     ({"growth_decades": 0}, "growth_decades must be a finite number > 0"),
+    ({"max_jumps": 0}, r"max_jumps must be at least 1 \(the number of jump findings\)"),
 ])
 def test_exploding_invalid_arguments(tmp_path, kwargs, match):
     run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, healthy_total(0))})
@@ -195,15 +211,38 @@ def test_collapse_of_a_converged_loss_is_healthy(tmp_path):
     assert detect_vanishing_gradients(alone) == []  # no loss: cannot tell, so stay quiet
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 5])
-def test_vanishing_short_series_give_nothing(tmp_path, n):
+@pytest.mark.parametrize(("n", "expected"), [(0, 0), (1, 0), (2, 0), (3, 1), (5, 1)])
+def test_vanishing_needs_three_measurements(tmp_path, n, expected):
     series = layer_norms(8, {"fc1.weight": 1e-6})
     series = {k: (s[:n], v[:n]) for k, (s, v) in series.items()}
     series["norms/grad_total"] = (STEPS[:n], np.ones(n))
     series["scalars/loss"] = (STEPS[:n], np.ones(n))
     run = write_run(tmp_path / "r", series, meta=META)
-    found = detect_vanishing_gradients(run)
-    assert found == [] if n < 3 else len(found) == 1
+    assert len(detect_vanishing_gradients(run)) == expected
+
+
+def test_unused_tensors_at_either_end_are_not_compared(tmp_path):
+    # a pooler the loss never reaches (zero gradient) after the head, and a frozen stem
+    params = ["stem.weight", *PARAMS, "pooler.weight"]
+    series = layer_norms(9, {})
+    series["norms/grad/pooler.weight"] = (STEPS, np.zeros(N))
+    series["norms/grad/stem.weight"] = (STEPS, np.zeros(N))
+    run = write_run(tmp_path / "r", series, meta={"model": {"params": params}})
+    assert detect_vanishing_gradients(run) == []  # not "the first layer's gradients explode"
+    assert end_tensors(run) == ("fc1.weight", "head.weight")
+
+
+def test_zero_and_infinite_norms_are_dropped_from_the_ratio(tmp_path):
+    series = layer_norms(10, {"fc1.weight": 1e-5})
+    head = series["norms/grad/head.weight"][1]
+    head[[3, 50, 400]] = 0.0  # a step whose last layer got no gradient
+    head[[7, 60]] = np.inf  # and an overflow
+    run = write_run(tmp_path / "r", series, meta=META)
+    [finding] = detect_vanishing_gradients(run)
+    fc1 = series["norms/grad/fc1.weight"][1]
+    keep = np.isfinite(head) & (head > 0)
+    assert finding.evidence["median_ratio"] == pytest.approx(np.median(fc1[keep] / head[keep]))
+    json.dumps(finding.to_dict(), allow_nan=False)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -7,6 +7,8 @@ import pytest
 
 from tests.synth import write_run
 from trainprobe.analysis import Severity, detect_loss_spikes
+from trainprobe.analysis._series import is_loss_key, loss_keys
+from trainprobe.analysis.loss_spike import spike_period
 
 STEPS = np.arange(1000)
 
@@ -90,18 +92,109 @@ def test_loss_that_does_not_recover_is_critical(tmp_path):
     assert "step 500" in finding.action
 
 
-def test_recurrent_spikes_are_all_critical(tmp_path):
+def test_periodic_recurrent_spikes_are_one_summary(tmp_path):
     loss = decaying_loss(3)
     at = [150, 300, 450, 600, 750, 900]
     loss[at] *= 5.0
     run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss)})
-    findings = detect_loss_spikes(run)
-    assert [f.start_step for f in findings] == at
-    assert all(f.severity is Severity.CRITICAL for f in findings)
-    assert all(f.evidence["spikes_on_key"] == 6 for f in findings)
-    assert "spike 2 of 6" in findings[1].message
-    assert all(f.severity is Severity.WARNING
-               for f in detect_loss_spikes(run, recurrent_count=7))
+    [finding] = detect_loss_spikes(run)
+    assert finding.severity is Severity.CRITICAL
+    assert (finding.start_step, finding.end_step) == (150, 900)
+    assert finding.evidence["spikes_on_key"] == 6
+    assert finding.evidence["spike_steps"] == "150, 300, 450, 600, 750, ..."
+    assert finding.evidence["period"] == 150
+    worst = max(at, key=lambda i: trailing_reference(loss, i)[1])
+    assert finding.evidence["peak_step"] == worst
+    assert finding.evidence["z_score"] == pytest.approx(trailing_reference(loss, worst)[1])
+    assert "spiked 6 times" in finding.message and "periodic, every 150 steps" in finding.message
+    assert "drop_last=True" in finding.action
+
+
+def test_epoch_end_spikes_with_gaps_are_periodic(tmp_path):
+    # every epoch (100 steps) ends on a tiny remainder batch; two epochs end mildly
+    loss = decaying_loss(9)
+    ends = np.arange(99, 1000, 100)
+    loss[ends] *= [6.0, 5.0, 1.0, 6.0, 5.0, 6.0, 1.0, 5.0, 6.0, 5.0]
+    run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss)})
+    [finding] = detect_loss_spikes(run)
+    assert finding.evidence["spikes_on_key"] == 8
+    assert finding.evidence["period"] == 100
+    assert "data order" in finding.action
+
+
+def test_irregular_recurrent_spikes_are_not_called_periodic(tmp_path):
+    loss = decaying_loss(10)
+    at = [130, 210, 460, 530, 800, 870]
+    loss[at] *= 5.0
+    run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss)})
+    [finding] = detect_loss_spikes(run)
+    assert finding.severity is Severity.CRITICAL
+    assert "period" not in finding.evidence and "periodic" not in finding.message
+    assert "keeps spiking" in finding.action
+
+
+def test_findings_per_key_are_capped_largest_first(tmp_path):
+    loss = decaying_loss(3)
+    at = [150, 300, 450, 600, 750, 900]
+    loss[at] *= [5.0, 3.0, 6.0, 4.0, 8.0, 7.0]
+    run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss)})
+    findings = detect_loss_spikes(run, recurrent_count=7, max_per_key=3)
+    largest = sorted(at, key=lambda i: -trailing_reference(loss, i)[1])[:3]
+    assert [f.start_step for f in findings] == sorted(largest)
+    assert all(f.severity is Severity.WARNING and f.evidence["spikes_on_key"] == 6
+               for f in findings)
+    assert len(detect_loss_spikes(run, recurrent_count=7)) == 5  # the default cap
+
+
+def test_spike_period_needs_most_gaps_to_agree():
+    assert spike_period(np.array([0, 100, 200, 300, 400])) == 100
+    assert spike_period(np.array([0, 100, 201, 300, 500, 600])) == 100  # +-1 step, one gap 2x
+    assert spike_period(np.array([0, 100, 200, 300])) == 100
+    assert spike_period(np.array([0, 100, 200])) is None  # two gaps prove nothing
+    assert spike_period(np.array([0, 100, 250, 300, 480, 700])) is None
+
+
+def hinge_loss(seed: int, *, active: float = 0.1, n: int = 1000) -> np.ndarray:
+    """A triplet/hinge loss: exactly 0 while the margin holds, else a half-normal value."""
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(n) < active, np.abs(rng.normal(0.0, 0.2, n)), 0.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mostly_zero_hinge_loss_has_no_spikes(tmp_path, seed):
+    run = write_run(tmp_path / "r", {"scalars/triplet_loss": (STEPS, hinge_loss(seed))})
+    assert detect_loss_spikes(run) == []  # the trailing median is 0: no flood
+
+
+def test_hinge_loss_spike_is_still_found(tmp_path):
+    loss = hinge_loss(1)
+    active = np.flatnonzero(loss)
+    loss[active[75]] = 20.0 * np.median(loss[active])
+    run = write_run(tmp_path / "r", {"scalars/triplet_loss": (STEPS, loss)})
+    [finding] = detect_loss_spikes(run)
+    assert finding.start_step == finding.evidence["peak_step"] == active[75]
+    root = np.sqrt(loss[active[25:75]])  # scored on the square root of the active values
+    assert finding.evidence["trailing_median"] == pytest.approx(np.median(root) ** 2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_loss_term_switched_on_late_has_no_spikes(tmp_path, seed):
+    kl = decaying_loss(seed) * 5.0
+    kl[:500] = 0.0  # a KL term switched on at step 500, exactly 0 before
+    run = write_run(tmp_path / "r", {"scalars/kl_loss": (STEPS, kl)})
+    assert detect_loss_spikes(run) == []
+
+
+def test_loss_scale_keys_are_not_losses(tmp_path):
+    scale = 2.0 ** (16 + np.minimum(STEPS // 200, 8))  # GradScaler: doubles every 200 steps
+    scale[[450, 730]] /= 2.0  # and backs off on an overflow
+    run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, decaying_loss(0)),
+                                     "scalars/loss_scale": (STEPS, scale),
+                                     "scalars/scaled_loss": (STEPS, decaying_loss(1) * scale)})
+    assert detect_loss_spikes(run) == []
+    assert loss_keys(run) == ["scalars/loss"]
+    assert [is_loss_key(k) for k in ("scalars/val_loss", "scalars/Loss_Scale",
+                                     "scalars/loss", "norms/loss")] == [True, False, True, False]
 
 
 def test_relative_margin_ignores_small_bumps_with_tiny_mad(tmp_path):
@@ -170,7 +263,9 @@ def test_short_series_give_nothing(tmp_path, n):
     ({"window": 2}, ValueError, "window must be at least 3 points"),
     ({"window": 50.0}, TypeError, "window must be an int"),
     ({"recovery_window": 0}, ValueError, "recovery_window must be at least 1"),
-    ({"recurrent_count": 1}, ValueError, "recurrent_count must be at least 2"),
+    ({"recurrent_count": 1}, ValueError, r"recurrent_count must be at least 2 \(the number"),
+    ({"recurrent_count": 2.0}, TypeError, "recurrent_count must be an int"),
+    ({"max_per_key": 0}, ValueError, "max_per_key must be at least 1"),
     ({"z_threshold": 0.0}, ValueError, "z_threshold must be a finite number > 0"),
     ({"min_rel_increase": float("nan")}, ValueError, "min_rel_increase must be a finite"),
 ])

@@ -13,19 +13,21 @@ META = {"model": {"params": PARAMS}}
 STEPS = np.arange(300)
 
 
-def nonfinite_series(*, loss=(), grad=(), param=(), first_grad=None, first_param=None):
-    """``nonfinite/*`` keys with the given bad steps (every step recorded)."""
+def nonfinite_series(*, loss=(), grad=(), param=(), first_grad=None, first_param=None,
+                     n: int = STEPS.size):
+    """``nonfinite/*`` keys with the given bad steps (``n`` steps, every step recorded)."""
+    steps = np.arange(n)
     series = {}
     for name, bad in (("loss", loss), ("grad", grad), ("param", param)):
-        values = np.zeros(STEPS.size)
+        values = np.zeros(n)
         values[list(bad)] = 1.0 if name == "loss" else 2.0
-        series[f"nonfinite/{name}"] = (STEPS, values)
+        series[f"nonfinite/{name}"] = (steps, values)
     for name, index in (("first_grad", first_grad), ("first_param", first_param)):
-        values = np.full(STEPS.size, -1.0)
+        values = np.full(n, -1.0)
         bad = grad if name == "first_grad" else param
         if index is not None:
             values[list(bad)] = index
-        series[f"nonfinite/{name}"] = (STEPS, values)
+        series[f"nonfinite/{name}"] = (steps, values)
     return series
 
 
@@ -74,14 +76,55 @@ def test_parameters_first_blame_the_update(tmp_path):
     assert "optimizer update" in finding.action and "'fc1.bias'" in finding.action
 
 
-def test_skipped_steps_with_finite_parameters_are_a_warning(tmp_path):
-    # a dynamic loss scaler: overflowing gradients, step skipped, parameters stay finite
+def test_frequent_skipped_steps_are_a_warning(tmp_path):
+    # a dynamic loss scaler: overflowing gradients, step skipped, parameters stay finite;
+    # 3 of 300 steps is 1%, too many for a scaler that has found its scale
     run = write_run(tmp_path / "r", nonfinite_series(grad=[10, 95, 180], first_grad=0),
                     meta=META)
     [finding] = detect_nonfinite(run)
     assert finding.severity is Severity.WARNING
     assert (finding.start_step, finding.end_step, finding.evidence["bad_steps"]) == (10, 180, 3)
-    assert "GradScaler" in finding.action
+    assert finding.evidence["bad_fraction"] == pytest.approx(0.01)
+    assert "GradScaler" in finding.action and "bfloat16" in finding.action
+
+
+@pytest.mark.parametrize("bad", [[95, 180], [0, 1, 2, 3, 4, 1200, 2400]])
+def test_rare_isolated_skipped_steps_are_info(tmp_path, bad):
+    # GradScaler backing off now and then, or settling its 2^16 initial scale at the start
+    run = write_run(tmp_path / "r", nonfinite_series(grad=bad, first_grad=0, n=3000),
+                    meta=META)
+    [finding] = detect_nonfinite(run)
+    assert finding.severity is Severity.INFO
+    assert finding.evidence["checked_steps"] == 3000
+    assert finding.evidence["longest_run"] == (5 if 0 in bad else 1)
+    assert "Nothing to do" in finding.action
+
+
+def test_a_long_run_of_skipped_steps_is_a_warning(tmp_path):
+    run = write_run(tmp_path / "r", nonfinite_series(grad=range(1000, 1006), n=3000), meta=META)
+    [finding] = detect_nonfinite(run)
+    assert finding.severity is Severity.WARNING  # 0.2% of steps, but 6 in a row
+    assert finding.evidence["longest_run"] == 6
+    [allowed] = detect_nonfinite(run, max_run=6)
+    assert allowed.severity is Severity.INFO
+
+
+def test_rare_nonfinite_loss_stays_critical(tmp_path):
+    run = write_run(tmp_path / "r", nonfinite_series(loss=[95], grad=[95], n=3000), meta=META)
+    [finding] = detect_nonfinite(run)
+    assert finding.severity is Severity.CRITICAL
+    assert "checked_steps" not in finding.evidence
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"rare_fraction": 1.0}, ValueError, r"rare_fraction must be a fraction in \[0, 1\)"),
+    ({"max_run": 0}, ValueError, r"max_run must be at least 1 \(the number of consecutive"),
+    ({"max_run": 2.5}, TypeError, "max_run must be an int"),
+])
+def test_invalid_arguments_name_the_fix(tmp_path, kwargs, error, match):
+    run = write_run(tmp_path / "r", nonfinite_series(grad=[10]), meta=META)
+    with pytest.raises(error, match=match):
+        detect_nonfinite(run, **kwargs)
 
 
 def test_gradients_without_param_flags_stay_critical(tmp_path):

@@ -12,7 +12,14 @@ import pytest
 import trainprobe.analysis as analysis
 from tests.synth import write_run
 from trainprobe.analysis import DETECTORS, Detector, Finding, Severity, analyze
-from trainprobe.analysis._series import trailing_median_mad, true_runs, window_cover
+from trainprobe.analysis._series import (
+    LOSS_PATTERN,
+    step_windows,
+    trailing_median_mad,
+    true_runs,
+    window_cover,
+    window_medians,
+)
 
 STEPS = np.arange(600)
 PARAMS = ["fc1.weight", "fc1.bias", "head.weight"]
@@ -47,7 +54,55 @@ def test_analyze_orders_by_severity_then_start_step(tmp_path):
         ("exploding_gradients", Severity.WARNING, 400),
         ("update_ratio", Severity.INFO, 0),
     ]
-    json.dumps([f.to_dict() for f in findings])  # evidence is plain numbers and strings
+    json.dumps([f.to_dict() for f in findings], allow_nan=False)  # plain, finite numbers
+
+
+def nasty_run(tmp_path: Path):
+    """Every detector fires on series full of zeros, infinities, NaN and 1e9 ratios."""
+    rng = np.random.default_rng(1)
+    measured = STEPS[::10]
+    n = measured.size
+    loss = (2.0 * np.exp(-STEPS / 200) + 0.1) * np.exp(rng.normal(0.0, 0.05, STEPS.size))
+    loss[[100, 200, 300, 400, 500]] *= 6.0
+    loss[[150, 151]] = [np.nan, np.inf]
+    triplet = np.where(rng.random(STEPS.size) < 0.1, 0.2, 0.0)
+    val = 0.3 * np.exp(np.maximum(STEPS - 100, 0) / 120)  # climbs to 18x its best
+    total = np.exp(rng.normal(0.0, 0.2, n))
+    total[[5, 6]] = [0.0, np.inf]
+    total[30] *= 50.0
+    grad = {"fc1.weight": 1e-6 * total, "head.weight": total.copy(), "pooler.weight": np.zeros(n)}
+    grad["head.weight"][[8, 9]] = [0.0, np.inf]
+    norm, ratio = np.minimum(measured / 100, 1.0), np.full(n, 1e-3)
+    ratio[0] = 1e-3 / 1e-12  # the probe's value at w = 0
+    flags = np.zeros(STEPS.size)
+    flags[[57, 420]] = 1.0
+    return write_run(tmp_path / "nasty", {
+        "scalars/loss": (STEPS, loss), "scalars/triplet_loss": (STEPS, triplet),
+        "scalars/val_loss": (STEPS, val),
+        "scalars/loss_scale": (STEPS, 2.0 ** (16 + STEPS // 100)),
+        "nonfinite/loss": (STEPS, np.zeros(STEPS.size)), "nonfinite/grad": (STEPS, flags),
+        "nonfinite/param": (STEPS, np.zeros(STEPS.size)),
+        "norms/grad_total": (measured, total),
+        **{f"norms/grad/{p}": (measured, g) for p, g in grad.items()},
+        "updates/ratio/gamma": (measured, ratio), "norms/weight/gamma": (measured, norm),
+        "updates/ratio/fc1.weight": (measured, np.full(n, 0.5)),
+        "updates/ratio/head.weight": (measured, np.full(n, 1e-9)),
+    }, meta={"model": {"params": ["fc1.weight", "head.weight", "pooler.weight"]}})
+
+
+def test_no_detector_puts_nan_or_inf_into_evidence(tmp_path):
+    run = nasty_run(tmp_path)
+    findings = analyze(run)
+    assert {f.detector for f in findings} == {d.name for d in DETECTORS}
+    for finding in findings:
+        json.dumps(finding.to_dict(), allow_nan=False)
+    assert not any("pooler" in f.message for f in findings)
+    assert "scalars/loss_scale" not in {k for f in findings for k in f.keys}
+
+
+def test_finding_span_must_be_ordered():
+    with pytest.raises(ValueError, match=r"start_step <= end_step, got 5\.\.4"):
+        Finding("x", Severity.INFO, 5, 4, "seen", "act")
 
 
 def test_analyze_skips_detectors_whose_keys_are_missing(tmp_path):
@@ -79,11 +134,13 @@ def test_every_detector_tolerates_one_or_two_points(tmp_path):
 
 def test_registry_is_consistent():
     names = [d.name for d in DETECTORS]
-    assert names == ["nonfinite", "loss_spike", "exploding_gradients", "vanishing_gradients",
-                     "update_ratio"]
+    assert names == ["nonfinite", "loss_spike", "loss_divergence", "exploding_gradients",
+                     "vanishing_gradients", "update_ratio"]
     for detector in DETECTORS:
         assert detector.func.__name__ in analysis.__all__
         assert detector.needs and all(isinstance(p, str) for p in detector.needs)
+    loss_detectors = [d for d in DETECTORS if d.name.startswith("loss_")]
+    assert all(d.needs == (LOSS_PATTERN,) for d in loss_detectors)  # narrowed by is_loss_key
 
 
 def test_detector_applies_to_glob_patterns():
@@ -131,3 +188,28 @@ def test_true_runs_and_window_cover():
     assert true_runs(np.zeros(3, dtype=bool)) == []
     cover = window_cover(np.array([0, 1, 0, 0, 1], dtype=bool), 3, 7)
     assert cover.tolist() == [False, True, True, True, True, True, True]
+
+
+def test_step_windows_span_steps_with_a_minimum_count():
+    dense = np.arange(0, 1000)
+    starts, ends = step_windows(dense, 200, 5)
+    assert (ends - starts)[:800].tolist() == [200] * 800  # 200 points when measured every step
+    assert (starts[-1], ends[-1]) == (800, 1000)  # windows stop at the one reaching the end
+    sparse = np.arange(0, 2000, 100)
+    starts, ends = step_windows(sparse, 200, 5)
+    assert (ends - starts).tolist() == [5] * 16  # widened to min_points
+    irregular = np.array([0, 1, 2, 50, 300, 301, 302, 303, 600])
+    starts, ends = step_windows(irregular, 100, 3)
+    assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [
+        (0, 4), (1, 4), (2, 5), (3, 6), (4, 8), (5, 8), (6, 9)]
+    assert step_windows(np.arange(4), 100, 5)[1].tolist() == [4]  # short: one window
+    assert step_windows(np.empty(0, dtype=np.int64), 100, 5)[0].size == 0
+
+
+def test_window_medians_match_direct_computation():
+    x = np.random.default_rng(2).normal(size=9000)
+    steps = np.cumsum(np.random.default_rng(3).integers(1, 4, size=9000))
+    starts, ends = step_windows(steps, 40, 5)
+    medians = window_medians(x, starts, ends)
+    for k in [0, 1, 17, 4095, 4096, 4097, starts.size - 1]:
+        assert medians[k] == pytest.approx(np.median(x[starts[k]:ends[k]]))

@@ -25,13 +25,62 @@ def peak_window_median(values: np.ndarray, window: int = 20) -> float:
     return max(np.median(values[j:j + window]) for j in range(values.size - window + 1))
 
 
+def zero_init(steps: np.ndarray, *, tau: float = 200.0, scale: float = 0.1) -> tuple:
+    """A zero-initialised tensor (LayerScale gamma, LoRA B): ``||w||`` and the probe's ratio.
+
+    ``||w_t|| = scale * (1 - exp(-t / tau))`` grows to its settled norm; each step moves
+    it by the growth plus a healthy 1e-3. The probe writes ``||dw|| / (||w|| + 1e-12)``:
+    about 1e9 at ``w = 0``, then ``~1/t`` while ``t << tau``.
+    """
+    norm = scale * (1.0 - np.exp(-steps / tau))
+    delta = scale / tau * np.exp(-steps / tau) + 1e-3 * norm
+    return norm, delta / (norm + 1e-12)
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_healthy_band_and_zero_initialised_biases_are_quiet(tmp_path, seed):
+def test_healthy_band_and_zero_initialised_tensors_are_quiet(tmp_path, seed):
     series = ratios(seed, {"fc1.bias": 0.5, "embed.weight": 3e-4, "head.weight": 3e-3})
-    transient = series["updates/ratio/fc2.weight"][1]
-    transient[:5] = [np.inf, 50.0, 5.0, 1.0, 0.3]  # first steps from a zero init
+    series["updates/ratio/fc2.weight"] = (STEPS, zero_init(STEPS, tau=30.0)[1])
+    assert 1e8 < series["updates/ratio/fc2.weight"][1][0] < 1e10  # the probe at w = 0
     run = write_run(tmp_path / "r", series)
     assert detect_update_ratio(run) == []
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_zero_init_transient_measured_every_step_is_quiet(tmp_path, weights):
+    steps = np.arange(2000)
+    norm, ratio = zero_init(steps)
+    assert np.median(ratio[:20]) > 0.1  # what a 20-measurement window used to flag
+    series = {"updates/ratio/gamma": (steps, ratio)}
+    if weights:
+        series["norms/weight/gamma"] = (steps[::10], norm[::10])
+    assert detect_update_ratio(write_run(tmp_path / "r", series)) == []
+
+
+def test_weight_norms_decide_the_transient(tmp_path):
+    ratio = np.where(STEPS < 300, 0.5, 1e-3)  # 15% of the run, longer than skip_start
+    norm = np.where(STEPS < 300, 1e-4, 1.0)  # ...while the tensor had no norm yet
+    series = {"updates/ratio/lora_b.weight": (STEPS, ratio)}
+    [finding] = detect_update_ratio(write_run(tmp_path / "a", series))
+    assert (finding.start_step, finding.severity) == (100, Severity.WARNING)
+    series["norms/weight/lora_b.weight"] = (STEPS, norm)
+    assert detect_update_ratio(write_run(tmp_path / "b", series)) == []
+    series["norms/weight/lora_b.weight"] = (STEPS, np.ones(N))  # a real norm: too fast
+    [finding] = detect_update_ratio(write_run(tmp_path / "c", series))
+    assert finding.start_step == 0
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_window_is_a_span_of_steps(tmp_path, every):
+    steps = np.arange(0, 3000, every)
+    short = np.where((steps >= 1000) & (steps < 1060), 0.5, 1e-3)  # 60 steps: under half
+    long = np.where((steps >= 1000) & (steps < 1150), 0.5, 1e-3)  # 150 of 200 steps
+    run = write_run(tmp_path / "r", {"updates/ratio/a.weight": (steps, short),
+                                     "updates/ratio/b.weight": (steps, long)})
+    [finding] = detect_update_ratio(run)
+    assert finding.keys == ("updates/ratio/b.weight",)
+    assert finding.evidence["window_steps"] == 200
+    assert 900 <= finding.start_step <= 1000 and 1149 <= finding.end_step <= 1250
 
 
 def test_too_large_warning_and_critical_list_layers_by_deviation(tmp_path):
@@ -39,9 +88,10 @@ def test_too_large_warning_and_critical_list_layers_by_deviation(tmp_path):
     run = write_run(tmp_path / "r", series)
     [warning] = detect_update_ratio(run)
     assert warning.severity is Severity.WARNING
+    settled = series["updates/ratio/fc1.weight"][1][10:]  # no weight norms: skip 5% of steps
     assert warning.evidence["peak_median[fc1.weight]"] == pytest.approx(
-        peak_window_median(series["updates/ratio/fc1.weight"][1]))
-    assert (warning.start_step, warning.end_step) == (0, STEPS[-1])
+        peak_window_median(settled))
+    assert (warning.start_step, warning.end_step) == (100, STEPS[-1])
     assert warning.keys == ("updates/ratio/fc1.weight",)
     assert warning.message.startswith("1 layer update too fast")
 
@@ -107,23 +157,33 @@ def test_short_series_give_nothing(tmp_path, n):
 
 
 def test_series_shorter_than_the_window_use_all_points(tmp_path):
-    series = {k: (s[:8], v[:8]) for k, (s, v) in ratios(8, {"fc1.weight": 5.0}).items()}
+    series = {k: (s[:4], v[:4]) for k, (s, v) in ratios(8, {"fc1.weight": 5.0}).items()}
+    series |= {f"norms/weight/{k.split('/')[-1]}": (s, np.ones(4)) for k, (s, _) in series.items()}
     [finding] = detect_update_ratio(write_run(tmp_path / "r", series))
     assert finding.evidence["peak_median[fc1.weight]"] == pytest.approx(
         np.median(series["updates/ratio/fc1.weight"][1]))
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"window": 0}, "window must be at least 3 points"),
-    ({"top": 0}, "top must be at least 1"),
+    ({"window_steps": 0}, r"window_steps must be at least 1 \(the number of steps per median"),
+    ({"min_points": 2}, "min_points must be at least 3 points"),
+    ({"top": 0}, r"top must be at least 1 \(the number of layers named per finding\), got 0"),
     ({"high": -1.0}, "high must be a finite number > 0"),
     ({"low": 0.5}, r"low \(0.5\) must be smaller than high"),
     ({"critical": 0.05}, r"high \(0.1\) must be smaller than critical"),
+    ({"min_weight_share": 1.0}, r"min_weight_share must be a fraction in \[0, 1\)"),
+    ({"skip_start": -0.1}, r"skip_start must be a fraction in \[0, 1\)"),
 ])
 def test_invalid_arguments(tmp_path, kwargs, match):
     run = write_run(tmp_path / "r", ratios(0, {}))
     with pytest.raises(ValueError, match=match):
         detect_update_ratio(run, **kwargs)
+
+
+def test_counts_must_be_ints(tmp_path):
+    run = write_run(tmp_path / "r", ratios(0, {}))
+    with pytest.raises(TypeError, match=r"window_steps must be an int \(the number of steps"):
+        detect_update_ratio(run, window_steps=200.0)
 
 
 def test_skip_as_a_bare_string_is_refused(tmp_path):

@@ -159,7 +159,25 @@ def test_activation_stats_on_tuple_outputs_and_chosen_modules(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("max_elements", "rows"), [(None, 9), (14, 2), (3, 1), (63, 9)])
+def test_activation_stats_use_the_leading_rows(tmp_path, max_elements, rows):
+    model = _model()
+    x, _ = _data(0)  # [9, 5] -> first layer output [9, 7]
+    probe = ActivationStats(schedule=every(1), modules=["0"], max_elements=max_elements)
+    with trainprobe.watch(model, [probe], run_dir=tmp_path / "r") as mon, mon.step(0):
+        out = model[0](x)
+    run = Run(tmp_path / "r")
+    expected = out.detach()[:rows]
+    assert run.series("activations/mean/0").values[0] == pytest.approx(expected.mean().item())
+    assert run.series("activations/std/0").values[0] == pytest.approx(
+        expected.std(correction=0).item()
+    )
+    assert run.meta["probes"][0]["settings"]["max_elements"] == max_elements
+
+
 def test_activation_stats_bad_modules():
+    with pytest.raises(ValueError, match=r"max_elements=...\) must be a positive int or None"):
+        ActivationStats(max_elements=0)
     with pytest.raises(TypeError, match=r"takes a list of names, not one string"):
         ActivationStats(modules="0")
     probe = ActivationStats(modules=["nope"])
@@ -211,3 +229,14 @@ def test_learning_rate_per_group(tmp_path):
     run = Run(tmp_path / "r")
     np.testing.assert_allclose(run.series("optim/lr/0").values, [0.1, 0.05, 0.025])
     np.testing.assert_allclose(run.series("optim/lr/1").values, [0.01, 0.005, 0.0025])
+
+
+def test_tensor_helpers_refuse_empty_input():
+    from trainprobe.probes._tensors import stack_scalars, stacked_norms
+
+    with pytest.raises(ValueError, match="stacked_norms needs at least one tensor"):
+        stacked_norms([])
+    with pytest.raises(ValueError, match="stack_scalars needs at least one tensor"):
+        stack_scalars([])
+    mixed = stack_scalars([torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)])
+    assert mixed.dtype == torch.float64 and mixed.tolist() == [1.0, 2.0]

@@ -5,6 +5,7 @@ numpy/scipy only: nothing here imports torch, so a run can be analysed anywhere.
 
 from .exploding import detect_exploding_gradients
 from .findings import Finding, Severity
+from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .nonfinite import detect_nonfinite
 from .registry import DETECTORS, Detector, analyze
@@ -18,6 +19,7 @@ __all__ = [
     "Severity",
     "analyze",
     "detect_exploding_gradients",
+    "detect_loss_divergence",
     "detect_loss_spikes",
     "detect_nonfinite",
     "detect_update_ratio",

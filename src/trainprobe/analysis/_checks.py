@@ -21,6 +21,27 @@ def check_window(name: str, value: int, *, minimum: int = 3) -> None:
         )
 
 
+def check_count(name: str, value: int, *, minimum: int, what: str) -> None:
+    """Require an integer count (not a window) of at least ``minimum``.
+
+    Args:
+        name: the argument's name.
+        value: the value given.
+        minimum: the smallest allowed count.
+        what: what the count counts, for the message (e.g. ``"layers to name"``).
+
+    Raises:
+        TypeError: ``value`` is not an int.
+        ValueError: ``value < minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int (the number of {what}), got "
+                        f"{type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum} (the number of {what}), got "
+                         f"{value}; pass {name}={minimum} or more")
+
+
 def check_positive(name: str, value: float) -> None:
     """Require a finite number ``> 0``.
 

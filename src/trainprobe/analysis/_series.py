@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -11,6 +13,9 @@ MAD_SCALE = 1.4826
 """Makes the median absolute deviation a consistent estimate of a Gaussian's sigma."""
 
 _CHUNK = 4096
+
+LOSS_PATTERN = "scalars/*loss*"
+"""The glob the loss detectors declare in ``needs``; :func:`is_loss_key` narrows it."""
 
 
 def finite_series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +94,67 @@ def window_cover(flagged: np.ndarray, window: int, n: int) -> np.ndarray:
     np.add.at(delta, starts, 1)
     np.add.at(delta, np.minimum(starts + window, n), -1)
     return np.cumsum(delta[:n]) > 0
+
+
+def is_loss_key(key: str) -> bool:
+    """Whether ``key`` is a loss the loss detectors read.
+
+    The rule: a ``scalars/`` key whose name contains ``loss`` but not ``scale``
+    (case-insensitive). ``scalars/loss_scale`` and ``scalars/scaled_loss`` carry a
+    mixed-precision loss scale (``torch.cuda.amp.GradScaler``, DeepSpeed), which
+    doubles every few hundred steps and halves on overflow by design: scored as a
+    loss it would be a string of false spikes and divergences.
+    """
+    name = key.lower()
+    return fnmatchcase(name, LOSS_PATTERN) and "scale" not in name[len("scalars/"):]
+
+
+def loss_keys(run: Run) -> list[str]:
+    """``scalars/loss`` first, then the other loss keys (:func:`is_loss_key`) in recording order."""
+    keys = [k for k in run.keys("scalars/") if is_loss_key(k)]
+    return sorted(keys, key=lambda k: k != "scalars/loss")
+
+
+def step_windows(steps: np.ndarray, span: int, min_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of ``span`` steps over a measured series: ``[start, end)`` index pairs.
+
+    Window ``j`` starts at point ``j`` and holds the points with steps in
+    ``[steps[j], steps[j] + span)``, widened to at least ``min_points`` points so a
+    sparse schedule still gives a median worth the name. Windows run until the
+    first one that reaches the last point (later ones would be parts of it); a
+    series shorter than ``min_points`` gives one window over all of it.
+
+    Args:
+        steps: ``[n]`` increasing steps.
+        span: window length in steps.
+        min_points: fewest points in a window.
+
+    Returns:
+        ``starts [m]`` and ``ends [m]`` (exclusive); empty when ``n == 0``.
+    """
+    n = steps.shape[0]
+    if n == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    if n < min_points:
+        return np.zeros(1, dtype=np.int64), np.full(1, n, dtype=np.int64)
+    ends = np.maximum(np.searchsorted(steps, steps + span, side="left"),
+                      np.arange(n) + min_points)  # [n]
+    last = int(np.flatnonzero(ends >= n)[0])  # the first window that reaches the end
+    ends = np.minimum(ends[:last + 1], n)
+    return np.arange(last + 1, dtype=np.int64), ends.astype(np.int64)
+
+
+def window_medians(x: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """``[m]`` medians of ``x[starts[k]:ends[k]]``, vectorised per window width."""
+    medians = np.empty(starts.shape[0])
+    widths = ends - starts
+    for width in np.unique(widths):
+        rows = np.flatnonzero(widths == width)
+        view = sliding_window_view(x, int(width))  # [n - width + 1, width]
+        for lo in range(0, rows.shape[0], _CHUNK):
+            chunk = rows[lo:lo + _CHUNK]
+            medians[chunk] = np.median(view[starts[chunk]], axis=1)
+    return medians
 
 
 def param_order(run: Run) -> list[str]:

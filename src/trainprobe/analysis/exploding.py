@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..store import Run
-from ._checks import check_positive, check_window
+from ._checks import check_count, check_positive, check_window
 from ._series import finite_series, fmt, rolling_median, trailing_median_mad, true_runs
 from .findings import Finding, Severity
 
@@ -16,7 +16,12 @@ _CLIP = "enable gradient clipping (torch.nn.utils.clip_grad_norm_)"
 
 
 def detect_exploding_gradients(
-    run: Run, *, window: int = 20, jump_factor: float = 10.0, growth_decades: float = 2.0
+    run: Run,
+    *,
+    window: int = 20,
+    jump_factor: float = 10.0,
+    growth_decades: float = 2.0,
+    max_jumps: int = 5,
 ) -> list[Finding]:
     """Jumps and sustained growth of the global gradient norm ``norms/grad_total``.
 
@@ -27,7 +32,9 @@ def detect_exploding_gradients(
     ``log10 g`` over ``window`` points climbs by ``>= growth_decades`` from its
     lowest earlier value; ``CRITICAL`` from ``2 * growth_decades``. Growth is not
     reported when a jump inside it accounts for half of the climb or more
-    (``log10(ratio) >= climb / 2``): a step change is a jump, not a trend.
+    (``log10(ratio) >= climb / 2``): a step change is a jump, not a trend. At most
+    ``max_jumps`` jump findings are returned, the largest ratios, in step order;
+    each carries the total count as ``jumps_on_key``.
 
     Args:
         run: the run to read.
@@ -36,14 +43,17 @@ def detect_exploding_gradients(
             gradient norms fluctuate by 2-3x between mini-batches).
         growth_decades: orders of magnitude of sustained growth (default 2: the
             late-training drift of a healthy norm is a few x, not 100x).
+        max_jumps: most jump findings returned (default 5).
 
     Returns:
-        One finding per jump span, and one for growth.
+        One finding per jump span (at most ``max_jumps``), and one for growth.
 
     Raises:
-        ValueError: ``window < 3`` or a non-positive threshold.
+        ValueError: ``window < 3``, a non-positive threshold or ``max_jumps < 1``.
+        TypeError: ``window`` or ``max_jumps`` is not an int.
     """
     check_window("window", window)
+    check_count("max_jumps", max_jumps, minimum=1, what="jump findings")
     check_positive("jump_factor", jump_factor)
     check_positive("growth_decades", growth_decades)
     steps, norms = finite_series(run, TOTAL)
@@ -51,9 +61,11 @@ def detect_exploding_gradients(
     steps, norms = steps[keep], norms[keep]
     if norms.shape[0] < 4:
         return []
-    findings = _jumps(steps, norms, window, jump_factor)
+    jumps = _jumps(steps, norms, window, jump_factor)
     growth = _growth(steps, norms, window, growth_decades)
-    if growth is not None and not any(_explains(jump, growth) for jump in findings):
+    findings = sorted(sorted(jumps, key=lambda f: -f.evidence["ratio"])[:max_jumps],
+                      key=lambda f: f.start_step)
+    if growth is not None and not any(_explains(jump, growth) for jump in jumps):
         findings.append(growth)
     return findings
 
@@ -69,7 +81,8 @@ def _jumps(steps: np.ndarray, norms: np.ndarray, window: int, factor: float) -> 
     with np.errstate(invalid="ignore"):
         hit = norms > factor * med
     findings = []
-    for first, last in true_runs(hit):
+    spans = true_runs(hit)
+    for first, last in spans:
         peak = first + int(np.argmax(norms[first:last + 1]))
         after = norms[last + 1:last + 1 + window]
         post = float(np.median(after)) if after.size else float("nan")
@@ -85,7 +98,8 @@ def _jumps(steps: np.ndarray, norms: np.ndarray, window: int, factor: float) -> 
             f"{int(steps[first])}.",
             {"peak": float(norms[peak]), "peak_step": int(steps[peak]),
              "trailing_median": float(med[first]), "ratio": ratio, "jump_factor": factor,
-             "window": window, **({"median_after": post} if after.size else {})},
+             "window": window, "jumps_on_key": len(spans),
+             **({"median_after": post} if after.size else {})},
             (TOTAL,),
         ))
     return findings

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import numpy as np
 
 from ..store import Run
-from ._checks import check_positive, check_window
-from ._series import MAD_SCALE, finite_series, fmt, trailing_median_mad, true_runs
+from ._checks import check_count, check_positive, check_window
+from ._series import MAD_SCALE, finite_series, fmt, loss_keys, trailing_median_mad, true_runs
 from .findings import Finding, Severity
 
 NAME = "loss_spike"
-LOSS_PATTERN = "scalars/*loss*"
+TINY = 1e-9
+"""Spread floor, relative to the loss's own scale: a window varying less than this is flat."""
+SHOWN_STEPS = 5
+"""Spike steps a recurrent-spike summary lists (the evidence stays small)."""
+PERIODIC_SHARE = 0.6
+"""Share of the gaps between recurrent spikes that must agree for them to be periodic."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,17 @@ class _Scored:
     margin: np.ndarray  # a spike exceeds it; a recovered loss's later median stays under it
 
 
+@dataclass(frozen=True)
+class _Span:
+    """One run of consecutive spike points (indices into the scored arrays)."""
+
+    first: int
+    last: int
+    peak: int
+    post: float | None  # median of the points after it, None at the end of the series
+    stuck: bool  # that median stays above the margin: no recovery
+
+
 def detect_loss_spikes(
     run: Run,
     *,
@@ -37,21 +51,36 @@ def detect_loss_spikes(
     min_rel_increase: float = 0.5,
     recovery_window: int = 50,
     recurrent_count: int = 5,
+    max_per_key: int = 5,
 ) -> list[Finding]:
-    """Spikes in ``scalars/loss`` and every other ``scalars/*loss*`` key.
+    """Spikes in ``scalars/loss`` and the other loss keys (see ``is_loss_key``).
 
     Each point ``x_i`` is compared with the ``window`` points before it (no
     look-ahead), in ``y = log x`` when every value is positive (a decaying loss
     becomes a gentle line and noise becomes relative), else in ``y = x``:
-    ``z_i = (y_i - med_i) / (1.4826 * MAD_i)`` (Hampel's robust z-score,
-    Rousseeuw & Croux 1993). ``x_i`` is a spike point when ``z_i > z_threshold``
-    and ``x_i > (1 + min_rel_increase) * exp(med_i)`` (linear space:
-    ``y_i - med_i > min_rel_increase * |med_i|``); the second test keeps tiny
-    wiggles of a converged, near-noiseless loss (MAD ~ 0) from counting.
-    Consecutive spike points form one span: a ``WARNING``, ``CRITICAL`` when the
-    median of the ``recovery_window`` points after it stays above that margin
-    (the loss did not recover) or when one key spikes ``recurrent_count`` times.
-    Non-finite points are left to :func:`detect_nonfinite`.
+    ``z_i = (y_i - med_i) / max(1.4826 * MAD_i, 1e-9 * s)`` (Hampel's robust
+    z-score, Rousseeuw & Croux 1993), ``s`` the loss's own scale (1 in log space,
+    the median ``|x|`` of its non-zero points in linear space). ``x_i`` is a spike
+    point when ``z_i > z_threshold`` and ``x_i > (1 + min_rel_increase) * exp(med_i)``
+    (linear space: ``y_i - med_i > min_rel_increase * max(|med_i|, s)``); the
+    second test keeps tiny wiggles of a flat, near-noiseless loss (MAD ~ 0) from
+    counting, and its floor ``s`` keeps a trailing median of exactly 0 from
+    making every positive point a spike. A non-negative loss with exact zeros (a
+    triplet or hinge loss whose margin is met, a KL term not yet switched on) is
+    scored on its non-zero points only (zeros are inactive steps), once a full
+    ``window`` of them precedes the point, in ``y = sqrt x`` with the margin
+    ``(1 + min_rel_increase) * med_i^2``: its active values are skewed from zero
+    (half-normal to exponential), which a square root makes nearly symmetric
+    (an exponential becomes a Rayleigh variable), where ``log`` would stretch the
+    near-zero tail and hide 20x spikes and ``x`` would flag the skewed tail.
+
+    Consecutive spike points form a span: a ``WARNING``, ``CRITICAL`` when the
+    median of the ``recovery_window`` points after it stays above the margin
+    (the loss did not recover). A key with ``recurrent_count`` spans or more gets
+    one ``CRITICAL`` summary instead (count, worst spike, first steps), which
+    says when the spikes are periodic (most gaps equal: an epoch boundary). At
+    most ``max_per_key`` findings per key, the largest z first. Non-finite
+    points are left to ``detect_nonfinite``.
 
     Args:
         run: the run to read.
@@ -62,17 +91,22 @@ def detect_loss_spikes(
         min_rel_increase: relative margin above the trailing median (default 0.5,
             i.e. 1.5x; ordinary mini-batch noise stays well inside it).
         recovery_window: points after a span whose median decides recovery.
-        recurrent_count: spans on one key from which every span is critical.
+        recurrent_count: spans on one key from which they are summarised as
+            recurrent and critical (default 5).
+        max_per_key: most findings per key (default 5).
 
     Returns:
-        One finding per span, per loss key.
+        One finding per span (at most ``max_per_key``), or one recurrent summary,
+        per loss key.
 
     Raises:
         ValueError: a window below 3 points, a non-positive threshold or count.
+        TypeError: a window or count that is not an int.
     """
     check_window("window", window)
-    check_window("recovery_window", recovery_window, minimum=1)
-    check_window("recurrent_count", recurrent_count, minimum=2)
+    check_count("recovery_window", recovery_window, minimum=1, what="points after a spike")
+    check_count("recurrent_count", recurrent_count, minimum=2, what="spikes on one key")
+    check_count("max_per_key", max_per_key, minimum=1, what="findings per loss key")
     check_positive("z_threshold", z_threshold)
     check_positive("min_rel_increase", min_rel_increase)
     thresholds = {"window": window, "z_threshold": z_threshold,
@@ -84,72 +118,132 @@ def detect_loss_spikes(
         if scored is None:
             continue
         hit = (scored.z > z_threshold) & (scored.values > scored.margin)
-        spans = true_runs(hit)
-        recurrent = len(spans) >= recurrent_count
-        for number, span in enumerate(spans, start=1):
-            findings.append(_finding(scored, span, (number, len(spans)), recurrent, thresholds))
+        spans = [_span(scored, span, recovery_window) for span in true_runs(hit)]
+        if len(spans) >= recurrent_count:
+            findings.append(_recurrent_finding(scored, spans, thresholds))
+            continue
+        worst = sorted(spans, key=lambda sp: -scored.z[sp.peak])[:max_per_key]
+        findings += [_finding(scored, sp, len(spans), thresholds)
+                     for sp in sorted(worst, key=lambda sp: sp.first)]
     return findings
-
-
-def loss_keys(run: Run) -> list[str]:
-    """``scalars/loss`` first, then the other ``scalars/*loss*`` keys in recording order."""
-    keys = [k for k in run.keys("scalars/") if fnmatchcase(k, LOSS_PATTERN)]
-    return sorted(keys, key=lambda k: k != "scalars/loss")
 
 
 def _score(run: Run, key: str, window: int, rel: float) -> _Scored | None:
     steps, values = finite_series(run, key)
-    min_periods = max(3, window // 5)
+    zeros = values == 0
+    sparse = bool(zeros.any()) and bool(np.all(values >= 0))
+    if sparse:  # inactive steps of a hinge-like or switched-off loss
+        steps, values = steps[~zeros], values[~zeros]
+    min_periods = window if sparse else max(3, window // 5)
     if values.shape[0] <= min_periods:
         return None
-    log_space = bool(np.all(values > 0))
-    y = np.log(values) if log_space else values
+    log_space = not sparse and bool(np.all(values > 0))
+    y = np.log(values) if log_space else np.sqrt(values) if sparse else values
+    scale = 1.0 if log_space else float(np.median(np.abs(y[y != 0])))
     med, mad = trailing_median_mad(y, window, min_periods=min_periods)
-    scale = np.maximum(MAD_SCALE * mad, 1e-12 * np.maximum(1.0, np.abs(med)))
     with np.errstate(invalid="ignore"):
-        z = (y - med) / scale
-    if log_space:
-        reference = np.exp(med)
+        z = (y - med) / np.maximum(MAD_SCALE * mad, TINY * scale)
+    if log_space or sparse:
+        reference = np.exp(med) if log_space else med ** 2
         margin = reference * (1.0 + rel)
     else:
         reference = med
-        margin = med + rel * np.abs(med)
+        margin = med + rel * np.maximum(np.abs(med), scale)
     return _Scored(key, steps, values, reference, np.nan_to_num(z, nan=-np.inf), margin)
 
 
-def _finding(s: _Scored, span: tuple[int, int], count: tuple[int, int], recurrent: bool,
-             thresholds: dict) -> Finding:
+def _span(s: _Scored, span: tuple[int, int], recovery: int) -> _Span:
     first, last = span
     peak = first + int(np.argmax(s.values[first:last + 1]))
-    after = s.values[last + 1:last + 1 + thresholds["recovery_window"]]
-    post = float(np.median(after)) if after.size else math.nan
-    stuck = after.size > 0 and post > s.margin[first]
-    severity = Severity.CRITICAL if stuck or recurrent else Severity.WARNING
-    ref, peak_value = float(s.reference[first]), float(s.values[peak])
+    after = s.values[last + 1:last + 1 + recovery]
+    post = float(np.median(after)) if after.size else None
+    return _Span(first, last, peak, post, post is not None and post > s.margin[first])
+
+
+def _versus(s: _Scored, i: int) -> str:
+    """``"5x the trailing median 0.3, robust z 40"`` for point ``i``."""
+    ref, value = float(s.reference[i]), float(s.values[i])
+    versus = f"{fmt(value / ref)}x" if ref > 0 else f"{fmt(value - ref)} above"
+    return f"{versus} the trailing median {fmt(ref)}, robust z {fmt(float(s.z[i]))}"
+
+
+def _peak_evidence(s: _Scored, sp: _Span) -> dict[str, float | int]:
+    return {"peak": float(s.values[sp.peak]), "peak_step": int(s.steps[sp.peak]),
+            "trailing_median": float(s.reference[sp.first]), "z_score": float(s.z[sp.peak])}
+
+
+def _finding(s: _Scored, sp: _Span, count: int, thresholds: dict) -> Finding:
     message = (
-        f"{s.key} spiked to {fmt(peak_value)} at step {int(s.steps[peak])} "
-        f"({f'{fmt(peak_value / ref)}x' if ref > 0 else f'{fmt(peak_value - ref)} above'} "
-        f"the trailing median {fmt(ref)}, robust z {fmt(float(s.z[peak]))})"
-        + (f" and did not recover (median {fmt(post)} afterwards)" if stuck else "")
-        + (f"; spike {count[0]} of {count[1]} on this curve" if recurrent else "")
+        f"{s.key} spiked to {fmt(float(s.values[sp.peak]))} at step {int(s.steps[sp.peak])} "
+        f"({_versus(s, sp.peak)})"
+        + (f" and did not recover (median {fmt(sp.post)} afterwards)" if sp.stuck else "")
     )
-    evidence = {
-        "peak": peak_value, "peak_step": int(s.steps[peak]), "trailing_median": ref,
-        "z_score": float(s.z[peak]), "points": last - first + 1,
-        "spikes_on_key": count[1], **thresholds,
-    }
-    if after.size:
-        evidence["median_after"] = post
-    return Finding(NAME, severity, int(s.steps[first]), int(s.steps[last]), message,
-                   _action(stuck, recurrent, int(s.steps[first])), evidence, (s.key,))
+    evidence = {**_peak_evidence(s, sp), "points": sp.last - sp.first + 1,
+                "spikes_on_key": count, **thresholds}
+    if sp.post is not None:
+        evidence["median_after"] = sp.post
+    start = int(s.steps[sp.first])
+    action = _stuck_action(start) if sp.stuck else (
+        f"Inspect the batches around step {start} for bad data, and lower the learning rate "
+        "or enable gradient clipping if spikes recur.")
+    return Finding(NAME, Severity.CRITICAL if sp.stuck else Severity.WARNING, start,
+                   int(s.steps[sp.last]), message, action, evidence, (s.key,))
 
 
-def _action(stuck: bool, recurrent: bool, step: int) -> str:
-    if stuck:
-        return (f"Restart from a checkpoint before step {step} with a lower learning rate (or "
-                "longer warmup) and gradient clipping (torch.nn.utils.clip_grad_norm_).")
-    if recurrent:
-        return ("Lower the learning rate or enable gradient clipping "
-                "(torch.nn.utils.clip_grad_norm_), since the loss keeps spiking.")
-    return (f"Inspect the batches around step {step} for bad data, and lower the learning rate "
-            "or enable gradient clipping if spikes recur.")
+def _recurrent_finding(s: _Scored, spans: list[_Span], thresholds: dict) -> Finding:
+    """One summary for a key that keeps spiking: count, worst spike, first steps, period."""
+    peaks = s.steps[[sp.peak for sp in spans]]  # [k]
+    worst = max(spans, key=lambda sp: s.z[sp.peak])
+    stuck = next((sp for sp in spans if sp.stuck), None)
+    period = spike_period(peaks)
+    shown = ", ".join(str(int(p)) for p in peaks[:SHOWN_STEPS])
+    shown += ", ..." if peaks.size > SHOWN_STEPS else ""
+    message = (
+        f"{s.key} spiked {len(spans)} times (steps {shown}); the worst reached "
+        f"{fmt(float(s.values[worst.peak]))} at step {int(s.steps[worst.peak])} "
+        f"({_versus(s, worst.peak)})"
+        + (f"; the spikes are periodic, every {period} steps" if period else "")
+        + (f"; the loss did not recover after step {int(s.steps[stuck.first])}" if stuck else "")
+    )
+    evidence = {**_peak_evidence(s, worst), "spikes_on_key": len(spans), "spike_steps": shown,
+                **({"period": period} if period else {}), **thresholds}
+    if stuck is not None:
+        action = _stuck_action(int(s.steps[stuck.first]))
+    elif period:
+        action = (f"The loss spikes every {period} steps, as at an epoch boundary: check the "
+                  "epoch's last batch (a tiny remainder batch; use DataLoader(drop_last=True)) "
+                  "and the data order (shuffling, sorted or repeated shards).")
+    else:
+        action = ("Lower the learning rate or enable gradient clipping "
+                  "(torch.nn.utils.clip_grad_norm_), since the loss keeps spiking.")
+    return Finding(NAME, Severity.CRITICAL, int(s.steps[spans[0].first]),
+                   int(s.steps[spans[-1].last]), message, action, evidence, (s.key,))
+
+
+def spike_period(peaks: np.ndarray, *, share: float = PERIODIC_SHARE) -> int | None:
+    """The common gap between spike steps, when at least ``share`` of the gaps agree.
+
+    Gaps agree within ``max(1, 2%)`` steps of each other; at least 3 must agree.
+
+    Args:
+        peaks: ``[k]`` increasing steps of the spikes.
+        share: the fraction of the ``k - 1`` gaps that must share one period.
+
+    Returns:
+        The period in steps (median of the agreeing gaps), or None.
+    """
+    gaps = np.sort(np.diff(peaks).astype(np.float64))  # [k - 1]
+    if gaps.size < 3:
+        return None
+    tol = np.maximum(1.0, 0.02 * gaps)
+    counts = (np.searchsorted(gaps, gaps + tol, side="right")
+              - np.searchsorted(gaps, gaps - tol, side="left"))  # [k - 1]
+    best = int(np.argmax(counts))
+    if counts[best] < max(3, share * gaps.size):
+        return None
+    return round(float(np.median(gaps[np.abs(gaps - gaps[best]) <= tol[best]])))
+
+
+def _stuck_action(step: int) -> str:
+    return (f"Restart from a checkpoint before step {step} with a lower learning rate (or "
+            "longer warmup) and gradient clipping (torch.nn.utils.clip_grad_norm_).")

@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 from ..store import Run
 from .exploding import detect_exploding_gradients
 from .findings import Finding
+from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .nonfinite import detect_nonfinite
 from .update_ratio import detect_update_ratio
@@ -24,6 +25,8 @@ class Detector:
         func: ``run -> findings``, with default thresholds.
         needs: fnmatch glob patterns of record keys (e.g. ``"norms/grad/*"``);
             the detector runs only when every pattern matches some key of the run.
+            A detector may narrow a pattern inside: the loss detectors need
+            ``scalars/*loss*`` but skip loss-scale keys (``_series.is_loss_key``).
 
     Raises:
         TypeError: ``needs`` is a bare string instead of a tuple of patterns.
@@ -50,6 +53,7 @@ class Detector:
 DETECTORS: tuple[Detector, ...] = (
     Detector("nonfinite", detect_nonfinite, ("nonfinite/*",)),
     Detector("loss_spike", detect_loss_spikes, ("scalars/*loss*",)),
+    Detector("loss_divergence", detect_loss_divergence, ("scalars/*loss*",)),
     Detector("exploding_gradients", detect_exploding_gradients, ("norms/grad_total",)),
     Detector("vanishing_gradients", detect_vanishing_gradients, ("norms/grad/*",)),
     Detector("update_ratio", detect_update_ratio, ("updates/ratio/*",)),

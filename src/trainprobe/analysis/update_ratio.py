@@ -8,8 +8,8 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from ..store import Run
-from ._checks import check_below, check_positive, check_window
-from ._series import finite_series, fmt, rolling_median
+from ._checks import check_below, check_count, check_fraction, check_positive, check_window
+from ._series import finite_series, fmt, step_windows, window_medians
 from .findings import Finding, Severity
 
 NAME = "update_ratio"
@@ -32,29 +32,50 @@ class _Layer:
 def detect_update_ratio(
     run: Run,
     *,
-    window: int = 20,
+    window_steps: int = 200,
+    min_points: int = 5,
     high: float = 1e-1,
     critical: float = 1.0,
     low: float = 1e-6,
+    min_weight_share: float = 0.05,
+    skip_start: float = 0.05,
     skip: tuple[str, ...] = ("*bias",),
     top: int = 5,
 ) -> list[Finding]:
     """Layers whose relative update ``||w_after - w_before|| / ||w_before||`` is far off 1e-3.
 
-    *Too large*: the median of ``updates/ratio/<param>`` over some ``window``
-    consecutive measurements exceeds ``high`` (``WARNING``) or ``critical``
-    (``CRITICAL``: each step rewrites the layer). *Too small*: the median over
-    all its measurements is below ``low`` (``INFO``: the layer barely moves, so
-    its learning rate is too low or it is dead). Non-finite ratios (a zero
-    ``||w_before||``) are dropped. One finding per direction lists the layers,
-    most out of band first.
+    *Too large*: the median of ``updates/ratio/<param>`` over some window of
+    ``window_steps`` steps (at least ``min_points`` measurements, so dense and
+    sparse schedules judge the same stretch of training) exceeds ``high``
+    (``WARNING``) or ``critical`` (``CRITICAL``: each step rewrites the layer).
+    *Too small*: the median over all its measurements is below ``low`` (``INFO``:
+    the layer barely moves, so its learning rate is too low or it is dead). One
+    finding per direction lists the layers, most out of band first.
+
+    The too-large test ignores a tensor's initial transient. The probe writes
+    ``||dw|| / (||w|| + 1e-12)``, so a zero- or tiny-initialised tensor (LayerScale
+    gamma, LoRA B, zero-init BatchNorm gamma) starts near 1e9 and decays like
+    ``1/t`` while ``||w||`` grows: healthy, and over by the time the tensor has a
+    norm. With ``norms/weight/<param>`` recorded, measurements where ``||w||`` (the
+    latest measured at or before the step) is below ``min_weight_share`` of that
+    tensor's median weight norm over the run are skipped; without it, the first
+    ``skip_start`` of the series' steps are. Non-finite ratios (a non-finite
+    training step, reported by ``detect_nonfinite``) are dropped.
 
     Args:
         run: the run to read.
-        window: measurements per median (default 20; shorter series use all).
+        window_steps: steps per median (default 200: 20 measurements at the
+            default every-10 schedule, 200 when measured every step).
+        min_points: fewest measurements per median (default 5; shorter series use
+            all their points).
         high: warning level (default 1e-1, 100x the healthy 1e-3).
         critical: critical level (default 1: the update is as large as the weights).
         low: barely-moving level (default 1e-6, 1000x below healthy).
+        min_weight_share: ``||w||`` share of its run median below which a tensor is
+            still in its initial transient (default 0.05: the ratio there is at most
+            20x its settled value).
+        skip_start: share of the series' steps skipped when ``norms/weight`` is
+            missing (default 0.05).
         skip: fnmatch patterns of parameter names to ignore (default biases: they
             start at zero, so their ratio is huge by construction).
         top: layers named in the message and the evidence.
@@ -63,19 +84,24 @@ def detect_update_ratio(
         Up to two findings: too large, too small.
 
     Raises:
-        ValueError: ``window < 3``, ``top < 1``, a non-positive level, or levels
-            not ordered ``low < high < critical``.
-        TypeError: ``skip`` is a bare string instead of a tuple of patterns.
+        ValueError: ``window_steps < 1``, ``min_points < 3``, ``top < 1``, a
+            non-positive level, levels not ordered ``low < high < critical``, or a
+            share outside ``[0, 1)``.
+        TypeError: ``skip`` is a bare string instead of a tuple of patterns, or a
+            window or count is not an int.
     """
     if isinstance(skip, str):
         raise TypeError(f"skip must be a tuple of fnmatch patterns such as ('*bias',), got "
                         f"the string {skip!r}")
-    check_window("window", window)
-    check_window("top", top, minimum=1)
+    check_count("window_steps", window_steps, minimum=1, what="steps per median")
+    check_window("min_points", min_points)
+    check_count("top", top, minimum=1, what="layers named per finding")
     for name, value in (("high", high), ("critical", critical), ("low", low)):
         check_positive(name, value)
     check_below("low", low, "high", high)
     check_below("high", high, "critical", critical)
+    check_fraction("min_weight_share", min_weight_share)
+    check_fraction("skip_start", skip_start)
     large: list[_Layer] = []
     small: list[_Layer] = []
     for layer in run.layers(PREFIX):
@@ -84,10 +110,13 @@ def detect_update_ratio(
         steps, ratios = finite_series(run, f"{PREFIX}/{layer}")
         if ratios.shape[0] < 3:
             continue
-        large += _too_large(layer, steps, ratios, min(window, ratios.shape[0]), high)
         small += _too_small(layer, steps, ratios, low)
-    thresholds = {"window": window, "high": high, "critical": critical, "low": low,
-                  "healthy": HEALTHY}
+        settled = _settled(run, layer, steps, min_weight_share, skip_start)
+        if np.count_nonzero(settled) >= 3:
+            large += _too_large(layer, steps[settled], ratios[settled],
+                                (window_steps, min_points), high)
+    thresholds = {"window_steps": window_steps, "min_points": min_points, "high": high,
+                  "critical": critical, "low": low, "healthy": HEALTHY}
     findings = []
     if large:
         worst = max(layer.level for layer in large)
@@ -98,15 +127,26 @@ def detect_update_ratio(
     return findings
 
 
-def _too_large(name: str, steps: np.ndarray, ratios: np.ndarray, width: int,
+def _settled(run: Run, layer: str, steps: np.ndarray, min_weight_share: float,
+             skip_start: float) -> np.ndarray:
+    """``[n]`` bool: measurements past the tensor's initial (zero- or tiny-init) transient."""
+    weight_steps, weights = finite_series(run, f"norms/weight/{layer}")
+    if weights.size:
+        at = np.clip(np.searchsorted(weight_steps, steps, side="right") - 1, 0, None)  # [n]
+        return weights[at] >= min_weight_share * float(np.median(weights))
+    return steps >= steps[0] + skip_start * (steps[-1] - steps[0])
+
+
+def _too_large(name: str, steps: np.ndarray, ratios: np.ndarray, window: tuple[int, int],
                high: float) -> list[_Layer]:
-    medians = rolling_median(ratios, width)  # [n - width + 1]
+    starts, ends = step_windows(steps, *window)  # [m], [m]
+    medians = window_medians(ratios, starts, ends)  # [m]
     over = np.flatnonzero(medians > high)
     if not over.size:
         return []
     peak = float(medians.max())
-    return [_Layer(name, peak, peak / high, int(steps[over[0]]),
-                   int(steps[over[-1] + width - 1]))]
+    return [_Layer(name, peak, peak / high, int(steps[starts[over[0]]]),
+                   int(steps[ends[over[-1]] - 1]))]
 
 
 def _too_small(name: str, steps: np.ndarray, ratios: np.ndarray, low: float) -> list[_Layer]:
@@ -130,7 +170,7 @@ def _finding(layers: list[_Layer], severity: Severity, top: int, thresholds: dic
         level = "median"
     else:
         message = (f"{_count(layers)} update too fast: update/weight ratio median over "
-                   f"{thresholds['window']} measurements up to {shown}{more} (healthy ~1e-3, "
+                   f"{thresholds['window_steps']} steps up to {shown}{more} (healthy ~1e-3, "
                    f"warning above {fmt(thresholds['high'])})")
         action = ("Lower the learning rate (or give these layers their own, smaller one) "
                   "until ||dw|| / ||w|| is near 1e-3 per step.")

@@ -27,7 +27,8 @@ def detect_vanishing_gradients(
 
     *Depth ratio*: ``r_t = ||g_first||_t / ||g_last||_t`` for the first and last
     parameter tensors in model order (``run.meta["model"]["params"]``, preferring
-    names ending in ``weight``), at the steps both were measured. A span is
+    names ending in ``weight``, among those with a non-zero median gradient), at
+    the steps both norms were measured, finite and ``> 0``. A span is
     reported where, in ``window``-point windows, more than ``min_fraction`` of the
     points have ``r_t < low_ratio`` (vanishing, as in deep sigmoid nets; Glorot &
     Bengio 2010) or ``r_t > high_ratio`` (first-layer explosion). *Collapse*: the
@@ -73,23 +74,36 @@ def detect_vanishing_gradients(
 
 
 def end_tensors(run: Run) -> tuple[str, str] | None:
-    """First and last parameter with a ``norms/grad/<param>`` series, weights preferred."""
+    """First and last parameter with a live ``norms/grad/<param>`` series, weights preferred.
+
+    *Live*: the median of its finite gradient norms is ``> 0``. A tensor that never
+    gets a gradient (an unused pooler or head, a frozen embedding that still has
+    a zero ``.grad``) says nothing about gradient flow and would make the ratio
+    infinite or zero.
+    """
     recorded = set(run.layers("norms/grad"))
     params = [p for p in param_order(run) if p in recorded]
     weights = [p for p in params if p.endswith("weight")]
-    pool = weights if len(weights) >= 2 else params
-    return (pool[0], pool[-1]) if len(pool) >= 2 else None
+    for pool in (weights, params):
+        first = next((p for p in pool if _live(run, p)), None)
+        last = next((p for p in reversed(pool) if _live(run, p)), None)
+        if first is not None and first != last:
+            return first, last
+    return None
+
+
+def _live(run: Run, param: str) -> bool:
+    _, norms = finite_series(run, f"norms/grad/{param}")
+    return bool(norms.size) and float(np.median(norms)) > 0
 
 
 def _depth_ratio(run: Run, first: str, last: str) -> tuple[np.ndarray, np.ndarray]:
-    """Steps ``[n]`` and ``||g_first|| / ||g_last||`` ``[n]`` at the common steps."""
+    """Steps ``[n]`` and ``||g_first|| / ||g_last||`` ``[n]`` where both norms are finite, > 0."""
     a, b = run.series(f"norms/grad/{first}"), run.series(f"norms/grad/{last}")
     steps, ia, ib = np.intersect1d(a.steps, b.steps, return_indices=True)
     num, den = a.values[ia], b.values[ib]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = num / den
-    keep = np.isfinite(num) & np.isfinite(den) & ~np.isnan(ratio)
-    return steps[keep], ratio[keep]
+    keep = np.isfinite(num) & np.isfinite(den) & (num > 0) & (den > 0)
+    return steps[keep], num[keep] / den[keep]
 
 
 def _ratio_spans(steps: np.ndarray, ratio: np.ndarray, pair: tuple[str, str], below: bool,

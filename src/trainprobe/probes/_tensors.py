@@ -8,23 +8,27 @@ import torch
 from torch import Tensor
 
 
+def stack_scalars(values: Sequence[Tensor]) -> Tensor:
+    """Stack 0-d tensors into ``[L]`` on the first one's device, in their widest dtype."""
+    if not values:
+        raise ValueError("stack_scalars needs at least one tensor")
+    device, dtype = values[0].device, values[0].dtype
+    for value in values[1:]:
+        dtype = torch.promote_types(dtype, value.dtype)
+    if any(v.dtype != dtype or v.device != device for v in values):
+        values = [v.to(device=device, dtype=dtype, non_blocking=True) for v in values]
+    return torch.stack(list(values))  # [L]
+
+
 def stacked_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """L2 norm of each tensor, ``[L]``, in one fused call where torch has it.
+    """L2 norm of each tensor, ``[L]``, in one fused call (``torch._foreach_norm``).
 
     The result is on the first tensor's device, in the widest floating dtype
     among the inputs (float32 norms of float32 tensors, float64 of float64).
     """
     if not tensors:
         raise ValueError("stacked_norms needs at least one tensor")
-    device = tensors[0].device
-    norms = torch._foreach_norm(list(tensors))  # one kernel per device/dtype group
-    dtype = norms[0].dtype
-    for norm in norms[1:]:
-        dtype = torch.promote_types(dtype, norm.dtype)
-    same = all(n.dtype == dtype and n.device == device for n in norms)
-    if not same:
-        norms = [n.to(device=device, dtype=dtype, non_blocking=True) for n in norms]
-    return torch.stack(norms)  # [L]
+    return stack_scalars(torch._foreach_norm(list(tensors)))  # one kernel per device/dtype
 
 
 def total_norm(norms: Tensor) -> Tensor:

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .base import StepContext, Value
+from ._tensors import stack_scalars
+from .base import PerLayer, StepContext, Value
 from .schedules import Schedule, check_schedule, every
 
-#: Modules whose outputs are exactly zero on a region of inputs (dead-unit fraction).
-RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Threshold)
+#: Modules whose outputs are >= 0 and exactly zero on a region of inputs (dead units).
+RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 #: Leaf modules skipped by default: they copy, rescale or reshape their input.
 SKIPPED: tuple[type[nn.Module], ...] = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -32,33 +33,51 @@ def _first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def _leading_rows(x: Tensor, max_elements: int | None) -> Tensor:
+    """The first rows of ``x`` (dim 0) holding at most ``max_elements`` (at least one row)."""
+    if max_elements is None or x.ndim == 0 or x.numel() <= max_elements:
+        return x
+    per_row = max(x.numel() // max(x.shape[0], 1), 1)
+    return x[: max(max_elements // per_row, 1)]
+
+
 class _Moments:
-    """Running count/mean/M2 (Chan et al. 1979 merge) and zero count, on device."""
+    """Running sums on the device: count, ``Σx``, ``Σx²`` and the count of non-zeros.
+
+    Two fast reductions per call (``sum`` and a ``dot``), merged by addition;
+    ``var = Σx²/n − mean²`` is accurate to about ``ε·mean²/var`` (ε the dtype's
+    epsilon), ample for activations whose mean is not thousands of standard
+    deviations from zero.
+    """
 
     def __init__(self, count_zeros: bool) -> None:
         self.count_zeros = count_zeros
         self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-        self.zeros: Tensor | None = None
+        self.total: Tensor | None = None
+        self.squares: Tensor | None = None
+        self.nonzero: Tensor | None = None
 
     def add(self, x: Tensor) -> None:
-        x = x.detach()
         if not x.is_floating_point() or x.numel() == 0:
             return
-        var, mean = torch.var_mean(x, correction=0)
-        n_b = x.numel()
-        zeros = (x == 0).sum() if self.count_zeros else None
-        if self.mean is None:
-            self.n, self.mean, self.m2, self.zeros = n_b, mean, var * n_b, zeros
-            return
-        n = self.n + n_b
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + var * n_b + delta * delta * (self.n * n_b / n)
-        if zeros is not None:
-            self.zeros = self.zeros + zeros
-        self.n = n
+        flat = x.detach().reshape(-1)  # [N]
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()  # half/bfloat16: accumulate in float32
+        total, squares = flat.sum(), torch.dot(flat, flat)
+        # ReLU-family outputs are >= 0, so sign() is 1 on non-zeros and 0 on zeros
+        nonzero = flat.sign().sum() if self.count_zeros else None
+        if self.total is None:
+            self.total, self.squares, self.nonzero = total, squares, nonzero
+        else:
+            self.total, self.squares = self.total + total, self.squares + squares
+            if nonzero is not None:
+                self.nonzero = self.nonzero + nonzero
+        self.n += flat.numel()
+
+    def normalised(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(mean, mean of squares, fraction of zeros or None)`` as 0-d tensors."""
+        zero_frac = None if self.nonzero is None else 1 - self.nonzero / self.n
+        return self.total / self.n, self.squares / self.n, zero_frac
 
 
 class ActivationStats:
@@ -66,9 +85,12 @@ class ActivationStats:
 
     Forward hooks are attached only for due steps and removed when the step
     ends. A module called several times in one step (shared weights, RNN cells)
-    contributes all its calls. Statistics are over every element of the output
-    (batch and features together); tuple outputs (RNN, attention) use their
-    first tensor.
+    contributes all its calls. Tuple outputs (RNN, attention) use their first
+    tensor. Statistics pool batch and features together, over the leading rows
+    (first dimension, usually the batch) of each output holding at most
+    ``max_elements`` elements — with a shuffled loader a random subset of the
+    batch, which keeps the cost per hooked module small and flat; the standard
+    error of a zero fraction estimated from 65,536 elements is below 0.002.
 
     Keys:
         ``activations/mean/<module>``, ``activations/std/<module>``,
@@ -79,19 +101,34 @@ class ActivationStats:
         schedule: when to measure (default every 10 steps).
         modules: module names to watch (default: every leaf module except dropout,
             identity and reshaping modules).
+        max_elements: elements per output used for the statistics (whole rows, at
+            least one); ``None`` uses every element.
     """
 
     name = "activations"
     needs = frozenset({"activations"})
 
     def __init__(
-        self, *, schedule: Schedule | None = None, modules: Iterable[str] | None = None
+        self,
+        *,
+        schedule: Schedule | None = None,
+        modules: Iterable[str] | None = None,
+        max_elements: int | None = 65_536,
     ) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "ActivationStats")
         if isinstance(modules, str):
             raise TypeError("ActivationStats(modules=...) takes a list of names, not one string")
+        if max_elements is not None and (
+            isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 1
+        ):
+            raise ValueError(
+                f"ActivationStats(max_elements=...) must be a positive int or None, "
+                f"got {max_elements!r}"
+            )
         self.modules = None if modules is None else tuple(modules)
+        self.max_elements = max_elements
+        self._watched_cache: tuple[nn.Module, dict[str, nn.Module]] | None = None
         self._moments: dict[str, _Moments] = {}
 
     def _watched(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -113,29 +150,41 @@ class ActivationStats:
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         self._moments = {}
         handles = []
-        for name, module in self._watched(model).items():
+        if self._watched_cache is None or self._watched_cache[0] is not model:
+            self._watched_cache = (model, self._watched(model))
+        for name, module in self._watched_cache[1].items():
             moments = _Moments(isinstance(module, RELU_FAMILY))
             self._moments[name] = moments
 
             def hook(_module: nn.Module, _inputs: Any, output: Any, m: _Moments = moments):
                 tensor = _first_tensor(output)
                 if tensor is not None:
-                    m.add(tensor)
+                    m.add(_leading_rows(tensor, self.max_elements))
 
             handles.append(module.register_forward_hook(hook))
         return handles
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        out: dict[str, Value] = {}
-        for name, m in self._moments.items():
-            if m.mean is None:
-                continue  # not called this step
-            out[f"activations/mean/{name}"] = m.mean
-            out[f"activations/std/{name}"] = torch.sqrt(m.m2 / m.n)
-            if m.zeros is not None:
-                out[f"activations/zero_frac/{name}"] = m.zeros.to(m.mean.dtype) / m.n
+        called = {name: m.normalised() for name, m in self._moments.items() if m.n}
         self._moments = {}
+        if not called:
+            return {}
+        names = tuple(called)
+        means = stack_scalars([v[0] for v in called.values()])  # [M]
+        squares = stack_scalars([v[1] for v in called.values()])  # [M]
+        out: dict[str, Value] = {
+            "activations/mean": PerLayer(names, means),
+            "activations/std": PerLayer(names, torch.sqrt(torch.clamp(squares - means**2, min=0))),
+        }
+        relus = [(n, v[2]) for n, v in called.items() if v[2] is not None]
+        if relus:
+            out["activations/zero_frac"] = PerLayer(
+                tuple(n for n, _ in relus), stack_scalars([z for _, z in relus])
+            )
         return out
 
     def settings(self) -> dict[str, Any]:
-        return {"modules": list(self.modules) if self.modules is not None else "leaf modules"}
+        return {
+            "modules": list(self.modules) if self.modules is not None else "leaf modules",
+            "max_elements": self.max_elements,
+        }

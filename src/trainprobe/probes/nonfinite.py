@@ -48,15 +48,16 @@ class NonFiniteGuard:
         if loss is not None:
             out["nonfinite/loss"] = (~torch.isfinite(torch.as_tensor(loss))).any().float()
         params = list(ctx.params.values())
-        bad_params = ~torch.isfinite(stacked_norms([p.detach() for p in params]))  # [L]
+        indexed = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
+        tensors = [p.detach() for p in params] + [g.detach() for _, g in indexed]
+        bad = ~torch.isfinite(stacked_norms(tensors))  # [L + L'], one fused norm call
+        bad_params, bad_grads = bad[: len(params)], bad[len(params) :]
         out["nonfinite/param"] = bad_params.sum()
         out["nonfinite/first_param"] = first_true(bad_params)
-        indexed = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
         if indexed:
-            bad = ~torch.isfinite(stacked_norms([g.detach() for _, g in indexed]))  # [L']
-            index = torch.tensor([i for i, _ in indexed], device=bad.device)
-            first = first_true(bad)
-            out["nonfinite/grad"] = bad.sum()
+            index = torch.tensor([i for i, _ in indexed], device=bad.device)  # [L']
+            first = first_true(bad_grads)
+            out["nonfinite/grad"] = bad_grads.sum()
             out["nonfinite/first_grad"] = torch.where(first >= 0, index[first.clamp(min=0)], first)
         return out
 
