@@ -134,7 +134,20 @@ def test_empty_run(tmp_path):
     RunWriter(tmp_path / "r").close()
     with Run(tmp_path / "r") as run:
         assert run.keys() == [] and run.last_step() is None
+
+
+def test_empty_run_to_pandas(tmp_path):
+    pytest.importorskip("pandas")
+    RunWriter(tmp_path / "r").close()
+    with Run(tmp_path / "r") as run:
         assert run.to_pandas().empty
+
+
+def test_to_pandas_without_pandas_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas -> ImportError
+    RunWriter(tmp_path / "r").close()
+    with Run(tmp_path / "r") as run, pytest.raises(ImportError, match=r"needs pandas: pip install"):
+        run.to_pandas()
 
 
 def test_meta_round_trips_as_json(tmp_path):
