@@ -136,6 +136,20 @@ def test_empty_run(tmp_path):
         assert run.keys() == [] and run.last_step() is None
 
 
+def test_a_closed_run_is_one_file_and_stays_so_when_read(tmp_path):
+    writer = RunWriter(tmp_path / "r")
+    writer.append([Record(0, {"x": 1.0})])
+    writer.close()
+    with Run(tmp_path / "r") as run:
+        assert run.series("x").values.tolist() == [1.0]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["run.db"]
+    writer = RunWriter(tmp_path / "r", resume=True)  # WAL again while writing
+    writer.append([Record(1, {"x": 2.0})])
+    with Run(tmp_path / "r") as run:  # a live reader: the writer keeps WAL mode at close
+        writer.close()
+        assert run.series("x").values.tolist() == [1.0, 2.0]
+
+
 def test_empty_run_to_pandas(tmp_path):
     pytest.importorskip("pandas")
     RunWriter(tmp_path / "r").close()

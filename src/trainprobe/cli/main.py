@@ -57,10 +57,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "to give the detectors something real; --no-mishap trains cleanly)"
         )
     run_demo(config, run_dir)
-    run = Run(run_dir)
-    findings = analyze(run)
-    print(format_findings(run, findings))
-    html = _write_dashboard(run, findings, run_dir / "dashboard.html")
+    with Run(run_dir) as run:
+        findings = analyze(run)
+        print(format_findings(run, findings))
+        html = _write_dashboard(run, findings, run_dir / "dashboard.html")
     print(f"\ndashboard: {html}  (one self-contained HTML file; open it in a browser)")
     print(f"again later: trainprobe report {run_dir}")
     return 0
@@ -69,10 +69,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..store import Run
-    from .report import exit_code, format_findings
+    from .report import exit_code
 
-    run = Run(args.run_dir)
-    findings = analyze(run)
+    with Run(args.run_dir) as run:
+        findings = analyze(run)
+        _print_report(run, findings, args)
+    return exit_code(findings)
+
+
+def _print_report(run, findings, args: argparse.Namespace) -> None:
+    from .report import format_findings
+
     if args.json:
         print(
             json.dumps(
@@ -91,16 +98,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         html = _write_dashboard(run, findings, Path(args.run_dir) / "dashboard.html")
         if not args.json:
             print(f"\ndashboard: {html}")
-    return exit_code(findings)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..store import Run
 
-    run = Run(args.run_dir)
     output = Path(args.output) if args.output else Path(args.run_dir) / "dashboard.html"
-    print(f"dashboard: {_write_dashboard(run, analyze(run), output)}")
+    with Run(args.run_dir) as run:
+        print(f"dashboard: {_write_dashboard(run, analyze(run), output)}")
     return 0
 
 

@@ -153,10 +153,11 @@ class RunWriter:
         return known[0]
 
     def close(self) -> None:
-        """Checkpoint the WAL into ``run.db`` and close; the run stays readable."""
+        """Merge the WAL into ``run.db`` and close: a finished run is a single file."""
         if self._conn is None:
             return
-        with contextlib.suppress(sqlite3.OperationalError):  # a reader may hold the WAL open
+        with contextlib.suppress(sqlite3.OperationalError):  # a live reader keeps WAL mode on
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.execute("PRAGMA journal_mode=DELETE")  # a finished run is one file
         self._conn.close()
         self._conn = None
