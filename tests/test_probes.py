@@ -240,3 +240,27 @@ def test_tensor_helpers_refuse_empty_input():
         stack_scalars([])
     mixed = stack_scalars([torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64)])
     assert mixed.dtype == torch.float64 and mixed.tolist() == [1.0, 2.0]
+
+
+def test_nonfinite_guard_does_not_flag_large_half_precision_values(tmp_path):
+    model = nn.Linear(100, 1).half()
+    with torch.no_grad():
+        model.weight.fill_(60000.0)  # finite in float16; its norm (6e5) is not
+    with trainprobe.watch(model, [NonFiniteGuard()], run_dir=tmp_path / "r") as mon:
+        with mon.step(0) as s:
+            s.log(loss=1.5)  # a float loss is checked on the host
+    run = Run(tmp_path / "r")
+    assert run.series("nonfinite/param").values.tolist() == [0.0]
+    assert run.series("nonfinite/loss").values.tolist() == [0.0]
+    assert "nonfinite/grad" not in run  # no gradients this step
+
+
+def test_on_host_values_must_keep_to_their_probe():
+    from trainprobe._transfer import to_host
+    from trainprobe.probes.base import OnHost
+
+    ok = OnHost(torch.tensor([1.0, 2.0]), lambda a: {"p/sum": a.sum()})
+    assert to_host([(3, {"p/x": ok})])[0].values == {"p/sum": 3.0}
+    stray = OnHost(torch.tensor([1.0]), lambda a: {"q/sum": a.sum()})
+    with pytest.raises(ValueError, match=r"OnHost.finish wrote keys \['q/sum'\] outside 'p/'"):
+        to_host([(0, {"p/x": stray})])

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .probes.base import PerLayer, Value
+from .probes.base import OnHost, PerLayer, Value
 from .store import Record
 
 _HOST_DTYPE = {torch.bool: np.bool_}
@@ -19,7 +19,7 @@ def _collect(pending: Sequence[tuple[int, Mapping[str, Value]]]) -> dict[torch.d
     groups: dict[torch.device, list] = {}
     for index, (_, values) in enumerate(pending):
         for key, value in values.items():
-            tensor = value.values if isinstance(value, PerLayer) else value
+            tensor = value.values if isinstance(value, (PerLayer, OnHost)) else value
             if isinstance(tensor, Tensor):
                 groups.setdefault(tensor.device, []).append((index, key, tensor.detach()))
     return groups
@@ -42,6 +42,13 @@ def _to_numpy(items: list, device: torch.device) -> list[np.ndarray]:
 
 
 def _expand(key: str, value: Value, host: np.ndarray | None) -> dict[str, float | np.ndarray]:
+    if isinstance(value, OnHost):
+        finished = {k: float(v) for k, v in value.finish(host).items()}
+        prefix = key.split("/", 1)[0] + "/"
+        stray = [k for k in finished if not k.startswith(prefix)]
+        if stray:
+            raise ValueError(f"{key}: OnHost.finish wrote keys {stray} outside '{prefix}'")
+        return finished
     if isinstance(value, PerLayer):
         numbers = host.astype(np.float64).reshape(-1)
         return {f"{key}/{name}": float(x) for name, x in zip(value.names, numbers, strict=True)}

@@ -35,11 +35,12 @@ def check_count(name: str, value: int, *, minimum: int, what: str) -> None:
         ValueError: ``value < minimum``.
     """
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int (the number of {what}), got "
-                        f"{type(value).__name__}")
+        raise TypeError(f"{name} must be an int (the number of {what}), got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum} (the number of {what}), got "
-                         f"{value}; pass {name}={minimum} or more")
+        raise ValueError(
+            f"{name} must be at least {minimum} (the number of {what}), got "
+            f"{value}; pass {name}={minimum} or more"
+        )
 
 
 def check_positive(name: str, value: float) -> None:
@@ -70,6 +71,5 @@ def check_below(low_name: str, low: float, high_name: str, high: float) -> None:
     """
     if not low < high:
         raise ValueError(
-            f"{low_name} ({low!r}) must be smaller than {high_name} ({high!r}); swap or "
-            f"change them"
+            f"{low_name} ({low!r}) must be smaller than {high_name} ({high!r}); swap or change them"
         )

@@ -60,10 +60,10 @@ def trailing_median_mad(
     if n > window:
         windows = sliding_window_view(x[:-1], window)  # [n - window, window]
         for lo in range(0, windows.shape[0], _CHUNK):
-            block = windows[lo:lo + _CHUNK]  # [b, window]
+            block = windows[lo : lo + _CHUNK]  # [b, window]
             centre = np.median(block, axis=1)  # [b]
-            med[window + lo:window + lo + block.shape[0]] = centre
-            mad[window + lo:window + lo + block.shape[0]] = np.median(
+            med[window + lo : window + lo + block.shape[0]] = centre
+            mad[window + lo : window + lo + block.shape[0]] = np.median(
                 np.abs(block - centre[:, None]), axis=1
             )
     return med, mad
@@ -106,7 +106,7 @@ def is_loss_key(key: str) -> bool:
     loss it would be a string of false spikes and divergences.
     """
     name = key.lower()
-    return fnmatchcase(name, LOSS_PATTERN) and "scale" not in name[len("scalars/"):]
+    return fnmatchcase(name, LOSS_PATTERN) and "scale" not in name[len("scalars/") :]
 
 
 def loss_keys(run: Run) -> list[str]:
@@ -137,10 +137,11 @@ def step_windows(steps: np.ndarray, span: int, min_points: int) -> tuple[np.ndar
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     if n < min_points:
         return np.zeros(1, dtype=np.int64), np.full(1, n, dtype=np.int64)
-    ends = np.maximum(np.searchsorted(steps, steps + span, side="left"),
-                      np.arange(n) + min_points)  # [n]
+    ends = np.maximum(
+        np.searchsorted(steps, steps + span, side="left"), np.arange(n) + min_points
+    )  # [n]
     last = int(np.flatnonzero(ends >= n)[0])  # the first window that reaches the end
-    ends = np.minimum(ends[:last + 1], n)
+    ends = np.minimum(ends[: last + 1], n)
     return np.arange(last + 1, dtype=np.int64), ends.astype(np.int64)
 
 
@@ -152,7 +153,7 @@ def window_medians(x: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nd
         rows = np.flatnonzero(widths == width)
         view = sliding_window_view(x, int(width))  # [n - width + 1, width]
         for lo in range(0, rows.shape[0], _CHUNK):
-            chunk = rows[lo:lo + _CHUNK]
+            chunk = rows[lo : lo + _CHUNK]
             medians[chunk] = np.median(view[starts[chunk]], axis=1)
     return medians
 

@@ -63,8 +63,9 @@ def detect_exploding_gradients(
         return []
     jumps = _jumps(steps, norms, window, jump_factor)
     growth = _growth(steps, norms, window, growth_decades)
-    findings = sorted(sorted(jumps, key=lambda f: -f.evidence["ratio"])[:max_jumps],
-                      key=lambda f: f.start_step)
+    findings = sorted(
+        sorted(jumps, key=lambda f: -f.evidence["ratio"])[:max_jumps], key=lambda f: f.start_step
+    )
     if growth is not None and not any(_explains(jump, growth) for jump in jumps):
         findings.append(growth)
     return findings
@@ -83,25 +84,35 @@ def _jumps(steps: np.ndarray, norms: np.ndarray, window: int, factor: float) -> 
     findings = []
     spans = true_runs(hit)
     for first, last in spans:
-        peak = first + int(np.argmax(norms[first:last + 1]))
-        after = norms[last + 1:last + 1 + window]
+        peak = first + int(np.argmax(norms[first : last + 1]))
+        after = norms[last + 1 : last + 1 + window]
         post = float(np.median(after)) if after.size else float("nan")
         stuck = after.size > 0 and post > factor * med[first]
         ratio = float(norms[peak] / med[first])
-        findings.append(Finding(
-            NAME, Severity.CRITICAL if stuck else Severity.WARNING,
-            int(steps[first]), int(steps[last]),
-            f"{TOTAL} jumped to {fmt(norms[peak])} at step {int(steps[peak])}, {fmt(ratio)}x "
-            f"its trailing median {fmt(med[first])}"
-            + (f", and stayed high (median {fmt(post)} afterwards)" if stuck else ""),
-            f"Lower the learning rate or {_CLIP}, and inspect the batches around step "
-            f"{int(steps[first])}.",
-            {"peak": float(norms[peak]), "peak_step": int(steps[peak]),
-             "trailing_median": float(med[first]), "ratio": ratio, "jump_factor": factor,
-             "window": window, "jumps_on_key": len(spans),
-             **({"median_after": post} if after.size else {})},
-            (TOTAL,),
-        ))
+        findings.append(
+            Finding(
+                NAME,
+                Severity.CRITICAL if stuck else Severity.WARNING,
+                int(steps[first]),
+                int(steps[last]),
+                f"{TOTAL} jumped to {fmt(norms[peak])} at step {int(steps[peak])}, {fmt(ratio)}x "
+                f"its trailing median {fmt(med[first])}"
+                + (f", and stayed high (median {fmt(post)} afterwards)" if stuck else ""),
+                f"Lower the learning rate or {_CLIP}, and inspect the batches around step "
+                f"{int(steps[first])}.",
+                {
+                    "peak": float(norms[peak]),
+                    "peak_step": int(steps[peak]),
+                    "trailing_median": float(med[first]),
+                    "ratio": ratio,
+                    "jump_factor": factor,
+                    "window": window,
+                    "jumps_on_key": len(spans),
+                    **({"median_after": post} if after.size else {}),
+                },
+                (TOTAL,),
+            )
+        )
     return findings
 
 
@@ -111,20 +122,26 @@ def _growth(steps: np.ndarray, norms: np.ndarray, window: int, decades: float) -
         return None
     rise = smooth - np.minimum.accumulate(smooth)
     top = int(np.argmax(rise))
-    low = int(np.argmin(smooth[:top + 1]))
+    low = int(np.argmin(smooth[: top + 1]))
     climb = float(rise[top])
     if climb < decades:
         return None
     start, end = float(10 ** smooth[low]), float(10 ** smooth[top])
     return Finding(
-        NAME, Severity.CRITICAL if climb >= 2 * decades else Severity.WARNING,
-        int(steps[low]), int(steps[top + window - 1]),
+        NAME,
+        Severity.CRITICAL if climb >= 2 * decades else Severity.WARNING,
+        int(steps[low]),
+        int(steps[top + window - 1]),
         f"{TOTAL} grew by {fmt(climb)} orders of magnitude without settling, its "
         f"{window}-point median rising from {fmt(start)} to {fmt(end)}",
         f"Lower the learning rate (or lengthen warmup) and {_CLIP} before the growth turns "
         "into a divergence.",
-        {"median_start": start, "median_end": end, "decades": climb,
-         "growth_decades": decades, "window": window},
+        {
+            "median_start": start,
+            "median_end": end,
+            "decades": climb,
+            "growth_decades": decades,
+            "window": window,
+        },
         (TOTAL,),
     )
-

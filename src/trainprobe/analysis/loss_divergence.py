@@ -67,8 +67,10 @@ def detect_loss_divergence(
     """
     check_window("window", window, minimum=MIN_WINDOW)
     if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 1):
-        raise ValueError(f"factor must be a finite number > 1 (how many times its minimum the "
-                         f"loss must rise to), got {factor!r}")
+        raise ValueError(
+            f"factor must be a finite number > 1 (how many times its minimum the "
+            f"loss must rise to), got {factor!r}"
+        )
     check_positive("min_rise", min_rise)
     findings = []
     for key in loss_keys(run):
@@ -106,7 +108,7 @@ def _curve(run: Run, key: str, window: int, factor: float, min_rise: float) -> _
 def _finding(c: _Curve, runs: list[tuple[int, int]], factor: float, min_rise: float) -> Finding:
     centre = (c.width - 1) // 2  # a window's median is reported at its centre step
     first, last = runs[0][0], runs[-1][1]
-    low = int(np.argmin(c.median[:first + 1]))
+    low = int(np.argmin(c.median[: first + 1]))
     inside = np.concatenate([np.arange(a, b + 1) for a, b in runs])
     peak = int(inside[np.argmax(c.median[inside] - c.best[inside])])
     stuck = bool(c.diverged[-1])
@@ -117,14 +119,32 @@ def _finding(c: _Curve, runs: list[tuple[int, int]], factor: float, min_rise: fl
         f"{c.key} diverged: its {c.width}-point rolling median rose from a minimum of "
         f"{fmt(lowest)} at step {low_step} to {fmt(top)} at step {peak_step} "
         f"({_times(top, lowest)})"
-        + (f" and ends the run at {fmt(final)}, with no recovery" if stuck
-           else f", then came back to {fmt(final)}")
+        + (
+            f" and ends the run at {fmt(final)}, with no recovery"
+            if stuck
+            else f", then came back to {fmt(final)}"
+        )
     )
-    evidence = {"min_median": lowest, "min_step": low_step, "peak_median": top,
-                "peak_step": peak_step, "final_median": final, "factor": factor,
-                "min_rise": min_rise, "window": c.width}
-    return Finding(NAME, Severity.CRITICAL if stuck else Severity.WARNING, low_step, end_step,
-                   message, _action(c.key, low_step), evidence, (c.key,))
+    evidence = {
+        "min_median": lowest,
+        "min_step": low_step,
+        "peak_median": top,
+        "peak_step": peak_step,
+        "final_median": final,
+        "factor": factor,
+        "min_rise": min_rise,
+        "window": c.width,
+    }
+    return Finding(
+        NAME,
+        Severity.CRITICAL if stuck else Severity.WARNING,
+        low_step,
+        end_step,
+        message,
+        _action(c.key, low_step),
+        evidence,
+        (c.key,),
+    )
 
 
 def _times(top: float, lowest: float) -> str:
@@ -134,7 +154,11 @@ def _times(top: float, lowest: float) -> str:
 def _action(key: str, step: int) -> str:
     name = key.removeprefix("scalars/")
     if any(part in name.split("_") for part in _HELD_OUT):
-        return (f"The model overfits after step {step}: keep the checkpoint from there (early "
-                "stopping) or regularise more (weight decay, dropout, augmentation, more data).")
-    return (f"Lower the learning rate (or add a decay schedule) and enable gradient clipping "
-            f"(torch.nn.utils.clip_grad_norm_), restarting from a checkpoint near step {step}.")
+        return (
+            f"The model overfits after step {step}: keep the checkpoint from there (early "
+            "stopping) or regularise more (weight decay, dropout, augmentation, more data)."
+        )
+    return (
+        f"Lower the learning rate (or add a decay schedule) and enable gradient clipping "
+        f"(torch.nn.utils.clip_grad_norm_), restarting from a checkpoint near step {step}."
+    )

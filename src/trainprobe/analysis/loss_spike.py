@@ -109,9 +109,13 @@ def detect_loss_spikes(
     check_count("max_per_key", max_per_key, minimum=1, what="findings per loss key")
     check_positive("z_threshold", z_threshold)
     check_positive("min_rel_increase", min_rel_increase)
-    thresholds = {"window": window, "z_threshold": z_threshold,
-                  "min_rel_increase": min_rel_increase, "recovery_window": recovery_window,
-                  "recurrent_count": recurrent_count}
+    thresholds = {
+        "window": window,
+        "z_threshold": z_threshold,
+        "min_rel_increase": min_rel_increase,
+        "recovery_window": recovery_window,
+        "recurrent_count": recurrent_count,
+    }
     findings: list[Finding] = []
     for key in loss_keys(run):
         scored = _score(run, key, window, min_rel_increase)
@@ -123,8 +127,10 @@ def detect_loss_spikes(
             findings.append(_recurrent_finding(scored, spans, thresholds))
             continue
         worst = sorted(spans, key=lambda sp: -scored.z[sp.peak])[:max_per_key]
-        findings += [_finding(scored, sp, len(spans), thresholds)
-                     for sp in sorted(worst, key=lambda sp: sp.first)]
+        findings += [
+            _finding(scored, sp, len(spans), thresholds)
+            for sp in sorted(worst, key=lambda sp: sp.first)
+        ]
     return findings
 
 
@@ -144,7 +150,7 @@ def _score(run: Run, key: str, window: int, rel: float) -> _Scored | None:
     with np.errstate(invalid="ignore"):
         z = (y - med) / np.maximum(MAD_SCALE * mad, TINY * scale)
     if log_space or sparse:
-        reference = np.exp(med) if log_space else med ** 2
+        reference = np.exp(med) if log_space else med**2
         margin = reference * (1.0 + rel)
     else:
         reference = med
@@ -154,8 +160,8 @@ def _score(run: Run, key: str, window: int, rel: float) -> _Scored | None:
 
 def _span(s: _Scored, span: tuple[int, int], recovery: int) -> _Span:
     first, last = span
-    peak = first + int(np.argmax(s.values[first:last + 1]))
-    after = s.values[last + 1:last + 1 + recovery]
+    peak = first + int(np.argmax(s.values[first : last + 1]))
+    after = s.values[last + 1 : last + 1 + recovery]
     post = float(np.median(after)) if after.size else None
     return _Span(first, last, peak, post, post is not None and post > s.margin[first])
 
@@ -168,8 +174,12 @@ def _versus(s: _Scored, i: int) -> str:
 
 
 def _peak_evidence(s: _Scored, sp: _Span) -> dict[str, float | int]:
-    return {"peak": float(s.values[sp.peak]), "peak_step": int(s.steps[sp.peak]),
-            "trailing_median": float(s.reference[sp.first]), "z_score": float(s.z[sp.peak])}
+    return {
+        "peak": float(s.values[sp.peak]),
+        "peak_step": int(s.steps[sp.peak]),
+        "trailing_median": float(s.reference[sp.first]),
+        "z_score": float(s.z[sp.peak]),
+    }
 
 
 def _finding(s: _Scored, sp: _Span, count: int, thresholds: dict) -> Finding:
@@ -178,16 +188,33 @@ def _finding(s: _Scored, sp: _Span, count: int, thresholds: dict) -> Finding:
         f"({_versus(s, sp.peak)})"
         + (f" and did not recover (median {fmt(sp.post)} afterwards)" if sp.stuck else "")
     )
-    evidence = {**_peak_evidence(s, sp), "points": sp.last - sp.first + 1,
-                "spikes_on_key": count, **thresholds}
+    evidence = {
+        **_peak_evidence(s, sp),
+        "points": sp.last - sp.first + 1,
+        "spikes_on_key": count,
+        **thresholds,
+    }
     if sp.post is not None:
         evidence["median_after"] = sp.post
     start = int(s.steps[sp.first])
-    action = _stuck_action(start) if sp.stuck else (
-        f"Inspect the batches around step {start} for bad data, and lower the learning rate "
-        "or enable gradient clipping if spikes recur.")
-    return Finding(NAME, Severity.CRITICAL if sp.stuck else Severity.WARNING, start,
-                   int(s.steps[sp.last]), message, action, evidence, (s.key,))
+    action = (
+        _stuck_action(start)
+        if sp.stuck
+        else (
+            f"Inspect the batches around step {start} for bad data, and lower the learning rate "
+            "or enable gradient clipping if spikes recur."
+        )
+    )
+    return Finding(
+        NAME,
+        Severity.CRITICAL if sp.stuck else Severity.WARNING,
+        start,
+        int(s.steps[sp.last]),
+        message,
+        action,
+        evidence,
+        (s.key,),
+    )
 
 
 def _recurrent_finding(s: _Scored, spans: list[_Span], thresholds: dict) -> Finding:
@@ -205,19 +232,36 @@ def _recurrent_finding(s: _Scored, spans: list[_Span], thresholds: dict) -> Find
         + (f"; the spikes are periodic, every {period} steps" if period else "")
         + (f"; the loss did not recover after step {int(s.steps[stuck.first])}" if stuck else "")
     )
-    evidence = {**_peak_evidence(s, worst), "spikes_on_key": len(spans), "spike_steps": shown,
-                **({"period": period} if period else {}), **thresholds}
+    evidence = {
+        **_peak_evidence(s, worst),
+        "spikes_on_key": len(spans),
+        "spike_steps": shown,
+        **({"period": period} if period else {}),
+        **thresholds,
+    }
     if stuck is not None:
         action = _stuck_action(int(s.steps[stuck.first]))
     elif period:
-        action = (f"The loss spikes every {period} steps, as at an epoch boundary: check the "
-                  "epoch's last batch (a tiny remainder batch; use DataLoader(drop_last=True)) "
-                  "and the data order (shuffling, sorted or repeated shards).")
+        action = (
+            f"The loss spikes every {period} steps, as at an epoch boundary: check the "
+            "epoch's last batch (a tiny remainder batch; use DataLoader(drop_last=True)) "
+            "and the data order (shuffling, sorted or repeated shards)."
+        )
     else:
-        action = ("Lower the learning rate or enable gradient clipping "
-                  "(torch.nn.utils.clip_grad_norm_), since the loss keeps spiking.")
-    return Finding(NAME, Severity.CRITICAL, int(s.steps[spans[0].first]),
-                   int(s.steps[spans[-1].last]), message, action, evidence, (s.key,))
+        action = (
+            "Lower the learning rate or enable gradient clipping "
+            "(torch.nn.utils.clip_grad_norm_), since the loss keeps spiking."
+        )
+    return Finding(
+        NAME,
+        Severity.CRITICAL,
+        int(s.steps[spans[0].first]),
+        int(s.steps[spans[-1].last]),
+        message,
+        action,
+        evidence,
+        (s.key,),
+    )
 
 
 def spike_period(peaks: np.ndarray, *, share: float = PERIODIC_SHARE) -> int | None:
@@ -236,8 +280,9 @@ def spike_period(peaks: np.ndarray, *, share: float = PERIODIC_SHARE) -> int | N
     if gaps.size < 3:
         return None
     tol = np.maximum(1.0, 0.02 * gaps)
-    counts = (np.searchsorted(gaps, gaps + tol, side="right")
-              - np.searchsorted(gaps, gaps - tol, side="left"))  # [k - 1]
+    counts = np.searchsorted(gaps, gaps + tol, side="right") - np.searchsorted(
+        gaps, gaps - tol, side="left"
+    )  # [k - 1]
     best = int(np.argmax(counts))
     if counts[best] < max(3, share * gaps.size):
         return None
@@ -245,5 +290,7 @@ def spike_period(peaks: np.ndarray, *, share: float = PERIODIC_SHARE) -> int | N
 
 
 def _stuck_action(step: int) -> str:
-    return (f"Restart from a checkpoint before step {step} with a lower learning rate (or "
-            "longer warmup) and gradient clipping (torch.nn.utils.clip_grad_norm_).")
+    return (
+        f"Restart from a checkpoint before step {step} with a lower learning rate (or "
+        "longer warmup) and gradient clipping (torch.nn.utils.clip_grad_norm_)."
+    )

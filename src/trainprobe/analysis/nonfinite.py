@@ -15,9 +15,7 @@ SOURCES = ("loss", "grad", "param")
 _LABEL = {"loss": "the loss", "grad": "the gradients", "param": "the parameters"}
 
 
-def detect_nonfinite(
-    run: Run, *, rare_fraction: float = 0.01, max_run: int = 5
-) -> list[Finding]:
+def detect_nonfinite(run: Run, *, rare_fraction: float = 0.01, max_run: int = 5) -> list[Finding]:
     """The first NaN/Inf in the loss, gradients or parameters, and where it began.
 
     Reads ``nonfinite/{loss,grad,param}`` (a 0/1 flag and counts of offending
@@ -66,13 +64,19 @@ def detect_nonfinite(
         return []
     every = np.unique(np.concatenate(bad_steps))
     origin = min(first_bad, key=lambda src: (first_bad[src], SOURCES.index(src)))
-    tensors = {src: _first_tensor(run, src, first_bad[src]) for src in ("grad", "param")
-               if src in first_bad}
+    tensors = {
+        src: _first_tensor(run, src, first_bad[src])
+        for src in ("grad", "param")
+        if src in first_bad
+    }
     skipped = set(first_bad) == {"grad"} and all(
-        f"nonfinite/{src}" in run for src in ("loss", "param"))
+        f"nonfinite/{src}" in run for src in ("loss", "param")
+    )
     evidence: dict[str, float | int | str] = {
-        "first_step": first_bad[origin], "last_step": int(every[-1]),
-        "bad_steps": int(every.size), "origin": origin,
+        "first_step": first_bad[origin],
+        "last_step": int(every[-1]),
+        "bad_steps": int(every.size),
+        "origin": origin,
         **{f"first_{src}_step": first_bad.get(src, -1) for src in SOURCES},
         **{f"first_{src}_tensor": name for src, name in tensors.items() if name},
     }
@@ -80,12 +84,18 @@ def detect_nonfinite(
     if skipped:
         severity, extra = _skip_severity(run, rare_fraction, max_run)
         evidence.update(extra)
-    return [Finding(
-        NAME, severity, first_bad[origin], int(every[-1]),
-        _message(first_bad, origin, tensors, every),
-        _action(origin, first_bad[origin], tensors.get(origin), severity), evidence,
-        tuple(f"nonfinite/{src}" for src in SOURCES if src in first_bad),
-    )]
+    return [
+        Finding(
+            NAME,
+            severity,
+            first_bad[origin],
+            int(every[-1]),
+            _message(first_bad, origin, tensors, every),
+            _action(origin, first_bad[origin], tensors.get(origin), severity),
+            evidence,
+            tuple(f"nonfinite/{src}" for src in SOURCES if src in first_bad),
+        )
+    ]
 
 
 def _bad(run: Run, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -95,16 +105,21 @@ def _bad(run: Run, source: str) -> tuple[np.ndarray, np.ndarray]:
     return series.steps[mask], mask
 
 
-def _skip_severity(run: Run, rare_fraction: float,
-                   max_run: int) -> tuple[Severity, dict[str, float | int]]:
+def _skip_severity(
+    run: Run, rare_fraction: float, max_run: int
+) -> tuple[Severity, dict[str, float | int]]:
     """INFO for rare, isolated skipped steps; WARNING when they are frequent or long."""
     _, mask = _bad(run, "grad")
     share = float(np.mean(mask))
     longest = max(b - a + 1 for a, b in true_runs(mask))
     rare = share < rare_fraction and longest <= max_run
     return (Severity.INFO if rare else Severity.WARNING), {
-        "checked_steps": int(mask.size), "bad_fraction": share, "longest_run": longest,
-        "rare_fraction": rare_fraction, "max_run": max_run}
+        "checked_steps": int(mask.size),
+        "bad_fraction": share,
+        "longest_run": longest,
+        "rare_fraction": rare_fraction,
+        "max_run": max_run,
+    }
 
 
 def _first_tensor(run: Run, source: str, step: int) -> str | None:
@@ -120,36 +135,51 @@ def _first_tensor(run: Run, source: str, step: int) -> str | None:
     return names[index] if 0 <= index < len(names) else None
 
 
-def _message(first_bad: dict[str, int], origin: str, tensors: dict[str, str | None],
-             every: np.ndarray) -> str:
+def _message(
+    first_bad: dict[str, int], origin: str, tensors: dict[str, str | None], every: np.ndarray
+) -> str:
     parts = []
     for src in sorted(first_bad, key=lambda s: (first_bad[s], SOURCES.index(s))):
         name = tensors.get(src)
-        parts.append(f"{_LABEL[src]} at step {first_bad[src]}"
-                     + (f" (first tensor '{name}')" if name else ""))
-    return (f"NaN/Inf first appeared in {parts[0]}"
-            + (f", then in {', '.join(parts[1:])}" if parts[1:] else "")
-            + f"; {every.size} steps affected, the last at step {int(every[-1])} "
-            f"(origin: {_LABEL[origin]})")
+        parts.append(
+            f"{_LABEL[src]} at step {first_bad[src]}"
+            + (f" (first tensor '{name}')" if name else "")
+        )
+    return (
+        f"NaN/Inf first appeared in {parts[0]}"
+        + (f", then in {', '.join(parts[1:])}" if parts[1:] else "")
+        + f"; {every.size} steps affected, the last at step {int(every[-1])} "
+        f"(origin: {_LABEL[origin]})"
+    )
 
 
 def _action(origin: str, step: int, tensor: str | None, severity: Severity) -> str:
     where = f" in '{tensor}'" if tensor else ""
     if severity is Severity.INFO:
-        return ("Nothing to do: rare skipped steps are how a dynamic loss scaler "
-                "(torch.cuda.amp.GradScaler) finds its scale; act only if they become frequent.")
+        return (
+            "Nothing to do: rare skipped steps are how a dynamic loss scaler "
+            "(torch.cuda.amp.GradScaler) finds its scale; act only if they become frequent."
+        )
     if severity is Severity.WARNING:
-        return ("Skipped steps are frequent for a dynamic loss scaler "
-                "(torch.cuda.amp.GradScaler): lower the learning rate or the initial loss "
-                "scale, enable gradient clipping (after scaler.unscale_), or train in bfloat16.")
+        return (
+            "Skipped steps are frequent for a dynamic loss scaler "
+            "(torch.cuda.amp.GradScaler): lower the learning rate or the initial loss "
+            "scale, enable gradient clipping (after scaler.unscale_), or train in bfloat16."
+        )
     if origin == "loss":
-        return (f"Check the inputs and the loss at step {step} (log or division by zero, fp16 "
-                "overflow) and rerun it under torch.autograd.detect_anomaly() to find the op, "
-                "lowering the learning rate if the loss was rising before.")
+        return (
+            f"Check the inputs and the loss at step {step} (log or division by zero, fp16 "
+            "overflow) and rerun it under torch.autograd.detect_anomaly() to find the op, "
+            "lowering the learning rate if the loss was rising before."
+        )
     if origin == "grad":
-        return (f"Rerun step {step} under torch.autograd.detect_anomaly() to find the backward "
-                f"op that made the gradient{where} non-finite, and enable gradient clipping "
-                "(torch.nn.utils.clip_grad_norm_) with a lower learning rate.")
-    return (f"Lower the learning rate and enable gradient clipping, since the optimizer update "
-            f"itself made the parameters{where} non-finite at step {step} (check weight decay, "
-            "the optimizer's eps and any manual parameter edits).")
+        return (
+            f"Rerun step {step} under torch.autograd.detect_anomaly() to find the backward "
+            f"op that made the gradient{where} non-finite, and enable gradient clipping "
+            "(torch.nn.utils.clip_grad_norm_) with a lower learning rate."
+        )
+    return (
+        f"Lower the learning rate and enable gradient clipping, since the optimizer update "
+        f"itself made the parameters{where} non-finite at step {step} (check weight decay, "
+        "the optimizer's eps and any manual parameter edits)."
+    )

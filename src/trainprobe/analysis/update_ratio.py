@@ -91,8 +91,9 @@ def detect_update_ratio(
             window or count is not an int.
     """
     if isinstance(skip, str):
-        raise TypeError(f"skip must be a tuple of fnmatch patterns such as ('*bias',), got "
-                        f"the string {skip!r}")
+        raise TypeError(
+            f"skip must be a tuple of fnmatch patterns such as ('*bias',), got the string {skip!r}"
+        )
     check_count("window_steps", window_steps, minimum=1, what="steps per median")
     check_window("min_points", min_points)
     check_count("top", top, minimum=1, what="layers named per finding")
@@ -113,22 +114,33 @@ def detect_update_ratio(
         small += _too_small(layer, steps, ratios, low)
         settled = _settled(run, layer, steps, min_weight_share, skip_start)
         if np.count_nonzero(settled) >= 3:
-            large += _too_large(layer, steps[settled], ratios[settled],
-                                (window_steps, min_points), high)
-    thresholds = {"window_steps": window_steps, "min_points": min_points, "high": high,
-                  "critical": critical, "low": low, "healthy": HEALTHY}
+            large += _too_large(
+                layer, steps[settled], ratios[settled], (window_steps, min_points), high
+            )
+    thresholds = {
+        "window_steps": window_steps,
+        "min_points": min_points,
+        "high": high,
+        "critical": critical,
+        "low": low,
+        "healthy": HEALTHY,
+    }
     findings = []
     if large:
         worst = max(layer.level for layer in large)
-        findings.append(_finding(large, Severity.CRITICAL if worst > critical
-                                 else Severity.WARNING, top, thresholds))
+        findings.append(
+            _finding(
+                large, Severity.CRITICAL if worst > critical else Severity.WARNING, top, thresholds
+            )
+        )
     if small:
         findings.append(_finding(small, Severity.INFO, top, thresholds))
     return findings
 
 
-def _settled(run: Run, layer: str, steps: np.ndarray, min_weight_share: float,
-             skip_start: float) -> np.ndarray:
+def _settled(
+    run: Run, layer: str, steps: np.ndarray, min_weight_share: float, skip_start: float
+) -> np.ndarray:
     """``[n]`` bool: measurements past the tensor's initial (zero- or tiny-init) transient."""
     weight_steps, weights = finite_series(run, f"norms/weight/{layer}")
     if weights.size:
@@ -137,16 +149,18 @@ def _settled(run: Run, layer: str, steps: np.ndarray, min_weight_share: float,
     return steps >= steps[0] + skip_start * (steps[-1] - steps[0])
 
 
-def _too_large(name: str, steps: np.ndarray, ratios: np.ndarray, window: tuple[int, int],
-               high: float) -> list[_Layer]:
+def _too_large(
+    name: str, steps: np.ndarray, ratios: np.ndarray, window: tuple[int, int], high: float
+) -> list[_Layer]:
     starts, ends = step_windows(steps, *window)  # [m], [m]
     medians = window_medians(ratios, starts, ends)  # [m]
     over = np.flatnonzero(medians > high)
     if not over.size:
         return []
     peak = float(medians.max())
-    return [_Layer(name, peak, peak / high, int(steps[starts[over[0]]]),
-                   int(steps[ends[over[-1]] - 1]))]
+    return [
+        _Layer(name, peak, peak / high, int(steps[starts[over[0]]]), int(steps[ends[over[-1]] - 1]))
+    ]
 
 
 def _too_small(name: str, steps: np.ndarray, ratios: np.ndarray, low: float) -> list[_Layer]:
@@ -163,25 +177,43 @@ def _finding(layers: list[_Layer], severity: Severity, top: int, thresholds: dic
     shown = ", ".join(f"'{layer.name}' ({fmt(layer.level)})" for layer in layers[:top])
     more = f" and {len(layers) - top} more" if len(layers) > top else ""
     if severity is Severity.INFO:
-        message = (f"{_count(layers)} barely move: median update/weight ratio below "
-                   f"{fmt(thresholds['low'])} (healthy ~1e-3) in {shown}{more}")
-        action = ("Raise the learning rate for these layers, or check that they receive "
-                  "gradients (dead units, detached branches, a zero learning-rate group).")
+        message = (
+            f"{_count(layers)} barely move: median update/weight ratio below "
+            f"{fmt(thresholds['low'])} (healthy ~1e-3) in {shown}{more}"
+        )
+        action = (
+            "Raise the learning rate for these layers, or check that they receive "
+            "gradients (dead units, detached branches, a zero learning-rate group)."
+        )
         level = "median"
     else:
-        message = (f"{_count(layers)} update too fast: update/weight ratio median over "
-                   f"{thresholds['window_steps']} steps up to {shown}{more} (healthy ~1e-3, "
-                   f"warning above {fmt(thresholds['high'])})")
-        action = ("Lower the learning rate (or give these layers their own, smaller one) "
-                  "until ||dw|| / ||w|| is near 1e-3 per step.")
+        message = (
+            f"{_count(layers)} update too fast: update/weight ratio median over "
+            f"{thresholds['window_steps']} steps up to {shown}{more} (healthy ~1e-3, "
+            f"warning above {fmt(thresholds['high'])})"
+        )
+        action = (
+            "Lower the learning rate (or give these layers their own, smaller one) "
+            "until ||dw|| / ||w|| is near 1e-3 per step."
+        )
         if severity is Severity.CRITICAL:
             message = "Learning rate too high for these layers: " + message
         level = "peak_median"
-    evidence = {"layers": len(layers), **thresholds,
-                **{f"{level}[{layer.name}]": layer.level for layer in layers[:top]}}
-    return Finding(NAME, severity, min(layer.start_step for layer in layers),
-                   max(layer.end_step for layer in layers), message, action, evidence,
-                   tuple(f"{PREFIX}/{layer.name}" for layer in layers))
+    evidence = {
+        "layers": len(layers),
+        **thresholds,
+        **{f"{level}[{layer.name}]": layer.level for layer in layers[:top]},
+    }
+    return Finding(
+        NAME,
+        severity,
+        min(layer.start_step for layer in layers),
+        max(layer.end_step for layer in layers),
+        message,
+        action,
+        evidence,
+        tuple(f"{PREFIX}/{layer.name}" for layer in layers),
+    )
 
 
 def _count(layers: list[_Layer]) -> str:

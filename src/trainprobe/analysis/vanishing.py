@@ -56,8 +56,11 @@ def detect_vanishing_gradients(
             ``[0, 1)`` or ``low_ratio >= high_ratio``.
     """
     check_window("window", window)
-    for name, value in (("low_ratio", low_ratio), ("high_ratio", high_ratio),
-                        ("collapse_ratio", collapse_ratio)):
+    for name, value in (
+        ("low_ratio", low_ratio),
+        ("high_ratio", high_ratio),
+        ("collapse_ratio", collapse_ratio),
+    ):
         check_positive(name, value)
     check_below("low_ratio", low_ratio, "high_ratio", high_ratio)
     check_fraction("min_fraction", min_fraction)
@@ -106,8 +109,15 @@ def _depth_ratio(run: Run, first: str, last: str) -> tuple[np.ndarray, np.ndarra
     return steps[keep], num[keep] / den[keep]
 
 
-def _ratio_spans(steps: np.ndarray, ratio: np.ndarray, pair: tuple[str, str], below: bool,
-                 bound: float, window: int, min_fraction: float) -> list[Finding]:
+def _ratio_spans(
+    steps: np.ndarray,
+    ratio: np.ndarray,
+    pair: tuple[str, str],
+    below: bool,
+    bound: float,
+    window: int,
+    min_fraction: float,
+) -> list[Finding]:
     """Spans where more than ``min_fraction`` of a window is below (or above) ``bound``."""
     mask = ratio < bound if below else ratio > bound  # [n]
     n = ratio.shape[0]
@@ -117,34 +127,63 @@ def _ratio_spans(steps: np.ndarray, ratio: np.ndarray, pair: tuple[str, str], be
     share = np.convolve(mask.astype(np.float64), np.ones(width) / width, mode="valid")  # [n-w+1]
     findings = []
     for lo, hi in true_runs(window_cover(share > min_fraction, width, n)):
-        inside = lo + np.flatnonzero(mask[lo:hi + 1])
+        inside = lo + np.flatnonzero(mask[lo : hi + 1])
         a, b = int(inside[0]), int(inside[-1])
-        findings.append(_ratio_finding(steps, ratio, mask, (a, b), pair, (below, bound),
-                                       {"window": width, "min_fraction": min_fraction}))
+        findings.append(
+            _ratio_finding(
+                steps,
+                ratio,
+                mask,
+                (a, b),
+                pair,
+                (below, bound),
+                {"window": width, "min_fraction": min_fraction},
+            )
+        )
     return findings
 
 
-def _ratio_finding(steps: np.ndarray, ratio: np.ndarray, mask: np.ndarray, span: tuple[int, int],
-                   pair: tuple[str, str], side: tuple[bool, float], extra: dict) -> Finding:
+def _ratio_finding(
+    steps: np.ndarray,
+    ratio: np.ndarray,
+    mask: np.ndarray,
+    span: tuple[int, int],
+    pair: tuple[str, str],
+    side: tuple[bool, float],
+    extra: dict,
+) -> Finding:
     a, b = span
     below, bound = side
-    median = float(np.median(ratio[a:b + 1]))
-    share = float(np.mean(mask[a:b + 1]))
+    median = float(np.median(ratio[a : b + 1]))
+    share = float(np.mean(mask[a : b + 1]))
     if below:
         seen = f"is below {fmt(bound)}: gradients vanish before reaching '{pair[0]}'"
-        action = ("Improve gradient flow to the early layers: use ReLU/GELU instead of "
-                  "sigmoid/tanh, Kaiming initialisation, normalisation or residual connections.")
+        action = (
+            "Improve gradient flow to the early layers: use ReLU/GELU instead of "
+            "sigmoid/tanh, Kaiming initialisation, normalisation or residual connections."
+        )
     else:
         seen = f"is above {fmt(bound)}: the first layer's gradients explode"
-        action = ("Normalise the inputs to unit variance and check the first layer's "
-                  "initialisation, or give it a lower learning rate.")
+        action = (
+            "Normalise the inputs to unit variance and check the first layer's "
+            "initialisation, or give it a lower learning rate."
+        )
     return Finding(
-        NAME, Severity.WARNING, int(steps[a]), int(steps[b]),
+        NAME,
+        Severity.WARNING,
+        int(steps[a]),
+        int(steps[b]),
         f"Gradient-norm ratio '{pair[0]}' / '{pair[1]}' (median {fmt(median)}, "
         f"{share:.0%} of {b - a + 1} measurements) {seen}",
         action,
-        {"median_ratio": median, "fraction_out_of_band": share, "first_tensor": pair[0],
-         "last_tensor": pair[1], ("low_ratio" if below else "high_ratio"): bound, **extra},
+        {
+            "median_ratio": median,
+            "fraction_out_of_band": share,
+            "first_tensor": pair[0],
+            "last_tensor": pair[1],
+            ("low_ratio" if below else "high_ratio"): bound,
+            **extra,
+        },
         (f"norms/grad/{pair[0]}", f"norms/grad/{pair[1]}"),
     )
 
@@ -164,22 +203,33 @@ def _collapse(run: Run, window: int, collapse_ratio: float, converged: float) ->
     low = norms < collapse_ratio * early
     findings = []
     for lo, hi in true_runs(rolling_median(norms[head:], width) < collapse_ratio * early):
-        inside = head + lo + np.flatnonzero(low[head + lo:head + hi + width])
+        inside = head + lo + np.flatnonzero(low[head + lo : head + hi + width])
         s0, s1 = int(steps[inside[0]]), int(steps[inside[-1]])
         span_loss = loss[(loss_steps >= s0) & (loss_steps <= s1)]
         if not span_loss.size or np.median(span_loss) < converged * early_loss:
             continue
         level, stuck_loss = float(np.median(norms[inside])), float(np.median(span_loss))
-        findings.append(Finding(
-            NAME, Severity.WARNING, s0, s1,
-            f"{TOTAL} collapsed to a median of {fmt(level)} ({fmt(level / early)}x its early "
-            f"median {fmt(early)}) while scalars/loss stayed at {fmt(stuck_loss)} "
-            f"({stuck_loss / early_loss:.0%} of its early {fmt(early_loss)})",
-            "Training has stalled: check for dead ReLUs or saturated activations (lower the "
-            "learning rate, use LeakyReLU/GELU) and for a detach() cutting the loss off.",
-            {"median_norm": level, "early_norm": early, "loss": stuck_loss,
-             "early_loss": early_loss, "collapse_ratio": collapse_ratio,
-             "converged_fraction": converged, "window": width},
-            (TOTAL, "scalars/loss"),
-        ))
+        findings.append(
+            Finding(
+                NAME,
+                Severity.WARNING,
+                s0,
+                s1,
+                f"{TOTAL} collapsed to a median of {fmt(level)} ({fmt(level / early)}x its early "
+                f"median {fmt(early)}) while scalars/loss stayed at {fmt(stuck_loss)} "
+                f"({stuck_loss / early_loss:.0%} of its early {fmt(early_loss)})",
+                "Training has stalled: check for dead ReLUs or saturated activations (lower the "
+                "learning rate, use LeakyReLU/GELU) and for a detach() cutting the loss off.",
+                {
+                    "median_norm": level,
+                    "early_norm": early,
+                    "loss": stuck_loss,
+                    "early_loss": early_loss,
+                    "collapse_ratio": collapse_ratio,
+                    "converged_fraction": converged,
+                    "window": width,
+                },
+                (TOTAL, "scalars/loss"),
+            )
+        )
     return findings

@@ -29,8 +29,14 @@ def _read(run: Run, keys: Sequence[str]) -> list[Series]:
 
 
 def _line(series: Series, name: str, *, dash: str | None = None, shape: str = "linear"):
-    return go.Scatter(x=series.steps, y=series.values, name=name, mode="lines",
-                      line={"width": 1.6, "dash": dash, "shape": shape}, yhoverformat=".4g")
+    return go.Scatter(
+        x=series.steps,
+        y=series.values,
+        name=name,
+        mode="lines",
+        line={"width": 1.6, "dash": dash, "shape": shape},
+        yhoverformat=".4g",
+    )
 
 
 def _finite(series: Sequence[Series]) -> np.ndarray:
@@ -69,10 +75,15 @@ def loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     traces = [_line(s, s.key.removeprefix("scalars/")) for s in series]
     log = _all_positive(series)
     scale = "log y; " if log else ""
-    return PanelPart(traces, "loss" if len(series) == 1 else "value",
-                     f"Logged scalars ({scale}gaps are NaN). Spikes, plateaus and divergence "
-                     "show here first.", keys=tuple(s.key for s in series), y_log=log, height=1.3,
-                     y_axis=_log_axis(series) if log else {})
+    return PanelPart(
+        traces,
+        "loss" if len(series) == 1 else "value",
+        f"Logged scalars ({scale}gaps are NaN). Spikes, plateaus and divergence show here first.",
+        keys=tuple(s.key for s in series),
+        y_log=log,
+        height=1.3,
+        y_axis=_log_axis(series) if log else {},
+    )
 
 
 def metrics_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -81,10 +92,14 @@ def metrics_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     if not series:
         return None
     traces = [_line(s, s.key.removeprefix("scalars/")) for s in series]
-    return PanelPart(traces, "fraction",
-                     "Scalars in [0, 1]. Validation rising long after train saturates is "
-                     "grokking; a gap that widens is overfitting.",
-                     keys=tuple(s.key for s in series), y_axis={"range": [-0.03, 1.03]})
+    return PanelPart(
+        traces,
+        "fraction",
+        "Scalars in [0, 1]. Validation rising long after train saturates is "
+        "grokking; a gap that widens is overfitting.",
+        keys=tuple(s.key for s in series),
+        y_axis={"range": [-0.03, 1.03]},
+    )
 
 
 def lr_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -93,15 +108,21 @@ def lr_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     if not series:
         return None
     names = [s.key.removeprefix("optim/lr/") for s in series]
-    traces = [_line(s, f"group {n}" if n.isdigit() else n)
-              for s, n in zip(series, names, strict=True)]
+    traces = [
+        _line(s, f"group {n}" if n.isdigit() else n) for s, n in zip(series, names, strict=True)
+    ]
     values = _finite(series)
     log = _all_positive(series) and values.max() >= 100 * values.min()
-    return PanelPart(traces, "learning rate",
-                     "Learning rate per param group. Instability right after warm-up ends "
-                     "points at a peak LR too high.",
-                     keys=tuple(s.key for s in series), y_log=bool(log), height=0.7,
-                     y_axis=_log_axis(series) if log else {})
+    return PanelPart(
+        traces,
+        "learning rate",
+        "Learning rate per param group. Instability right after warm-up ends "
+        "points at a peak LR too high.",
+        keys=tuple(s.key for s in series),
+        y_log=bool(log),
+        height=0.7,
+        y_axis=_log_axis(series) if log else {},
+    )
 
 
 def norms_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -114,14 +135,26 @@ def norms_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     traces = [_line(s, style[s.key][0], dash=style[s.key][1]) for s in series]
     if any(s.key == "updates/ratio_total" for s in series):
         lo, hi = min(int(s.steps[0]) for s in series), max(int(s.steps[-1]) for s in series)
-        traces.append(go.Scatter(x=[lo, hi], y=[HEALTHY_UPDATE_RATIO] * 2, mode="lines",
-                                 name=f"ratio {_HEALTHY} (typical)", hoverinfo="skip",
-                                 line={"width": 1, "dash": "dot", "color": "#888"}))
-    return PanelPart(traces, "L2 norm / ratio",
-                     "Whole-model norms (log y). Grad-norm spikes precede loss spikes; an update "
-                     f"ratio far above {_HEALTHY} means steps too large.",
-                     keys=tuple(s.key for s in series), y_log=True, height=1.1,
-                     y_axis=_log_axis(series))
+        traces.append(
+            go.Scatter(
+                x=[lo, hi],
+                y=[HEALTHY_UPDATE_RATIO] * 2,
+                mode="lines",
+                name=f"ratio {_HEALTHY} (typical)",
+                hoverinfo="skip",
+                line={"width": 1, "dash": "dot", "color": "#888"},
+            )
+        )
+    return PanelPart(
+        traces,
+        "L2 norm / ratio",
+        "Whole-model norms (log y). Grad-norm spikes precede loss spikes; an update "
+        f"ratio far above {_HEALTHY} means steps too large.",
+        keys=tuple(s.key for s in series),
+        y_log=True,
+        height=1.1,
+        y_axis=_log_axis(series),
+    )
 
 
 def nonfinite_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -133,9 +166,15 @@ def nonfinite_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None
     series = _read(run, [k for k in counts if k in run])
     if not series:
         return None
-    traces = [_line(s, f"non-finite {s.key.removeprefix('nonfinite/')}", shape="hv")
-              for s in series]
-    return PanelPart(traces, "count",
-                     "Tensors holding NaN/Inf per step (loss: 0/1); all zero is healthy. The "
-                     "first non-zero step is where to look.",
-                     keys=tuple(s.key for s in series), height=0.6, y_axis={"rangemode": "tozero"})
+    traces = [
+        _line(s, f"non-finite {s.key.removeprefix('nonfinite/')}", shape="hv") for s in series
+    ]
+    return PanelPart(
+        traces,
+        "count",
+        "Tensors holding NaN/Inf per step (loss: 0/1); all zero is healthy. The "
+        "first non-zero step is where to look.",
+        keys=tuple(s.key for s in series),
+        height=0.6,
+        y_axis={"rangemode": "tozero"},
+    )

@@ -18,9 +18,12 @@ from .parts import ROW_PX, Panel, PanelPart
 
 GAP_PX = 58  # between rows: room for a row's title line
 MARGIN = {"l": 70, "r": 150, "t": 100, "b": 60}
-_CONFIG = {"displaylogo": False, "responsive": True,
-           "modeBarButtonsToRemove": ["lasso2d", "select2d"],
-           "toImageButtonOptions": {"format": "png", "scale": 2}}
+_CONFIG = {
+    "displaylogo": False,
+    "responsive": True,
+    "modeBarButtonsToRemove": ["lasso2d", "select2d"],
+    "toImageButtonOptions": {"format": "png", "scale": 2},
+}
 
 
 def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = None) -> go.Figure:
@@ -45,7 +48,10 @@ def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = Non
         return _empty(run, title)
     height = sum(part.height for _, part in rows) * ROW_PX + GAP_PX * (len(rows) - 1)
     fig = make_subplots(
-        rows=len(rows), cols=1, shared_xaxes=True, row_heights=[p.height for _, p in rows],
+        rows=len(rows),
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[p.height for _, p in rows],
         vertical_spacing=GAP_PX / height,
         subplot_titles=[_row_title(panel, part, found) for panel, part in rows],
     )
@@ -63,32 +69,41 @@ def to_html(fig: go.Figure) -> str:
         TypeError: ``fig`` is not a ``go.Figure`` (make one with :func:`build`).
     """
     if not isinstance(fig, go.Figure):
-        raise TypeError(f"to_html() needs a plotly go.Figure from dashboard.build(run), "
-                        f"got {type(fig).__name__}")
-    return fig.to_html(include_plotlyjs=True, full_html=True, config=_CONFIG,
-                       default_width="100%")
+        raise TypeError(
+            f"to_html() needs a plotly go.Figure from dashboard.build(run), "
+            f"got {type(fig).__name__}"
+        )
+    return fig.to_html(include_plotlyjs=True, full_html=True, config=_CONFIG, default_width="100%")
 
 
 def _check_inputs(run: object, findings: object, title: object) -> tuple[Finding, ...]:
     if not isinstance(run, Run):
-        raise TypeError(f"build() needs a trainprobe.store.Run, got {type(run).__name__}; "
-                        "open the run directory first: build(Run(run_dir))")
+        raise TypeError(
+            f"build() needs a trainprobe.store.Run, got {type(run).__name__}; "
+            "open the run directory first: build(Run(run_dir))"
+        )
     if isinstance(findings, (str, bytes, Finding)) or not isinstance(findings, Iterable):
-        raise TypeError(f"findings must be an iterable of Finding (e.g. the list the analysis "
-                        f"returns), got {type(findings).__name__}")
+        raise TypeError(
+            f"findings must be an iterable of Finding (e.g. the list the analysis "
+            f"returns), got {type(findings).__name__}"
+        )
     found = tuple(findings)
     for i, item in enumerate(found):
         if not isinstance(item, Finding):
-            raise TypeError(f"findings[{i}] is a {type(item).__name__}, not a Finding; pass "
-                            "the detectors' Finding objects (Finding.to_dict() output won't do)")
+            raise TypeError(
+                f"findings[{i}] is a {type(item).__name__}, not a Finding; pass "
+                "the detectors' Finding objects (Finding.to_dict() output won't do)"
+            )
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be a str or None, got {type(title).__name__}")
     return found
 
 
 def _row_title(panel: Panel, part: PanelPart, findings: tuple[Finding, ...]) -> str:
-    return (f"{title_marker(part, findings)}<b>{html.escape(panel.title)}</b>   "
-            f"<span style='font-size:11px;color:#666'>{html.escape(part.description)}</span>")
+    return (
+        f"{title_marker(part, findings)}<b>{html.escape(panel.title)}</b>   "
+        f"<span style='font-size:11px;color:#666'>{html.escape(part.description)}</span>"
+    )
 
 
 def _place(fig: go.Figure, row: int, part: PanelPart) -> None:
@@ -99,12 +114,30 @@ def _place(fig: go.Figure, row: int, part: PanelPart) -> None:
         fig.add_trace(trace, row=row, col=1)
         added = fig.data[-1]
         if isinstance(added, go.Heatmap):
-            added.update(colorbar={"x": 1.01, "xanchor": "left", "y": (lo + hi) / 2,
-                                   "yanchor": "middle", "len": hi - lo, "lenmode": "fraction"})
+            added.update(
+                colorbar={
+                    "x": 1.01,
+                    "xanchor": "left",
+                    "y": (lo + hi) / 2,
+                    "yanchor": "middle",
+                    "len": hi - lo,
+                    "lenmode": "fraction",
+                }
+            )
         else:
             added.update(legend=legend)
-    fig.update_layout({legend: {"x": 1.01, "xanchor": "left", "y": hi, "yanchor": "top",
-                                "font": {"size": 11}, "bgcolor": "rgba(255,255,255,0.6)"}})
+    fig.update_layout(
+        {
+            legend: {
+                "x": 1.01,
+                "xanchor": "left",
+                "y": hi,
+                "yanchor": "top",
+                "font": {"size": 11},
+                "bgcolor": "rgba(255,255,255,0.6)",
+            }
+        }
+    )
     axis = {"title": {"text": part.y_title, "font": {"size": 11}}, **part.y_axis}
     if part.y_log:
         axis["type"] = "log"
@@ -121,20 +154,42 @@ def _extent(fig: go.Figure) -> tuple[float, float]:
 def _style(fig: go.Figure, title: str, height: int, *, rows: int) -> None:
     for note in fig.layout.annotations:  # row titles: left-aligned above each row
         note.update(x=0, xanchor="left", font={"size": 13})
-    fig.update_xaxes(showspikes=True, spikemode="across", spikesnap="cursor", spikethickness=1,
-                     spikecolor="#999", spikedash="solid")
+    fig.update_xaxes(
+        showspikes=True,
+        spikemode="across",
+        spikesnap="cursor",
+        spikethickness=1,
+        spikecolor="#999",
+        spikedash="solid",
+    )
     fig.update_xaxes(title_text="training step", row=rows, col=1)
-    fig.update_layout(title={"text": html.escape(title), "x": 0.01}, height=height,
-                      margin=MARGIN, template="plotly_white", hovermode="x unified",
-                      font={"size": 12})
+    fig.update_layout(
+        title={"text": html.escape(title), "x": 0.01},
+        height=height,
+        margin=MARGIN,
+        template="plotly_white",
+        hovermode="x unified",
+        font={"size": 12},
+    )
 
 
 def _empty(run: Run, title: str) -> go.Figure:
     fig = go.Figure()
-    fig.add_annotation(text=f"{html.escape(str(run.run_dir))} has no data that any panel "
-                            "reads yet (scalars/*, optim/lr/*, norms/*, updates/*, "
-                            "activations/*, nonfinite/*)", showarrow=False,
-                       xref="paper", yref="paper", x=0.5, y=0.5)
-    fig.update_layout(title={"text": html.escape(title), "x": 0.01}, template="plotly_white",
-                      xaxis={"visible": False}, yaxis={"visible": False}, height=300)
+    fig.add_annotation(
+        text=f"{html.escape(str(run.run_dir))} has no data that any panel "
+        "reads yet (scalars/*, optim/lr/*, norms/*, updates/*, "
+        "activations/*, nonfinite/*)",
+        showarrow=False,
+        xref="paper",
+        yref="paper",
+        x=0.5,
+        y=0.5,
+    )
+    fig.update_layout(
+        title={"text": html.escape(title), "x": 0.01},
+        template="plotly_white",
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        height=300,
+    )
     return fig

@@ -98,8 +98,9 @@ def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
         stride = max(1, math.ceil(len(decades) / 8))
         vals = [float(d) for d in decades[::stride]]
     else:
-        cands = [d + math.log10(m) for d in range(math.floor(lo), math.ceil(hi) + 1)
-                 for m in (1, 2, 5)]
+        cands = [
+            d + math.log10(m) for d in range(math.floor(lo), math.ceil(hi) + 1) for m in (1, 2, 5)
+        ]
         vals = [v for v in cands if lo - 1e-9 <= v <= hi + 1e-9]
         if len(vals) < 2:
             vals = [lo, hi] if hi > lo else [lo]
@@ -108,7 +109,7 @@ def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
 
 def real_label(log_value: float) -> str:
     """The real value of a log10 number, short: ``-3 -> "1e-3"``, ``-1 -> "0.1"``."""
-    value = float(f"{10.0 ** log_value:.1e}")
+    value = float(f"{10.0**log_value:.1e}")
     mantissa, exponent = f"{value:.1e}".split("e")
     if -2 <= int(exponent) <= 3:
         return f"{value:g}"
@@ -153,4 +154,4 @@ def _shorten(parts: list[str], limit: int) -> str:
         else:
             break
     label = ("…" if cut else "") + ".".join(parts)
-    return label if len(label) <= limit else "…" + label[len(label) - limit + 1:]
+    return label if len(label) <= limit else "…" + label[len(label) - limit + 1 :]

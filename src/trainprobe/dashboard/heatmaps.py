@@ -70,19 +70,32 @@ def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> P
     series = [s for s in series if s.values.ndim == 1 and len(s) > 0]
     if not series:
         return None
-    names = [s.key[len(prefix) + 1:] for s in series]
+    names = [s.key[len(prefix) + 1 :] for s in series]
     steps, values = layer_matrix(series)  # [T], [L, T]
     x, values, width = bin_columns(steps, values)  # [T'], [L, T']
     if not np.isfinite(values).any():
         return None
     z, colours = _log_z(values, style) if style.log else _linear_z(values, style)
-    trace = go.Heatmap(x=x, y=names, z=z.astype(np.float32), customdata=values.astype(np.float32),
-                       hoverongaps=False, hovertemplate=_hover(style, width), **colours)
+    trace = go.Heatmap(
+        x=x,
+        y=names,
+        z=z.astype(np.float32),
+        customdata=values.astype(np.float32),
+        hoverongaps=False,
+        hovertemplate=_hover(style, width),
+        **colours,
+    )
     if width > 1:
         description += f" Columns are means of {width} steps."
     height, y_axis, prefix = _layer_axis(names)
-    return PanelPart((trace,), f"{prefix}…" if prefix else "", description,
-                     keys=tuple(s.key for s in series), height=height, y_axis=y_axis)
+    return PanelPart(
+        (trace,),
+        f"{prefix}…" if prefix else "",
+        description,
+        keys=tuple(s.key for s in series),
+        height=height,
+        y_axis=y_axis,
+    )
 
 
 def _linear_z(values: np.ndarray, style: HeatStyle) -> tuple[np.ndarray, dict]:
@@ -110,8 +123,12 @@ def _log_z(values: np.ndarray, style: HeatStyle) -> tuple[np.ndarray, dict]:
     colours = _colours(style, lo, hi)
     if zero.any():
         z[zero] = colours["zmin"]
-        _label_floor_zero(colours["colorbar"], colours["zmin"], colours["zmax"],
-                          alone=positive.size == 0 and style.centre is None)
+        _label_floor_zero(
+            colours["colorbar"],
+            colours["zmin"],
+            colours["zmax"],
+            alone=positive.size == 0 and style.centre is None,
+        )
     return z, colours
 
 
@@ -124,8 +141,10 @@ def _label_floor_zero(colorbar: dict, lo: float, hi: float, *, alone: bool) -> N
 
 def _hover(style: HeatStyle, width: int) -> str:
     step = "step %{x:.0f}" if width == 1 else f"step ≈ %{{x:.0f}} (mean of {width})"
-    return (f"<b>%{{y}}</b><br>{step}<br>{style.label} "
-            f"%{{customdata:{style.hover_format}}}<extra></extra>")
+    return (
+        f"<b>%{{y}}</b><br>{step}<br>{style.label} "
+        f"%{{customdata:{style.hover_format}}}<extra></extra>"
+    )
 
 
 def _colours(style: HeatStyle, lo: float, hi: float) -> dict:
@@ -153,41 +172,68 @@ def _layer_axis(names: list[str]) -> tuple[float, dict, str]:
     px = min(max(len(names) * 14, 160), 700)
     every = max(1, math.ceil(len(names) * _LABEL_PX / px))
     prefix, labels = short_names(names)
-    y_axis = {"type": "category", "autorange": "reversed", "automargin": True,
-              "tickmode": "array", "tickvals": names[::every], "ticktext": labels[::every],
-              "tickfont": {"size": 10}, "showgrid": False, "fixedrange": True}
+    y_axis = {
+        "type": "category",
+        "autorange": "reversed",
+        "automargin": True,
+        "tickmode": "array",
+        "tickvals": names[::every],
+        "ticktext": labels[::every],
+        "tickfont": {"size": 10},
+        "showgrid": False,
+        "fixedrange": True,
+    }
     return px / ROW_PX, y_axis, prefix
 
 
 def grad_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``norms/grad/<param>``: log colour, exact zeros on the darkest colour."""
-    return heatmap_part(run, "norms/grad", HeatStyle("grad norm"),
-                        "log colour. A dark row is a layer that stopped learning (starved or "
-                        "dead; darkest = exactly 0); a bright column is a gradient spike.")
+    return heatmap_part(
+        run,
+        "norms/grad",
+        HeatStyle("grad norm"),
+        "log colour. A dark row is a layer that stopped learning (starved or "
+        "dead; darkest = exactly 0); a bright column is a gradient spike.",
+    )
 
 
 def update_ratio_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``updates/ratio/<param>``: log colour centred (white) on the healthy ratio, at least
     :data:`RATIO_HALF_DECADES` each side."""
-    style = HeatStyle("update ratio", colorscale="RdBu_r", centre=HEALTHY_UPDATE_RATIO,
-                      min_half_width=RATIO_HALF_DECADES)
+    style = HeatStyle(
+        "update ratio",
+        colorscale="RdBu_r",
+        centre=HEALTHY_UPDATE_RATIO,
+        min_half_width=RATIO_HALF_DECADES,
+    )
     healthy = real_label(math.log10(HEALTHY_UPDATE_RATIO))
-    return heatmap_part(run, "updates/ratio", style,
-                        f"||Δw||/||w||, log colour; white ≈ {healthy} is healthy, red = steps too "
-                        "large (lower LR), blue = barely moving, darkest blue = 0 (frozen).")
+    return heatmap_part(
+        run,
+        "updates/ratio",
+        style,
+        f"||Δw||/||w||, log colour; white ≈ {healthy} is healthy, red = steps too "
+        "large (lower LR), blue = barely moving, darkest blue = 0 (frozen).",
+    )
 
 
 def activation_std_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``activations/std/<module>``: log colour."""
-    return heatmap_part(run, "activations/std", HeatStyle("activation std", colorscale="Cividis"),
-                        "log colour. Std shrinking with depth = vanishing signal; growing = "
-                        "exploding activations.")
+    return heatmap_part(
+        run,
+        "activations/std",
+        HeatStyle("activation std", colorscale="Cividis"),
+        "log colour. Std shrinking with depth = vanishing signal; growing = exploding activations.",
+    )
 
 
 def zero_frac_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``activations/zero_frac/<module>``: linear colour over [0, 1]."""
-    style = HeatStyle("zero fraction", log=False, colorscale="Reds", hover_format=".1%",
-                      span=(0.0, 1.0))
-    return heatmap_part(run, "activations/zero_frac", style,
-                        "Fraction of outputs exactly zero (linear colour). Rows near 100% are "
-                        "dead ReLUs.")
+    style = HeatStyle(
+        "zero fraction", log=False, colorscale="Reds", hover_format=".1%", span=(0.0, 1.0)
+    )
+    return heatmap_part(
+        run,
+        "activations/zero_frac",
+        style,
+        "Fraction of outputs exactly zero (linear colour). Rows near 100% are dead ReLUs.",
+    )

@@ -53,12 +53,16 @@ class PanelPart:
         object.__setattr__(self, "traces", tuple(self.traces))
         object.__setattr__(self, "keys", tuple(self.keys))
         if not self.traces:
-            raise ValueError("PanelPart needs at least one trace; return None from the panel "
-                             "function when its data is missing")
+            raise ValueError(
+                "PanelPart needs at least one trace; return None from the panel "
+                "function when its data is missing"
+            )
         bad = [t for t in self.traces if not isinstance(t, BaseTraceType)]
         if bad:
-            raise TypeError(f"PanelPart.traces must be plotly traces (go.Scatter, go.Heatmap, "
-                            f"...), got {type(bad[0]).__name__}")
+            raise TypeError(
+                f"PanelPart.traces must be plotly traces (go.Scatter, go.Heatmap, "
+                f"...), got {type(bad[0]).__name__}"
+            )
         if not self.height > 0:
             raise ValueError(f"PanelPart.height must be > 0, got {self.height}")
 
@@ -86,16 +90,22 @@ class Panel:
         if not isinstance(self.title, str):
             raise TypeError(f"Panel.title must be a str, got {type(self.title).__name__}")
         if not callable(self.func):
-            raise TypeError(f"Panel.func must be callable as func(run, findings), got "
-                            f"{type(self.func).__name__}")
+            raise TypeError(
+                f"Panel.func must be callable as func(run, findings), got "
+                f"{type(self.func).__name__}"
+            )
         if not isinstance(self.needs, tuple) or not all(isinstance(p, str) for p in self.needs):
-            raise TypeError(f"Panel.needs must be a tuple of key patterns (str), e.g. "
-                            f"('norms/grad/*',), got {self.needs!r}")
+            raise TypeError(
+                f"Panel.needs must be a tuple of key patterns (str), e.g. "
+                f"('norms/grad/*',), got {self.needs!r}"
+            )
 
     def draw(self, run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
         """Call :attr:`func` and check that it kept to its contract."""
         part = self.func(run, findings)
         if part is not None and not isinstance(part, PanelPart):
-            raise TypeError(f"panel {self.name!r} returned {type(part).__name__}; a panel "
-                            "function must return a PanelPart or None")
+            raise TypeError(
+                f"panel {self.name!r} returned {type(part).__name__}; a panel "
+                "function must return a PanelPart or None"
+            )
         return part

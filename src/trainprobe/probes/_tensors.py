@@ -1,4 +1,4 @@
-"""Small tensor kernels shared by probes: fused norms, finiteness masks."""
+"""Small tensor kernels shared by probes: fused norms, stacking 0-d tensors."""
 
 from __future__ import annotations
 
@@ -23,20 +23,20 @@ def stack_scalars(values: Sequence[Tensor]) -> Tensor:
 def stacked_norms(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of each tensor, ``[L]``, in one fused call (``torch._foreach_norm``).
 
-    The result is on the first tensor's device, in the widest floating dtype
-    among the inputs (float32 norms of float32 tensors, float64 of float64).
+    Accumulated in float32 at least (float64 when an input is float64), so the
+    norm of a half-precision tensor does not overflow at 65504. The result is on
+    the first tensor's device.
     """
     if not tensors:
         raise ValueError("stacked_norms needs at least one tensor")
-    return stack_scalars(torch._foreach_norm(list(tensors)))  # one kernel per device/dtype
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    try:
+        norms = torch._foreach_norm(list(tensors), 2, dtype=wide)  # one kernel per group
+    except (TypeError, RuntimeError):  # torch without the dtype argument
+        norms = [torch.linalg.vector_norm(t, dtype=wide) for t in tensors]
+    return stack_scalars(norms)
 
 
 def total_norm(norms: Tensor) -> Tensor:
     """Global L2 norm from per-tensor norms: ``sqrt(sum_i ||t_i||^2)``."""
     return torch.linalg.vector_norm(norms)
-
-
-def first_true(mask: Tensor) -> Tensor:
-    """Index of the first True in a ``[L]`` bool mask, or -1 (no host sync)."""
-    first = torch.argmax(mask.to(torch.int8))
-    return torch.where(mask.any(), first, torch.full_like(first, -1))

@@ -6,7 +6,8 @@ A probe is a small object with one job (DESIGN.md rule 3):
 - ``schedule``: ``step -> bool`` (see :mod:`.schedules`);
 - ``needs``: what the monitor must provide, a subset of :data:`NEEDS`;
 - ``attach(model) -> list[RemovableHandle]``: hooks for a due step (often none);
-- ``measure(ctx) -> {key: value}``: device tensors, floats or :class:`PerLayer`;
+- ``measure(ctx) -> {key: value}``: device tensors, floats, :class:`PerLayer` or
+  :class:`OnHost`;
 - ``settings() -> dict``: its options, stored in the run metadata.
 
 Probes never sync the device (no ``.item()``/``.cpu()``) and never change
@@ -16,10 +17,11 @@ moves every value to the host in one transfer per flush.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -45,7 +47,21 @@ class PerLayer:
     values: Tensor  # [L]
 
 
-Value = Tensor | float | int | PerLayer
+@dataclass(frozen=True)
+class OnHost:
+    """A device tensor finished on the host at flush: ``finish(array) -> {key: float}``.
+
+    For per-step checks whose bookkeeping (counts, first offender) would cost
+    more small device ops than the measurement itself: the probe hands over one
+    tensor and a pure function, and the monitor calls it on the host copy. The
+    keys it returns must start with the probe's name.
+    """
+
+    values: Tensor  # [n]
+    finish: Callable[[np.ndarray], Mapping[str, float]]
+
+
+Value = Tensor | float | int | PerLayer | OnHost
 
 
 @dataclass(frozen=True)

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._tensors import first_true, stacked_norms
-from .base import StepContext, Value
+from ._tensors import stack_scalars, stacked_norms
+from .base import OnHost, StepContext, Value
 from .schedules import Schedule, check_schedule, every
 
 
 class NonFiniteGuard:
     """Counts parameter tensors whose gradient or value holds NaN/Inf, every step.
 
-    A tensor is flagged when its L2 norm is not finite (one fused norm call per
-    list, no host sync): any NaN or Inf element makes the norm non-finite; so
-    does a norm beyond the float range, which is as fatal for training.
+    A tensor is flagged when its L2 norm (accumulated in float32 or wider) is
+    not finite: any NaN or Inf element makes the norm non-finite. On the device
+    a step costs one fused norm call and one stack; the counting happens on the
+    host when the monitor flushes (:class:`~trainprobe.probes.base.OnHost`).
 
     Keys:
         ``nonfinite/loss``: 1.0 when the value logged as ``loss`` is NaN/Inf, else 0.0
@@ -43,23 +46,52 @@ class NonFiniteGuard:
         return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        out: dict[str, Value] = {}
-        loss = ctx.logged.get("loss")
-        if loss is not None:
-            out["nonfinite/loss"] = (~torch.isfinite(torch.as_tensor(loss))).any().float()
         params = list(ctx.params.values())
-        indexed = [(i, p.grad) for i, p in enumerate(params) if p.grad is not None]
-        tensors = [p.detach() for p in params] + [g.detach() for _, g in indexed]
-        bad = ~torch.isfinite(stacked_norms(tensors))  # [L + L'], one fused norm call
-        bad_params, bad_grads = bad[: len(params)], bad[len(params) :]
-        out["nonfinite/param"] = bad_params.sum()
-        out["nonfinite/first_param"] = first_true(bad_params)
-        if indexed:
-            index = torch.tensor([i for i, _ in indexed], device=bad.device)  # [L']
-            first = first_true(bad_grads)
-            out["nonfinite/grad"] = bad_grads.sum()
-            out["nonfinite/first_grad"] = torch.where(first >= 0, index[first.clamp(min=0)], first)
-        return out
+        grad_index = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        tensors = [p.detach() for p in params] + [params[i].grad.detach() for i in grad_index]
+        values = stacked_norms(tensors)  # [L + L']
+        loss = ctx.logged.get("loss")
+        if isinstance(loss, torch.Tensor):
+            values = stack_scalars([*values, loss.reshape(())])  # [L + L' + 1]
+            loss = None  # read from the last entry on the host
+        finish = partial(
+            _summarise,
+            n_params=len(params),
+            grad_index=grad_index,
+            loss_tensor=values.shape[0] > len(tensors),
+            loss_float=loss,
+        )
+        return {"nonfinite/check": OnHost(values, finish)}
 
     def settings(self) -> dict[str, Any]:
         return {}
+
+
+def _first(bad: np.ndarray, index: np.ndarray) -> float:
+    hits = np.flatnonzero(bad)
+    return float(index[hits[0]]) if hits.size else -1.0
+
+
+def _summarise(
+    host: np.ndarray,
+    *,
+    n_params: int,
+    grad_index: tuple[int, ...],
+    loss_tensor: bool,
+    loss_float: float | None,
+) -> dict[str, float]:
+    """Counts and first offenders from ``[L norms, L' grad norms, (loss)]`` on the host."""
+    bad = ~np.isfinite(host)
+    bad_params, bad_grads = bad[:n_params], bad[n_params : n_params + len(grad_index)]
+    out = {
+        "nonfinite/param": float(bad_params.sum()),
+        "nonfinite/first_param": _first(bad_params, np.arange(n_params)),
+    }
+    if grad_index:
+        out["nonfinite/grad"] = float(bad_grads.sum())
+        out["nonfinite/first_grad"] = _first(bad_grads, np.asarray(grad_index))
+    if loss_tensor:
+        out["nonfinite/loss"] = float(bad[-1])
+    elif loss_float is not None:
+        out["nonfinite/loss"] = float(not np.isfinite(loss_float))
+    return out

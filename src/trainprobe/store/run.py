@@ -68,8 +68,10 @@ class Run:
         try:
             rows = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
             if rows.get("format") != json.dumps(FORMAT):
-                raise RunError(f"{db} is an SQLite file but not a trainprobe run (no format "
-                               "marker); pass a run directory written by trainprobe")
+                raise RunError(
+                    f"{db} is an SQLite file but not a trainprobe run (no format "
+                    "marker); pass a run directory written by trainprobe"
+                )
             meta = {key: json.loads(value) for key, value in rows.items()}
         except (sqlite3.DatabaseError, ValueError) as err:
             self._conn.close()
