@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._tensors import stack_scalars, stacked_norms
+from ._tensors import stacked_norms
 from .base import OnHost, StepContext, Value
 from .schedules import Schedule, check_schedule, every
 
@@ -50,16 +50,17 @@ class NonFiniteGuard:
         grad_index = tuple(i for i, p in enumerate(params) if p.grad is not None)
         tensors = [p.detach() for p in params] + [params[i].grad.detach() for i in grad_index]
         values = stacked_norms(tensors)  # [L + L']
-        loss = ctx.logged.get("loss")
-        if isinstance(loss, torch.Tensor):
-            values = stack_scalars([*values, loss.reshape(())])  # [L + L' + 1]
-            loss = None  # read from the last entry on the host
+        loss = ctx.logged.get("loss")  # a device tensor, a float, or None
+        on_device = isinstance(loss, torch.Tensor)
+        if on_device:
+            wide = loss.reshape(1).to(device=values.device, dtype=values.dtype, non_blocking=True)
+            values = torch.cat([values, wide])  # [L + L' + 1]: checked on the host
         finish = partial(
             _summarise,
             n_params=len(params),
             grad_index=grad_index,
-            loss_tensor=values.shape[0] > len(tensors),
-            loss_float=loss,
+            loss_tensor=on_device,
+            loss_float=None if on_device else loss,
         )
         return {"nonfinite/check": OnHost(values, finish)}
 
