@@ -50,6 +50,29 @@ def optimizer_summary(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"class": type(optimizer).__qualname__, "param_groups": groups}
 
 
+def run_start(
+    model: nn.Module, trainable: Sequence[str], probes: Sequence[Any], user: dict[str, Any]
+) -> dict[str, Any]:
+    """Metadata written when a monitor opens a run."""
+    return {
+        "status": "running",
+        "created": now(),
+        "model": model_summary(model, trainable),
+        "probes": [
+            {
+                "name": p.name,
+                "class": type(p).__qualname__,
+                "schedule": p.schedule.describe(),
+                "needs": sorted(p.needs),
+                "settings": p.settings(),
+            }
+            for p in probes
+        ],
+        "versions": versions(),
+        "user": user,
+    }
+
+
 def versions() -> dict[str, str]:
     return {
         "trainprobe": __version__,

@@ -59,6 +59,16 @@ def check_probes(probes: Iterable[object]) -> list[Probe]:
     return checked
 
 
+def check_options(flush_seconds: float, on_probe_error: str) -> tuple[float, str]:
+    if not flush_seconds >= 0:
+        raise ValueError(f"watch(flush_seconds=...) must be >= 0, got {flush_seconds!r}")
+    if on_probe_error not in ("warn", "raise"):
+        raise ValueError(
+            f"watch(on_probe_error=...) must be 'warn' or 'raise', got {on_probe_error!r}"
+        )
+    return float(flush_seconds), on_probe_error
+
+
 def check_optimizer(optimizer: object, where: str) -> torch.optim.Optimizer | None:
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(

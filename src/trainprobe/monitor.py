@@ -27,7 +27,14 @@ from torch.utils.hooks import RemovableHandle
 
 from . import _meta
 from ._transfer import to_host
-from ._validate import check_logged, check_model, check_optimizer, check_probes, check_step
+from ._validate import (
+    check_logged,
+    check_model,
+    check_optimizer,
+    check_options,
+    check_probes,
+    check_step,
+)
 from .probes import default_probes
 from .probes.base import Probe, StepContext, Value
 from .probes.updates import parameter_deltas
@@ -103,14 +110,7 @@ class Monitor:
         self.probes = tuple(check_probes(default_probes() if probes is None else probes))
         self.optimizer = check_optimizer(optimizer, "watch")
         self.run_dir = Path(run_dir)
-        if not flush_seconds >= 0:
-            raise ValueError(f"watch(flush_seconds=...) must be >= 0, got {flush_seconds!r}")
-        if on_probe_error not in ("warn", "raise"):
-            raise ValueError(
-                f"watch(on_probe_error=...) must be 'warn' or 'raise', got {on_probe_error!r}"
-            )
-        self.flush_seconds = float(flush_seconds)
-        self.on_probe_error = on_probe_error
+        self.flush_seconds, self.on_probe_error = check_options(flush_seconds, on_probe_error)
         self._resume = resume
         self._user_meta = dict(meta or {})
         self._writer: RunWriter | None = None
@@ -127,23 +127,7 @@ class Monitor:
         self._writer = RunWriter(self.run_dir, resume=self._resume)
         self._last_step = self._writer.last_step
         self._writer.set_meta(
-            {
-                "status": "running",
-                "created": _meta.now(),
-                "model": _meta.model_summary(self.model, list(self.params)),
-                "probes": [
-                    {
-                        "name": p.name,
-                        "class": type(p).__qualname__,
-                        "schedule": p.schedule.describe(),
-                        "needs": sorted(p.needs),
-                        "settings": p.settings(),
-                    }
-                    for p in self.probes
-                ],
-                "versions": _meta.versions(),
-                "user": self._user_meta,
-            }
+            _meta.run_start(self.model, list(self.params), self.probes, self._user_meta)
         )
         self._log_optimizer(self.optimizer)
         return self

@@ -10,7 +10,7 @@ A probe is a small object with one job (DESIGN.md rule 3):
   :class:`OnHost`;
 - ``settings() -> dict``: its options, stored in the run metadata.
 
-Probes never sync the device (no ``.item()``/``.cpu()``) and never change
+Probes never read device values on the host (no sync) and never change
 ``.grad``, parameters, buffers, train/eval mode or the global RNG: the monitor
 moves every value to the host in one transfer per flush.
 """
