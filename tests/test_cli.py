@@ -82,3 +82,14 @@ def test_short_demo_end_to_end(tmp_path, capsys):
     assert "trainprobe report" in text and (out / "run" / "dashboard.html").is_file()
     assert main(["demo", "--out", str(out), "--steps", "30"]) == 0  # a second demo: run-2
     assert (out / "run-2" / "run.db").is_file()
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--threads", "-1", "expected 0 or more, got -1"),
+    ("--steps", "0", "expected 1 or more, got 0"),
+])  # fmt: skip
+def test_demo_rejects_bad_numbers(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import trainprobe
-from trainprobe.probes import LayerNorms, LearningRate, every
+from trainprobe.probes import ActivationStats, LayerNorms, LearningRate, UpdateNorms, every
+from trainprobe.probes.base import OnHost, StepContext
 from trainprobe.store import Run
+
+from .cases import hook_count
 
 
 def _model() -> nn.Module:
@@ -99,7 +103,7 @@ def test_steps_must_increase(tmp_path):
             mon.step(3)
         with pytest.raises(TypeError, match=r"expected a non-negative int, got 1.5"):
             mon.step(1.5)
-        with pytest.raises(TypeError, match=r"expected a non-negative int, got -1"):
+        with pytest.raises(ValueError, match=r"expected a non-negative int, got -1"):
             mon.step(-1)
     assert Run(tmp_path / "r").series("scalars/loss").steps.tolist() == [0, 5]
 
@@ -215,3 +219,97 @@ def test_metadata_describes_the_run(tmp_path):
         "optim": "every(1)",
     }
     assert meta["model"]["shapes"]["0.weight"] == [4, 3]
+
+
+def test_logged_tensors_are_snapshots(tmp_path):
+    model = _model()
+    running = torch.zeros(())
+    lr = torch.tensor(0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with trainprobe.watch(model, [LearningRate()], run_dir=tmp_path / "r", optimizer=opt,
+                          flush_seconds=3600) as mon:
+        for step in range(3):
+            running += 1  # changed in place after it was logged
+            with mon.step(step) as s:
+                s.log(count=running)
+            opt.step()
+            sched.step()  # updates the tensor learning rate in place
+    run = Run(tmp_path / "r")
+    assert run.series("scalars/count").values.tolist() == [1.0, 2.0, 3.0]
+    np.testing.assert_allclose(run.series("optim/lr/0").values, [0.1, 0.05, 0.025], rtol=1e-6)
+
+
+class _BadOnHost(_Broken):
+    name = "badhost"
+
+    def measure(self, ctx):
+        return {"badhost/x": OnHost(torch.ones(2), lambda a: 1 / 0)}
+
+
+def test_a_value_failing_on_the_host_loses_nothing_else(tmp_path):
+    model = _model()
+    with pytest.warns(RuntimeWarning, match=r"'badhost' disabled .* failed on the host"):
+        with trainprobe.watch(model, [_BadOnHost(), LayerNorms(schedule=every(1))],
+                              run_dir=tmp_path / "r") as mon:
+            _steps(mon, range(3), model)
+    run = Run(tmp_path / "r")
+    assert run.series("norms/grad_total").steps.tolist() == [0, 1, 2]
+    assert run.series("scalars/loss").steps.tolist() == [0, 1, 2]
+    assert run.meta["status"] == "finished"
+
+
+class _BrokenUpdate(_Broken):
+    name = "brokenupdate"
+    needs = frozenset({"update"})
+
+
+def test_an_error_while_closing_keeps_the_records_and_marks_the_run_failed(tmp_path):
+    model = _model()
+    with pytest.raises(ZeroDivisionError):
+        with trainprobe.watch(model, [_BrokenUpdate(), LayerNorms(schedule=every(1))],
+                              run_dir=tmp_path / "r", on_probe_error="raise") as mon:
+            with mon.step(0) as s:
+                loss = model(torch.ones(2, 3)).pow(2).mean()
+                loss.backward()
+                s.log(loss=loss)
+    run = Run(tmp_path / "r")
+    assert run.series("scalars/loss").steps.tolist() == [0]
+    assert run.series("norms/grad_total").steps.tolist() == [0]
+    assert run.meta["status"].startswith("failed: ZeroDivisionError while closing the monitor")
+
+
+def test_the_parameter_copy_is_released_after_use(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, [UpdateNorms(schedule=every(1))], run_dir=tmp_path / "r") as mon:
+        with mon.step(0) as s:
+            pass
+        assert s.params_before is not None  # held until the next step measures the update
+        with mon.step(1):
+            assert s.params_before is None
+
+
+def test_activation_stats_refuse_a_compiled_model(tmp_path):
+    model = torch.compile(_model(), backend="eager")
+    with pytest.warns(RuntimeWarning, match=r"cannot hook a torch.compile'd module"):
+        with trainprobe.watch(model, [ActivationStats(schedule=every(1))],
+                              run_dir=tmp_path / "r") as mon, mon.step(0):
+            pass
+    assert hook_count(model) == 0
+
+
+def test_activation_hooks_are_removed_when_attach_fails_midway(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 3), torch.jit.script(nn.ReLU()))
+    probe = ActivationStats(schedule=every(1))
+    with pytest.raises(RuntimeError):
+        probe.attach(model)  # the scripted module refuses forward hooks
+    assert hook_count(model) == 0
+
+
+def test_more_argument_errors(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, run_dir=tmp_path / "r") as mon:
+        with pytest.raises(TypeError, match=r"mon.step\(optimizer=...\): expected a torch.optim"):
+            mon.step(0, optimizer="adam")
+    with pytest.raises(ValueError, match=r"UpdateNorms needs ctx.update"):
+        UpdateNorms().measure(StepContext(step=0, model=model, params={}))

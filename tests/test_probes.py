@@ -159,15 +159,16 @@ def test_activation_stats_on_tuple_outputs_and_chosen_modules(tmp_path):
     )
 
 
-@pytest.mark.parametrize(("max_elements", "rows"), [(None, 9), (14, 2), (3, 1), (63, 9)])
+@pytest.mark.parametrize(("max_elements", "rows"), [(None, 9), (14, 2), (7, 1), (63, 9), (3, 0)])
 def test_activation_stats_use_the_leading_rows(tmp_path, max_elements, rows):
+    """Whole leading rows; a row larger than the cap gives its first elements (rows=0)."""
     model = _model()
     x, _ = _data(0)  # [9, 5] -> first layer output [9, 7]
     probe = ActivationStats(schedule=every(1), modules=["0"], max_elements=max_elements)
     with trainprobe.watch(model, [probe], run_dir=tmp_path / "r") as mon, mon.step(0):
         out = model[0](x)
     run = Run(tmp_path / "r")
-    expected = out.detach()[:rows]
+    expected = out.detach()[:rows] if rows else out.detach().reshape(-1)[:max_elements]
     assert run.series("activations/mean/0").values[0] == pytest.approx(expected.mean().item())
     assert run.series("activations/std/0").values[0] == pytest.approx(
         expected.std(correction=0).item()
@@ -255,12 +256,42 @@ def test_nonfinite_guard_does_not_flag_large_half_precision_values(tmp_path):
     assert "nonfinite/grad" not in run  # no gradients this step
 
 
+def _reraise(key, err):
+    raise err
+
+
 def test_on_host_values_must_keep_to_their_probe():
     from trainprobe._transfer import to_host
     from trainprobe.probes.base import OnHost
 
     ok = OnHost(torch.tensor([1.0, 2.0]), lambda a: {"p/sum": a.sum()})
-    assert to_host([(3, {"p/x": ok})])[0].values == {"p/sum": 3.0}
+    assert to_host([(3, {"p/x": ok})], _reraise)[0].values == {"p/sum": 3.0}
     stray = OnHost(torch.tensor([1.0]), lambda a: {"q/sum": a.sum()})
     with pytest.raises(ValueError, match=r"OnHost.finish wrote keys \['q/sum'\] outside 'p/'"):
-        to_host([(0, {"p/x": stray})])
+        to_host([(0, {"p/x": stray})], _reraise)
+    errors = []
+    kept = to_host([(0, {"p/x": stray, "p/y": 2.0})], lambda k, e: errors.append(k))
+    assert kept[0].values == {"p/y": 2.0} and errors == ["p/x"]
+
+
+def test_per_layer_names_must_match_values():
+    from trainprobe._transfer import to_host
+    from trainprobe.probes.base import PerLayer
+
+    bad = PerLayer(("a", "b"), torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"PerLayer has 2 names but 3 values; give one name"):
+        to_host([(0, {"p/x": bad})], _reraise)
+
+
+def test_bfloat16_values_reach_the_store(tmp_path):
+    model = nn.Linear(4, 2).to(torch.bfloat16)
+    with trainprobe.watch(model, [LayerNorms(schedule=every(1))], run_dir=tmp_path / "r") as mon:
+        with mon.step(0) as s:
+            loss = model(torch.ones(3, 4, dtype=torch.bfloat16)).float().pow(2).mean()
+            loss.backward()
+            s.log(loss=model(torch.ones(1, 4, dtype=torch.bfloat16)).sum())  # a bf16 scalar
+    run = Run(tmp_path / "r")
+    assert run.meta["status"] == "finished"
+    expected = torch.linalg.vector_norm(model.weight.detach().float()).item()
+    assert run.series("norms/weight/weight").values[0] == pytest.approx(expected, rel=1e-6)
+    assert np.isfinite(run.series("scalars/loss").values[0])

@@ -515,3 +515,12 @@ def test_reader_follows_a_live_writer(tmp_path):
             assert run.series("arr").values.shape == (steps, 64)
     finally:
         child.close()
+
+
+def test_a_non_numeric_scalar_is_a_type_error_naming_the_key(tmp_path):
+    writer = RunWriter(tmp_path / "r")
+    with pytest.raises(TypeError, match=r"record key 'note' at step 2: expected a number"):
+        writer.append([Record(2, {"note": "high"})])
+    writer.append([Record(2, {"x": 1.0})])  # still usable
+    writer.close()
+    assert Run(tmp_path / "r").keys() == ["x"]

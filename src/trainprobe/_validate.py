@@ -79,8 +79,10 @@ def check_optimizer(optimizer: object, where: str) -> torch.optim.Optimizer | No
 
 
 def check_step(step: object, last: int | None) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if isinstance(step, bool) or not isinstance(step, int):
         raise TypeError(f"mon.step(step): expected a non-negative int, got {step!r}")
+    if step < 0:
+        raise ValueError(f"mon.step(step): expected a non-negative int, got {step!r}")
     if last is not None and step <= last:
         raise ValueError(
             f"step {step} does not come after step {last}: steps must increase; pass a "
@@ -98,7 +100,7 @@ def check_logged(values: Mapping[str, object]) -> dict[str, Tensor | float]:
                     f"log({name}=...): expected a scalar, got a tensor of shape "
                     f"{tuple(value.shape)}; log value.mean() or a single element"
                 )
-            out[name] = value.detach().reshape(())
+            out[name] = value.detach().reshape(()).clone()  # a later in-place change must not leak
         elif isinstance(value, Real) and not isinstance(value, bool):
             out[name] = float(value)
         else:

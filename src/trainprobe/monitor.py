@@ -138,18 +138,25 @@ class Monitor:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        failure = None if exc_type is None else f"{exc_type.__name__}: {exc}"
         try:
-            if self._open is not None:  # the step block never closed (generator abandoned)
-                self._end(self._open, failed=True)
-            self._finish_previous()
-            self.flush()
+            try:
+                if self._open is not None:  # the step block never closed (generator abandoned)
+                    self._end(self._open, failed=True)
+                self._finish_previous()
+            finally:
+                self.flush()  # whatever was measured is written, even if finishing failed
+        except BaseException as err:
+            failure = failure or f"{type(err).__name__} while closing the monitor: {err}"
+            raise
         finally:
             writer, self._writer = self._writer, None
             if writer is not None:
-                status = "finished" if exc_type is None else f"failed: {exc_type.__name__}: {exc}"
-                writer.set_meta(
-                    {"status": status, "ended": _meta.now(), "disabled_probes": self._disabled}
-                )
+                writer.set_meta({
+                    "status": "finished" if failure is None else f"failed: {failure}",
+                    "ended": _meta.now(),
+                    "disabled_probes": self._disabled,
+                })  # fmt: skip
                 writer.close()
 
     # -- the training step ---------------------------------------------------------------
@@ -198,12 +205,19 @@ class Monitor:
                     )
                 )
             for probe in handle.due:
-                if "activations" in probe.needs:
-                    handle.handles.extend(probe.attach(self.model))
+                self._attach(probe, handle)
         except BaseException:
             self._remove_hooks(handle)
             self._open = None
             raise
+
+    def _attach(self, probe: Probe, handle: StepHandle) -> None:
+        try:
+            handle.handles.extend(probe.attach(self.model))
+        except Exception as err:
+            if self.on_probe_error == "raise":
+                raise
+            self._disable(probe, f"attach raised {type(err).__name__}: {err}")
 
     def _end(self, handle: StepHandle, *, failed: bool) -> None:
         self._remove_hooks(handle)
@@ -224,16 +238,18 @@ class Monitor:
             return
         handle, values = self._previous
         self._previous = None
-        before = handle.params_before
-        if before is not None:
-            ctx = self._context(
-                handle, update=parameter_deltas(self.params, before), params_before=before
-            )
-            for probe in handle.due:
-                if "update" in probe.needs:
-                    self._measure(probe, ctx, values)
-        if values:
-            self._buffer.append((handle.step, values))
+        before, handle.params_before = handle.params_before, None  # release the copy
+        try:
+            if before is not None:
+                ctx = self._context(
+                    handle, update=parameter_deltas(self.params, before), params_before=before
+                )
+                for probe in handle.due:
+                    if "update" in probe.needs:
+                        self._measure(probe, ctx, values)
+        finally:  # what the step already measured is kept even if an update probe raises
+            if values:
+                self._buffer.append((handle.step, values))
 
     def _context(self, handle: StepHandle, **extra: Any) -> StepContext:
         return StepContext(
@@ -247,6 +263,8 @@ class Monitor:
         )
 
     def _measure(self, probe: Probe, ctx: StepContext, values: dict[str, Value]) -> None:
+        if probe.name in self._disabled:
+            return
         if "optimizer" in probe.needs and ctx.optimizer is None:
             self._disable(probe, "needs an optimizer: pass optimizer= to watch() or mon.step()")
             return
@@ -295,10 +313,20 @@ class Monitor:
     def flush(self) -> None:
         """Move buffered values to the host (one transfer) and commit them in one transaction."""
         if self._buffer and self._writer is not None:
-            records = to_host(self._buffer)
-            self._buffer = []
+            records = to_host(self._buffer, self._expansion_failed)
             self._writer.append(records)
+            self._buffer = []  # only once committed: a failed write is retried at the next flush
         self._last_flush = time.monotonic()
+
+    def _expansion_failed(self, key: str, err: Exception) -> None:
+        """A probe's value could not be moved to the host: the error policy decides."""
+        probe = next((p for p in self.probes if key.startswith(f"{p.name}/")), None)
+        if self.on_probe_error == "raise" or probe is None:
+            raise err
+        if probe.name not in self._disabled:
+            self._disable(
+                probe, f"its value {key!r} failed on the host: {type(err).__name__}: {err}"
+            )
 
 
 def watch(

@@ -17,6 +17,20 @@ EPILOG = """examples:
 """
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
 def _free_run_dir(out: Path) -> Path:
     """``out/run``, or ``out/run-2``, ``-3``, ... if earlier demos used it."""
     candidate, n = out / "run", 1
@@ -131,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="trainprobe-demo",
         help="directory for the run and dashboard (default: %(default)s)",
     )
-    demo.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
+    demo.add_argument(
+        "--steps", type=_positive, default=2000, help="training steps (default: 2000)"
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument(
         "--no-mishap",
@@ -140,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--threads",
-        type=int,
+        type=_non_negative,
         default=2,
         help="torch CPU threads (default: 2; 0 keeps torch's choice)",
     )

@@ -16,7 +16,11 @@ def stack_scalars(values: Sequence[Tensor]) -> Tensor:
     for value in values[1:]:
         dtype = torch.promote_types(dtype, value.dtype)
     if any(v.dtype != dtype or v.device != device for v in values):
-        values = [v.to(device=device, dtype=dtype, non_blocking=True) for v in values]
+        # non_blocking only towards an accelerator: a non-blocking copy to the CPU could be
+        # read by the stack below before it lands
+        values = [
+            v.to(device=device, dtype=dtype, non_blocking=device.type != "cpu") for v in values
+        ]
     return torch.stack(list(values))  # [L]
 
 

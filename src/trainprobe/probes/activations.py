@@ -33,12 +33,20 @@ def _first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps) a ``torch.compile`` module."""
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+
+
 def _leading_rows(x: Tensor, max_elements: int | None) -> Tensor:
-    """The first rows of ``x`` (dim 0) holding at most ``max_elements`` (at least one row)."""
+    """The first rows of ``x`` (dim 0) holding at most ``max_elements`` elements.
+
+    When a single row is larger (batch size 1), its first ``max_elements`` elements.
+    """
     if max_elements is None or x.ndim == 0 or x.numel() <= max_elements:
         return x
-    per_row = max(x.numel() // max(x.shape[0], 1), 1)
-    return x[: max(max_elements // per_row, 1)]
+    rows = max_elements // max(x.numel() // max(x.shape[0], 1), 1)
+    return x[:rows] if rows >= 1 else x.reshape(-1)[:max_elements]
 
 
 class _Moments:
@@ -148,20 +156,31 @@ class ActivationStats:
         }
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        if _is_compiled(model):
+            raise ValueError(
+                "ActivationStats cannot hook a torch.compile'd module: its forward hooks run "
+                "only while tracing, so later steps would be silently missing; watch the "
+                "uncompiled module (model._orig_mod) or drop ActivationStats"
+            )
         self._moments = {}
         handles = []
         if self._watched_cache is None or self._watched_cache[0] is not model:
             self._watched_cache = (model, self._watched(model))
-        for name, module in self._watched_cache[1].items():
-            moments = _Moments(isinstance(module, RELU_FAMILY))
-            self._moments[name] = moments
+        try:
+            for name, module in self._watched_cache[1].items():
+                moments = _Moments(isinstance(module, RELU_FAMILY))
+                self._moments[name] = moments
 
-            def hook(_module: nn.Module, _inputs: Any, output: Any, m: _Moments = moments):
-                tensor = _first_tensor(output)
-                if tensor is not None:
-                    m.add(_leading_rows(tensor, self.max_elements))
+                def hook(_module: nn.Module, _inputs: Any, output: Any, m: _Moments = moments):
+                    tensor = _first_tensor(output)
+                    if tensor is not None:
+                        m.add(_leading_rows(tensor, self.max_elements))
 
-            handles.append(module.register_forward_hook(hook))
+                handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
         return handles
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:

@@ -53,7 +53,9 @@ class NonFiniteGuard:
         loss = ctx.logged.get("loss")  # a device tensor, a float, or None
         on_device = isinstance(loss, torch.Tensor)
         if on_device:
-            wide = loss.reshape(1).to(device=values.device, dtype=values.dtype, non_blocking=True)
+            wide = loss.reshape(1).to(
+                device=values.device, dtype=values.dtype, non_blocking=values.device.type != "cpu"
+            )
             values = torch.cat([values, wide])  # [L + L' + 1]: checked on the host
         finish = partial(
             _summarise,

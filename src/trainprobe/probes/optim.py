@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -34,7 +35,16 @@ class LearningRate:
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         groups = ctx.optimizer.param_groups if ctx.optimizer is not None else []
-        return {f"optim/lr/{i}": group["lr"] for i, group in enumerate(groups) if "lr" in group}
+        return {
+            f"optim/lr/{i}": _snapshot(group["lr"])
+            for i, group in enumerate(groups)
+            if "lr" in group
+        }
 
     def settings(self) -> dict[str, Any]:
         return {}
+
+
+def _snapshot(lr: Any) -> Any:
+    """The value now: a tensor learning rate (capturable optimizers) is updated in place."""
+    return lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
