@@ -131,3 +131,26 @@ def test_the_contract_catches_a_probe_that_perturbs(tmp_path):
     watched = train("mlp", probes=[_RandomProbe()], run_dir=tmp_path / "run")
     with pytest.raises(AssertionError):
         _assert_same_training(reference, watched)
+
+
+def test_parameter_probes_work_on_a_compiled_model(tmp_path):
+    """Norms, updates and the guard read parameters and grads: torch.compile is no obstacle."""
+    pytest.importorskip("torch._dynamo")
+    probes = [PROBES[name](schedule=every(1)) for name in ("norms", "updates", "nonfinite")]
+    torch.manual_seed(0)
+    model = MODELS["mlp"]()
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    with trainprobe.watch(compiled, probes, run_dir=tmp_path / "r") as mon:
+        for step in range(3):
+            with mon.step(step) as s:
+                loss = torch.nn.functional.cross_entropy(compiled(x), y)
+                loss.backward()
+                s.log(loss=loss)
+            opt.step()
+            opt.zero_grad()
+    run = Run(tmp_path / "r")
+    assert run.series("norms/grad_total").steps.tolist() == [0, 1, 2]
+    assert run.series("updates/ratio_total").steps.tolist() == [0, 1, 2]
+    assert run.series("nonfinite/grad").values.tolist() == [0, 0, 0]
