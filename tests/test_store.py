@@ -146,8 +146,11 @@ def test_a_closed_run_is_one_file_and_stays_so_when_read(tmp_path):
     writer = RunWriter(tmp_path / "r", resume=True)  # WAL again while writing
     writer.append([Record(1, {"x": 2.0})])
     with Run(tmp_path / "r") as run:  # a live reader: the writer keeps WAL mode at close
+        run.keys()  # hold a read snapshot open
         writer.close()
         assert run.series("x").values.tolist() == [1.0, 2.0]
+        mode = sqlite3.connect(tmp_path / "r" / "run.db").execute("PRAGMA journal_mode")
+        assert mode.fetchone()[0] == "wal"
 
 
 def test_empty_run_to_pandas(tmp_path):
