@@ -12,13 +12,16 @@ from plotly.basedatatypes import BaseTraceType
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
+from ..analysis.update_ratio import HEALTHY
+
 ROW_PX = 200
 """Pixels of figure height per unit of :attr:`PanelPart.height`."""
 
 # Rule of thumb from A. Karpathy's CS231n notes ("Neural Networks Part 3: Learning and
 # Evaluation", ratio of weights:updates): ||dw|| / ||w|| per step "should be somewhere
 # around 1e-3"; much higher means the learning rate is too high, much lower too low.
-HEALTHY_UPDATE_RATIO = 1e-3
+# One number for the detector and the picture: the update_ratio detector's.
+HEALTHY_UPDATE_RATIO = HEALTHY
 """Typical ``||dw|| / ||w||`` per step of a healthy run: the update-ratio heatmap's white
 centre and the reference line of the global-norms panel."""
 
