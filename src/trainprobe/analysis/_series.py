@@ -164,11 +164,7 @@ def param_order(run: Run) -> list[str]:
     ``run.meta["model"]["params"]`` when the run recorded it, else the recording
     order of the ``norms/grad/<param>`` keys.
     """
-    model = run.meta.get("model")
-    params = model.get("params") if isinstance(model, dict) else None
-    if isinstance(params, list) and all(isinstance(p, str) for p in params):
-        return list(params)
-    return run.layers("norms/grad")
+    return run.param_names() or run.layers("norms/grad")
 
 
 def fmt(value: float) -> str:
