@@ -313,3 +313,17 @@ def test_more_argument_errors(tmp_path):
             mon.step(0, optimizer="adam")
     with pytest.raises(ValueError, match=r"UpdateNorms needs ctx.update"):
         UpdateNorms().measure(StepContext(step=0, model=model, params={}))
+
+
+def test_a_warning_when_gradient_probes_see_no_gradient(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"no parameter had a gradient when step 0 ended"):
+        with trainprobe.watch(model, [LayerNorms(schedule=every(1))], run_dir=tmp_path / "r",
+                              optimizer=opt) as mon:
+            for step in range(2):
+                with mon.step(step):
+                    model(torch.ones(2, 3)).sum().backward()
+                    opt.step()
+                    opt.zero_grad()  # inside the block: the probe sees no gradient
+    assert "norms/grad_total" not in Run(tmp_path / "r")

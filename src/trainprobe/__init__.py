@@ -7,7 +7,7 @@ store, flag instabilities with detectors, look at it all in one HTML file.
 __version__ = "0.1.0"
 
 from .analysis import Finding, Severity, analyze
-from .monitor import Monitor, StepHandle, watch
+from .monitor import Monitor, watch
 from .probes import (
     ActivationStats,
     LayerNorms,
@@ -19,6 +19,7 @@ from .probes import (
     every,
     log_spaced,
 )
+from .step import StepHandle
 from .store import Run, RunError
 
 __all__ = [

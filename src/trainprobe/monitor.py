@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from . import _meta
 from ._transfer import to_host
@@ -38,56 +37,8 @@ from ._validate import (
 from .probes import default_probes
 from .probes.base import Probe, StepContext, Value
 from .probes.updates import parameter_deltas
+from .step import StepHandle
 from .store import RunWriter
-
-
-class StepHandle:
-    """One training step under observation; returned by :meth:`Monitor.step`.
-
-    Entering attaches the hooks of the probes due now (and copies the parameters
-    if an update probe is due); leaving removes them — also when the block
-    raises — and measures.
-    """
-
-    def __init__(
-        self,
-        monitor: Monitor,
-        step: int,
-        due: tuple[Probe, ...],
-        batch: Any,
-        optimizer: torch.optim.Optimizer | None,
-    ) -> None:
-        self.monitor = monitor
-        self.step = step
-        self.due = due
-        self.batch = batch
-        self.optimizer = optimizer
-        self.logged: dict[str, Tensor | float] = {}
-        self.handles: list[RemovableHandle] = []
-        self.params_before: dict[str, Tensor] | None = None
-
-    def log(self, **values: Tensor | float) -> None:
-        """Record scalars for this step as ``scalars/<name>`` (e.g. ``loss=loss``).
-
-        Tensors are detached and kept on their device; nothing syncs until the
-        monitor's next flush. Logging the same name twice in a step keeps the last.
-
-        Raises:
-            TypeError: a value is not a number or a one-element tensor.
-        """
-        self.logged.update(check_logged(values))
-
-    def __enter__(self) -> StepHandle:
-        self.monitor._begin(self)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.monitor._end(self, failed=exc_type is not None)
 
 
 class Monitor:
@@ -121,6 +72,7 @@ class Monitor:
         self._last_flush = time.monotonic()
         self._disabled: dict[str, str] = {}
         self._optimizer_logged = False
+        self._warned_no_grads = False
 
     # -- context management ------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -226,11 +178,26 @@ class Monitor:
         if failed:  # keep what was logged; measuring a half-done step would mislead
             handle.params_before = None
         else:
+            self._check_grads(handle)
             ctx = self._context(handle)
             for probe in handle.due:
                 if "update" not in probe.needs:
                     self._measure(probe, ctx, values)
         self._previous = (handle, values)
+
+    def _check_grads(self, handle: StepHandle) -> None:
+        """Warn once when gradient probes are due but no parameter holds a gradient."""
+        if self._warned_no_grads or not any("grads" in p.needs for p in handle.due):
+            return
+        if not any(p.grad is not None for p in self.params.values()):  # stops at the first
+            self._warned_no_grads = True
+            warnings.warn(
+                f"trainprobe: no parameter had a gradient when step {handle.step} ended, so "
+                "gradient probes recorded nothing; call loss.backward() inside the "
+                "`with mon.step(...)` block and optimizer.zero_grad() after it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _finish_previous(self) -> None:
         """Measure update probes of the last step (the optimizer has stepped) and buffer it."""
