@@ -1,0 +1,83 @@
+"""Lanczos against dense eigendecompositions (float64, exact up to rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainprobe.curvature import lanczos
+
+
+def _symmetric(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen,
+                                       dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def _spectrum(n: int = 80) -> list[float]:
+    """Outliers on both sides of a bulk, like a network Hessian, plus a near-tie."""
+    gen = torch.Generator().manual_seed(1)
+    bulk = (torch.rand(n - 7, generator=gen, dtype=torch.float64) - 0.3).tolist()
+    return [50.0, 20.0, 19.9, 8.0, 5.0, -4.0, -2.5, *bulk]
+
+
+def test_top5_and_bottom2_match_the_dense_eigendecomposition():
+    a = _symmetric(_spectrum())
+    exact = torch.linalg.eigvalsh(a)  # ascending
+    pairs = lanczos(a, 80, top=5, bottom=2, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    expected = torch.cat([exact.flip(0)[:5], exact[:2]])
+    torch.testing.assert_close(pairs.values, expected, rtol=1e-8, atol=0)
+    assert pairs.converged and pairs.matvecs < 80
+    for i in range(7):  # eigenvectors up to sign, and their residuals
+        y = pairs.vectors[:, i]
+        assert torch.linalg.vector_norm(a @ y - pairs.values[i] * y) <= 1e-8 * 50
+        assert abs(float(y @ y) - 1) < 1e-10
+    assert (pairs.residuals <= 1e-10 * 50 * 1.0001).all()
+
+
+def test_a_float32_callable_operator():
+    a = _symmetric(_spectrum()).float()
+    pairs = lanczos(lambda v: a @ v, 80, top=3, tol=1e-6, dtype=torch.float32,
+                    generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.eigvalsh(a.double()).flip(0)[:3]
+    torch.testing.assert_close(pairs.values, exact, rtol=1e-5, atol=0)
+
+
+def test_a_warm_start_needs_fewer_operator_calls():
+    a = _symmetric(_spectrum())
+    gen = torch.Generator().manual_seed(0)
+    cold = lanczos(a, 80, top=3, tol=1e-8, generator=gen)
+    drift = 1e-3 * _symmetric([1.0] * 40 + [-1.0] * 40, seed=5)
+    warm = lanczos(a + drift, 80, top=3, tol=1e-8, start=cold.vectors, generator=gen)
+    fresh = lanczos(a + drift, 80, top=3, tol=1e-8, generator=gen)
+    torch.testing.assert_close(warm.values, fresh.values, rtol=1e-8, atol=0)
+    assert warm.matvecs < fresh.matvecs
+
+
+def test_an_invariant_subspace_ends_the_iteration_exactly():
+    a = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0, -2.0], dtype=torch.float64))
+    pairs = lanczos(a, 5, top=1, bottom=1, generator=torch.Generator().manual_seed(0))
+    assert pairs.converged and pairs.matvecs == 3  # only 3 distinct eigenvalues
+    torch.testing.assert_close(pairs.values, torch.tensor([3.0, -2.0], dtype=torch.float64))
+
+
+def test_unconverged_runs_warn_and_say_so():
+    a = _symmetric(_spectrum())
+    with pytest.warns(RuntimeWarning, match=r"lanczos: not converged after 4 steps"):
+        pairs = lanczos(a, 80, top=2, max_iter=4, generator=torch.Generator().manual_seed(0))
+    assert not pairs.converged
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"operator": torch.zeros(3, 4)}, ValueError, r"dense operator must have shape \[3, 3\]"),
+    ({"operator": "A"}, TypeError, r"operator must be a \[n, n\] tensor or a callable"),
+    ({"top": 0}, ValueError, r"need 1 <= top \+ bottom <= 3"),
+    ({"top": 2, "bottom": 2}, ValueError, r"need 1 <= top \+ bottom <= 3"),
+    ({"tol": 0.0}, ValueError, r"tol must be > 0"),
+    ({"start": torch.ones(4)}, ValueError, r"start must be \[3\] or \[3, j\], got \(4,\)"),
+])  # fmt: skip
+def test_bad_arguments(kwargs, error, match):
+    kwargs = {"operator": torch.eye(3, dtype=torch.float64)} | kwargs
+    with pytest.raises(error, match=match):
+        lanczos(kwargs.pop("operator"), 3, **kwargs)
