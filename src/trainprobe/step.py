@@ -44,8 +44,9 @@ class StepHandle:
     def log(self, **values: Tensor | float) -> None:
         """Record scalars for this step as ``scalars/<name>`` (e.g. ``loss=loss``).
 
-        Tensors are detached and kept on their device; nothing syncs until the
-        monitor's next flush. Logging the same name twice in a step keeps the last.
+        Tensors are detached and copied (a snapshot: later in-place changes do not
+        leak in) on their device; nothing syncs until the monitor's next flush.
+        Logging the same name twice in a step keeps the last.
 
         Raises:
             TypeError: a value is not a number or a one-element tensor.

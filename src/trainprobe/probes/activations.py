@@ -140,6 +140,13 @@ class ActivationStats:
         self._moments: dict[str, _Moments] = {}
 
     def _watched(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules to hook (checked once per model: the result is cached)."""
+        if _is_compiled(model):
+            raise ValueError(
+                "ActivationStats cannot hook a torch.compile'd module: its forward hooks run "
+                "only while tracing, so later steps would be silently missing; watch the "
+                "uncompiled module (model._orig_mod) or drop ActivationStats"
+            )
         named = dict(model.named_modules())
         if self.modules is not None:
             missing = [m for m in self.modules if m not in named]
@@ -156,12 +163,6 @@ class ActivationStats:
         }
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        if _is_compiled(model):
-            raise ValueError(
-                "ActivationStats cannot hook a torch.compile'd module: its forward hooks run "
-                "only while tracing, so later steps would be silently missing; watch the "
-                "uncompiled module (model._orig_mod) or drop ActivationStats"
-            )
         self._moments = {}
         handles = []
         if self._watched_cache is None or self._watched_cache[0] is not model:

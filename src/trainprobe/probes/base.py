@@ -28,11 +28,12 @@ from torch.utils.hooks import RemovableHandle
 
 from .schedules import Schedule
 
-#: What a probe can ask for.
-#: ``grads``: ``.grad`` after the user's backward; ``activations``: its forward hooks
-#: attached during the step; ``update``: ``ctx.update`` = parameters after the
-#: optimizer step minus before (measured when the next step starts); ``optimizer``:
-#: ``ctx.optimizer`` not None; ``logged``: the values given to ``StepHandle.log``.
+#: What a probe can ask for (the monitor calls ``attach`` for every due probe).
+#: ``grads``: ``.grad`` after the user's backward (the monitor warns once if none has
+#: one); ``activations``: the probe hooks module outputs in ``attach``; ``update``:
+#: ``ctx.update`` = parameters after the optimizer step minus before (measured when
+#: the next step starts); ``optimizer``: ``ctx.optimizer`` not None (else the probe is
+#: disabled with a warning); ``logged``: the values given to ``StepHandle.log``.
 NEEDS = frozenset({"grads", "activations", "update", "optimizer", "logged"})
 
 
