@@ -71,7 +71,7 @@ def test_unconverged_runs_warn_and_say_so():
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"operator": torch.zeros(3, 4)}, ValueError, r"dense operator must have shape \[3, 3\]"),
-    ({"operator": "A"}, TypeError, r"operator must be a \[n, n\] tensor or a callable"),
+    ({"operator": "A"}, TypeError, r"operator must be a \[n, n\] tensor, a callable"),
     ({"top": 0}, ValueError, r"need 1 <= top \+ bottom <= 3"),
     ({"top": 2, "bottom": 2}, ValueError, r"need 1 <= top \+ bottom <= 3"),
     ({"tol": 0.0}, ValueError, r"tol must be > 0"),

@@ -10,7 +10,6 @@ residual is small (Paige 1971; Golub & Van Loan, *Matrix Computations*, §10.1).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-Operator = Tensor | Callable[[Tensor], Tensor]
+from .operator import Operator, as_matvec
 
 
 @dataclass(frozen=True)
@@ -41,22 +40,6 @@ class Eigenpairs:
     residuals: Tensor
     matvecs: int
     converged: bool
-
-
-def as_matvec(operator: Operator, dim: int) -> Callable[[Tensor], Tensor]:
-    """A callable ``v -> A v`` from a dense ``[dim, dim]`` tensor or a callable."""
-    if isinstance(operator, Tensor):
-        if operator.shape != (dim, dim):
-            raise ValueError(
-                f"a dense operator must have shape [{dim}, {dim}], got {tuple(operator.shape)}"
-            )
-        return lambda v: operator @ v
-    if not callable(operator):
-        raise TypeError(
-            "operator must be a [n, n] tensor or a callable v -> A v, "
-            f"got {type(operator).__name__}"
-        )
-    return operator
 
 
 def _start(
