@@ -17,7 +17,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from .operator import Operator, as_matvec
+from .operator import Operator, as_matvec, operator_placement
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,74 @@ def _ritz(alphas: list[float], betas: list[float], top: int, bottom: int):
     return theta[wanted], s[:, wanted]
 
 
+class _Krylov:
+    """One Lanczos process: float64 basis, host tridiagonal, Ritz pairs after each step."""
+
+    def __init__(self, dim: int, steps: int, first: Tensor, *, top: int, bottom: int, tol: float):
+        self.basis = torch.zeros(steps, dim, dtype=torch.float64, device=first.device)  # [m, n]
+        self.basis[0] = first
+        self.top, self.bottom, self.tol = top, bottom, tol
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.finished = self.converged = False
+
+    @property
+    def vector(self) -> Tensor:
+        """The basis vector the operator must be applied to next, ``[n]``."""
+        return self.basis[len(self.alphas)]
+
+    def absorb(self, w: Tensor) -> None:
+        """Take ``w = A q_j`` ``[n]`` float64: extend T, update the Ritz pairs, stop or go on."""
+        j = len(self.alphas)
+        basis = self.basis[: j + 1]  # [j+1, n]
+        self.alphas.append(float(basis[j] @ w))  # deliberate sync: T is built on the host
+        for _ in range(2):  # full reorthogonalisation, twice ("twice is enough")
+            w = w - basis.T @ (basis @ w)
+        self.betas.append(float(torch.linalg.vector_norm(w)))
+        self.theta, self.s = _ritz(self.alphas, self.betas, self.top, self.bottom)
+        self.residuals = np.abs(self.betas[-1] * self.s[-1])
+        self.scale = max(float(np.max(np.abs(self.theta))), np.finfo(np.float64).tiny)
+        enough = len(self.theta) == self.top + self.bottom
+        invariant = self.betas[-1] <= 1e-12 * self.scale  # Krylov space invariant: exact
+        self.converged = enough and (
+            invariant or bool(np.all(self.residuals <= self.tol * self.scale))
+        )
+        self.finished = self.converged or invariant or j + 1 == self.basis.shape[0]
+        if not self.finished:
+            self.basis[j + 1] = w / self.betas[-1]
+
+    def result(self, name: str = "lanczos") -> Eigenpairs:
+        m = len(self.alphas)
+        if not self.converged:
+            warnings.warn(
+                f"{name}: not converged after {m} steps (largest residual "
+                f"{float(self.residuals.max()):.3g}, wanted <= {self.tol * self.scale:.3g}, "
+                f"{len(self.theta)} of {self.top + self.bottom} pairs found); raise max_iter "
+                "or tol",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        ritz = torch.from_numpy(np.ascontiguousarray(self.s)).to(self.basis.device)  # [m, k]
+        return Eigenpairs(
+            values=torch.from_numpy(np.ascontiguousarray(self.theta)),
+            vectors=self.basis[:m].T @ ritz,  # [n, k]
+            residuals=torch.from_numpy(np.ascontiguousarray(self.residuals)),
+            matvecs=m,
+            converged=self.converged,
+        )
+
+
+def _check_wanted(top: int, bottom: int, tol: float, dim: int) -> None:
+    if top < 0 or bottom < 0 or top + bottom < 1 or top + bottom > dim:
+        raise ValueError(f"need 1 <= top + bottom <= {dim} (top, bottom >= 0), got {top}, {bottom}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+
+
+def _steps(dim: int, wanted: int, max_iter: int | None) -> int:
+    return min(dim, max(100, 10 * wanted)) if max_iter is None else min(max_iter, dim)
+
+
 def lanczos(
     operator: Operator,
     dim: int,
@@ -102,59 +170,23 @@ def lanczos(
         max_iter: Krylov dimension cap (default ``min(n, max(100, 10 (top + bottom)))``).
         start: warm start: ``[n]`` or previous eigenvectors ``[n, j]`` (summed).
         generator: randomness for the start vector (a CPU generator).
-        dtype: dtype the operator takes (default: a dense operator's, else float64).
-        device: where the basis lives and the operator is called (default: a dense
-            operator's device, else the CPU). The basis is float64 there; each step
+        dtype: dtype the operator takes (default: the operator's ``dtype`` attribute
+            (dense tensors, Hessian operators), else float64).
+        device: where the basis lives and the operator is called (default: the
+            operator's ``device`` attribute, else the CPU). The basis is float64 there; each step
             reads two scalars on the host (``α``, ``β``): one sync per operator call.
 
     Returns:
         :class:`Eigenpairs`.
     """
     matvec = as_matvec(operator, dim)
-    if top < 0 or bottom < 0 or top + bottom < 1 or top + bottom > dim:
-        raise ValueError(f"need 1 <= top + bottom <= {dim} (top, bottom >= 0), got {top}, {bottom}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    steps = min(dim, max(100, 10 * (top + bottom))) if max_iter is None else min(max_iter, dim)
-    dense = operator if isinstance(operator, Tensor) else None
-    if device is None:
-        device = dense.device if dense is not None else "cpu"
-    device = torch.device(device)
-    in_dtype = dtype or (dense.dtype if dense is not None else torch.float64)
-    basis = torch.zeros(steps, dim, dtype=torch.float64, device=device)  # [m, n] rows q_j
-    basis[0] = _start(dim, start, generator, device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(steps):
-        q = basis[j]
-        w = matvec(q.to(in_dtype)).detach().to(torch.float64).reshape(-1)  # [n]
-        alphas.append(float(q @ w))  # deliberate sync: T is built on the host
-        for _ in range(2):  # full reorthogonalisation, twice
-            w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
-        betas.append(float(torch.linalg.vector_norm(w)))
-        theta, s = _ritz(alphas, betas, top, bottom)
-        residuals = np.abs(betas[-1] * s[-1])
-        scale = max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny)
-        done = bool(np.all(residuals <= tol * scale)) and len(alphas) >= top + bottom
-        if done or betas[-1] <= 1e-12 * scale or j + 1 == steps:
-            break
-        basis[j + 1] = w / betas[-1]
-    m = len(alphas)
-    converged = (done or betas[-1] <= 1e-12 * scale) and len(theta) == top + bottom
-    if not converged:
-        warnings.warn(
-            f"lanczos: not converged after {m} steps (largest residual "
-            f"{float(residuals.max()):.3g}, wanted <= {tol * scale:.3g}, {len(theta)} of "
-            f"{top + bottom} pairs found); raise max_iter or tol",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    ritz = torch.from_numpy(np.ascontiguousarray(s)).to(device)  # [m, k]
-    vectors = basis[:m].T @ ritz  # [n, k]
-    return Eigenpairs(
-        values=torch.from_numpy(np.ascontiguousarray(theta)),
-        vectors=vectors,
-        residuals=torch.from_numpy(np.ascontiguousarray(residuals)),
-        matvecs=m,
-        converged=converged,
+    _check_wanted(top, bottom, tol, dim)
+    device, in_dtype = operator_placement(operator, device, dtype)
+    first = _start(dim, start, generator, device)
+    krylov = _Krylov(
+        dim, _steps(dim, top + bottom, max_iter), first, top=top, bottom=bottom, tol=tol
     )
+    while not krylov.finished:
+        w = matvec(krylov.vector.to(in_dtype)).detach().to(torch.float64).reshape(-1)  # [n]
+        krylov.absorb(w)
+    return krylov.result()

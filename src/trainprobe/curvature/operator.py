@@ -73,3 +73,14 @@ def as_matmat(operator: Operator, dim: int) -> Callable[[Tensor], Tensor]:
         return torch.stack([matvec(vs[:, i]).reshape(-1) for i in range(vs.shape[1])], dim=1)
 
     return columns
+
+
+def operator_placement(
+    operator: Operator, device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype to call ``operator`` with: the given ones, else the
+    operator's own ``device``/``dtype`` attributes (dense tensors and Hessian
+    operators have them), else the CPU and float64."""
+    device = device if device is not None else getattr(operator, "device", "cpu")
+    dtype = dtype if dtype is not None else getattr(operator, "dtype", torch.float64)
+    return torch.device(device), dtype

@@ -1,0 +1,370 @@
+"""Hessian-vector products of a loss in a model's parameters, one or many vectors a call.
+
+:func:`hessian_operator` returns a :class:`HessianOperator`: the Hessian
+``H = ∇²_w L(w)`` at the model's current parameters ``w`` (flattened to ``[P]``, see
+:class:`~.params.ParamLayout`) as a symmetric operator with ``matvec(v [P])`` and
+``matmat(V [P, k])`` for every algorithm of this package. The data loop lives only
+here: ``L`` is one batch's loss, or the exact dataset loss over several batches
+``L = Σ_b (n_b / N) L_b`` for mean-reduced losses (``Σ_b L_b`` for summed ones), the
+last short batch included.
+
+Three engines, all through ``torch.func.functional_call`` on a flat ``w``:
+
+- ``"graph"``: double backward. The gradient graph ``g(w) = ∇L`` is built once per
+  batch when the operator is made; each product is ``∂(gᵀv)/∂w`` on that graph, and
+  ``matmat`` vmaps it over the ``k`` vectors (``is_grads_batched``). The cheapest per
+  product on CPU (see ``benchmarks/curvature.py``); holds one graph per batch.
+- ``"jvp"``: forward-over-reverse, ``Hv = jvp(grad(L), (w,), (v,))``, vmapped over
+  the vectors: nothing cached, a fresh forward and backward each call.
+- ``"linearize"``: ``torch.func.linearize(grad(L), w)`` once, then the recorded
+  linear map is replayed (vmapped) per call.
+
+``"auto"`` picks ``"graph"`` while at most :data:`MAX_CACHED_BATCHES` batches must be
+cached, else ``"jvp"``; the choice is in ``operator.engine``. No product changes the
+model: parameters and buffers enter as detached copies (BatchNorm statistics never
+move), ``.grad`` is never written, module modes are restored and the global RNG is
+forked around every evaluation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, linearize, vmap
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .loss import (
+    LossFn,
+    Mode,
+    ParamSelection,
+    check_deterministic,
+    rng_fork,
+    select_params,
+    semantics,
+)
+from .params import ParamLayout
+
+Engine = Literal["auto", "graph", "jvp", "linearize"]
+ENGINES = ("graph", "jvp", "linearize")
+MAX_CACHED_BATCHES = 16
+"""``engine="auto"`` caches gradient graphs for at most this many batches."""
+
+
+class _Objective(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap in ``w``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def default_batch_size(batch: Any) -> int:
+    """Leading size of the first tensor in ``batch`` (the number of examples)."""
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, Tensor) and leaf.ndim > 0:
+            return int(leaf.shape[0])
+    raise ValueError(
+        "cannot tell the batch size: the batch holds no tensor with a leading dimension; "
+        "pass batch_size=lambda batch: <number of examples>"
+    )
+
+
+class HessianOperator:
+    """The Hessian of a model's loss as a symmetric ``[P, P]`` operator (see module doc).
+
+    Make one with :func:`hessian_operator`. Attributes:
+        layout: the parameters the Hessian is taken in (``P = layout.size``).
+        dim: ``P``.
+        dtype, device: of the vectors ``matvec``/``matmat`` take and return.
+        engine: the engine in use (``"graph"``, ``"jvp"`` or ``"linearize"``).
+        mode: ``"eval"`` or ``"train"`` forward semantics.
+        loss: the (dataset) loss at ``w``, a 0-d tensor.
+        gradient: ``∇L(w)`` ``[P]``.
+        point: ``w`` ``[P]`` (a detached copy).
+        matvecs: Hessian-vector products applied so far (a ``matmat`` of ``k`` counts ``k``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        pieces: list[tuple[Any, float]],
+        selected: dict[str, nn.Parameter],
+        *,
+        mode: Mode,
+        engine: str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.layout = ParamLayout.of(selected)
+        self.dim = self.layout.size
+        first = next(iter(selected.values()))
+        self.device, self.dtype, self.mode, self.engine = first.device, dtype, mode, engine
+        self.matvecs = 0
+        self._objective = _Objective(model, loss_fn)
+        self._pieces = pieces
+        self._constants = _constants(model, selected, dtype)
+        self.point = self.layout.flatten({n: p.detach() for n, p in selected.items()}).to(dtype)
+        self._check_deterministic(model)
+        self._prepare()
+
+    # -- evaluation --------------------------------------------------------------------
+    def _loss_at(
+        self, w: Tensor | dict[str, Tensor], batch: Any, weight: float, *, fork: bool = True
+    ) -> Tensor:
+        """``weight · loss(model with parameters w, batch)`` as a 0-d tensor."""
+        parts = self.layout.unflatten(w) if isinstance(w, Tensor) else w
+        state = {**self._constants, **{f"model.{n}": t for n, t in parts.items()}}
+        forked = rng_fork(self.device) if fork else nullcontext()
+        with forked, semantics(self._objective.model, self.mode):
+            value = functional_call(self._objective, state, (batch,))
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise ValueError(
+                "the loss closure must return a scalar tensor, got "
+                f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
+            )
+        return weight * value.reshape(())
+
+    def _check_deterministic(self, model: nn.Module) -> None:
+        batch, weight = self._pieces[0]
+        with rng_fork(self.device):  # both passes inside one fork: a random loss differs
+            check_deterministic(
+                model, lambda: self._loss_at(self.point, batch, weight, fork=False), self.mode
+            )
+
+    def _prepare(self) -> None:
+        """Loss and gradient per batch; unused-parameter check; engine state."""
+        w = self.point.clone().requires_grad_(True)
+        graphs, grads, losses, used = [], [], [], torch.zeros(len(self.layout.names), dtype=bool)
+        for index, (batch, weight) in enumerate(self._pieces):
+            parts = self.layout.unflatten(w)
+            with torch.enable_grad():
+                value = self._loss_at(parts, batch, weight)
+                _check_finite_loss(value, index)
+                per_param = torch.autograd.grad(
+                    value, list(parts.values()), allow_unused=True,
+                    create_graph=self.engine == "graph",
+                )  # fmt: skip
+            used |= torch.tensor([g is not None for g in per_param])
+            flat = torch.cat([
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(per_param, parts.values(), strict=True)
+            ])  # fmt: skip  [P]
+            graphs.append(flat)
+            grads.append(flat.detach())
+            losses.append(value.detach())
+        _check_used(self.layout, used)
+        self.loss = torch.stack(losses).sum()
+        self.gradient = torch.stack(grads).sum(dim=0)  # [P]
+        self._w = w
+        self._graphs = graphs if self.engine == "graph" else []
+        self._linear = [self._linearize(b, wt) for b, wt in self._pieces] if (
+            self.engine == "linearize") else []  # fmt: skip
+
+    def _linearize(self, batch: Any, weight: float) -> Callable[[Tensor], Tensor]:
+        gradient = grad(lambda w: self._loss_at(w, batch, weight))
+        model = self._objective.model
+        with rng_fork(self.device), semantics(model, self.mode), warnings.catch_warnings():
+            # torch.fx constant folding inside linearize is chatty about get_attr nodes
+            warnings.filterwarnings("ignore", "Attempted to insert a get_attr", UserWarning)
+            _, linear = linearize(gradient, self.point)
+        return linear
+
+    # -- products ----------------------------------------------------------------------
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for ``v [P]`` (cast to the operator's dtype and device)."""
+        if v.ndim != 1 or v.shape[0] != self.dim:
+            raise ValueError(f"matvec: expected a [{self.dim}] vector, got {tuple(v.shape)}")
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """``H V`` for ``V [P, k]`` in one batched (``vmap``) call per batch of data."""
+        if vs.ndim != 2 or vs.shape[0] != self.dim:
+            raise ValueError(f"matmat: expected a [{self.dim}, k] matrix, got {tuple(vs.shape)}")
+        vs = vs.detach().to(device=self.device, dtype=self.dtype)
+        try:
+            out = sum(self._products(vs))  # [P, k]
+        except RuntimeError as err:
+            raise _engine_error(self.engine, err) from err
+        self.matvecs += vs.shape[1]
+        if not bool(torch.isfinite(out).all()):  # deliberate sync: a NaN must not go unnoticed
+            raise FloatingPointError(
+                f"a Hessian-vector product is not finite (loss {float(self.loss):.4g}); the "
+                "loss's second derivative overflows or is undefined here: check the model "
+                "for NaN/inf, and in half precision pass dtype=torch.float32"
+            )
+        return out
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """``matvec`` for ``[P]``, ``matmat`` for ``[P, k]``."""
+        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
+
+    def _products(self, vs: Tensor) -> Iterable[Tensor]:
+        if self.engine == "graph":
+            for flat in self._graphs:
+                yield _double_backward(flat, self._w, vs)
+        elif self.engine == "linearize":
+            for linear in self._linear:
+                yield vmap(linear, in_dims=1, out_dims=1)(vs)
+        else:
+            for batch, weight in self._pieces:
+                gradient = grad(lambda w, b=batch, wt=weight: self._loss_at(w, b, wt))
+
+                def product(v: Tensor, g: Callable = gradient) -> Tensor:
+                    return jvp(g, (self.point,), (v,))[1]
+
+                yield vmap(product, in_dims=1, out_dims=1)(vs)
+
+
+def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:
+    """``[P, k]`` columns ``∂(gᵀ v_i)/∂w`` on the cached gradient graph ``g = flat``."""
+    if not flat.requires_grad:  # the loss is (at most) linear in w: H = 0
+        return torch.zeros_like(vs)
+    if vs.shape[1] == 1:
+        (out,) = torch.autograd.grad(flat, w, vs[:, 0], retain_graph=True, allow_unused=True)
+        return torch.zeros_like(vs) if out is None else out.reshape(-1, 1)
+    (out,) = torch.autograd.grad(
+        flat, w, vs.T.contiguous(), retain_graph=True, allow_unused=True, is_grads_batched=True
+    )  # [k, P]
+    return torch.zeros_like(vs) if out is None else out.T
+
+
+def _constants(
+    model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Detached copies of the parameters held fixed and of every buffer (clones)."""
+
+    def cast(t: Tensor) -> Tensor:
+        return t.detach().clone().to(dtype) if t.is_floating_point() else t.detach().clone()
+
+    fixed = {f"model.{n}": cast(p) for n, p in model.named_parameters() if n not in selected}
+    buffers = {f"model.{n}": cast(b) for n, b in model.named_buffers()}
+    return {**fixed, **buffers}
+
+
+def _check_finite_loss(value: Tensor, index: int) -> None:
+    if not bool(torch.isfinite(value)):  # deliberate sync, once per batch at construction
+        raise FloatingPointError(
+            f"the loss is {float(value)} on batch {index}: its Hessian is undefined; "
+            "fix the NaN/inf in the model or data first"
+        )
+
+
+def _check_used(layout: ParamLayout, used: Tensor) -> None:
+    unused = [n for n, u in zip(layout.names, used.tolist(), strict=True) if not u]
+    if unused:
+        raise ValueError(
+            f"parameters {unused} do not affect the loss (unused in the forward pass), so "
+            "their Hessian rows are zero; leave them out with params=..."
+        )
+
+
+def _engine_error(engine: str, err: RuntimeError) -> RuntimeError:
+    text = str(err)
+    other = "jvp" if engine in ("graph", "linearize") else "graph"
+    if any(s in text for s in ("double backward", "not implemented", "forward AD", "vmap")):
+        return RuntimeError(
+            f"the {engine!r} HVP engine cannot differentiate this model ({text.splitlines()[0]}); "
+            f"an op lacks the needed derivative: try engine={other!r}"
+        )
+    return err
+
+
+def hessian_operator(
+    model: nn.Module,
+    loss_fn: LossFn,
+    *,
+    batch: Any = None,
+    batches: Iterable[Any] | None = None,
+    params: ParamSelection = None,
+    mode: Mode = "eval",
+    engine: Engine = "auto",
+    dtype: torch.dtype | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    batch_size: Callable[[Any], int] = default_batch_size,
+) -> HessianOperator:
+    """The Hessian of ``loss_fn`` at ``model``'s current parameters, as an operator.
+
+    Args:
+        model: the network (not modified; its parameters are read once, now).
+        loss_fn: ``loss(model, batch) -> scalar``; :func:`~.loss.criterion_loss`
+            wraps ``criterion(model(x), y)``.
+        batch: one batch (anything ``loss_fn`` takes). Give ``batch`` or ``batches``.
+        batches: an iterable of batches (a DataLoader): ``L = Σ_b w_b L_b`` with
+            ``w_b = n_b / N`` for ``reduction="mean"`` losses, ``1`` for ``"sum"``.
+            Read once, now, under a forked RNG (a shuffling loader does not move
+            the global RNG); the batches are kept for the operator's lifetime.
+        params: which parameters (see :func:`~.loss.select_params`); others are fixed.
+        mode: ``"eval"`` (default; BatchNorm running statistics, no dropout) or
+            ``"train"`` (BatchNorm batch statistics, running statistics untouched).
+            Randomness in the loss raises a ``ValueError`` naming the module.
+        engine: ``"auto"``, ``"graph"``, ``"jvp"`` or ``"linearize"`` (module doc).
+        dtype: compute dtype (default: the parameters'); ``torch.float64`` gives exact
+            references. Floating tensors of the batches are cast to it.
+        reduction: how ``loss_fn`` reduces over examples, for the batch weights.
+        batch_size: ``batch -> number of examples`` (default: the first tensor's
+            leading size).
+
+    Raises:
+        ValueError: bad arguments, a random loss, unused parameters (see messages).
+        FloatingPointError: the loss is not finite.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be a callable loss(model, batch), got {type(loss_fn).__name__}"
+        )
+    if engine not in ("auto", *ENGINES):
+        raise ValueError(f"engine must be 'auto' or one of {ENGINES}, got {engine!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    selected = select_params(model, params)
+    first = next(iter(selected.values()))
+    dtype = dtype or first.dtype
+    pieces = _pieces(batch, batches, reduction, batch_size, first.device, dtype)
+    if engine == "auto":
+        engine = "graph" if len(pieces) <= MAX_CACHED_BATCHES else "jvp"
+    return HessianOperator(
+        model, loss_fn, pieces, selected, mode=mode, engine=engine, dtype=dtype
+    )
+
+
+def _pieces(
+    batch: Any,
+    batches: Iterable[Any] | None,
+    reduction: str,
+    batch_size: Callable[[Any], int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[tuple[Any, float]]:
+    """``[(batch on device, weight)]``: the data loop's one materialisation."""
+    if (batch is None) == (batches is None):
+        raise ValueError("pass exactly one of batch= (one batch) or batches= (an iterable)")
+    if batch is not None:
+        items = [batch]
+    else:
+        with rng_fork(device):  # iterating a DataLoader draws its seed from the global RNG
+            items = list(batches)
+        if not items:
+            raise ValueError("batches= yielded no batch; pass a non-empty iterable")
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    items = [tree_map(move, b) for b in items]
+    if reduction == "sum" or len(items) == 1:
+        return [(b, 1.0) for b in items]
+    sizes = [batch_size(b) for b in items]
+    total = sum(sizes)
+    return [(b, n / total) for b, n in zip(items, sizes, strict=True)]
