@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -124,7 +124,7 @@ class HessianOperator:
         parts = self.layout.unflatten(w) if isinstance(w, Tensor) else w
         state = {**self._constants, **{f"model.{n}": t for n, t in parts.items()}}
         forked = rng_fork(self.device) if fork else nullcontext()
-        with forked, semantics(self._objective.model, self.mode):
+        with forked, semantics(self._objective.model, self.mode), _differentiable_attention():
             value = functional_call(self._objective, state, (batch,))
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise ValueError(
@@ -166,8 +166,12 @@ class HessianOperator:
         self.gradient = torch.stack(grads).sum(dim=0)  # [P]
         self._w = w
         self._graphs = graphs if self.engine == "graph" else []
-        self._linear = [self._linearize(b, wt) for b, wt in self._pieces] if (
-            self.engine == "linearize") else []  # fmt: skip
+        self._linear = []
+        if self.engine == "linearize":
+            try:
+                self._linear = [self._linearize(b, wt) for b, wt in self._pieces]
+            except RuntimeError as err:
+                raise _engine_error(self.engine, err) from err
 
     def _linearize(self, batch: Any, weight: float) -> Callable[[Tensor], Tensor]:
         gradient = grad(lambda w: self._loss_at(w, batch, weight))
@@ -222,6 +226,16 @@ class HessianOperator:
                     return jvp(g, (self.point,), (v,))[1]
 
                 yield vmap(product, in_dims=1, out_dims=1)(vs)
+
+
+def _differentiable_attention() -> AbstractContextManager:
+    """Scaled-dot-product attention on its math kernel, the one with every derivative
+    (the fused CPU and GPU kernels have no double backward or forward AD)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the old kernels are differentiable anyway
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:

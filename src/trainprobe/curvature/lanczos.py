@@ -46,6 +46,7 @@ def _start(
     dim: int, start: Tensor | None, generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
     """Unit float64 start vector: the given one(s) summed plus a little noise, or random."""
+    generator = generator if generator is not None else torch.Generator()  # not the global RNG
     noise = torch.randn(dim, generator=generator, dtype=torch.float64).to(device)
     noise /= torch.linalg.vector_norm(noise)
     if start is None:

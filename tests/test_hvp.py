@@ -1,0 +1,338 @@
+"""Hessian operators against dense float64 Hessians from ``torch.func.hessian``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from trainprobe.curvature import ParamLayout, lanczos
+from trainprobe.curvature.blocks import block_lanczos, diagonal_block_eigenpairs
+from trainprobe.curvature.hvp import ENGINES, hessian_operator
+from trainprobe.curvature.loss import criterion_loss
+
+CE = criterion_loss(nn.CrossEntropyLoss())
+
+
+def _data(n: int = 24, shape: tuple[int, ...] = (5,), seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, 3, (n,), generator=gen)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+class _BNNet(nn.Module):
+    """Conv + BatchNorm + linear head, no dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.bn = nn.BatchNorm2d(2)
+        self.head = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bn(self.conv(x))).flatten(1))
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(1)
+    net = _BNNet().double()
+    net.bn.running_mean.uniform_(-0.5, 0.5)  # non-trivial running statistics
+    net.bn.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def _bn_reference(net: _BNNet, x, y, *, train: bool):
+    """An independent forward with BatchNorm written out (batch or running statistics).
+
+    Written by hand: ``torch.func.hessian`` (forward over reverse) through train-mode
+    ``F.batch_norm`` disagrees with finite differences by ~1e-2 in torch 2.13.
+    """
+    layout = ParamLayout.trainable(net)
+
+    def loss(w):
+        p = layout.unflatten(w)
+        h = F.conv2d(x, p["conv.weight"], p["conv.bias"], padding=1)  # [B, C, H, W]
+        if train:
+            mean = h.mean(dim=(0, 2, 3))
+            var = h.var(dim=(0, 2, 3), unbiased=False)
+        else:
+            mean, var = net.bn.running_mean, net.bn.running_var
+        scale = p["bn.weight"] / torch.sqrt(var + net.bn.eps)
+        h = (h - mean[:, None, None]) * scale[:, None, None] + p["bn.bias"][:, None, None]
+        logits = F.linear(torch.tanh(h).flatten(1), p["head.weight"], p["head.bias"])
+        return F.cross_entropy(logits, y)
+
+    return layout, loss
+
+
+def _dense(model: nn.Module, loss_of_output, x, y):
+    """Dense Hessian of ``loss_of_output(model(x), y)`` in the flat trainable parameters."""
+    layout = ParamLayout.trainable(model)
+    w = layout.flatten(dict(model.named_parameters())).detach()
+
+    def loss(v):
+        return loss_of_output(functional_call(model, layout.unflatten(v), (x,)), y)
+
+    return hessian(loss)(w)
+
+
+def _rel(a, b) -> float:
+    return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_mlp_products_match_the_dense_hessian(engine):
+    model, (x, y) = _mlp(), _data()
+    dense = _dense(model, F.cross_entropy, x, y)
+    op = hessian_operator(model, CE, batch=(x, y), engine=engine)
+    vs = torch.randn(op.dim, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert _rel(op.matmat(vs), dense @ vs) < 1e-10
+    single = torch.stack([op.matvec(vs[:, i]) for i in range(6)], dim=1)
+    assert _rel(single, dense @ vs) < 1e-10
+    assert op.matvecs == 12 and op.engine == engine
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batchnorm_in_eval_and_train_semantics(engine, train):
+    net, (x, y) = _bn_net(), _data(16, (1, 4, 4))
+    layout, reference = _bn_reference(net, x, y, train=train)
+    dense = hessian(reference)(layout.flatten(dict(net.named_parameters())).detach())
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    op = hessian_operator(net, CE, batch=(x, y), mode="train" if train else "eval", engine=engine)
+    vs = torch.randn(op.dim, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert _rel(op.matmat(vs), dense @ vs) < 1e-10
+    for name, b in net.named_buffers():  # running statistics never move
+        assert torch.equal(b, buffers[name]), name
+    assert net.training and net.bn.track_running_stats
+
+
+def test_attention_block_and_a_custom_loss():
+    torch.manual_seed(2)
+    block = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True).double()
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def custom(model, batch):  # not criterion(model(x), y): a smooth penalty on the outputs
+        out = model(batch)
+        return (out.tanh() ** 2).mean() + 0.1 * out.pow(4).mean()
+
+    layout = ParamLayout.trainable(block)
+    w = layout.flatten(dict(block.named_parameters())).detach()
+
+    def of_w(v):  # train mode: eval would take the fused fast path, whose derivatives are off
+
+        return custom(lambda b: functional_call(block, layout.unflatten(v), (b,)), x)
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no second derivative
+        # plain autograd: torch.func.hessian (and jacrev∘jacrev) of this block disagree with
+        # finite differences by ~1e-1 in torch 2.13, autograd.functional agrees to 5e-8
+        dense = torch.autograd.functional.hessian(of_w, w)
+    vs = torch.randn(w.numel(), 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for engine in ENGINES:  # the operator switches attention to the math kernel itself
+        op = hessian_operator(block, custom, batch=x, engine=engine, mode="train")
+        assert _rel(op.matmat(vs), dense @ vs) < 1e-10
+
+
+def test_top5_bottom2_and_eigenvectors_match_eigh():
+    model, (x, y) = _mlp(), _data()
+    dense = _dense(model, F.cross_entropy, x, y)
+    exact, vectors = torch.linalg.eigh(dense)  # ascending
+    op = hessian_operator(model, CE, batch=(x, y))
+    gen = torch.Generator().manual_seed(0)
+    pairs = lanczos(op, op.dim, top=5, bottom=2, tol=1e-12, generator=gen)
+    want = torch.cat([exact.flip(0)[:5], exact[:2]])
+    assert pairs.converged
+    torch.testing.assert_close(pairs.values, want, rtol=1e-8, atol=1e-12)
+    order = [op.dim - 1 - i for i in range(5)] + [0, 1]
+    for col, i in enumerate(order):  # up to sign
+        assert abs(float(pairs.vectors[:, col] @ vectors[:, i])) == pytest.approx(1, abs=1e-8)
+    blocked = block_lanczos(op, op.dim, top=5, bottom=2, block_size=4, tol=1e-12,
+                            generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(blocked.values, want, rtol=1e-8, atol=1e-12)
+
+
+def test_per_layer_blocks_are_the_diagonal_blocks_of_the_dense_hessian():
+    model, (x, y) = _mlp(), _data()
+    dense = _dense(model, F.cross_entropy, x, y)
+    op = hessian_operator(model, CE, batch=(x, y))
+    bounds, start = [], 0
+    for n in op.layout.numels:
+        bounds.append(slice(start, start + n))
+        start += n
+    results = diagonal_block_eigenpairs(op, op.dim, bounds, top=2, bottom=1, tol=1e-12,
+                                        generator=torch.Generator().manual_seed(1))
+    calls = op.matvecs
+    for b, pairs in zip(bounds, results, strict=True):
+        exact = torch.linalg.eigvalsh(dense[b, b])
+        want = torch.cat([exact.flip(0)[:2], exact[:1]]) if len(exact) > 2 else exact.flip(0)
+        torch.testing.assert_close(pairs.values, want, rtol=1e-8, atol=1e-12)
+    assert calls == sum(p.matvecs for p in results)
+
+
+def test_dataset_over_uneven_batches_equals_the_full_batch():
+    model, (x, y) = _mlp(), _data(23)
+    full = hessian_operator(model, CE, batch=(x, y))
+    parts = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]  # 10, 10, 3
+    vs = torch.randn(full.dim, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for engine in ENGINES:
+        split = hessian_operator(model, CE, batches=parts, engine=engine)
+        assert _rel(split.matmat(vs), full.matmat(vs)) < 1e-10
+        torch.testing.assert_close(split.gradient, full.gradient, rtol=1e-10, atol=1e-14)
+    summed = hessian_operator(
+        model, criterion_loss(nn.CrossEntropyLoss(reduction="sum")), batches=parts, reduction="sum"
+    )
+    assert _rel(summed.matmat(vs), 23 * full.matmat(vs)) < 1e-10
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    assert _rel(hessian_operator(model, CE, batches=loader).matmat(vs), full.matmat(vs)) < 1e-10
+
+
+@pytest.mark.parametrize("selection", ["0\\.", ["0.weight", "0.bias"], "module"])
+def test_parameter_subsets_are_the_submatrix(selection):
+    model, (x, y) = _mlp(), _data()
+    dense = _dense(model, F.cross_entropy, x, y)
+    params = model[0] if selection == "module" else selection
+    op = hessian_operator(model, CE, batch=(x, y), params=params)
+    n = sum(p.numel() for p in model[0].parameters())  # layer 0 comes first in the vector
+    assert op.layout.names == ("0.weight", "0.bias")
+    eye = torch.eye(n, dtype=torch.float64)
+    assert _rel(op.matmat(eye), dense[:n, :n]) < 1e-10
+
+
+def test_float32_model_with_float64_products():
+    model, (x, y) = _mlp(), _data()
+    dense = _dense(model, F.cross_entropy, x, y)
+    small = copy.deepcopy(model).float()
+    op = hessian_operator(small, CE, batch=(x.float(), y), dtype=torch.float64)
+    vs = torch.randn(op.dim, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    assert op.dtype == torch.float64 and _rel(op.matmat(vs), dense @ vs) < 1e-6  # w rounded
+    assert next(small.parameters()).dtype == torch.float32
+
+
+def test_no_side_effects_on_model_grads_modes_or_rng():
+    net, (x, y) = _bn_net(), _data(16, (1, 4, 4))
+    net.train()
+    net.head.eval()  # a mixed mode must survive
+    F.cross_entropy(net(x), y).backward()
+    before = copy.deepcopy(net.state_dict())
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    rng = torch.get_rng_state()
+    for engine in ENGINES:
+        for mode in ("eval", "train"):
+            op = hessian_operator(net, CE, batch=(x, y), engine=engine, mode=mode)
+            op.matmat(torch.ones(op.dim, 2, dtype=torch.float64))
+            lanczos(op, op.dim, top=2, generator=torch.Generator().manual_seed(0))
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for name, p in net.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+    assert net.training and not net.head.training and net.conv.training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_shuffling_dataloader_leaves_the_global_rng_alone():
+    model, (x, y) = _mlp(), _data()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=5, shuffle=True
+    )
+    rng = torch.get_rng_state()
+    hessian_operator(model, CE, batches=loader)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_dropout_in_train_mode_is_named():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    x, y = _data()
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"module '2' \(Dropout\).*use mode='eval'"):
+        hessian_operator(model, CE, batch=(x, y), mode="train")
+    assert torch.equal(torch.get_rng_state(), rng)
+    hessian_operator(model, CE, batch=(x, y))  # eval semantics: dropout is off
+
+
+def test_a_random_loss_closure_is_refused():
+    model, (x, y) = _mlp(), _data()
+
+    def noisy(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1]) + 1e-3 * torch.rand(())
+
+    with pytest.raises(ValueError, match="loss closure draws randomness"):
+        hessian_operator(model, noisy, batch=(x, y))
+
+
+def test_an_op_without_second_derivative_names_the_engine_to_try():
+    model, (x, y) = _mlp(), _data()
+
+    def loss(m, batch):  # aten::_cdist_backward has no derivative of its own
+        out = m(batch[0])
+        return torch.cdist(out, out.flip(0)).mean()
+
+    op = hessian_operator(model, loss, batch=(x, y), engine="graph")
+    expected = r"'graph' HVP engine cannot differentiate.*engine='jvp'"
+    with pytest.raises(RuntimeError, match=expected):
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+
+
+def test_non_finite_hvp_and_loss():
+    model, (x, y) = _mlp(), _data()
+
+    model[0].weight.data[0, 0] = 0.0
+
+    def huge(m, batch):  # finite loss and gradient; |w|^1.5 has an infinite curvature at 0
+        return F.cross_entropy(m(batch[0]), batch[1]) + m[0].weight[0, 0].abs() ** 1.5
+
+    op = hessian_operator(model, huge, batch=(x, y))
+    with pytest.raises(FloatingPointError, match="Hessian-vector product is not finite"):
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is nan on batch 0"):
+        hessian_operator(model, CE, batch=(bad, y))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "exactly one of batch="),
+        ({"batch": 1, "batches": [1]}, ValueError, "exactly one of batch="),
+        ({"batches": []}, ValueError, "yielded no batch"),
+        ({"batch": "B", "engine": "fast"}, ValueError, "engine must be 'auto' or one of"),
+        ({"batch": "B", "mode": "test"}, ValueError, "mode must be 'eval' or 'train'"),
+        ({"batch": "B", "reduction": "none"}, ValueError, "reduction must be 'mean' or 'sum'"),
+        ({"batch": "B", "params": "nothing"}, ValueError, "no trainable parameter name matches"),
+        ({"batch": "B", "params": ["0.weight", "x"]}, ValueError, r"unknown names \['x'\]"),
+        ({"batch": "B", "params": []}, ValueError, "params is empty"),
+        ({"batches": ["B", "C"]}, ValueError, "cannot tell the batch size"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        hessian_operator(_mlp(), lambda m, b: m[0].weight.sum() ** 2, **kwargs)
+
+
+def test_frozen_unused_and_non_scalar():
+    model, (x, y) = _mlp(), _data()
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['0.bias'\] are frozen"):
+        hessian_operator(model, CE, batch=(x, y), params=["0.weight", "0.bias"])
+    assert "0.bias" not in hessian_operator(model, CE, batch=(x, y)).layout.names
+    with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\] do not affect the loss"):
+        hessian_operator(model, lambda m, b: m[0](b[0]).pow(2).mean(), batch=(x, y))
+    with pytest.raises(ValueError, match="must return a scalar tensor"):
+        hessian_operator(model, lambda m, b: m(b[0]), batch=(x, y))
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
+        hessian_operator("net", CE, batch=(x, y))
+    with pytest.raises(TypeError, match="loss_fn must be a callable"):
+        hessian_operator(model, 3, batch=(x, y))
+    with pytest.raises(ValueError, match=r"expected a \[\d+\] vector"):
+        hessian_operator(model, CE, batch=(x, y)).matvec(torch.ones(3))
