@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainprobe
+from trainprobe.curvature import criterion_loss
 
 
 def mlp() -> nn.Module:
@@ -99,6 +100,7 @@ def train(
         probes,
         run_dir=run_dir,
         optimizer=opt,
+        loss_fn=criterion_loss(nn.CrossEntropyLoss()),
         on_probe_error="raise",
         flush_seconds=flush_seconds,
     ) as mon:

@@ -46,13 +46,24 @@ def test_training_is_bit_identical_and_rng_untouched(tmp_path, model, probe):
     assert hook_count(watched[0]) == 0
 
 
+def curvature_probes() -> list:
+    """Every curvature probe, each option that adds keys switched on."""
+    return [
+        PROBES["hessian"](2, bottom=1, vectors=True, schedule=every(1)),
+        *(PROBES[name](schedule=every(1))
+          for name in ("hessian_trace", "hessian_density", "sharpness", "grad_subspace")),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("probe_set", ["default", "curvature"])
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_default_probes_record_finite_documented_keys(tmp_path, model):
-    train(model, steps=6, probes=default_probes(every_n=1), run_dir=tmp_path / "run")
+def test_probes_record_finite_documented_keys(tmp_path, model, probe_set):
+    probes = default_probes(every_n=1) if probe_set == "default" else curvature_probes()
+    train(model, steps=6, probes=probes, run_dir=tmp_path / "run")
     run = Run(tmp_path / "run")
     documented = {name: _documented_patterns(cls) for name, cls in PROBES.items()}
     keys = run.keys()
-    assert {k.split("/")[0] for k in keys} == {*PROBES, "scalars"}
+    assert {k.split("/")[0] for k in keys} == {*(p.name for p in probes), "scalars"}
     zero_init = {n for n, w in _initial_weights(model).items() if not w.any()}
     for key in keys:
         series = run.series(key)

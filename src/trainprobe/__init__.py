@@ -6,13 +6,20 @@ store, flag instabilities with detectors, look at it all in one HTML file.
 
 __version__ = "0.1.0"
 
+from . import curvature
 from .analysis import Finding, Severity, analyze
+from .curvature import criterion_loss, hessian_operator
 from .monitor import Monitor, watch
 from .probes import (
     ActivationStats,
+    GradientSubspace,
+    HessianDensity,
+    HessianTop,
+    HessianTrace,
     LayerNorms,
     LearningRate,
     NonFiniteGuard,
+    Sharpness,
     UpdateNorms,
     at_steps,
     default_probes,
@@ -33,6 +40,15 @@ __all__ = [
     "LearningRate",
     "NonFiniteGuard",
     "UpdateNorms",
+    # curvature probes and the curvature core
+    "GradientSubspace",
+    "HessianDensity",
+    "HessianTop",
+    "HessianTrace",
+    "Sharpness",
+    "criterion_loss",
+    "curvature",
+    "hessian_operator",
     "at_steps",
     "default_probes",
     "every",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +77,16 @@ def check_optimizer(optimizer: object, where: str) -> torch.optim.Optimizer | No
             f"got {type(optimizer).__name__}"
         )
     return optimizer
+
+
+def check_loss_fn(loss_fn: object, where: str) -> Callable[[nn.Module, Any], Tensor] | None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(
+            f"{where}(loss_fn=...) must be a callable loss(model, batch) -> scalar tensor, "
+            f"got {type(loss_fn).__name__}; e.g. "
+            "trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())"
+        )
+    return loss_fn
 
 
 def check_step(step: object, last: int | None) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,6 +28,7 @@ from . import _meta
 from ._transfer import to_host
 from ._validate import (
     check_logged,
+    check_loss_fn,
     check_model,
     check_optimizer,
     check_options,
@@ -51,6 +52,7 @@ class Monitor:
         *,
         run_dir: str | Path,
         optimizer: torch.optim.Optimizer | None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None,
         resume: bool,
         flush_seconds: float,
         on_probe_error: str,
@@ -60,6 +62,7 @@ class Monitor:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.probes = tuple(check_probes(default_probes() if probes is None else probes))
         self.optimizer = check_optimizer(optimizer, "watch")
+        self.loss_fn = check_loss_fn(loss_fn, "watch")
         self.run_dir = Path(run_dir)
         self.flush_seconds, self.on_probe_error = check_options(flush_seconds, on_probe_error)
         self._resume = resume
@@ -113,7 +116,12 @@ class Monitor:
 
     # -- the training step ---------------------------------------------------------------
     def step(
-        self, step: int, *, batch: Any = None, optimizer: torch.optim.Optimizer | None = None
+        self,
+        step: int,
+        *,
+        batch: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     ) -> StepHandle:
         """Observe training step ``step`` (use as ``with mon.step(...) as s:``).
 
@@ -121,6 +129,7 @@ class Monitor:
             step: the global step counter; must increase from call to call.
             batch: the step's input, for probes that evaluate on it.
             optimizer: overrides the optimizer given to :func:`watch` for this step.
+            loss_fn: overrides the loss closure given to :func:`watch` for this step.
 
         Raises:
             ValueError: ``step`` does not increase, or the monitor is not entered.
@@ -132,8 +141,9 @@ class Monitor:
             )
         check_step(step, self._last_step)
         optimizer = check_optimizer(optimizer, "mon.step") or self.optimizer
+        loss_fn = check_loss_fn(loss_fn, "mon.step") or self.loss_fn
         due = tuple(p for p in self.probes if p.name not in self._disabled and p.schedule(step))
-        return StepHandle(self, step, due, batch, optimizer)
+        return StepHandle(self, step, due, batch, optimizer, loss_fn)
 
     def _begin(self, handle: StepHandle) -> None:
         if self._open is not None:
@@ -226,6 +236,7 @@ class Monitor:
             batch=handle.batch,
             optimizer=handle.optimizer,
             logged=handle.logged,
+            loss_fn=handle.loss_fn,
             **extra,
         )
 
@@ -302,6 +313,7 @@ def watch(
     *,
     run_dir: str | Path | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     resume: bool = False,
     flush_seconds: float = 2.0,
     on_probe_error: str = "warn",
@@ -314,6 +326,9 @@ def watch(
         probes: probe instances; default :func:`trainprobe.probes.default_probes`.
         run_dir: where the run is stored (default ``runs/run-<UTC time>``).
         optimizer: lets probes read the learning rate and optimizer state.
+        loss_fn: ``loss(model, batch) -> scalar``, for probes that evaluate the loss
+            themselves (Hessian, sharpness): e.g.
+            ``trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())``.
         resume: append to an existing run in ``run_dir`` (steps must go on past it).
         flush_seconds: values are buffered on the device and committed at most this
             long after they were measured (0: every step); a process killed in between
@@ -334,6 +349,7 @@ def watch(
         probes,
         run_dir=run_dir,
         optimizer=optimizer,
+        loss_fn=loss_fn,
         resume=resume,
         flush_seconds=flush_seconds,
         on_probe_error=on_probe_error,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._validate import check_logged
@@ -31,12 +32,14 @@ class StepHandle:
         due: tuple[Probe, ...],
         batch: Any,
         optimizer: torch.optim.Optimizer | None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     ) -> None:
         self.monitor = monitor
         self.step = step
         self.due = due
         self.batch = batch
         self.optimizer = optimizer
+        self.loss_fn = loss_fn
         self.logged: dict[str, Tensor | float] = {}
         self.handles: list[RemovableHandle] = []
         self.params_before: dict[str, Tensor] | None = None

@@ -78,6 +78,8 @@ class StepContext:
         logged: values given to ``StepHandle.log`` at this step (device tensors or floats).
         update: ``{name: [shape] Δw}`` for probes that need ``"update"``, else None.
         params_before: ``{name: w_before}`` (detached copies) with ``update``, else None.
+        loss_fn: ``loss(model, batch) -> scalar`` given to ``watch`` or ``step`` (for
+            probes that evaluate the loss themselves, e.g. Hessian probes), else None.
     """
 
     step: int
@@ -88,6 +90,7 @@ class StepContext:
     logged: Mapping[str, Tensor | float] = field(default_factory=dict)
     update: Mapping[str, Tensor] | None = None
     params_before: Mapping[str, Tensor] | None = None
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
 
 
 @runtime_checkable

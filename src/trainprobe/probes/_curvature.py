@@ -1,0 +1,100 @@
+"""What every curvature probe shares: where its Hessian is taken (data, loss, parameters,
+semantics, engine) and how it turns a :class:`~trainprobe.probes.base.StepContext`
+into a :class:`~trainprobe.curvature.HessianOperator`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..curvature.hvp import Engine, HessianOperator, hessian_operator
+from ..curvature.loss import LossFn, Mode, ParamSelection
+from .base import StepContext
+from .schedules import Schedule, check_schedule, every
+
+
+class CurvatureProbe:
+    """Shared options of the Hessian probes (a probe's own options come on top).
+
+    Args:
+        schedule: when to measure (default every 100 steps: each measurement costs
+            tens of Hessian-vector products, each about 1.5-2 gradients).
+        data: a fixed batch to take the Hessian on (e.g. a held-out or full batch);
+            default: the step's ``batch=``.
+        batches: a fixed iterable of batches (a DataLoader): the dataset Hessian,
+            each batch weighted by its size (re-read at every measurement).
+        loss_fn: ``loss(model, batch) -> scalar``; default: the ``loss_fn`` given to
+            ``watch`` or ``mon.step``.
+        params: which parameters (None: all trainable; a regex, names or a module).
+        mode: ``"eval"`` (default) or ``"train"`` forward semantics; see
+            :func:`trainprobe.curvature.hessian_operator`.
+        engine: the HVP engine (``"auto"``, ``"graph"``, ``"jvp"``, ``"linearize"``).
+        dtype: compute dtype (default: the parameters').
+
+    Measured at the end of the step block: after the user's backward, before the
+    optimizer step, at the parameters that produced this step's gradient. Nothing of
+    the model changes (see the curvature module); the probe holds only its own state
+    (e.g. eigenvectors for warm starts).
+    """
+
+    needs: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        schedule: Schedule | None = None,
+        data: Any = None,
+        batches: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        params: ParamSelection = None,
+        mode: Mode = "eval",
+        engine: Engine = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.schedule = every(100) if schedule is None else schedule
+        check_schedule(self.schedule, type(self).__name__)
+        if data is not None and batches is not None:
+            raise ValueError(f"{type(self).__name__}: pass data= or batches=, not both")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"{type(self).__name__}: loss_fn must be callable loss(model, batch)")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"{type(self).__name__}: mode must be 'eval' or 'train', got {mode!r}")
+        self.data, self.batches, self.loss_fn = data, batches, loss_fn
+        self.params, self.mode, self.engine, self.dtype = params, mode, engine, dtype
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def operator(self, ctx: StepContext) -> HessianOperator:
+        """The Hessian at this step's parameters, on the probe's data and loss."""
+        loss_fn = self.loss_fn or ctx.loss_fn
+        if loss_fn is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a loss: pass loss_fn= to watch(), mon.step() or "
+                "the probe, e.g. trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())"
+            )
+        common = {"params": self.params, "mode": self.mode, "engine": self.engine,
+                  "dtype": self.dtype}  # fmt: skip
+        if self.batches is not None:
+            return hessian_operator(ctx.model, loss_fn, batches=self.batches, **common)
+        batch = self.data if self.data is not None else ctx.batch
+        if batch is None:
+            raise ValueError(
+                f"{type(self).__name__} needs data: pass batch= to mon.step(), or data= "
+                "(or batches=) to the probe"
+            )
+        return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "data": "fixed batch" if self.data is not None else (
+                "fixed batches" if self.batches is not None else "step batch"),
+            "params": self.params if isinstance(self.params, str | None) else repr(self.params),
+            "mode": self.mode,
+            "engine": self.engine,
+            "dtype": None if self.dtype is None else str(self.dtype),
+        }  # fmt: skip

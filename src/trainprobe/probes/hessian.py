@@ -1,0 +1,166 @@
+"""Hessian spectrum probes: top eigenpairs, trace and spectral density."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..curvature import hutch_plus_plus, hutchinson, lanczos, spectral_density
+from ._curvature import CurvatureProbe
+from .base import StepContext, Value
+
+
+class HessianTop(CurvatureProbe):
+    """Extreme Hessian eigenvalues by Lanczos, warm-started from the last measurement.
+
+    Keys:
+        ``hessian/eig_<i>``: the ``i``-th largest eigenvalue (``i < top``);
+        ``hessian/bottom_<i>``: the ``i``-th most negative (``i < bottom``);
+        ``hessian/residual_<i>``, ``hessian/bottom_residual_<i>``: ``||H y − θ y||``;
+        ``hessian/hvps``: Hessian-vector products spent; ``hessian/converged``: 1 or 0;
+        ``hessian/eigvecs``: ``[P, top + bottom]`` float32 array, with ``vectors=True``.
+
+    Args:
+        top: how many of the largest eigenvalues.
+        bottom: how many of the most negative ones (negative curvature, saddles).
+        tol: Lanczos residual tolerance relative to ``max |θ|``; eigenvalue errors
+            are about ``tol² · |θ|² / gap`` (Parlett, *The Symmetric Eigenvalue
+            Problem*, §11.7), so ``1e-3`` gives ~1e-6 relative accuracy for
+            separated eigenvalues.
+        max_iter: cap on Lanczos steps (default: 100 or 10 × wanted).
+        warm_start: start from the previous measurement's eigenvectors (a few
+            steps later they have barely turned: far fewer products).
+        vectors: also record the eigenvectors (``P × k`` floats per measurement).
+        seed: seeds the start vector (a generator of its own; the global RNG is
+            never used).
+        **source: where the Hessian is taken; see :class:`CurvatureProbe`.
+    """
+
+    name = "hessian"
+
+    def __init__(
+        self,
+        top: int = 1,
+        *,
+        bottom: int = 0,
+        tol: float = 1e-3,
+        max_iter: int | None = None,
+        warm_start: bool = True,
+        vectors: bool = False,
+        seed: int = 0,
+        **source: Any,
+    ) -> None:
+        super().__init__(**source)
+        if top < 0 or bottom < 0 or top + bottom < 1:
+            raise ValueError(f"HessianTop: need top + bottom >= 1, got top={top}, bottom={bottom}")
+        self.top, self.bottom, self.tol, self.max_iter = top, bottom, tol, max_iter
+        self.warm_start, self.vectors, self.seed = warm_start, vectors, seed
+        self._previous: torch.Tensor | None = None  # [P, k] float64, for warm starts
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        op = self.operator(ctx)
+        start = self._previous if self.warm_start else None
+        if start is not None and start.shape[0] != op.dim:
+            start = None
+        pairs = lanczos(
+            op, op.dim, top=self.top, bottom=self.bottom, tol=self.tol, max_iter=self.max_iter,
+            start=start, generator=torch.Generator().manual_seed(self.seed + ctx.step),
+        )  # fmt: skip
+        self._previous = pairs.vectors
+        out: dict[str, Value] = {"hessian/hvps": float(op.matvecs),
+                                 "hessian/converged": float(pairs.converged)}  # fmt: skip
+        values, residuals = pairs.values.tolist(), pairs.residuals.tolist()
+        for i in range(len(values)):
+            kind, j = ("eig", i) if i < self.top else ("bottom", i - self.top)
+            out[f"hessian/{kind}_{j}"] = values[i]
+            prefix = "" if kind == "eig" else "bottom_"
+            out[f"hessian/{prefix}residual_{j}"] = residuals[i]
+        if self.vectors:
+            out["hessian/eigvecs"] = pairs.vectors.to(torch.float32)  # [P, k]
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "top": self.top, "bottom": self.bottom, "tol": self.tol,
+                "warm_start": self.warm_start, "vectors": self.vectors}  # fmt: skip
+
+
+class HessianTrace(CurvatureProbe):
+    """``tr(H)``, the sum of all curvatures, by Hutch++ (or Hutchinson).
+
+    Keys:
+        ``hessian_trace/trace``, ``hessian_trace/stderr`` (standard error of the
+        estimate), ``hessian_trace/hvps``.
+
+    Args:
+        matvecs: Hessian-vector products per measurement (batched in one call).
+        method: ``"hutch++"`` (Meyer et al. 2021; default, exact on low-rank parts) or
+            ``"hutchinson"`` (Hutchinson 1989).
+        seed: probes come from ``torch.Generator().manual_seed(seed + step)``.
+        **source: see :class:`CurvatureProbe`.
+    """
+
+    name = "hessian_trace"
+
+    def __init__(self, *, matvecs: int = 100, method: str = "hutch++", seed: int = 0,
+                 **source: Any) -> None:  # fmt: skip
+        super().__init__(**source)
+        if method not in ("hutch++", "hutchinson"):
+            raise ValueError(
+                f"HessianTrace: method must be 'hutch++' or 'hutchinson', got {method!r}"
+            )
+        self.matvecs, self.method, self.seed = matvecs, method, seed
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        op = self.operator(ctx)
+        estimator = hutch_plus_plus if self.method == "hutch++" else hutchinson
+        gen = torch.Generator().manual_seed(self.seed + ctx.step)
+        estimate = estimator(op, op.dim, matvecs=self.matvecs, generator=gen)
+        return {"hessian_trace/trace": estimate.value, "hessian_trace/stderr": estimate.stderr,
+                "hessian_trace/hvps": float(op.matvecs)}  # fmt: skip
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "matvecs": self.matvecs, "method": self.method}
+
+
+class HessianDensity(CurvatureProbe):
+    """The Hessian's eigenvalue density by stochastic Lanczos quadrature
+    (Ghorbani, Krishnan & Xiao 2019).
+
+    Keys:
+        ``hessian_density/grid``: ``[points]`` eigenvalues λ (the grid spans this
+        step's spectrum, so it changes between steps);
+        ``hessian_density/density``: ``[points]`` density φ(λ), integrating to 1;
+        ``hessian_density/hvps``.
+
+    Args:
+        probes: independent Lanczos runs (batched: one ``matmat`` per step).
+        steps: Lanczos steps per run (``probes × steps`` products).
+        points: grid size.
+        seed: as :class:`HessianTrace`.
+        **source: see :class:`CurvatureProbe`.
+    """
+
+    name = "hessian_density"
+
+    def __init__(self, *, probes: int = 4, steps: int = 40, points: int = 200, seed: int = 0,
+                 **source: Any) -> None:  # fmt: skip
+        super().__init__(**source)
+        self.probes, self.steps, self.points, self.seed = probes, steps, points, seed
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        op = self.operator(ctx)
+        density = spectral_density(
+            op, op.dim, probes=self.probes, steps=min(self.steps, op.dim), grid=self.points,
+            generator=torch.Generator().manual_seed(self.seed + ctx.step),
+        )  # fmt: skip
+        return {
+            "hessian_density/grid": density.grid,  # [G] float64 on the CPU
+            "hessian_density/density": density.density,  # [G]
+            "hessian_density/hvps": float(op.matvecs),
+        }
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "probes": self.probes, "steps": self.steps,
+                "points": self.points}  # fmt: skip

@@ -1,0 +1,206 @@
+"""Sharpness against the stability threshold of the optimizer in use.
+
+Gradient descent on a quadratic with curvature λ diverges once ``λ > 2/η``; networks
+trained by full-batch GD sharpen until ``λ_max ≈ 2/η`` and then hover there, the edge
+of stability (Cohen et al. 2021). The threshold depends on the optimizer; for Adam it
+holds for the *preconditioned* sharpness ``λ_max(P⁻¹H)`` (Cohen et al. 2022):
+
+=============================  ======================================================
+optimizer                      stability threshold for ``λ_max``
+=============================  ======================================================
+SGD, no momentum               ``2 / η``
+SGD, heavy-ball momentum β     ``(2 + 2β) / (η (1 − dampening))``
+SGD, Nesterov momentum β       ``(2 + 2β) / (η (1 + 2β))``
+Adam / AdamW (β₁, β₂, ε)       ``(2 + 2β₁) / ((1 − β₁) η)`` = ``38/η`` at β₁ = 0.9, for
+                               ``λ_max(P⁻¹H)``, ``P = (1 − β₁ᵗ) diag(√v̂ₜ + ε)``
+=============================  ======================================================
+
+Coupled weight decay ``wd`` (SGD's and Adam's ``weight_decay``) adds ``wd·I`` to the
+Hessian the optimizer sees, so it is included in ``λ_max``; AdamW's decoupled decay
+only shrinks the weights and is left out.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..curvature import lanczos
+from ..curvature.hvp import HessianOperator
+from ._curvature import CurvatureProbe
+from .base import StepContext, Value
+
+
+@dataclass(frozen=True)
+class StabilityRule:
+    """How to measure sharpness for an optimizer, and its threshold.
+
+    Attributes:
+        threshold: the stability threshold for ``λ_max`` (None: unknown).
+        lr: the learning rate η read from the optimizer (None: none found).
+        weight_decay: coupled L2 coefficient added to the Hessian.
+        preconditioner: ``[P]`` diagonal of ``P`` (Adam), None for plain ``H``.
+        note: why there is no threshold, when there is none.
+    """
+
+    threshold: float | None
+    lr: float | None
+    weight_decay: float = 0.0
+    preconditioner: Tensor | None = None
+    note: str = ""
+
+
+def stability_rule(
+    optimizer: torch.optim.Optimizer | None, params: Mapping[str, Tensor]
+) -> StabilityRule:
+    """The rule for the live ``optimizer`` over ``params`` (see the module doc).
+
+    Args:
+        optimizer: the optimizer training ``params`` (None: no threshold).
+        params: the parameters the Hessian is taken in, in vector order; Adam's
+            preconditioner ``[P]`` is laid out in this order (float64, on their device).
+    """
+    if optimizer is None:
+        return StabilityRule(None, None, note="no optimizer given to watch() or mon.step()")
+    by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    groups = [by_id.get(id(p)) for p in params.values()]
+    if any(g is None for g in groups):
+        return StabilityRule(None, None, note="some parameters are not in the optimizer")
+    keys = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
+    distinct = {tuple(_plain(g.get(k)) for k in keys) for g in groups}
+    if len(distinct) > 1:
+        return StabilityRule(None, None, note="parameter groups differ in lr or momentum")
+    group = groups[0]
+    lr = float(group["lr"])
+    if isinstance(optimizer, torch.optim.SGD):
+        return _sgd_rule(group, lr)
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return _adam_rule(optimizer, group, lr, params)
+    return StabilityRule(None, lr, note=f"no known threshold for {type(optimizer).__name__}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return float(value)
+    return tuple(_plain(v) for v in value) if isinstance(value, tuple | list) else value
+
+
+def _sgd_rule(group: Mapping[str, Any], lr: float) -> StabilityRule:
+    beta, damp = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
+    wd = float(group.get("weight_decay", 0.0))
+    if beta == 0:
+        threshold = 2 / lr
+    elif group.get("nesterov", False):
+        threshold = (2 + 2 * beta) / (lr * (1 + 2 * beta))
+    else:
+        threshold = (2 + 2 * beta) / (lr * (1 - damp))
+    return StabilityRule(threshold, lr, weight_decay=wd)
+
+
+def _adam_rule(
+    optimizer: torch.optim.Optimizer,
+    group: Mapping[str, Any],
+    lr: float,
+    params: Mapping[str, Tensor],
+) -> StabilityRule:
+    beta1, beta2 = (float(b) for b in group["betas"])
+    eps = float(group["eps"])
+    coupled = 0.0 if isinstance(optimizer, torch.optim.AdamW) else float(group["weight_decay"])
+    pieces = []
+    for p in params.values():
+        state = optimizer.state.get(p, {})
+        second = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
+        if second is None or "step" not in state:
+            return StabilityRule(None, lr, note="Adam has not stepped yet: no preconditioner")
+        t = float(state["step"])
+        diag = (1 - beta1**t) * ((second / (1 - beta2**t)).sqrt() + eps)  # P, diagonal
+        pieces.append(diag.detach().reshape(-1))
+    p_diag = torch.cat(pieces).to(torch.float64)  # [P]
+    threshold = (2 + 2 * beta1) / ((1 - beta1) * lr)
+    return StabilityRule(threshold, lr, weight_decay=coupled, preconditioner=p_diag)
+
+
+class _Preconditioned:
+    """``P^{-1/2} (H + wd I) P^{-1/2}``: symmetric, same eigenvalues as ``P⁻¹(H + wd I)``."""
+
+    def __init__(self, op: HessianOperator, rule: StabilityRule) -> None:
+        self.op, self.wd = op, rule.weight_decay
+        p = rule.preconditioner
+        self.scale = None if p is None else p.to(op.device, op.dtype).rsqrt()  # [P]
+        self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        vs = vs.to(self.dtype)
+        if self.scale is None:
+            return self.op.matmat(vs) + self.wd * vs
+        scaled = vs * self.scale[:, None]  # [P, k]
+        return (self.op.matmat(scaled) + self.wd * scaled) * self.scale[:, None]
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+
+class Sharpness(CurvatureProbe):
+    """``λ_max`` of the Hessian the optimizer sees, against its stability threshold.
+
+    Keys:
+        ``sharpness/lambda_max``: ``λ_max(H + wd I)``, or ``λ_max(P⁻¹(H + wd I))``
+        for Adam; ``sharpness/threshold`` and ``sharpness/ratio`` (λ / threshold),
+        when the optimizer's threshold is known; ``sharpness/lr``;
+        ``sharpness/preconditioned`` (1 for Adam's ``P⁻¹H``, else 0);
+        ``sharpness/hvps``. See the module doc for the thresholds.
+
+    An optimizer without a known threshold (or Adam before its first step) gets
+    ``λ_max`` of the plain Hessian only, with a one-time warning saying why.
+
+    Args:
+        tol: Lanczos residual tolerance (relative), as :class:`~.hessian.HessianTop`.
+        warm_start: start from the last measurement's top eigenvector.
+        seed: seeds the start vector.
+        **source: see :class:`~._curvature.CurvatureProbe`.
+    """
+
+    name = "sharpness"
+
+    def __init__(self, *, tol: float = 1e-3, warm_start: bool = True, seed: int = 0,
+                 **source: Any) -> None:  # fmt: skip
+        super().__init__(**source)
+        self.tol, self.warm_start, self.seed = tol, warm_start, seed
+        self._previous: Tensor | None = None
+        self._noted: set[str] = set()
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        op = self.operator(ctx)
+        rule = stability_rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
+        self._note(rule.note)
+        start = self._previous if self.warm_start else None
+        pairs = lanczos(
+            _Preconditioned(op, rule), op.dim, top=1, tol=self.tol, start=start,
+            generator=torch.Generator().manual_seed(self.seed + ctx.step),
+        )  # fmt: skip
+        self._previous = pairs.vectors
+        lam = float(pairs.values[0])
+        out: dict[str, Value] = {
+            "sharpness/lambda_max": lam,
+            "sharpness/preconditioned": float(rule.preconditioner is not None),
+            "sharpness/hvps": float(op.matvecs),
+        }
+        if rule.lr is not None:
+            out["sharpness/lr"] = rule.lr
+        if rule.threshold is not None:
+            out["sharpness/threshold"] = rule.threshold
+            out["sharpness/ratio"] = lam / rule.threshold
+        return out
+
+    def _note(self, note: str) -> None:
+        if note and note not in self._noted:
+            self._noted.add(note)
+            warnings.warn(f"Sharpness: λ_max only, no threshold: {note}", UserWarning, stacklevel=4)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "tol": self.tol, "warm_start": self.warm_start}

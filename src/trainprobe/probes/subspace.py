@@ -1,0 +1,76 @@
+"""How much of the gradient lies in the top Hessian eigenspace (Gur-Ari, Roberts & Dyer
+2018, "Gradient descent happens in a tiny subspace")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..curvature import lanczos
+from ._curvature import CurvatureProbe
+from .base import StepContext, Value
+
+
+class GradientSubspace(CurvatureProbe):
+    """Fraction of the gradient's squared norm in the span of the top-``k`` eigenvectors.
+
+    ``fraction = ||V_kᵀ g||² / ||g||²`` with ``V_k`` ``[P, k]`` the top-``k``
+    Hessian eigenvectors (Lanczos, warm-started) and ``g`` the gradient. Gur-Ari et
+    al. find it near 1 for ``k`` = the number of classes soon after training starts;
+    a fraction near ``k / P`` means the gradient ignores the curvature's directions.
+
+    Keys:
+        ``grad_subspace/fraction``: in ``[0, 1]`` (NaN for a zero gradient);
+        ``grad_subspace/hvps``.
+
+    Args:
+        k: eigenvectors spanning the subspace (e.g. the number of classes).
+        gradient: ``"loss"`` (default): the gradient of the probe's own loss and data,
+            consistent with the Hessian; ``"step"``: the parameters' ``.grad`` after the
+            user's backward (the gradient the optimizer is about to use).
+        tol: Lanczos residual tolerance (relative).
+        seed: seeds the start vector.
+        **source: see :class:`~._curvature.CurvatureProbe`.
+    """
+
+    name = "grad_subspace"
+
+    def __init__(self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-3, seed: int = 0,
+                 **source: Any) -> None:  # fmt: skip
+        super().__init__(**source)
+        if k < 1:
+            raise ValueError(f"GradientSubspace: k must be >= 1, got {k}")
+        if gradient not in ("loss", "step"):
+            raise ValueError(
+                f"GradientSubspace: gradient must be 'loss' or 'step', got {gradient!r}"
+            )
+        self.k, self.gradient, self.tol, self.seed = k, gradient, tol, seed
+        self.needs = frozenset({"grads"}) if gradient == "step" else frozenset()
+        self._previous: Tensor | None = None
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        op = self.operator(ctx)
+        pairs = lanczos(
+            op, op.dim, top=min(self.k, op.dim), tol=self.tol, start=self._previous,
+            generator=torch.Generator().manual_seed(self.seed + ctx.step),
+        )  # fmt: skip
+        self._previous = pairs.vectors
+        g = op.gradient if self.gradient == "loss" else self._step_gradient(ctx, op.layout.names)
+        g = g.to(device=pairs.vectors.device, dtype=torch.float64)  # [P]
+        inside = pairs.vectors.T @ g  # [k]
+        fraction = (inside @ inside) / (g @ g)  # NaN for g = 0
+        return {"grad_subspace/fraction": fraction, "grad_subspace/hvps": float(op.matvecs)}
+
+    @staticmethod
+    def _step_gradient(ctx: StepContext, names: tuple[str, ...]) -> Tensor:
+        parts = []
+        for name in names:
+            grad = ctx.params[name].grad
+            parts.append(torch.zeros_like(ctx.params[name]) if grad is None else grad.detach())
+        return torch.cat([p.reshape(-1) for p in parts])  # [P]
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "k": self.k, "gradient": self.gradient, "tol": self.tol}

@@ -1,0 +1,270 @@
+"""Curvature probes in a real training loop, checked against dense float64 Hessians."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+from torch.nn import functional as F
+
+import trainprobe
+from trainprobe.curvature import ParamLayout, criterion_loss
+from trainprobe.probes import (
+    GradientSubspace,
+    HessianDensity,
+    HessianTop,
+    HessianTrace,
+    Sharpness,
+    at_steps,
+    stability_rule,
+)
+from trainprobe.store import Run
+
+CE = criterion_loss(nn.CrossEntropyLoss())
+MEASURED = (0, 3, 7)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def _batch(step: int):
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(32, 4, generator=gen, dtype=torch.float64), torch.randint(
+        0, 3, (32,), generator=gen
+    )
+
+
+def _dense(model: nn.Module, batch) -> torch.Tensor:
+    layout = ParamLayout.trainable(model)
+    w = layout.flatten(dict(model.named_parameters())).detach()
+    x, y = batch
+    return hessian(lambda v: F.cross_entropy(functional_call(model, layout.unflatten(v), (x,)), y))(
+        w
+    )
+
+
+def _train(make_opt, probes=None, run_dir=None, steps: int = 8):
+    """Seeded loop; returns the model and the dense Hessians (and Adam states) at MEASURED."""
+    model = _model()
+    opt = make_opt(model.parameters())
+    references = {}
+    mon = trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt, loss_fn=CE,
+                           flush_seconds=0) if probes is not None else None  # fmt: skip
+    with mon if mon is not None else _Null():
+        for step in range(steps):
+            batch = _batch(step)
+            if step in MEASURED:
+                references[step] = (_dense(model, batch), copy.deepcopy(opt.state_dict()))
+            block = mon.step(step, batch=batch) if mon is not None else _Null()
+            with block:
+                loss = F.cross_entropy(model(batch[0]), batch[1])
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return model, references
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
+def test_probes_on_train_bit_identically_and_match_the_dense_hessian(tmp_path):
+    schedule = at_steps(*MEASURED)
+    probes = [
+        HessianTop(3, bottom=1, tol=1e-10, schedule=schedule),
+        HessianTrace(matvecs=60, schedule=schedule),
+        HessianDensity(probes=4, steps=60, schedule=schedule),
+        Sharpness(tol=1e-10, schedule=schedule),
+        GradientSubspace(3, tol=1e-10, schedule=schedule),
+    ]
+    plain, references = _train(_sgd)
+    watched, _ = _train(_sgd, probes, tmp_path / "run")
+    for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
+        assert torch.equal(a, b)
+    run = Run(tmp_path / "run")
+    assert run.series("hessian/eig_0").steps.tolist() == list(MEASURED)
+    for i, step in enumerate(MEASURED):
+        exact = torch.linalg.eigvalsh(references[step][0])  # ascending
+        for j in range(3):
+            assert run.series(f"hessian/eig_{j}").values[i] == pytest.approx(
+                float(exact[-1 - j]), rel=1e-8
+            )
+        assert run.series("hessian/bottom_0").values[i] == pytest.approx(float(exact[0]), rel=1e-8)
+        assert run.series("sharpness/lambda_max").values[i] == pytest.approx(
+            float(exact[-1]), rel=1e-8
+        )
+        assert run.series("sharpness/threshold").values[i] == pytest.approx(2 / 0.5)
+        trace, stderr = (
+            run.series("hessian_trace/trace").values[i],
+            run.series("hessian_trace/stderr").values[i],
+        )
+        assert abs(trace - float(exact.sum())) <= 5 * stderr + 1e-9
+    assert (run.series("hessian/converged").values == 1).all()
+    density = run.arrays("hessian_density/density")
+    grid = run.arrays("hessian_density/grid")
+    for g, d in zip(grid[1], density[1], strict=True):
+        assert np.trapezoid(d, g) == pytest.approx(1, abs=1e-3)
+    fraction = run.series("grad_subspace/fraction").values
+    assert ((fraction >= 0) & (fraction <= 1 + 1e-12)).all()
+
+
+def test_gradient_subspace_fraction_is_exact():
+    model = _model()
+    batch = _batch(0)
+    dense = _dense(model, batch)
+    _, vectors = torch.linalg.eigh(dense)
+    op = trainprobe.hessian_operator(model, CE, batch=batch)
+    g = op.gradient
+    top = vectors[:, -2:]  # [P, 2]
+    expected = float((top.T @ g).pow(2).sum() / (g @ g))
+    ctx = _context(model, batch, torch.optim.SGD(model.parameters(), lr=0.1))
+    values = GradientSubspace(2, tol=1e-12).measure(ctx)
+    assert float(values["grad_subspace/fraction"]) == pytest.approx(expected, rel=1e-8)
+
+
+def _context(model, batch, optimizer, step: int = 0):
+    return trainprobe.probes.StepContext(
+        step=step, model=model, params=dict(model.named_parameters()), batch=batch,
+        optimizer=optimizer, loss_fn=CE,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("make", "threshold"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1), 2 / 0.1),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 3.8 / 0.1),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.5), 3.8 / 0.05),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), 3.8 / (0.1 * 2.8)),
+    ],
+)
+def test_sgd_thresholds(make, threshold):
+    model = _model()
+    rule = stability_rule(make(model.parameters()), dict(model.named_parameters()))
+    assert rule.threshold == pytest.approx(threshold) and rule.preconditioner is None
+
+
+def test_sgd_weight_decay_is_added_to_the_sharpness():
+    model, batch = _model(), _batch(0)
+    top = float(torch.linalg.eigvalsh(_dense(model, batch))[-1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.3)
+    values = Sharpness(tol=1e-12).measure(_context(model, batch, opt))
+    assert values["sharpness/lambda_max"] == pytest.approx(top + 0.3, rel=1e-9)
+
+
+@pytest.mark.parametrize("adamw", [False, True])
+def test_adam_preconditioned_sharpness(adamw):
+    make = (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)) if adamw else (
+        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-6))  # fmt: skip
+    model = _model()
+    opt = make(model.parameters())
+    _replay(model, opt, 3)
+    dense = _dense(model, _batch(3))
+    group = opt.param_groups[0]
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    diag = []
+    for p in model.parameters():
+        s, t = opt.state[p], float(opt.state[p]["step"])
+        diag.append(
+            ((1 - beta1**t) * ((s["exp_avg_sq"] / (1 - beta2**t)).sqrt() + eps)).reshape(-1)
+        )
+    d = torch.cat(diag).rsqrt()  # P^{-1/2}
+    exact = float(torch.linalg.eigvalsh(d[:, None] * dense * d[None, :])[-1])
+    values = Sharpness(tol=1e-12).measure(_context(model, _batch(3), opt, step=3))
+    assert values["sharpness/preconditioned"] == 1.0
+    assert values["sharpness/lambda_max"] == pytest.approx(exact, rel=1e-8)
+    assert values["sharpness/threshold"] == pytest.approx((2 + 2 * beta1) / ((1 - beta1) * 0.01))
+
+
+def _replay(model, opt, steps: int) -> None:
+    for step in range(steps):
+        x, y = _batch(step)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_adam_before_its_first_step_and_unknown_optimizers_warn_once():
+    model, batch = _model(), _batch(0)
+    probe = Sharpness()
+    with pytest.warns(UserWarning, match="Adam has not stepped yet"):
+        values = probe.measure(_context(model, batch, torch.optim.Adam(model.parameters())))
+    assert "sharpness/threshold" not in values and values["sharpness/preconditioned"] == 0
+    with pytest.warns(UserWarning, match="no known threshold for RMSprop"):
+        values = probe.measure(_context(model, batch, torch.optim.RMSprop(model.parameters())))
+    assert "sharpness/ratio" not in values and values["sharpness/lr"] == 0.01
+    groups = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+                              {"params": model[2].parameters(), "lr": 0.2}])  # fmt: skip
+    assert "differ" in stability_rule(groups, dict(model.named_parameters())).note
+
+
+def test_warm_starts_spend_fewer_products(tmp_path):
+    schedule = at_steps(*range(1, 8))
+    _train(_sgd, [HessianTop(3, tol=1e-6, schedule=schedule)], tmp_path / "warm")
+    _train(_sgd, [HessianTop(3, tol=1e-6, warm_start=False, schedule=schedule)], tmp_path / "cold")
+    warm = Run(tmp_path / "warm").series("hessian/hvps").values[1:]
+    cold = Run(tmp_path / "cold").series("hessian/hvps").values[1:]
+    assert warm.mean() < cold.mean()
+
+
+def test_missing_loss_or_data_disables_the_probe_with_the_fix(tmp_path):
+    model = _model()
+    with pytest.warns(RuntimeWarning, match="needs a loss: pass loss_fn= to watch"):
+        with trainprobe.watch(
+            model, [HessianTop(schedule=at_steps(0))], run_dir=tmp_path / "a"
+        ) as mon:
+            with mon.step(0, batch=_batch(0)):
+                pass
+    with pytest.warns(RuntimeWarning, match="needs data: pass batch= to mon.step"):
+        with trainprobe.watch(model, [Sharpness(schedule=at_steps(0))], run_dir=tmp_path / "b",
+                              loss_fn=CE) as mon:  # fmt: skip
+            with mon.step(0):
+                pass
+
+
+def test_fixed_data_and_dataset_batches():
+    model, (x, y) = _model(), _batch(0)
+    dense = _dense(model, (x, y))
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    ctx = _context(model, None, None)
+    fixed = HessianTop(tol=1e-12, data=(x, y)).measure(ctx)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    split = HessianTop(tol=1e-12, batches=loader).measure(ctx)
+    assert fixed["hessian/eig_0"] == pytest.approx(top, rel=1e-9)
+    assert split["hessian/eig_0"] == pytest.approx(top, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: HessianTop(0), ValueError, "need top \\+ bottom >= 1"),
+        (lambda: HessianTop(data=1, batches=[1]), ValueError, "pass data= or batches=, not both"),
+        (lambda: HessianTop(mode="test"), ValueError, "mode must be 'eval' or 'train'"),
+        (lambda: HessianTop(loss_fn=3), TypeError, "loss_fn must be callable"),
+        (lambda: HessianTrace(method="exact"), ValueError, "method must be 'hutch\\+\\+'"),
+        (lambda: GradientSubspace(0), ValueError, "k must be >= 1"),
+        (lambda: GradientSubspace(gradient="x"), ValueError, "gradient must be 'loss' or 'step'"),
+        (
+            lambda: trainprobe.watch(_model(), loss_fn=3),
+            TypeError,
+            "loss_fn=...\\) must be a callable",
+        ),
+    ],
+)
+def test_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
