@@ -76,6 +76,9 @@ def nasty_run(tmp_path: Path):
     ratio[0] = 1e-3 / 1e-12  # the probe's value at w = 0
     flags = np.zeros(STEPS.size)
     flags[[57, 420]] = 1.0
+    sharp = 40.0 * np.minimum(0.2 + measured / 400, 1.0) * np.exp(rng.normal(0.0, 0.03, n))
+    sharp[[3, 40]], threshold = [np.nan, np.inf], np.full(n, 40.0)
+    threshold[[7, 50]] = [0.0, np.nan]
     return write_run(tmp_path / "nasty", {
         "scalars/loss": (STEPS, loss), "scalars/triplet_loss": (STEPS, triplet),
         "scalars/val_loss": (STEPS, val),
@@ -87,6 +90,7 @@ def nasty_run(tmp_path: Path):
         "updates/ratio/gamma": (measured, ratio), "norms/weight/gamma": (measured, norm),
         "updates/ratio/fc1.weight": (measured, np.full(n, 0.5)),
         "updates/ratio/head.weight": (measured, np.full(n, 1e-9)),
+        "sharpness/lambda_max": (measured, sharp), "sharpness/threshold": (measured, threshold),
     }, meta={"model": {"params": ["fc1.weight", "head.weight", "pooler.weight"]}})
 
 
@@ -127,7 +131,7 @@ def test_every_detector_tolerates_one_or_two_points(tmp_path):
     for n in (1, 2):
         series = {key: (np.arange(n), np.full(n, 1e-9)) for key in (
             "scalars/loss", "norms/grad_total", "norms/grad/a.weight", "norms/grad/b.weight",
-            "updates/ratio/a.weight")}
+            "updates/ratio/a.weight", "sharpness/lambda_max", "sharpness/threshold")}
         series["nonfinite/grad"] = (np.arange(n), np.zeros(n))
         assert analyze(write_run(tmp_path / f"r{n}", series)) == []
 
@@ -135,7 +139,7 @@ def test_every_detector_tolerates_one_or_two_points(tmp_path):
 def test_registry_is_consistent():
     names = [d.name for d in DETECTORS]
     assert names == ["nonfinite", "loss_spike", "loss_divergence", "exploding_gradients",
-                     "vanishing_gradients", "update_ratio"]
+                     "vanishing_gradients", "update_ratio", "edge_of_stability"]
     for detector in DETECTORS:
         assert detector.func.__name__ in analysis.__all__
         assert detector.needs and all(isinstance(p, str) for p in detector.needs)

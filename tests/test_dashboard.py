@@ -43,6 +43,17 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
     for i, name in enumerate(MODULES):
         series[f"activations/std/{name}"] = (sched, (0.5 ** i) * np.ones(sched.size))
         series[f"activations/zero_frac/{name}"] = (sched, np.full(sched.size, 0.3 * i))
+    curv = sched[::4]  # the curvature probes run rarely
+    sharp = 40.0 * np.minimum(0.2 + curv / (steps / 2), 1.0)
+    grid = np.linspace(-1.0, 1.0, 41)[None, :] * (1.0 + curv[:, None] / steps)  # [n, 41]
+    series.update({
+        "sharpness/lambda_max": (curv, sharp),
+        "sharpness/threshold": (curv, np.full(curv.size, 40.0)),
+        "hessian/eig_0": (curv, sharp), "hessian/eig_1": (curv, sharp / 3),
+        "hessian/bottom_0": (curv, -sharp / 40), "hessian_trace/trace": (curv, 5 * sharp),
+        "hessian_trace/stderr": (curv, sharp / 4), "hessian_density/grid": (curv, grid),
+        "hessian_density/density": (curv, np.exp(-8.0 * grid**2)),
+    })
     return series
 
 
@@ -77,7 +88,7 @@ def test_full_run_has_every_panel_in_order(full_run):
     titles = row_titles(fig)
     expected = [p.title for p in PANELS if p.name != "findings"]
     assert [next(t for t in titles if f"<b>{e}</b>" in t) for e in expected] == titles
-    assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 4
+    assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 5
     assert fig.layout.xaxis.matches is not None or fig.layout.xaxis2.matches is not None
     assert fig.layout.hovermode == "x unified"
 
@@ -140,7 +151,7 @@ def test_findings_draw_spans_timeline_and_title_marker(full_run):
     assert len(fig.layout.shapes) == 2 * rows
     filled = [s for s in fig.layout.shapes if s.fillcolor is not None]
     outlined = [s for s in fig.layout.shapes if s.fillcolor is None]
-    assert len(outlined) == 2 * 4 and {s.line.color for s in outlined} == {"#d62728", "#1f77b4"}
+    assert len(outlined) == 2 * 5 and {s.line.color for s in outlined} == {"#d62728", "#1f77b4"}
     span = next(s for s in filled if s.fillcolor == "#d62728" and s.yref == "y2 domain")
     assert span.x0 <= 238 and span.x1 >= 242 and (span.y0, span.y1) == (0, 1)
     bar = next(t for t in fig.data if "loss_spike" in (t.hovertemplate or ""))
@@ -161,13 +172,15 @@ def test_html_is_offline_and_carries_the_finding(full_run):
 
 def test_panels_read_only_keys_they_need(full_run, monkeypatch):
     read: list[str] = []
-    series = Run.series
 
-    def recording_series(run: Run, key: str):
-        read.append(key)
-        return series(run, key)
+    def recording(method):
+        def read_and_record(run: Run, key: str):
+            read.append(key)
+            return method(run, key)
+        return read_and_record
 
-    monkeypatch.setattr(Run, "series", recording_series)
+    monkeypatch.setattr(Run, "series", recording(Run.series))
+    monkeypatch.setattr(Run, "arrays", recording(Run.arrays))  # array keys (spectral density)
     for panel in PANELS:
         read.clear()
         assert isinstance(panel.draw(full_run, (spike_finding(),)), PanelPart)

@@ -12,6 +12,15 @@ from trainprobe.probes import default_probes
 from trainprobe.store import Run
 
 from .cases import train
+from .test_contract import curvature_probes
+
+CONSUMERS = [*DETECTORS, *PANELS]
+
+CURVATURE_PREFIXES = ("sharpness/", "hessian", "grad_subspace/")
+"""Keys of the curvature probes: not default (they cost Hessian-vector products)."""
+
+def is_curvature(pattern: str) -> bool:
+    return pattern.startswith(CURVATURE_PREFIXES)
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +30,35 @@ def default_keys(tmp_path_factory) -> list[str]:
     return Run(run_dir).keys()
 
 
-@pytest.mark.parametrize(
-    "consumer", [*DETECTORS, *PANELS], ids=lambda c: f"{type(c).__name__}:{c.name}"
-)
+@pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
 def test_default_probes_produce_every_key_a_consumer_needs(default_keys, consumer):
     for pattern in consumer.needs:
+        if is_curvature(pattern):
+            continue  # checked against the curvature probes below
         assert any(fnmatchcase(k, pattern) for k in default_keys), (
             f"{consumer.name} needs {pattern!r}, which the default probes (plus a logged loss) "
             "do not write"
         )
+
+
+@pytest.fixture(scope="module")
+def curvature_keys(tmp_path_factory) -> list[str]:
+    run_dir = tmp_path_factory.mktemp("curvature_keys") / "run"
+    train("cnn", steps=2, probes=curvature_probes(), run_dir=run_dir)
+    return Run(run_dir).keys()
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
+def test_curvature_probes_produce_every_curvature_key_a_consumer_needs(curvature_keys, consumer):
+    for pattern in filter(is_curvature, consumer.needs):
+        assert any(fnmatchcase(k, pattern) for k in curvature_keys), (
+            f"{consumer.name} needs {pattern!r}, which the curvature probes do not write"
+        )
+
+
+def test_the_curvature_split_leaves_default_keys_alone(default_keys, curvature_keys):
+    assert not [k for k in default_keys if is_curvature(k)], (
+        "a default probe writes curvature keys: check them against the default run instead"
+    )
+    assert all(is_curvature(k) for k in curvature_keys if not k.startswith("scalars/"))
+    assert any(is_curvature(p) for c in CONSUMERS for p in c.needs)  # the split is in use

@@ -5,6 +5,7 @@ from __future__ import annotations
 import runpy
 import sys
 
+import numpy as np
 import pytest
 
 from trainprobe import Run, Severity, analyze
@@ -39,3 +40,21 @@ def test_quickstart_example_runs(tmp_path, monkeypatch):
     run = Run(tmp_path / "q")
     assert run.series("scalars/loss").values[-1] < 0.2
     assert (tmp_path / "q" / "dashboard.html").is_file()
+
+
+def test_edge_of_stability_example_fires_on_gd_and_not_on_the_control(tmp_path):
+    sys.path.insert(0, "examples")
+    try:
+        import edge_of_stability as example
+    finally:
+        sys.path.remove("examples")
+    results = example.main(tmp_path)
+    large, small = example.STEP_SIZES
+    assert [f.severity for f in results[large]] == [Severity.INFO]
+    assert results[small] == []
+    run = Run(tmp_path / f"eta_{large}")
+    ratio = run.series("sharpness/ratio").values
+    assert ratio[0] < 0.6 and 0.9 < float(np.median(ratio[len(ratio) // 2 :])) < 1.25
+    control = Run(tmp_path / f"eta_{small}").series("sharpness/ratio").values
+    assert control.max() < 0.2
+    assert (tmp_path / f"eta_{large}" / "dashboard.html").is_file()

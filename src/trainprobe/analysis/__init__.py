@@ -3,6 +3,7 @@
 numpy/scipy only: nothing here imports torch, so a run can be analysed anywhere.
 """
 
+from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding, Severity
 from .loss_divergence import detect_loss_divergence
@@ -18,6 +19,7 @@ __all__ = [
     "Finding",
     "Severity",
     "analyze",
+    "detect_edge_of_stability",
     "detect_exploding_gradients",
     "detect_loss_divergence",
     "detect_loss_spikes",

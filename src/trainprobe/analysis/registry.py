@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from ..store import Run
+from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding
 from .loss_divergence import detect_loss_divergence
@@ -57,6 +58,11 @@ DETECTORS: tuple[Detector, ...] = (
     Detector("exploding_gradients", detect_exploding_gradients, ("norms/grad_total",)),
     Detector("vanishing_gradients", detect_vanishing_gradients, ("norms/grad/*",)),
     Detector("update_ratio", detect_update_ratio, ("updates/ratio/*",)),
+    Detector(
+        "edge_of_stability",
+        detect_edge_of_stability,
+        ("sharpness/lambda_max", "sharpness/threshold"),
+    ),
 )
 
 

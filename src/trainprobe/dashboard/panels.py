@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from .curvature import (
+    hessian_density_panel,
+    hessian_top_panel,
+    hessian_trace_panel,
+    sharpness_panel,
+)
 from .curves import loss_panel, lr_panel, metrics_panel, nonfinite_panel, norms_panel
 from .heatmaps import activation_std_heatmap, grad_heatmap, update_ratio_heatmap, zero_frac_heatmap
 from .marks import findings_timeline
@@ -17,6 +23,30 @@ PANELS: tuple[Panel, ...] = (
         "Global norms",
         norms_panel,
         ("norms/grad_total", "norms/weight_total", "updates/ratio_total"),
+    ),
+    Panel(
+        "sharpness",
+        "Sharpness and the stability threshold",
+        sharpness_panel,
+        ("sharpness/lambda_max", "sharpness/threshold"),
+    ),
+    Panel(
+        "hessian_top",
+        "Top Hessian eigenvalues",
+        hessian_top_panel,
+        ("hessian/eig_*", "hessian/bottom_*"),
+    ),
+    Panel(
+        "hessian_trace",
+        "Hessian trace",
+        hessian_trace_panel,
+        ("hessian_trace/trace", "hessian_trace/stderr"),
+    ),
+    Panel(
+        "hessian_density",
+        "Hessian spectral density",
+        hessian_density_panel,
+        ("hessian_density/density", "hessian_density/grid"),
     ),
     Panel("grad_heatmap", "Gradient norm per parameter", grad_heatmap, ("norms/grad/*",)),
     Panel(
