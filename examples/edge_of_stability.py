@@ -42,13 +42,20 @@ def make_data(n: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(lr: float, run_dir: Path, steps: int, every: int) -> trainprobe.Run:
-    """Full-batch GD at step size ``lr``; sharpness every ``every`` steps."""
+    """Full-batch GD at step size ``lr``; sharpness every ``every`` steps, the top-3
+    eigenvalues and the trace every ``5 every``, the spectral density log-spaced."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                           nn.Linear(64, 10))  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     batch = make_data()
-    probes = [trainprobe.Sharpness(schedule=trainprobe.every(every)), trainprobe.NonFiniteGuard()]
+    probes = [
+        trainprobe.Sharpness(schedule=trainprobe.every(every)),
+        trainprobe.HessianTop(3, schedule=trainprobe.every(5 * every)),
+        trainprobe.HessianTrace(schedule=trainprobe.every(5 * every)),
+        trainprobe.HessianDensity(schedule=trainprobe.log_spaced(4)),
+        trainprobe.NonFiniteGuard(),
+    ]
     with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt,
                           loss_fn=squared_loss) as mon:  # fmt: skip
         for step in range(steps):

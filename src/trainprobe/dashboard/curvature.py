@@ -116,7 +116,7 @@ def _eigen_rank(key: str) -> tuple[bool, int]:
 
 
 def hessian_trace_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``hessian_trace/trace`` with a ±1 ``hessian_trace/stderr`` band (Hutchinson)."""
+    """``hessian_trace/trace`` with a ±1 ``hessian_trace/stderr`` band (Hutch++ or Hutchinson)."""
     series = _read(run, [key for key in (TRACE, STDERR) if key in run])
     trace = next((s for s in series if s.key == TRACE), None)
     if trace is None:
@@ -134,8 +134,8 @@ def hessian_trace_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | 
     return PanelPart(
         traces,
         "trace",
-        "Hessian trace (Hutchinson), the shaded band ±1 standard error. A rising trace is "
-        "the whole spectrum sharpening, not just its top.",
+        "Hessian trace (Hutch++ by default), the shaded band ±1 standard error. A rising "
+        "trace is the whole spectrum sharpening, not just its top.",
         keys=tuple(s.key for s in series),
         height=0.9,
     )
