@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainprobe.curvature import lanczos
+from trainprobe.curvature import lanczos, power_iteration
 
 
 def _symmetric(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
@@ -81,3 +81,15 @@ def test_bad_arguments(kwargs, error, match):
     kwargs = {"operator": torch.eye(3, dtype=torch.float64)} | kwargs
     with pytest.raises(error, match=match):
         lanczos(kwargs.pop("operator"), 3, **kwargs)
+
+
+def test_power_iteration_fallback_finds_the_dominant_eigenpair():
+    a = _symmetric([10.0, 3.0, 1.0, -2.0, 0.5])
+    gen = torch.Generator().manual_seed(0)
+    pairs = power_iteration(a, 5, tol=1e-10, max_iter=500, generator=gen)
+    assert pairs.converged and pairs.values[0] == pytest.approx(10.0, rel=1e-9)
+    assert torch.linalg.vector_norm(a @ pairs.vectors[:, 0] - 10 * pairs.vectors[:, 0]) < 1e-8
+    with pytest.warns(RuntimeWarning, match="power_iteration: not converged"):
+        assert not power_iteration(a, 5, tol=1e-12, max_iter=3).converged
+    with pytest.raises(ValueError, match="need tol > 0 and max_iter >= 1"):
+        power_iteration(a, 5, max_iter=0)

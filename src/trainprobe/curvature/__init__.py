@@ -3,7 +3,7 @@
 from .blocks import block_lanczos, diagonal_block_eigenpairs
 from .density import SpectralDensity, spectral_density
 from .hvp import ENGINES, HessianOperator, hessian_operator
-from .lanczos import Eigenpairs, lanczos
+from .lanczos import Eigenpairs, lanczos, power_iteration
 from .loss import LossFn, criterion_loss, select_params
 from .operator import MatmatOperator, Operator, as_matmat, as_matvec
 from .params import ParamLayout
@@ -27,6 +27,7 @@ __all__ = [
     "block_lanczos",
     "diagonal_block_eigenpairs",
     "lanczos",
+    "power_iteration",
     # trace and density
     "SpectralDensity",
     "TraceEstimate",
