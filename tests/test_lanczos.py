@@ -47,10 +47,10 @@ def test_a_float32_callable_operator():
 def test_a_warm_start_needs_fewer_operator_calls():
     a = _symmetric(_spectrum())
     gen = torch.Generator().manual_seed(0)
-    cold = lanczos(a, 80, top=3, tol=1e-8, generator=gen)
+    cold = lanczos(a, 80, top=3, tol=1e-8, guard=0, generator=gen)
     drift = 1e-3 * _symmetric([1.0] * 40 + [-1.0] * 40, seed=5)
-    warm = lanczos(a + drift, 80, top=3, tol=1e-8, start=cold.vectors, generator=gen)
-    fresh = lanczos(a + drift, 80, top=3, tol=1e-8, generator=gen)
+    warm = lanczos(a + drift, 80, top=3, tol=1e-8, guard=0, start=cold.vectors, generator=gen)
+    fresh = lanczos(a + drift, 80, top=3, tol=1e-8, guard=0, generator=gen)
     torch.testing.assert_close(warm.values, fresh.values, rtol=1e-8, atol=0)
     assert warm.matvecs < fresh.matvecs
 
@@ -93,3 +93,16 @@ def test_power_iteration_fallback_finds_the_dominant_eigenpair():
         assert not power_iteration(a, 5, tol=1e-12, max_iter=3).converged
     with pytest.raises(ValueError, match="need tol > 0 and max_iter >= 1"):
         power_iteration(a, 5, max_iter=0)
+
+
+def test_a_guard_pair_stops_a_start_blind_to_the_top_eigenvalue_from_passing():
+    """A start vector almost orthogonal to the top eigenvector: the second eigenvalue
+    converges first and, unguarded, passes the residual test as if it were the top."""
+    a = _symmetric(_spectrum())
+    vectors = torch.linalg.eigh(a).eigenvectors  # ascending: [:, -1] is the top
+    blind = vectors[:, -2]  # the start mixes in only 1e-3 noise of everything else
+    gen = torch.Generator().manual_seed(0)
+    fooled = lanczos(a, 80, top=1, tol=1e-2, guard=0, start=blind, generator=gen)
+    assert fooled.converged and fooled.values[0] == pytest.approx(20.0, rel=1e-2)
+    guarded = lanczos(a, 80, top=1, tol=1e-2, start=blind, generator=gen)
+    assert guarded.values[0] == pytest.approx(50.0, rel=1e-3)  # residual 1e-2: error ~r²/gap

@@ -167,7 +167,7 @@ class Sharpness(CurvatureProbe):
 
     name = "sharpness"
 
-    def __init__(self, *, tol: float = 1e-3, warm_start: bool = True, seed: int = 0,
+    def __init__(self, *, tol: float = 1e-4, warm_start: bool = True, seed: int = 0,
                  **source: Any) -> None:  # fmt: skip
         super().__init__(**source)
         self.tol, self.warm_start, self.seed = tol, warm_start, seed

@@ -38,7 +38,7 @@ class GradientSubspace(CurvatureProbe):
 
     name = "grad_subspace"
 
-    def __init__(self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-3, seed: int = 0,
+    def __init__(self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-4, seed: int = 0,
                  **source: Any) -> None:  # fmt: skip
         super().__init__(**source)
         if k < 1:
