@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -336,3 +337,17 @@ def test_frozen_unused_and_non_scalar():
         hessian_operator(model, 3, batch=(x, y))
     with pytest.raises(ValueError, match=r"expected a \[\d+\] vector"):
         hessian_operator(model, CE, batch=(x, y)).matvec(torch.ones(3))
+
+
+def test_linearize_on_conv_after_conv_falls_back_to_exact_columns():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1),
+                        nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()  # fmt: skip
+    x, y = _data(8, (1, 4, 4))
+    dense = _dense(net, F.cross_entropy, x, y)
+    op = hessian_operator(net, CE, batch=(x, y), engine="linearize")
+    vs = torch.randn(op.dim, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    with warnings.catch_warnings():  # whether vmap fails depends on the torch version
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert _rel(op.matmat(vs), dense @ vs) < 1e-10
+        assert _rel(op.matmat(vs), dense @ vs) < 1e-10

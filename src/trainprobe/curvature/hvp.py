@@ -109,6 +109,7 @@ class HessianOperator:
         first = next(iter(selected.values()))
         self.device, self.dtype, self.mode, self.engine = first.device, dtype, mode, engine
         self.matvecs = 0
+        self._vmap_replay = True
         self._objective = _Objective(model, loss_fn)
         self._pieces = pieces
         self._constants = _constants(model, selected, dtype)
@@ -183,6 +184,24 @@ class HessianOperator:
         return linear
 
     # -- products ----------------------------------------------------------------------
+    def _replay(self, linear: Callable[[Tensor], Tensor], vs: Tensor) -> Tensor:
+        """The recorded linear map on ``V [P, k]``: vmapped, or column by column where
+        vmap cannot batch the recorded graph (torch 2.13: conv after conv raises a
+        view/stride error inside the replay); the fallback is exact, only slower."""
+        if vs.shape[1] > 1 and self._vmap_replay:
+            try:
+                return vmap(linear, in_dims=1, out_dims=1)(vs)
+            except RuntimeError as err:
+                self._vmap_replay = False
+                warnings.warn(
+                    f"linearize engine: vmap cannot batch this model's recorded graph "
+                    f"({str(err).splitlines()[0][:80]}); applying it one vector at a time, "
+                    "engine='graph' batches",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+        return torch.stack([linear(vs[:, i]) for i in range(vs.shape[1])], dim=1)  # [P, k]
+
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for ``v [P]`` (cast to the operator's dtype and device)."""
         if v.ndim != 1 or v.shape[0] != self.dim:
@@ -217,7 +236,7 @@ class HessianOperator:
                 yield _double_backward(flat, self._w, vs)
         elif self.engine == "linearize":
             for linear in self._linear:
-                yield vmap(linear, in_dims=1, out_dims=1)(vs)
+                yield self._replay(linear, vs)
         else:
             for batch, weight in self._pieces:
                 gradient = grad(lambda w, b=batch, wt=weight: self._loss_at(w, b, wt))
