@@ -110,6 +110,8 @@ class HessianOperator:
         self.device, self.dtype, self.mode, self.engine = first.device, dtype, mode, engine
         self.matvecs = 0
         self._vmap_replay = True
+        #: whether matmat vmaps its columns (else one product at a time; see matmat)
+        self.batched = self.device.type != "cpu" or engine == "jvp"
         self._objective = _Objective(model, loss_fn)
         self._pieces = pieces
         self._constants = _constants(model, selected, dtype)
@@ -155,10 +157,12 @@ class HessianOperator:
                     create_graph=self.engine == "graph",
                 )  # fmt: skip
             used |= torch.tensor([g is not None for g in per_param])
-            flat = torch.cat([
-                (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                for g, p in zip(per_param, parts.values(), strict=True)
-            ])  # fmt: skip  [P]
+            flat = torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                    for g, p in zip(per_param, parts.values(), strict=True)
+                ]
+            )  # fmt: skip  [P]
             graphs.append(flat)
             grads.append(flat.detach())
             losses.append(value.detach())
@@ -209,12 +213,20 @@ class HessianOperator:
         return self.matmat(v.reshape(-1, 1)).reshape(-1)
 
     def matmat(self, vs: Tensor) -> Tensor:
-        """``H V`` for ``V [P, k]`` in one batched (``vmap``) call per batch of data."""
+        """``H V`` for ``V [P, k]``: one batched (``vmap``) call per batch of data, except
+        where batching was measured to lose (the CPU with the ``graph`` and ``linearize``
+        engines: 0.55–0.66× the speed of single products on a 27k-parameter CNN, see
+        ``benchmarks/curvature.py``); there the columns go one at a time."""
         if vs.ndim != 2 or vs.shape[0] != self.dim:
             raise ValueError(f"matmat: expected a [{self.dim}, k] matrix, got {tuple(vs.shape)}")
         vs = vs.detach().to(device=self.device, dtype=self.dtype)
         try:
-            out = sum(self._products(vs))  # [P, k]
+            if self.batched or vs.shape[1] == 1:
+                out = sum(self._products(vs))  # [P, k]
+            else:
+                out = torch.cat(
+                    [sum(self._products(vs[:, i : i + 1])) for i in range(vs.shape[1])], 1
+                )
         except RuntimeError as err:
             raise _engine_error(self.engine, err) from err
         self.matvecs += vs.shape[1]
@@ -366,9 +378,7 @@ def hessian_operator(
     pieces = _pieces(batch, batches, reduction, batch_size, first.device, dtype)
     if engine == "auto":
         engine = "graph" if len(pieces) <= MAX_CACHED_BATCHES else "jvp"
-    return HessianOperator(
-        model, loss_fn, pieces, selected, mode=mode, engine=engine, dtype=dtype
-    )
+    return HessianOperator(model, loss_fn, pieces, selected, mode=mode, engine=engine, dtype=dtype)
 
 
 def _pieces(
