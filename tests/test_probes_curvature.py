@@ -268,3 +268,19 @@ def test_fixed_data_and_dataset_batches():
 def test_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_hessian_forwards_do_not_reach_other_probes_hooks(tmp_path):
+    """The Hessian probes evaluate the model after the step's hooks are removed: the
+    activation statistics of a step are the same with and without them."""
+    schedule = at_steps(*MEASURED)
+    alone = [trainprobe.ActivationStats(schedule=schedule)]
+    together = [trainprobe.ActivationStats(schedule=schedule), HessianTop(2, schedule=schedule),
+                Sharpness(schedule=schedule)]  # fmt: skip
+    _train(_sgd, alone, tmp_path / "alone")
+    _train(_sgd, together, tmp_path / "together")
+    a, b = Run(tmp_path / "alone"), Run(tmp_path / "together")
+    keys = a.keys("activations")
+    assert keys and keys == b.keys("activations")
+    for key in keys:
+        np.testing.assert_array_equal(a.series(key).values, b.series(key).values)
