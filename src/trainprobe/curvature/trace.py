@@ -138,8 +138,8 @@ def hutchinson(
         batch_size: probes per operator call (default: all ``m`` in one call).
         distribution: ``"rademacher"`` (lower variance) or ``"gaussian"``.
         generator: CPU generator for the probes (default: a fresh one seeded from OS entropy).
-        dtype: dtype the operator takes (default: a dense operator's, else float64).
-        device: where probes live (default: a dense operator's device, else the CPU).
+        dtype: dtype the operator takes (default: its ``dtype`` attribute, else float64).
+        device: where probes live (default: the operator's ``device``, else the CPU).
 
     Returns:
         :class:`TraceEstimate` with ``stderr = std(z_iᵀAz_i) / sqrt(m)``.
