@@ -25,8 +25,9 @@ class CurvatureProbe:
             tens of Hessian-vector products, each about 1.5-2 gradients).
         data: a fixed batch to take the Hessian on (e.g. a held-out or full batch);
             default: the step's ``batch=``.
-        batches: a fixed iterable of batches (a DataLoader): the dataset Hessian,
-            each batch weighted by its size (re-read at every measurement).
+        batches: a fixed re-iterable collection of batches (a DataLoader or a list,
+            not a one-shot generator): the dataset Hessian, each batch weighted by its
+            size, re-read at every measurement.
         loss_fn: ``loss(model, batch) -> scalar``; default: the ``loss_fn`` given to
             ``watch`` or ``mon.step``.
         params: which parameters (None: all trainable; a regex, names or a module).
