@@ -254,6 +254,7 @@ def test_fixed_data_and_dataset_batches():
         (lambda: HessianTop(0), ValueError, "need top \\+ bottom >= 1"),
         (lambda: HessianTop(data=1, batches=[1]), ValueError, "pass data= or batches=, not both"),
         (lambda: HessianTop(mode="test"), ValueError, "mode must be 'eval' or 'train'"),
+        (lambda: HessianTop(batches=iter([1])), TypeError, "one-shot iterator"),
         (lambda: HessianTop(loss_fn=3), TypeError, "loss_fn must be callable"),
         (lambda: HessianTrace(method="exact"), ValueError, "method must be 'hutch\\+\\+'"),
         (lambda: GradientSubspace(0), ValueError, "k must be >= 1"),

@@ -4,7 +4,7 @@ into a :class:`~trainprobe.curvature.HessianOperator`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -60,6 +60,11 @@ class CurvatureProbe:
         check_schedule(self.schedule, type(self).__name__)
         if data is not None and batches is not None:
             raise ValueError(f"{type(self).__name__}: pass data= or batches=, not both")
+        if isinstance(batches, Iterator):
+            raise TypeError(
+                f"{type(self).__name__}: batches= is a one-shot iterator, empty after the "
+                "first measurement; pass a list of batches or a DataLoader"
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"{type(self).__name__}: loss_fn must be callable loss(model, batch)")
         if mode not in ("eval", "train"):
