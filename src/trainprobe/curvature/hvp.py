@@ -157,12 +157,10 @@ class HessianOperator:
                     create_graph=self.engine == "graph",
                 )  # fmt: skip
             used |= torch.tensor([g is not None for g in per_param])
-            flat = torch.cat(
-                [
-                    (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                    for g, p in zip(per_param, parts.values(), strict=True)
-                ]
-            )  # fmt: skip  [P]
+            flat = self.layout.flatten({
+                name: torch.zeros_like(part) if g is None else g
+                for (name, part), g in zip(parts.items(), per_param, strict=True)
+            })  # fmt: skip  [P]
             graphs.append(flat)
             grads.append(flat.detach())
             losses.append(value.detach())
@@ -237,10 +235,6 @@ class HessianOperator:
                 "for NaN/inf, and in half precision pass dtype=torch.float32"
             )
         return out
-
-    def __call__(self, v: Tensor) -> Tensor:
-        """``matvec`` for ``[P]``, ``matmat`` for ``[P, k]``."""
-        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
 
     def _products(self, vs: Tensor) -> Iterable[Tensor]:
         if self.engine == "graph":

@@ -124,27 +124,29 @@ def rng_fork(device: torch.device) -> AbstractContextManager:
 def check_deterministic(model: nn.Module, evaluate: Callable[[], Tensor], mode: Mode) -> None:
     """Raise if two evaluations of the loss on the same batch differ (dropout, noise).
 
-    A Hessian of a random function is not defined; the error names the first module
-    whose output changed between the two passes (or the loss closure itself).
+    A Hessian of a random function is not defined. Two plain evaluations decide; only
+    when they differ are two more run with every leaf module's output recorded, so the
+    error can name the first module whose output changed (or the loss closure itself).
 
     Args:
         model: the module whose leaf modules are watched.
         evaluate: ``() -> loss`` (run under the RNG fork the caller sets up).
         mode: the semantics, for the message.
     """
+    with torch.no_grad():
+        first, second = evaluate().detach(), evaluate().detach()
+    if torch.equal(first, second) or bool(first.isnan().all() & second.isnan().all()):
+        return
     passes: list[list[tuple[str, Tensor]]] = [[], []]
-    losses = []
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     for outputs in passes:
         handles = [m.register_forward_hook(_recorder(n, outputs)) for n, m in leaves]
         try:
             with torch.no_grad():
-                losses.append(evaluate().detach())
+                evaluate()
         finally:
             for handle in handles:
                 handle.remove()
-    if torch.equal(losses[0], losses[1]) or bool(losses[0].isnan().all() & losses[1].isnan().all()):
-        return
     raise ValueError(_randomness_message(dict(leaves), passes, mode))
 
 

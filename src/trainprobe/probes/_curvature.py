@@ -8,11 +8,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..curvature.hvp import Engine, HessianOperator, hessian_operator
+from ..curvature.lanczos import Eigenpairs, lanczos
 from ..curvature.loss import LossFn, Mode, ParamSelection
+from ..curvature.operator import Operator
 from .base import StepContext
 from .schedules import Schedule, check_schedule, every
 
@@ -35,6 +37,8 @@ class CurvatureProbe:
             :func:`trainprobe.curvature.hessian_operator`.
         engine: the HVP engine (``"auto"``, ``"graph"``, ``"jvp"``, ``"linearize"``).
         dtype: compute dtype (default: the parameters').
+        seed: randomness (Lanczos start vectors, trace and density probes) comes from
+            ``torch.Generator().manual_seed(seed + step)``; the global RNG is never used.
 
     Measured at the end of the step block: after the user's backward, before the
     optimizer step, at the parameters that produced this step's gradient. Nothing of
@@ -55,6 +59,7 @@ class CurvatureProbe:
         mode: Mode = "eval",
         engine: Engine = "auto",
         dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         self.schedule = every(100) if schedule is None else schedule
         check_schedule(self.schedule, type(self).__name__)
@@ -71,6 +76,8 @@ class CurvatureProbe:
             raise ValueError(f"{type(self).__name__}: mode must be 'eval' or 'train', got {mode!r}")
         self.data, self.batches, self.loss_fn = data, batches, loss_fn
         self.params, self.mode, self.engine, self.dtype = params, mode, engine, dtype
+        self.seed = seed
+        self._previous: Tensor | None = None  # [P, k] eigenvectors of the last measurement
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         return []
@@ -95,6 +102,22 @@ class CurvatureProbe:
             )
         return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
 
+    def generator(self, step: int) -> torch.Generator:
+        """This measurement's own generator (``seed + step``)."""
+        return torch.Generator().manual_seed(self.seed + step)
+
+    def eigenpairs(
+        self, operator: Operator, dim: int, step: int, *, warm: bool = True, **options: Any
+    ) -> Eigenpairs:
+        """:func:`~trainprobe.curvature.lanczos` on ``operator``, started from the last
+        measurement's eigenvectors when ``warm`` (and the dimension still matches), and
+        keeping this measurement's for the next. ``options``: ``top``, ``tol``, ..."""
+        previous = self._previous
+        start = previous if warm and previous is not None and previous.shape[0] == dim else None
+        pairs = lanczos(operator, dim, start=start, generator=self.generator(step), **options)
+        self._previous = pairs.vectors
+        return pairs
+
     def settings(self) -> dict[str, Any]:
         return {
             "data": "fixed batch" if self.data is not None else (
@@ -103,4 +126,5 @@ class CurvatureProbe:
             "mode": self.mode,
             "engine": self.engine,
             "dtype": None if self.dtype is None else str(self.dtype),
+            "seed": self.seed,
         }  # fmt: skip

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..curvature import hutch_plus_plus, hutchinson, lanczos, spectral_density
+from ..curvature import hutch_plus_plus, hutchinson, spectral_density
 from ._curvature import CurvatureProbe
 from .base import StepContext, Value
 
@@ -34,9 +34,7 @@ class HessianTop(CurvatureProbe):
         warm_start: start from the previous measurement's eigenvectors (a few
             steps later they have barely turned: far fewer products).
         vectors: also record the eigenvectors (``P × k`` floats per measurement).
-        seed: seeds the start vector (a generator of its own; the global RNG is
-            never used).
-        **source: where the Hessian is taken; see :class:`CurvatureProbe`.
+        **source: where the Hessian is taken, and ``seed``; see :class:`CurvatureProbe`.
     """
 
     name = "hessian"
@@ -50,26 +48,20 @@ class HessianTop(CurvatureProbe):
         max_iter: int | None = None,
         warm_start: bool = True,
         vectors: bool = False,
-        seed: int = 0,
         **source: Any,
     ) -> None:
         super().__init__(**source)
         if top < 0 or bottom < 0 or top + bottom < 1:
             raise ValueError(f"HessianTop: need top + bottom >= 1, got top={top}, bottom={bottom}")
         self.top, self.bottom, self.tol, self.max_iter = top, bottom, tol, max_iter
-        self.warm_start, self.vectors, self.seed = warm_start, vectors, seed
-        self._previous: torch.Tensor | None = None  # [P, k] float64, for warm starts
+        self.warm_start, self.vectors = warm_start, vectors
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
-        start = self._previous if self.warm_start else None
-        if start is not None and start.shape[0] != op.dim:
-            start = None
-        pairs = lanczos(
-            op, op.dim, top=self.top, bottom=self.bottom, tol=self.tol, max_iter=self.max_iter,
-            start=start, generator=torch.Generator().manual_seed(self.seed + ctx.step),
+        pairs = self.eigenpairs(
+            op, op.dim, ctx.step, warm=self.warm_start, top=self.top, bottom=self.bottom,
+            tol=self.tol, max_iter=self.max_iter,
         )  # fmt: skip
-        self._previous = pairs.vectors
         out: dict[str, Value] = {"hessian/hvps": float(op.matvecs),
                                  "hessian/converged": float(pairs.converged)}  # fmt: skip
         values, residuals = pairs.values.tolist(), pairs.residuals.tolist()
@@ -98,26 +90,23 @@ class HessianTrace(CurvatureProbe):
         matvecs: Hessian-vector products per measurement (batched in one call).
         method: ``"hutch++"`` (Meyer et al. 2021; default, exact on low-rank parts) or
             ``"hutchinson"`` (Hutchinson 1989).
-        seed: probes come from ``torch.Generator().manual_seed(seed + step)``.
         **source: see :class:`CurvatureProbe`.
     """
 
     name = "hessian_trace"
 
-    def __init__(self, *, matvecs: int = 100, method: str = "hutch++", seed: int = 0,
-                 **source: Any) -> None:  # fmt: skip
+    def __init__(self, *, matvecs: int = 100, method: str = "hutch++", **source: Any) -> None:
         super().__init__(**source)
         if method not in ("hutch++", "hutchinson"):
             raise ValueError(
                 f"HessianTrace: method must be 'hutch++' or 'hutchinson', got {method!r}"
             )
-        self.matvecs, self.method, self.seed = matvecs, method, seed
+        self.matvecs, self.method = matvecs, method
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
         estimator = hutch_plus_plus if self.method == "hutch++" else hutchinson
-        gen = torch.Generator().manual_seed(self.seed + ctx.step)
-        estimate = estimator(op, op.dim, matvecs=self.matvecs, generator=gen)
+        estimate = estimator(op, op.dim, matvecs=self.matvecs, generator=self.generator(ctx.step))
         return {"hessian_trace/trace": estimate.value, "hessian_trace/stderr": estimate.stderr,
                 "hessian_trace/hvps": float(op.matvecs)}  # fmt: skip
 
@@ -139,22 +128,21 @@ class HessianDensity(CurvatureProbe):
         probes: independent Lanczos runs (batched: one ``matmat`` per step).
         steps: Lanczos steps per run (``probes × steps`` products).
         points: grid size.
-        seed: as :class:`HessianTrace`.
         **source: see :class:`CurvatureProbe`.
     """
 
     name = "hessian_density"
 
-    def __init__(self, *, probes: int = 4, steps: int = 40, points: int = 200, seed: int = 0,
+    def __init__(self, *, probes: int = 4, steps: int = 40, points: int = 200,
                  **source: Any) -> None:  # fmt: skip
         super().__init__(**source)
-        self.probes, self.steps, self.points, self.seed = probes, steps, points, seed
+        self.probes, self.steps, self.points = probes, steps, points
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
         density = spectral_density(
             op, op.dim, probes=self.probes, steps=min(self.steps, op.dim), grid=self.points,
-            generator=torch.Generator().manual_seed(self.seed + ctx.step),
+            generator=self.generator(ctx.step),
         )  # fmt: skip
         return {
             "hessian_density/grid": density.grid,  # [G] float64 on the CPU

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..curvature import lanczos
 from ..curvature.hvp import HessianOperator
 from ._curvature import CurvatureProbe
 from .base import StepContext, Value
@@ -161,29 +160,23 @@ class Sharpness(CurvatureProbe):
     Args:
         tol: Lanczos residual tolerance (relative), as :class:`~.hessian.HessianTop`.
         warm_start: start from the last measurement's top eigenvector.
-        seed: seeds the start vector.
-        **source: see :class:`~._curvature.CurvatureProbe`.
+        **source: see :class:`~._curvature.CurvatureProbe` (``seed`` included).
     """
 
     name = "sharpness"
 
-    def __init__(self, *, tol: float = 1e-4, warm_start: bool = True, seed: int = 0,
-                 **source: Any) -> None:  # fmt: skip
+    def __init__(self, *, tol: float = 1e-4, warm_start: bool = True, **source: Any) -> None:
         super().__init__(**source)
-        self.tol, self.warm_start, self.seed = tol, warm_start, seed
-        self._previous: Tensor | None = None
+        self.tol, self.warm_start = tol, warm_start
         self._noted: set[str] = set()
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
         rule = stability_rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
         self._note(rule.note)
-        start = self._previous if self.warm_start else None
-        pairs = lanczos(
-            _Preconditioned(op, rule), op.dim, top=1, tol=self.tol, start=start,
-            generator=torch.Generator().manual_seed(self.seed + ctx.step),
-        )  # fmt: skip
-        self._previous = pairs.vectors
+        pairs = self.eigenpairs(
+            _Preconditioned(op, rule), op.dim, ctx.step, warm=self.warm_start, top=1, tol=self.tol
+        )
         lam = float(pairs.values[0])
         out: dict[str, Value] = {
             "sharpness/lambda_max": lam,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..curvature import lanczos
+from ..curvature import ParamLayout
 from ._curvature import CurvatureProbe
 from .base import StepContext, Value
 
@@ -32,13 +32,12 @@ class GradientSubspace(CurvatureProbe):
             consistent with the Hessian; ``"step"``: the parameters' ``.grad`` after the
             user's backward (the gradient the optimizer is about to use).
         tol: Lanczos residual tolerance (relative).
-        seed: seeds the start vector.
-        **source: see :class:`~._curvature.CurvatureProbe`.
+        **source: see :class:`~._curvature.CurvatureProbe` (``seed`` included).
     """
 
     name = "grad_subspace"
 
-    def __init__(self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-4, seed: int = 0,
+    def __init__(self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-4,
                  **source: Any) -> None:  # fmt: skip
         super().__init__(**source)
         if k < 1:
@@ -47,30 +46,26 @@ class GradientSubspace(CurvatureProbe):
             raise ValueError(
                 f"GradientSubspace: gradient must be 'loss' or 'step', got {gradient!r}"
             )
-        self.k, self.gradient, self.tol, self.seed = k, gradient, tol, seed
+        self.k, self.gradient, self.tol = k, gradient, tol
         self.needs = frozenset({"grads"}) if gradient == "step" else frozenset()
-        self._previous: Tensor | None = None
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
-        pairs = lanczos(
-            op, op.dim, top=min(self.k, op.dim), tol=self.tol, start=self._previous,
-            generator=torch.Generator().manual_seed(self.seed + ctx.step),
-        )  # fmt: skip
-        self._previous = pairs.vectors
-        g = op.gradient if self.gradient == "loss" else self._step_gradient(ctx, op.layout.names)
+        pairs = self.eigenpairs(op, op.dim, ctx.step, top=min(self.k, op.dim), tol=self.tol)
+        g = op.gradient if self.gradient == "loss" else _step_gradient(ctx, op.layout)
         g = g.to(device=pairs.vectors.device, dtype=torch.float64)  # [P]
         inside = pairs.vectors.T @ g  # [k]
         fraction = (inside @ inside) / (g @ g)  # NaN for g = 0
         return {"grad_subspace/fraction": fraction, "grad_subspace/hvps": float(op.matvecs)}
 
-    @staticmethod
-    def _step_gradient(ctx: StepContext, names: tuple[str, ...]) -> Tensor:
-        parts = []
-        for name in names:
-            grad = ctx.params[name].grad
-            parts.append(torch.zeros_like(ctx.params[name]) if grad is None else grad.detach())
-        return torch.cat([p.reshape(-1) for p in parts])  # [P]
-
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "k": self.k, "gradient": self.gradient, "tol": self.tol}
+
+
+def _step_gradient(ctx: StepContext, layout: ParamLayout) -> Tensor:
+    """The parameters' ``.grad`` laid out as the operator's ``[P]`` (zeros where None)."""
+    grads = {}
+    for name in layout.names:
+        grad = ctx.params[name].grad
+        grads[name] = torch.zeros_like(ctx.params[name]) if grad is None else grad.detach()
+    return layout.flatten(grads)  # [P]
