@@ -271,6 +271,25 @@ def test_a_random_loss_closure_is_refused():
         hessian_operator(model, noisy, batch=(x, y))
 
 
+def test_roundoff_between_two_evaluations_is_not_randomness():
+    """A CPU reduction split over threads may add in another order from call to call:
+    differences of a few ulps pass, a relative 1e-9 in float64 (dropout-sized noise
+    is far larger) is refused."""
+    model, (x, y) = _mlp(), _data()
+    calls = iter(range(100))
+
+    def jitter(scale):
+        def loss(m, batch):
+            value = F.cross_entropy(m(batch[0]), batch[1])
+            return value * (1 + scale * (next(calls) % 2))  # alternates between two values
+
+        return loss
+
+    hessian_operator(model, jitter(8 * torch.finfo(torch.float64).eps), batch=(x, y))
+    with pytest.raises(ValueError, match="loss closure draws randomness"):
+        hessian_operator(model, jitter(1e-9), batch=(x, y))
+
+
 def test_an_op_without_second_derivative_names_the_engine_to_try():
     model, (x, y) = _mlp(), _data()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,6 +76,7 @@ def test_unconverged_runs_warn_and_say_so():
     ({"top": 0}, ValueError, r"need 1 <= top \+ bottom <= 3"),
     ({"top": 2, "bottom": 2}, ValueError, r"need 1 <= top \+ bottom <= 3"),
     ({"tol": 0.0}, ValueError, r"tol must be > 0"),
+    ({"value_tol": -1.0}, ValueError, r"value_tol must be > 0 or None, got -1.0"),
     ({"start": torch.ones(4)}, ValueError, r"start must be \[3\] or \[3, j\], got \(4,\)"),
 ])  # fmt: skip
 def test_bad_arguments(kwargs, error, match):
@@ -106,3 +108,30 @@ def test_a_guard_pair_stops_a_start_blind_to_the_top_eigenvalue_from_passing():
     assert fooled.converged and fooled.values[0] == pytest.approx(20.0, rel=1e-2)
     guarded = lanczos(a, 80, top=1, tol=1e-2, start=blind, generator=gen)
     assert guarded.values[0] == pytest.approx(50.0, rel=1e-3)  # residual 1e-2: error ~r²/gap
+
+
+def test_value_tol_stops_on_the_eigenvalue_error_estimate():
+    """``r² / δ`` bounds the eigenvalue error (Kato–Temple) once the gap is resolved: the
+    values reach ``value_tol`` in fewer products than the residual test needs for it."""
+    a = _symmetric(_spectrum())
+    exact = torch.linalg.eigvalsh(a).flip(0)  # descending
+    for top in (1, 3):
+        for seed in range(5):
+            gen = torch.Generator().manual_seed(seed)
+            by_value = lanczos(a, 80, top=top, tol=1e-14, value_tol=1e-9, generator=gen)
+            error = (by_value.values - exact[:top]).abs().max() / exact[0]
+            assert by_value.converged and error <= 1e-9
+            gen = torch.Generator().manual_seed(seed)
+            by_residual = lanczos(a, 80, top=top, tol=1e-9, generator=gen)
+            assert by_value.matvecs < by_residual.matvecs
+
+
+def test_gap_bounds_shrink_the_gap_by_the_neighbours_residuals():
+    from trainprobe.curvature.lanczos import gap_bounds
+
+    theta = np.array([1.0, 2.0, 5.0])
+    residuals = np.array([0.5, 0.1, 0.2])
+    # θ=5: nearest 2 with r 0.1 -> δ = 2.9; θ=2: min(1 - 0.5, 3 - 0.2) = 0.5
+    np.testing.assert_allclose(gap_bounds(theta, residuals, [2, 1]), [0.04 / 2.9, 0.01 / 0.5])
+    assert gap_bounds(np.array([1.0, 1.1]), np.array([0.0, 0.2]), [0])[0] == np.inf  # δ < 0
+    assert gap_bounds(np.array([3.0]), np.array([0.1]), [0])[0] == np.inf

@@ -159,15 +159,23 @@ class Sharpness(CurvatureProbe):
 
     Args:
         tol: Lanczos residual tolerance (relative), as :class:`~.hessian.HessianTop`.
+        value_tol: eigenvalue-error tolerance (relative), as :class:`~.hessian.HessianTop`.
         warm_start: start from the last measurement's top eigenvector.
         **source: see :class:`~._curvature.CurvatureProbe` (``seed`` included).
     """
 
     name = "sharpness"
 
-    def __init__(self, *, tol: float = 1e-4, warm_start: bool = True, **source: Any) -> None:
+    def __init__(
+        self,
+        *,
+        tol: float = 1e-4,
+        value_tol: float | None = None,
+        warm_start: bool = True,
+        **source: Any,
+    ) -> None:
         super().__init__(**source)
-        self.tol, self.warm_start = tol, warm_start
+        self.tol, self.value_tol, self.warm_start = tol, value_tol, warm_start
         self._noted: set[str] = set()
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
@@ -175,8 +183,9 @@ class Sharpness(CurvatureProbe):
         rule = stability_rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
         self._note(rule.note)
         pairs = self.eigenpairs(
-            _Preconditioned(op, rule), op.dim, ctx.step, warm=self.warm_start, top=1, tol=self.tol
-        )
+            _Preconditioned(op, rule), op.dim, ctx.step, warm=self.warm_start, top=1,
+            tol=self.tol, value_tol=self.value_tol,
+        )  # fmt: skip
         lam = float(pairs.values[0])
         out: dict[str, Value] = {
             "sharpness/lambda_max": lam,
@@ -196,4 +205,5 @@ class Sharpness(CurvatureProbe):
             warnings.warn(f"Sharpness: λ_max only, no threshold: {note}", UserWarning, stacklevel=4)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "tol": self.tol, "warm_start": self.warm_start}
+        return {**super().settings(), "tol": self.tol, "value_tol": self.value_tol,
+                "warm_start": self.warm_start}  # fmt: skip
