@@ -135,3 +135,26 @@ def test_gap_bounds_shrink_the_gap_by_the_neighbours_residuals():
     np.testing.assert_allclose(gap_bounds(theta, residuals, [2, 1]), [0.04 / 2.9, 0.01 / 0.5])
     assert gap_bounds(np.array([1.0, 1.1]), np.array([0.0, 0.2]), [0])[0] == np.inf  # δ < 0
     assert gap_bounds(np.array([3.0]), np.array([0.1]), [0])[0] == np.inf
+
+
+def test_guard_vectors_make_a_warm_start_certify_the_gap_sooner():
+    """The guard pair's Ritz vector comes back apart from the values; a warm start that
+    holds it (as the probes keep it) needs fewer products than one from the top vector
+    alone, which must find the neighbour again before the gap is known."""
+    bulk = torch.linspace(-1, 3, 78, dtype=torch.float64).tolist()
+    a = _symmetric([10.0, 9.0, *bulk])  # a close neighbour: the gap needs λ₂ resolved
+    gen = torch.Generator().manual_seed(0)
+    before = lanczos(a, 80, top=1, tol=1e-12, value_tol=1e-10, generator=gen)
+    assert before.guard_vectors is not None and before.guard_vectors.shape == (80, 1)
+    both = torch.cat([before.vectors, before.guard_vectors], 1)  # [n, 2]
+    torch.testing.assert_close(both.T @ both, torch.eye(2, dtype=torch.float64), atol=1e-9, rtol=0)
+    drifted = a + 1e-4 * _symmetric(torch.linspace(-1, 1, 80).tolist(), seed=5)
+    exact = float(torch.linalg.eigvalsh(drifted)[-1])
+    runs = {}
+    for name, start in (("top only", before.vectors), ("with guard", both)):
+        gen = torch.Generator().manual_seed(1)
+        runs[name] = lanczos(drifted, 80, top=1, tol=1e-12, value_tol=1e-6, start=start,
+                             generator=gen)  # fmt: skip
+        assert runs[name].values[0] == pytest.approx(exact, rel=1e-6)
+    assert runs["with guard"].matvecs < runs["top only"].matvecs
+    assert lanczos(a, 80, top=1, guard=0, generator=gen).guard_vectors is None

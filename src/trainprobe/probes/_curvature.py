@@ -111,11 +111,13 @@ class CurvatureProbe:
     ) -> Eigenpairs:
         """:func:`~trainprobe.curvature.lanczos` on ``operator``, started from the last
         measurement's eigenvectors when ``warm`` (and the dimension still matches), and
-        keeping this measurement's for the next. ``options``: ``top``, ``tol``, ..."""
+        keeping this measurement's (guard vectors included: the start then holds the
+        neighbours that certify the gap) for the next. ``options``: ``top``, ``tol``, ..."""
         previous = self._previous
         start = previous if warm and previous is not None and previous.shape[0] == dim else None
         pairs = lanczos(operator, dim, start=start, generator=self.generator(step), **options)
-        self._previous = pairs.vectors
+        guards = pairs.guard_vectors
+        self._previous = pairs.vectors if guards is None else torch.cat([pairs.vectors, guards], 1)
         return pairs
 
     def settings(self) -> dict[str, Any]:
