@@ -6,13 +6,16 @@ store, flag instabilities with detectors, look at it all in one HTML file.
 
 __version__ = "0.1.0"
 
-from . import curvature
+from . import curvature, gradients, spectra
 from .analysis import Finding, Severity, analyze
 from .curvature import criterion_loss, hessian_operator
 from .monitor import Monitor, watch
 from .probes import (
     ActivationStats,
+    GradConflict,
     GradientSubspace,
+    GradNoise,
+    GradSpectrum,
     HessianDensity,
     HessianTop,
     HessianTrace,
@@ -21,6 +24,7 @@ from .probes import (
     NonFiniteGuard,
     Sharpness,
     UpdateNorms,
+    WeightSpectrum,
     at_steps,
     default_probes,
     every,
@@ -49,6 +53,13 @@ __all__ = [
     "criterion_loss",
     "curvature",
     "hessian_operator",
+    # gradient structure probes and their cores
+    "GradConflict",
+    "GradNoise",
+    "GradSpectrum",
+    "WeightSpectrum",
+    "gradients",
+    "spectra",
     "at_steps",
     "default_probes",
     "every",

@@ -3,12 +3,15 @@
 from ._curvature import CurvatureProbe
 from .activations import ActivationStats
 from .base import NEEDS, PerLayer, Probe, StepContext
+from .conflict import GradConflict
 from .hessian import HessianDensity, HessianTop, HessianTrace
+from .noise import GradNoise
 from .nonfinite import NonFiniteGuard
 from .norms import LayerNorms
 from .optim import LearningRate
 from .schedules import AnyOf, AtSteps, Every, LogSpaced, at_steps, every, log_spaced
 from .sharpness import Sharpness, StabilityRule, stability_rule
+from .spectra import GradSpectrum, WeightSpectrum
 from .subspace import GradientSubspace
 from .updates import UpdateNorms
 
@@ -24,6 +27,10 @@ PROBES = {
     "hessian_density": HessianDensity,
     "sharpness": Sharpness,
     "grad_subspace": GradientSubspace,
+    "conflict": GradConflict,
+    "grad_noise": GradNoise,
+    "grad_spectrum": GradSpectrum,
+    "weight_spectrum": WeightSpectrum,
 }
 
 
@@ -45,6 +52,9 @@ __all__ = [
     "PROBES",
     "ActivationStats",
     "CurvatureProbe",
+    "GradConflict",
+    "GradNoise",
+    "GradSpectrum",
     "GradientSubspace",
     "HessianDensity",
     "HessianTop",
@@ -62,6 +72,7 @@ __all__ = [
     "StabilityRule",
     "StepContext",
     "UpdateNorms",
+    "WeightSpectrum",
     "at_steps",
     "default_probes",
     "every",

@@ -1,0 +1,259 @@
+"""Gradient conflict between tasks, classes, user-defined groups or micro-batches."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..curvature.loss import LossFn, ParamSelection
+from ..gradients import (
+    GroupGradients,
+    cosines,
+    group_gradients,
+    layer_grams,
+    magnitude_similarity,
+    microbatch_gradients,
+    pcgrad_shift,
+    projection_shares,
+    task_gradients,
+)
+from ..gradients._functional import check_mode
+from .base import PerLayer, StepContext, Value
+from .schedules import Schedule, check_schedule, every
+
+_BY = ("class", "task", "microbatch")
+_TASK_NAME = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
+
+
+class GradConflict:
+    """Pairwise conflict and balance of group gradients (Yu et al. 2020, "Gradient Surgery
+    for Multi-Task Learning"; per class: Francazi et al. 2023, "A Theoretical Analysis of
+    the Learning Dynamics under Class Imbalance").
+
+    Each group ``g`` of the batch has its mean gradient ``g_g = ∇L_g``, loss ``L_g``, size
+    ``n_g`` and weight ``w_g`` in the batch objective ``L = Σ_g w_g L_g`` (``n_g / N`` for
+    classes, ids and micro-batches of a mean-reduced loss; 1 for tasks), hence its
+    contribution ``c_g = w_g g_g`` to the batch gradient ``C = Σ_g c_g`` (see
+    :mod:`trainprobe.gradients.groups`). Group names: ``class_<label>``, ``group_<id>``,
+    ``micro_<k>``, or the task's own lower_snake name; their numeric ids: the label, the
+    id, ``k``, or the task's index in sorted name order.
+
+    Keys:
+        ``conflict/groups``: ``G``, groups in the batch.
+        ``conflict/norm/<group>``: ``‖g_g‖``; ``conflict/loss/<group>``: ``L_g``;
+        ``conflict/count/<group>``: ``n_g`` (for tasks: the batch size).
+        ``conflict/grad_share/<group>``: ``⟨c_g, C⟩ / ‖C‖²``, the part of the update the
+        group pulls along its own direction: the shares sum to 1 and a negative share
+        marks a group the step works against (unlike norm shares, which ignore direction).
+        ``conflict/loss_share/<group>``: ``w_g L_g / Σ_j w_j L_j``.
+        With two groups or more: ``conflict/cos/<a>__<b>`` and ``conflict/gms/<a>__<b>``
+        (only while ``G <= max_pair_groups``): the cosine ``cos φ_ab`` and the gradient
+        magnitude similarity ``2‖g_a‖‖g_b‖ / (‖g_a‖² + ‖g_b‖²)`` of a pair;
+        ``conflict/mean_cos``, ``conflict/min_cos`` over pairs;
+        ``conflict/min_pair_a``, ``conflict/min_pair_b``: the numeric ids of the most
+        conflicting pair; ``conflict/frac_negative``: the fraction of pairs with
+        ``cos φ < 0``, PCGrad's conflict criterion; ``conflict/min_gms``;
+        ``conflict/pcgrad_shift``: ``‖Σ c^PC − C‖ / ‖C‖``, how far PCGrad's projections
+        would move the update (0 without conflict; see
+        :func:`trainprobe.gradients.pcgrad_shift`);
+        ``conflict/layer_cos/<param>``, ``conflict/layer_min_cos/<param>`` (with
+        ``layers=True``): mean and min pairwise cosine within one parameter tensor.
+        Cosines are NaN, and left out of the means, where a gradient is exactly zero.
+
+    Args:
+        by: ``"class"`` (default: batches ``(inputs, targets)`` with integer labels
+            ``[B]``), ``"task"`` (the loss returns ``{task: scalar}``, one forward),
+            ``"microbatch"`` (``microbatches`` consecutive chunks), or a callable
+            ``batch -> [B]`` non-negative integer ids (data source, domain, user).
+        microbatches: chunks for ``by="microbatch"``.
+        method: ``"subset"`` (one backward per group) or ``"persample"`` (per-example
+            gradients summed per group; for many small groups); see
+            :func:`trainprobe.gradients.group_gradients`.
+        layers: record the per-parameter cosines.
+        max_pair_groups: record per-pair keys while there are at most this many groups
+            (``G (G − 1) / 2`` keys each).
+        schedule: when to measure (default every 10 steps; a measurement costs about one
+            batch gradient, plus ``G`` small calls).
+        data: a fixed batch (default: the step's ``batch=``).
+        loss_fn: ``loss(model, batch)`` (default: the one given to ``watch``).
+        params: which parameters (None: all trainable; a regex, names or a module).
+        mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or ``"train"``.
+        max_memory: bytes per chunk of per-example gradients with ``method="persample"``.
+    """
+
+    name = "conflict"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        by: str | Callable[[Any], Tensor] = "class",
+        *,
+        microbatches: int = 4,
+        method: str = "subset",
+        layers: bool = True,
+        max_pair_groups: int = 8,
+        schedule: Schedule | None = None,
+        data: Any = None,
+        loss_fn: LossFn | None = None,
+        params: ParamSelection = None,
+        mode: str = "eval",
+        max_memory: int | None = None,
+    ) -> None:
+        self.schedule = every(10) if schedule is None else schedule
+        check_schedule(self.schedule, "GradConflict")
+        if not (callable(by) or by in _BY):
+            raise ValueError(
+                f"GradConflict: by must be 'class', 'task', 'microbatch' or a callable "
+                f"batch -> [B] integer ids, got {by!r}"
+            )
+        _check_int("microbatches", microbatches, 2)
+        _check_int("max_pair_groups", max_pair_groups, 0)
+        if method not in ("subset", "persample"):
+            raise ValueError(
+                f"GradConflict: method must be 'subset' or 'persample', got {method!r}"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("GradConflict: loss_fn must be callable loss(model, batch)")
+        self.by, self.microbatches, self.method, self.layers = by, microbatches, method, layers
+        self.max_pair_groups, self.data, self.loss_fn = max_pair_groups, data, loss_fn
+        self.params, self.mode, self.max_memory = params, check_mode(mode), max_memory
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        loss_fn, batch = step_source(ctx, "GradConflict", self.loss_fn, self.data)
+        groups = self._gradients(ctx.model, loss_fn, batch)
+        names, numbers = self._names(groups.ids)
+        grams = layer_grams(groups.grads, groups.layout)  # [L, G, G]
+        out = _group_values(groups, names, grams.sum(dim=0))
+        if len(names) >= 2:
+            out.update(self._pair_values(groups, names, numbers, grams))
+        return out
+
+    def _gradients(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> GroupGradients:
+        common = {"params": self.params, "mode": self.mode}
+        if self.by == "task":
+            return task_gradients(model, loss_fn, batch, **common)
+        if self.by == "microbatch":
+            return microbatch_gradients(model, loss_fn, batch, self.microbatches, **common)
+        ids = class_ids(batch) if self.by == "class" else self.by(batch)
+        return group_gradients(model, loss_fn, batch, ids, method=self.method,
+                               max_memory=self.max_memory, **common)  # fmt: skip
+
+    def _names(self, ids: tuple[int | str, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """Key-safe group names and numeric ids (see the class doc)."""
+        if self.by == "task":
+            bad = [t for t in ids if not _TASK_NAME.fullmatch(str(t))]
+            if bad:
+                raise ValueError(
+                    f"GradConflict: task names {bad} are not lower_snake; record keys need "
+                    "names like 'depth' or 'seg_loss' (lowercase letters, digits, single '_')"
+                )
+            return tuple(str(t) for t in ids), tuple(range(len(ids)))
+        numbers = tuple(int(i) for i in ids)
+        if any(i < 0 for i in numbers):
+            raise ValueError(
+                f"GradConflict: group ids must be >= 0 to name record keys, got {min(numbers)}; "
+                "map them to non-negative integers (drop ignored targets such as -100 first)"
+            )
+        prefix = {"class": "class", "microbatch": "micro"}.get(str(self.by), "group")
+        return tuple(f"{prefix}_{i}" for i in numbers), numbers
+
+    def _pair_values(
+        self, groups: GroupGradients, names: tuple[str, ...], numbers: tuple[int, ...],
+        grams: Tensor,
+    ) -> dict[str, Value]:  # fmt: skip
+        gram = grams.sum(dim=0)  # [G, G]
+        pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
+        rows, cols = torch.tensor(pairs, device=gram.device).T  # [pairs] each, row-major
+        cos = cosines(gram)[rows, cols]  # [pairs]
+        gms = magnitude_similarity(gram)[rows, cols]  # [pairs]
+        worst = torch.where(cos.isnan(), torch.inf, cos).argmin()
+        ids = torch.tensor(numbers, dtype=torch.float64, device=gram.device)  # [G]
+        weights = groups.weights.to(gram)  # [G]
+        out: dict[str, Value] = {
+            "conflict/mean_cos": cos.nanmean(), "conflict/min_cos": cos[worst],
+            "conflict/min_pair_a": ids[rows[worst]], "conflict/min_pair_b": ids[cols[worst]],
+            "conflict/frac_negative": (cos < 0).to(cos).sum() / (~cos.isnan()).to(cos).sum(),
+            "conflict/min_gms": _nanmin(gms, dim=0),
+            "conflict/pcgrad_shift": pcgrad_shift(weights[:, None] * gram * weights[None, :]),
+        }  # fmt: skip
+        if len(names) <= self.max_pair_groups:
+            keys = tuple(f"{names[a]}__{names[b]}" for a, b in pairs)
+            out["conflict/cos"] = PerLayer(keys, cos)
+            out["conflict/gms"] = PerLayer(keys, gms)
+        if self.layers:
+            per_layer = cosines(grams)[:, rows, cols]  # [L, pairs]
+            out["conflict/layer_cos"] = PerLayer(groups.layout.names, per_layer.nanmean(dim=1))
+            out["conflict/layer_min_cos"] = PerLayer(groups.layout.names, _nanmin(per_layer, 1))
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "by": self.by if isinstance(self.by, str) else "callable",
+            "microbatches": self.microbatches, "method": self.method, "layers": self.layers,
+            "max_pair_groups": self.max_pair_groups, "mode": self.mode,
+            "max_memory": self.max_memory,
+            "data": "fixed batch" if self.data is not None else "step batch",
+            "params": self.params if isinstance(self.params, str | None) else repr(self.params),
+        }  # fmt: skip
+
+
+def _group_values(groups: GroupGradients, names: tuple[str, ...], gram: Tensor) -> dict[str, Value]:
+    """Per-group norms, losses, counts and shares from the ``[G, G]`` Gram matrix."""
+    weights = groups.weights.to(gram)  # [G]
+    weighted_loss = weights * groups.losses.to(gram)  # [G]
+    return {
+        "conflict/groups": float(len(names)),
+        "conflict/norm": PerLayer(names, torch.diagonal(gram).clamp(min=0).sqrt()),
+        "conflict/loss": PerLayer(names, groups.losses),
+        "conflict/count": PerLayer(names, groups.counts.to(gram)),
+        "conflict/grad_share": PerLayer(names, projection_shares(weights[:, None] * gram
+                                                                 * weights[None, :])),
+        "conflict/loss_share": PerLayer(names, weighted_loss / weighted_loss.sum()),
+    }  # fmt: skip
+
+
+def _nanmin(values: Tensor, dim: int) -> Tensor:
+    """Minimum over ``dim`` ignoring NaN (NaN where every entry is NaN)."""
+    low = torch.where(values.isnan(), torch.inf, values).amin(dim=dim)
+    return torch.where(torch.isinf(low), torch.nan, low)
+
+
+def class_ids(batch: Any) -> Tensor:
+    """The ``[B]`` integer labels of a batch ``(inputs, targets)``, or a ``ValueError``."""
+    targets = batch[1] if isinstance(batch, tuple | list) and len(batch) >= 2 else None
+    if not isinstance(targets, Tensor) or targets.ndim != 1 or targets.is_floating_point():
+        raise ValueError(
+            "GradConflict(by='class') needs batches (inputs, targets) with integer class "
+            f"labels of shape [B], got {type(batch).__name__}; for other batches pass "
+            "by=lambda batch: <[B] integer ids>"
+        )
+    return targets
+
+
+def step_source(
+    ctx: StepContext, owner: str, loss_fn: LossFn | None, data: Any
+) -> tuple[LossFn, Any]:
+    """The probe's loss and batch: its own ``loss_fn``/``data``, else the step's."""
+    loss_fn = loss_fn or ctx.loss_fn
+    if loss_fn is None:
+        raise ValueError(
+            f"{owner} needs a loss: pass loss_fn= to watch(), mon.step() or the probe, e.g. "
+            "trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())"
+        )
+    batch = data if data is not None else ctx.batch
+    if batch is None:
+        raise ValueError(f"{owner} needs data: pass batch= to mon.step(), or data= to the probe")
+    return loss_fn, batch
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"GradConflict: {name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,126 @@
+"""The gradient noise scale and per-layer gradient signal-to-noise ratio."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..curvature.loss import LossFn, ParamSelection
+from ..gradients import METHODS, microbatch_noise, per_sample_noise
+from ..gradients._functional import check_mode
+from .base import PerLayer, StepContext, Value
+from .conflict import step_source
+from .schedules import Schedule, check_schedule, every
+
+
+class GradNoise:
+    """Simple noise scale ``B_simple = tr(Σ) / ‖G‖²`` (McCandlish et al. 2018, "An
+    Empirical Model of Large-Batch Training", appendix A), per step, from unbiased
+    estimates.
+
+    ``G`` is the expected gradient and ``Σ`` the covariance of per-example gradients
+    ``g_i`` (the gradient of the loss on a one-example batch). With ``B`` per-example
+    gradients and their mean ``ḡ`` (the batch gradient of a mean-reduced loss),
+    ``E‖ḡ‖² = ‖G‖² + tr(Σ)/B`` and ``E[mean_i ‖g_i‖²] = ‖G‖² + tr(Σ)``, so
+
+        ``S    = B/(B−1) · (mean_i ‖g_i‖² − ‖ḡ‖²)``        (unbiased for ``tr Σ``),
+        ``|G|² = (B ‖ḡ‖² − mean_i ‖g_i‖²) / (B − 1)``      (unbiased for ``‖G‖²``).
+
+    With ``microbatches=m`` the batch is cut into ``m`` consecutive micro-batches of
+    sizes ``b_k`` and their gradients take the place of the ``g_i``: McCandlish's
+    two-batch-size estimator, ``S = (mean_k ‖g_k‖² − ‖ḡ‖²) / (mean_k 1/b_k − 1/B)``,
+    ``|G|² = ‖ḡ‖² − S/B`` (derivation: :mod:`trainprobe.gradients.noise`). ``S / |G|²``
+    is a ratio of unbiased estimates, not itself unbiased on one batch: for an unbiased
+    ``B_simple`` average ``trace_cov`` and ``grad_sq`` over steps before dividing.
+
+    Keys:
+        ``grad_noise/b_simple``: ``S / |G|²``, about the batch size beyond which larger
+        batches stop speeding up training (negative when ``|G|² < 0``: the signal is
+        below one batch's noise).
+        ``grad_noise/trace_cov``: ``S``; ``grad_noise/grad_sq``: ``|G|²``.
+        ``grad_noise/snr/<param>``: ``|G_l|² / (S_l / B)``, the squared signal of tensor
+        ``l``'s gradient over the noise variance of its batch mean (``= B / B_simple,l``;
+        near 0 for pure noise, while the plug-in ``‖ḡ_l‖² / (S_l / B)`` is near 1).
+        ``grad_noise/batch_size``: ``B``.
+
+    Args:
+        microbatches: None (default): per-example gradients; ``m >= 2``: ``m``
+            micro-batch gradients (``m`` backward passes, any model, less precise).
+        method: per-example method, ``"auto"`` (default: vmap, falling back once, with
+            a warning, to one backward per example where vmap cannot batch the model),
+            ``"vmap"`` or ``"loop"``; see :func:`trainprobe.gradients.per_sample_gradients`.
+        schedule: when to measure (default every 10 steps; a measurement costs about one
+            batch gradient, vmapped over the examples).
+        data: a fixed batch (default: the step's ``batch=``).
+        loss_fn: ``loss(model, batch) -> scalar``, mean-reduced (default: the one given to
+            ``watch``).
+        params: which parameters (None: all trainable; a regex, names or a module).
+        mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or
+            ``"train"`` (dropout noise included; refused with BatchNorm, see
+            :mod:`trainprobe.gradients.persample`).
+        max_memory: bytes per chunk of per-example gradients (default 256 MiB).
+    """
+
+    name = "grad_noise"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        microbatches: int | None = None,
+        method: str = "auto",
+        schedule: Schedule | None = None,
+        data: Any = None,
+        loss_fn: LossFn | None = None,
+        params: ParamSelection = None,
+        mode: str = "eval",
+        max_memory: int | None = None,
+    ) -> None:
+        self.schedule = every(10) if schedule is None else schedule
+        check_schedule(self.schedule, "GradNoise")
+        if microbatches is not None and (
+            isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2
+        ):
+            raise ValueError(
+                f"GradNoise: microbatches must be None (per-example) or an integer >= 2, "
+                f"got {microbatches!r}"
+            )
+        if method not in METHODS:
+            raise ValueError(f"GradNoise: method must be one of {METHODS}, got {method!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("GradNoise: loss_fn must be callable loss(model, batch)")
+        self.microbatches, self.method, self.mode = microbatches, method, check_mode(mode)
+        self.data, self.loss_fn, self.params, self.max_memory = data, loss_fn, params, max_memory
+        self._method = method  # "loop" for good once "auto" had to fall back
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        loss_fn, batch = step_source(ctx, "GradNoise", self.loss_fn, self.data)
+        common = {"params": self.params, "mode": self.mode}
+        if self.microbatches is None:
+            noise, used = per_sample_noise(ctx.model, loss_fn, batch, method=self._method,
+                                           max_memory=self.max_memory, **common)  # fmt: skip
+            if used == "loop":
+                self._method = "loop"
+        else:
+            noise = microbatch_noise(ctx.model, loss_fn, batch, self.microbatches, **common)
+        return {
+            "grad_noise/b_simple": noise.b_simple,
+            "grad_noise/trace_cov": noise.trace_cov.sum(),
+            "grad_noise/grad_sq": noise.grad_sq.sum(),
+            "grad_noise/snr": PerLayer(noise.names, noise.snr),
+            "grad_noise/batch_size": float(noise.batch_size),
+        }
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "microbatches": self.microbatches, "method": self.method, "mode": self.mode,
+            "data": "fixed batch" if self.data is not None else "step batch",
+            "params": self.params if isinstance(self.params, str | None) else repr(self.params),
+            "max_memory": self.max_memory,
+        }  # fmt: skip
