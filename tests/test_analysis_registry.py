@@ -91,7 +91,34 @@ def nasty_run(tmp_path: Path):
         "updates/ratio/fc1.weight": (measured, np.full(n, 0.5)),
         "updates/ratio/head.weight": (measured, np.full(n, 1e-9)),
         "sharpness/lambda_max": (measured, sharp), "sharpness/threshold": (measured, threshold),
+        **gradient_structure(measured),
     }, meta={"model": {"params": ["fc1.weight", "head.weight", "pooler.weight"]}})
+
+
+def gradient_structure(measured: np.ndarray) -> dict:
+    """Tasks in conflict (NaN cosines where a gradient was zero), a minority class whose
+    loss climbs while the majority's falls (one count of 0, one infinite loss), and a noise
+    signal below zero on average (an infinite noise scale)."""
+    n = measured.size
+    cos = np.full(n, -0.8)
+    cos[[4, 9]] = np.nan
+    minority = 0.7 + np.minimum(measured, 200) / 100
+    minority[20] = np.inf
+    majority = 0.7 * np.exp(-measured / 100)
+    grad_sq = np.full(n, -1.0)
+    grad_sq[3] = np.nan
+    return {
+        "conflict/cos/depth__seg": (measured, cos),
+        "conflict/loss/class_0": (measured, majority),
+        "conflict/loss/class_1": (measured, minority),
+        "conflict/count/class_0": (measured, np.full(n, 60.0)),
+        "conflict/count/class_1": (measured, np.where(measured == measured[7], 0.0, 4.0)),
+        "conflict/norm/class_0": (measured, np.ones(n)),
+        "conflict/norm/class_1": (measured, np.ones(n)),
+        "grad_noise/trace_cov": (measured, np.full(n, 5.0)),
+        "grad_noise/grad_sq": (measured, grad_sq),
+        "grad_noise/batch_size": (measured, np.full(n, 32.0)),
+    }  # fmt: skip
 
 
 def test_no_detector_puts_nan_or_inf_into_evidence(tmp_path):
@@ -139,7 +166,8 @@ def test_every_detector_tolerates_one_or_two_points(tmp_path):
 def test_registry_is_consistent():
     names = [d.name for d in DETECTORS]
     assert names == ["nonfinite", "loss_spike", "loss_divergence", "exploding_gradients",
-                     "vanishing_gradients", "update_ratio", "edge_of_stability"]
+                     "vanishing_gradients", "update_ratio", "edge_of_stability",
+                     "gradient_conflict", "class_competition", "noise_scale"]
     for detector in DETECTORS:
         assert detector.func.__name__ in analysis.__all__
         assert detector.needs and all(isinstance(p, str) for p in detector.needs)

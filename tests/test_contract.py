@@ -55,10 +55,24 @@ def curvature_probes() -> list:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("probe_set", ["default", "curvature"])
+def gradient_probes() -> list:
+    """Every gradient-structure probe, each option that adds keys switched on."""
+    return [
+        PROBES["conflict"](schedule=every(1)),
+        PROBES["grad_noise"](schedule=every(1)),
+        PROBES["grad_spectrum"](schedule=every(1)),
+        PROBES["weight_spectrum"](2, schedule=every(1)),
+    ]
+
+
+PROBE_SETS = {"default": lambda: default_probes(every_n=1), "curvature": curvature_probes,
+              "gradient": gradient_probes}  # fmt: skip
+
+
+@pytest.mark.parametrize("probe_set", sorted(PROBE_SETS))
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_probes_record_finite_documented_keys(tmp_path, model, probe_set):
-    probes = default_probes(every_n=1) if probe_set == "default" else curvature_probes()
+    probes = PROBE_SETS[probe_set]()
     train(model, steps=6, probes=probes, run_dir=tmp_path / "run")
     run = Run(tmp_path / "run")
     documented = {name: _documented_patterns(cls) for name, cls in PROBES.items()}

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 import pytest
 
 from tests.synth import write_run
+from tests.test_dashboard_gradients import gradient_series
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.dashboard import PANELS, Panel, PanelPart, build, to_html
 from trainprobe.store import Run
@@ -54,6 +55,8 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
         "hessian_trace/stderr": (curv, sharp / 4), "hessian_density/grid": (curv, grid),
         "hessian_density/density": (curv, np.exp(-8.0 * grid**2)),
     })
+    # three groups, so every conflict row draws; the loss above stays
+    series.update({k: v for k, v in gradient_series(sched).items() if not k.startswith("scalars/")})
     return series
 
 
@@ -88,7 +91,7 @@ def test_full_run_has_every_panel_in_order(full_run):
     titles = row_titles(fig)
     expected = [p.title for p in PANELS if p.name != "findings"]
     assert [next(t for t in titles if f"<b>{e}</b>" in t) for e in expected] == titles
-    assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 5
+    assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 8
     assert fig.layout.xaxis.matches is not None or fig.layout.xaxis2.matches is not None
     assert fig.layout.hovermode == "x unified"
 
@@ -151,7 +154,7 @@ def test_findings_draw_spans_timeline_and_title_marker(full_run):
     assert len(fig.layout.shapes) == 2 * rows
     filled = [s for s in fig.layout.shapes if s.fillcolor is not None]
     outlined = [s for s in fig.layout.shapes if s.fillcolor is None]
-    assert len(outlined) == 2 * 5 and {s.line.color for s in outlined} == {"#d62728", "#1f77b4"}
+    assert len(outlined) == 2 * 8 and {s.line.color for s in outlined} == {"#d62728", "#1f77b4"}
     span = next(s for s in filled if s.fillcolor == "#d62728" and s.yref == "y2 domain")
     assert span.x0 <= 238 and span.x1 >= 242 and (span.y0, span.y1) == (0, 1)
     bar = next(t for t in fig.data if "loss_spike" in (t.hovertemplate or ""))

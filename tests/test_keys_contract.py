@@ -12,15 +12,22 @@ from trainprobe.probes import default_probes
 from trainprobe.store import Run
 
 from .cases import train
-from .test_contract import curvature_probes
+from .test_contract import curvature_probes, gradient_probes
 
 CONSUMERS = [*DETECTORS, *PANELS]
 
 CURVATURE_PREFIXES = ("sharpness/", "hessian", "grad_subspace/")
 """Keys of the curvature probes: not default (they cost Hessian-vector products)."""
+GRADIENT_PREFIXES = ("conflict/", "grad_noise/", "grad_spectrum/", "weight_spectrum/")
+"""Keys of the gradient-structure probes: not default (they cost extra backward passes)."""
+
 
 def is_curvature(pattern: str) -> bool:
     return pattern.startswith(CURVATURE_PREFIXES)
+
+
+def is_gradient(pattern: str) -> bool:
+    return pattern.startswith(GRADIENT_PREFIXES)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +40,8 @@ def default_keys(tmp_path_factory) -> list[str]:
 @pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
 def test_default_probes_produce_every_key_a_consumer_needs(default_keys, consumer):
     for pattern in consumer.needs:
-        if is_curvature(pattern):
-            continue  # checked against the curvature probes below
+        if is_curvature(pattern) or is_gradient(pattern):
+            continue  # checked against the curvature or gradient probes below
         assert any(fnmatchcase(k, pattern) for k in default_keys), (
             f"{consumer.name} needs {pattern!r}, which the default probes (plus a logged loss) "
             "do not write"
@@ -62,3 +69,24 @@ def test_the_curvature_split_leaves_default_keys_alone(default_keys, curvature_k
     )
     assert all(is_curvature(k) for k in curvature_keys if not k.startswith("scalars/"))
     assert any(is_curvature(p) for c in CONSUMERS for p in c.needs)  # the split is in use
+
+
+@pytest.fixture(scope="module")
+def gradient_keys(tmp_path_factory) -> list[str]:
+    run_dir = tmp_path_factory.mktemp("gradient_keys") / "run"
+    train("cnn", steps=2, probes=gradient_probes(), run_dir=run_dir)
+    return Run(run_dir).keys()
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
+def test_gradient_probes_produce_every_gradient_key_a_consumer_needs(gradient_keys, consumer):
+    for pattern in filter(is_gradient, consumer.needs):
+        assert any(fnmatchcase(k, pattern) for k in gradient_keys), (
+            f"{consumer.name} needs {pattern!r}, which the gradient probes do not write"
+        )
+
+
+def test_the_gradient_split_leaves_default_keys_alone(default_keys, gradient_keys):
+    assert not [k for k in default_keys if is_gradient(k)]
+    assert all(is_gradient(k) for k in gradient_keys if not k.startswith("scalars/"))
+    assert any(is_gradient(p) for c in CONSUMERS for p in c.needs)

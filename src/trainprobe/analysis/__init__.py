@@ -3,11 +3,14 @@
 numpy/scipy only: nothing here imports torch, so a run can be analysed anywhere.
 """
 
+from .class_competition import detect_class_competition
 from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding, Severity
+from .gradient_conflict import detect_gradient_conflict
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
+from .noise_scale import detect_noise_scale
 from .nonfinite import detect_nonfinite
 from .registry import DETECTORS, Detector, analyze
 from .update_ratio import detect_update_ratio
@@ -19,10 +22,13 @@ __all__ = [
     "Finding",
     "Severity",
     "analyze",
+    "detect_class_competition",
     "detect_edge_of_stability",
     "detect_exploding_gradients",
+    "detect_gradient_conflict",
     "detect_loss_divergence",
     "detect_loss_spikes",
+    "detect_noise_scale",
     "detect_nonfinite",
     "detect_update_ratio",
     "detect_vanishing_gradients",

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from ..store import Run
+from .class_competition import detect_class_competition
 from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding
+from .gradient_conflict import detect_gradient_conflict
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
+from .noise_scale import detect_noise_scale
 from .nonfinite import detect_nonfinite
 from .update_ratio import detect_update_ratio
 from .vanishing import detect_vanishing_gradients
@@ -62,6 +65,17 @@ DETECTORS: tuple[Detector, ...] = (
         "edge_of_stability",
         detect_edge_of_stability,
         ("sharpness/lambda_max", "sharpness/threshold"),
+    ),
+    Detector("gradient_conflict", detect_gradient_conflict, ("conflict/cos/*",)),
+    Detector(
+        "class_competition",
+        detect_class_competition,
+        ("conflict/loss/class_*", "conflict/count/class_*", "conflict/norm/class_*"),
+    ),
+    Detector(
+        "noise_scale",
+        detect_noise_scale,
+        ("grad_noise/trace_cov", "grad_noise/grad_sq", "grad_noise/batch_size"),
     ),
 )
 

@@ -41,10 +41,10 @@ def _free_run_dir(out: Path) -> Path:
 
 
 def _write_dashboard(run, findings, output: Path) -> Path:
-    from ..dashboard import build, to_html
+    from ..dashboard import build, extra_figures, to_html
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(to_html(build(run, findings)), encoding="utf-8")
+    output.write_text(to_html(build(run, findings), *extra_figures(run)), encoding="utf-8")
     return output
 
 

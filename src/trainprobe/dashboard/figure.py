@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
+from .conflict import cosine_matrix_figure
 from .marks import draw_spans, title_marker
 from .panels import PANELS
 from .parts import ROW_PX, Panel, PanelPart
@@ -62,18 +63,33 @@ def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = Non
     return fig
 
 
-def to_html(fig: go.Figure) -> str:
-    """One self-contained HTML document (plotly.js embedded, works offline).
+def to_html(fig: go.Figure, *extra: go.Figure) -> str:
+    """One self-contained HTML document (plotly.js embedded once, works offline): ``fig``,
+    then each ``extra`` figure below it (e.g. :func:`extra_figures`).
 
     Raises:
-        TypeError: ``fig`` is not a ``go.Figure`` (make one with :func:`build`).
+        TypeError: a figure is not a ``go.Figure`` (make one with :func:`build`).
     """
-    if not isinstance(fig, go.Figure):
-        raise TypeError(
-            f"to_html() needs a plotly go.Figure from dashboard.build(run), "
-            f"got {type(fig).__name__}"
-        )
-    return fig.to_html(include_plotlyjs=True, full_html=True, config=_CONFIG, default_width="100%")
+    for figure in (fig, *extra):
+        if not isinstance(figure, go.Figure):
+            raise TypeError(
+                f"to_html() needs a plotly go.Figure from dashboard.build(run), "
+                f"got {type(figure).__name__}"
+            )
+    page = fig.to_html(include_plotlyjs=True, full_html=True, config=_CONFIG, default_width="100%")
+    if not extra:
+        return page
+    divs = "".join(e.to_html(include_plotlyjs=False, full_html=False, config=_CONFIG)
+                   for e in extra)  # fmt: skip
+    head, _, tail = page.rpartition("</body>")
+    return f"{head}{divs}</body>{tail}"
+
+
+def extra_figures(run: Run) -> list[go.Figure]:
+    """Figures with no step axis, shown under the dashboard: the group cosine matrix with a
+    step slider when the run has ``conflict/cos/*`` keys."""
+    matrix = cosine_matrix_figure(run)
+    return [] if matrix is None else [matrix]
 
 
 def _check_inputs(run: object, findings: object, title: object) -> tuple[Finding, ...]:
@@ -177,8 +193,9 @@ def _empty(run: Run, title: str) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(
         text=f"{html.escape(str(run.run_dir))} has no data that any panel "
-        "reads yet (scalars/*, optim/lr/*, norms/*, updates/*, "
-        "activations/*, nonfinite/*)",
+        "reads yet (scalars/*, optim/lr/*, norms/*, updates/*, activations/*, "
+        "nonfinite/*, sharpness/*, hessian*, conflict/*, grad_noise/*, grad_spectrum/*, "
+        "weight_spectrum/*)",
         showarrow=False,
         xref="paper",
         yref="paper",

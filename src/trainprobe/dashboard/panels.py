@@ -9,6 +9,7 @@ from .curvature import (
     sharpness_panel,
 )
 from .curves import loss_panel, lr_panel, metrics_panel, nonfinite_panel, norms_panel
+from .gradients import GRADIENT_PANELS
 from .heatmaps import activation_std_heatmap, grad_heatmap, update_ratio_heatmap, zero_frac_heatmap
 from .marks import findings_timeline
 from .parts import Panel
@@ -67,6 +68,7 @@ PANELS: tuple[Panel, ...] = (
         zero_frac_heatmap,
         ("activations/zero_frac/*",),
     ),
+    *GRADIENT_PANELS,
     Panel("nonfinite", "Non-finite values", nonfinite_panel, ("nonfinite/*",)),
 )
 """Every panel, in row order. ``findings`` reads no key: it draws the findings passed in."""

@@ -15,7 +15,7 @@ from ..curvature.hvp import Engine, HessianOperator, hessian_operator
 from ..curvature.lanczos import Eigenpairs, lanczos
 from ..curvature.loss import LossFn, Mode, ParamSelection
 from ..curvature.operator import Operator
-from .base import StepContext
+from .base import StepContext, step_source
 from .schedules import Schedule, check_schedule, every
 
 
@@ -84,22 +84,13 @@ class CurvatureProbe:
 
     def operator(self, ctx: StepContext) -> HessianOperator:
         """The Hessian at this step's parameters, on the probe's data and loss."""
-        loss_fn = self.loss_fn or ctx.loss_fn
-        if loss_fn is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a loss: pass loss_fn= to watch(), mon.step() or "
-                "the probe, e.g. trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())"
-            )
+        own = self.data if self.batches is None else self.batches
+        loss_fn, batch = step_source(ctx, type(self).__name__, self.loss_fn, own,
+                                     data_hint="data= (or batches=)")  # fmt: skip
         common = {"params": self.params, "mode": self.mode, "engine": self.engine,
                   "dtype": self.dtype}  # fmt: skip
         if self.batches is not None:
             return hessian_operator(ctx.model, loss_fn, batches=self.batches, **common)
-        batch = self.data if self.data is not None else ctx.batch
-        if batch is None:
-            raise ValueError(
-                f"{type(self).__name__} needs data: pass batch= to mon.step(), or data= "
-                "(or batches=) to the probe"
-            )
         return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
 
     def generator(self, step: int) -> torch.Generator:

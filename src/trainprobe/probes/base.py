@@ -106,3 +106,31 @@ class Probe(Protocol):
     def measure(self, ctx: StepContext) -> Mapping[str, Value]: ...
 
     def settings(self) -> dict[str, Any]: ...
+
+
+def step_source(
+    ctx: StepContext,
+    owner: str,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+    data: Any,
+    *,
+    data_hint: str = "data=",
+) -> tuple[Callable[[nn.Module, Any], Tensor], Any]:
+    """The loss and batch a probe evaluates: its own ``loss_fn``/``data``, else the step's.
+
+    Raises:
+        ValueError: no loss closure anywhere, or no batch (the message names ``owner``
+            and where to pass them).
+    """
+    loss_fn = loss_fn or ctx.loss_fn
+    if loss_fn is None:
+        raise ValueError(
+            f"{owner} needs a loss: pass loss_fn= to watch(), mon.step() or the probe, e.g. "
+            "trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())"
+        )
+    batch = data if data is not None else ctx.batch
+    if batch is None:
+        raise ValueError(
+            f"{owner} needs data: pass batch= to mon.step(), or {data_hint} to the probe"
+        )
+    return loss_fn, batch

@@ -23,7 +23,7 @@ from ..gradients import (
     task_gradients,
 )
 from ..gradients._functional import check_mode
-from .base import PerLayer, StepContext, Value
+from .base import PerLayer, StepContext, Value, step_source
 from .schedules import Schedule, check_schedule, every
 
 _BY = ("class", "task", "microbatch")
@@ -236,22 +236,6 @@ def class_ids(batch: Any) -> Tensor:
             "by=lambda batch: <[B] integer ids>"
         )
     return targets
-
-
-def step_source(
-    ctx: StepContext, owner: str, loss_fn: LossFn | None, data: Any
-) -> tuple[LossFn, Any]:
-    """The probe's loss and batch: its own ``loss_fn``/``data``, else the step's."""
-    loss_fn = loss_fn or ctx.loss_fn
-    if loss_fn is None:
-        raise ValueError(
-            f"{owner} needs a loss: pass loss_fn= to watch(), mon.step() or the probe, e.g. "
-            "trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())"
-        )
-    batch = data if data is not None else ctx.batch
-    if batch is None:
-        raise ValueError(f"{owner} needs data: pass batch= to mon.step(), or data= to the probe")
-    return loss_fn, batch
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

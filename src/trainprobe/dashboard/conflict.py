@@ -1,0 +1,186 @@
+"""Conflict panels: group-pair cosines, each group's worst partner, per-group losses (the
+keys of :class:`~trainprobe.probes.GradConflict`), and the cosine matrix as a figure of
+its own.
+
+The dashboard is one figure whose rows share the training-step x-axis, and a
+:class:`PanelPart` carries traces and y-axis settings only (no sliders, no x-axis of its
+own). A ``G x G`` cosine matrix has no step axis, so it cannot be a row: the row
+(:func:`cosine_matrix_panel`) draws each group's worst partner over steps, and the matrix
+itself, with a step slider, is :func:`cosine_matrix_figure` (the CLI's dashboard page
+shows it under the rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from trainprobe.analysis.findings import Finding
+from trainprobe.store import Run, Series
+
+from .curves import _all_positive, _line, _log_axis, _read
+from .grid import bin_columns, layer_matrix
+from .heatmaps import _layer_axis
+from .parts import PanelPart
+
+COS = "conflict/cos"
+LOSS = "conflict/loss"
+MAX_GROUP_LINES = 12
+"""Most groups drawn in the per-group loss panel: the ones with the highest peak loss."""
+
+COSINE_COLOURS = [[0.0, "#b2182b"], [0.25, "#ef8a62"], [0.5, "#ffffff"],
+                  [0.75, "#67a9cf"], [1.0, "#2166ac"]]  # fmt: skip
+"""Diverging scale for cosines on a fixed ``[-1, 1]``: red conflict, white 0, blue aligned."""
+_COSINE_Z = {"colorscale": COSINE_COLOURS, "zmin": -1.0, "zmax": 1.0}
+_COSINE_BAR = {"title": {"text": "cosine", "side": "right"}, "thickness": 12,
+               "tickvals": [-1, -0.5, 0, 0.5, 1]}  # fmt: skip
+
+
+def _pair_series(run: Run) -> tuple[list[str], list[tuple[int, int]], list[Series]]:
+    """Groups (first-appearance order: the probe's), the ``(a, b)`` index of each
+    ``conflict/cos/<a>__<b>`` pair and its series; group names never hold ``__``."""
+    groups: dict[str, int] = {}
+    pairs, series = [], []
+    for s in _read(run, run.keys(f"{COS}/")):
+        a, sep, b = s.key[len(COS) + 1 :].partition("__")
+        if sep and a and b:
+            pairs.append((groups.setdefault(a, len(groups)), groups.setdefault(b, len(groups))))
+            series.append(s)
+    return list(groups), pairs, series
+
+
+def _square(pairs: Sequence[tuple[int, int]], values: np.ndarray, size: int) -> np.ndarray:
+    """``[G, G, T]`` symmetric cosines from pair rows ``values [P, T]``; NaN on the diagonal."""
+    out = np.full((size, size, values.shape[1]), np.nan)
+    for row, (a, b) in enumerate(pairs):
+        out[a, b] = out[b, a] = values[row]
+    return out
+
+
+def cosine_matrices(run: Run) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(groups [G], steps [T], matrices [T, G, G])``: the group cosine matrix at every
+    step that recorded a pair, rebuilt from the ``conflict/cos/<a>__<b>`` keys:
+    ``M[a, b] = M[b, a] = cos φ_ab``, ``M[g, g] = 1``, NaN where a pair is missing or NaN
+    (a zero gradient). ``G = 0`` without pairs."""
+    groups, pairs, series = _pair_series(run)
+    if not series:
+        return [], np.empty(0, dtype=np.int64), np.empty((0, 0, 0))
+    steps, values = layer_matrix(series)  # [T], [P, T]
+    square = _square(pairs, values, len(groups)).transpose(2, 0, 1)  # [T, G, G]
+    square[:, np.arange(len(groups)), np.arange(len(groups))] = 1.0
+    return groups, steps, square
+
+
+def _cosine_part(
+    labels: list[str], series: list[Series], z: np.ndarray, binned: tuple, text: str, *,
+    y_title: str, hover: str = "", customdata: np.ndarray | None = None,
+) -> PanelPart:  # fmt: skip
+    """A row heatmap of cosines ``z [len(labels), T']`` on the fixed ``[-1, 1]`` scale,
+    over the binned steps ``binned = (x, _, w)``; hover: row, step, ``hover``, cosine."""
+    x, _, width = binned
+    step = "step %{x:.0f}" if width == 1 else f"step ≈ %{{x:.0f}} (mean of {width})"
+    trace = go.Heatmap(
+        x=x, y=labels, z=z.astype(np.float32), customdata=customdata, hoverongaps=False,
+        hovertemplate=f"<b>%{{y}}</b><br>{step}{hover}<br>cosine %{{z:.3f}}<extra></extra>",
+        colorbar=_COSINE_BAR, **_COSINE_Z,
+    )  # fmt: skip
+    height, y_axis, _ = _layer_axis(labels)
+    text += f" Columns are means of {width} steps." if width > 1 else ""
+    return PanelPart((trace,), y_title, text, keys=tuple(s.key for s in series),
+                     height=height, y_axis=y_axis)  # fmt: skip
+
+
+def conflict_heatmap_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """Pair x step heatmap of ``conflict/cos/<a>__<b>`` on the fixed ``[-1, 1]`` cosine scale."""
+    groups, pairs, series = _pair_series(run)
+    if not series:
+        return None
+    binned = bin_columns(*layer_matrix(series))  # [T'], [P, T'], w
+    return _cosine_part(
+        [f"{groups[a]} · {groups[b]}" for a, b in pairs], series, binned[1], binned,
+        "Cosine between two groups' gradients (red < 0: they pull against each other, "
+        "PCGrad's conflict; white: orthogonal; blue: aligned).", y_title="pair",
+    )  # fmt: skip
+
+
+def worst_partners(square: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row minima ``[G, T]`` of ``square [G, G, T]`` (NaN: unknown) and their column index
+    ``[G, T]``: each group's most negative cosine and partner; NaN and -1 where none."""
+    filled = np.where(np.isnan(square), np.inf, square)  # [G, G, T]
+    partner = filled.argmin(axis=1)  # [G, T]
+    low = np.take_along_axis(filled, partner[:, None, :], axis=1)[:, 0, :]  # [G, T]
+    known = np.isfinite(low)
+    return np.where(known, low, np.nan), np.where(known, partner, -1)
+
+
+def cosine_matrix_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """The cosine matrix, one row per group over steps: each group's worst partner.
+
+    A row of the dashboard shares the step axis, so the ``G x G`` matrix is reduced to
+    its row minima (colour) and their arg-min partner (hover); the matrix itself is
+    :func:`cosine_matrix_figure`. ``None`` below 3 groups: the pair heatmap shows it all.
+    """
+    groups, pairs, series = _pair_series(run)
+    if len(groups) < 3:
+        return None
+    binned = bin_columns(*layer_matrix(series))  # [T'], [P, T'], w
+    low, partner = worst_partners(_square(pairs, binned[1], len(groups)))  # [G, T'] each
+    return _cosine_part(
+        groups, series, low, binned,
+        "Each group's most negative cosine with any other group (hover: which one): a red "
+        "row is a group the others pull against, e.g. a minority class.", y_title="group",
+        hover="<br>worst partner %{customdata}",
+        customdata=np.array([*groups, "none"], dtype=object)[partner],  # -1: none
+    )  # fmt: skip
+
+
+def cosine_matrix_figure(run: Run) -> go.Figure | None:
+    """The ``G x G`` group cosine matrix with a slider over the recorded steps (last shown).
+
+    A figure of its own, not a dashboard row; nothing is written. ``None`` without pairs.
+    """
+    groups, steps, matrices = cosine_matrices(run)
+    if not groups:
+        return None
+    fig = go.Figure(go.Heatmap(
+        x=groups, y=groups, z=matrices[-1], texttemplate="%{z:.2f}", colorbar=_COSINE_BAR,
+        hovertemplate="%{y} · %{x}<br>cosine %{z:.3f}<extra></extra>", **_COSINE_Z,
+    ))  # fmt: skip
+    slider = [{"label": str(s), "method": "restyle", "args": [{"z": [m.tolist()]}, [0]]}
+              for s, m in zip(steps, matrices, strict=True)]  # fmt: skip
+    fig.update_layout(
+        title="Cosine between group gradients", template="plotly_white",
+        sliders=[{"active": len(slider) - 1, "steps": slider,
+                  "currentvalue": {"prefix": "step "}}],
+        xaxis={"side": "top"}, yaxis={"autorange": "reversed", "scaleanchor": "x"},
+        height=620, width=640, margin={"t": 140},
+    )  # fmt: skip
+    return fig
+
+
+def group_loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``conflict/loss/<group>``: each group's own loss on the probe's batch, log y.
+
+    Where class competition shows: a minority class whose loss climbs while the others
+    fall (the ``class_competition`` finding marks this row). At most
+    :data:`MAX_GROUP_LINES` groups, those with the highest peak loss.
+    """
+    series = _read(run, [f"{LOSS}/{g}" for g in run.layers(LOSS)])
+    if not series:
+        return None
+    peak = [float(np.nanmax(s.values)) if np.isfinite(s.values).any() else -np.inf
+            for s in series]  # fmt: skip
+    shown = sorted(range(len(series)), key=lambda i: -peak[i])[:MAX_GROUP_LINES]
+    traces = [_line(series[i], f"loss · {series[i].key[len(LOSS) + 1 :]}") for i in sorted(shown)]
+    log = _all_positive([series[i] for i in shown])
+    more = f" The {len(shown)} of {len(series)} groups with the highest peak." \
+        if len(shown) < len(series) else ""  # fmt: skip
+    return PanelPart(
+        traces, "group loss",
+        "Each group's own loss on the probe's batch: one rising while the rest fall is a "
+        "group losing the competition for the shared weights." + more,
+        keys=tuple(s.key for s in series), y_log=log,
+        y_axis=_log_axis([series[i] for i in shown]) if log else {},
+    )  # fmt: skip
