@@ -107,7 +107,19 @@ def gradient_structure(measured: np.ndarray) -> dict:
     majority = 0.7 * np.exp(-measured / 100)
     grad_sq = np.full(n, -1.0)
     grad_sq[3] = np.nan
+    fit = np.minimum(measured / 100, 1.0)  # train accuracy: fit by step 100
+    heldout = np.where(measured < 600, 0.0, 1.0)  # then held-out at 600: grokked
+    heldout[[10, 11]] = [np.nan, np.inf]
+    regions = 10 + 30 * np.exp(-((measured - 300) / 150) ** 2)  # up, then down
+    regions[[2, 30]] = [np.nan, 0.0]
+    ratio = np.full(n, 0.01)
+    ratio[:5] = np.nan  # undefined at the start
     return {
+        "heldout/train_acc": (measured, fit), "heldout/acc": (measured, heldout),
+        "regions/train/total": (measured, regions),
+        "attribution/share/easy": (measured, np.full(n, 0.999)),
+        "attribution/share/hard": (measured, np.zeros(n)),
+        "ntk_response/min_ratio": (measured, ratio),
         "conflict/cos/depth__seg": (measured, cos),
         "conflict/loss/class_0": (measured, majority),
         "conflict/loss/class_1": (measured, minority),
@@ -167,7 +179,8 @@ def test_registry_is_consistent():
     names = [d.name for d in DETECTORS]
     assert names == ["nonfinite", "loss_spike", "loss_divergence", "exploding_gradients",
                      "vanishing_gradients", "update_ratio", "edge_of_stability",
-                     "gradient_conflict", "class_competition", "noise_scale"]
+                     "gradient_conflict", "class_competition", "noise_scale", "grokking",
+                     "region_migration", "gradient_starvation"]
     for detector in DETECTORS:
         assert detector.func.__name__ in analysis.__all__
         assert detector.needs and all(isinstance(p, str) for p in detector.needs)

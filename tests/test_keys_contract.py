@@ -7,12 +7,13 @@ from fnmatch import fnmatchcase
 import pytest
 
 from trainprobe.analysis import DETECTORS
+from trainprobe.analysis.registry import alternatives
 from trainprobe.dashboard import PANELS
 from trainprobe.probes import default_probes
 from trainprobe.store import Run
 
 from .cases import train
-from .test_contract import curvature_probes, gradient_probes
+from .test_contract import analysis_probes, curvature_probes, gradient_probes
 
 CONSUMERS = [*DETECTORS, *PANELS]
 
@@ -20,6 +21,9 @@ CURVATURE_PREFIXES = ("sharpness/", "hessian", "grad_subspace/")
 """Keys of the curvature probes: not default (they cost Hessian-vector products)."""
 GRADIENT_PREFIXES = ("conflict/", "grad_noise/", "grad_spectrum/", "weight_spectrum/")
 """Keys of the gradient-structure probes: not default (they cost extra backward passes)."""
+ANALYSIS_PREFIXES = ("heldout/", "grok/", "ntk/", "attribution/", "ntk_response/", "regions/",
+                     "robustness/")  # fmt: skip
+"""Keys of the grokking, starvation and region probes: not default (they need data)."""
 
 
 def is_curvature(pattern: str) -> bool:
@@ -28,6 +32,15 @@ def is_curvature(pattern: str) -> bool:
 
 def is_gradient(pattern: str) -> bool:
     return pattern.startswith(GRADIENT_PREFIXES)
+
+
+def is_analysis(pattern: str) -> bool:
+    return pattern.startswith(ANALYSIS_PREFIXES)
+
+
+def choices(consumer) -> list[str]:
+    """Every alternative of every pattern the consumer needs (``"a | b"``: both)."""
+    return [c for pattern in consumer.needs for c in alternatives(pattern)]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +52,9 @@ def default_keys(tmp_path_factory) -> list[str]:
 
 @pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
 def test_default_probes_produce_every_key_a_consumer_needs(default_keys, consumer):
-    for pattern in consumer.needs:
-        if is_curvature(pattern) or is_gradient(pattern):
-            continue  # checked against the curvature or gradient probes below
+    for pattern in choices(consumer):
+        if is_curvature(pattern) or is_gradient(pattern) or is_analysis(pattern):
+            continue  # checked against the curvature, gradient or analysis probes below
         assert any(fnmatchcase(k, pattern) for k in default_keys), (
             f"{consumer.name} needs {pattern!r}, which the default probes (plus a logged loss) "
             "do not write"
@@ -57,7 +70,7 @@ def curvature_keys(tmp_path_factory) -> list[str]:
 
 @pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
 def test_curvature_probes_produce_every_curvature_key_a_consumer_needs(curvature_keys, consumer):
-    for pattern in filter(is_curvature, consumer.needs):
+    for pattern in filter(is_curvature, choices(consumer)):
         assert any(fnmatchcase(k, pattern) for k in curvature_keys), (
             f"{consumer.name} needs {pattern!r}, which the curvature probes do not write"
         )
@@ -80,7 +93,7 @@ def gradient_keys(tmp_path_factory) -> list[str]:
 
 @pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
 def test_gradient_probes_produce_every_gradient_key_a_consumer_needs(gradient_keys, consumer):
-    for pattern in filter(is_gradient, consumer.needs):
+    for pattern in filter(is_gradient, choices(consumer)):
         assert any(fnmatchcase(k, pattern) for k in gradient_keys), (
             f"{consumer.name} needs {pattern!r}, which the gradient probes do not write"
         )
@@ -90,3 +103,24 @@ def test_the_gradient_split_leaves_default_keys_alone(default_keys, gradient_key
     assert not [k for k in default_keys if is_gradient(k)]
     assert all(is_gradient(k) for k in gradient_keys if not k.startswith("scalars/"))
     assert any(is_gradient(p) for c in CONSUMERS for p in c.needs)
+
+
+@pytest.fixture(scope="module")
+def analysis_keys(tmp_path_factory) -> list[str]:
+    run_dir = tmp_path_factory.mktemp("analysis_keys") / "run"
+    train("cnn", steps=2, probes=analysis_probes("cnn"), run_dir=run_dir)
+    return Run(run_dir).keys()
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
+def test_analysis_probes_produce_every_analysis_key_a_consumer_needs(analysis_keys, consumer):
+    for pattern in filter(is_analysis, choices(consumer)):
+        assert any(fnmatchcase(k, pattern) for k in analysis_keys), (
+            f"{consumer.name} needs {pattern!r}, which the analysis probes do not write"
+        )
+
+
+def test_the_analysis_split_leaves_default_keys_alone(default_keys, analysis_keys):
+    assert not [k for k in default_keys if is_analysis(k)]
+    assert all(is_analysis(k) for k in analysis_keys if not k.startswith("scalars/"))
+    assert any(is_analysis(p) for c in CONSUMERS for p in choices(c))

@@ -6,22 +6,29 @@ store, flag instabilities with detectors, look at it all in one HTML file.
 
 __version__ = "0.1.0"
 
-from . import curvature, gradients, spectra
+from . import curvature, gradients, regions, spectra
 from .analysis import Finding, Severity, analyze
 from .curvature import criterion_loss, hessian_operator
 from .monitor import Monitor, watch
 from .probes import (
     ActivationStats,
+    FeatureAttribution,
     GradConflict,
     GradientSubspace,
     GradNoise,
     GradSpectrum,
+    GrokSignals,
+    HeldOut,
     HessianDensity,
     HessianTop,
     HessianTrace,
     LayerNorms,
     LearningRate,
+    LocalComplexity,
     NonFiniteGuard,
+    NTKAlignment,
+    NTKResponse,
+    Robustness,
     Sharpness,
     UpdateNorms,
     WeightSpectrum,
@@ -60,6 +67,15 @@ __all__ = [
     "WeightSpectrum",
     "gradients",
     "spectra",
+    # grokking, starvation and region probes and their cores
+    "FeatureAttribution",
+    "GrokSignals",
+    "HeldOut",
+    "LocalComplexity",
+    "NTKAlignment",
+    "NTKResponse",
+    "Robustness",
+    "regions",
     "at_steps",
     "default_probes",
     "every",

@@ -8,10 +8,13 @@ from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding, Severity
 from .gradient_conflict import detect_gradient_conflict
+from .gradient_starvation import detect_gradient_starvation
+from .grokking import detect_grokking
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .noise_scale import detect_noise_scale
 from .nonfinite import detect_nonfinite
+from .region_migration import detect_region_migration
 from .registry import DETECTORS, Detector, analyze
 from .update_ratio import detect_update_ratio
 from .vanishing import detect_vanishing_gradients
@@ -26,10 +29,13 @@ __all__ = [
     "detect_edge_of_stability",
     "detect_exploding_gradients",
     "detect_gradient_conflict",
+    "detect_gradient_starvation",
+    "detect_grokking",
     "detect_loss_divergence",
     "detect_loss_spikes",
     "detect_noise_scale",
     "detect_nonfinite",
+    "detect_region_migration",
     "detect_update_ratio",
     "detect_vanishing_gradients",
 ]

@@ -12,10 +12,13 @@ from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding
 from .gradient_conflict import detect_gradient_conflict
+from .gradient_starvation import detect_gradient_starvation
+from .grokking import detect_grokking
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .noise_scale import detect_noise_scale
 from .nonfinite import detect_nonfinite
+from .region_migration import detect_region_migration
 from .update_ratio import detect_update_ratio
 from .vanishing import detect_vanishing_gradients
 
@@ -28,7 +31,8 @@ class Detector:
         name: the ``Finding.detector`` name its findings carry.
         func: ``run -> findings``, with default thresholds.
         needs: fnmatch glob patterns of record keys (e.g. ``"norms/grad/*"``);
-            the detector runs only when every pattern matches some key of the run.
+            the detector runs only when every pattern matches some key of the run. A
+            pattern may offer alternatives, ``"a/* | b/c"``: any of them matching counts.
             A detector may narrow a pattern inside: the loss detectors need
             ``scalars/*loss*`` but skip loss-scale keys (``_series.is_loss_key``).
 
@@ -51,7 +55,15 @@ class Detector:
     def applies_to(self, keys: Iterable[str]) -> bool:
         """Whether every pattern in ``needs`` matches at least one of ``keys``."""
         keys = list(keys)
-        return all(any(fnmatchcase(key, pattern) for key in keys) for pattern in self.needs)
+        return all(
+            any(fnmatchcase(key, choice) for choice in alternatives(pattern) for key in keys)
+            for pattern in self.needs
+        )
+
+
+def alternatives(pattern: str) -> list[str]:
+    """The glob patterns a ``needs`` entry offers: ``"a/* | b/c"`` -> ``["a/*", "b/c"]``."""
+    return [choice.strip() for choice in pattern.split("|")]
 
 
 DETECTORS: tuple[Detector, ...] = (
@@ -76,6 +88,13 @@ DETECTORS: tuple[Detector, ...] = (
         "noise_scale",
         detect_noise_scale,
         ("grad_noise/trace_cov", "grad_noise/grad_sq", "grad_noise/batch_size"),
+    ),
+    Detector("grokking", detect_grokking, ("heldout/train_acc", "heldout/acc")),
+    Detector("region_migration", detect_region_migration, ("regions/*/total",)),
+    Detector(
+        "gradient_starvation",
+        detect_gradient_starvation,
+        ("attribution/share/* | ntk_response/min_ratio",),
     ),
 )
 

@@ -1,5 +1,6 @@
 """Gradient structure as pure torch.func maths: per-example gradients, group and task
-gradients, their pairwise geometry and the gradient noise scale (no hooks, no state)."""
+gradients, their pairwise geometry, the gradient noise scale and the empirical neural
+tangent kernel (no hooks, no state)."""
 
 from .groups import (
     GroupGradients,
@@ -8,6 +9,14 @@ from .groups import (
     task_gradients,
 )
 from .noise import NoiseScale, layer_sq_norms, microbatch_noise, noise_scale, per_sample_noise
+from .ntk import (
+    centered_alignment,
+    label_directions,
+    label_kernel,
+    output_gradients,
+    relative_change,
+    tangent_kernel,
+)
 from .persample import DEFAULT_MAX_MEMORY, METHODS, PerSampleGradients, per_sample_gradients
 from .similarity import cosines, layer_grams, magnitude_similarity, pcgrad_shift, projection_shares
 
@@ -34,4 +43,11 @@ __all__ = [
     "microbatch_noise",
     "noise_scale",
     "per_sample_noise",
+    # the empirical neural tangent kernel
+    "centered_alignment",
+    "label_directions",
+    "label_kernel",
+    "output_gradients",
+    "relative_change",
+    "tangent_kernel",
 ]

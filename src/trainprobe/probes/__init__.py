@@ -4,14 +4,19 @@ from ._curvature import CurvatureProbe
 from .activations import ActivationStats
 from .base import NEEDS, PerLayer, Probe, StepContext
 from .conflict import GradConflict
+from .grokking import GrokSignals, HeldOut
 from .hessian import HessianDensity, HessianTop, HessianTrace
 from .noise import GradNoise
 from .nonfinite import NonFiniteGuard
 from .norms import LayerNorms
+from .ntk import NTKAlignment
 from .optim import LearningRate
+from .regions import LocalComplexity
+from .robustness import Robustness
 from .schedules import AnyOf, AtSteps, Every, LogSpaced, at_steps, every, log_spaced
 from .sharpness import Sharpness, StabilityRule, stability_rule
 from .spectra import GradSpectrum, WeightSpectrum
+from .starvation import FeatureAttribution, NTKResponse
 from .subspace import GradientSubspace
 from .updates import UpdateNorms
 
@@ -31,6 +36,13 @@ PROBES = {
     "grad_noise": GradNoise,
     "grad_spectrum": GradSpectrum,
     "weight_spectrum": WeightSpectrum,
+    "regions": LocalComplexity,
+    "robustness": Robustness,
+    "heldout": HeldOut,
+    "grok": GrokSignals,
+    "ntk": NTKAlignment,
+    "attribution": FeatureAttribution,
+    "ntk_response": NTKResponse,
 }
 
 
@@ -52,10 +64,13 @@ __all__ = [
     "PROBES",
     "ActivationStats",
     "CurvatureProbe",
+    "FeatureAttribution",
     "GradConflict",
     "GradNoise",
     "GradSpectrum",
     "GradientSubspace",
+    "GrokSignals",
+    "HeldOut",
     "HessianDensity",
     "HessianTop",
     "HessianTrace",
@@ -64,10 +79,14 @@ __all__ = [
     "Every",
     "LayerNorms",
     "LearningRate",
+    "LocalComplexity",
     "LogSpaced",
+    "NTKAlignment",
+    "NTKResponse",
     "NonFiniteGuard",
     "PerLayer",
     "Probe",
+    "Robustness",
     "Sharpness",
     "StabilityRule",
     "StepContext",

@@ -1,0 +1,286 @@
+"""Grokking: held-out evaluation measured like the train fit, and the cheap signals of the
+delay (Power et al. 2022, "Grokking: Generalization Beyond Overfitting on Small
+Algorithmic Datasets"; Prieto et al. 2025, "Grokking at the Edge of Numerical
+Stability")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+from ..gradients._functional import FunctionalLoss, as_scalar, check_mode
+from ._supervised import inputs_targets, named_values, observing
+from ._tensors import stacked_norms, total_norm
+from .base import StepContext, Value
+from .schedules import Schedule, check_schedule, every
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+class HeldOut:
+    """Loss and accuracy on held-out data, and on a fixed train batch measured alike.
+
+    Every measurement runs the model on fixed batches in ``mode`` semantics (eval by
+    default: dropout off, BatchNorm running statistics), under ``no_grad`` with the global
+    RNG forked, and restores every module's mode: train and held-out numbers differ only
+    by the data, not by dropout or by which train batch the step drew.
+
+    With ``data``, per batch ``(x, y)``: ``outputs = model(x)``, ``loss = criterion(outputs,
+    y)`` (mean-reduced), the loss averaged over batches weighted by their example counts.
+    Accuracy is written only for class-index targets (integer ``y`` of shape
+    ``outputs.shape[:-1]``): the fraction of targets with ``argmax(outputs, -1) == y``
+    (over every position of a sequence output).
+
+    Keys:
+        ``heldout/loss``, ``heldout/acc``: on ``data``.
+        ``heldout/train_loss``, ``heldout/train_acc``: on ``train_data``.
+        ``heldout/<name>``: with ``eval_fn``, each value it returns.
+
+    Args:
+        data: a held-out batch ``(x, y)`` or a list of them (re-read at each measurement).
+        eval_fn: instead of ``data``: ``eval_fn(model) -> {name: float | 0-d tensor}`` with
+            lower_snake names, run under the same semantics, ``no_grad`` and RNG fork.
+        train_data: a fixed train batch ``(x, y)`` or a list of them (with ``data``).
+        criterion: ``criterion(outputs, targets) -> scalar`` (default cross-entropy).
+        schedule: when to measure (default every 50 steps).
+        mode: ``"eval"`` (default) or ``"train"`` semantics.
+    """
+
+    name = "heldout"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        data: Any = None,
+        *,
+        eval_fn: Callable[[nn.Module], Mapping[str, Any]] | None = None,
+        train_data: Any = None,
+        criterion: Criterion | None = None,
+        schedule: Schedule | None = None,
+        mode: str = "eval",
+    ) -> None:
+        self.schedule = every(50) if schedule is None else schedule
+        check_schedule(self.schedule, "HeldOut")
+        if (data is None) == (eval_fn is None):
+            raise ValueError(
+                "HeldOut needs exactly one of data=(x, y) (or a list of batches) and "
+                "eval_fn=lambda model: {name: value}"
+            )
+        if eval_fn is not None and (not callable(eval_fn) or train_data is not None):
+            raise TypeError(
+                "HeldOut: eval_fn must be callable eval_fn(model) -> {name: value}, without "
+                "train_data= (return train metrics from eval_fn instead)"
+            )
+        if criterion is not None and not callable(criterion):
+            raise TypeError("HeldOut: criterion must be callable criterion(outputs, targets)")
+        self.eval_fn, self.mode = eval_fn, check_mode(mode)
+        self.criterion = F.cross_entropy if criterion is None else criterion
+        self._data, self._train = _batches(data, "data"), _batches(train_data, "train_data")
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        with observing(ctx.model, self.mode), torch.no_grad():
+            if self.eval_fn is not None:
+                return named_values(self.eval_fn(ctx.model), "HeldOut: eval_fn", "heldout/")
+            out = _evaluate(ctx.model, self._data, self.criterion, "heldout/")
+            if self._train:
+                out.update(_evaluate(ctx.model, self._train, self.criterion, "heldout/train_"))
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "data": "eval_fn" if self.eval_fn is not None else f"{len(self._data)} batches",
+            "train_data": f"{len(self._train)} batches", "mode": self.mode,
+            "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__),
+        }  # fmt: skip
+
+
+def _batches(data: Any, what: str) -> list[tuple[Any, Tensor]]:
+    """``data`` as a list of ``(x, y)`` batches (one batch, or a list of them)."""
+    if data is None:
+        return []
+    if isinstance(data, Iterator):
+        raise TypeError(f"HeldOut: {what}= is a one-shot iterator; pass a list of batches")
+    if isinstance(data, tuple | list) and len(data) == 2 and isinstance(data[1], Tensor):
+        return [inputs_targets(data, f"HeldOut({what}=...)")]
+    if not isinstance(data, tuple | list) or not data:
+        raise ValueError(f"HeldOut: {what}= must be a batch (x, y) or a non-empty list of them")
+    return [inputs_targets(batch, f"HeldOut({what}=...)") for batch in data]
+
+
+def _evaluate(
+    model: nn.Module, batches: list[tuple[Any, Tensor]], criterion: Criterion, prefix: str
+) -> dict[str, Value]:
+    """Mean loss (weighted by examples) and, for class targets, accuracy over ``batches``."""
+    loss_sum, examples, hits, targets, classified = 0.0, 0, 0.0, 0, True
+    for x, y in batches:
+        outputs = model(x)
+        loss = as_scalar(criterion(outputs, y), "HeldOut's criterion")
+        loss_sum = loss_sum + loss.double() * y.shape[0]
+        examples += y.shape[0]
+        classified = classified and _is_class_target(outputs, y)
+        if classified:
+            hits = hits + (outputs.argmax(dim=-1) == y).sum().double()
+            targets += y.numel()
+    out: dict[str, Value] = {f"{prefix}loss": loss_sum / examples}
+    if classified:
+        out[f"{prefix}acc"] = hits / targets
+    return out
+
+
+def _is_class_target(outputs: Any, y: Tensor) -> bool:
+    return (
+        isinstance(outputs, Tensor) and outputs.ndim >= 2 and not y.is_floating_point()
+        and tuple(y.shape) == tuple(outputs.shape[:-1])
+    )  # fmt: skip
+
+
+class GrokSignals:
+    """The cheap signals of a grokking delay: weight norm, Softmax Collapse and the
+    alignment of the gradient with naive loss minimisation (Prieto et al. 2025).
+
+    On a fixed batch ``(x, y)`` with class labels, in the model's dtype and ``mode``
+    semantics: logits ``z_i ∈ R^C`` (``[B, C]``, or ``[B, ..., C]`` with labels
+    ``[B, ...]``, each position an example), the per-example cross-entropy computed as
+    PyTorch does, ``ℓ_i = log Σ_c exp(z_ic − m_i) − (z_iy − m_i)`` with ``m_i = max_c z_ic``,
+    and its logit gradient ``∇_{z_i} ℓ_i = exp(log_softmax(z_i)) − e_{y_i}``.
+
+    Softmax Collapse (SC): example ``i`` is collapsed when, in floating point, ``ℓ_i == 0``
+    or ``∇_{z_i} ℓ_i == 0`` (every entry). With the margins ``δ_c = z_iy − z_ic > 0`` the
+    first happens once ``Σ_{c≠y} exp(−δ_c)`` is absorbed by the 1 of the true class
+    (``< 2^-24``: ``δ ≳ 16.6`` in float32, ``≳ 36.7`` in float64): ``p_y`` rounds to 1, the
+    true class's gradient ``p_y − 1`` is exactly 0 and the example stops teaching the
+    model; the second once every ``exp(−δ_c)`` underflows (``δ ≳ 104`` in
+    float32; ``∇ = 0`` implies ``ℓ = 0``). Prieto et al. show SC halts learning before
+    the model groks (their code counts examples whose ``Σ_c exp(z_c − m)`` rounds to 1).
+
+    Naive loss minimisation (NLM): for the output layer ``θ = (W, b)`` with
+    ``z = W h + b``, moving ``θ`` along ``θ`` itself scales every logit
+    (``∂z/∂s (sθ)|_{s=1} = z``): predictions stay, the loss of correctly classified
+    examples falls (``⟨∇_z ℓ, z⟩ = Σ_c p_c z_c − z_y < 0``). Prieto et al. find the gradient
+    aligns with this direction after memorisation, the cause of the logit growth that ends
+    in SC. The probe records ``cos(−g, θ)`` with ``g = ∇_θ L`` the gradient of the mean
+    cross-entropy on the batch: near 1 the descent only inflates the logits. The gradient,
+    not the update ``Δw``: preconditioning and decoupled weight decay (``−ηλw``, anti-aligned
+    with ``w`` by construction) would mix into ``Δw``. The output layer, not every weight:
+    the scaling identity is exact there for any network (and for the whole ``θ`` only in
+    positively homogeneous ones, where Prieto et al.'s ⊥Grad projects it out).
+
+    Keys:
+        ``grok/param_norm``: ``‖w‖₂`` over all trainable parameters (its growth
+        accompanies memorisation; Liu et al. 2023, "Omnigrok").
+        ``grok/softmax_collapse``: the collapsed fraction of the batch's examples.
+        ``grok/nlm_cos``: ``cos(−∇_θ L, θ)`` for the output layer ``θ``.
+
+    Args:
+        schedule: when to measure (default every 10 steps; one forward and one backward
+            into the output layer on the batch).
+        data: a fixed batch ``(x, y)`` with integer class labels (default: the step's).
+        output: the output layer, a module or its name (default: the last ``nn.Linear`` in
+            ``model.modules()`` order); exact when the logits are its output (or a
+            bias-free linear map of it).
+        mode: ``"eval"`` (default) or ``"train"`` semantics (restored, RNG forked).
+    """
+
+    name = "grok"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        schedule: Schedule | None = None,
+        data: Any = None,
+        output: str | nn.Module | None = None,
+        mode: str = "eval",
+    ) -> None:
+        self.schedule = every(10) if schedule is None else schedule
+        check_schedule(self.schedule, "GrokSignals")
+        if output is not None and not isinstance(output, str | nn.Module):
+            raise TypeError(
+                f"GrokSignals: output must be a module name or an nn.Module, got "
+                f"{type(output).__name__}"
+            )
+        self.data, self.output, self.mode = data, output, check_mode(mode)
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        batch = self.data if self.data is not None else ctx.batch
+        if batch is None:
+            raise ValueError("GrokSignals needs data: pass data=(x, y) or batch= to mon.step()")
+        x, y = inputs_targets(batch, "GrokSignals")
+        head = output_params(ctx.model, self.output)
+        collapsed, cos = _softmax_signals(ctx.model, x, y, head, self.mode)
+        weights = stacked_norms([p.detach() for p in ctx.params.values()])  # [L]
+        return {
+            "grok/param_norm": total_norm(weights),
+            "grok/softmax_collapse": collapsed,
+            "grok/nlm_cos": cos,
+        }
+
+    def settings(self) -> dict[str, Any]:
+        output = self.output if isinstance(self.output, str | None) else type(self.output).__name__
+        return {"output": output, "mode": self.mode,
+                "data": "fixed batch" if self.data is not None else "step batch"}  # fmt: skip
+
+
+def output_params(model: nn.Module, output: str | nn.Module | None) -> list[str]:
+    """Names of the output layer's trainable parameters (see :class:`GrokSignals`)."""
+    modules = dict(model.named_modules())
+    if output is None:
+        linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                "GrokSignals: the model has no nn.Linear to take as the output layer; pass "
+                "output= (the module whose output is the logits, or its name)"
+            )
+        module = linears[-1]
+    elif isinstance(output, str):
+        if output not in modules:
+            raise ValueError(
+                f"GrokSignals: output={output!r} is not a module of the model; names are "
+                f"{list(modules)[1:9]}"
+            )
+        module = modules[output]
+    else:
+        module = output
+    ids = {id(p) for p in module.parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) in ids and p.requires_grad]
+    if not names:
+        raise ValueError(
+            "GrokSignals: the output layer has no trainable parameter of this model; pass "
+            "output= naming the model's (trainable) classification head"
+        )
+    return names
+
+
+def _softmax_signals(
+    model: nn.Module, x: Any, y: Tensor, head: list[str], mode: str
+) -> tuple[Tensor, Tensor]:
+    """The collapsed fraction and ``cos(−g, θ)`` (class doc), one forward and backward."""
+    fl = FunctionalLoss(model, lambda net, inputs: net(inputs), head, check_mode(mode))
+    with fl.scope(), torch.enable_grad():
+        w = fl.leaves()  # {name: θ leaf}
+        logits = fl.raw(w, x)  # [B, ..., C]
+        if not _is_class_target(logits, y):
+            raise ValueError(
+                "GrokSignals needs logits [B, ..., C] and integer class labels [B, ...], got "
+                f"{tuple(getattr(logits, 'shape', ()))} and {tuple(y.shape)} {y.dtype}"
+            )
+        flat = logits.reshape(-1, logits.shape[-1])  # [N, C]
+        losses = F.cross_entropy(flat, y.reshape(-1), reduction="none")  # [N]
+        total = losses.sum()
+        (logit_grad,) = torch.autograd.grad(total, flat, retain_graph=True)  # row i: ∇_{z_i} ℓ_i
+        g = fl.flat_grad(total, w).double()  # [P_out], N · ∇_θ L
+    collapsed = (losses.detach() == 0) | (logit_grad == 0).all(dim=1)  # [N]
+    theta = fl.layout.flatten(fl.point).double()  # [P_out]
+    cos = -(g @ theta) / (torch.linalg.vector_norm(g) * torch.linalg.vector_norm(theta))
+    return collapsed.double().mean(), cos

@@ -1,0 +1,192 @@
+"""Local complexity: the density of linear regions around training, held-out and random
+points (Humayun, Balestriero & Baraniuk 2024, "Deep Networks Always Grok and Here is Why")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..regions import local_complexity, random_frame, segment_pieces
+from ..regions.complexity import DEFAULT_DIM
+from .base import PerLayer, StepContext, Value
+from .schedules import Schedule, check_schedule, log_spaced
+
+Points = Tensor | tuple | list
+
+
+class LocalComplexity:
+    """Neurons whose state changes in a small cross-polytope around each point.
+
+    Around each point ``x`` the neighbourhood is the cross-polytope of radius ``r`` with
+    vertices ``x ± r u_i`` along an orthonormal frame of ``dim`` input directions (drawn
+    once from ``seed`` and kept, so successive measurements differ only by the model).
+    All vertices of all points go through the model in one forward (eval semantics:
+    BatchNorm running statistics, no dropout); a neuron counts when its state differs
+    among the vertices: the pre-activation sign at the input of an ``nn.ReLU``,
+    ``nn.LeakyReLU`` or ``nn.PReLU`` module, or the argmax of a max-pool window (see
+    :func:`trainprobe.regions.local_complexity`). Sign changes among the vertices are
+    exactly the hyperplanes of first-layer neurons that cut the neighbourhood, and a lower
+    bound for deeper neurons (whose zero sets may bend between the vertices). The output
+    layer is not counted, nor are activations applied as functions (``F.relu``), which
+    module hooks cannot see.
+    The paper finds the count falls around training points (and rises near the decision
+    boundary) when a network groks; compare the train, test and random sets.
+
+    Keys:
+        ``regions/<set>/total``: the mean over the set's points of the number of neurons
+        whose state changes in the neighbourhood, summed over layers (``<set>`` is
+        ``train``, ``test`` or ``random``).
+        ``regions/<set>/layer/<module>``: the same per watched module.
+        ``regions/<set>/segment_pieces`` (with ``segments=True``, sets of two points or
+        more): the mean number of linear pieces along the segments between consecutive
+        points, exact (see :func:`trainprobe.regions.segment_pieces`; ReLU, LeakyReLU and
+        PReLU models only).
+
+    Args:
+        train: training points ``[N, *shape]`` (or a batch ``(inputs, targets)``);
+            default: the step's ``batch=`` inputs.
+        test: held-out points, or None.
+        random: random points ``[n, *shape]``, or an integer ``n``: drawn once (at the
+            first measurement, from ``seed + 1``) from a Gaussian with the train
+            points' per-feature mean and standard deviation; None: no random set.
+        radius: ``r``, in input units (default 0.1; the paper: 0.005 on standardised
+            CIFAR-10); a small fraction of the distance between points.
+        dim: frame directions ``k`` (default ``min(20, D)``: the paper's 40 vertices).
+        segments: also record ``segment_pieces`` (one forward per piece crossed: off by
+            default, since long segments cross many regions).
+        max_points: the first points of each set used.
+        max_steps: the segment walk's step limit (see ``segment_pieces``).
+        seed: the frame (``seed``) and random points (``seed + 1``) generators.
+        schedule: when to measure (default ``log_spaced()``: the paper reads the
+            complexity on a log-scaled step axis; ~10 measurements per decade of steps).
+    """
+
+    name = "regions"
+    needs: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        train: Points | None = None,
+        test: Points | None = None,
+        random: Points | int | None = None,
+        radius: float = 0.1,
+        dim: int | None = None,
+        segments: bool = False,
+        max_points: int = 256,
+        max_steps: int = 10_000,
+        seed: int = 0,
+        schedule: Schedule | None = None,
+    ) -> None:
+        self.schedule = log_spaced() if schedule is None else schedule
+        check_schedule(self.schedule, "LocalComplexity")
+        self.train, self.test = _points(train, "train"), _points(test, "test")
+        if isinstance(random, int) and not isinstance(random, bool):
+            _check_int("random", random, 1)
+            self.random: Tensor | int | None = random
+        else:
+            self.random = _points(random, "random")
+        if not (isinstance(radius, int | float) and not isinstance(radius, bool) and radius > 0):
+            raise ValueError(f"LocalComplexity: radius must be a number > 0, got {radius!r}")
+        if dim is not None:
+            _check_int("dim", dim, 1)
+        _check_int("max_points", max_points, 1)
+        _check_int("max_steps", max_steps, 1)
+        self.radius, self.dim, self.segments = float(radius), dim, bool(segments)
+        self.max_points, self.max_steps, self.seed = max_points, max_steps, seed
+        self._frames: dict[int, Tensor] = {}  # [k, D] by D: fixed for the run
+        self._random: Tensor | None = None  # [n, *shape] drawn at the first measurement
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        return []
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        sets = self._sets(ctx)
+        x = torch.cat(list(sets.values()))  # [N_total, *shape]
+        counts = local_complexity(ctx.model, x, radius=self.radius, frame=self._frame(x))
+        out: dict[str, Value] = {}
+        rows = counts.counts.float().split([len(p) for p in sets.values()])  # [N_set, L] each
+        for (name, points), per_point in zip(sets.items(), rows, strict=True):
+            out[f"regions/{name}/total"] = per_point.sum(dim=1).mean()
+            out[f"regions/{name}/layer"] = PerLayer(counts.layers, per_point.mean(dim=0))
+            if self.segments and len(points) >= 2:
+                pieces = segment_pieces(ctx.model, points[:-1], points[1:],
+                                        max_steps=self.max_steps).pieces  # fmt: skip
+                out[f"regions/{name}/segment_pieces"] = pieces.double().mean()
+        return out
+
+    def _sets(self, ctx: StepContext) -> dict[str, Tensor]:
+        """The point sets on the model's device and dtype, ``max_points`` each."""
+        train = self.train if self.train is not None else _step_inputs(ctx.batch)
+        like = next((p for p in ctx.model.parameters() if p.is_floating_point()), train)
+        sets = {"train": train, "test": self.test}
+        if self.random is not None:
+            sets["random"] = self._random_points(train) if isinstance(self.random, int) else (
+                self.random)  # fmt: skip
+        moved = {name: points[: self.max_points].to(device=like.device, dtype=like.dtype)
+                 for name, points in sets.items() if points is not None}  # fmt: skip
+        shapes = {name: tuple(p.shape[1:]) for name, p in moved.items()}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"LocalComplexity: point sets differ in shape: {shapes}")
+        return moved
+
+    def _random_points(self, train: Tensor) -> Tensor:
+        """``n`` Gaussian points matching the train points' per-feature mean and std."""
+        if self._random is None or self._random.shape[1:] != train.shape[1:]:
+            std, mean = torch.std_mean(train.double(), dim=0, correction=0)  # [*shape] each
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            noise = torch.randn((self.random, *train.shape[1:]), generator=generator,
+                                dtype=torch.float64)  # fmt: skip
+            self._random = mean + std * noise.to(mean.device)  # [n, *shape]
+        return self._random
+
+    def _frame(self, x: Tensor) -> Tensor:
+        features = x[0].numel()
+        if features not in self._frames:
+            dim = min(DEFAULT_DIM, features) if self.dim is None else self.dim
+            generator = torch.Generator().manual_seed(self.seed)
+            frame = random_frame(dim, features, generator=generator, dtype=torch.float64)
+            self._frames[features] = frame  # [k, D], cast to the points' dtype when used
+        return self._frames[features]
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "radius": self.radius, "dim": self.dim, "segments": self.segments,
+            "max_points": self.max_points, "max_steps": self.max_steps, "seed": self.seed,
+            "train": "fixed points" if self.train is not None else "step batch",
+            "test": self.test is not None,
+            "random": self.random if isinstance(self.random, int | None) else "given points",
+        }  # fmt: skip
+
+
+def _points(value: object, what: str) -> Tensor | None:
+    """A set's ``[N, *shape]`` points from a tensor or a batch ``(inputs, ...)``."""
+    if value is None:
+        return None
+    inputs = value[0] if isinstance(value, tuple | list) and value else value
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.ndim < 2:
+        raise TypeError(
+            f"LocalComplexity: {what}= must be a floating tensor [N, *shape] or a batch "
+            f"(inputs, targets), got {type(value).__name__}"
+        )
+    return inputs.detach()
+
+
+def _step_inputs(batch: Any) -> Tensor:
+    if batch is None:
+        raise ValueError(
+            "LocalComplexity needs points: pass train= to the probe, or batch= to mon.step()"
+        )
+    try:
+        return _points(batch, "the step's batch")  # type: ignore[return-value]
+    except TypeError as err:
+        raise ValueError(f"{err}; pass train= (the inputs) to the probe") from None
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"LocalComplexity: {name} must be an integer >= {minimum}, got {value!r}")
