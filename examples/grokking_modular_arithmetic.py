@@ -14,6 +14,11 @@ regulariser that makes the late generalisation happen), twice:
 Probes: ``HeldOut`` (train and held-out accuracy on fixed batches), ``GrokSignals``
 (parameter norm, softmax collapse, naive-loss-minimisation alignment) and
 ``LocalComplexity`` (linear-region density around train, held-out and random points).
+Measured here (p = 59): the fit at step ~100, held-out accuracy 0.95 at ~4300; softmax
+collapse stays 0 (weight decay keeps the logits small), the NLM cosine sits near 0.95
+from the fit on; the local complexity around train and held-out points keeps rising
+through the 8000 steps (no region migration within this run, so that detector stays
+silent), while around random points it stays flat.
 
     python examples/grokking_modular_arithmetic.py [--out runs/grok] [--p 59]
 
@@ -67,7 +72,7 @@ def train(setting: Setting, p: int, run_dir: Path) -> trainprobe.Run:
     probes = [
         HeldOut(data=heldout, train_data=train_set, schedule=every(50)),
         GrokSignals(data=train_set, schedule=every(50)),
-        LocalComplexity(train=train_set[0], test=heldout[0], random=256, radius=0.5,
+        LocalComplexity(train=train_set[0], test=heldout[0], random=256, radius=0.05,
                         schedule=log_spaced(12) | every(500)),
     ]  # fmt: skip
     with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt,

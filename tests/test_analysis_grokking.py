@@ -57,13 +57,20 @@ def test_memorising_then_under_way(tmp_path):
     assert finding.evidence["heldout_last"] > finding.evidence["heldout_at_plateau"] + 0.2
 
 
-def test_stalled_by_softmax_collapse(tmp_path):
+def test_stalled_by_softmax_collapse_not_by_nlm_alignment_alone(tmp_path):
     collapse = np.clip(STEPS / 2000, 0, 0.9)
-    run = accuracies(tmp_path, TRAIN_FIT, np.full(N, 0.02), **{"grok/softmax_collapse": collapse})
+    aligned = np.full(N, 0.97)
+    run = accuracies(tmp_path / "a", TRAIN_FIT, np.full(N, 0.02),
+                     **{"grok/softmax_collapse": collapse, "grok/nlm_cos": aligned})
     (finding,) = detect_grokking(run)
     assert finding.severity is Severity.WARNING and "stalled" in finding.message
     assert finding.evidence["softmax_collapse"] == pytest.approx(0.9)
+    assert "NLM cosine 0.97" in finding.message and finding.evidence["nlm_cos"] == 0.97
     assert "StableMax" in finding.action and "grok/softmax_collapse" in finding.keys
+    only_nlm = accuracies(tmp_path / "b", TRAIN_FIT, np.full(N, 0.02),
+                          **{"grok/softmax_collapse": np.zeros(N), "grok/nlm_cos": aligned})
+    (finding,) = detect_grokking(only_nlm)  # grokking runs sit there too: no stall
+    assert finding.severity is Severity.INFO and finding.message.startswith("Memorising")
 
 
 def test_no_fit_or_too_early_is_quiet(tmp_path):

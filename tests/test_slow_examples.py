@@ -58,3 +58,19 @@ def test_edge_of_stability_example_fires_on_gd_and_not_on_the_control(tmp_path):
     control = Run(tmp_path / f"eta_{small}").series("sharpness/ratio").values
     assert control.max() < 0.2
     assert (tmp_path / f"eta_{large}" / "dashboard.html").is_file()
+
+
+def test_grokking_example_reports_the_delay_and_not_on_the_control(tmp_path):
+    sys.path.insert(0, "examples")
+    try:
+        import grokking_modular_arithmetic as example
+    finally:
+        sys.path.remove("examples")
+    results = example.main(tmp_path)
+    (grok,) = [f for f in results["grok"] if f.detector == "grokking"]
+    assert grok.message.startswith("Grokked") and grok.evidence["delay_steps"] >= 2000
+    assert grok.start_step <= 300
+    assert not [f for f in results["control"] if f.detector == "grokking"]
+    run = Run(tmp_path / "grok")
+    assert run.series("heldout/acc").values[-1] > 0.95
+    assert (tmp_path / "grok" / "dashboard.html").is_file()

@@ -70,7 +70,7 @@ def detect_grokking(
         gap: train minus held-out accuracy that counts as memorising.
         rise: held-out gain since the plateau that counts as grokking under way.
         collapse: softmax-collapse share that stalls grokking.
-        nlm: naive-loss-minimisation cosine that stalls grokking.
+        nlm: naive-loss-minimisation cosine named in a stall finding.
         min_points: fewest measurements of both accuracies.
 
     Returns:
@@ -160,29 +160,35 @@ def _not_yet(
 
 def _memorising(run: Run, fit_step: int, end: int, evidence: dict, stall: tuple) -> Finding:
     collapse, nlm = stall
-    signals = {}
-    for key, limit, label in ((COLLAPSE, collapse, "softmax collapse"), (NLM, nlm, "NLM cosine")):
-        steps, values = finite_series(run, key)
-        recent = values[steps >= fit_step]
-        level = float(np.median(recent[-max(3, recent.size // 4) :])) if recent.size else 0.0
-        if level >= limit:  # the last quarter since the fit
-            signals[label] = level
+    collapsed = _recent_level(run, COLLAPSE, fit_step)
+    aligned = _recent_level(run, NLM, fit_step)
+    if aligned is not None:
+        evidence = {**evidence, "nlm_cos": aligned}
     message = (f"Memorising: train fit since step {fit_step}, held-out accuracy still "
                f"{fmt(evidence['heldout_last'])} at step {end}")  # fmt: skip
-    if not signals:
+    if collapsed is None or collapsed < collapse:
         return Finding(
             NAME, Severity.INFO, fit_step, end, message,
             "Held-out accuracy has not followed: add weight decay or data, or train longer "
             "if you expect grokking (it can take many times the steps needed to fit).",
             evidence, (TRAIN, HELDOUT),
         )  # fmt: skip
-    shown = ", ".join(f"{label} {fmt(value)}" for label, value in signals.items())
+    nlm_note = f", NLM cosine {fmt(aligned)}" if aligned is not None and aligned >= nlm else ""
     return Finding(
         NAME, Severity.WARNING, fit_step, end,
-        f"Grokking stalled: {message[len('Memorising: '):]}, with {shown}",
+        f"Grokking stalled: {message[len('Memorising: '):]}, with softmax collapse on "
+        f"{fmt(collapsed)} of the training examples{nlm_note}",
         "Numerical stability blocks generalisation (Prieto et al. 2025): add weight decay, "
         "use a stable softmax alternative (StableMax) or orthogonal-gradient updates (⊥Grad), "
         "or train in float64.",
-        {**evidence, **{label.replace(" ", "_"): v for label, v in signals.items()}},
+        {**evidence, "softmax_collapse": collapsed},
         (TRAIN, HELDOUT, *(k for k in (COLLAPSE, NLM) if k in run)),
     )  # fmt: skip
+
+
+def _recent_level(run: Run, key: str, since: int) -> float | None:
+    """Median of ``key`` over the last quarter (at least 3) of its measurements since
+    ``since``, or None without any."""
+    steps, values = finite_series(run, key)
+    recent = values[steps >= since]
+    return float(np.median(recent[-max(3, recent.size // 4) :])) if recent.size else None
