@@ -74,3 +74,18 @@ def test_grokking_example_reports_the_delay_and_not_on_the_control(tmp_path):
     run = Run(tmp_path / "grok")
     assert run.series("heldout/acc").values[-1] > 0.95
     assert (tmp_path / "grok" / "dashboard.html").is_file()
+
+
+def test_gradient_starvation_example_fires_on_the_toy_and_not_on_its_control(tmp_path):
+    sys.path.insert(0, "examples")
+    try:
+        import gradient_starvation as example
+    finally:
+        sys.path.remove("examples")
+    results = example.main(tmp_path)
+    (finding,) = [f for f in results["starved"] if f.detector == "gradient_starvation"]
+    assert finding.evidence["starved_group"] == "hard" and finding.evidence["starved_share"] < 0.05
+    assert finding.evidence["ntk_min_ratio"] < 0.1
+    assert not results["control"]
+    control = Run(tmp_path / "control")
+    assert control.series("attribution/share/hard").values[-1] > 0.5
