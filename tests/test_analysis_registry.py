@@ -46,8 +46,9 @@ def troubled_run(tmp_path: Path):
 
 
 def test_analyze_orders_by_severity_then_start_step(tmp_path):
-    findings = analyze(troubled_run(tmp_path))
-    assert [(f.detector, f.severity, f.start_step) for f in findings] == [
+    findings = analyze(troubled_run(tmp_path), fold=False)
+    symptoms = [f for f in findings if f.detector != "instability"]
+    assert [(f.detector, f.severity, f.start_step) for f in symptoms] == [
         ("nonfinite", Severity.CRITICAL, 550),
         ("vanishing_gradients", Severity.WARNING, 0),
         ("loss_spike", Severity.WARNING, 100),
@@ -135,7 +136,7 @@ def gradient_structure(measured: np.ndarray) -> dict:
 
 def test_no_detector_puts_nan_or_inf_into_evidence(tmp_path):
     run = nasty_run(tmp_path)
-    findings = analyze(run)
+    findings = analyze(run, fold=False)
     assert {f.detector for f in findings} == {d.name for d in DETECTORS}
     for finding in findings:
         json.dumps(finding.to_dict(), allow_nan=False)
@@ -180,7 +181,7 @@ def test_registry_is_consistent():
     assert names == ["nonfinite", "loss_spike", "loss_divergence", "exploding_gradients",
                      "vanishing_gradients", "update_ratio", "edge_of_stability",
                      "gradient_conflict", "class_competition", "noise_scale", "grokking",
-                     "region_migration", "gradient_starvation"]
+                     "region_migration", "gradient_starvation", "instability"]
     for detector in DETECTORS:
         assert detector.func.__name__ in analysis.__all__
         assert detector.needs and all(isinstance(p, str) for p in detector.needs)
@@ -258,3 +259,20 @@ def test_window_medians_match_direct_computation():
     medians = window_medians(x, starts, ends)
     for k in [0, 1, 17, 4095, 4096, 4097, starts.size - 1]:
         assert medians[k] == pytest.approx(np.median(x[starts[k]:ends[k]]))
+
+
+def test_instability_folds_the_symptoms_of_one_episode(tmp_path):
+    """Loss spike, exploding gradients and NaN close together: one episode finding, the
+    worst severity, every symptom in its evidence; apart from it, a lone symptom stays."""
+    run = troubled_run(tmp_path)
+    everything = analyze(run, fold=False)
+    (episode,) = [f for f in everything if f.detector == "instability"]
+    folded = analyze(run)
+    assert episode in folded and episode.severity is Severity.CRITICAL
+    inside = [f for f in everything if f.detector in ("loss_spike", "exploding_gradients",
+                                                      "nonfinite", "vanishing_gradients")
+              and episode.start_step <= f.start_step and f.end_step <= episode.end_step]
+    assert len(inside) >= 2 and not [f for f in inside if f in folded]
+    assert episode.evidence["symptoms"] == len(inside)
+    assert set(episode.keys) >= {k for f in inside for k in f.keys}
+    assert [f for f in folded if f.detector == "update_ratio"]  # not a symptom: kept

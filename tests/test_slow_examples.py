@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_full_demo_flags_the_learning_rate_mistake_and_only_it(tmp_path):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     config = DemoConfig()
-    findings = analyze(Run(tmp_path / "run"))
+    findings = analyze(Run(tmp_path / "run"), fold=False)
     serious = [f for f in findings if f.severity >= Severity.WARNING]
     assert serious, "the learning-rate mishap must be flagged"
     start, end = config.mishap_start, config.mishap_start + config.mishap_steps
@@ -30,7 +30,7 @@ def test_full_demo_flags_the_learning_rate_mistake_and_only_it(tmp_path):
 
 def test_clean_demo_has_no_serious_findings(tmp_path):
     assert main(["demo", "--out", str(tmp_path), "--no-mishap"]) == 0
-    findings = analyze(Run(tmp_path / "run"))
+    findings = analyze(Run(tmp_path / "run"), fold=False)
     assert not [f for f in findings if f.severity >= Severity.WARNING], findings
 
 

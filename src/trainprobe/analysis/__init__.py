@@ -10,6 +10,7 @@ from .findings import Finding, Severity
 from .gradient_conflict import detect_gradient_conflict
 from .gradient_starvation import detect_gradient_starvation
 from .grokking import detect_grokking
+from .instability import detect_instability
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .noise_scale import detect_noise_scale
@@ -31,6 +32,7 @@ __all__ = [
     "detect_gradient_conflict",
     "detect_gradient_starvation",
     "detect_grokking",
+    "detect_instability",
     "detect_loss_divergence",
     "detect_loss_spikes",
     "detect_noise_scale",

@@ -14,6 +14,7 @@ from .findings import Finding
 from .gradient_conflict import detect_gradient_conflict
 from .gradient_starvation import detect_gradient_starvation
 from .grokking import detect_grokking
+from .instability import detect_instability, members
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .noise_scale import detect_noise_scale
@@ -96,15 +97,24 @@ DETECTORS: tuple[Detector, ...] = (
         detect_gradient_starvation,
         ("attribution/share/* | ntk_response/min_ratio",),
     ),
+    Detector(
+        "instability",
+        detect_instability,
+        ("scalars/*loss* | norms/grad_total | norms/grad/* | nonfinite/* | sharpness/lambda_max",),
+    ),
 )
 
 
-def analyze(run: Run, *, detectors: Iterable[Detector] = DETECTORS) -> list[Finding]:
+def analyze(
+    run: Run, *, detectors: Iterable[Detector] = DETECTORS, fold: bool = True
+) -> list[Finding]:
     """Run every detector whose needed keys the run holds; skip the others silently.
 
     Args:
         run: the run to analyse.
         detectors: the detectors to try (default :data:`DETECTORS`).
+        fold: leave out the symptom findings that an ``instability`` episode finding
+            stands for (it lists them in its evidence); False keeps every finding.
 
     Returns:
         The findings, most severe first, then by start step (stable otherwise).
@@ -124,4 +134,7 @@ def analyze(run: Run, *, detectors: Iterable[Detector] = DETECTORS) -> list[Find
     for detector in detectors:
         if detector.applies_to(keys):
             findings.extend(detector.func(run))
+    if fold:
+        folded = [m for e in findings if e.detector == "instability" for m in members(e, findings)]
+        findings = [f for f in findings if not any(f is m for m in folded)]
     return sorted(findings, key=lambda f: (-int(f.severity), f.start_step))
