@@ -9,7 +9,6 @@ import plotly.graph_objects as go
 import pytest
 
 from tests.synth import write_run
-from tests.test_dashboard_gradients import gradient_series
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.dashboard import PANELS, Panel, PanelPart, build, to_html
 from trainprobe.store import Run
@@ -55,8 +54,12 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
         "hessian_trace/stderr": (curv, sharp / 4), "hessian_density/grid": (curv, grid),
         "hessian_density/density": (curv, np.exp(-8.0 * grid**2)),
     })
+    from tests.test_dashboard_gradients import gradient_series  # they import this module
+    from tests.test_dashboard_grokking import grok_series
+
     # three groups, so every conflict row draws; the loss above stays
     series.update({k: v for k, v in gradient_series(sched).items() if not k.startswith("scalars/")})
+    series.update(grok_series(sched))
     return series
 
 

@@ -195,7 +195,8 @@ def _empty(run: Run, title: str) -> go.Figure:
         text=f"{html.escape(str(run.run_dir))} has no data that any panel "
         "reads yet (scalars/*, optim/lr/*, norms/*, updates/*, activations/*, "
         "nonfinite/*, sharpness/*, hessian*, conflict/*, grad_noise/*, grad_spectrum/*, "
-        "weight_spectrum/*)",
+        "weight_spectrum/*, heldout/*, grok/*, regions/*, robustness/*, ntk/*, "
+        "attribution/*, ntk_response/*)",
         showarrow=False,
         xref="paper",
         yref="paper",

@@ -10,6 +10,7 @@ from .curvature import (
 )
 from .curves import loss_panel, lr_panel, metrics_panel, nonfinite_panel, norms_panel
 from .gradients import GRADIENT_PANELS
+from .grokking import ANALYSIS_PANELS
 from .heatmaps import activation_std_heatmap, grad_heatmap, update_ratio_heatmap, zero_frac_heatmap
 from .marks import findings_timeline
 from .parts import Panel
@@ -69,6 +70,7 @@ PANELS: tuple[Panel, ...] = (
         ("activations/zero_frac/*",),
     ),
     *GRADIENT_PANELS,
+    *ANALYSIS_PANELS,
     Panel("nonfinite", "Non-finite values", nonfinite_panel, ("nonfinite/*",)),
 )
 """Every panel, in row order. ``findings`` reads no key: it draws the findings passed in."""
