@@ -51,8 +51,9 @@ class GradNoise:
         method: per-example method, ``"auto"`` (default: vmap, falling back once, with
             a warning, to one backward per example where vmap cannot batch the model),
             ``"vmap"`` or ``"loop"``; see :func:`trainprobe.gradients.per_sample_gradients`.
-        schedule: when to measure (default every 10 steps; a measurement costs about one
-            batch gradient, vmapped over the examples).
+        schedule: when to measure (default every 10 steps; a measurement is one batch
+            gradient vmapped over the examples: about two batch gradients on a small CPU
+            CNN, 1.23x the training step every 10 steps; ``benchmarks/gradients.py``).
         data: a fixed batch (default: the step's ``batch=``).
         loss_fn: ``loss(model, batch) -> scalar``, mean-reduced (default: the one given to
             ``watch``).
