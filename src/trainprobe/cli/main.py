@@ -9,11 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
+from .export import add_parser as add_export_parser
+from .serve import add_arguments as serve_arguments
 
 EPILOG = """examples:
   trainprobe demo                       train a small CNN, print findings, write the dashboard
   trainprobe report runs/exp1           findings table; exit 1 if any is critical
   trainprobe dashboard runs/exp1 -o exp1.html
+  trainprobe dashboard runs/exp1 --serve  live page on localhost, follows a run in progress
+  trainprobe export runs/exp1 --format csv
 """
 
 
@@ -92,7 +96,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_report(run, findings, args: argparse.Namespace) -> None:
-    from .report import format_findings
+    from .report import format_findings, format_summary, summary_dict
 
     if args.json:
         print(
@@ -102,12 +106,14 @@ def _print_report(run, findings, args: argparse.Namespace) -> None:
                     "last_step": run.last_step(),
                     "status": run.meta.get("status"),
                     "findings": [f.to_dict() for f in findings],
+                    "series": summary_dict(run),
                 },
                 indent=2,
             )
         )
     else:
         print(format_findings(run, findings))
+        print("\n" + format_summary(run))
     if not args.no_dashboard:
         html = _write_dashboard(run, findings, Path(args.run_dir) / "dashboard.html")
         if not args.json:
@@ -117,6 +123,11 @@ def _print_report(run, findings, args: argparse.Namespace) -> None:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from ..analysis import analyze
     from ..store import Run
+
+    if args.serve:
+        from .serve import serve
+
+        return serve(args.run_dir, args.port, refresh_seconds=args.refresh)
 
     output = Path(args.output) if args.output else Path(args.run_dir) / "dashboard.html"
     with Run(args.run_dir) as run:
@@ -184,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dash.add_argument("run_dir", metavar="RUN_DIR")
     dash.add_argument("-o", "--output", help="HTML file (default: RUN_DIR/dashboard.html)")
+    serve_arguments(dash)
     dash.set_defaults(func=cmd_dashboard)
+    add_export_parser(sub)
     return parser
 
 

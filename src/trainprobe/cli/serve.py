@@ -1,0 +1,183 @@
+"""``trainprobe dashboard RUN_DIR --serve``: the dashboard on localhost, following a live run.
+
+Each request for ``/`` opens the run afresh (a :class:`Run` reads each committed step, and a
+fresh one also sees new metadata), analyses it and builds the page, so the page is never
+older than the store. The page polls ``/status`` every few seconds and reloads itself only
+when the run has new steps, so zooming into a finished run is not undone by reloads.
+Standard library ``http.server`` only; bound to 127.0.0.1, never to other machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from ..store import Run
+
+HOST = "127.0.0.1"
+
+_SCRIPT = """<script>
+(function () {{
+  var seen = {state};
+  setInterval(function () {{
+    fetch("/status", {{cache: "no-store"}}).then(function (r) {{ return r.json(); }})
+      .then(function (now) {{ if (JSON.stringify(now) !== JSON.stringify(seen)) {{
+        location.reload(); }} }})
+      .catch(function () {{}});
+  }}, {ms});
+}})();
+</script>"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--serve``, ``--port`` and ``--refresh`` to the ``dashboard`` parser."""
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the dashboard on localhost and follow the run while it trains",
+    )
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=8050,
+        help="port for --serve (default: %(default)s; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--refresh",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --serve, how often the page checks for new steps (default: %(default)s)",
+    )
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535 (0: any free port), got {value}")
+    return value
+
+
+def make_server(
+    run_dir: str | Path, port: int = 0, *, refresh_seconds: float = 5.0
+) -> ThreadingHTTPServer:
+    """A server (not yet serving) for the dashboard of ``run_dir`` on 127.0.0.1.
+
+    Args:
+        run_dir: the run to show; it must exist already.
+        port: TCP port; 0 picks a free one (read it from ``server.server_address[1]``).
+        refresh_seconds: how often the page asks whether the run has new steps.
+
+    Returns:
+        A ``ThreadingHTTPServer``; call ``serve_forever()``, then ``shutdown()`` and
+        ``server_close()``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run (yet): start training first.
+        ValueError: ``refresh_seconds`` is not positive.
+        OSError: the port is taken (the message names it and suggests ``--port 0``).
+    """
+    if not refresh_seconds > 0:
+        raise ValueError(
+            f"refresh_seconds must be positive, got {refresh_seconds}; e.g. --refresh 5"
+        )
+    run_dir = Path(run_dir)
+    Run(run_dir).close()  # fail now, with Run's message, rather than on every request
+    handler = type(
+        "DashboardHandler",
+        (_Handler,),
+        {"run_dir": run_dir, "refresh_ms": int(refresh_seconds * 1000)},
+    )
+    try:
+        server = ThreadingHTTPServer((HOST, port), handler)
+    except OSError as err:
+        raise OSError(
+            err.errno, f"cannot serve on {HOST}:{port} ({err.strerror}); pick another "
+            "port with --port N, or --port 0 for any free one"
+        ) from err  # fmt: skip
+    server.daemon_threads = True
+    return server
+
+
+def serve(
+    run_dir: str | Path, port: int = 8050, *, refresh_seconds: float = 5.0, once: bool = False
+) -> int:
+    """Serve the dashboard of ``run_dir`` on http://127.0.0.1:PORT/ until Ctrl-C.
+
+    Args:
+        run_dir: the run to show (it may still be training).
+        port: TCP port; 0 picks a free one, printed with the address.
+        refresh_seconds: how often the page checks the run for new steps.
+        once: answer one request and return (for tests and scripts).
+
+    Returns:
+        0 (after Ctrl-C, or after one request with ``once``).
+
+    Raises:
+        FileNotFoundError, ValueError, OSError: as :func:`make_server`.
+    """
+    server = make_server(run_dir, port, refresh_seconds=refresh_seconds)
+    url = f"http://{HOST}:{server.server_address[1]}/"
+    print(f"serving the dashboard of {run_dir} at {url}  (Ctrl-C stops)", flush=True)
+    try:
+        if once:
+            server.handle_request()
+        else:
+            server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
+def _state(run: Run) -> dict:
+    return {"last_step": run.last_step(), "keys": len(run.keys()), "status": run.meta.get("status")}
+
+
+def page(run_dir: str | Path, refresh_ms: int = 5000) -> str:
+    """The dashboard page of ``run_dir`` as it is now, with the self-reloading script."""
+    from ..analysis import analyze
+    from ..dashboard import build, extra_figures, to_html
+
+    with Run(run_dir) as run:
+        document = to_html(build(run, analyze(run)), *extra_figures(run))
+        script = _SCRIPT.format(state=json.dumps(_state(run)), ms=int(refresh_ms))
+    head, sep, tail = document.rpartition("</body>")
+    return f"{head}{script}{sep}{tail}" if sep else document + script
+
+
+class _Handler(BaseHTTPRequestHandler):
+    run_dir: Path
+    refresh_ms: int
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path in ("/", "/index.html"):
+                self._send(200, "text/html; charset=utf-8", page(self.run_dir, self.refresh_ms))
+            elif path == "/status":
+                with Run(self.run_dir) as run:
+                    self._send(200, "application/json", json.dumps(_state(run)))
+            else:
+                self._send(404, "text/plain; charset=utf-8", f"no page {path}; the dashboard is /")
+        except Exception as err:  # a half-written or removed run: say so, keep serving
+            message = f"trainprobe could not read {self.run_dir}: {err}"
+            body = f"<!doctype html><title>trainprobe</title><pre>{html.escape(message)}</pre>"
+            self._send(500, "text/html; charset=utf-8", body)
+
+    def _send(self, code: int, kind: str, body: str) -> None:
+        data = body.encode("utf-8")
+        self.send_response(code)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:
+        pass  # quiet: the terminal shows the address, not every poll

@@ -1,0 +1,120 @@
+"""The dashboard as a page in a real headless browser (Debian's chromium).
+
+The browser is found on PATH (``chromium``, ``chromium-browser``). When it is missing the
+tests skip and say why, unless ``TRAINPROBE_INSTALL_BROWSER=1`` is set: then
+:func:`chromium_or_skip` first tries ``apt-get install -y chromium`` (through ``sudo -n``
+when not root) and skips only if that fails. Normal test runs never call apt.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.synth import write_run
+from tests.test_dashboard import full_series
+from trainprobe.analysis import analyze
+from trainprobe.dashboard import build, extra_figures, to_html
+
+NAMES = ("chromium", "chromium-browser")
+INSTALL_ENV = "TRAINPROBE_INSTALL_BROWSER"
+
+
+def _which() -> str | None:
+    return next((path for name in NAMES if (path := shutil.which(name))), None)
+
+
+def chromium_or_skip() -> str:
+    """The chromium executable; installs it with apt when allowed; else ``pytest.skip``."""
+    found = _which()
+    if found:
+        return found
+    if os.environ.get(INSTALL_ENV) != "1":
+        pytest.skip(
+            f"chromium is not installed; set {INSTALL_ENV}=1 to let the tests run "
+            "`apt-get install -y chromium`, or install it yourself"
+        )
+    command = ["apt-get", "install", "-y", "chromium"]
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        command = ["sudo", "-n", *command]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        reason = done.stderr.strip().splitlines()[-1:] if done.returncode else []
+    except (OSError, subprocess.TimeoutExpired) as err:
+        reason = [str(err)]
+    found = _which()
+    if not found:
+        pytest.skip(
+            f"chromium could not be installed with `{' '.join(command)}`"
+            f" ({'; '.join(reason) or 'not on PATH afterwards'})"
+        )
+    return found
+
+
+def render(browser: str, page: Path, profile: Path) -> tuple[str, list[str]]:
+    """``(DOM after the scripts ran, console messages)`` of ``page`` in headless chromium."""
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+         "--v=0", f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+         page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    return done.stdout, console
+
+
+def test_console_capture_works(tmp_path):
+    """A control: an erroring page does show up, so the next test's silence means something."""
+    browser = chromium_or_skip()
+    page = tmp_path / "bad.html"
+    page.write_text("<html><body><script>console.error('probe-x'); nope();</script></body>")
+    _, console = render(browser, page, tmp_path / "profile")
+    assert any("probe-x" in line for line in console)
+    assert any("ReferenceError" in line for line in console)
+
+
+def test_dashboard_renders_without_errors(tmp_path):
+    browser = chromium_or_skip()
+    run = write_run(tmp_path / "run", full_series())
+    findings = analyze(run)
+    assert findings, "the synthetic run should give the detectors something to mark"
+    fig = build(run, findings)
+    page = tmp_path / "dashboard.html"
+    page.write_text(to_html(fig, *extra_figures(run)), encoding="utf-8")
+    dom, console = render(browser, page, tmp_path / "profile")
+    assert console == [], "\n".join(console)
+    drawn = re.sub(r"<script\b.*?</script>", "", dom, flags=re.S)  # what plotly rendered
+    assert drawn.count('class="main-svg"') >= 2  # the dashboard (and the cosine matrix)
+    titles = [re.search(r"<b>(.*?)</b>", a.text).group(1) for a in fig.layout.annotations
+              if a.text and "<b>" in a.text]  # fmt: skip
+    assert len(titles) >= 20
+    missing = [t for t in titles if f">{html.escape(html.unescape(t), quote=False)}<" not in drawn]
+    assert missing == []
+    assert drawn.count('class="shape-group"') == len(fig.layout.shapes) >= len(findings)
+    for finding in findings:
+        assert f"{finding.severity} finding" in drawn  # the findings timeline's legend
+
+
+def test_missing_browser_skips_and_says_why(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv(INSTALL_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=f"set {INSTALL_ENV}=1"):
+        chromium_or_skip()
+    monkeypatch.setenv(INSTALL_ENV, "1")
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 100, "", "E: Unable to locate package")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(pytest.skip.Exception, match=r"could not be installed.*Unable to locate"):
+        chromium_or_skip()
+    assert calls and calls[0][-4:] == ["apt-get", "install", "-y", "chromium"]
