@@ -374,3 +374,18 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
     assert (
         "trainprobe scan: error: --model 'x': expected MODULE:FUNCTION" in capsys.readouterr().err
     )
+
+
+def test_import_function_file_that_is_not_a_module(tmp_path, monkeypatch):
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    return 1\n")
+    assert cli_scan.import_function(f"{path}:f")() == 1
+    monkeypatch.setattr(cli_scan.importlib.util, "spec_from_file_location", lambda *a: None)
+    with pytest.raises(ValueError, match=r"cannot import .*ImportError: cannot load"):
+        cli_scan.import_function(f"{path}:f")
+
+
+def test_cli_threads_must_not_be_negative(capsys):
+    with pytest.raises(SystemExit):
+        parse("d", "--model", "a:b", "--data", "c:d", "--threads", "-1")
+    assert "expected 0 or more, got -1" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``trainprobe`` command: demo, report, dashboard. Glue only."""
+"""The ``trainprobe`` command: demo, report, dashboard, export, scan. Glue only."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from .export import add_parser as add_export_parser
+from .scan import add_parser as add_scan_parser
 from .serve import add_arguments as serve_arguments
 
 EPILOG = """examples:
@@ -18,6 +19,7 @@ EPILOG = """examples:
   trainprobe dashboard runs/exp1 -o exp1.html
   trainprobe dashboard runs/exp1 --serve  live page on localhost, follows a run in progress
   trainprobe export runs/exp1 --format csv
+  trainprobe scan ckpts/ --model mypkg.models:build --data mypkg.data:batches
 """
 
 
@@ -198,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_arguments(dash)
     dash.set_defaults(func=cmd_dashboard)
     add_export_parser(sub)
+    add_scan_parser(sub)
     return parser
 
 

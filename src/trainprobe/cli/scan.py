@@ -57,10 +57,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "for files you trust)")  # fmt: skip
     parser.add_argument("--train-mode", action="store_true",
                         help="evaluate in train mode (dropout, BatchNorm batch stats)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=_non_negative, default=0,
                         help="torch CPU threads (default: 0, torch's choice)")  # fmt: skip
     parser.set_defaults(func=run)
     return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
 
 
 def import_function(spec: str, option: str = "--model") -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..cli.progress import Progress
+from .._progress import Progress
 from ..curvature import criterion_loss
 from ..monitor import Monitor, watch
 from ..probes.base import Probe
