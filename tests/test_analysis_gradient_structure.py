@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -235,3 +237,12 @@ def test_a_trained_imbalanced_run_fires_and_its_balanced_control_does_not(tmp_pa
     assert "class_2" in finding.message and finding.start_step == 0
     assert finding.evidence["loss_peak[class_2]"] > 2 * finding.evidence["loss_low[class_2]"]
     assert detect_class_competition(_train_classes(tmp_path / "b", [500, 500, 500])) == []
+
+
+def test_a_class_recorded_with_zero_counts_does_not_divide_by_zero(tmp_path):
+    losses = {0: falling(0.69, 0.1), 1: falling(0.69, 0.1)}
+    series = classes(losses, {0: 8, 1: 0}, {0: np.ones(N), 1: np.ones(N)})
+    series["conflict/count/class_0"] = (STEPS, np.zeros(N))  # every count zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert detect_class_competition(write_run(tmp_path / "r", series)) == []

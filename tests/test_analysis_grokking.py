@@ -144,3 +144,12 @@ def test_starvation_early_in_training_only_is_not_reported(tmp_path):
     assert detect_gradient_starvation(run) == []
     with pytest.raises(ValueError, match=r"ratio must be a fraction in \(0, 1\)"):
         detect_gradient_starvation(run, ratio=0.0)
+
+
+def test_a_run_fit_before_its_first_measurement_is_not_called_grokked(tmp_path):
+    """Held-out climbing steadily after a fit that happened before step 100: no yardstick."""
+    steps = np.arange(100, 1100, 100)
+    heldout = np.minimum(0.5 + 0.1 * np.arange(10), 0.96)
+    run = write_run(tmp_path / "r", {"heldout/train_acc": (steps, np.full(10, 0.99)),
+                                     "heldout/acc": (steps, heldout)})
+    assert detect_grokking(run) == []

@@ -86,3 +86,12 @@ def test_too_narrow_width_is_refused(tmp_path):
     run = write_run(tmp_path / "r", {"scalars/loss": ([0], [1.0])})
     with pytest.raises(ValueError, match="too narrow; pass width=60 or more"):
         format_summary(run, width=40)
+
+
+def test_infinities_are_not_printed_as_nan(tmp_path):
+    from tests.synth import write_run
+    from trainprobe.cli.report import format_summary
+
+    run = write_run(tmp_path / "r", {"scalars/loss": ([0, 1, 2], [np.inf, 1.0, -np.inf])})
+    (line,) = [row for row in format_summary(run).splitlines() if row.startswith("scalars/loss")]
+    assert line.split()[-4:] == ["inf", "-inf", "1", "1"]

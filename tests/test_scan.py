@@ -389,3 +389,21 @@ def test_cli_threads_must_not_be_negative(capsys):
     with pytest.raises(SystemExit):
         parse("d", "--model", "a:b", "--data", "c:d", "--threads", "-1")
     assert "expected 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_the_step_prefers_a_labelled_file_name_to_an_epoch_entry(tmp_path):
+    """Several checkpoints per epoch: ``epoch`` would make them collide."""
+    from trainprobe.scan.checkpoints import load_checkpoint
+
+    weights = {"w": torch.zeros(2)}
+    cases = {
+        "ckpt_epoch0_step500.pt": ({"model": weights, "epoch": 0}, 500),
+        "ckpt_epoch0_step1000.pt": ({"model": weights, "epoch": 0}, 1000),
+        "step500_seed42.pt": (weights, 500),
+        "epoch_3.pt": ({"model": weights, "epoch": 3}, 3),
+        "ckpt_7.pt": ({"model": weights, "global_step": 70, "epoch": 1}, 70),
+        "ckpt_000200.pt": (weights, 200),
+    }
+    for name, (content, step) in cases.items():
+        torch.save(content, tmp_path / name)
+        assert load_checkpoint(tmp_path / name).step == step, name

@@ -111,7 +111,8 @@ def detect_class_competition(
     harms: list[_Harm] = []
     for cls in classes:
         at = np.searchsorted(total_steps, cls.steps)  # cls.steps is a subset of total_steps
-        share = float(np.mean(cls.count / counts[at]))
+        present = counts[at] > 0  # a class recorded with a count of 0 everywhere: no share
+        share = float(np.mean(cls.count[present] / counts[at][present])) if present.any() else 0.0
         harms += _losing_ground(cls, total[at], share, window, (rise, fall), min_points)
         harms += _starved(cls, classes, window, starve_ratio, min_loss_share, min_points)
     settings = {"window": window, "rise": rise, "fall": fall, "min_points": min_points,

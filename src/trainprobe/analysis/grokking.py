@@ -60,7 +60,9 @@ def detect_grokking(
       at the edge of numerical stability", show that these stop grokking.
 
     An ordinary run whose held-out accuracy follows the train accuracy (within ``gap``,
-    or reaching ``fit`` within ``delay · F`` of the fit) gets no finding.
+    or reaching ``fit`` within ``delay · F`` of the fit) gets no finding; neither does a
+    run fit before its first measurement (the steps to fit, the yardstick, are unknown).
+    Steps to fit count from the first measurement.
 
     Args:
         run: the run to read (``heldout/train_acc``, ``heldout/acc``; optionally
@@ -91,9 +93,12 @@ def detect_grokking(
     if not fitted.size:
         return []
     fit_at = int(fitted[0])
+    if fit_at == 0:
+        return []  # fit before the first measurement: the time to fit, the yardstick, is unknown
     fit_step = int(curves.steps[fit_at])
-    wait = delay * max(fit_step - int(curves.steps[0]), 1)
-    settings = {"fit": fit, "delay": delay, "gap": gap, "rise": rise, "fit_step": fit_step}
+    wait = delay * (fit_step - int(curves.steps[0]))
+    settings = {"fit": fit, "delay": delay, "gap": gap, "rise": rise, "fit_step": fit_step,
+                "fit_steps": fit_step - int(curves.steps[0])}  # fmt: skip
     general = np.flatnonzero(curves.heldout[fit_at:] >= fit)
     if general.size:
         gen_step = int(curves.steps[fit_at + general[0]])
@@ -121,7 +126,7 @@ def _grokked(curves: _Curves, fit_step: int, gen_step: int, settings: dict) -> F
         fit_step,
         gen_step,
         f"Grokked: train accuracy reached {fmt(settings['fit'])} at step {fit_step}, held-out "
-        f"accuracy only at step {gen_step}, {lag} steps later ({fmt(lag / max(fit_step, 1))}x "
+        f"accuracy only at step {gen_step}, {lag} steps later ({fmt(lag / settings['fit_steps'])}x "
         "the steps it took to fit)",
         "Generalisation came late: regularisation (weight decay) and more training data "
         "shorten the delay; compare checkpoints before and after it to see what changed.",

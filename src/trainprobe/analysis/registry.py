@@ -113,8 +113,10 @@ def analyze(
     Args:
         run: the run to analyse.
         detectors: the detectors to try (default :data:`DETECTORS`).
-        fold: leave out the symptom findings that an ``instability`` episode finding
-            stands for (it lists them in its evidence); False keeps every finding.
+        fold: leave out the symptom findings (warning or worse, of the detectors in
+            :data:`~trainprobe.analysis.instability.SYMPTOMS`) that lie inside an
+            ``instability`` episode's span; the episode lists the symptoms its own
+            default-threshold detectors found. False keeps every finding.
 
     Returns:
         The findings, most severe first, then by start step (stable otherwise).

@@ -75,7 +75,10 @@ def _shorten(text: str, width: int) -> str:
 
 
 def _num(value: float) -> str:
-    return "nan" if value is None or not np.isfinite(value) else f"{value:.3g}"
+    """3 significant digits; ``inf``/``-inf`` kept apart from ``nan`` (overflow is not NaN)."""
+    if value is None or np.isnan(value):
+        return "nan"
+    return f"{value:.3g}"  # Python formats infinities as inf / -inf
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -6,16 +6,18 @@ A checkpoint file is one of :data:`SUFFIXES` directly inside the scanned directo
 - a raw ``state_dict`` (``{name: tensor}``), as ``torch.save(model.state_dict(), f)``;
 - a checkpoint dict with the weights under ``model``, ``state_dict`` or
   ``model_state_dict``, optionally the optimizer state under ``optimizer`` or
-  ``optimizer_state_dict`` and the step under ``step``, ``global_step`` or ``epoch``
-  (first found, in that order);
+  ``optimizer_state_dict`` and the step under ``step`` or ``global_step``;
 - a safetensors file (needs the optional ``safetensors`` package);
 - a whole pickled model (``torch.save(model, f)``): only with ``trust=True``, since
   unpickling it runs code from the file.
 
 PyTorch files are read with ``torch.load(path, map_location="cpu", weights_only=True)``,
 which refuses any Python object other than tensors and plain containers (a pickle that
-would run code included). Without a step entry the step is the last integer in the
-file name's stem (``ckpt_000500.pt``, ``step=500.pt`` -> 500).
+would run code included). The step, first found in this order: a ``step`` or
+``global_step`` entry; a number labelled ``step`` in the file name (``step500``,
+``step_500``, ``step=500``, ``ckpt_epoch0_step1000.pt`` -> 1000); an ``epoch`` entry
+(several checkpoints per epoch then collide, and the scan reports the repeats); the last
+integer in the file name's stem (``ckpt_000500.pt`` -> 500).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from torch import Tensor, nn
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _WEIGHT_KEYS = ("model", "state_dict", "model_state_dict")
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict")
-_STEP_KEYS = ("step", "global_step", "epoch")
+_STEP_KEYS = ("step", "global_step")
+_LABELLED_STEP = re.compile(r"(?:global_)?step[_=-]?(\d+)", re.IGNORECASE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -75,7 +78,11 @@ def find_checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
 
 
 def step_from_name(path: Path) -> int | None:
-    """The last integer in the file name's stem (``ckpt_000500.pt`` -> 500), or None."""
+    """A number labelled ``step`` in the stem (``step500_seed42.pt`` -> 500), else the last
+    integer in it (``ckpt_000500.pt`` -> 500), or None."""
+    labelled = _LABELLED_STEP.findall(path.stem)
+    if labelled:
+        return int(labelled[-1])
     numbers = re.findall(r"\d+", path.stem)
     return int(numbers[-1]) if numbers else None
 
@@ -95,6 +102,10 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     path = Path(path)
     raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path, trust)
     weights, optimizer_state, step = _unpack(path, raw)
+    if step is None and _LABELLED_STEP.search(path.stem):
+        step = step_from_name(path)
+    if step is None and isinstance(raw, Mapping):
+        step = _as_int(raw.get("epoch"))
     if step is None:
         step = step_from_name(path)
     if step is None:
