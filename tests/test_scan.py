@@ -407,3 +407,19 @@ def test_the_step_prefers_a_labelled_file_name_to_an_epoch_entry(tmp_path):
     for name, (content, step) in cases.items():
         torch.save(content, tmp_path / name)
         assert load_checkpoint(tmp_path / name).step == step, name
+
+
+def test_safetensors_checkpoints_are_read_and_a_broken_one_is_named(tmp_path):
+    """Needs the optional safetensors package (``pip install safetensors``)."""
+    st = pytest.importorskip("safetensors.torch")
+    from trainprobe.scan.checkpoints import CheckpointError, load_checkpoint
+
+    weights = {"layer.weight": torch.arange(6.0).reshape(2, 3), "layer.bias": torch.ones(2)}
+    st.save_file(weights, str(tmp_path / "step_300.safetensors"))
+    loaded = load_checkpoint(tmp_path / "step_300.safetensors")
+    assert loaded.step == 300 and loaded.optimizer_state is None
+    for name, tensor in weights.items():
+        assert torch.equal(loaded.weights[name], tensor)
+    (tmp_path / "step_400.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
+    with pytest.raises(CheckpointError, match=r"step_400\.safetensors: unreadable safetensors"):
+        load_checkpoint(tmp_path / "step_400.safetensors")
