@@ -118,7 +118,9 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
 
 def _read_torch(path: Path, trust: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        if trust:  # the user opted in (--trust-checkpoints): unpickling runs code from the file
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = _ANSI.sub("", str(err))
         found = re.search(r"GLOBAL ([\w.]+)", text)

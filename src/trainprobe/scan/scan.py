@@ -141,10 +141,10 @@ def scan(
 
     order, skipped = _index(files, trust_checkpoints)
     recorded, last = _recorded_steps(run_dir)
-    todo, already = [], []
+    pending, already = [], []
     for step, path in order:
         if last is None or step > last:
-            todo.append((step, path))
+            pending.append((step, path))
         elif step in recorded:
             already.append((step, path))
         else:
@@ -160,15 +160,15 @@ def scan(
     with watch(model, runnable, run_dir=run_dir, resume=resume, loss_fn=loss_fn, meta=meta) as mon:
         if already:
             _seed_update(mon, model, already[-1][1], trust_checkpoints)
-        with _bar(len(todo), progress) as bar:
-            for i, (step, path) in enumerate(todo):
+        with _bar(len(pending), progress) as bar:
+            for i, (step, path) in enumerate(pending):
                 bar.update(i, path.name)
                 reason = _scan_one(mon, model, optimizer, step, path, batch, trust_checkpoints)
                 if reason is None:
                     scanned.append(step)
                 else:
                     skipped[path.name] = reason
-            bar.update(len(todo), "done")
+            bar.update(len(pending), "done")
     with Run(run_dir) as run:
         left_out.update(run.meta.get("disabled_probes") or {})
     return ScanResult(run_dir, tuple(scanned), tuple(s for s, _ in already), skipped, left_out)
