@@ -11,6 +11,7 @@ names the variable that allows the install.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from tests.synth import write_run
 from tests.test_dashboard import full_series
 from trainprobe.analysis import analyze
 from trainprobe.dashboard import build, extra_figures, to_html
+from trainprobe.dashboard.links import SPAN_MARGIN
 
 NAMES = ("chromium", "chromium-browser")
 INSTALL_ENV = "TRAINPROBE_INSTALL_BROWSER"
@@ -131,6 +133,72 @@ def test_dashboard_renders_without_errors(tmp_path):
     assert drawn.count('class="shape-group"') == len(fig.layout.shapes) >= len(findings)
     for finding in findings:
         assert f"{finding.severity} finding" in drawn  # the findings timeline's legend
+
+
+DRIVE = """<script>
+window.addEventListener("load", function () { setTimeout(function () {
+  var gd = document.getElementById("trainprobe-dashboard"), out = {menus: [], errors: []};
+  var menus = gd.layout.updatemenus || [];
+  var chain = Promise.resolve();
+  menus.forEach(function (menu) { menu.buttons.forEach(function (button) {
+    chain = chain.then(function () {
+      return Plotly.update.apply(null, [gd].concat(button.args)).then(function () {
+        var shown = gd._fullData.filter(function (t) { return t.visible === true; }).length;
+        var axis = Object.keys(button.args[1])[0].split(".")[0];  // "yaxis33"
+        out.menus.push([button.label, shown, gd._fullLayout[axis].type]);
+      });
+    });
+  }); });
+  chain.then(function () {
+    var link = document.querySelector("#tp-findings a[data-row]");
+    out.link = link ? link.textContent : null;
+    if (link) { link.click(); }
+    return new Promise(function (done) { setTimeout(done, 500); });
+  }).then(function () {
+    out.range = gd._fullLayout.xaxis.range;
+    out.scrolled = window.scrollY;
+  }).catch(function (err) { out.errors.push(String(err)); }).then(function () {
+    var pre = document.createElement("pre"); pre.id = "tp-result";
+    pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
+  });
+}, 200); });
+</script>"""
+
+
+def test_menus_and_finding_links_work_in_the_page(tmp_path):
+    """Every choice of the catch-all row's menu applies, and a finding's evidence link
+    scrolls to its row and zooms the shared step axis to the finding's span."""
+    browser = chromium_or_skip()
+    series = full_series()
+    series.update({f"updates/norm/{name}": (s, v) for name, (s, v) in
+                   ((k.split("/", 2)[2], series[k]) for k in list(series)
+                    if k.startswith("norms/grad/"))})  # fmt: skip
+    run = write_run(tmp_path / "run", series)
+    findings = analyze(run)
+    fig = build(run, findings)
+    (menu,) = fig.layout.updatemenus
+    assert len(menu.buttons) >= 2  # updates/norm/* and the nonfinite singles at least
+    document = to_html(fig).replace("</body>", DRIVE + "</body>")
+    page = tmp_path / "dashboard.html"
+    page.write_text(document, encoding="utf-8")
+    dom, console = render(browser, page, tmp_path / "profile")
+    assert console == [], "\n".join(console)
+    found = re.search(r'<pre id="tp-result">(.*?)</pre>', dom, flags=re.S)
+    assert found, "the driving script did not finish"
+    out = json.loads(html.unescape(found.group(1)))
+    assert out["errors"] == []
+    assert [label for label, _, _ in out["menus"]] == [b.label for b in menu.buttons]
+    indices = set(menu.buttons[0].args[2])
+    outside = sum(t.visible in (None, True) for i, t in enumerate(fig.data) if i not in indices)
+    for (label, shown, axis_type), button in zip(out["menus"], menu.buttons, strict=True):
+        assert shown == outside + sum(button.args[0]["visible"]), label
+        (y_type,) = [v for k, v in button.args[1].items() if k.endswith(".type")]
+        assert axis_type == y_type, label
+    first = findings[0]  # the first link belongs to the first finding listed
+    pad = max((first.end_step - first.start_step) * SPAN_MARGIN, 1)
+    assert out["link"]
+    assert out["range"] == pytest.approx([first.start_step - pad, first.end_step + pad])
+    assert out["scrolled"] > 0
 
 
 def test_missing_browser_skips_and_says_why(monkeypatch):

@@ -56,10 +56,18 @@ def gradient_series(steps: np.ndarray = STEPS, seed: int = 0) -> dict:
     series = {"scalars/loss": (steps, 2.0 * np.exp(-steps / 100.0) + 0.1)}
     for (a, b), cos in pair_cosines(n).items():
         series[f"conflict/cos/{a}__{b}"] = (steps, cos)
-    series["conflict/min_cos"] = (steps, np.nanmin(np.stack(list(pair_cosines(n).values())), 0))
+    cosines = np.stack(list(pair_cosines(n).values()))  # [pairs, n]
+    series["conflict/min_cos"] = (steps, np.nanmin(cosines, 0))
+    series["conflict/mean_cos"] = (steps, np.nanmean(cosines, 0))
+    series["conflict/frac_negative"] = (steps, (cosines < 0).mean(0))
     for i, group in enumerate(GROUPS):  # class_2, the minority, loses ground after step 100
         rising = 0.7 + 0.8 * np.clip(steps - 100, 0, None) / max(steps[-1], 1)
         series[f"conflict/loss/{group}"] = (steps, rising if i == 2 else 0.7 * np.exp(-steps / 90))
+    losses = np.stack([series[f"conflict/loss/{g}"][1] for g in GROUPS])  # [G, n]
+    for i, group in enumerate(GROUPS):  # the minority's gradient fades as it loses
+        series[f"conflict/loss_share/{group}"] = (steps, losses[i] / losses.sum(0))
+        series[f"conflict/count/{group}"] = (steps, np.full(n, 4.0 if i == 2 else 30.0))
+        series[f"conflict/norm/{group}"] = (steps, np.exp(-steps / 100) if i == 2 else np.ones(n))
     trace_cov = 50.0 * (1 + 0.3 * rng.random(n))
     grad_sq = 0.5 + 0.2 * rng.random(n)
     grad_sq[5] = -0.2  # |G|² estimate below zero: b_simple negative at that step

@@ -124,3 +124,61 @@ def test_the_analysis_split_leaves_default_keys_alone(default_keys, analysis_key
     assert not [k for k in default_keys if is_analysis(k)]
     assert all(is_analysis(k) for k in analysis_keys if not k.startswith("scalars/"))
     assert any(is_analysis(p) for c in CONSUMERS for p in choices(c))
+
+
+PROBE_RUNS = {"default": lambda: default_probes(every_n=1), "curvature": curvature_probes,
+              "gradient": gradient_probes, "analysis": lambda: analysis_probes("cnn")}  # fmt: skip
+CATCH_ALL = "other_series"
+
+
+@pytest.fixture(scope="module")
+def drawn_rows(tmp_path_factory) -> dict[str, tuple[Run, dict]]:
+    """Per probe set: its run, and the keys each dashboard row draws from it."""
+    out = {}
+    for name, probes in PROBE_RUNS.items():
+        run_dir = tmp_path_factory.mktemp(f"drawn_{name}") / "run"
+        train("cnn", steps=3, probes=probes(), run_dir=run_dir)
+        run = Run(run_dir)
+        parts = {panel.name: panel.draw(run, ()) for panel in PANELS}
+        out[name] = (run, {n: part for n, part in parts.items() if part is not None})
+    return out
+
+
+@pytest.mark.parametrize("probe_set", sorted(PROBE_RUNS))
+def test_the_dashboard_draws_every_series_a_probe_records(drawn_rows, probe_set):
+    """Every recorded key is in some row; the only exceptions are keys holding more than
+    one number per step, which the catch-all row names (they are read with Run.series)."""
+    run, parts = drawn_rows[probe_set]
+    drawn = {key for part in parts.values() for key in part.keys}
+    missing = [key for key in run.keys("") if key not in drawn]
+    for key in missing:
+        assert run.series(key).values.ndim > 1, f"{key} is recorded but on no dashboard row"
+        assert key in parts[CATCH_ALL].description
+
+
+@pytest.mark.parametrize("probe_set", sorted(PROBE_RUNS))
+def test_every_probe_has_a_row_of_its_own(drawn_rows, probe_set):
+    """Not only the catch-all: each probe's main series has a dedicated, explained row."""
+    run, parts = drawn_rows[probe_set]
+    dedicated = {key for name, part in parts.items() if name != CATCH_ALL for key in part.keys}
+    probes = {key.split("/", 1)[0] for key in run.keys("")} - {"scalars"}
+    for probe in probes:
+        assert any(k.startswith(f"{probe}/") for k in dedicated), f"{probe} has no row of its own"
+    for name, part in parts.items():
+        assert len(part.description.split()) >= 6, f"row {name} does not explain itself"
+
+
+def test_every_detectors_evidence_has_a_dedicated_row(drawn_rows):
+    """A finding links to the rows whose keys its detector reads: each detector's keys
+    must be drawn by a row other than the catch-all."""
+    dedicated = {key for _, parts in drawn_rows.values() for name, part in parts.items()
+                 if name != CATCH_ALL for key in part.keys}  # fmt: skip
+    recorded = {key for run, _ in drawn_rows.values() for key in run.keys("")}
+    for detector in DETECTORS:
+        for pattern in choices(detector):
+            written = [k for k in recorded if fnmatchcase(k, pattern)]
+            if not written:
+                continue  # e.g. scalars the user logs: checked by the tests above
+            assert any(k in dedicated for k in written), (
+                f"detector {detector.name}: no dedicated row draws {pattern!r}"
+            )

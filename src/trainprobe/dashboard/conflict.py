@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run, Series
@@ -27,6 +28,12 @@ from .parts import PanelPart
 
 COS = "conflict/cos"
 LOSS = "conflict/loss"
+LOSS_SHARE, COUNT, NORM = "conflict/loss_share", "conflict/count", "conflict/norm"
+CONFLICT_SUMMARY = (("conflict/mean_cos", "mean cosine", None),
+                    ("conflict/min_cos", "min cosine", None),
+                    ("conflict/frac_negative", "fraction of pairs < 0", "dash"))  # fmt: skip
+MAX_SHARE_GROUPS = 12
+"""Most groups in the share row: those with the largest loss share at some step."""
 MAX_GROUP_LINES = 12
 """Most groups drawn in the per-group loss panel: the ones with the highest peak loss."""
 
@@ -184,3 +191,97 @@ def group_loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | Non
         keys=tuple(s.key for s in series), y_log=log,
         y_axis=_log_axis([series[i] for i in shown]) if log else {},
     )  # fmt: skip
+
+
+def group_share_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """Each group's share of the gradient's magnitude, ``n_g ‖g_g‖ / Σ_j n_j ‖g_j‖`` from
+    ``conflict/norm/<g>`` and ``conflict/count/<g>`` (solid), and its share of the loss,
+    ``conflict/loss_share/<g>`` (dotted): the two shares the ``class_competition`` detector
+    compares. One colour per group; at most :data:`MAX_SHARE_GROUPS`, by peak loss share."""
+    groups = list(dict.fromkeys([*run.layers(NORM), *run.layers(LOSS_SHARE)]))
+    norm = {g: s for g in groups for s in _read(run, _present(run, f"{NORM}/{g}"))}
+    count = {g: s for g in groups for s in _read(run, _present(run, f"{COUNT}/{g}"))}
+    loss = {g: s for g in groups for s in _read(run, _present(run, f"{LOSS_SHARE}/{g}"))}
+    grad = _magnitude_shares(norm, count)
+    if not grad and not loss:
+        return None
+    peak = {g: _peak(loss[g]) if g in loss else float(np.nanmax(grad[g][1], initial=-np.inf))
+            for g in groups if g in loss or g in grad}  # fmt: skip
+    shown = [g for g in peak if g in sorted(peak, key=lambda g: -peak[g])[:MAX_SHARE_GROUPS]]
+    traces = []
+    for g, colour in zip(shown, _palette(len(shown)), strict=True):
+        if g in grad:
+            steps, share = grad[g]
+            traces.append(go.Scatter(x=steps, y=share, name=f"grad share · {g}", mode="lines",
+                                     line={"width": 1.6}, yhoverformat=".3g"))  # fmt: skip
+            traces[-1].update(line_color=colour, legendgroup=f"share {g}")
+        if g in loss:
+            traces.append(_line(loss[g], f"loss share · {g}", dash="dot"))
+            traces[-1].update(line_color=colour, legendgroup=f"share {g}")
+    more = f" The {len(shown)} of {len(peak)} groups with the largest loss share." \
+        if len(shown) < len(peak) else ""  # fmt: skip
+    return PanelPart(
+        traces, "share",
+        "Each group's share of the gradient's magnitude (solid, n·‖g‖ over the sum) and of "
+        "the loss (dotted). Solid far under dotted: the group carries loss but barely moves "
+        "the weights (class_competition)." + more,
+        keys=tuple(s.key for s in (*norm.values(), *count.values(), *loss.values())),
+        y_axis={"rangemode": "tozero"},
+    )  # fmt: skip
+
+
+def _magnitude_shares(
+    norm: dict[str, Series], count: dict[str, Series]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``group -> (steps, n_g ‖g_g‖ / Σ_j n_j ‖g_j‖)`` over the groups with both series (a
+    missing count counts as 1: tasks share one batch)."""
+    names = [g for g in norm if g in count] or list(norm)
+    if not names:
+        return {}
+    steps, norms = layer_matrix([norm[g] for g in names])  # [G, T]
+    counts = np.ones_like(norms)
+    for row, g in enumerate(names):
+        if g in count:
+            counts[row] = _at(count[g], steps)
+    weighted = counts * norms  # [G, T]
+    total = np.nansum(weighted, axis=0)  # [T]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.where(total > 0, weighted / total, np.nan)
+    return {g: (steps, shares[row]) for row, g in enumerate(names)}
+
+
+def _at(series: Series, steps: np.ndarray) -> np.ndarray:
+    """``series`` at ``steps`` (NaN where it has no value)."""
+    out = np.full(steps.size, np.nan)
+    _, mine, theirs = np.intersect1d(series.steps, steps, return_indices=True)
+    out[theirs] = series.values[mine]
+    return out
+
+
+def conflict_summary_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``conflict/mean_cos``, ``conflict/min_cos`` and ``conflict/frac_negative`` on one axis."""
+    style = {key: (name, dash) for key, name, dash in CONFLICT_SUMMARY}
+    series = _read(run, [key for key in style if key in run])
+    if not series:
+        return None
+    traces = [_line(s, style[s.key][0], dash=style[s.key][1]) for s in series]
+    return PanelPart(
+        traces, "cosine / fraction",
+        "Over all group pairs: mean and worst cosine, and the fraction of pairs below 0 "
+        "(PCGrad's conflict test). A mean near 0 with a worst near −1 is one pair at odds.",
+        keys=tuple(s.key for s in series), height=0.8, y_axis={"range": [-1.05, 1.05]},
+    )  # fmt: skip
+
+
+def _present(run: Run, key: str) -> list[str]:
+    return [key] if key in run else []
+
+
+def _peak(series: Series) -> float:
+    finite = series.values[np.isfinite(series.values)]
+    return float(finite.max()) if finite.size else -np.inf
+
+
+def _palette(n: int) -> list[str]:
+    colours = qualitative.D3
+    return [colours[i % len(colours)] for i in range(n)]

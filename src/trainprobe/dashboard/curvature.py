@@ -20,6 +20,7 @@ from .parts import PanelPart
 
 LAMBDA = "sharpness/lambda_max"
 THRESHOLD = "sharpness/threshold"
+SUBSPACE = "grad_subspace/fraction"
 TRACE = "hessian_trace/trace"
 STDERR = "hessian_trace/stderr"
 DENSITY = "hessian_density/density"
@@ -266,3 +267,17 @@ def _density_steps(run: Run) -> tuple[np.ndarray, list[np.ndarray], list[np.ndar
         [grids[at_grid[k]] for k in keep],
         [np.clip(densities[at_density[k]], 0.0, None) for k in keep],
     )
+
+
+def grad_subspace_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``grad_subspace/fraction`` in ``[0, 1]``."""
+    series = _read(run, [SUBSPACE] if SUBSPACE in run else [])
+    if not series:
+        return None
+    return PanelPart(
+        [_line(series[0], "gradient in top-k eigenspace")], "fraction",
+        "Share of the gradient's squared norm inside the top-k Hessian eigenspace. Near 1 "
+        "soon after the start is normal (Gur-Ari et al. 2018); training then moves mostly "
+        "along a few sharp directions.",
+        keys=(SUBSPACE,), height=0.7, y_axis={"range": [-0.03, 1.03]},
+    )  # fmt: skip

@@ -13,6 +13,7 @@ from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
 from .conflict import cosine_matrix_figure
+from .links import DIV_ID, META_KEY, findings_block, findings_meta
 from .marks import draw_spans, title_marker
 from .panels import PANELS
 from .parts import ROW_PX, Panel, PanelPart
@@ -60,12 +61,16 @@ def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = Non
         _place(fig, row, part)
     draw_spans(fig, found, _extent(fig), [part for _, part in rows])
     _style(fig, title, int(height) + MARGIN["t"] + MARGIN["b"], rows=len(rows))
+    axes = [fig.get_subplot(row, 1).yaxis.plotly_name for row in range(1, len(rows) + 1)]
+    placed = [(panel, part, axis) for (panel, part), axis in zip(rows, axes, strict=True)]
+    fig.update_layout(meta={META_KEY: findings_meta(placed, found)})
     return fig
 
 
 def to_html(fig: go.Figure, *extra: go.Figure) -> str:
-    """One self-contained HTML document (plotly.js embedded once, works offline): ``fig``,
-    then each ``extra`` figure below it (e.g. :func:`extra_figures`).
+    """One self-contained HTML document (plotly.js embedded once, works offline): the list of
+    findings with links to their evidence rows (when ``fig`` came from :func:`build` with
+    findings), ``fig``, then each ``extra`` figure below it (e.g. :func:`extra_figures`).
 
     Raises:
         TypeError: a figure is not a ``go.Figure`` (make one with :func:`build`).
@@ -76,7 +81,13 @@ def to_html(fig: go.Figure, *extra: go.Figure) -> str:
                 f"to_html() needs a plotly go.Figure from dashboard.build(run), "
                 f"got {type(figure).__name__}"
             )
-    page = fig.to_html(include_plotlyjs=True, full_html=True, config=_CONFIG, default_width="100%")
+    page = fig.to_html(include_plotlyjs=True, full_html=True, config=_CONFIG,
+                       default_width="100%", div_id=DIV_ID)  # fmt: skip
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    block = findings_block(meta.get(META_KEY) or {})
+    if block:
+        head, sep, tail = page.partition("<body>")
+        page = f"{head}{sep}{block}{tail}"
     if not extra:
         return page
     divs = "".join(e.to_html(include_plotlyjs=False, full_html=False, config=_CONFIG)
@@ -126,6 +137,7 @@ def _place(fig: go.Figure, row: int, part: PanelPart) -> None:
     """Add a row's traces; its legend and colourbars go beside the row itself."""
     lo, hi = fig.get_subplot(row, 1).yaxis.domain
     legend = "legend" if row == 1 else f"legend{row}"
+    first = len(fig.data)
     for trace in part.traces:
         fig.add_trace(trace, row=row, col=1)
         added = fig.data[-1]
@@ -158,6 +170,30 @@ def _place(fig: go.Figure, row: int, part: PanelPart) -> None:
     if part.y_log:
         axis["type"] = "log"
     fig.update_yaxes(axis, row=row, col=1)
+    if part.menu:
+        _add_menu(fig, row, part, first, hi)
+
+
+def _add_menu(fig: go.Figure, row: int, part: PanelPart, first: int, top: float) -> None:
+    """A drop-down over the row's right end; each choice shows its traces, hides the row's
+    others and sets the row's y-axis (settings another choice made are reset)."""
+    y_name = fig.get_subplot(row, 1).yaxis.plotly_name  # "yaxis7"
+    indices = list(range(first, first + len(part.traces)))
+    settings = {key for item in part.menu for key in item.y_axis}
+    buttons = []
+    for item in part.menu:
+        shown = set(item.traces)
+        layout = {f"{y_name}.{key}": item.y_axis.get(key) for key in sorted(settings)}
+        layout[f"{y_name}.title.text"] = item.y_title
+        visible = [i in shown for i in range(len(part.traces))]
+        buttons.append({"label": item.label, "method": "update",
+                        "args": [{"visible": visible}, layout, indices]})  # fmt: skip
+    for i in set(range(len(part.traces))) - set(part.menu[0].traces):
+        fig.data[first + i].visible = False
+    menu = {"buttons": buttons, "direction": "down", "showactive": True, "active": 0,
+            "x": 1.0, "xanchor": "right", "y": top, "yanchor": "bottom",
+            "pad": {"b": 4}, "font": {"size": 11}, "name": f"row {row}"}  # fmt: skip
+    fig.update_layout(updatemenus=[*fig.layout.updatemenus, menu])
 
 
 def _extent(fig: go.Figure) -> tuple[float, float]:

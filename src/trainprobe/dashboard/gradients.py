@@ -15,7 +15,17 @@ from plotly.colors import sample_colorscale
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run, Series
 
-from .conflict import conflict_heatmap_panel, cosine_matrix_panel, group_loss_panel
+from .conflict import (
+    CONFLICT_SUMMARY,
+    COUNT,
+    LOSS_SHARE,
+    NORM,
+    conflict_heatmap_panel,
+    conflict_summary_panel,
+    cosine_matrix_panel,
+    group_loss_panel,
+    group_share_panel,
+)
 from .curves import _all_positive, _line, _log_axis, _read
 from .grid import layer_matrix, ordered_layers, short_names
 from .heatmaps import HeatStyle, heatmap_part
@@ -198,6 +208,10 @@ GRADIENT_PANELS: tuple[Panel, ...] = (
     Panel("conflict_worst_partner", "Worst-conflicting partner per group",
           cosine_matrix_panel, ("conflict/cos/*",)),
     Panel("group_loss", "Loss per group", group_loss_panel, ("conflict/loss/*",)),
+    Panel("group_share", "Gradient and loss share per group", group_share_panel,
+          (f"{NORM}/*", f"{COUNT}/*", f"{LOSS_SHARE}/*")),
+    Panel("conflict_summary", "Conflict over all pairs", conflict_summary_panel,
+          tuple(key for key, _, _ in CONFLICT_SUMMARY)),
     Panel("noise_scale", "Gradient noise scale", noise_scale_panel,
           (B_SIMPLE, TRACE_COV, GRAD_SQ, BATCH)),
     Panel("grad_stable_rank", "Gradient stable rank per matrix", stable_rank_heatmap_panel,

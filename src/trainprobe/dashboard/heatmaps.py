@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
 from .grid import (
+    MAX_COLUMNS,
     bin_columns,
     layer_matrix,
     log_ticks,
@@ -47,6 +49,8 @@ class HeatStyle:
             colour means a distance from ``centre``, not a place in the data's range.
         hover_format: d3 format of the real value in the hover.
         span: a fixed colour range ``(lo, hi)`` in plotted units; else the data's.
+        colorbar_format: d3 format of the colourbar ticks of a linear heatmap
+            (``None``: plotly's own).
     """
 
     label: str
@@ -56,15 +60,14 @@ class HeatStyle:
     min_half_width: float = 0.0
     hover_format: str = ".3g"
     span: tuple[float, float] | None = None
+    colorbar_format: str | None = ".0%"
 
 
 def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> PanelPart | None:
     """A layer x step heatmap of the scalar keys ``prefix/<layer>``; ``None`` if there are none.
 
     Steps are bin-averaged for display when there are more than
-    :data:`~trainprobe.dashboard.grid.MAX_COLUMNS`. The hover shows the real
-    (bin-mean) value from ``customdata``: a hovertemplate can format ``z`` but
-    not compute ``10**z``. Both arrays are float32 (plotly sends them as binary).
+    :data:`~trainprobe.dashboard.grid.MAX_COLUMNS` (:func:`heatmap_trace`).
     """
     series = [run.series(f"{prefix}/{name}") for name in ordered_layers(run, prefix)]
     series = [s for s in series if s.values.ndim == 1 and len(s) > 0]
@@ -72,19 +75,9 @@ def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> P
         return None
     names = [s.key[len(prefix) + 1 :] for s in series]
     steps, values = layer_matrix(series)  # [T], [L, T]
-    x, values, width = bin_columns(steps, values)  # [T'], [L, T']
-    if not np.isfinite(values).any():
+    trace, width = heatmap_trace(steps, values, names, style)
+    if trace is None:
         return None
-    z, colours = _log_z(values, style) if style.log else _linear_z(values, style)
-    trace = go.Heatmap(
-        x=x,
-        y=names,
-        z=z.astype(np.float32),
-        customdata=values.astype(np.float32),
-        hoverongaps=False,
-        hovertemplate=_hover(style, width),
-        **colours,
-    )
     if width > 1:
         description += f" Columns are means of {width} steps."
     height, y_axis, prefix = _layer_axis(names)
@@ -96,6 +89,39 @@ def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> P
         height=height,
         y_axis=y_axis,
     )
+
+
+def heatmap_trace(
+    steps: np.ndarray,
+    values: np.ndarray,
+    rows: Sequence[str],
+    style: HeatStyle,
+    *,
+    max_columns: int = MAX_COLUMNS,
+) -> tuple[go.Heatmap | None, int]:
+    """The heatmap of ``values [L, T]`` over ``steps [T]``, one row per name in ``rows``.
+
+    Columns are bin-averaged to at most ``max_columns`` (:func:`bin_columns`). The hover
+    shows the real (bin-mean) value from ``customdata``: a hovertemplate can format ``z``
+    but not compute ``10**z``. Both arrays are float32 (plotly sends them as binary).
+
+    Returns:
+        ``(trace, w)`` with ``w`` steps per column; ``(None, w)`` when no value is finite.
+    """
+    x, values, width = bin_columns(steps, values, max_columns=max_columns)  # [T'], [L, T']
+    if not np.isfinite(values).any():
+        return None, width
+    z, colours = _log_z(values, style) if style.log else _linear_z(values, style)
+    trace = go.Heatmap(
+        x=x,
+        y=list(rows),
+        z=z.astype(np.float32),
+        customdata=values.astype(np.float32),
+        hoverongaps=False,
+        hovertemplate=_hover(style, width),
+        **colours,
+    )
+    return trace, width
 
 
 def _linear_z(values: np.ndarray, style: HeatStyle) -> tuple[np.ndarray, dict]:
@@ -161,8 +187,8 @@ def _colours(style: HeatStyle, lo: float, hi: float) -> dict:
     if style.log:
         vals, text = log_ticks(lo, hi)
         colorbar.update(tickmode="array", tickvals=vals, ticktext=text)
-    else:
-        colorbar.update(tickformat=".0%")
+    elif style.colorbar_format:
+        colorbar.update(tickformat=style.colorbar_format)
     return {"colorscale": style.colorscale, "zmin": lo, "zmax": hi, "colorbar": colorbar}
 
 
@@ -194,6 +220,17 @@ def grad_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
         HeatStyle("grad norm"),
         "log colour. A dark row is a layer that stopped learning (starved or "
         "dead; darkest = exactly 0); a bright column is a gradient spike.",
+    )
+
+
+def weight_norm_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``norms/weight/<param>``: log colour."""
+    return heatmap_part(
+        run,
+        "norms/weight",
+        HeatStyle("weight norm", colorscale="Viridis"),
+        "||w|| per tensor, log colour. A row brightening without end is unchecked weight "
+        "growth (more weight decay); a row fading to dark is decay winning over the gradient.",
     )
 
 

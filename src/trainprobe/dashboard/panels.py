@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from .curvature import (
+    grad_subspace_panel,
     hessian_density_panel,
     hessian_top_panel,
     hessian_trace_panel,
@@ -11,11 +14,18 @@ from .curvature import (
 from .curves import loss_panel, lr_panel, metrics_panel, nonfinite_panel, norms_panel
 from .gradients import GRADIENT_PANELS
 from .grokking import ANALYSIS_PANELS
-from .heatmaps import activation_std_heatmap, grad_heatmap, update_ratio_heatmap, zero_frac_heatmap
+from .heatmaps import (
+    activation_std_heatmap,
+    grad_heatmap,
+    update_ratio_heatmap,
+    weight_norm_heatmap,
+    zero_frac_heatmap,
+)
 from .marks import findings_timeline
+from .other import other_series_panel
 from .parts import Panel
 
-PANELS: tuple[Panel, ...] = (
+_DEDICATED: tuple[Panel, ...] = (
     Panel("findings", "Findings", findings_timeline, ()),
     Panel("loss", "Loss and scalars", loss_panel, ("scalars/*",)),
     Panel("metrics", "Accuracy-like scalars", metrics_panel, ("scalars/*",)),
@@ -36,7 +46,7 @@ PANELS: tuple[Panel, ...] = (
         "hessian_top",
         "Top Hessian eigenvalues",
         hessian_top_panel,
-        ("hessian/eig_*", "hessian/bottom_*"),
+        ("hessian/eig_[0-9]*", "hessian/bottom_[0-9]*"),
     ),
     Panel(
         "hessian_trace",
@@ -45,12 +55,24 @@ PANELS: tuple[Panel, ...] = (
         ("hessian_trace/trace", "hessian_trace/stderr"),
     ),
     Panel(
+        "grad_subspace",
+        "Gradient in the top Hessian eigenspace",
+        grad_subspace_panel,
+        ("grad_subspace/fraction",),
+    ),
+    Panel(
         "hessian_density",
         "Hessian spectral density",
         hessian_density_panel,
         ("hessian_density/density", "hessian_density/grid"),
     ),
     Panel("grad_heatmap", "Gradient norm per parameter", grad_heatmap, ("norms/grad/*",)),
+    Panel(
+        "weight_norm_heatmap",
+        "Weight norm per parameter",
+        weight_norm_heatmap,
+        ("norms/weight/*",),
+    ),
     Panel(
         "update_ratio_heatmap",
         "Update / weight ratio per parameter",
@@ -71,6 +93,22 @@ PANELS: tuple[Panel, ...] = (
     ),
     *GRADIENT_PANELS,
     *ANALYSIS_PANELS,
-    Panel("nonfinite", "Non-finite values", nonfinite_panel, ("nonfinite/*",)),
+    Panel(
+        "nonfinite",
+        "Non-finite values",
+        nonfinite_panel,
+        ("nonfinite/loss", "nonfinite/grad", "nonfinite/param"),
+    ),
 )
-"""Every panel, in row order. ``findings`` reads no key: it draws the findings passed in."""
+
+PANELS: tuple[Panel, ...] = (
+    *_DEDICATED,
+    Panel(
+        "other_series",
+        "Every other recorded series",
+        partial(other_series_panel, covered=tuple(p for d in _DEDICATED for p in d.needs)),
+        ("*",),
+    ),
+)
+"""Every panel, in row order. ``findings`` reads no key: it draws the findings passed in.
+``other_series`` reads whatever no other row reads, so every recorded series is on the page."""

@@ -29,6 +29,24 @@ PanelFunc = Callable[[Run, tuple[Finding, ...]], "PanelPart | None"]
 
 
 @dataclass(frozen=True)
+class MenuItem:
+    """One choice of a row's menu: which of the row's traces it shows, and its y-axis.
+
+    Attributes:
+        label: the menu text.
+        traces: indices into :attr:`PanelPart.traces` shown by this choice (the rest of
+            the row's traces are hidden).
+        y_title: the y-axis title while it is chosen.
+        y_axis: y-axis settings while it is chosen (e.g. ``type``, ``autorange``).
+    """
+
+    label: str
+    traces: tuple[int, ...]
+    y_title: str = ""
+    y_axis: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PanelPart:
     """What one panel draws: one row of the dashboard.
 
@@ -42,6 +60,8 @@ class PanelPart:
         height: relative row height (1.0 is about ``ROW_PX`` pixels).
         y_axis: further y-axis settings (e.g. ``tickvals``/``ticktext`` for
             shortened layer names, ``autorange="reversed"``).
+        menu: when given, a menu over the row picks which traces show; the first
+            item is shown first, and ``y_title``/``y_axis`` should be its.
     """
 
     traces: tuple[BaseTraceType, ...]
@@ -51,10 +71,20 @@ class PanelPart:
     y_log: bool = False
     height: float = 1.0
     y_axis: Mapping[str, Any] = field(default_factory=dict)
+    menu: tuple[MenuItem, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "traces", tuple(self.traces))
         object.__setattr__(self, "keys", tuple(self.keys))
+        object.__setattr__(self, "menu", tuple(self.menu))
+        for item in self.menu:
+            if not isinstance(item, MenuItem):
+                raise TypeError(f"PanelPart.menu holds MenuItem, got {type(item).__name__}")
+            if not item.traces or not all(0 <= i < len(self.traces) for i in item.traces):
+                raise ValueError(
+                    f"menu item {item.label!r} shows traces {item.traces}; it needs at least "
+                    f"one, each an index into the row's {len(self.traces)} traces"
+                )
         if not self.traces:
             raise ValueError(
                 "PanelPart needs at least one trace; return None from the panel "

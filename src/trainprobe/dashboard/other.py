@@ -1,0 +1,151 @@
+"""The dashboard's last row, which reaches every series that no other row draws.
+
+:func:`other_series_panel` is the catch-all: every scalar key that no other row reads is
+drawn there, one *family* at a time, picked from a menu over the row. A family is either
+the keys ``<parent>/<name>`` that share a parent (one line each, or a heatmap of names x
+steps when there are more than :data:`MAX_FAMILY_LINES`), or a probe's single keys
+together (one line each). So nothing a probe records is out of the dashboard's reach, and
+the page carries each series once, thinned for display only (:func:`thin`).
+"""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+import numpy as np
+import plotly.graph_objects as go
+
+from trainprobe.analysis.findings import Finding
+from trainprobe.store import Run, Series
+
+from .curves import _all_positive, _log_axis
+from .grid import layer_matrix
+from .heatmaps import HeatStyle, _layer_axis, heatmap_trace
+from .parts import MenuItem, PanelPart
+
+MAX_FAMILY_LINES = 8
+"""A family of more keys than this is drawn as a heatmap (names x steps)."""
+MAX_POINTS = 2000
+"""Most points per line in the catch-all row; longer series are thinned (:func:`thin`)."""
+HEATMAP_CELLS = 200_000
+"""Most cells per heatmap in the catch-all row; more steps are bin-averaged."""
+OTHER_HEIGHT = 1.6
+
+
+def other_series_panel(
+    run: Run, findings: tuple[Finding, ...], *, covered: Sequence[str]
+) -> PanelPart | None:
+    """Every scalar key matched by none of ``covered`` (the other rows' key patterns), one
+    family at a time (:func:`families`), picked from the row's menu.
+
+    Keys whose values are not one number per step (eigenvectors, densities) are named in
+    the description, not drawn. ``None`` when nothing is left.
+    """
+    keys = [k for k in run.keys("") if not any(fnmatchcase(k, p) for p in covered)]
+    if not keys:
+        return None
+    series = [run.series(key) for key in keys]
+    vectors = [s.key for s in series if s.values.ndim != 1]
+    scalars = {s.key: s for s in series if s.values.ndim == 1 and len(s) > 0}
+    traces: list[go.BaseTraceType] = []
+    menu: list[MenuItem] = []
+    for label, members in families(list(scalars)).items():
+        drawn, y_title, y_axis = _family(label, [scalars[k] for k in members])
+        menu.append(MenuItem(f"{label} ({len(members)})", tuple(range(len(traces),
+                             len(traces) + len(drawn))), y_title, y_axis))  # fmt: skip
+        traces += drawn
+    note = ""
+    if vectors:
+        listed = ", ".join(vectors[:4]) + (f" and {len(vectors) - 4} more" if len(vectors) > 4
+                                           else "")  # fmt: skip
+        note = f" Not drawn (not one number per step; read them with Run.series): {listed}."
+    if not traces:
+        return None
+    return PanelPart(
+        traces, menu[0].y_title,
+        f"One family at a time, from the menu. Long lines keep each bin's min and max."
+        f"{html.escape(note)}",
+        keys=tuple(scalars), height=OTHER_HEIGHT, y_axis=menu[0].y_axis, menu=tuple(menu),
+    )  # fmt: skip
+
+
+def families(keys: Sequence[str]) -> dict[str, list[str]]:
+    """Menu label -> keys, in recording order.
+
+    Keys sharing a parent (``conflict/norm/a``, ``conflict/norm/b``) form the family
+    ``conflict/norm/*``; a key alone under its parent joins its probe's singles,
+    ``<probe>/…`` (``sharpness/lr``, ``sharpness/hvps``).
+    """
+    children: dict[str, list[str]] = defaultdict(list)
+    for key in keys:
+        children[key.rpartition("/")[0]].append(key)
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        parent = key.rpartition("/")[0]
+        if len(children[parent]) > 1 and parent.count("/") >= 1:
+            label = f"{parent}/*"
+        else:
+            label = f"{key.split('/', 1)[0]}/…"
+        out.setdefault(label, []).append(key)
+    return out
+
+
+def thin(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS):
+    """At most ``max_points`` points of a line, for display: the series is cut into bins of
+    ``w = ceil(2 n / max_points)`` points and each keeps its smallest and largest finite
+    value, in step order, so spikes survive. A bin with no finite value keeps its first
+    point (a gap stays a gap). Short series come back as they are.
+
+    Returns:
+        ``(steps, values)`` as numpy arrays.
+    """
+    n = steps.size
+    if n <= max_points:
+        return steps, values
+    width = -(-2 * n // max_points)
+    pad = (-n) % width
+    index = np.pad(np.arange(n), (0, pad), constant_values=n - 1).reshape(-1, width)  # [B, w]
+    block = values[index].astype(np.float64)
+    real = np.isfinite(block)
+    low = np.where(real, block, np.inf).argmin(axis=1)
+    high = np.where(real, block, -np.inf).argmax(axis=1)
+    rows = np.arange(index.shape[0])
+    pick = np.stack([np.minimum(low, high), np.maximum(low, high)], axis=1)  # [B, 2]
+    pick[~real.any(axis=1)] = 0
+    keep = np.unique(index[rows[:, None], pick])
+    return steps[keep], values[keep]
+
+
+def _family(label: str, series: list[Series]) -> tuple[list[go.BaseTraceType], str, dict]:
+    """The traces of one family, its y title and y-axis settings."""
+    if len(series) > MAX_FAMILY_LINES and label.endswith("/*"):
+        names = [s.key.rpartition("/")[2] for s in series]
+        steps, values = layer_matrix(series)  # [L, T]
+        finite = values[np.isfinite(values)]
+        log = finite.size > 0 and bool(np.all(finite > 0)) and finite.max() >= 10 * finite.min()
+        style = HeatStyle(label.removesuffix("/*").rpartition("/")[2], log=log,
+                          colorbar_format=None)  # fmt: skip
+        columns = max(100, HEATMAP_CELLS // len(series))
+        trace, _ = heatmap_trace(steps, values, names, style, max_columns=columns)
+        if trace is None:
+            return [], "", {}
+        _, y_axis, prefix = _layer_axis(names)
+        return [trace], f"{prefix}…" if prefix else "", {**y_axis, "fixedrange": False}
+    traces = []
+    for s in series:
+        x, y = thin(s.steps, s.values)
+        name = s.key.removeprefix(label.removesuffix("*")) if label.endswith("/*") else s.key
+        traces.append(go.Scatter(x=x, y=y, name=name, mode="lines", line={"width": 1.4},
+                                 hovertemplate=f"{html.escape(s.key)}: %{{y:.4g}}<extra></extra>"))
+    log = _all_positive(series) and _spans_decades(series)
+    y_axis = {"type": "log", **_log_axis(series)} if log else {"type": "linear"}
+    y_axis.update(autorange=True, tickmode="auto", showgrid=True)
+    return traces, "value", y_axis
+
+
+def _spans_decades(series: Sequence[Series]) -> bool:
+    values = np.concatenate([s.values[np.isfinite(s.values)] for s in series])
+    return values.size > 0 and values.max() >= 100 * values.min()

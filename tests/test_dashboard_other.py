@@ -1,0 +1,202 @@
+"""The catch-all row (every series no other row draws), its menu, display thinning, the
+dedicated rows for subspace, shares and the conflict summary, and findings linked to rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from tests.synth import write_run
+from tests.test_dashboard import full_series
+from trainprobe.analysis.findings import Finding, Severity
+from trainprobe.dashboard import PANELS, PanelPart, build, to_html
+from trainprobe.dashboard.links import DIV_ID, META_KEY, findings_block
+from trainprobe.dashboard.other import (
+    HEATMAP_CELLS,
+    MAX_FAMILY_LINES,
+    MAX_POINTS,
+    families,
+    other_series_panel,
+    thin,
+)
+from trainprobe.dashboard.parts import MenuItem
+
+CATCH_ALL = next(p for p in PANELS if p.name == "other_series")
+
+
+def test_families_group_siblings_and_gather_a_probes_single_keys():
+    keys = ["conflict/norm/a", "conflict/groups", "conflict/norm/b", "sharpness/lr",
+            "conflict/pcgrad_shift", "regions/train/layer/0", "regions/train/layer/1",
+            "ntk/trace"]  # fmt: skip
+    assert families(keys) == {
+        "conflict/norm/*": ["conflict/norm/a", "conflict/norm/b"],
+        "conflict/…": ["conflict/groups", "conflict/pcgrad_shift"],
+        "sharpness/…": ["sharpness/lr"],
+        "regions/train/layer/*": ["regions/train/layer/0", "regions/train/layer/1"],
+        "ntk/…": ["ntk/trace"],
+    }
+
+
+def test_thin_keeps_each_bins_extremes_and_the_spike():
+    rng = np.random.default_rng(0)
+    steps = np.arange(10_000)
+    values = rng.normal(size=steps.size)
+    values[7_777] = 50.0  # a one-step spike
+    values[1_234] = -60.0
+    values[3_000:3_100] = np.nan  # a gap of whole bins
+    x, y = thin(steps, values)
+    assert x.size <= MAX_POINTS
+    assert np.all(np.diff(x) > 0)  # step order, no duplicates
+    assert 7_777 in x and 1_234 in x
+    assert np.nanmax(y) == 50.0 and np.nanmin(y) == -60.0
+    assert np.isnan(y[(x >= 3_000) & (x < 3_100)]).any()  # the gap stays a gap
+    np.testing.assert_array_equal(values[x], y)  # only real points, never averages
+    short_x, short_y = thin(steps[:50], values[:50])
+    assert short_x is steps[:50] or np.array_equal(short_x, steps[:50])
+    assert np.array_equal(short_y, values[:50])
+
+
+def test_thin_matches_a_brute_force_per_bin_min_max():
+    rng = np.random.default_rng(1)
+    steps, values = np.arange(5_003), rng.random(5_003)
+    x, _ = thin(steps, values, max_points=100)
+    width = -(-2 * steps.size // 100)
+    expected = set()
+    for start in range(0, steps.size, width):
+        block = values[start : start + width]
+        expected |= {start + int(np.argmin(block)), start + int(np.argmax(block))}
+    assert set(x.tolist()) == expected
+
+
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory):
+    steps = np.arange(0, 6_000, 2)
+    n = steps.size
+    series = {
+        "scalars/loss": (steps, np.exp(-steps / 2_000)),
+        "norms/grad/a": (steps, np.ones(n)),  # drawn by its own row: not in the catch-all
+        "hessian/eigvecs": (steps[:3], np.ones((3, 2, 4))),  # a vector per step
+        "sharpness/lr": (steps, np.full(n, 0.1)),
+        "sharpness/hvps": (steps, np.full(n, 5.0)),  # 50x the lr: a linear axis
+    }
+    for i in range(3):  # a small family: lines, log y (spans decades)
+        series[f"grad_noise/snr/p{i}"] = (steps, 10.0 ** (i * 2) * (1 + np.sin(steps / 50) ** 2))
+    for i in range(MAX_FAMILY_LINES + 4):  # a large family: a heatmap
+        series[f"updates/norm/block.{i}.weight"] = (steps, (i + 1) * np.ones(n))
+    run = write_run(tmp_path_factory.mktemp("other") / "r", series)
+    yield run
+    run.close()
+
+
+def test_catch_all_draws_each_uncovered_scalar_once_and_names_vector_keys(other_run):
+    part = CATCH_ALL.draw(other_run, ())
+    assert isinstance(part, PanelPart)
+    assert set(part.keys) == {"sharpness/lr", "sharpness/hvps", *other_run.keys("grad_noise/"),
+                              *other_run.keys("updates/norm/")}  # fmt: skip
+    assert "hessian/eigvecs" in part.description and "Run.series" in part.description
+    labels = [item.label for item in part.menu]
+    assert labels == ["sharpness/… (2)", "grad_noise/snr/* (3)", "updates/norm/* (12)"]
+    by_label = dict(zip(labels, part.menu, strict=True))
+    lines = [part.traces[i] for i in by_label["grad_noise/snr/* (3)"].traces]
+    assert all(isinstance(t, go.Scatter) and len(t.x) <= MAX_POINTS for t in lines)
+    assert by_label["grad_noise/snr/* (3)"].y_axis["type"] == "log"
+    assert by_label["sharpness/… (2)"].y_axis["type"] == "linear"
+    (heat,) = [part.traces[i] for i in by_label["updates/norm/* (12)"].traces]
+    assert isinstance(heat, go.Heatmap)
+    assert len(heat.y) == MAX_FAMILY_LINES + 4 and heat.z.shape[1] <= HEATMAP_CELLS // 12
+    assert by_label["updates/norm/* (12)"].y_axis["type"] == "category"
+    # every trace belongs to exactly one choice
+    shown = sorted(i for item in part.menu for i in item.traces)
+    assert shown == list(range(len(part.traces)))
+
+
+def test_menu_buttons_show_one_family_and_reset_the_axis(other_run):
+    fig = build(other_run)
+    (menu,) = fig.layout.updatemenus
+    indices = list(menu.buttons[0].args[2])
+    assert [fig.data[i].visible is not False for i in indices] == list(
+        menu.buttons[0].args[0]["visible"]
+    )
+    settings = [set(b.args[1]) for b in menu.buttons]
+    assert all(s == settings[0] for s in settings)  # each choice sets (or clears) them all
+    heat = next(b for b in menu.buttons if b.label.startswith("updates/norm"))
+    lines = next(b for b in menu.buttons if b.label.startswith("sharpness"))
+    axis = next(k for k in heat.args[1] if k.endswith(".type")).split(".")[0]
+    assert heat.args[1][f"{axis}.type"] == "category"
+    assert heat.args[1][f"{axis}.autorange"] == "reversed"
+    assert lines.args[1][f"{axis}.type"] == "linear"
+    assert lines.args[1][f"{axis}.tickvals"] is None  # the heatmap's labels are cleared
+
+
+def test_menu_items_are_validated():
+    trace = go.Scatter(x=[0], y=[1])
+    with pytest.raises(ValueError, match="index into the row's 1 traces"):
+        PanelPart((trace,), "", "d", menu=(MenuItem("a", (3,)),))
+    with pytest.raises(TypeError, match="MenuItem"):
+        PanelPart((trace,), "", "d", menu=("a",))
+
+
+def test_catch_all_is_absent_when_every_key_has_a_row(tmp_path):
+    run = write_run(tmp_path / "r", {"scalars/loss": (np.arange(5), np.ones(5))})
+    assert other_series_panel(run, (), covered=("scalars/*",)) is None
+    assert "updatemenus" not in build(run).layout.to_plotly_json()
+
+
+def test_full_run_rows_for_subspace_shares_and_conflict_summary(tmp_path):
+    run = write_run(tmp_path / "r", full_series())
+    titles = " ".join(a.text for a in build(run).layout.annotations)
+    for title in ("Gradient in the top Hessian eigenspace", "Gradient and loss share per group",
+                  "Conflict over all pairs", "Weight norm per parameter"):  # fmt: skip
+        assert f"<b>{title}</b>" in titles
+    share = next(p for p in PANELS if p.name == "group_share").draw(run, ())
+    grad_lines = [t for t in share.traces if t.name.startswith("grad share")]
+    loss_lines = [t for t in share.traces if t.name.startswith("loss share")]
+    assert len(grad_lines) == len(loss_lines) == 3
+    for grad, loss in zip(grad_lines, loss_lines, strict=True):  # one colour per group
+        assert grad.line.color == loss.line.color and loss.line.dash == "dot"
+    # the class_competition detector's magnitude share: n_g |g_g| / sum_j n_j |g_j|
+    series = full_series()
+    step = 7
+    weighted = {g: series[f"conflict/count/{g}"][1][step] * series[f"conflict/norm/{g}"][1][step]
+                for g in ("class_0", "class_1", "class_2")}  # fmt: skip
+    for trace in grad_lines:
+        group = trace.name.rsplit(" ", 1)[1]
+        assert trace.y[step] == pytest.approx(weighted[group] / sum(weighted.values()))
+    assert {"conflict/norm/class_2", "conflict/count/class_2"} <= set(share.keys)
+
+
+def finding(keys, **overrides) -> Finding:
+    fields = {"detector": "loss_spike", "severity": Severity.WARNING, "start_step": 100,
+              "end_step": 120, "message": "loss <b>jumped</b>", "action": "clip & retry",
+              "keys": keys}  # fmt: skip
+    return Finding(**{**fields, **overrides})
+
+
+def test_findings_link_to_the_rows_carrying_their_evidence(tmp_path):
+    run = write_run(tmp_path / "r", full_series())
+    fig = build(run, [finding(("scalars/loss",)), finding(("norms/grad/*",), start_step=5,
+                                                          end_step=5), finding(())])  # fmt: skip
+    meta = fig.layout.meta[META_KEY]
+    titles = [row["title"] for row in meta["rows"]]
+    assert titles[0] == "Findings"
+    linked = [[titles[i] for i in f["rows"]] for f in meta["findings"]]
+    assert linked[0] == ["Loss and scalars"]
+    assert linked[1] == ["Gradient norm per parameter"]
+    assert linked[2] == []
+    assert [row["axis"] for row in meta["rows"]] == [
+        "yaxis" if i == 0 else f"yaxis{i + 1}" for i in range(len(titles))
+    ]
+    page = to_html(fig)
+    assert f'id="{DIV_ID}"' in page
+    block = findings_block(meta)
+    assert block in page and page.index(block) < page.index(f'id="{DIV_ID}"')
+    assert "loss &lt;b&gt;jumped&lt;/b&gt;" in block and "clip &amp; retry" in block
+    assert block.count("data-row=") == 3  # no keys: linked to the findings timeline
+    assert '>Findings</a>' in block
+
+
+def test_no_findings_no_list(tmp_path):
+    run = write_run(tmp_path / "r", full_series())
+    page = to_html(build(run))
+    assert 'id="tp-findings"' not in page
