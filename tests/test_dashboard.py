@@ -11,6 +11,7 @@ import pytest
 from tests.synth import write_run
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.dashboard import PANELS, Panel, PanelPart, build, to_html
+from trainprobe.dashboard.heatmaps import trace_steps
 from trainprobe.store import Run
 
 PARAMS = ["features.0.weight", "features.0.bias", "features.3.weight",
@@ -107,7 +108,9 @@ def test_grad_heatmap_is_log10_of_stored_values(full_run):
     stored = np.stack([full_run.series(f"norms/grad/{p}").values for p in PARAMS])
     np.testing.assert_allclose(trace.z, np.log10(stored), rtol=1e-6)
     np.testing.assert_allclose(trace.customdata, stored, rtol=1e-6)
-    np.testing.assert_array_equal(trace.x, full_run.series("norms/grad/features.0.bias").steps)
+    steps = full_run.series("norms/grad/features.0.bias").steps
+    np.testing.assert_array_equal(trace_steps(trace), steps)
+    assert trace.x is None and trace.dx == steps[1] - steps[0]  # even columns: x0/dx
     assert "%{y}" in trace.hovertemplate and "%{customdata" in trace.hovertemplate
 
 

@@ -17,6 +17,7 @@ from trainprobe.dashboard.curvature import (
     resample_densities,
     sharpness_panel,
 )
+from trainprobe.dashboard.heatmaps import trace_steps
 from trainprobe.store import Record, Run, RunWriter
 
 MEASURED = np.arange(0, 1000, 100)  # 10 curvature measurements
@@ -120,7 +121,7 @@ def test_density_heatmap_resamples_every_step_onto_one_grid(curvature_run):
     (heat,) = [t for t in build(curvature_run).data if isinstance(t, go.Heatmap)]
     grid, z, real = np.asarray(heat.y), np.asarray(heat.z), np.asarray(heat.customdata)
     assert z.shape == real.shape == (grid.size, MEASURED.size)
-    np.testing.assert_array_equal(heat.x, MEASURED)
+    np.testing.assert_array_equal(trace_steps(heat), MEASURED)
     assert grid[0] == pytest.approx(-1.0) and grid[-1] == pytest.approx(density_grid(9)[-1])
     np.testing.assert_allclose(np.diff(grid), 0.25)  # the finest step's spacing
     for i in range(MEASURED.size):  # a triangle on 0.25 knots is reproduced exactly

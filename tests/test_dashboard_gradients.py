@@ -31,6 +31,7 @@ from trainprobe.dashboard.gradients import (
     weight_spectral_norm_panel,
 )
 from trainprobe.dashboard.grid import MAX_COLUMNS
+from trainprobe.dashboard.heatmaps import trace_steps
 from trainprobe.store import Run, Series
 
 STEPS = np.arange(0, 300, 10)  # 30 measurements
@@ -118,7 +119,7 @@ def test_pair_heatmap_values_on_a_fixed_zero_white_scale(grad_run):
     for row, (a, b) in enumerate(PAIRS):
         np.testing.assert_allclose(heat.z[row], stored(grad_run, f"conflict/cos/{a}__{b}"),
                                    rtol=1e-6)  # fmt: skip
-    np.testing.assert_array_equal(heat.x, STEPS)
+    np.testing.assert_array_equal(trace_steps(heat), STEPS)
     assert (heat.zmin, heat.zmax) == (-1.0, 1.0)  # the data only reach -0.7 and 0.6
     assert dict(map(tuple, COSINE_COLOURS))[0.5] == "#ffffff"  # zero is white
     assert COSINE_COLOURS[0][1] != COSINE_COLOURS[-1][1]
@@ -178,7 +179,8 @@ def test_many_steps_are_binned_for_display(tmp_path):
                                      for i, (a, b) in enumerate(PAIRS)})  # fmt: skip
     for func in (conflict_heatmap_panel, cosine_matrix_panel):
         part = func(run, ())
-        assert len(part.traces[0].x) <= MAX_COLUMNS and "means of 4 steps" in part.description
+        assert len(trace_steps(part.traces[0])) <= MAX_COLUMNS
+        assert "means of 4 steps" in part.description
         assert "mean of 4" in part.traces[0].hovertemplate
 
 

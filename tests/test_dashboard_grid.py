@@ -11,8 +11,11 @@ import pytest
 from tests.synth import write_run
 from trainprobe.dashboard import build
 from trainprobe.dashboard.grid import (
+    MAX_CELLS,
     MAX_COLUMNS,
+    MIN_COLUMNS,
     bin_columns,
+    column_budget,
     layer_matrix,
     log_ticks,
     ordered_layers,
@@ -104,8 +107,18 @@ def big_run(tmp_path_factory):
 def test_large_heatmap_is_binned_for_display(big_run):
     fig = build(big_run)
     (trace,) = [t for t in fig.data if isinstance(t, go.Heatmap)]
-    assert trace.z.shape[0] == 200 and trace.z.shape[1] <= MAX_COLUMNS
-    assert "mean of 7" in trace.hovertemplate
+    assert trace.z.shape[0] == 200 and trace.z.shape[1] * 200 <= MAX_CELLS
+    assert "mean of 13" in trace.hovertemplate  # ceil(10,000 / (160,000 / 200))
     stored = big_run.series("norms/grad/blocks.0.mlp.weight").values
-    np.testing.assert_allclose(trace.customdata[0, 0], stored[:7].mean(), rtol=1e-6)
+    np.testing.assert_allclose(trace.customdata[0, 0], stored[:13].mean(), rtol=1e-6)
     assert len(big_run.series("norms/grad/blocks.0.mlp.weight")) == 10_000  # store untouched
+
+
+def test_column_budget_bounds_cells_per_heatmap():
+    assert column_budget(1) == MAX_COLUMNS
+    assert column_budget(200) == MAX_CELLS // 200 < MAX_COLUMNS
+    assert column_budget(10_000) == MIN_COLUMNS
+    values = np.ones((200, 10_000))
+    x, binned, width = bin_columns(np.arange(10_000), values)
+    assert binned.shape == (200, x.size) and x.size * 200 <= MAX_CELLS
+    assert width == -(-10_000 // column_budget(200))

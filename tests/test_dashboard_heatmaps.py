@@ -96,3 +96,13 @@ def test_all_zero_heatmap_is_drawn(tmp_path, key, label):
 def test_heatmap_data_is_float32(zero_run):
     trace = heatmap(build(zero_run), "grad norm")
     assert trace.z.dtype == np.float32 and trace.customdata.dtype == np.float32
+
+
+def test_column_axis_is_x0_dx_only_for_evenly_spaced_columns():
+    from trainprobe.dashboard.heatmaps import column_axis
+
+    assert column_axis(np.array([5.0, 15.0, 25.0, 33.0])) == {"x0": 5.0, "dx": 10.0}  # short last
+    uneven = np.array([1.0, 2.0, 4.0, 8.0])  # a log-spaced schedule keeps its real steps
+    np.testing.assert_array_equal(column_axis(uneven)["x"], uneven)
+    assert "x" in column_axis(np.array([0.0, 10.0, 20.0, 45.0]))  # last gap too wide
+    assert column_axis(np.array([7.0])) == {"x0": 7.0, "dx": 1.0}

@@ -11,9 +11,9 @@ from tests.synth import write_run
 from tests.test_dashboard import full_series
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.dashboard import PANELS, PanelPart, build, to_html
+from trainprobe.dashboard.grid import column_budget
 from trainprobe.dashboard.links import DIV_ID, META_KEY, findings_block
 from trainprobe.dashboard.other import (
-    HEATMAP_CELLS,
     MAX_FAMILY_LINES,
     MAX_POINTS,
     families,
@@ -104,7 +104,7 @@ def test_catch_all_draws_each_uncovered_scalar_once_and_names_vector_keys(other_
     assert by_label["sharpness/… (2)"].y_axis["type"] == "linear"
     (heat,) = [part.traces[i] for i in by_label["updates/norm/* (12)"].traces]
     assert isinstance(heat, go.Heatmap)
-    assert len(heat.y) == MAX_FAMILY_LINES + 4 and heat.z.shape[1] <= HEATMAP_CELLS // 12
+    assert len(heat.y) == MAX_FAMILY_LINES + 4 and heat.z.shape[1] <= column_budget(12)
     assert by_label["updates/norm/* (12)"].y_axis["type"] == "category"
     # every trace belongs to exactly one choice
     shown = sorted(i for item in part.menu for i in item.traces)

@@ -113,6 +113,9 @@ def lr_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     ]
     values = _finite(series)
     log = _all_positive(series) and values.max() >= 100 * values.min()
+    y_axis = _log_axis(series) if log else {"rangemode": "tozero"}
+    if not log and values.size and values.max() == values.min() != 0:  # a constant LR
+        y_axis = {"range": sorted([0.0, 2.0 * float(values.max())])}
     return PanelPart(
         traces,
         "learning rate",
@@ -121,7 +124,7 @@ def lr_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
         keys=tuple(s.key for s in series),
         y_log=bool(log),
         height=0.7,
-        y_axis=_log_axis(series) if log else {},
+        y_axis=y_axis,
     )
 
 

@@ -13,6 +13,7 @@ from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
 from .conflict import cosine_matrix_figure
+from .heatmaps import trace_steps
 from .links import DIV_ID, META_KEY, findings_block, findings_meta
 from .marks import draw_spans, title_marker
 from .panels import PANELS
@@ -198,7 +199,7 @@ def _add_menu(fig: go.Figure, row: int, part: PanelPart, first: int, top: float)
 
 def _extent(fig: go.Figure) -> tuple[float, float]:
     """Smallest and largest step drawn."""
-    xs = [np.asarray(t.x, dtype=np.float64) for t in fig.data if t.x is not None and len(t.x)]
+    xs = [x for t in fig.data if (x := trace_steps(t)).size]
     xs = np.concatenate(xs) if xs else np.zeros(1)
     return float(np.nanmin(xs)), float(np.nanmax(xs))
 

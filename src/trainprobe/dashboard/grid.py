@@ -13,8 +13,19 @@ import numpy as np
 
 from trainprobe.store import Run, Series
 
-MAX_COLUMNS = 1500
-"""Heatmaps with more steps than this are bin-averaged for display."""
+MAX_COLUMNS = 1200
+"""Heatmaps with more steps than this are bin-averaged for display (about the plot's width
+in pixels on a large screen: more columns than pixels are not seen, only paid for)."""
+MAX_CELLS = 160_000
+"""Cells per heatmap: with many rows, fewer columns (never fewer than :data:`MIN_COLUMNS`).
+Each redraw of the page (zoom, pan) repaints every cell of every heatmap."""
+MIN_COLUMNS = 400
+
+
+def column_budget(rows: int) -> int:
+    """Most columns for a heatmap of ``rows`` rows: ``MAX_CELLS // rows`` within
+    ``[MIN_COLUMNS, MAX_COLUMNS]``."""
+    return min(MAX_COLUMNS, max(MIN_COLUMNS, MAX_CELLS // max(rows, 1)))
 
 
 def ordered_layers(run: Run, prefix: str) -> list[str]:
@@ -46,9 +57,10 @@ def layer_matrix(series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bin_columns(
-    steps: np.ndarray, values: np.ndarray, *, max_columns: int = MAX_COLUMNS
+    steps: np.ndarray, values: np.ndarray, *, max_columns: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Average groups of ``w`` neighbouring columns so that at most ``max_columns`` remain.
+    """Average groups of ``w`` neighbouring columns so that at most ``max_columns`` remain
+    (default: :func:`column_budget` of the number of rows).
 
     ``w = ceil(T / max_columns)``; a bin's value is the mean of its finite
     values (NaN if none), its step the mean of its steps. For display only.
@@ -56,12 +68,14 @@ def bin_columns(
     Args:
         steps: ``[T]`` steps.
         values: ``[L, T]`` values.
-        max_columns: the most columns to keep.
+        max_columns: the most columns to keep (default: :func:`column_budget`).
 
     Returns:
         ``(steps [T'] float64, values [L, T'] float64, w)`` with ``T' <= max_columns``.
     """
     n = steps.size
+    if max_columns is None:
+        max_columns = column_budget(values.shape[0])
     width = max(1, math.ceil(n / max_columns))
     if width == 1:
         return steps.astype(np.float64), values, 1

@@ -13,7 +13,6 @@ from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
 from .grid import (
-    MAX_COLUMNS,
     bin_columns,
     layer_matrix,
     log_ticks,
@@ -67,7 +66,7 @@ def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> P
     """A layer x step heatmap of the scalar keys ``prefix/<layer>``; ``None`` if there are none.
 
     Steps are bin-averaged for display when there are more than
-    :data:`~trainprobe.dashboard.grid.MAX_COLUMNS` (:func:`heatmap_trace`).
+    :func:`~trainprobe.dashboard.grid.column_budget` allows (:func:`heatmap_trace`).
     """
     series = [run.series(f"{prefix}/{name}") for name in ordered_layers(run, prefix)]
     series = [s for s in series if s.values.ndim == 1 and len(s) > 0]
@@ -97,11 +96,12 @@ def heatmap_trace(
     rows: Sequence[str],
     style: HeatStyle,
     *,
-    max_columns: int = MAX_COLUMNS,
+    max_columns: int | None = None,
 ) -> tuple[go.Heatmap | None, int]:
     """The heatmap of ``values [L, T]`` over ``steps [T]``, one row per name in ``rows``.
 
-    Columns are bin-averaged to at most ``max_columns`` (:func:`bin_columns`). The hover
+    Columns are bin-averaged to at most ``max_columns`` (default: as many as
+    :func:`~trainprobe.dashboard.grid.column_budget` allows for the rows). The hover
     shows the real (bin-mean) value from ``customdata``: a hovertemplate can format ``z``
     but not compute ``10**z``. Both arrays are float32 (plotly sends them as binary).
 
@@ -113,7 +113,7 @@ def heatmap_trace(
         return None, width
     z, colours = _log_z(values, style) if style.log else _linear_z(values, style)
     trace = go.Heatmap(
-        x=x,
+        **column_axis(x),
         y=list(rows),
         z=z.astype(np.float32),
         customdata=values.astype(np.float32),
@@ -122,6 +122,34 @@ def heatmap_trace(
         **colours,
     )
     return trace, width
+
+
+def column_axis(x: np.ndarray) -> dict:
+    """The heatmap's x: ``{"x0", "dx"}`` when the columns are evenly spaced (the last may be a
+    shorter bin, drawn at its place on the grid), else ``{"x": x}``.
+
+    Even spacing lets plotly.js draw the heatmap as one image of a pixel per cell that the
+    browser scales; explicit ``x`` makes it paint every cell as a rectangle on each redraw,
+    which at 200 layers x 800 columns costs about a second per zoom (benchmarks/dashboard.py).
+    """
+    if x.size < 2:
+        return {"x0": float(x[0]), "dx": 1.0} if x.size else {"x": x}
+    gaps = np.diff(x[:-1]) if x.size > 2 else np.diff(x)
+    step = float(gaps[0])
+    last = float(x[-1] - x[-2])
+    even = step > 0 and np.allclose(gaps, step, rtol=1e-9, atol=1e-9)
+    even = even and 0 < last <= step * (1 + 1e-9)
+    return {"x0": float(x[0]), "dx": step} if even else {"x": x}
+
+
+def trace_steps(trace: go.Heatmap | go.Scatter) -> np.ndarray:
+    """The x (step) of each column of a trace, whether given as ``x`` or as ``x0``/``dx``."""
+    if trace.x is not None:
+        return np.asarray(trace.x, dtype=np.float64)
+    if isinstance(trace, go.Heatmap) and trace.z is not None and trace.x0 is not None:
+        columns = np.asarray(trace.z).shape[-1]
+        return float(trace.x0) + float(trace.dx) * np.arange(columns)
+    return np.zeros(0)
 
 
 def _linear_z(values: np.ndarray, style: HeatStyle) -> tuple[np.ndarray, dict]:

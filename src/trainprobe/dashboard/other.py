@@ -30,8 +30,6 @@ MAX_FAMILY_LINES = 8
 """A family of more keys than this is drawn as a heatmap (names x steps)."""
 MAX_POINTS = 2000
 """Most points per line in the catch-all row; longer series are thinned (:func:`thin`)."""
-HEATMAP_CELLS = 200_000
-"""Most cells per heatmap in the catch-all row; more steps are bin-averaged."""
 OTHER_HEIGHT = 1.6
 
 
@@ -128,8 +126,7 @@ def _family(label: str, series: list[Series]) -> tuple[list[go.BaseTraceType], s
         log = finite.size > 0 and bool(np.all(finite > 0)) and finite.max() >= 10 * finite.min()
         style = HeatStyle(label.removesuffix("/*").rpartition("/")[2], log=log,
                           colorbar_format=None)  # fmt: skip
-        columns = max(100, HEATMAP_CELLS // len(series))
-        trace, _ = heatmap_trace(steps, values, names, style, max_columns=columns)
+        trace, _ = heatmap_trace(steps, values, names, style)
         if trace is None:
             return [], "", {}
         _, y_axis, prefix = _layer_axis(names)
