@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -90,12 +91,12 @@ def chromium_or_skip() -> str:
     return found
 
 
-def render(browser: str, page: Path, profile: Path) -> tuple[str, list[str]]:
+def render(browser: str, page: Path | str, profile: Path) -> tuple[str, list[str]]:
     """``(DOM after the scripts ran, console messages)`` of ``page`` in headless chromium."""
     done = subprocess.run(
         [browser, *BROWSER_FLAGS, "--enable-logging=stderr",
          "--v=0", f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
-         page.resolve().as_uri()],
+         page if isinstance(page, str) else page.resolve().as_uri()],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -199,6 +200,95 @@ def test_menus_and_finding_links_work_in_the_page(tmp_path):
     assert out["link"]
     assert out["range"] == pytest.approx([first.start_step - pad, first.end_step + pad])
     assert out["scrolled"] > 0
+
+
+LIVE_DRIVE = """<script>
+(function () {
+  function drag(gd) {
+    var box = gd.querySelector(".nsewdrag").getBoundingClientRect(), y = box.top + box.height / 2;
+    function fire(type, x, target) {
+      target.dispatchEvent(new MouseEvent(type, {bubbles: true, cancelable: true, clientX: x,
+        clientY: y, buttons: type === "mouseup" ? 0 : 1, button: 0, view: window}));
+    }
+    var from = box.left + 0.2 * box.width, to = box.left + 0.5 * box.width;
+    fire("mousedown", from, gd.querySelector(".nsewdrag"));
+    fire("mousemove", (from + to) / 2, document);
+    fire("mousemove", to, document);
+    fire("mouseup", to, document);
+  }
+  var loads = +(sessionStorage.getItem("tp-loads") || 0) + 1;
+  sessionStorage.setItem("tp-loads", loads);
+  window.addEventListener("load", function () {
+    var gd = document.getElementById("trainprobe-dashboard");
+    drag(gd);  // the user zooms with the mouse (a programmatic relayout would not persist)
+    window.tpZoom = gd._fullLayout.xaxis.range.slice();
+    Promise.resolve().then(function () {
+      var menu = gd.layout.updatemenus[0], last = menu.buttons.length - 1;
+      return Plotly.relayout(gd, {"updatemenus[0].active": last}).then(function () {
+        return Plotly.update.apply(null, [gd].concat(menu.buttons[last].args));
+      });
+    });
+    setTimeout(function () {
+      var names = gd.data.filter(function (t) { return t.visible !== false; })
+        .map(function (t) { return t.name; });
+      var pre = document.createElement("pre"); pre.id = "tp-result";
+      pre.textContent = JSON.stringify({loads: loads, names: names, zoom: window.tpZoom,
+        range: gd._fullLayout.xaxis.range, active: gd.layout.updatemenus[0].active,
+        count: document.getElementById("tp-findings-count") &&
+          document.getElementById("tp-findings-count").textContent});
+      document.body.appendChild(pre);
+    }, 4000);
+  });
+})();
+</script>"""
+
+
+def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
+    """A page built before the run moved on polls, fetches /figure.json and redraws with
+    Plotly.react: the new series appears, the user's zoom and menu choice stay, no reload."""
+    from trainprobe.cli import serve as serve_cli
+    from trainprobe.store import Record, RunWriter
+
+    browser = chromium_or_skip()
+    writer = RunWriter(tmp_path / "run")
+    first = {"scalars/loss": 2.0, "sharpness/lr": 0.1, "updates/norm/a": 1.0,
+             "updates/norm/b": 2.0}  # fmt: skip
+    writer.append(Record(s, {**first, "scalars/loss": 2.0 - s / 100}) for s in range(20))
+    stale = serve_cli.page(writer.run_dir, refresh_ms=300)  # what a browser opened earlier
+    writer.append(Record(s, {**first, "scalars/accuracy": s / 40}) for s in range(20, 40))
+    server = serve_cli.make_server(writer.run_dir, 0, refresh_seconds=0.3)
+    base_handler = server.RequestHandlerClass
+
+    class Stale(base_handler):
+        def do_GET(self):
+            if self.path == "/stale":
+                self._send(200, "text/html; charset=utf-8",
+                           stale.replace("</body>", LIVE_DRIVE + "</body>"))  # fmt: skip
+            else:
+                super().do_GET()
+
+    server.RequestHandlerClass = Stale
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/stale"
+        dom, console = render(browser, url, tmp_path / "profile")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        writer.close()
+    assert console == [], "\n".join(console)
+    found = re.search(r'<pre id="tp-result">(.*?)</pre>', dom, flags=re.S)
+    assert found, "the driving script did not finish"
+    out = json.loads(html.unescape(found.group(1)))
+    assert out["loads"] == 1  # redrawn in place, not reloaded
+    assert "accuracy" in out["names"]  # the series written after the page was built
+    zoom = out["zoom"]
+    assert 3 < zoom[0] < zoom[1] < 16  # the mouse zoomed into the first 20 steps ...
+    assert out["range"] == pytest.approx(zoom)  # ... and the zoom survived Plotly.react
+    assert out["active"] == 1  # so did the catch-all row's menu choice: its family shows
+    assert {"a", "b"} <= set(out["names"]) and "sharpness/lr" not in out["names"]
 
 
 def test_missing_browser_skips_and_says_why(monkeypatch):

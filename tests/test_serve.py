@@ -38,7 +38,8 @@ def test_page_follows_the_run_between_fetches(live_run):
     try:
         base = f"http://127.0.0.1:{port}"
         first = _get(base + "/")
-        assert "plotly" in first and 'fetch("/status"' in first and "}, 2000);" in first
+        assert "plotly" in first and 'fetch("/status"' in first and "every = 2000" in first
+        assert 'fetch("/figure.json"' in first
         assert json.loads(_get(base + "/status"))["last_step"] == 19
         assert '"name":"accuracy"' not in first
         live_run.append(
@@ -48,6 +49,11 @@ def test_page_follows_the_run_between_fetches(live_run):
         second = _get(base + "/")
         assert '"last_step": 39' in second and '"last_step": 19' in first
         assert '"name":"accuracy"' in second  # the new series is drawn
+        data = json.loads(_get(base + "/figure.json"))  # what the page redraws from
+        assert data["state"]["last_step"] == 39
+        assert "accuracy" in [trace.get("name") for trace in data["figure"]["data"]]
+        assert data["figure"]["layout"]["uirevision"] == "trainprobe"  # zoom survives react
+        assert data["extras"] == [] and isinstance(data["count"], int)
         with pytest.raises(urllib.error.HTTPError) as missing:
             _get(base + "/nope")
         assert missing.value.code == 404

@@ -2,9 +2,12 @@
 
 Each request for ``/`` opens the run afresh (a :class:`Run` reads each committed step, and a
 fresh one also sees new metadata), analyses it and builds the page, so the page is never
-older than the store. The page polls ``/status`` every few seconds and reloads itself only
-when the run has new steps, so zooming into a finished run is not undone by reloads.
-Standard library ``http.server`` only; bound to 127.0.0.1, never to other machines.
+older than the store. The page polls ``/status`` every few seconds; when the run has new
+steps it fetches ``/figure.json`` (the figures and the findings list, not plotly.js) and
+redraws in place with ``Plotly.react``: the zoom, the legend and the catch-all row's menu
+choice are kept. It reloads whole only when a findings list or a figure appears or goes.
+Polls never overlap: the next starts after the last answer. Standard library
+``http.server`` only; bound to 127.0.0.1, never to other machines.
 """
 
 from __future__ import annotations
@@ -22,15 +25,60 @@ HOST = "127.0.0.1"
 
 _SCRIPT = """<script>
 (function () {{
-  var seen = {state};
-  setInterval(function () {{
+  var seen = {state}, every = {ms};
+  function same(a, b) {{ return JSON.stringify(a) === JSON.stringify(b); }}
+  function menuChoices(gd) {{
+    return ((gd.layout && gd.layout.updatemenus) || []).map(function (m) {{
+      return m.active || 0; }});
+  }}
+  function redraw(data) {{
+    var main = document.getElementById("{main}");
+    var list = document.getElementById("tp-findings-list");
+    var extras = document.querySelectorAll("[id^='{extra}']");
+    if (!main || !!list !== data.count > 0 || extras.length !== data.extras.length) {{
+      location.reload(); return Promise.resolve();
+    }}
+    if (list) {{
+      list.innerHTML = data.items;
+      document.getElementById("tp-findings-count").textContent = data.count;
+    }}
+    var chosen = menuChoices(main);
+    var done = Plotly.react(main, data.figure.data, data.figure.layout).then(function () {{
+      var menus = main.layout.updatemenus || [];
+      return chosen.reduce(function (chain, active, i) {{
+        var button = menus[i] && menus[i].buttons[active];
+        if (!active || !button) {{ return chain; }}
+        var choice = {{}};
+        choice["updatemenus[" + i + "].active"] = active;
+        return chain.then(function () {{ return Plotly.relayout(main, choice); }})
+          .then(function () {{ return Plotly.update.apply(null, [main].concat(button.args)); }});
+      }}, Promise.resolve());
+    }});
+    data.extras.forEach(function (fig, i) {{
+      done = done.then(function () {{
+        return Plotly.react(extras[i], fig.data, fig.layout);
+      }});
+    }});
+    return done;
+  }}
+  function poll() {{
     fetch("/status", {{cache: "no-store"}}).then(function (r) {{ return r.json(); }})
-      .then(function (now) {{ if (JSON.stringify(now) !== JSON.stringify(seen)) {{
-        location.reload(); }} }})
-      .catch(function () {{}});
-  }}, {ms});
+      .then(function (now) {{
+        if (same(now, seen)) {{ return; }}
+        return fetch("/figure.json", {{cache: "no-store"}}).then(function (r) {{
+          if (!r.ok) {{ throw new Error("figure.json: " + r.status); }}
+          return r.json();
+        }}).then(function (data) {{
+          return redraw(data).then(function () {{ seen = data.state; }});
+        }});
+      }})
+      .catch(function (err) {{ console.warn("trainprobe live view:", err); }})
+      .then(function () {{ setTimeout(poll, every); }});
+  }}
+  setTimeout(poll, every);
 }})();
 </script>"""
+"""Polls ``/status``; on a change, redraws from ``/figure.json`` (see the module docstring)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,15 +188,36 @@ def _state(run: Run) -> dict:
 
 
 def page(run_dir: str | Path, refresh_ms: int = 5000) -> str:
-    """The dashboard page of ``run_dir`` as it is now, with the self-reloading script."""
+    """The dashboard page of ``run_dir`` as it is now, with the live-update script."""
     from ..analysis import analyze
     from ..dashboard import build, extra_figures, to_html
+    from ..dashboard.links import DIV_ID, EXTRA_ID
 
     with Run(run_dir) as run:
         document = to_html(build(run, analyze(run)), *extra_figures(run))
-        script = _SCRIPT.format(state=json.dumps(_state(run)), ms=int(refresh_ms))
+        script = _SCRIPT.format(state=json.dumps(_state(run)), ms=int(refresh_ms), main=DIV_ID,
+                                extra=EXTRA_ID)  # fmt: skip
     head, sep, tail = document.rpartition("</body>")
     return f"{head}{script}{sep}{tail}" if sep else document + script
+
+
+def figure_json(run_dir: str | Path) -> str:
+    """What a live page redraws from: ``{"state", "figure", "extras", "count", "items"}``:
+    the run's state (as ``/status``), the dashboard and the extra figures as plotly JSON,
+    and the findings list (number and ``<li>`` items)."""
+    from ..analysis import analyze
+    from ..dashboard import build, extra_figures
+    from ..dashboard.links import META_KEY, findings_items
+
+    with Run(run_dir) as run:
+        state = _state(run)
+        fig = build(run, analyze(run))
+        extras = extra_figures(run)
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    count, items = findings_items(meta.get(META_KEY) or {})
+    head = json.dumps({"state": state, "count": count, "items": items})
+    figures = ",".join(e.to_json() for e in extras)
+    return f'{head[:-1]}, "figure": {fig.to_json()}, "extras": [{figures}]}}'
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -160,6 +229,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path in ("/", "/index.html"):
                 self._send(200, "text/html; charset=utf-8", page(self.run_dir, self.refresh_ms))
+            elif path == "/figure.json":
+                self._send(200, "application/json", figure_json(self.run_dir))
             elif path == "/status":
                 with Run(self.run_dir) as run:
                     self._send(200, "application/json", json.dumps(_state(run)))

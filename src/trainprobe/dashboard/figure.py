@@ -14,7 +14,7 @@ from trainprobe.store import Run
 
 from .conflict import cosine_matrix_figure
 from .heatmaps import trace_steps
-from .links import DIV_ID, META_KEY, findings_block, findings_meta
+from .links import DIV_ID, EXTRA_ID, META_KEY, findings_block, findings_meta
 from .marks import draw_spans, title_marker
 from .panels import PANELS
 from .parts import ROW_PX, Panel, PanelPart
@@ -64,7 +64,7 @@ def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = Non
     _style(fig, title, int(height) + MARGIN["t"] + MARGIN["b"], rows=len(rows))
     axes = [fig.get_subplot(row, 1).yaxis.plotly_name for row in range(1, len(rows) + 1)]
     placed = [(panel, part, axis) for (panel, part), axis in zip(rows, axes, strict=True)]
-    fig.update_layout(meta={META_KEY: findings_meta(placed, found)})
+    fig.update_layout(meta={META_KEY: findings_meta(placed, found)}, uirevision="trainprobe")
     return fig
 
 
@@ -91,8 +91,8 @@ def to_html(fig: go.Figure, *extra: go.Figure) -> str:
         page = f"{head}{sep}{block}{tail}"
     if not extra:
         return page
-    divs = "".join(e.to_html(include_plotlyjs=False, full_html=False, config=_CONFIG)
-                   for e in extra)  # fmt: skip
+    divs = "".join(e.to_html(include_plotlyjs=False, full_html=False, config=_CONFIG,
+                             div_id=f"{EXTRA_ID}{i}") for i, e in enumerate(extra))  # fmt: skip
     head, _, tail = page.rpartition("</body>")
     return f"{head}{divs}</body>{tail}"
 

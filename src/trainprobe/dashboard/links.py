@@ -10,7 +10,6 @@ the row and zooms every row to the finding's span. The page stays one offline fi
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
@@ -23,6 +22,8 @@ from .parts import Panel, PanelPart
 META_KEY = "trainprobe"
 DIV_ID = "trainprobe-dashboard"
 """The ``id`` of the dashboard's plot ``div`` in the page."""
+EXTRA_ID = "trainprobe-extra-"
+"""The ``id`` prefix of the extra figures' ``div`` (``trainprobe-extra-0``, ...)."""
 SPAN_MARGIN = 0.25
 """A link zooms to the finding's span widened by this fraction of it on each side."""
 
@@ -51,10 +52,17 @@ def findings_meta(
 
 def findings_block(meta: Mapping[str, Any]) -> str:
     """The HTML list of findings with links to their rows ('' without findings)."""
-    findings = meta.get("findings") or []
-    if not findings:
+    count, items = findings_items(meta)
+    if not count:
         return ""
-    rows = meta["rows"]
+    return _BLOCK.format(count=count, items=items, div=DIV_ID, meta=META_KEY, margin=SPAN_MARGIN)
+
+
+def findings_items(meta: Mapping[str, Any]) -> tuple[int, str]:
+    """``(number of findings, their <li> items)``; a live page swaps them in
+    (``trainprobe dashboard --serve``)."""
+    findings = meta.get("findings") or []
+    rows = meta.get("rows") or []
     timeline = next((i for i, row in enumerate(rows) if row["name"] == "findings"), None)
     items = []
     for f in findings:
@@ -74,13 +82,7 @@ def findings_block(meta: Mapping[str, Any]) -> str:
             + (f'<br><span class="tp-ev">evidence: {links}</span>' if links else "")
             + "</li>"
         )
-    return _BLOCK.format(
-        count=len(findings),
-        items="\n".join(items),
-        rows=json.dumps([row["axis"] for row in rows]),
-        div=DIV_ID,
-        margin=SPAN_MARGIN,
-    )
+    return len(findings), "\n".join(items)
 
 
 def _plain(finding: Finding) -> dict[str, Any]:
@@ -95,14 +97,14 @@ def _plain(finding: Finding) -> dict[str, Any]:
 
 
 _BLOCK = """<details open id="tp-findings" style="font:13px sans-serif;margin:8px 16px">
-<summary><b>Findings ({count})</b> · each link scrolls to a row with the evidence and zooms
-every row to the finding's steps (double-click a plot to zoom out)</summary>
-<ul style="margin:6px 0;padding-left:20px;line-height:1.45">
+<summary><b>Findings (<span id="tp-findings-count">{count}</span>)</b> · each link scrolls to
+a row with the evidence and zooms every row to the finding's steps (double-click a plot to
+zoom out)</summary>
+<ul id="tp-findings-list" style="margin:6px 0;padding-left:20px;line-height:1.45">
 {items}
 </ul></details>
 <script>
 (function () {{
-  var axes = {rows};
   document.getElementById("tp-findings").addEventListener("click", function (event) {{
     var link = event.target.closest("a[data-row]");
     if (!link) {{ return; }}
@@ -110,7 +112,9 @@ every row to the finding's steps (double-click a plot to zoom out)</summary>
     var gd = document.getElementById("{div}");
     var layout = gd && gd._fullLayout;
     if (!layout || !window.Plotly) {{ return; }}
-    var axis = layout[axes[+link.dataset.row]];
+    var row = layout.meta["{meta}"].rows[+link.dataset.row];
+    var axis = row && layout[row.axis];
+    if (!axis) {{ return; }}
     var top = gd.getBoundingClientRect().top + window.scrollY + layout.margin.t +
       (1 - axis.domain[1]) * layout._size.h - 48;
     window.scrollTo({{top: Math.max(top, 0), behavior: "smooth"}});
