@@ -423,3 +423,22 @@ def test_safetensors_checkpoints_are_read_and_a_broken_one_is_named(tmp_path):
     (tmp_path / "step_400.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
     with pytest.raises(CheckpointError, match=r"step_400\.safetensors: unreadable safetensors"):
         load_checkpoint(tmp_path / "step_400.safetensors")
+
+
+def test_lazy_load_maps_zip_files_and_reads_legacy_ones_whole(tmp_path):
+    """The scan's index pass (lazy) finds the same step and weights without reading the
+    tensors of a zip-format file; a legacy (pre-zip) file cannot be mapped and is read."""
+    weights = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
+    torch.save({"model": weights, "step": 70}, tmp_path / "zip.pt")
+    torch.save({"model": weights, "step": 80}, tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    for name, step in (("zip.pt", 70), ("legacy.pt", 80)):
+        lazy = load_checkpoint(tmp_path / name, lazy=True)
+        full = load_checkpoint(tmp_path / name)
+        assert lazy.step == full.step == step
+        assert set(lazy.weights) == set(full.weights) == {"w", "b"}
+        for key in weights:
+            torch.testing.assert_close(lazy.weights[key], full.weights[key])
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: unreadable or truncated"):
+        load_checkpoint(tmp_path / "cut.pt", lazy=True)

@@ -87,20 +87,26 @@ def step_from_name(path: Path) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
-def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, trust: bool = False, lazy: bool = False) -> Checkpoint:
     """Read one checkpoint file on the CPU.
 
     Args:
         path: a ``.pt``/``.pth``/``.bin`` (``torch.save``) or ``.safetensors`` file.
         trust: allow unpickling arbitrary Python objects (a whole saved model); this
             runs code from the file, so only for files from a trusted source.
+        lazy: map the tensors' bytes from the file (``mmap``) instead of reading them,
+            for a pass that needs only the step and the names (the scan's index of a
+            directory); a file in the legacy (pre-zip) format is read whole.
 
     Raises:
         CheckpointError: unreadable or truncated file, a pickle refused without
             ``trust``, no weights found, or no step in the file or its name.
     """
     path = Path(path)
-    raw = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path, trust)
+    if path.suffix == ".safetensors":
+        raw = _read_safetensors(path)
+    else:
+        raw = _read_torch(path, trust, mmap=lazy and _is_zip(path))
     weights, optimizer_state, step = _unpack(path, raw)
     if step is None and _LABELLED_STEP.search(path.stem):
         step = step_from_name(path)
@@ -116,11 +122,20 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Checkpoint:
     return Checkpoint(path, step, weights, optimizer_state)
 
 
-def _read_torch(path: Path, trust: bool) -> Any:
+def _is_zip(path: Path) -> bool:
+    """A ``torch.save`` file in the zip format (the default since torch 1.6), which mmaps."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _read_torch(path: Path, trust: bool, *, mmap: bool = False) -> Any:
     try:
         if trust:  # the user opted in (--trust-checkpoints): unpickling runs code from the file
-            return torch.load(path, map_location="cpu", weights_only=False)
-        return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         text = _ANSI.sub("", str(err))
         found = re.search(r"GLOBAL ([\w.]+)", text)

@@ -210,12 +210,13 @@ def _cross_entropy() -> LossFn:
 
 
 def _index(files: Sequence[Path], trust: bool) -> tuple[list[tuple[int, Path]], dict[str, str]]:
-    """``([(step, path)] by step, {file: reason})``; reads each file once for its step."""
+    """``([(step, path)] by step, {file: reason})``: each file opened for its step, its
+    tensors mapped from disk, not read (``lazy``): the measuring pass reads them."""
     found: dict[int, Path] = {}
     skipped: dict[str, str] = {}
     for path in files:
         try:
-            step = load_checkpoint(path, trust=trust).step
+            step = load_checkpoint(path, trust=trust, lazy=True).step
         except CheckpointError as err:
             skipped[path.name] = str(err)
             continue
