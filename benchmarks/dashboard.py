@@ -41,8 +41,15 @@ from tests.synth import write_run
 from trainprobe.analysis import analyze
 from trainprobe.dashboard import build, extra_figures, to_html
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def series(steps: int, layers: int, seed: int = 0) -> dict:
