@@ -245,7 +245,8 @@ LIVE_DRIVE = """<script>
 
 def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
     """A page built before the run moved on polls, fetches /figure.json and redraws with
-    Plotly.react: the new series appears, the user's zoom and menu choice stay, no reload."""
+    Plotly.react: the new series appear, the user's zoom and menu choice (the family, now
+    with one more member) stay, no reload. (New rows make the page reload instead.)"""
     from trainprobe.cli import serve as serve_cli
     from trainprobe.store import Record, RunWriter
 
@@ -255,7 +256,8 @@ def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
              "updates/norm/b": 2.0}  # fmt: skip
     writer.append(Record(s, {**first, "scalars/loss": 2.0 - s / 100}) for s in range(20))
     stale = serve_cli.page(writer.run_dir, refresh_ms=300)  # what a browser opened earlier
-    writer.append(Record(s, {**first, "scalars/accuracy": s / 40}) for s in range(20, 40))
+    later = {**first, "scalars/val_loss": 1.5, "updates/norm/c": 3.0}  # no new row: in place
+    writer.append(Record(s, later) for s in range(20, 40))
     server = serve_cli.make_server(writer.run_dir, 0, refresh_seconds=0.3)
     base_handler = server.RequestHandlerClass
 
@@ -283,12 +285,12 @@ def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
     assert found, "the driving script did not finish"
     out = json.loads(html.unescape(found.group(1)))
     assert out["loads"] == 1  # redrawn in place, not reloaded
-    assert "accuracy" in out["names"]  # the series written after the page was built
+    assert "val_loss" in out["names"]  # a series written after the page was built
     zoom = out["zoom"]
     assert 3 < zoom[0] < zoom[1] < 16  # the mouse zoomed into the first 20 steps ...
     assert out["range"] == pytest.approx(zoom)  # ... and the zoom survived Plotly.react
     assert out["active"] == 1  # so did the catch-all row's menu choice: its family shows
-    assert {"a", "b"} <= set(out["names"]) and "sharpness/lr" not in out["names"]
+    assert {"a", "b", "c"} <= set(out["names"]) and "sharpness/lr" not in out["names"]
 
 
 def test_missing_browser_skips_and_says_why(monkeypatch):

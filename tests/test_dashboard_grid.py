@@ -106,9 +106,11 @@ def big_run(tmp_path_factory):
 
 def test_large_heatmap_is_binned_for_display(big_run):
     fig = build(big_run)
-    (trace,) = [t for t in fig.data if isinstance(t, go.Heatmap)]
-    assert trace.z.shape[0] == 200 and trace.z.shape[1] * 200 <= MAX_CELLS
+    trace, last = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert trace.z.shape[0] == 200 and (trace.z.shape[1] + 1) * 200 <= MAX_CELLS
     assert "mean of 13" in trace.hovertemplate  # ceil(10,000 / (160,000 / 200))
+    assert "mean of 3" in last.hovertemplate  # 10,000 = 769 x 13 + 3: a shorter last bin
+    assert last.x0 == 9998.0 and last.dx == 3.0
     stored = big_run.series("norms/grad/blocks.0.mlp.weight").values
     np.testing.assert_allclose(trace.customdata[0, 0], stored[:13].mean(), rtol=1e-6)
     assert len(big_run.series("norms/grad/blocks.0.mlp.weight")) == 10_000  # store untouched

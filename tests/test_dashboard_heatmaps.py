@@ -98,11 +98,35 @@ def test_heatmap_data_is_float32(zero_run):
     assert trace.z.dtype == np.float32 and trace.customdata.dtype == np.float32
 
 
-def test_column_axis_is_x0_dx_only_for_evenly_spaced_columns():
+def test_column_axis_puts_every_column_at_its_own_step():
     from trainprobe.dashboard.heatmaps import column_axis
 
-    assert column_axis(np.array([5.0, 15.0, 25.0, 33.0])) == {"x0": 5.0, "dx": 10.0}  # short last
+    assert column_axis(np.array([5.0, 15.0, 25.0, 35.0])) == ({"x0": 5.0, "dx": 10.0}, None)
+    # a last step off the schedule: its own column, from the grid's last edge (30) to 40
+    assert column_axis(np.array([0.0, 10.0, 20.0, 35.0])) == (
+        {"x0": 0.0, "dx": 10.0}, {"x0": 35.0, "dx": 20.0})  # fmt: skip
     uneven = np.array([1.0, 2.0, 4.0, 8.0])  # a log-spaced schedule keeps its real steps
-    np.testing.assert_array_equal(column_axis(uneven)["x"], uneven)
-    assert "x" in column_axis(np.array([0.0, 10.0, 20.0, 45.0]))  # last gap too wide
-    assert column_axis(np.array([7.0])) == {"x0": 7.0, "dx": 1.0}
+    head, tail = column_axis(uneven)
+    np.testing.assert_array_equal(head["x"], uneven)
+    assert tail is None
+    head, tail = column_axis(np.array([0.0, 10.0, 20.0, 24.0]))  # too close to fit a cell
+    assert "x" in head and tail is None
+    assert column_axis(np.array([7.0])) == ({"x0": 7.0, "dx": 1.0}, None)
+
+
+def test_a_shorter_last_bin_is_drawn_at_its_own_steps(tmp_path):
+    """10 steps in bins of 4: [0-3], [4-7] on the grid, and [8-9] as a column of its own,
+    centred on 8.5, spanning 7.5-9.5, with its own 'mean of 2' hover."""
+    from trainprobe.dashboard.heatmaps import HeatStyle, heatmap_trace, trace_steps
+
+    values = np.arange(20.0).reshape(2, 10) + 1
+    traces, width = heatmap_trace(np.arange(10), values, ["a", "b"], HeatStyle("v"),
+                                  max_columns=3)  # fmt: skip
+    assert width == 4 and len(traces) == 2
+    head, tail = traces
+    np.testing.assert_array_equal(trace_steps(head), [1.5, 5.5])
+    np.testing.assert_array_equal(trace_steps(tail), [8.5])
+    assert tail.dx == 2.0 and tail.showscale is False
+    assert "mean of 4" in head.hovertemplate and "mean of 2" in tail.hovertemplate
+    np.testing.assert_allclose(tail.customdata[:, 0], values[:, 8:].mean(axis=1))
+    assert head.zmin == tail.zmin and head.zmax == tail.zmax  # one colour scale

@@ -21,6 +21,7 @@ from trainprobe.dashboard.other import (
     thin,
 )
 from trainprobe.dashboard.parts import MenuItem
+from trainprobe.store import Record, Run, RunWriter
 
 CATCH_ALL = next(p for p in PANELS if p.name == "other_series")
 
@@ -61,7 +62,7 @@ def test_thin_matches_a_brute_force_per_bin_min_max():
     rng = np.random.default_rng(1)
     steps, values = np.arange(5_003), rng.random(5_003)
     x, _ = thin(steps, values, max_points=100)
-    width = -(-2 * steps.size // 100)
+    width = -(-steps.size // (100 // 2))
     expected = set()
     for start in range(0, steps.size, width):
         block = values[start : start + width]
@@ -193,6 +194,9 @@ def test_findings_link_to_the_rows_carrying_their_evidence(tmp_path):
     assert block in page and page.index(block) < page.index(f'id="{DIV_ID}"')
     assert "loss &lt;b&gt;jumped&lt;/b&gt;" in block and "clip &amp; retry" in block
     assert block.count("data-row=") == 3  # no keys: linked to the findings timeline
+    assert '<b style="color:#ff7f0e">WARNING</b>' in block  # the severity's own colour
+    uids = [t.uid for t in fig.data]
+    assert len(set(uids)) == len(uids) and uids[0] == "findings-0"  # stable across redraws
     assert '>Findings</a>' in block
 
 
@@ -200,3 +204,32 @@ def test_no_findings_no_list(tmp_path):
     run = write_run(tmp_path / "r", full_series())
     page = to_html(build(run))
     assert 'id="tp-findings"' not in page
+
+
+def test_catch_all_never_reads_arrays_and_names_families_with_nothing_finite(tmp_path):
+    steps = np.arange(4)
+    series = {"scalars/loss": (steps, np.ones(4)), "misc/a<b": (steps, np.arange(4.0))}
+    for i in range(MAX_FAMILY_LINES + 2):  # a large family that is NaN throughout
+        series[f"fam/x/k{i}"] = (steps, np.full(4, np.nan))
+    write_run(tmp_path / "r", series).close()
+    writer = RunWriter(tmp_path / "r", resume=True)  # an array that changes shape
+    writer.append([Record(10, {"custom/hist": np.ones(3)}),
+                   Record(11, {"custom/hist": np.ones(5)})])  # fmt: skip
+    writer.close()
+    with Run(tmp_path / "r") as run:
+        fig = build(run)  # neither the all-NaN family nor the ragged array breaks the page
+        part = CATCH_ALL.draw(run, ())
+    assert [item.label for item in part.menu] == ["misc/… (1)"]
+    assert "custom/hist" in part.description and "fam/x/k0" in part.description
+    assert "misc/a<b" in part.keys and "fam/x/k0" not in part.keys
+    title = next(a.text for a in fig.layout.annotations if "Every other" in a.text)
+    assert "custom/hist" in title and "&amp;lt;" not in title  # escaped once, by the title
+
+
+def test_thin_never_exceeds_max_points():
+    rng = np.random.default_rng(2)
+    for n in (7, 101, 1_000, 4_099):
+        values = rng.random(n)
+        for max_points in (3, 4, 5, 64, 101):
+            x, _ = thin(np.arange(n), values, max_points=max_points)
+            assert x.size <= max(max_points, 2) or n <= max_points, (n, max_points)

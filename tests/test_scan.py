@@ -439,6 +439,19 @@ def test_lazy_load_maps_zip_files_and_reads_legacy_ones_whole(tmp_path):
         assert set(lazy.weights) == set(full.weights) == {"w", "b"}
         for key in weights:
             torch.testing.assert_close(lazy.weights[key], full.weights[key])
+    seen = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("mmap"))
+        return real_load(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "load", spy)
+        load_checkpoint(tmp_path / "zip.pt", lazy=True)
+        load_checkpoint(tmp_path / "legacy.pt", lazy=True)
+        load_checkpoint(tmp_path / "zip.pt")
+    assert seen == [True, False, False]  # mapped only where it can be, and only when lazy
     (tmp_path / "cut.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:200])
     with pytest.raises(CheckpointError, match=r"cut\.pt: unreadable or truncated"):
         load_checkpoint(tmp_path / "cut.pt", lazy=True)

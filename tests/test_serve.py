@@ -119,3 +119,15 @@ def test_unreadable_run_answers_500_and_keeps_serving(live_run):
         server.server_close()
         thread.join(timeout=10)
     np.testing.assert_equal(thread.is_alive(), False)
+
+
+def test_the_page_script_cannot_be_closed_by_the_runs_status(tmp_path):
+    """The run's state goes into the page's <script> as JSON: a status holding
+    "</script>" must not end that script early."""
+    writer = RunWriter(tmp_path / "run")
+    writer.set_meta({"status": "</script><b>x</b>"})
+    writer.append([Record(0, {"scalars/loss": 1.0})])
+    writer.close()
+    document = serve_cli.page(tmp_path / "run")
+    script = document[document.rindex("<script>"):]
+    assert "</script><b>x" not in script and "<\\/script><b>x" in script

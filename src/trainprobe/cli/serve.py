@@ -4,8 +4,10 @@ Each request for ``/`` opens the run afresh (a :class:`Run` reads each committed
 fresh one also sees new metadata), analyses it and builds the page, so the page is never
 older than the store. The page polls ``/status`` every few seconds; when the run has new
 steps it fetches ``/figure.json`` (the figures and the findings list, not plotly.js) and
-redraws in place with ``Plotly.react``: the zoom, the legend and the catch-all row's menu
-choice are kept. It reloads whole only when a findings list or a figure appears or goes.
+redraws in place with ``Plotly.react``: the step-axis zoom (a mouse zoom or a finding
+link's), legend choices (traces have stable ``uid``) and the catch-all row's menu choice
+(matched by family) are kept. It reloads whole only when rows, a findings list or a
+figure appear or go, since plotly keeps interface state by axis and trace position.
 Polls never overlap: the next starts after the last answer. Standard library
 ``http.server`` only; bound to 127.0.0.1, never to other machines.
 """
@@ -27,37 +29,53 @@ _SCRIPT = """<script>
 (function () {{
   var seen = {state}, every = {ms};
   function same(a, b) {{ return JSON.stringify(a) === JSON.stringify(b); }}
-  function menuChoices(gd) {{
-    return ((gd.layout && gd.layout.updatemenus) || []).map(function (m) {{
-      return m.active || 0; }});
+  function rows(layout) {{
+    var meta = layout && layout.meta && layout.meta["{meta}"];
+    return meta ? meta.rows.map(function (r) {{ return r.name; }}) : [];
+  }}
+  function family(label) {{ return String(label).replace(/ \\(\\d+\\)$/, ""); }}
+  function setPath(obj, path, value) {{  // "yaxis3.title.text" = value (null: unset)
+    var keys = path.split("."), last = keys.pop();
+    keys.forEach(function (k) {{ obj = obj[k] = obj[k] || {{}}; }});
+    if (value === null) {{ delete obj[last]; }} else {{ obj[last] = value; }}
+  }}
+  function keepChoices(main, figure) {{  // the user's menu choices, matched by family
+    var old = (main.layout.updatemenus || []), menus = figure.layout.updatemenus || [];
+    old.forEach(function (menu, i) {{
+      var want = family(menu.buttons[menu.active || 0].label), now = menus[i];
+      var k = now ? now.buttons.map(function (b) {{ return family(b.label); }}).indexOf(want) : -1;
+      if (k <= 0) {{ return; }}
+      var args = now.buttons[k].args;
+      now.active = k;
+      args[2].forEach(function (t, j) {{ figure.data[t].visible = args[0].visible[j]; }});
+      Object.keys(args[1]).forEach(function (path) {{
+        setPath(figure.layout, path, args[1][path]); }});
+    }});
+  }}
+  function keepZoom(main, figure) {{  // a link's zoom too, which uirevision would not keep
+    var x = main._fullLayout.xaxis;
+    if (x && !x.autorange) {{
+      setPath(figure.layout, "xaxis.range", x.range.slice());
+      setPath(figure.layout, "xaxis.autorange", false);
+    }}
   }}
   function redraw(data) {{
     var main = document.getElementById("{main}");
     var list = document.getElementById("tp-findings-list");
     var extras = document.querySelectorAll("[id^='{extra}']");
-    if (!main || !!list !== data.count > 0 || extras.length !== data.extras.length) {{
-      location.reload(); return Promise.resolve();
+    if (!main || !!list !== data.count > 0 || extras.length !== data.extras.length ||
+        !same(rows(main.layout), rows(data.figure.layout))) {{
+      location.reload(); return Promise.resolve();  // rows came or went: a new page
     }}
     if (list) {{
       list.innerHTML = data.items;
       document.getElementById("tp-findings-count").textContent = data.count;
     }}
-    var chosen = menuChoices(main);
-    var done = Plotly.react(main, data.figure.data, data.figure.layout).then(function () {{
-      var menus = main.layout.updatemenus || [];
-      return chosen.reduce(function (chain, active, i) {{
-        var button = menus[i] && menus[i].buttons[active];
-        if (!active || !button) {{ return chain; }}
-        var choice = {{}};
-        choice["updatemenus[" + i + "].active"] = active;
-        return chain.then(function () {{ return Plotly.relayout(main, choice); }})
-          .then(function () {{ return Plotly.update.apply(null, [main].concat(button.args)); }});
-      }}, Promise.resolve());
-    }});
+    keepChoices(main, data.figure);
+    keepZoom(main, data.figure);
+    var done = Plotly.react(main, data.figure.data, data.figure.layout);
     data.extras.forEach(function (fig, i) {{
-      done = done.then(function () {{
-        return Plotly.react(extras[i], fig.data, fig.layout);
-      }});
+      done = done.then(function () {{ return Plotly.react(extras[i], fig.data, fig.layout); }});
     }});
     return done;
   }}
@@ -191,12 +209,13 @@ def page(run_dir: str | Path, refresh_ms: int = 5000) -> str:
     """The dashboard page of ``run_dir`` as it is now, with the live-update script."""
     from ..analysis import analyze
     from ..dashboard import build, extra_figures, to_html
-    from ..dashboard.links import DIV_ID, EXTRA_ID
+    from ..dashboard.links import DIV_ID, EXTRA_ID, META_KEY
 
     with Run(run_dir) as run:
         document = to_html(build(run, analyze(run)), *extra_figures(run))
-        script = _SCRIPT.format(state=json.dumps(_state(run)), ms=int(refresh_ms), main=DIV_ID,
-                                extra=EXTRA_ID)  # fmt: skip
+        state = json.dumps(_state(run)).replace("</", "<\\/")  # no "</script>" inside
+        script = _SCRIPT.format(state=state, ms=int(refresh_ms), main=DIV_ID, extra=EXTRA_ID,
+                                meta=META_KEY)  # fmt: skip
     head, sep, tail = document.rpartition("</body>")
     return f"{head}{script}{sep}{tail}" if sep else document + script
 

@@ -23,7 +23,7 @@ from trainprobe.store import Run, Series
 
 from .curves import _all_positive, _line, _log_axis, _read
 from .grid import bin_columns, layer_matrix
-from .heatmaps import _layer_axis
+from .heatmaps import _layer_axis, heatmap_columns
 from .parts import PanelPart
 
 COS = "conflict/cos"
@@ -87,15 +87,16 @@ def _cosine_part(
     """A row heatmap of cosines ``z [len(labels), T']`` on the fixed ``[-1, 1]`` scale,
     over the binned steps ``binned = (x, _, w)``; hover: row, step, ``hover``, cosine."""
     x, _, width = binned
-    step = "step %{x:.0f}" if width == 1 else f"step ≈ %{{x:.0f}} (mean of {width})"
-    trace = go.Heatmap(
-        x=x, y=labels, z=z.astype(np.float32), customdata=customdata, hoverongaps=False,
-        hovertemplate=f"<b>%{{y}}</b><br>{step}{hover}<br>cosine %{{z:.3f}}<extra></extra>",
-        colorbar=_COSINE_BAR, **_COSINE_Z,
-    )  # fmt: skip
+
+    def template(w: int) -> str:
+        step = "step %{x:.0f}" if w == 1 else f"step ≈ %{{x:.0f}} (mean of {w})"
+        return f"<b>%{{y}}</b><br>{step}{hover}<br>cosine %{{z:.3f}}<extra></extra>"
+
+    traces = heatmap_columns(x, width, z=z, customdata=customdata, hover=template, y=labels,
+                             hoverongaps=False, colorbar=_COSINE_BAR, **_COSINE_Z)  # fmt: skip
     height, y_axis, _ = _layer_axis(labels)
     text += f" Columns are means of {width} steps." if width > 1 else ""
-    return PanelPart((trace,), y_title, text, keys=tuple(s.key for s in series),
+    return PanelPart(traces, y_title, text, keys=tuple(s.key for s in series),
                      height=height, y_axis=y_axis)  # fmt: skip
 
 
@@ -207,7 +208,8 @@ def group_share_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | No
         return None
     peak = {g: _peak(loss[g]) if g in loss else float(np.nanmax(grad[g][1], initial=-np.inf))
             for g in groups if g in loss or g in grad}  # fmt: skip
-    shown = [g for g in peak if g in sorted(peak, key=lambda g: -peak[g])[:MAX_SHARE_GROUPS]]
+    top = set(sorted(peak, key=lambda g: -peak[g])[:MAX_SHARE_GROUPS])
+    shown = [g for g in peak if g in top]
     traces = []
     for g, colour in zip(shown, _palette(len(shown)), strict=True):
         if g in grad:
@@ -233,9 +235,9 @@ def group_share_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | No
 def _magnitude_shares(
     norm: dict[str, Series], count: dict[str, Series]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``group -> (steps, n_g ‖g_g‖ / Σ_j n_j ‖g_j‖)`` over the groups with both series (a
-    missing count counts as 1: tasks share one batch)."""
-    names = [g for g in norm if g in count] or list(norm)
+    """``group -> (steps, n_g ‖g_g‖ / Σ_j n_j ‖g_j‖)`` over the groups with a norm; a group
+    with no count series counts as 1 (tasks: every task sees the whole batch)."""
+    names = list(norm)
     if not names:
         return {}
     steps, norms = layer_matrix([norm[g] for g in names])  # [G, T]

@@ -16,6 +16,7 @@ from trainprobe.store import Run, Series
 
 from .curves import _all_positive, _finite, _line, _log_axis, _read
 from .grid import bin_columns, log_ticks
+from .heatmaps import heatmap_columns
 from .parts import PanelPart
 
 LAMBDA = "sharpness/lambda_max"
@@ -218,12 +219,17 @@ def hessian_density_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart 
     floor = peak * 10.0**-DENSITY_DECADES
     lo, hi = math.log10(floor), math.log10(peak + floor)
     ticks, labels = log_ticks(lo, hi)
-    step = "step %{x:.0f}" if width == 1 else f"step ≈ %{{x:.0f}} (mean of {width})"
-    trace = go.Heatmap(
-        x=x,
+    def template(w: int) -> str:
+        step = "step %{x:.0f}" if w == 1 else f"step ≈ %{{x:.0f}} (mean of {w})"
+        return f"{step}<br>eigenvalue %{{y:.4g}}<br>density %{{customdata:.3g}}<extra></extra>"
+
+    traces = heatmap_columns(
+        x,
+        width,
+        z=np.log10(values + floor),
+        customdata=values,
+        hover=template,
         y=common,
-        z=np.log10(values + floor).astype(np.float32),
-        customdata=values.astype(np.float32),
         colorscale="Viridis",
         zmin=lo,
         zmax=hi,
@@ -234,8 +240,6 @@ def hessian_density_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart 
             "tickvals": ticks,
             "ticktext": labels,
         },
-        hovertemplate=f"{step}<br>eigenvalue %{{y:.4g}}<br>density %{{customdata:.3g}}"
-        "<extra></extra>",
     )
     description = (
         "Hessian eigenvalue density (SLQ), log colour, resampled onto one grid. Mass moving "
@@ -243,7 +247,7 @@ def hessian_density_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart 
     )
     if width > 1:
         description += f" Columns are means of {width} steps."
-    return PanelPart((trace,), "eigenvalue", description, keys=(DENSITY, GRID), height=1.3)
+    return PanelPart(traces, "eigenvalue", description, keys=(DENSITY, GRID), height=1.3)
 
 
 def _density_steps(run: Run) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:

@@ -58,8 +58,8 @@ def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = Non
         vertical_spacing=GAP_PX / height,
         subplot_titles=[_row_title(panel, part, found) for panel, part in rows],
     )
-    for row, (_, part) in enumerate(rows, start=1):
-        _place(fig, row, part)
+    for row, (panel, part) in enumerate(rows, start=1):
+        _place(fig, row, part, panel.name)
     draw_spans(fig, found, _extent(fig), [part for _, part in rows])
     _style(fig, title, int(height) + MARGIN["t"] + MARGIN["b"], rows=len(rows))
     axes = [fig.get_subplot(row, 1).yaxis.plotly_name for row in range(1, len(rows) + 1)]
@@ -134,14 +134,17 @@ def _row_title(panel: Panel, part: PanelPart, findings: tuple[Finding, ...]) -> 
     )
 
 
-def _place(fig: go.Figure, row: int, part: PanelPart) -> None:
-    """Add a row's traces; its legend and colourbars go beside the row itself."""
+def _place(fig: go.Figure, row: int, part: PanelPart, name: str) -> None:
+    """Add a row's traces; its legend and colourbars go beside the row itself. Each trace
+    gets the ``uid`` ``<panel>-<index>`` (plotly puts it in CSS selectors), stable while the run grows, so plotly keeps a
+    user's legend choices across a live redraw."""
     lo, hi = fig.get_subplot(row, 1).yaxis.domain
     legend = "legend" if row == 1 else f"legend{row}"
     first = len(fig.data)
-    for trace in part.traces:
+    for index, trace in enumerate(part.traces):
         fig.add_trace(trace, row=row, col=1)
         added = fig.data[-1]
+        added.uid = f"{name}-{index}"
         if isinstance(added, go.Heatmap):
             added.update(
                 colorbar={

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -74,14 +75,14 @@ def heatmap_part(run: Run, prefix: str, style: HeatStyle, description: str) -> P
         return None
     names = [s.key[len(prefix) + 1 :] for s in series]
     steps, values = layer_matrix(series)  # [T], [L, T]
-    trace, width = heatmap_trace(steps, values, names, style)
-    if trace is None:
+    traces, width = heatmap_trace(steps, values, names, style)
+    if not traces:
         return None
     if width > 1:
         description += f" Columns are means of {width} steps."
     height, y_axis, prefix = _layer_axis(names)
     return PanelPart(
-        (trace,),
+        traces,
         f"{prefix}…" if prefix else "",
         description,
         keys=tuple(s.key for s in series),
@@ -97,7 +98,7 @@ def heatmap_trace(
     style: HeatStyle,
     *,
     max_columns: int | None = None,
-) -> tuple[go.Heatmap | None, int]:
+) -> tuple[tuple[go.Heatmap, ...], int]:
     """The heatmap of ``values [L, T]`` over ``steps [T]``, one row per name in ``rows``.
 
     Columns are bin-averaged to at most ``max_columns`` (default: as many as
@@ -106,40 +107,78 @@ def heatmap_trace(
     but not compute ``10**z``. Both arrays are float32 (plotly sends them as binary).
 
     Returns:
-        ``(trace, w)`` with ``w`` steps per column; ``(None, w)`` when no value is finite.
+        ``(traces, w)`` with ``w`` steps per column: one heatmap, or two when the last
+        column is off the even grid (:func:`heatmap_columns`); ``((), w)`` when no value
+        is finite.
     """
     x, values, width = bin_columns(steps, values, max_columns=max_columns)  # [T'], [L, T']
     if not np.isfinite(values).any():
-        return None, width
+        return (), width
     z, colours = _log_z(values, style) if style.log else _linear_z(values, style)
-    trace = go.Heatmap(
-        **column_axis(x),
-        y=list(rows),
-        z=z.astype(np.float32),
-        customdata=values.astype(np.float32),
-        hoverongaps=False,
-        hovertemplate=_hover(style, width),
-        **colours,
-    )
-    return trace, width
+    traces = heatmap_columns(
+        x, width, z=z, customdata=values, hover=lambda w: _hover(style, w), y=list(rows),
+        hoverongaps=False, **colours,
+    )  # fmt: skip
+    return traces, width
 
 
-def column_axis(x: np.ndarray) -> dict:
-    """The heatmap's x: ``{"x0", "dx"}`` when the columns are evenly spaced (the last may be a
-    shorter bin, drawn at its place on the grid), else ``{"x": x}``.
+def heatmap_columns(
+    x: np.ndarray,
+    width: int,
+    *,
+    z: np.ndarray,
+    hover: Callable[[int], str],
+    customdata: np.ndarray | None = None,
+    **common: Any,
+) -> tuple[go.Heatmap, ...]:
+    """Heatmap trace(s) of ``z [R, T']`` at column centres ``x [T']`` (means of ``width``
+    steps), with ``hover(w)`` the hovertemplate for columns of ``w`` steps.
 
-    Even spacing lets plotly.js draw the heatmap as one image of a pixel per cell that the
-    browser scales; explicit ``x`` makes it paint every cell as a rectangle on each redraw,
-    which at 200 layers x 800 columns costs about a second per zoom (benchmarks/dashboard.py).
+    Evenly spaced columns go to plotly as ``x0``/``dx``, which plotly.js draws as one image
+    of a pixel per cell that the browser scales; explicit ``x`` makes it paint every cell
+    on each redraw, about a second per zoom at 200 rows x 800 columns
+    (``benchmarks/dashboard.py``). A last column off that grid (a shorter last bin, or a
+    last step logged off the schedule) is a second one-column trace at its true step,
+    as wide as the steps it holds, with no colourbar of its own. Columns spaced otherwise
+    (a log-spaced schedule) keep explicit ``x``.
+    """
+    z = np.asarray(z, dtype=np.float32)
+    data = None if customdata is None else np.asarray(customdata)
+    if data is not None and data.dtype.kind in "fiu":  # numbers go as float32 (binary)
+        data = data.astype(np.float32)
+    head, tail = column_axis(x)
+    if tail is None:
+        return (go.Heatmap(**head, z=z, customdata=data, hovertemplate=hover(width), **common),)
+    last = max(1, round(tail["dx"] * width / head["dx"])) if width > 1 else 1
+    first = go.Heatmap(**head, z=z[:, :-1], hovertemplate=hover(width), **common,
+                       customdata=None if data is None else data[:, :-1])  # fmt: skip
+    second = go.Heatmap(**tail, z=z[:, -1:], hovertemplate=hover(last), **common,
+                        customdata=None if data is None else data[:, -1:])  # fmt: skip
+    second.update(showscale=False)
+    return first, second
+
+
+def column_axis(x: np.ndarray) -> tuple[dict, dict | None]:
+    """How to place columns at centres ``x``: ``(head, tail)``.
+
+    ``head`` is ``{"x0", "dx"}`` for evenly spaced columns (all of them when ``tail`` is
+    None, all but the last otherwise), or ``{"x": x}`` for all of them. ``tail`` is
+    ``{"x0", "dx"}`` for a last column whose gap to the one before differs from the grid:
+    centred on its own step, spanning from where the grid's last cell ends.
     """
     if x.size < 2:
-        return {"x0": float(x[0]), "dx": 1.0} if x.size else {"x": x}
-    gaps = np.diff(x[:-1]) if x.size > 2 else np.diff(x)
+        return ({"x0": float(x[0]), "dx": 1.0} if x.size else {"x": x}), None
+    gaps = np.diff(x)
     step = float(gaps[0])
-    last = float(x[-1] - x[-2])
-    even = step > 0 and np.allclose(gaps, step, rtol=1e-9, atol=1e-9)
-    even = even and 0 < last <= step * (1 + 1e-9)
-    return {"x0": float(x[0]), "dx": step} if even else {"x": x}
+    if step <= 0:
+        return {"x": x}, None
+    if np.allclose(gaps, step, rtol=1e-9, atol=1e-9):
+        return {"x0": float(x[0]), "dx": step}, None
+    if x.size >= 3 and np.allclose(gaps[:-1], step, rtol=1e-9, atol=1e-9):
+        tail = 2.0 * float(gaps[-1]) - step  # its left edge meets the grid's last cell
+        if tail > 0:
+            return {"x0": float(x[0]), "dx": step}, {"x0": float(x[-1]), "dx": tail}
+    return {"x": x}, None
 
 
 def trace_steps(trace: go.Heatmap | go.Scatter) -> np.ndarray:

@@ -24,6 +24,7 @@ DIV_ID = "trainprobe-dashboard"
 """The ``id`` of the dashboard's plot ``div`` in the page."""
 EXTRA_ID = "trainprobe-extra-"
 """The ``id`` prefix of the extra figures' ``div`` (``trainprobe-extra-0``, ...)."""
+_COLOURS = {str(severity): colour for severity, colour in SEVERITY_COLOURS.items()}
 SPAN_MARGIN = 0.25
 """A link zooms to the finding's span widened by this fraction of it on each side."""
 
@@ -66,7 +67,7 @@ def findings_items(meta: Mapping[str, Any]) -> tuple[int, str]:
     timeline = next((i for i, row in enumerate(rows) if row["name"] == "findings"), None)
     items = []
     for f in findings:
-        colour = SEVERITY_COLOURS.get(f["severity"], "#444")
+        colour = _COLOURS.get(f["severity"], "#444")
         span = (f"step {f['start']}" if f["start"] == f["end"]
                 else f"steps {f['start']}–{f['end']}")  # fmt: skip
         targets = f["rows"] or ([timeline] if timeline is not None else [])
@@ -115,7 +116,7 @@ zoom out)</summary>
     var row = layout.meta["{meta}"].rows[+link.dataset.row];
     var axis = row && layout[row.axis];
     if (!axis) {{ return; }}
-    var top = gd.getBoundingClientRect().top + window.scrollY + layout.margin.t +
+    var top = gd.getBoundingClientRect().top + window.scrollY + layout._size.t +
       (1 - axis.domain[1]) * layout._size.h - 48;
     window.scrollTo({{top: Math.max(top, 0), behavior: "smooth"}});
     var x0 = +link.dataset.x0, x1 = +link.dataset.x1;

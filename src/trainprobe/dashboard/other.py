@@ -43,30 +43,33 @@ def other_series_panel(
     the description, not drawn. ``None`` when nothing is left.
     """
     keys = [k for k in run.keys("") if not any(fnmatchcase(k, p) for p in covered)]
-    if not keys:
-        return None
-    series = [run.series(key) for key in keys]
-    vectors = [s.key for s in series if s.values.ndim != 1]
-    scalars = {s.key: s for s in series if s.values.ndim == 1 and len(s) > 0}
+    vectors = [k for k in keys if run.kind(k) != "scalar"]  # named, never read
+    series = [run.series(k) for k in keys if run.kind(k) == "scalar"]
+    scalars = {s.key: s for s in series if len(s) > 0}
     traces: list[go.BaseTraceType] = []
     menu: list[MenuItem] = []
+    drawn: list[str] = []
     for label, members in families(list(scalars)).items():
-        drawn, y_title, y_axis = _family(label, [scalars[k] for k in members])
-        menu.append(MenuItem(f"{label} ({len(members)})", tuple(range(len(traces),
-                             len(traces) + len(drawn))), y_title, y_axis))  # fmt: skip
-        traces += drawn
+        family, y_title, y_axis = _family(label, [scalars[k] for k in members])
+        if not family:  # nothing finite to draw: named below instead
+            vectors += members
+            continue
+        start = len(traces)
+        traces += family
+        menu.append(MenuItem(f"{label} ({len(members)})", tuple(range(start, len(traces))),
+                             y_title, y_axis))  # fmt: skip
+        drawn += members
+    if not traces:
+        return None
     note = ""
     if vectors:
         listed = ", ".join(vectors[:4]) + (f" and {len(vectors) - 4} more" if len(vectors) > 4
                                            else "")  # fmt: skip
-        note = f" Not drawn (not one number per step; read them with Run.series): {listed}."
-    if not traces:
-        return None
+        note = f" Not drawn (arrays, or no finite value; read them with Run.series): {listed}."
     return PanelPart(
         traces, menu[0].y_title,
-        f"One family at a time, from the menu. Long lines keep each bin's min and max."
-        f"{html.escape(note)}",
-        keys=tuple(scalars), height=OTHER_HEIGHT, y_axis=menu[0].y_axis, menu=tuple(menu),
+        "One family at a time, from the menu. Long lines keep each bin's min and max." + note,
+        keys=tuple(drawn), height=OTHER_HEIGHT, y_axis=menu[0].y_axis, menu=tuple(menu),
     )  # fmt: skip
 
 
@@ -92,10 +95,11 @@ def families(keys: Sequence[str]) -> dict[str, list[str]]:
 
 
 def thin(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS):
-    """At most ``max_points`` points of a line, for display: the series is cut into bins of
-    ``w = ceil(2 n / max_points)`` points and each keeps its smallest and largest finite
+    """At most ``max_points`` points of a line, for display: the series is cut into
+    ``max_points // 2`` bins of equal length and each keeps its smallest and largest finite
     value, in step order, so spikes survive. A bin with no finite value keeps its first
-    point (a gap stays a gap). Short series come back as they are.
+    point, so a gap as long as a bin stays a gap; shorter NaN runs and infinite values
+    drop out of the thinned line. Short series come back as they are.
 
     Returns:
         ``(steps, values)`` as numpy arrays.
@@ -103,7 +107,7 @@ def thin(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POINTS):
     n = steps.size
     if n <= max_points:
         return steps, values
-    width = -(-2 * n // max_points)
+    width = -(-n // max(max_points // 2, 1))
     pad = (-n) % width
     index = np.pad(np.arange(n), (0, pad), constant_values=n - 1).reshape(-1, width)  # [B, w]
     block = values[index].astype(np.float64)
@@ -126,11 +130,11 @@ def _family(label: str, series: list[Series]) -> tuple[list[go.BaseTraceType], s
         log = finite.size > 0 and bool(np.all(finite > 0)) and finite.max() >= 10 * finite.min()
         style = HeatStyle(label.removesuffix("/*").rpartition("/")[2], log=log,
                           colorbar_format=None)  # fmt: skip
-        trace, _ = heatmap_trace(steps, values, names, style)
-        if trace is None:
+        traces, _ = heatmap_trace(steps, values, names, style)
+        if not traces:
             return [], "", {}
         _, y_axis, prefix = _layer_axis(names)
-        return [trace], f"{prefix}…" if prefix else "", {**y_axis, "fixedrange": False}
+        return list(traces), f"{prefix}…" if prefix else "", {**y_axis, "fixedrange": False}
     traces = []
     for s in series:
         x, y = thin(s.steps, s.values)

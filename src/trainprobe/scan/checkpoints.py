@@ -96,7 +96,8 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, lazy: bool = False
             runs code from the file, so only for files from a trusted source.
         lazy: map the tensors' bytes from the file (``mmap``) instead of reading them,
             for a pass that needs only the step and the names (the scan's index of a
-            directory); a file in the legacy (pre-zip) format is read whole.
+            directory). Only zip-format ``torch.save`` files map; legacy (pre-zip) and
+            ``.safetensors`` files are read whole.
 
     Raises:
         CheckpointError: unreadable or truncated file, a pickle refused without

@@ -210,8 +210,9 @@ def _cross_entropy() -> LossFn:
 
 
 def _index(files: Sequence[Path], trust: bool) -> tuple[list[tuple[int, Path]], dict[str, str]]:
-    """``([(step, path)] by step, {file: reason})``: each file opened for its step, its
-    tensors mapped from disk, not read (``lazy``): the measuring pass reads them."""
+    """``([(step, path)] by step, {file: reason})``: each file opened for its step; a
+    zip-format file's tensors are mapped from disk, not read (``lazy``), so the measuring
+    pass is the only one that reads them."""
     found: dict[int, Path] = {}
     skipped: dict[str, str] = {}
     for path in files:

@@ -96,6 +96,14 @@ class Run:
     def __contains__(self, key: object) -> bool:
         return bool(self._query("SELECT 1 FROM keys WHERE name = ?", (key,)))
 
+    def kind(self, key: str) -> str:
+        """``"scalar"`` (one number per step) or ``"array"``, read without the values.
+
+        Raises:
+            KeyError: the run has no such key.
+        """
+        return self._key(key)[1]
+
     def series(self, key: str) -> Series:
         """Steps and values of ``key``.
 
