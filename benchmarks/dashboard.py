@@ -149,9 +149,12 @@ def browser_timings(page: Path, floor: Path, chromium: str, repeat: int) -> dict
 
 
 def _hover_ms(view) -> float:
-    """Mouse onto the middle of the first heatmap, until a hover label is in the DOM."""
-    box = view.evaluate("""() => { const r = document.querySelector(
-        "#trainprobe-dashboard .heatmaplayer image, #trainprobe-dashboard .hm image");
+    """Mouse onto the middle of the largest heatmap, until a hover label is in the DOM
+    (NaN when none shows within 10 s)."""
+    box = view.evaluate("""() => {
+      const images = [...document.querySelectorAll("#trainprobe-dashboard .hm image")];
+      const area = (e) => { const b = e.getBoundingClientRect(); return b.width * b.height; };
+      const r = images.sort((a, b) => area(b) - area(a))[0];
       if (!r) return null; r.scrollIntoView({block: "center"});
       const b = r.getBoundingClientRect(); return [b.x + b.width / 2, b.y + b.height / 2]; }""")
     if box is None:
@@ -160,8 +163,11 @@ def _hover_ms(view) -> float:
     view.evaluate(_NEXT_FRAME)
     start = time.perf_counter()
     view.mouse.move(*box)
-    view.wait_for_function("() => document.querySelector('.hoverlayer .hovertext, "
-                           ".hoverlayer .legend')", timeout=60_000)  # fmt: skip
+    try:
+        view.wait_for_function("() => document.querySelector('.hoverlayer .hovertext, "
+                               ".hoverlayer .legend')", timeout=10_000)  # fmt: skip
+    except Exception:  # playwright's TimeoutError: no label, no number
+        return float("nan")
     view.evaluate(_NEXT_FRAME)
     return 1000 * (time.perf_counter() - start)
 
