@@ -36,20 +36,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.chromium import BROWSER_FLAGS
 from tests.synth import write_run
 
 from trainprobe.analysis import analyze
 from trainprobe.dashboard import build, extra_figures, to_html
 
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+FLAGS = [f for f in BROWSER_FLAGS if f != "--headless"]  # playwright adds its own
 
 
 def series(steps: int, layers: int, seed: int = 0) -> dict:

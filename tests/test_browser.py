@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chromium import BROWSER_FLAGS
 from tests.synth import write_run
 from tests.test_dashboard import full_series
 from trainprobe.analysis import analyze
@@ -29,17 +30,6 @@ from trainprobe.dashboard.links import SPAN_MARGIN
 
 NAMES = ("chromium", "chromium-browser")
 INSTALL_ENV = "TRAINPROBE_INSTALL_BROWSER"
-BROWSER_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
-"""Headless, and no background connections (refused here: the network is closed)."""
 
 
 def _which() -> str | None:

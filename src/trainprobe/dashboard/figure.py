@@ -136,8 +136,8 @@ def _row_title(panel: Panel, part: PanelPart, findings: tuple[Finding, ...]) -> 
 
 def _place(fig: go.Figure, row: int, part: PanelPart, name: str) -> None:
     """Add a row's traces; its legend and colourbars go beside the row itself. Each trace
-    gets the ``uid`` ``<panel>-<index>`` (plotly puts it in CSS selectors), stable while the run grows, so plotly keeps a
-    user's legend choices across a live redraw."""
+    gets the ``uid`` ``<panel>-<index>`` (plotly puts it in CSS selectors), stable while
+    the run grows, so plotly keeps a user's legend choices across a live redraw."""
     lo, hi = fig.get_subplot(row, 1).yaxis.domain
     legend = "legend" if row == 1 else f"legend{row}"
     first = len(fig.data)
