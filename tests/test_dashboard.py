@@ -41,6 +41,7 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
         scale = 10.0 ** -(i + 1)
         series[f"norms/grad/{name}"] = (sched, scale * (1 + rng.random(sched.size)))
         series[f"norms/weight/{name}"] = (sched, (i + 1) * (1 + sched / steps))
+        series[f"scan/update_norm/{name}"] = (sched[1:], 0.01 * (i + 1) * np.ones(sched.size - 1))
         series[f"updates/ratio/{name}"] = (sched, 10.0 ** (-2 - i / 2) * np.ones(sched.size))
     for i, name in enumerate(MODULES):
         series[f"activations/std/{name}"] = (sched, (0.5 ** i) * np.ones(sched.size))
@@ -56,6 +57,10 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
         "hessian_trace/stderr": (curv, sharp / 4), "hessian_density/grid": (curv, grid),
         "hessian_density/density": (curv, np.exp(-8.0 * grid**2)),
         "grad_subspace/fraction": (curv, 0.9 - 0.2 * curv / steps),
+        # what an offline scan adds: the change since the previous checkpoint
+        "scan/update_ratio_total": (sched[1:], 1e-2 * np.ones(sched.size - 1)),
+        "scan/update_norm_total": (sched[1:], 0.2 * np.ones(sched.size - 1)),
+        "scan/steps_between": (sched[1:], np.full(sched.size - 1, float(every))),
     })
     from tests.test_dashboard_gradients import gradient_series  # they import this module
     from tests.test_dashboard_grokking import grok_series
@@ -97,7 +102,7 @@ def test_full_run_has_every_panel_in_order(full_run):
     titles = row_titles(fig)
     expected = [p.title for p in PANELS if p.name != "findings"]
     assert [next(t for t in titles if f"<b>{e}</b>" in t) for e in expected] == titles
-    assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 9
+    assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 10
     assert fig.layout.xaxis.matches is not None or fig.layout.xaxis2.matches is not None
     assert fig.layout.hovermode == "x unified"
 
@@ -162,7 +167,7 @@ def test_findings_draw_spans_timeline_and_title_marker(full_run):
     assert len(fig.layout.shapes) == 2 * rows
     filled = [s for s in fig.layout.shapes if s.fillcolor is not None]
     outlined = [s for s in fig.layout.shapes if s.fillcolor is None]
-    assert len(outlined) == 2 * 9 and {s.line.color for s in outlined} == {"#d62728", "#1f77b4"}
+    assert len(outlined) == 2 * 10 and {s.line.color for s in outlined} == {"#d62728", "#1f77b4"}
     span = next(s for s in filled if s.fillcolor == "#d62728" and s.yref == "y2 domain")
     assert span.x0 <= 238 and span.x1 >= 242 and (span.y0, span.y1) == (0, 1)
     bar = next(t for t in fig.data if "loss_spike" in (t.hovertemplate or ""))

@@ -128,6 +128,11 @@ def test_menu_buttons_show_one_family_and_reset_the_axis(other_run):
     assert heat.args[1][f"{axis}.autorange"] == "reversed"
     assert lines.args[1][f"{axis}.type"] == "linear"
     assert lines.args[1][f"{axis}.tickvals"] is None  # the heatmap's labels are cleared
+    # each choice puts its own explanation in the row's title line
+    row = int(axis.removeprefix("yaxis")) - 1
+    note = heat.args[1][f"annotations[{row}].text"]
+    assert "<b>Every other recorded series</b>" in note and "optimizer step per tensor" in note
+    assert fig.layout.annotations[row].text == menu.buttons[0].args[1][f"annotations[{row}].text"]
 
 
 def test_menu_items_are_validated():

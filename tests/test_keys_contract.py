@@ -55,6 +55,8 @@ def test_default_probes_produce_every_key_a_consumer_needs(default_keys, consume
     for pattern in choices(consumer):
         if is_curvature(pattern) or is_gradient(pattern) or is_analysis(pattern):
             continue  # checked against the curvature, gradient or analysis probes below
+        if pattern.startswith("scan/"):
+            continue  # only a scan writes them: tests/test_scan.py checks them on one
         assert any(fnmatchcase(k, pattern) for k in default_keys), (
             f"{consumer.name} needs {pattern!r}, which the default probes (plus a logged loss) "
             "do not write"
@@ -181,4 +183,18 @@ def test_every_detectors_evidence_has_a_dedicated_row(drawn_rows):
                 continue  # e.g. scalars the user logs: checked by the tests above
             assert any(k in dedicated for k in written), (
                 f"detector {detector.name}: no dedicated row draws {pattern!r}"
+            )
+
+
+def test_every_catch_all_family_of_the_probes_is_explained(drawn_rows):
+    """Each family the probes leave to the catch-all row has its own one-line note."""
+    from trainprobe.dashboard.other import FAMILY_NOTES
+
+    for probe_set, (_, parts) in drawn_rows.items():
+        if CATCH_ALL not in parts:
+            continue
+        for item in parts[CATCH_ALL].menu:
+            label = item.label.rsplit(" (", 1)[0]
+            assert any(fnmatchcase(label, pattern) for pattern, _ in FAMILY_NOTES), (
+                f"{probe_set}: the family {label} has no note in FAMILY_NOTES"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 import textwrap
@@ -455,3 +456,23 @@ def test_lazy_load_maps_zip_files_and_reads_legacy_ones_whole(tmp_path):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:200])
     with pytest.raises(CheckpointError, match=r"cut\.pt: unreadable or truncated"):
         load_checkpoint(tmp_path / "cut.pt", lazy=True)
+
+
+def test_the_dashboard_of_a_scan_draws_every_key_on_a_row_of_its_own(trained, tmp_path):
+    """The scan's own keys (the change between checkpoints) have dedicated rows, not only
+    the catch-all; the change row's hover carries the steps between checkpoints."""
+    from trainprobe.dashboard import PANELS
+
+    ckpts, _ = trained
+    result = quiet_scan(ckpts, run_dir=tmp_path / "scan")
+    with trainprobe.Run(result.run_dir) as run:
+        parts = {p.name: part for p in PANELS if (part := p.draw(run, ())) is not None}
+        keys = run.keys("")
+    dedicated = {k for name, part in parts.items() if name != "other_series" for k in part.keys}
+    assert [k for k in keys if k.startswith("scan/") and k not in dedicated] == []
+    needs = [p for panel in PANELS for p in panel.needs if p.startswith("scan/")]
+    assert needs and all(any(fnmatch.fnmatchcase(k, p) for k in keys) for p in needs)
+    (change,) = parts["checkpoint_change"].traces
+    assert "over %{customdata[1]:.0f} steps" in change.hovertemplate
+    np.testing.assert_array_equal(np.asarray(change.customdata)[:, 1], [5, 5, 5, 5])
+    assert len(parts["checkpoint_update_heatmap"].traces[0].y) == 4  # two weights, two biases

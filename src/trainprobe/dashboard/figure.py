@@ -60,6 +60,9 @@ def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = Non
     )
     for row, (panel, part) in enumerate(rows, start=1):
         _place(fig, row, part, panel.name)
+        if part.menu:
+            titles = [_row_title(panel, part, found, item.description) for item in part.menu]
+            _add_menu(fig, row, part, titles)
     draw_spans(fig, found, _extent(fig), [part for _, part in rows])
     _style(fig, title, int(height) + MARGIN["t"] + MARGIN["b"], rows=len(rows))
     axes = [fig.get_subplot(row, 1).yaxis.plotly_name for row in range(1, len(rows) + 1)]
@@ -127,10 +130,14 @@ def _check_inputs(run: object, findings: object, title: object) -> tuple[Finding
     return found
 
 
-def _row_title(panel: Panel, part: PanelPart, findings: tuple[Finding, ...]) -> str:
+def _row_title(
+    panel: Panel, part: PanelPart, findings: tuple[Finding, ...], description: str = ""
+) -> str:
+    """Marker, bold title and the one-line explanation (``description`` or the part's)."""
     return (
         f"{title_marker(part, findings)}<b>{html.escape(panel.title)}</b>   "
-        f"<span style='font-size:11px;color:#666'>{html.escape(part.description)}</span>"
+        f"<span style='font-size:11px;color:#666'>"
+        f"{html.escape(description or part.description)}</span>"
     )
 
 
@@ -140,7 +147,6 @@ def _place(fig: go.Figure, row: int, part: PanelPart, name: str) -> None:
     the run grows, so plotly keeps a user's legend choices across a live redraw."""
     lo, hi = fig.get_subplot(row, 1).yaxis.domain
     legend = "legend" if row == 1 else f"legend{row}"
-    first = len(fig.data)
     for index, trace in enumerate(part.traces):
         fig.add_trace(trace, row=row, col=1)
         added = fig.data[-1]
@@ -174,21 +180,23 @@ def _place(fig: go.Figure, row: int, part: PanelPart, name: str) -> None:
     if part.y_log:
         axis["type"] = "log"
     fig.update_yaxes(axis, row=row, col=1)
-    if part.menu:
-        _add_menu(fig, row, part, first, hi)
 
 
-def _add_menu(fig: go.Figure, row: int, part: PanelPart, first: int, top: float) -> None:
-    """A drop-down over the row's right end; each choice shows its traces, hides the row's
-    others and sets the row's y-axis (settings another choice made are reset)."""
+def _add_menu(fig: go.Figure, row: int, part: PanelPart, titles: list[str]) -> None:
+    """A drop-down over the row's right end (the row's traces are the figure's last); each
+    choice shows its traces, hides the row's others, sets the row's y-axis (settings
+    another choice made are reset) and its title line to ``titles[i]``."""
     y_name = fig.get_subplot(row, 1).yaxis.plotly_name  # "yaxis7"
+    top = fig.get_subplot(row, 1).yaxis.domain[1]
+    first = len(fig.data) - len(part.traces)
     indices = list(range(first, first + len(part.traces)))
     settings = {key for item in part.menu for key in item.y_axis}
     buttons = []
-    for item in part.menu:
+    for item, title in zip(part.menu, titles, strict=True):
         shown = set(item.traces)
         layout = {f"{y_name}.{key}": item.y_axis.get(key) for key in sorted(settings)}
         layout[f"{y_name}.title.text"] = item.y_title
+        layout[f"annotations[{row - 1}].text"] = title  # row titles: the first annotations
         visible = [i in shown for i in range(len(part.traces))]
         buttons.append({"label": item.label, "method": "update",
                         "args": [{"visible": visible}, layout, indices]})  # fmt: skip

@@ -5,7 +5,8 @@ drawn there, one *family* at a time, picked from a menu over the row. A family i
 the keys ``<parent>/<name>`` that share a parent (one line each, or a heatmap of names x
 steps when there are more than :data:`MAX_FAMILY_LINES`), or a probe's single keys
 together (one line each). So nothing a probe records is out of the dashboard's reach, and
-the page carries each series once, thinned for display only (:func:`thin`).
+the page carries each series once, thinned for display only (:func:`thin`). The row's
+title line explains the chosen family (:data:`FAMILY_NOTES`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import html
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from fnmatch import fnmatchcase
 
 import numpy as np
@@ -31,6 +33,72 @@ MAX_FAMILY_LINES = 8
 MAX_POINTS = 2000
 """Most points per line in the catch-all row; longer series are thinned (:func:`thin`)."""
 OTHER_HEIGHT = 1.6
+
+FAMILY_NOTES: tuple[tuple[str, str], ...] = (
+    ("activations/mean/*", "Mean of each module's output; a mean drifting far from 0 with "
+     "depth is a shift that normalisation would absorb."),
+    ("updates/norm/*", "‖Δw‖ of one optimizer step per tensor; the update-ratio row divides "
+     "it by ‖w‖."),
+    ("updates/…", "‖Δw‖ of one optimizer step over the whole model."),
+    ("nonfinite/…", "Index (into the model's parameter list) of the first tensor whose "
+     "gradient or value went NaN/Inf; −1 while none has."),
+    ("hessian/…", "Lanczos bookkeeping: Hessian-vector products used, the residual "
+     "‖Hv − λv‖ of each eigenpair and whether it converged (1); large residuals mean rough "
+     "eigenvalues."),
+    ("hessian_trace/…", "Hessian-vector products each trace estimate cost."),
+    ("hessian_density/…", "Hessian-vector products each density estimate cost."),
+    ("grad_subspace/…", "Hessian-vector products each top-eigenspace measurement cost."),
+    ("sharpness/…", "λ_max over the stability threshold (ratio; 1 is the edge of stability), "
+     "the learning rate behind the threshold, whether it is Adam's preconditioned "
+     "sharpness (1), and the Hessian-vector products used."),
+    ("conflict/…", "Over all group pairs: the number of groups, the ids of the most "
+     "conflicting pair, the lowest magnitude similarity, and how far PCGrad would move the "
+     "update (0: no conflict)."),
+    ("conflict/gms/*", "Gradient-magnitude similarity of each pair, 2‖a‖‖b‖/(‖a‖²+‖b‖²): "
+     "near 0, one group's gradient dwarfs the other's."),
+    ("conflict/grad_share/*", "Each group's projection share ⟨c_g, C⟩/‖C‖² of the update; "
+     "the shares sum to 1 and a negative one pulls against the rest."),
+    ("conflict/layer_cos/*", "Mean cosine between the groups' gradients within each tensor: "
+     "where in the network they disagree."),
+    ("conflict/layer_min_cos/*", "Worst cosine between two groups' gradients within each "
+     "tensor: where in the network they disagree most."),
+    ("grad_noise/snr/*", "Each tensor's gradient signal over its noise at this batch size, "
+     "‖G‖²/(tr Σ/B): below 1, mostly noise."),
+    ("grad_spectrum/sigma_*/*", "A top singular value of each weight matrix's gradient."),
+    ("grad_spectrum/effective_rank/*", "Effective rank (exp of the singular-value entropy) of "
+     "each gradient; falling: updates along fewer directions."),
+    ("grad_spectrum/energy_top_r/*", "Share of each gradient's energy in its top r singular "
+     "directions; near 1, the update is low-rank."),
+    ("weight_spectrum/stable_rank/*", "Stable rank ‖W‖_F²/σ_0² of each weight matrix; "
+     "falling: a few directions dominate."),
+    ("weight_spectrum/residual/*", "Residual of the power iteration behind each spectral "
+     "norm: its accuracy."),
+    ("weight_spectrum/sigma_*/*", "A top singular value of each weight matrix."),
+    ("weight_spectrum/gate_*/*", "Spectral norm of each gate block of the recurrent "
+     "matrices: that gate's recurrent gain."),
+    ("weight_spectrum/…", "Weight-spectrum keys of single tensors: stable rank, singular "
+     "values, power-iteration residual or a recurrent gate block's spectral norm."),
+    ("ntk/…", "Trace of the empirical NTK on the probe's batch (alignment and drift are in "
+     "the NTK row)."),
+    ("ntk_response/…", "Output response along each label-carrying eigendirection of the "
+     "initial NTK, over its label energy (Pezeshki et al. 2021); near 0, not learned."),
+    ("attribution/ablation/*", "Loss rise when each feature group is ablated: how much the "
+     "model relies on it."),
+    ("robustness/…", "Clean accuracy of the robustness batch and the attack radius ε (the "
+     "adversarial accuracy is in the accuracy row)."),
+    ("regions/*/layer/*", "Local complexity per layer for that set of points: neurons whose "
+     "state changes nearby."),
+    ("regions/…", "Exact number of linear pieces along segments between points."),
+    ("heldout/…", "Held-out metrics from the probe's eval_fn."),
+    ("scalars/…", "Logged scalars."),
+)  # fmt: skip
+"""One line on what each family of the catch-all row shows, by ``fnmatch`` on its label."""
+
+
+def family_note(label: str) -> str:
+    """The :data:`FAMILY_NOTES` line for a family label, or a plain one naming the probe."""
+    note = next((text for pattern, text in FAMILY_NOTES if fnmatchcase(label, pattern)), None)
+    return note or f"Series the {label.split('/', 1)[0]} probe records."
 
 
 def other_series_panel(
@@ -57,18 +125,18 @@ def other_series_panel(
         start = len(traces)
         traces += family
         menu.append(MenuItem(f"{label} ({len(members)})", tuple(range(start, len(traces))),
-                             y_title, y_axis))  # fmt: skip
+                             y_title, y_axis, family_note(label)))  # fmt: skip
         drawn += members
     if not traces:
         return None
-    note = ""
+    note = " Other families: the menu (right)."
     if vectors:
         listed = ", ".join(vectors[:4]) + (f" and {len(vectors) - 4} more" if len(vectors) > 4
                                            else "")  # fmt: skip
-        note = f" Not drawn (arrays, or no finite value; read them with Run.series): {listed}."
+        note += f" Not drawn (arrays, or nothing finite; see Run.series): {listed}."
+    menu = [replace(item, description=item.description + note) for item in menu]
     return PanelPart(
-        traces, menu[0].y_title,
-        "One family at a time, from the menu. Long lines keep each bin's min and max." + note,
+        traces, menu[0].y_title, menu[0].description,
         keys=tuple(drawn), height=OTHER_HEIGHT, y_axis=menu[0].y_axis, menu=tuple(menu),
     )  # fmt: skip
 

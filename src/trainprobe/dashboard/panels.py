@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from .checkpoints import checkpoint_change_panel, checkpoint_update_heatmap
 from .curvature import (
     grad_subspace_panel,
     hessian_density_panel,
@@ -78,6 +79,18 @@ _DEDICATED: tuple[Panel, ...] = (
         "Update / weight ratio per parameter",
         update_ratio_heatmap,
         ("updates/ratio/*",),
+    ),
+    Panel(
+        "checkpoint_change",
+        "Change since the previous checkpoint",
+        checkpoint_change_panel,
+        ("scan/update_ratio_total", "scan/update_norm_total", "scan/steps_between"),
+    ),
+    Panel(
+        "checkpoint_update_heatmap",
+        "Change per parameter since the previous checkpoint",
+        checkpoint_update_heatmap,
+        ("scan/update_norm/*",),
     ),
     Panel(
         "activation_std_heatmap",

@@ -38,12 +38,15 @@ class MenuItem:
             the row's traces are hidden).
         y_title: the y-axis title while it is chosen.
         y_axis: y-axis settings while it is chosen (e.g. ``type``, ``autorange``).
+        description: the row's one-line explanation while it is chosen ('' keeps the
+            row's own).
     """
 
     label: str
     traces: tuple[int, ...]
     y_title: str = ""
     y_axis: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
 
 
 @dataclass(frozen=True)
