@@ -190,3 +190,34 @@ def test_skip_as_a_bare_string_is_refused(tmp_path):
     run = write_run(tmp_path / "r", ratios(0, {}))
     with pytest.raises(TypeError, match=r"skip must be a tuple of fnmatch patterns"):
         detect_update_ratio(run, skip="*bias")
+
+
+def test_the_pruned_window_search_equals_every_window_median():
+    """_too_large computes medians only where half a window lies above the threshold; on
+    random series near the threshold (odd and even widths, uneven steps) its result must
+    equal the brute force over every window."""
+    from trainprobe.analysis._series import step_windows, window_medians
+    from trainprobe.analysis.update_ratio import _too_large
+
+    rng = np.random.default_rng(0)
+    flagged = 0
+    for trial in range(60):
+        n = int(rng.integers(5, 400))
+        steps = np.cumsum(rng.integers(1, 4, n))
+        wave = (rng.random() < 0.5) * np.sin(steps / 30)
+        level = 0.1 * rng.uniform(0.6, 1.2)  # below, near or above the threshold
+        ratios = level * np.exp(rng.normal(0, 0.4, n)) * (1 + wave)
+        window = (int(rng.integers(2, 60)), int(rng.integers(2, 9)))
+        starts, ends = step_windows(steps, *window)
+        medians = window_medians(ratios, starts, ends)
+        over = np.flatnonzero(medians > 0.1)
+        got = _too_large("w", steps, ratios, window, 0.1)
+        if not over.size:
+            assert got == [], trial
+            continue
+        flagged += 1
+        (layer,) = got
+        assert layer.start_step == steps[starts[over[0]]]
+        assert layer.end_step == steps[ends[over[-1]] - 1]
+        assert layer.level == pytest.approx(float(medians.max()))
+    assert 10 < flagged < 50  # both outcomes were exercised

@@ -238,3 +238,20 @@ def test_thin_never_exceeds_max_points():
         for max_points in (3, 4, 5, 64, 101):
             x, _ = thin(np.arange(n), values, max_points=max_points)
             assert x.size <= max(max_points, 2) or n <= max_points, (n, max_points)
+
+
+def test_reading_once_serves_analyze_and_build_from_one_read(tmp_path):
+    """Inside Run.reading_once() each key is read once and shared read-only: every detector
+    and every row must work on those arrays (none writes into them), with the same result."""
+    from trainprobe.analysis import analyze
+
+    run = write_run(tmp_path / "r", full_series())
+    fresh = build(run, analyze(run)).to_plotly_json()
+    with run.reading_once():
+        findings = analyze(run)
+        shared = build(run, findings).to_plotly_json()
+        first = run.series("scalars/loss")
+        assert run.series("scalars/loss") is first and not first.values.flags.writeable
+    assert run.series("scalars/loss") is not first  # outside the block: a fresh read
+    assert findings and len(shared["data"]) == len(fresh["data"])
+    assert shared["layout"]["meta"] == fresh["layout"]["meta"]

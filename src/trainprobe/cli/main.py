@@ -77,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "to give the detectors something real; --no-mishap trains cleanly)"
         )
     run_demo(config, run_dir)
-    with Run(run_dir) as run:
+    with Run(run_dir) as run, run.reading_once():  # analyze, report, dashboard: one read
         findings = analyze(run)
         print(format_findings(run, findings))
         html = _write_dashboard(run, findings, run_dir / "dashboard.html")
@@ -91,7 +91,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..store import Run
     from .report import exit_code
 
-    with Run(args.run_dir) as run:
+    with Run(args.run_dir) as run, run.reading_once():
         findings = analyze(run)
         _print_report(run, findings, args)
     return exit_code(findings)
@@ -132,7 +132,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         return serve(args.run_dir, args.port, refresh_seconds=args.refresh)
 
     output = Path(args.output) if args.output else Path(args.run_dir) / "dashboard.html"
-    with Run(args.run_dir) as run:
+    with Run(args.run_dir) as run, run.reading_once():
         print(f"dashboard: {_write_dashboard(run, analyze(run), output)}")
     return 0
 

@@ -211,7 +211,7 @@ def page(run_dir: str | Path, refresh_ms: int = 5000) -> str:
     from ..dashboard import build, extra_figures, to_html
     from ..dashboard.links import DIV_ID, EXTRA_ID, META_KEY
 
-    with Run(run_dir) as run:
+    with Run(run_dir) as run, run.reading_once():
         document = to_html(build(run, analyze(run)), *extra_figures(run))
         state = json.dumps(_state(run)).replace("</", "<\\/")  # no "</script>" inside
         script = _SCRIPT.format(state=state, ms=int(refresh_ms), main=DIV_ID, extra=EXTRA_ID,
@@ -228,7 +228,7 @@ def figure_json(run_dir: str | Path) -> str:
     from ..dashboard import build, extra_figures
     from ..dashboard.links import META_KEY, findings_items
 
-    with Run(run_dir) as run:
+    with Run(run_dir) as run, run.reading_once():
         state = _state(run)
         fig = build(run, analyze(run))
         extras = extra_figures(run)

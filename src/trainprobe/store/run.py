@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ class Run:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
+        self._memo: dict[str, Series] | None = None
         db = self.run_dir / DB_NAME
         if not self.run_dir.is_dir():
             raise FileNotFoundError(
@@ -96,6 +99,20 @@ class Run:
     def __contains__(self, key: object) -> bool:
         return bool(self._query("SELECT 1 FROM keys WHERE name = ?", (key,)))
 
+    @contextlib.contextmanager
+    def reading_once(self) -> Iterator[Run]:
+        """Within the block, :meth:`series` reads each key from the database once and hands
+        the same (read-only) arrays to every later caller: for one pass of several readers
+        over a large run, e.g. ``analyze`` and then ``dashboard.build``. Steps committed
+        meanwhile show only for keys not read yet; outside the block every read is fresh.
+        """
+        outer = self._memo
+        self._memo = {} if outer is None else outer
+        try:
+            yield self
+        finally:
+            self._memo = outer
+
     def kind(self, key: str) -> str:
         """``"scalar"`` (one number per step) or ``"array"``, read without the values.
 
@@ -110,6 +127,16 @@ class Run:
         Raises:
             KeyError: the run has no such key (the message lists close matches).
         """
+        if self._memo is not None and key in self._memo:
+            return self._memo[key]
+        series = self._read_series(key)
+        if self._memo is not None:
+            series.steps.setflags(write=False)  # shared by every reader in the block
+            series.values.setflags(write=False)
+            self._memo[key] = series
+        return series
+
+    def _read_series(self, key: str) -> Series:
         key_id, kind = self._key(key)
         if kind == "scalar":
             rows = self._query(
