@@ -222,7 +222,11 @@ LIVE_DRIVE = """<script>
       var names = gd.data.filter(function (t) { return t.visible !== false; })
         .map(function (t) { return t.name; });
       var pre = document.createElement("pre"); pre.id = "tp-result";
+      var title = gd.layout.annotations.map(function (a) { return a.text; })
+        .filter(function (t) { return /Every other recorded series/.test(t); })[0];
       pre.textContent = JSON.stringify({loads: loads, names: names, zoom: window.tpZoom,
+        title: title, stray: Object.keys(gd.layout).filter(function (k) {
+          return k.indexOf("[") >= 0; }),
         range: gd._fullLayout.xaxis.range, active: gd.layout.updatemenus[0].active,
         count: document.getElementById("tp-findings-count") &&
           document.getElementById("tp-findings-count").textContent});
@@ -281,6 +285,8 @@ def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
     assert out["range"] == pytest.approx(zoom)  # ... and the zoom survived Plotly.react
     assert out["active"] == 1  # so did the catch-all row's menu choice: its family shows
     assert {"a", "b", "c"} <= set(out["names"]) and "sharpness/lr" not in out["names"]
+    assert "optimizer step per tensor" in out["title"]  # the chosen family's explanation
+    assert out["stray"] == []  # "annotations[k].text" went into the array, not a new key
 
 
 def test_missing_browser_skips_and_says_why(monkeypatch):

@@ -34,9 +34,20 @@ _SCRIPT = """<script>
     return meta ? meta.rows.map(function (r) {{ return r.name; }}) : [];
   }}
   function family(label) {{ return String(label).replace(/ \\(\\d+\\)$/, ""); }}
-  function setPath(obj, path, value) {{  // "yaxis3.title.text" = value (null: unset)
-    var keys = path.split("."), last = keys.pop();
-    keys.forEach(function (k) {{ obj = obj[k] = obj[k] || {{}}; }});
+  function setPath(obj, path, value) {{  // "annotations[3].text" = value (null: unset)
+    var keys = [];
+    path.split(".").forEach(function (part) {{
+      var m = /^(\\w+)\\[(\\d+)\\]$/.exec(part);
+      if (m) {{ keys.push(m[1], +m[2]); }} else {{ keys.push(part); }}
+    }});
+    var last = keys.pop();
+    keys.forEach(function (k, i) {{
+      var next = i + 1 < keys.length ? keys[i + 1] : last;
+      if (obj[k] === undefined || obj[k] === null) {{
+        obj[k] = typeof next === "number" ? [] : {{}};
+      }}
+      obj = obj[k];
+    }});
     if (value === null) {{ delete obj[last]; }} else {{ obj[last] = value; }}
   }}
   function keepChoices(main, figure) {{  // the user's menu choices, matched by family
