@@ -29,13 +29,15 @@ CATCH_ALL = next(p for p in PANELS if p.name == "other_series")
 def test_families_group_siblings_and_gather_a_probes_single_keys():
     keys = ["conflict/norm/a", "conflict/groups", "conflict/norm/b", "sharpness/lr",
             "conflict/pcgrad_shift", "regions/train/layer/0", "regions/train/layer/1",
-            "ntk/trace"]  # fmt: skip
+            "ntk/trace", "regions/test/layer/0", "custom/thing/only"]  # fmt: skip
     assert families(keys) == {
         "conflict/norm/*": ["conflict/norm/a", "conflict/norm/b"],
         "conflict/…": ["conflict/groups", "conflict/pcgrad_shift"],
         "sharpness/…": ["sharpness/lr"],
         "regions/train/layer/*": ["regions/train/layer/0", "regions/train/layer/1"],
         "ntk/…": ["ntk/trace"],
+        "regions/test/layer/*": ["regions/test/layer/0"],  # alone, but a known family
+        "custom/…": ["custom/thing/only"],
     }
 
 

@@ -53,7 +53,9 @@ _SCRIPT = """<script>
   function keepChoices(main, figure) {{  // the user's menu choices, matched by family
     var old = (main.layout.updatemenus || []), menus = figure.layout.updatemenus || [];
     old.forEach(function (menu, i) {{
-      var want = family(menu.buttons[menu.active || 0].label), now = menus[i];
+      var chosen = menu.buttons[menu.active || 0], now = menus[i];
+      if (!chosen) {{ return; }}
+      var want = family(chosen.label);
       var k = now ? now.buttons.map(function (b) {{ return family(b.label); }}).indexOf(want) : -1;
       if (k <= 0) {{ return; }}
       var args = now.buttons[k].args;
@@ -65,10 +67,12 @@ _SCRIPT = """<script>
   }}
   function keepZoom(main, figure) {{  // a link's zoom too, which uirevision would not keep
     var x = main._fullLayout.xaxis;
-    if (x && !x.autorange) {{
-      setPath(figure.layout, "xaxis.range", x.range.slice());
-      setPath(figure.layout, "xaxis.autorange", false);
-    }}
+    if (!x || x.autorange) {{ return; }}
+    Object.keys(figure.layout).filter(function (k) {{ return /^xaxis\\d*$/.test(k); }})
+      .forEach(function (k) {{  // every axis of the shared group: the bottom one rules it
+        setPath(figure.layout, k + ".range", x.range.slice());
+        setPath(figure.layout, k + ".autorange", false);
+      }});
   }}
   function redraw(data) {{
     var main = document.getElementById("{main}");
@@ -223,8 +227,9 @@ def page(run_dir: str | Path, refresh_ms: int = 5000) -> str:
     from ..dashboard.links import DIV_ID, EXTRA_ID, META_KEY
 
     with Run(run_dir) as run, run.reading_once():
-        document = to_html(build(run, analyze(run)), *extra_figures(run))
+        # the state first: steps committed while the page is built count as not yet seen
         state = json.dumps(_state(run)).replace("</", "<\\/")  # no "</script>" inside
+        document = to_html(build(run, analyze(run)), *extra_figures(run))
         script = _SCRIPT.format(state=state, ms=int(refresh_ms), main=DIV_ID, extra=EXTRA_ID,
                                 meta=META_KEY)  # fmt: skip
     head, sep, tail = document.rpartition("</body>")

@@ -12,7 +12,7 @@ title line explains the chosen family (:data:`FAMILY_NOTES`).
 from __future__ import annotations
 
 import html
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 from fnmatch import fnmatchcase
@@ -90,7 +90,6 @@ FAMILY_NOTES: tuple[tuple[str, str], ...] = (
      "state changes nearby."),
     ("regions/…", "Exact number of linear pieces along segments between points."),
     ("heldout/…", "Held-out metrics from the probe's eval_fn."),
-    ("scalars/…", "Logged scalars."),
 )  # fmt: skip
 """One line on what each family of the catch-all row shows, by ``fnmatch`` on its label."""
 
@@ -111,8 +110,9 @@ def other_series_panel(
     the description, not drawn. ``None`` when nothing is left.
     """
     keys = [k for k in run.keys("") if not any(fnmatchcase(k, p) for p in covered)]
-    vectors = [k for k in keys if run.kind(k) != "scalar"]  # named, never read
-    series = [run.series(k) for k in keys if run.kind(k) == "scalar"]
+    kinds = {k: run.kind(k) for k in keys}
+    vectors = [k for k in keys if kinds[k] != "scalar"]  # named, never read
+    series = [run.series(k) for k in keys if kinds[k] == "scalar"]
     scalars = {s.key: s for s in series if len(s) > 0}
     traces: list[go.BaseTraceType] = []
     menu: list[MenuItem] = []
@@ -129,6 +129,10 @@ def other_series_panel(
         drawn += members
     if not traces:
         return None
+    names = Counter(t.name for t in traces if isinstance(t, go.Scatter))
+    for trace in traces:  # a short name two families share: the whole key instead
+        if isinstance(trace, go.Scatter) and names[trace.name] > 1:
+            trace.name = trace.meta
     note = " Other families: the menu (right)."
     if vectors:
         listed = ", ".join(vectors[:4]) + (f" and {len(vectors) - 4} more" if len(vectors) > 4
@@ -145,16 +149,19 @@ def families(keys: Sequence[str]) -> dict[str, list[str]]:
     """Menu label -> keys, in recording order.
 
     Keys sharing a parent (``conflict/norm/a``, ``conflict/norm/b``) form the family
-    ``conflict/norm/*``; a key alone under its parent joins its probe's singles,
-    ``<probe>/…`` (``sharpness/lr``, ``sharpness/hvps``).
+    ``conflict/norm/*``, as does a key alone under a parent that :data:`FAMILY_NOTES`
+    names (one module's ``regions/train/layer/*``); any other key alone under its parent
+    joins its probe's singles, ``<probe>/…`` (``sharpness/lr``, ``sharpness/hvps``).
     """
     children: dict[str, list[str]] = defaultdict(list)
     for key in keys:
         children[key.rpartition("/")[0]].append(key)
+    named = [p for p, _ in FAMILY_NOTES if p.endswith("/*")]
     out: dict[str, list[str]] = {}
     for key in keys:
         parent = key.rpartition("/")[0]
-        if len(children[parent]) > 1 and parent.count("/") >= 1:
+        known = any(fnmatchcase(f"{parent}/*", p) for p in named)
+        if parent.count("/") >= 1 and (len(children[parent]) > 1 or known):
             label = f"{parent}/*"
         else:
             label = f"{key.split('/', 1)[0]}/…"
@@ -208,6 +215,7 @@ def _family(label: str, series: list[Series]) -> tuple[list[go.BaseTraceType], s
         x, y = thin(s.steps, s.values)
         name = s.key.removeprefix(label.removesuffix("*")) if label.endswith("/*") else s.key
         traces.append(go.Scatter(x=x, y=y, name=name, mode="lines", line={"width": 1.4},
+                                 meta=s.key,  # the whole key, should the short name recur
                                  hovertemplate=f"{html.escape(s.key)}: %{{y:.4g}}<extra></extra>"))
     log = _all_positive(series) and _spans_decades(series)
     y_axis = {"type": "log", **_log_axis(series)} if log else {"type": "linear"}
