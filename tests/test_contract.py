@@ -38,6 +38,30 @@ def _assert_same_training(a, b) -> None:
             assert torch.equal(torch.as_tensor(state_a[i][key]), torch.as_tensor(state_b[i][key]))
 
 
+def watched_run(tmp_path, model: str, probes: list, *, steps: int) -> tuple[Run, tuple]:
+    """Train ``model`` for ``steps`` without and with ``probes`` (same seed) and check what
+    every probe owes the loop: bit-identical parameters and optimizer state, the global RNG
+    untouched, no hook left, and each probe writing keys, all documented in its docstring.
+
+    Returns:
+        The watched run (opened) and the watched ``(model, optimizer)``.
+    """
+    reference = train(model, steps=steps)
+    rng = torch.get_rng_state()
+    watched = train(model, steps=steps, probes=probes, run_dir=tmp_path / "run")
+    assert torch.equal(torch.get_rng_state(), rng)
+    _assert_same_training(reference, watched)
+    assert hook_count(watched[0]) == 0
+    run = Run(tmp_path / "run")
+    for probe in probes:
+        keys = run.keys(f"{probe.name}/")
+        patterns = _documented_patterns(type(probe))
+        assert keys, f"{probe.name} wrote nothing"
+        undocumented = [k for k in keys if not any(p.fullmatch(k) for p in patterns)]
+        assert undocumented == [], f"{probe.name}: keys missing from its docstring"
+    return run, watched
+
+
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 @pytest.mark.parametrize("probe", [*PROBE_NAMES, "all"])
 def test_training_is_bit_identical_and_rng_untouched(tmp_path, model, probe):

@@ -14,8 +14,8 @@ from trainprobe.probes import StepContext, at_steps, every
 from trainprobe.probes.starvation import FeatureAttribution, NTKResponse
 from trainprobe.store import Run
 
-from .cases import MODELS, batch, hook_count, train
-from .test_contract import _assert_same_training, _documented_patterns
+from .cases import MODELS, batch
+from .test_contract import watched_run
 
 STEPS = 300
 
@@ -250,19 +250,9 @@ def test_bad_data_is_refused():
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_in_training_bit_identical_rng_untouched_keys_documented(tmp_path, model):
     probes = [FeatureAttribution(schedule=every(3)), NTKResponse(schedule=every(3))]
-    reference = train(model, steps=10)
-    rng = torch.get_rng_state()
-    watched = train(model, steps=10, probes=probes, run_dir=tmp_path / "run")
-    assert torch.equal(torch.get_rng_state(), rng)
-    _assert_same_training(reference, watched)
-    assert hook_count(watched[0]) == 0
-    run = Run(tmp_path / "run")
-    recorded = run.keys()
+    run, _ = watched_run(tmp_path, model, probes, steps=10)
     for probe in probes:
-        keys = [k for k in recorded if k.startswith(f"{probe.name}/")]
-        patterns = _documented_patterns(type(probe))
-        assert keys and all(any(p.fullmatch(k) for p in patterns) for k in keys), keys
-        for key in keys:
+        for key in run.keys(f"{probe.name}/"):
             assert run.series(key).steps.tolist() == [0, 3, 6, 9], key
             if key != "ntk_response/min_ratio":  # NaN while no direction responds positively
                 assert np.all(np.isfinite(run.series(key).values)), key

@@ -23,7 +23,7 @@ from trainprobe.store import Run, Series
 
 from .curves import _all_positive, _line, _log_axis, _read
 from .grid import bin_columns, layer_matrix
-from .heatmaps import _layer_axis, heatmap_columns
+from .heatmaps import _layer_axis, heatmap_columns, step_label
 from .parts import PanelPart
 
 COS = "conflict/cos"
@@ -89,8 +89,7 @@ def _cosine_part(
     x, _, width = binned
 
     def template(w: int) -> str:
-        step = "step %{x:.0f}" if w == 1 else f"step ≈ %{{x:.0f}} (mean of {w})"
-        return f"<b>%{{y}}</b><br>{step}{hover}<br>cosine %{{z:.3f}}<extra></extra>"
+        return f"<b>%{{y}}</b><br>{step_label(w)}{hover}<br>cosine %{{z:.3f}}<extra></extra>"
 
     traces = heatmap_columns(x, width, z=z, customdata=customdata, hover=template, y=labels,
                              hoverongaps=False, colorbar=_COSINE_BAR, **_COSINE_Z)  # fmt: skip

@@ -16,7 +16,7 @@ from trainprobe.store import Run, Series
 
 from .curves import _all_positive, _finite, _line, _log_axis, _read
 from .grid import bin_columns, log_ticks
-from .heatmaps import heatmap_columns
+from .heatmaps import heatmap_columns, step_label
 from .parts import PanelPart
 
 LAMBDA = "sharpness/lambda_max"
@@ -220,8 +220,8 @@ def hessian_density_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart 
     lo, hi = math.log10(floor), math.log10(peak + floor)
     ticks, labels = log_ticks(lo, hi)
     def template(w: int) -> str:
-        step = "step %{x:.0f}" if w == 1 else f"step ≈ %{{x:.0f}} (mean of {w})"
-        return f"{step}<br>eigenvalue %{{y:.4g}}<br>density %{{customdata:.3g}}<extra></extra>"
+        value = "density %{customdata:.3g}<extra></extra>"
+        return f"{step_label(w)}<br>eigenvalue %{{y:.4g}}<br>{value}"
 
     traces = heatmap_columns(
         x,

@@ -232,8 +232,13 @@ def _label_floor_zero(colorbar: dict, lo: float, hi: float, *, alone: bool) -> N
     colorbar.update(tickvals=[lo] + [v for v, _ in kept], ticktext=["0"] + [t for _, t in kept])
 
 
+def step_label(width: int) -> str:
+    """The hover's step for a column of ``width`` steps: the step, or the bin's mean step."""
+    return "step %{x:.0f}" if width == 1 else f"step ≈ %{{x:.0f}} (mean of {width})"
+
+
 def _hover(style: HeatStyle, width: int) -> str:
-    step = "step %{x:.0f}" if width == 1 else f"step ≈ %{{x:.0f}} (mean of {width})"
+    step = step_label(width)
     return (
         f"<b>%{{y}}</b><br>{step}<br>{style.label} "
         f"%{{customdata:{style.hover_format}}}<extra></extra>"
