@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from trainprobe.curvature import criterion_loss
 from trainprobe.gradients import DEFAULT_MAX_MEMORY, per_sample_gradients
-from trainprobe.gradients._functional import FunctionalLoss, SplitBatch
+from trainprobe.functional import Objective, SplitBatch
 from trainprobe.gradients.persample import chunk_for, for_each_chunk
 
 from .cases import MODELS, batch
@@ -145,7 +145,7 @@ def test_chunks_and_the_memory_bound_give_the_same_gradients():
     assert bounded.chunk_size == 3
     torch.testing.assert_close(bounded.grads, whole.grads, rtol=1e-12, atol=1e-15)
     blocks: list[int] = []
-    fl = FunctionalLoss(model, CE, None, "eval")
+    fl = Objective(model, CE)
     for_each_chunk(fl, SplitBatch.of(data), lambda s, g, v: blocks.append(g.shape[0]),
                    method="vmap", chunk_size=None, max_memory=3 * dim * 8)  # fmt: skip
     assert blocks == [3, 3, 3, 1]

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from trainprobe.curvature import ParamLayout, lanczos
 from trainprobe.curvature.blocks import block_lanczos, diagonal_block_eigenpairs
 from trainprobe.curvature.hvp import ENGINES, hessian_operator
-from trainprobe.curvature.loss import criterion_loss
+from trainprobe.functional import criterion_loss
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 

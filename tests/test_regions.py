@@ -291,13 +291,24 @@ def test_unsupported_models_raise_naming_the_supported_modules(model, match):
     assert hook_count(model) == 0
 
 
-def test_segment_walk_rejects_max_pool_and_compiled_models_are_refused():
+def test_segment_walk_rejects_max_pool():
     with pytest.raises(ValueError, match=r"'3' \(MaxPool2d\) is a max-pool.*segment walk"):
         segment_pieces(MODELS["cnn"](), torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8))
+
+
+def test_compiled_models_are_measured_through_their_eager_module():
     pytest.importorskip("torch._dynamo")
-    compiled = torch.compile(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), backend="eager")
-    with pytest.raises(ValueError, match=r"cannot hook a torch.compile'd module; pass model\."):
-        local_complexity(compiled, torch.zeros(2, 2), radius=0.1, frame=torch.eye(2))
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 2))
+    compiled = torch.compile(eager, backend="eager")
+    x, frame = torch.randn(5, 2), torch.eye(2)
+    want = local_complexity(eager, x, radius=0.3, frame=frame)
+    got = local_complexity(compiled, x, radius=0.3, frame=frame)
+    assert torch.equal(got.counts, want.counts) and want.counts.sum() > 0
+    assert got.layers == want.layers
+    a, b = torch.randn(3, 2), torch.randn(3, 2)
+    assert torch.equal(segment_pieces(compiled, a, b).pieces, segment_pieces(eager, a, b).pieces)
+    assert hook_count(eager) == 0
 
 
 def test_activations_must_be_batch_first():

@@ -1,12 +1,11 @@
 """Pure torch.func maths on flat ``[P]`` vectors and operators (no hooks, no state)."""
 
+from ..functional import LossFn, ParamLayout, criterion_loss, select_params
 from .blocks import block_lanczos, diagonal_block_eigenpairs
 from .density import SpectralDensity, spectral_density
 from .hvp import ENGINES, HessianOperator, hessian_operator
 from .lanczos import Eigenpairs, lanczos, power_iteration
-from .loss import LossFn, criterion_loss, select_params
 from .operator import MatmatOperator, Operator, as_matmat, as_matvec
-from .params import ParamLayout
 from .trace import TraceEstimate, diagonal, hutch_plus_plus, hutchinson, trace
 
 __all__ = [

@@ -2,13 +2,13 @@
 
 :func:`hessian_operator` returns a :class:`HessianOperator`: the Hessian
 ``H = ∇²_w L(w)`` at the model's current parameters ``w`` (flattened to ``[P]``, see
-:class:`~.params.ParamLayout`) as a symmetric operator with ``matvec(v [P])`` and
+:class:`trainprobe.functional.ParamLayout`) as a symmetric operator with ``matvec(v [P])`` and
 ``matmat(V [P, k])`` for every algorithm of this package. The data loop lives only
 here: ``L`` is one batch's loss, or the exact dataset loss over several batches
 ``L = Σ_b (n_b / N) L_b`` for mean-reduced losses (``Σ_b L_b`` for summed ones), the
 last short batch included.
 
-Three engines, all through ``torch.func.functional_call`` on a flat ``w``:
+Three engines, all over one :class:`trainprobe.functional.Objective` on a flat ``w``:
 
 - ``"graph"``: double backward. The gradient graph ``g(w) = ∇L`` is built once per
   batch when the operator is made; each product is ``∂(gᵀv)/∂w`` on that graph, and
@@ -20,7 +20,12 @@ Three engines, all through ``torch.func.functional_call`` on a flat ``w``:
   linear map is replayed (vmapped) per call.
 
 ``"auto"`` picks ``"graph"`` while at most :data:`MAX_CACHED_BATCHES` batches must be
-cached, else ``"jvp"``; the choice is in ``operator.engine``. No product changes the
+cached, else ``"jvp"``; the choice is in ``operator.engine``. No engine returns a
+product through an operation without the derivative it needs: ``"jvp"`` and
+``"linearize"`` raise where forward AD is missing, and ``"graph"`` checks the gradient
+graph when the operator is made (:mod:`.differentiability`: a custom
+``autograd.Function`` whose backward is ``@once_differentiable`` would otherwise be
+differentiated as if its backward were constant). No product changes the
 model: parameters and buffers enter as detached copies (BatchNorm statistics never
 move), ``.grad`` is never written, module modes are restored and the global RNG is
 forked around every evaluation.
@@ -30,52 +35,29 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, linearize, vmap
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.func import grad, jvp, linearize, vmap
+from torch.utils._pytree import tree_map
 
-from .loss import (
+from ..functional import (
     LossFn,
     Mode,
+    Objective,
+    ParamLayout,
     ParamSelection,
-    check_deterministic,
+    check_loss_fn,
+    default_batch_size,
     rng_fork,
-    select_params,
-    semantics,
 )
-from .params import ParamLayout
+from .differentiability import check_double_backward
 
 Engine = Literal["auto", "graph", "jvp", "linearize"]
 ENGINES = ("graph", "jvp", "linearize")
 MAX_CACHED_BATCHES = 16
 """``engine="auto"`` caches gradient graphs for at most this many batches."""
-
-
-class _Objective(nn.Module):
-    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap in ``w``."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def default_batch_size(batch: Any) -> int:
-    """Leading size of the first tensor in ``batch`` (the number of examples)."""
-    for leaf in tree_leaves(batch):
-        if isinstance(leaf, Tensor) and leaf.ndim > 0:
-            return int(leaf.shape[0])
-    raise ValueError(
-        "cannot tell the batch size: the batch holds no tensor with a leading dimension; "
-        "pass batch_size=lambda batch: <number of examples>"
-    )
 
 
 class HessianOperator:
@@ -94,63 +76,34 @@ class HessianOperator:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        pieces: list[tuple[Any, float]],
-        selected: dict[str, nn.Parameter],
-        *,
-        mode: Mode,
-        engine: str,
-        dtype: torch.dtype,
+        self, objective: Objective, pieces: list[tuple[Any, float]], *, engine: str
     ) -> None:
-        self.layout = ParamLayout.of(selected)
-        self.dim = self.layout.size
-        first = next(iter(selected.values()))
-        self.device, self.dtype, self.mode, self.engine = first.device, dtype, mode, engine
+        self.objective = objective
+        self.layout, self.dim = objective.layout, objective.layout.size
+        self.device, self.dtype = objective.device, objective.dtype
+        self.mode, self.engine = objective.mode, engine
         self.matvecs = 0
         self._vmap_replay = True
         #: whether matmat vmaps its columns (else one product at a time; see matmat)
         self.batched = self.device.type != "cpu" or engine == "jvp"
-        self._objective = _Objective(model, loss_fn)
         self._pieces = pieces
-        self._constants = _constants(model, selected, dtype)
-        self.point = self.layout.flatten({n: p.detach() for n, p in selected.items()}).to(dtype)
-        self._check_deterministic(model)
+        self.point = objective.flat_point()  # [P]
+        objective.check_deterministic(pieces[0][0])
         self._prepare()
 
     # -- evaluation --------------------------------------------------------------------
-    def _loss_at(
-        self, w: Tensor | dict[str, Tensor], batch: Any, weight: float, *, fork: bool = True
-    ) -> Tensor:
-        """``weight · loss(model with parameters w, batch)`` as a 0-d tensor."""
-        parts = self.layout.unflatten(w) if isinstance(w, Tensor) else w
-        state = {**self._constants, **{f"model.{n}": t for n, t in parts.items()}}
-        forked = rng_fork(self.device) if fork else nullcontext()
-        with forked, semantics(self._objective.model, self.mode), _differentiable_attention():
-            value = functional_call(self._objective, state, (batch,))
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            raise ValueError(
-                "the loss closure must return a scalar tensor, got "
-                f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
-            )
-        return weight * value.reshape(())
-
-    def _check_deterministic(self, model: nn.Module) -> None:
-        batch, weight = self._pieces[0]
-        with rng_fork(self.device):  # both passes inside one fork: a random loss differs
-            check_deterministic(
-                model, lambda: self._loss_at(self.point, batch, weight, fork=False), self.mode
-            )
+    def _loss_at(self, w: Tensor, batch: Any, weight: float) -> Tensor:
+        """``weight · L(w, batch)`` as a 0-d tensor (call inside ``objective.scope()``)."""
+        return weight * self.objective.at(w, batch)
 
     def _prepare(self) -> None:
-        """Loss and gradient per batch; unused-parameter check; engine state."""
+        """Loss and gradient per batch; unused-parameter and double-backward checks."""
         w = self.point.clone().requires_grad_(True)
         graphs, grads, losses, used = [], [], [], torch.zeros(len(self.layout.names), dtype=bool)
         for index, (batch, weight) in enumerate(self._pieces):
             parts = self.layout.unflatten(w)
-            with torch.enable_grad():
-                value = self._loss_at(parts, batch, weight)
+            with torch.enable_grad(), self.objective.scope():
+                value = weight * self.objective(parts, batch)
                 _check_finite_loss(value, index)
                 per_param = torch.autograd.grad(
                     value, list(parts.values()), allow_unused=True,
@@ -161,6 +114,8 @@ class HessianOperator:
                 name: torch.zeros_like(part) if g is None else g
                 for (name, part), g in zip(parts.items(), per_param, strict=True)
             })  # fmt: skip  [P]
+            if self.engine == "graph":
+                check_double_backward(flat, self.objective, batch)
             graphs.append(flat)
             grads.append(flat.detach())
             losses.append(value.detach())
@@ -178,8 +133,7 @@ class HessianOperator:
 
     def _linearize(self, batch: Any, weight: float) -> Callable[[Tensor], Tensor]:
         gradient = grad(lambda w: self._loss_at(w, batch, weight))
-        model = self._objective.model
-        with rng_fork(self.device), semantics(model, self.mode), warnings.catch_warnings():
+        with self.objective.scope(), warnings.catch_warnings():
             # torch.fx constant folding inside linearize is chatty about get_attr nodes
             warnings.filterwarnings("ignore", "Attempted to insert a get_attr", UserWarning)
             _, linear = linearize(gradient, self.point)
@@ -250,17 +204,8 @@ class HessianOperator:
                 def product(v: Tensor, g: Callable = gradient) -> Tensor:
                     return jvp(g, (self.point,), (v,))[1]
 
-                yield vmap(product, in_dims=1, out_dims=1)(vs)
-
-
-def _differentiable_attention() -> AbstractContextManager:
-    """Scaled-dot-product attention on its math kernel, the one with every derivative
-    (the fused CPU and GPU kernels have no double backward or forward AD)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # torch < 2.3: the old kernels are differentiable anyway
-        return nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+                with self.objective.scope():
+                    yield vmap(product, in_dims=1, out_dims=1)(vs)
 
 
 def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:
@@ -274,19 +219,6 @@ def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:
         flat, w, vs.T.contiguous(), retain_graph=True, allow_unused=True, is_grads_batched=True
     )  # [k, P]
     return torch.zeros_like(vs) if out is None else out.T
-
-
-def _constants(
-    model: nn.Module, selected: dict[str, nn.Parameter], dtype: torch.dtype
-) -> dict[str, Tensor]:
-    """Detached copies of the parameters held fixed and of every buffer (clones)."""
-
-    def cast(t: Tensor) -> Tensor:
-        return t.detach().clone().to(dtype) if t.is_floating_point() else t.detach().clone()
-
-    fixed = {f"model.{n}": cast(p) for n, p in model.named_parameters() if n not in selected}
-    buffers = {f"model.{n}": cast(b) for n, b in model.named_buffers()}
-    return {**fixed, **buffers}
 
 
 def _check_finite_loss(value: Tensor, index: int) -> None:
@@ -334,14 +266,14 @@ def hessian_operator(
 
     Args:
         model: the network (not modified; its parameters are read once, now).
-        loss_fn: ``loss(model, batch) -> scalar``; :func:`~.loss.criterion_loss`
+        loss_fn: ``loss(model, batch) -> scalar``; :func:`trainprobe.functional.criterion_loss`
             wraps ``criterion(model(x), y)``.
         batch: one batch (anything ``loss_fn`` takes). Give ``batch`` or ``batches``.
         batches: an iterable of batches (a DataLoader): ``L = Σ_b w_b L_b`` with
             ``w_b = n_b / N`` for ``reduction="mean"`` losses, ``1`` for ``"sum"``.
             Read once, now, under a forked RNG (a shuffling loader does not move
             the global RNG); the batches are kept for the operator's lifetime.
-        params: which parameters (see :func:`~.loss.select_params`); others are fixed.
+        params: which parameters (see :func:`trainprobe.functional.select_params`); others are fixed.
         mode: ``"eval"`` (default; BatchNorm running statistics, no dropout) or
             ``"train"`` (BatchNorm batch statistics, running statistics untouched).
             Randomness in the loss raises a ``ValueError`` naming the module.
@@ -356,23 +288,16 @@ def hessian_operator(
         ValueError: bad arguments, a random loss, unused parameters (see messages).
         FloatingPointError: the loss is not finite.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn must be a callable loss(model, batch), got {type(loss_fn).__name__}"
-        )
+    check_loss_fn(loss_fn)
     if engine not in ("auto", *ENGINES):
         raise ValueError(f"engine must be 'auto' or one of {ENGINES}, got {engine!r}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    selected = select_params(model, params)
-    first = next(iter(selected.values()))
-    dtype = dtype or first.dtype
-    pieces = _pieces(batch, batches, reduction, batch_size, first.device, dtype)
+    objective = Objective(model, loss_fn, params=params, mode=mode, dtype=dtype)
+    pieces = _pieces(batch, batches, reduction, batch_size, objective.device, objective.dtype)
     if engine == "auto":
         engine = "graph" if len(pieces) <= MAX_CACHED_BATCHES else "jvp"
-    return HessianOperator(model, loss_fn, pieces, selected, mode=mode, engine=engine, dtype=dtype)
+    return HessianOperator(objective, pieces, engine=engine)
 
 
 def _pieces(

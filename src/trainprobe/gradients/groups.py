@@ -33,9 +33,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..curvature.loss import LossFn, Mode, ParamSelection
-from ..curvature.params import ParamLayout
-from ._functional import FunctionalLoss, SplitBatch, as_scalar
+from ..functional import (
+    LossFn,
+    Mode,
+    Objective,
+    ParamLayout,
+    ParamSelection,
+    SplitBatch,
+    as_scalar,
+)
 from .persample import for_each_chunk
 
 GroupMethod = Literal["subset", "persample"]
@@ -104,7 +110,7 @@ def group_gradients(
     """
     if method not in ("subset", "persample"):
         raise ValueError(f"method must be 'subset' or 'persample', got {method!r}")
-    fl = FunctionalLoss(model, loss_fn, params, mode)
+    fl = Objective(model, loss_fn, params=params, mode=mode)
     split = SplitBatch.of(batch)
     _check_ids(ids, split.size)
     unique = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
@@ -219,7 +225,7 @@ def task_gradients(
         TypeError: ``loss_fn`` does not return a mapping of string names.
         ValueError: an empty mapping or a non-scalar task loss.
     """
-    fl = FunctionalLoss(model, loss_fn, params, mode)
+    fl = Objective(model, loss_fn, params=params, mode=mode)
     with fl.scope(), torch.enable_grad():
         w = fl.leaves()
         tasks = _check_tasks(fl.raw(w, batch))

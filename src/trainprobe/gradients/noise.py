@@ -34,9 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.loss import LossFn, Mode, ParamSelection
-from ..curvature.params import ParamLayout
-from ._functional import FunctionalLoss, SplitBatch
+from ..functional import LossFn, Mode, Objective, ParamLayout, ParamSelection, SplitBatch
 from .groups import microbatch_gradients
 from .persample import Method, for_each_chunk
 
@@ -130,7 +128,7 @@ def per_sample_noise(
     the arguments) are reduced to ``[B, L]`` squared norms and a running ``[P]`` sum.
     Returns the estimate and the per-example method that ran (``"vmap"`` or ``"loop"``).
     """
-    fl = FunctionalLoss(model, loss_fn, params, mode)
+    fl = Objective(model, loss_fn, params=params, mode=mode)
     split = SplitBatch.of(batch)
     layers = len(fl.layout.names)
     squares = torch.empty(split.size, layers, dtype=torch.float64, device=fl.device)  # [B, L]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..curvature.loss import Mode, ParamSelection
+from ..functional import Mode, ParamSelection
 from .persample import Method, PerSampleGradients, per_sample_gradients
 
 

@@ -35,9 +35,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..curvature.loss import LossFn, Mode, ParamSelection
-from ..curvature.params import ParamLayout
-from ._functional import FunctionalLoss, SplitBatch
+from ..functional import LossFn, Mode, Objective, ParamLayout, ParamSelection, SplitBatch
 
 Method = Literal["vmap", "loop", "auto"]
 METHODS = ("vmap", "loop", "auto")
@@ -105,7 +103,7 @@ def per_sample_gradients(
         ValueError: bad options, BatchNorm under ``mode="train"``, a non-scalar loss.
         RuntimeError: vmap cannot batch the model (the message names ``method="loop"``).
     """
-    fl = FunctionalLoss(model, loss_fn, params, mode)
+    fl = Objective(model, loss_fn, params=params, mode=mode)
     split = SplitBatch.of(batch)
     out = torch.empty(split.size, fl.layout.size, dtype=fl.dtype, device=fl.device)  # [B, P]
     losses = torch.empty(split.size, dtype=fl.dtype, device=fl.device)  # [B]
@@ -120,7 +118,7 @@ def per_sample_gradients(
 
 
 def for_each_chunk(
-    fl: FunctionalLoss,
+    fl: Objective,
     split: SplitBatch,
     consume: Consume,
     *,
@@ -183,7 +181,7 @@ def _check_batchnorm(model: nn.Module, mode: Mode) -> None:
             )
 
 
-def _vmap_chunk(fl: FunctionalLoss, split: SplitBatch, index: slice) -> tuple[Tensor, Tensor]:
+def _vmap_chunk(fl: Objective, split: SplitBatch, index: slice) -> tuple[Tensor, Tensor]:
     """``[c, P]`` gradients and ``[c]`` losses of the examples at ``index``, one vmap call."""
 
     def one(w: dict[str, Tensor], *rows: Tensor) -> Tensor:
@@ -199,7 +197,7 @@ def _vmap_chunk(fl: FunctionalLoss, split: SplitBatch, index: slice) -> tuple[Te
     return flat, losses
 
 
-def _loop_one(fl: FunctionalLoss, split: SplitBatch, i: int) -> tuple[Tensor, Tensor]:
+def _loop_one(fl: Objective, split: SplitBatch, i: int) -> tuple[Tensor, Tensor]:
     """``[1, P]`` gradient and ``[1]`` loss of example ``i`` by one backward pass."""
     w = fl.leaves()
     with torch.enable_grad():
@@ -209,7 +207,7 @@ def _loop_one(fl: FunctionalLoss, split: SplitBatch, i: int) -> tuple[Tensor, Te
 
 
 def _vmap_failed(
-    fl: FunctionalLoss, split: SplitBatch, start: int, method: str, err: RuntimeError
+    fl: Objective, split: SplitBatch, start: int, method: str, err: RuntimeError
 ) -> str:
     """Blame vmap only if example ``start`` alone works; then raise or fall back."""
     _loop_one(fl, split, start)  # the model's own error (not vmap's) surfaces here

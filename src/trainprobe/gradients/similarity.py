@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..curvature.params import ParamLayout
+from ..functional import ParamLayout
 
 
 def layer_grams(grads: Tensor, layout: ParamLayout) -> Tensor:

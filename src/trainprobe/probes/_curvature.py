@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..curvature.hvp import Engine, HessianOperator, hessian_operator
 from ..curvature.lanczos import Eigenpairs, lanczos
-from ..curvature.loss import LossFn, Mode, ParamSelection
+from ..functional import LossFn, Mode, ParamSelection
 from ..curvature.operator import Operator
 from .base import StepContext, step_source
 from .schedules import Schedule, check_schedule, every

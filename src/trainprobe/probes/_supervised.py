@@ -14,8 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ..curvature.loss import Mode, rng_fork, semantics
-from ..gradients._functional import SplitBatch
+from ..functional import Mode, SplitBatch, model_device, rng_fork, semantics, unwrap
 
 NAME = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
 """A key-safe name: lowercase letters and digits in words joined by single ``_``."""
@@ -64,20 +63,15 @@ class FixedSubset:
             self._batch = None
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for an empty model)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 @contextmanager
-def observing(model: nn.Module, mode: Mode) -> Iterator[None]:
-    """Forward passes under ``mode`` semantics (modes restored), with the global RNG forked."""
+def observing(model: nn.Module, mode: Mode) -> Iterator[nn.Module]:
+    """Forward passes under ``mode`` semantics (modes restored), with the global RNG forked;
+    yields the module to call: the eager one inside a ``torch.compile`` wrapper, so that a
+    probe's other batch shapes never recompile (or re-specialise) the training graph."""
     with ExitStack() as stack:
         stack.enter_context(rng_fork(model_device(model)))
         stack.enter_context(semantics(model, mode))
-        yield
+        yield unwrap(model)
 
 
 def class_outputs(outputs: Tensor, size: int, owner: str) -> Tensor:

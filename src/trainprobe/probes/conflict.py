@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..curvature.loss import LossFn, ParamSelection
 from ..gradients import (
     GroupGradients,
     cosines,
@@ -22,7 +21,7 @@ from ..gradients import (
     projection_shares,
     task_gradients,
 )
-from ..gradients._functional import check_mode
+from ..functional import LossFn, ParamSelection, check_mode
 from .base import PerLayer, StepContext, Value, step_source
 from .schedules import Schedule, check_schedule, every
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from ..gradients._functional import FunctionalLoss, as_scalar, check_mode
+from ..functional import Objective, as_scalar, check_mode
 from ._supervised import inputs_targets, named_values, observing
 from ._tensors import stacked_norms, total_norm
 from .base import StepContext, Value
@@ -86,12 +86,12 @@ class HeldOut:
         return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        with observing(ctx.model, self.mode), torch.no_grad():
+        with observing(ctx.model, self.mode) as model, torch.no_grad():
             if self.eval_fn is not None:
-                return named_values(self.eval_fn(ctx.model), "HeldOut: eval_fn", "heldout/")
-            out = _evaluate(ctx.model, self._data, self.criterion, "heldout/")
+                return named_values(self.eval_fn(model), "HeldOut: eval_fn", "heldout/")
+            out = _evaluate(model, self._data, self.criterion, "heldout/")
             if self._train:
-                out.update(_evaluate(ctx.model, self._train, self.criterion, "heldout/train_"))
+                out.update(_evaluate(model, self._train, self.criterion, "heldout/train_"))
         return out
 
     def settings(self) -> dict[str, Any]:
@@ -266,7 +266,7 @@ def _softmax_signals(
     model: nn.Module, x: Any, y: Tensor, head: list[str], mode: str
 ) -> tuple[Tensor, Tensor]:
     """The collapsed fraction and ``cos(−g, θ)`` (class doc), one forward and backward."""
-    fl = FunctionalLoss(model, lambda net, inputs: net(inputs), head, check_mode(mode))
+    fl = Objective(model, lambda net, inputs: net(inputs), params=head, mode=check_mode(mode))
     with fl.scope(), torch.enable_grad():
         w = fl.leaves()  # {name: θ leaf}
         logits = fl.raw(w, x)  # [B, ..., C]

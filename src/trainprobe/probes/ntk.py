@@ -11,9 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..curvature.loss import ParamSelection
 from ..gradients import METHODS
-from ..gradients._functional import check_mode
+from ..functional import ParamSelection, check_mode
 from ..gradients.ntk import centered_alignment, label_kernel, relative_change, tangent_kernel
 from ._supervised import FixedSubset, check_count, class_outputs, observing
 from .base import StepContext, Value
@@ -137,7 +136,7 @@ class NTKAlignment:
 
 def _output_count(model: nn.Module, inputs: Any, mode: str) -> int:
     """``C``, the model's outputs per example (one forward pass over the subset)."""
-    with observing(model, mode), torch.no_grad():  # type: ignore[arg-type]
-        out = model(inputs)
+    with observing(model, mode) as eager, torch.no_grad():  # type: ignore[arg-type]
+        out = eager(inputs)
     size = out.shape[0] if isinstance(out, Tensor) and out.ndim > 0 else -1
     return class_outputs(out, size, "NTKAlignment").shape[1]

@@ -20,9 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..curvature.loss import LossFn, ParamSelection
 from ..gradients import METHODS
-from ..gradients._functional import as_scalar, check_mode
+from ..functional import LossFn, ParamSelection, as_scalar, check_mode
 from ..gradients.ntk import label_directions, tangent_kernel
 from ._supervised import (
     FeatureIndex,
@@ -111,9 +110,9 @@ class FeatureAttribution:
                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
             )
         names, groups = self._groups(x[0].numel(), x.device)
-        with observing(ctx.model, self.mode):
-            shares = _shares(ctx.model, x, y, groups)  # [G]
-            rises = _ablation(ctx.model, loss_fn, x, y, groups)  # [G]
+        with observing(ctx.model, self.mode) as model:
+            shares = _shares(model, x, y, groups)  # [G]
+            rises = _ablation(model, loss_fn, x, y, groups)  # [G]
         out: dict[str, Value] = {}
         for g, name in enumerate(names):
             out[f"attribution/share/{name}"] = shares[g]
@@ -258,8 +257,8 @@ class NTKResponse:
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         x, y = self._subset.get(ctx.batch)
-        with observing(ctx.model, self.mode), torch.no_grad():
-            outputs = class_outputs(ctx.model(x), y.shape[0], "NTKResponse")  # [n, C]
+        with observing(ctx.model, self.mode) as model, torch.no_grad():
+            outputs = class_outputs(model(x), y.shape[0], "NTKResponse")  # [n, C]
         v = one_vs_rest(outputs.shape[1], self.positive_class)  # [C]
         if self._basis is None:
             self._basis = self._directions(ctx.model, x, signed_labels(y, self.positive_class), v)

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn import functional as F
 
-from ..curvature.loss import rng_fork, semantics
+from ..functional import call, rng_fork, semantics, unwrap
 
 
 @dataclass(frozen=True)
@@ -78,11 +77,12 @@ def pgd_attack(
             or a model that does not return ``[N, C]`` logits.
     """
     _check(eps=eps, steps=steps, step_size=step_size, bounds=bounds, x=x, y=y)
+    model = unwrap(model)  # the eager module: no recompiles for the attack's shapes
     alpha = 2.5 * eps / max(steps, 1) if step_size is None else step_size
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def logits(inputs: Tensor) -> Tensor:
-        out = functional_call(model, params, (inputs,))
+        out = call(model, params, (inputs,))
         if not isinstance(out, Tensor) or out.shape[0] != len(x) or out.ndim != 2:
             raise ValueError(
                 f"pgd_attack: the model must return [N, C] logits, got "

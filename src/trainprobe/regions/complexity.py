@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..curvature.loss import rng_fork, semantics
+from ..functional import rng_fork, semantics, unwrap
 from ._hooks import PatternRecorder, pattern_modules, remove
 
 DEFAULT_DIM = 20
@@ -139,6 +139,7 @@ def local_complexity(
             f"flattened input), got {tuple(frame.shape)}"
         )
     vertices = cross_polytope(x, frame, radius).flatten(0, 1)  # [N·2k, *shape]
+    model = unwrap(model)  # the eager module: hooks run, no recompiles
     recorder = PatternRecorder(pattern_modules(model, "local_complexity"), len(vertices),
                                "local_complexity")  # fmt: skip
     handles = recorder.attach()

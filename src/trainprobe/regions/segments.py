@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ..curvature.loss import rng_fork, semantics
+from ..functional import call, rng_fork, semantics, unwrap
 from ._hooks import PinnedPatterns, pattern_modules, remove
 
 _OWNER = "segment_pieces"
@@ -78,6 +77,7 @@ def segment_pieces(
             linear.
     """
     _check(a, b, max_steps)
+    model = unwrap(model)  # the eager module: hooks run, no recompiles
     segments = len(a)
     pinned = PinnedPatterns(pattern_modules(model, _OWNER, pools=False), 2 * segments, _OWNER)
     tensors = {name: t.detach().to(dtype) if t.is_floating_point() else t
@@ -89,7 +89,7 @@ def segment_pieces(
     def forward(mask: Tensor | None) -> list[Tensor]:
         pinned.masks = None if mask is None else [m.repeat(2, 1) for m in mask.split(sizes, 1)]
         pinned.values = []
-        functional_call(model, tensors, (ends,))
+        call(model, tensors, (ends,))
         sizes[:] = [v.shape[1] for v in pinned.values]
         return pinned.values
 

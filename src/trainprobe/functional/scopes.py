@@ -1,0 +1,77 @@
+"""The scopes every functional evaluation runs in; each restores what it touches.
+
+:func:`semantics` sets module modes and BatchNorm flags for the duration of a call and
+puts them back in ``finally``; :func:`rng_fork` forks the global RNG so nothing here
+consumes it; :func:`differentiable_attention` pins scaled-dot-product attention to its
+math kernel; :func:`evaluation` is the three together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .loss import Mode
+
+
+@contextmanager
+def semantics(model: nn.Module, mode: Mode) -> Iterator[None]:
+    """Evaluate ``model`` with ``mode`` semantics, restoring every flag afterwards.
+
+    ``"eval"``: every module in eval mode (BatchNorm uses its running statistics,
+    dropout is off). ``"train"``: every module in train mode, BatchNorm normalises
+    with the batch statistics but its running statistics are not updated
+    (``track_running_stats`` is off for the call).
+    """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        model.train(mode == "train")
+        if mode == "train":
+            for m in model.modules():
+                if isinstance(m, _BatchNorm):
+                    m.track_running_stats = False
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            if track is not None:
+                m.track_running_stats = track
+
+
+def rng_fork(device: torch.device) -> AbstractContextManager:
+    """Fork the global RNG (CPU and ``device``'s) so nothing here consumes it."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def differentiable_attention() -> AbstractContextManager:
+    """Scaled-dot-product attention on its math kernel, the one with every derivative
+    (the fused CPU and GPU kernels have no double backward or forward AD)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the old kernels are differentiable anyway
+        return nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for an empty model)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def evaluation(model: nn.Module, mode: Mode, device: torch.device | None = None) -> Iterator[None]:
+    """:func:`rng_fork` (on ``device``, default the model's), :func:`semantics` and
+    :func:`differentiable_attention` together: the scope of every functional call."""
+    with ExitStack() as stack:
+        stack.enter_context(rng_fork(model_device(model) if device is None else device))
+        stack.enter_context(semantics(model, mode))
+        stack.enter_context(differentiable_attention())
+        yield
