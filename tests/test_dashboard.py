@@ -253,3 +253,43 @@ def test_panel_returning_wrong_type_raises(full_run):
     panel = Panel("bad", "Bad", lambda run, f: "not a part", ())
     with pytest.raises(TypeError, match=r"must return a PanelPart or None"):
         panel.draw(full_run, ())
+
+
+def test_full_run_rows_for_subspace_shares_and_conflict_summary(tmp_path):
+    run = write_run(tmp_path / "r", full_series())
+    titles = " ".join(a.text for a in build(run).layout.annotations)
+    for title in ("Gradient in the top Hessian eigenspace", "Gradient and loss share per group",
+                  "Conflict over all pairs", "Weight norm per parameter"):  # fmt: skip
+        assert f"<b>{title}</b>" in titles
+    share = next(p for p in PANELS if p.name == "group_share").draw(run, ())
+    grad_lines = [t for t in share.traces if t.name.startswith("grad share")]
+    loss_lines = [t for t in share.traces if t.name.startswith("loss share")]
+    assert len(grad_lines) == len(loss_lines) == 3
+    for grad, loss in zip(grad_lines, loss_lines, strict=True):  # one colour per group
+        assert grad.line.color == loss.line.color and loss.line.dash == "dot"
+    # the class_competition detector's magnitude share: n_g |g_g| / sum_j n_j |g_j|
+    series = full_series()
+    step = 7
+    weighted = {g: series[f"conflict/count/{g}"][1][step] * series[f"conflict/norm/{g}"][1][step]
+                for g in ("class_0", "class_1", "class_2")}  # fmt: skip
+    for trace in grad_lines:
+        group = trace.name.rsplit(" ", 1)[1]
+        assert trace.y[step] == pytest.approx(weighted[group] / sum(weighted.values()))
+    assert {"conflict/norm/class_2", "conflict/count/class_2"} <= set(share.keys)
+
+
+def test_reading_once_serves_analyze_and_build_from_one_read(tmp_path):
+    """Inside Run.reading_once() each key is read once and shared read-only: every detector
+    and every row must work on those arrays (none writes into them), with the same result."""
+    from trainprobe.analysis import analyze
+
+    run = write_run(tmp_path / "r", full_series())
+    fresh = build(run, analyze(run)).to_plotly_json()
+    with run.reading_once():
+        findings = analyze(run)
+        shared = build(run, findings).to_plotly_json()
+        first = run.series("scalars/loss")
+        assert run.series("scalars/loss") is first and not first.values.flags.writeable
+    assert run.series("scalars/loss") is not first  # outside the block: a fresh read
+    assert findings and len(shared["data"]) == len(fresh["data"])
+    assert shared["layout"]["meta"] == fresh["layout"]["meta"]

@@ -9,14 +9,8 @@ import pytest
 from tests.synth import write_run
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.dashboard import build, to_html
-from trainprobe.dashboard.curvature import (
-    DENSITY_DECADES,
-    hessian_density_panel,
-    hessian_top_panel,
-    hessian_trace_panel,
-    resample_densities,
-    sharpness_panel,
-)
+from trainprobe.dashboard.curvature import hessian_top_panel, hessian_trace_panel, sharpness_panel
+from trainprobe.dashboard.density import DENSITY_DECADES, hessian_density_panel, resample_densities
 from trainprobe.dashboard.heatmaps import trace_steps
 from trainprobe.store import Record, Run, RunWriter
 

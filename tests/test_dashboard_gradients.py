@@ -18,10 +18,8 @@ from trainprobe.dashboard.conflict import (
     cosine_matrices,
     cosine_matrix_figure,
     cosine_matrix_panel,
-    group_loss_panel,
 )
 from trainprobe.dashboard.gradients import (
-    GRADIENT_PANELS,
     MAX_LAYER_LINES,
     NOISE_WINDOW,
     noise_scale_panel,
@@ -31,7 +29,9 @@ from trainprobe.dashboard.gradients import (
     weight_spectral_norm_panel,
 )
 from trainprobe.dashboard.grid import MAX_COLUMNS
+from trainprobe.dashboard.groups import group_loss_panel
 from trainprobe.dashboard.heatmaps import trace_steps
+from trainprobe.dashboard.panels import GRADIENT_PANELS
 from trainprobe.store import Run, Series
 
 STEPS = np.arange(0, 300, 10)  # 30 measurements

@@ -1,5 +1,7 @@
-"""Dashboard grokking rows: accuracy with the grokking phases, held-out loss, softmax-collapse
-signals, parameter norm, local complexity, NTK, feature shares."""
+"""Dashboard analysis rows (:data:`~trainprobe.dashboard.panels.ANALYSIS_PANELS`): accuracy
+with the grokking phases, held-out loss, softmax-collapse signals, parameter norm
+(``dashboard.grokking``), local complexity (``dashboard.regions``), NTK and feature shares
+(``dashboard.ntk``)."""
 
 from __future__ import annotations
 
@@ -16,18 +18,16 @@ from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.analysis.grokking import detect_grokking
 from trainprobe.dashboard import build, to_html
 from trainprobe.dashboard.grokking import (
-    ANALYSIS_PANELS,
     FRACTION,
-    SET_COLOURS,
     accuracy_panel,
     grok_signals_panel,
     grokking_phases,
     heldout_loss_panel,
-    local_complexity_panel,
-    ntk_panel,
     param_norm_panel,
-    starvation_panel,
 )
+from trainprobe.dashboard.ntk import ntk_panel, starvation_panel
+from trainprobe.dashboard.panels import ANALYSIS_PANELS
+from trainprobe.dashboard.regions import SET_COLOURS, local_complexity_panel
 from trainprobe.store import Run
 
 STEPS = np.arange(0, 2000, 20)  # 100 measurements; fit near step 100, generalised near 1400

@@ -188,7 +188,7 @@ def test_every_detectors_evidence_has_a_dedicated_row(drawn_rows):
 
 def test_every_catch_all_family_of_the_probes_is_explained(drawn_rows):
     """Each family the probes leave to the catch-all row has its own one-line note."""
-    from trainprobe.dashboard.other import FAMILY_NOTES
+    from trainprobe.dashboard.catch_all import FAMILY_NOTES
 
     for probe_set, (_, parts) in drawn_rows.items():
         if CATCH_ALL not in parts:

@@ -8,19 +8,22 @@ import numpy as np
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
-from .conflict import _at
-from .curves import _all_positive, _line, _log_axis, _read
+from .curves import _all_positive, _at, _line, _log_axis, _read
 from .heatmaps import HeatStyle, heatmap_part
 from .parts import PanelPart
 
 RATIO, NORM = "scan/update_ratio_total", "scan/update_norm_total"
 BETWEEN = "scan/steps_between"
+UPDATE_NORMS = "scan/update_norm"
+"""Per tensor: ``scan/update_norm/<param>``."""
+
+CHECKPOINT_CHANGE_NEEDS = (RATIO, NORM, BETWEEN)
 
 
 def checkpoint_change_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``scan/update_ratio_total``, log y; the hover adds ``scan/update_norm_total`` and the
     training steps between the two checkpoints (``scan/steps_between``)."""
-    series = _read(run, [key for key in (RATIO, NORM, BETWEEN) if key in run])
+    series = _read(run, [key for key in CHECKPOINT_CHANGE_NEEDS if key in run])
     ratio = next((s for s in series if s.key == RATIO), None)
     if ratio is None:
         return None
@@ -44,11 +47,14 @@ def checkpoint_change_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPar
     )  # fmt: skip
 
 
+CHECKPOINT_UPDATE_HEATMAP_NEEDS = (f"{UPDATE_NORMS}/*",)
+
+
 def checkpoint_update_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``scan/update_norm/<param>``: log colour, exact zeros on the darkest colour."""
     return heatmap_part(
         run,
-        "scan/update_norm",
+        UPDATE_NORMS,
         HeatStyle("‖Δw‖", colorscale="Magma"),
         "‖Δw‖ of each tensor since the previous checkpoint, log colour. A dark row is a "
         "layer that did not move (frozen or starved; darkest = exactly 0).",

@@ -1,4 +1,9 @@
-"""Line panels: user scalars, learning rate, global norms and non-finite counts."""
+"""Line panels: user scalars, learning rate, global norms and non-finite counts; the line
+helpers the other rows share (:func:`_read`, :func:`_line`, :func:`_coloured`, log axes).
+
+Each panel function has its key patterns beside it, ``<NAME>_NEEDS`` (the registry in
+:mod:`.panels` reads them); every key it reads is spelled once, in the constants here.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,21 @@ from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run, Series
 
 from .grid import real_label
-from .parts import HEALTHY_UPDATE_RATIO, PanelPart
+from .parts import FRACTION, HEALTHY_UPDATE_RATIO, PanelPart
+
+SCALARS = "scalars"
+"""The family of the values a user logs: ``scalars/<name>``."""
+LOSS = f"{SCALARS}/loss"
+LR = "optim/lr"
+GRAD_TOTAL, WEIGHT_TOTAL = "norms/grad_total", "norms/weight_total"
+RATIO_TOTAL = "updates/ratio_total"
+NONFINITE = "nonfinite"
 
 _HEALTHY = real_label(math.log10(HEALTHY_UPDATE_RATIO))  # "1e-3"
 _GLOBAL_NORMS = (
-    ("norms/grad_total", "grad total", None),
-    ("norms/weight_total", "weight total", None),
-    ("updates/ratio_total", "update ratio total", "dash"),
+    (GRAD_TOTAL, "grad total", None),
+    (WEIGHT_TOTAL, "weight total", None),
+    (RATIO_TOTAL, "update ratio total", "dash"),
 )
 
 
@@ -37,6 +50,20 @@ def _line(series: Series, name: str, *, dash: str | None = None, shape: str = "l
         line={"width": 1.6, "dash": dash, "shape": shape},
         yhoverformat=".4g",
     )
+
+
+def _coloured(series: Series, name: str, colour: str, *, dash: str | None = None) -> go.Scatter:
+    trace = _line(series, name, dash=dash)
+    trace.update(line_color=colour)
+    return trace
+
+
+def _at(series: Series, steps: np.ndarray) -> np.ndarray:
+    """``series`` at ``steps`` (NaN where it has no value)."""
+    out = np.full(steps.size, np.nan)
+    _, mine, theirs = np.intersect1d(series.steps, steps, return_indices=True)
+    out[theirs] = series.values[mine]
+    return out
 
 
 def _finite(series: Sequence[Series]) -> np.ndarray:
@@ -59,6 +86,13 @@ def _log_axis(series: Sequence[Series]) -> dict:
     return {"exponentformat": "power", "dtick": "D2"}
 
 
+def _fraction_floor(series: Sequence[Series]) -> float:
+    """The bottom of a ``[0, 1]``-like axis: ``FRACTION[0]``, or lower to show the lowest
+    finite value (a cosine or a ratio below 0)."""
+    values = _finite(series)
+    return min(FRACTION[0], float(values.min()) - 0.03) if values.size else FRACTION[0]
+
+
 def _is_fraction(series: Series) -> bool:
     """Accuracy-like: every finite value in [0, 1] and not named like a loss."""
     values = series.values[np.isfinite(series.values)]
@@ -66,13 +100,16 @@ def _is_fraction(series: Series) -> bool:
     return "loss" not in name and values.size > 0 and bool(np.all((values >= 0) & (values <= 1)))
 
 
+LOSS_NEEDS = (f"{SCALARS}/*",)
+
+
 def loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``scalars/*`` that are not accuracy-like, ``scalars/loss`` first."""
-    series = [s for s in _read(run, run.keys("scalars/")) if not _is_fraction(s)]
+    series = [s for s in _read(run, run.keys(f"{SCALARS}/")) if not _is_fraction(s)]
     if not series:
         return None
-    series.sort(key=lambda s: s.key != "scalars/loss")
-    traces = [_line(s, s.key.removeprefix("scalars/")) for s in series]
+    series.sort(key=lambda s: s.key != LOSS)
+    traces = [_line(s, s.key.removeprefix(f"{SCALARS}/")) for s in series]
     log = _all_positive(series)
     scale = "log y; " if log else ""
     return PanelPart(
@@ -86,12 +123,15 @@ def loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     )
 
 
+METRICS_NEEDS = (f"{SCALARS}/*",)
+
+
 def metrics_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``scalars/*`` whose values all lie in [0, 1] (accuracy, ...)."""
-    series = [s for s in _read(run, run.keys("scalars/")) if _is_fraction(s)]
+    series = [s for s in _read(run, run.keys(f"{SCALARS}/")) if _is_fraction(s)]
     if not series:
         return None
-    traces = [_line(s, s.key.removeprefix("scalars/")) for s in series]
+    traces = [_line(s, s.key.removeprefix(f"{SCALARS}/")) for s in series]
     return PanelPart(
         traces,
         "fraction",
@@ -102,12 +142,15 @@ def metrics_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     )
 
 
+LR_NEEDS = (f"{LR}/*",)
+
+
 def lr_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``optim/lr/<group>``, on a log y-axis when it spans two decades or more."""
-    series = _read(run, run.keys("optim/lr/"))
+    series = _read(run, run.keys(f"{LR}/"))
     if not series:
         return None
-    names = [s.key.removeprefix("optim/lr/") for s in series]
+    names = [s.key.removeprefix(f"{LR}/") for s in series]
     traces = [
         _line(s, f"group {n}" if n.isdigit() else n) for s, n in zip(series, names, strict=True)
     ]
@@ -128,6 +171,9 @@ def lr_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     )
 
 
+NORMS_NEEDS = tuple(key for key, _, _ in _GLOBAL_NORMS)
+
+
 def norms_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """Global gradient and weight norms and the total update ratio, log y."""
     present = [(key, name, dash) for key, name, dash in _GLOBAL_NORMS if key in run]
@@ -136,7 +182,7 @@ def norms_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
         return None
     style = {key: (name, dash) for key, name, dash in present}
     traces = [_line(s, style[s.key][0], dash=style[s.key][1]) for s in series]
-    if any(s.key == "updates/ratio_total" for s in series):
+    if any(s.key == RATIO_TOTAL for s in series):
         lo, hi = min(int(s.steps[0]) for s in series), max(int(s.steps[-1]) for s in series)
         traces.append(
             go.Scatter(
@@ -160,17 +206,19 @@ def norms_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     )
 
 
+NONFINITE_NEEDS = tuple(f"{NONFINITE}/{count}" for count in ("loss", "grad", "param"))
+
+
 def nonfinite_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``nonfinite/loss|grad|param`` counts per step (not the ``first_*`` indices).
 
     Traces are named ``"non-finite loss"`` etc., distinct from the loss panel's ``"loss"``.
     """
-    counts = [f"nonfinite/{k}" for k in ("loss", "grad", "param")]
-    series = _read(run, [k for k in counts if k in run])
+    series = _read(run, [k for k in NONFINITE_NEEDS if k in run])
     if not series:
         return None
     traces = [
-        _line(s, f"non-finite {s.key.removeprefix('nonfinite/')}", shape="hv") for s in series
+        _line(s, f"non-finite {s.key.removeprefix(f'{NONFINITE}/')}", shape="hv") for s in series
     ]
     return PanelPart(
         traces,

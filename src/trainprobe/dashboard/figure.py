@@ -237,14 +237,18 @@ def _style(fig: go.Figure, title: str, height: int, *, rows: int) -> None:
     )
 
 
+def _families_read() -> list[str]:
+    """``<family>/*`` of every key pattern a dedicated row reads, in row order (from the
+    rows' declared ``needs``: ``scalars/*``, ``optim/*``, ``norms/*``, ...)."""
+    patterns = (pattern for panel in PANELS for pattern in panel.needs if "/" in pattern)
+    return list(dict.fromkeys(f"{pattern.split('/', 1)[0]}/*" for pattern in patterns))
+
+
 def _empty(run: Run, title: str) -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(
         text=f"{html.escape(str(run.run_dir))} has no data that any panel "
-        "reads yet (scalars/*, optim/lr/*, norms/*, updates/*, activations/*, "
-        "nonfinite/*, sharpness/*, hessian*, conflict/*, grad_noise/*, grad_spectrum/*, "
-        "weight_spectrum/*, heldout/*, grok/*, regions/*, robustness/*, ntk/*, "
-        "attribution/*, ntk_response/*)",
+        f"reads yet ({', '.join(_families_read())})",
         showarrow=False,
         xref="paper",
         yref="paper",

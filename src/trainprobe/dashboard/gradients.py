@@ -1,6 +1,6 @@
 """Gradient-structure panels: gradient spectra, the noise scale and the weights' spectral
 norms (the keys of GradSpectrum, GradNoise, WeightSpectrum); the conflict panels are in
-:mod:`.conflict`. :data:`GRADIENT_PANELS` lists them all, in row order."""
+:mod:`.conflict`."""
 
 from __future__ import annotations
 
@@ -15,21 +15,10 @@ from plotly.colors import sample_colorscale
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run, Series
 
-from .conflict import (
-    CONFLICT_SUMMARY,
-    COUNT,
-    LOSS_SHARE,
-    NORM,
-    conflict_heatmap_panel,
-    conflict_summary_panel,
-    cosine_matrix_panel,
-    group_loss_panel,
-    group_share_panel,
-)
 from .curves import _all_positive, _line, _log_axis, _read
 from .grid import layer_matrix, ordered_layers, short_names
 from .heatmaps import HeatStyle, heatmap_part
-from .parts import Panel, PanelPart
+from .parts import PanelPart
 
 STABLE_RANK = "grad_spectrum/stable_rank"
 SLOW_RATIO = "grad_spectrum/slow_ratio"
@@ -42,6 +31,9 @@ NOISE_WINDOW = 10
 MAX_LAYER_LINES = 8
 """Most per-layer lines in a line panel; beyond it, the highest and lowest half of them."""
 _REFERENCE = {"width": 1, "dash": "dot", "color": "#888"}
+
+
+STABLE_RANK_HEATMAP_NEEDS = (f"{STABLE_RANK}/*",)
 
 
 def stable_rank_heatmap_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -97,6 +89,9 @@ def _median_line(series: list[Series]) -> go.Scatter:
                       line={"width": 3, "color": "#222"}, yhoverformat=".4g")  # fmt: skip
 
 
+SLOW_RATIO_NEEDS = (f"{SLOW_RATIO}/*",)
+
+
 def slow_ratio_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``grad_spectrum/slow_ratio/<param>`` in ``[0, 1]``: per-layer lines, and in bold their
     median over all layers (ratios are scale-free, so the median is a fair summary)."""
@@ -111,6 +106,9 @@ def slow_ratio_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | Non
         "direction, near 0 noise; bold: median." + note,
         keys=tuple(s.key for s in series), y_axis={"range": [-0.03, 1.03]},
     )  # fmt: skip
+
+
+WEIGHT_SPECTRAL_NORM_NEEDS = (f"{SPECTRAL_NORM}/*",)
 
 
 def weight_spectral_norm_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -155,14 +153,16 @@ def smoothed_noise_scale(
     return steps, np.divide(sum_s, sum_g, out=np.full(s.size, np.nan), where=sum_g > 0)
 
 
+NOISE_SCALE_NEEDS = (B_SIMPLE, TRACE_COV, GRAD_SQ, BATCH)
+
+
 def noise_scale_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``grad_noise/b_simple`` per step, the smoothed noise scale and the batch size (dashed).
 
     Log y when the smoothed scale and the batch size (else ``b_simple``) are all positive;
     per-step values ``<= 0`` are then dropped from the log axis, counted in the legend.
     """
-    found = {s.key: s for s in _read(run, [k for k in (B_SIMPLE, TRACE_COV, GRAD_SQ, BATCH)
-                                           if k in run])}  # fmt: skip
+    found = {s.key: s for s in _read(run, [k for k in NOISE_SCALE_NEEDS if k in run])}
     smooth = None
     if TRACE_COV in found and GRAD_SQ in found:
         smooth = Series("smoothed", *smoothed_noise_scale(found[TRACE_COV], found[GRAD_SQ]))
@@ -200,26 +200,3 @@ def _per_step(b_simple: Series, *, log: bool) -> go.Scatter:
     return go.Scatter(x=steps, y=values, name=name, mode="lines+markers", opacity=0.45,
                       line={"width": 1, "color": "#7f7f7f"}, marker={"size": 3},
                       yhoverformat=".4g")  # fmt: skip
-
-
-GRADIENT_PANELS: tuple[Panel, ...] = (
-    Panel("conflict_heatmap", "Gradient conflict per group pair", conflict_heatmap_panel,
-          ("conflict/cos/*",)),
-    Panel("conflict_worst_partner", "Worst-conflicting partner per group",
-          cosine_matrix_panel, ("conflict/cos/*",)),
-    Panel("group_loss", "Loss per group", group_loss_panel, ("conflict/loss/*",)),
-    Panel("group_share", "Gradient and loss share per group", group_share_panel,
-          (f"{NORM}/*", f"{COUNT}/*", f"{LOSS_SHARE}/*")),
-    Panel("conflict_summary", "Conflict over all pairs", conflict_summary_panel,
-          tuple(key for key, _, _ in CONFLICT_SUMMARY)),
-    Panel("noise_scale", "Gradient noise scale", noise_scale_panel,
-          (B_SIMPLE, TRACE_COV, GRAD_SQ, BATCH)),
-    Panel("grad_stable_rank", "Gradient stable rank per matrix", stable_rank_heatmap_panel,
-          ("grad_spectrum/stable_rank/*",)),
-    Panel("grad_slow_ratio", "Slow (EMA) share of each gradient", slow_ratio_panel,
-          ("grad_spectrum/slow_ratio/*",)),
-    Panel("weight_spectral_norm", "Weight spectral norm per matrix",
-          weight_spectral_norm_panel, ("weight_spectrum/spectral_norm/*",)),
-)  # fmt: skip
-"""The gradient-structure rows, in order, for :data:`~trainprobe.dashboard.panels.PANELS`
-(after the per-parameter heatmaps)."""

@@ -1,8 +1,7 @@
-"""Grokking, local-complexity and starvation rows: held-out vs train accuracy with the
-grokking phases, held-out loss, the softmax-collapse and NLM signals, the parameter norm,
-local complexity, the NTK and feature attribution (the keys of HeldOut, Robustness,
-GrokSignals, LocalComplexity, NTKAlignment, FeatureAttribution and NTKResponse).
-:data:`ANALYSIS_PANELS` lists them, in row order.
+"""Grokking rows: held-out vs train accuracy with the grokking phases, held-out loss, the
+softmax-collapse and NLM signals and the parameter norm (the keys of HeldOut, Robustness's
+adversarial accuracy and GrokSignals). Local complexity is in :mod:`.regions`, the NTK and
+feature attribution in :mod:`.ntk`.
 
 Every trace name carries its quantity (``"held-out acc"``, ``"regions · train"``): the
 dashboard has one legend per row, but a name must still say what it is on its own.
@@ -10,28 +9,17 @@ dashboard has one legend per row, but a name must still say what it is on its ow
 
 from __future__ import annotations
 
-import numpy as np
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run, Series
 
-from .curves import _all_positive, _line, _log_axis, _read
-from .parts import Panel, PanelPart
+from .curves import _all_positive, _coloured, _fraction_floor, _log_axis, _read
+from .parts import FRACTION, HELDOUT_COLOUR, TRAIN_COLOUR, PanelPart
 
 TRAIN_ACC, HELDOUT_ACC, ADV_ACC = "heldout/train_acc", "heldout/acc", "robustness/adv_acc"
 TRAIN_LOSS, HELDOUT_LOSS = "heldout/train_loss", "heldout/loss"
 PARAM_NORM, COLLAPSE, NLM = "grok/param_norm", "grok/softmax_collapse", "grok/nlm_cos"
-REGION_SETS = ("train", "test", "random")
-ALIGNMENT, CHANGE = "ntk/alignment", "ntk/change"
-SHARE, MIN_RATIO = "attribution/share", "ntk_response/min_ratio"
-
-TRAIN_COLOUR, HELDOUT_COLOUR = "#1f77b4", "#ff7f0e"
-SET_COLOURS = {"train": TRAIN_COLOUR, "test": HELDOUT_COLOUR, "random": "#7f7f7f"}
-"""One colour per point set, the same as train / held-out accuracy: test points are held out."""
-FRACTION = (-0.03, 1.03)
-"""The y range of rows in ``[0, 1]`` (a margin so that 0 and 1 stay visible)."""
 
 PHASE_FILLS = {"fitting": "rgba(127,127,127,0.16)", "generalised": "rgba(44,160,44,0.16)"}
 MEMORISING_COLOUR = "#d62728"
@@ -46,22 +34,8 @@ _MEMORISATION = (
 )  # the grokking detector's message openings -> the band's name
 
 
-def _coloured(series: Series, name: str, colour: str, *, dash: str | None = None) -> go.Scatter:
-    trace = _line(series, name, dash=dash)
-    trace.update(line_color=colour)
-    return trace
-
-
 def _step_range(series: list[Series]) -> tuple[int, int]:
     return min(int(s.steps[0]) for s in series), max(int(s.steps[-1]) for s in series)
-
-
-def _floor(series: list[Series]) -> float:
-    """The bottom of a ``[0, 1]``-like axis: ``FRACTION[0]``, or lower to show the lowest
-    finite value (a cosine or a ratio below 0)."""
-    values = np.concatenate([s.values for s in series])
-    values = values[np.isfinite(values)]
-    return min(FRACTION[0], float(values.min()) - 0.03) if values.size else FRACTION[0]
 
 
 def _band(x0: float, x1: float, name: str, **fill) -> go.Scatter:
@@ -109,11 +83,14 @@ def grokking_phases(finding: Finding, extent: tuple[int, int]) -> list[go.Scatte
     return traces
 
 
+ACCURACY_NEEDS = (TRAIN_ACC, HELDOUT_ACC, ADV_ACC)
+
+
 def accuracy_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``heldout/train_acc`` and ``heldout/acc`` on ``[0, 1]``, ``robustness/adv_acc``
     dashed, behind them the phases of the first ``grokking`` finding
     (:func:`grokking_phases`)."""
-    series = _read(run, [k for k in (TRAIN_ACC, HELDOUT_ACC, ADV_ACC) if k in run])
+    series = _read(run, [k for k in ACCURACY_NEEDS if k in run])
     if not series:
         return None
     style = {TRAIN_ACC: ("train acc", TRAIN_COLOUR, None),
@@ -131,9 +108,12 @@ def accuracy_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     )  # fmt: skip
 
 
+HELDOUT_LOSS_NEEDS = (TRAIN_LOSS, HELDOUT_LOSS)
+
+
 def heldout_loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``heldout/train_loss`` and ``heldout/loss``; log y when every value is positive."""
-    series = _read(run, [k for k in (TRAIN_LOSS, HELDOUT_LOSS) if k in run])
+    series = _read(run, [k for k in HELDOUT_LOSS_NEEDS if k in run])
     if not series:
         return None
     style = {TRAIN_LOSS: ("train loss", TRAIN_COLOUR),
@@ -147,11 +127,14 @@ def heldout_loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | N
     )  # fmt: skip
 
 
+GROK_SIGNALS_NEEDS = (COLLAPSE, NLM)
+
+
 def grok_signals_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``grok/softmax_collapse`` (a fraction) and ``grok/nlm_cos`` (a cosine) on one axis:
     both unitless. Fixed at the top (1) so that a level reads the same in any run; down
-    to 0, or below it as far as the cosine goes (:func:`_floor`)."""
-    series = _read(run, [k for k in (COLLAPSE, NLM) if k in run])
+    to 0, or below it as far as the cosine goes (:func:`.curves._fraction_floor`)."""
+    series = _read(run, [k for k in GROK_SIGNALS_NEEDS if k in run])
     if not series:
         return None
     style = {COLLAPSE: ("softmax collapse", "#d62728"), NLM: ("NLM cosine", "#8c564b")}
@@ -160,8 +143,12 @@ def grok_signals_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | N
         "Train examples whose softmax rounds to zero loss or gradient; cos(−∇L, θ) of the "
         "output layer (1: descent only inflates logits). Collapse while memorising stalls "
         "grokking (Prieto et al. 2025).",
-        keys=tuple(s.key for s in series), y_axis={"range": [_floor(series), FRACTION[1]]},
+        keys=tuple(s.key for s in series),
+        y_axis={"range": [_fraction_floor(series), FRACTION[1]]},
     )  # fmt: skip
+
+
+PARAM_NORM_NEEDS = (PARAM_NORM,)
 
 
 def param_norm_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -174,83 +161,5 @@ def param_norm_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | Non
         [_coloured(series[0], "param norm", "#17becf")], "‖w‖₂",
         "L2 norm of all trainable parameters. Growth while memorising, then a fall under "
         "weight decay, goes with grokking (Liu et al. 2023, Omnigrok).",
-        keys=(PARAM_NORM,), height=0.7, y_axis={"rangemode": "tozero"},
+        keys=PARAM_NORM_NEEDS, height=0.7, y_axis={"rangemode": "tozero"},
     )  # fmt: skip
-
-
-def local_complexity_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``regions/<set>/total`` for train, test and random points, one colour per set
-    (:data:`SET_COLOURS`); markers show the (usually log-spaced) measurements."""
-    keys = [f"regions/{s}/total" for s in REGION_SETS]
-    series = _read(run, [k for k in keys if k in run])
-    if not series:
-        return None
-    traces = []
-    for s in series:
-        point_set = s.key.split("/")[1]
-        traces.append(_coloured(s, f"regions · {point_set}", SET_COLOURS[point_set]))
-        traces[-1].update(mode="lines+markers", marker={"size": 4})
-    return PanelPart(
-        traces, "neurons cut",
-        "Neurons whose ReLU state changes near each point (mean over the set). Falling "
-        "near train points: regions migrate away from the data, as the network groks "
-        "(Humayun et al. 2024).",
-        keys=tuple(s.key for s in series),
-    )  # fmt: skip
-
-
-def ntk_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``ntk/alignment`` (in ``[-1, 1]``) and ``ntk/change`` (``>= 0``): both unitless
-    ratios on one axis. ``ntk/trace`` has units and is left out."""
-    series = _read(run, [k for k in (ALIGNMENT, CHANGE) if k in run])
-    if not series:
-        return None
-    style = {ALIGNMENT: ("NTK alignment", "#2ca02c", None),
-             CHANGE: ("NTK change from start", "#9467bd", "dash")}  # fmt: skip
-    return PanelPart(
-        [_coloured(s, *style[s.key][:2], dash=style[s.key][2]) for s in series], "ratio",
-        "Centered alignment of the empirical NTK with the labels, and its relative change "
-        "since the first measurement. Both flat: lazy; both rising: rich, feature learning "
-        "(Kumar et al. 2024).",
-        keys=tuple(s.key for s in series),
-    )  # fmt: skip
-
-
-def starvation_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``attribution/share/<group>`` lines in ``[0, 1]`` and ``ntk_response/min_ratio``
-    dashed; the axis extends below 0 only if the ratio does (a direction fit backwards)."""
-    shares = _read(run, [f"{SHARE}/{g}" for g in run.layers(SHARE)])
-    ratio = _read(run, [MIN_RATIO] if MIN_RATIO in run else [])
-    if not shares and not ratio:
-        return None
-    colours = qualitative.Dark2
-    traces = [_coloured(s, f"share · {s.key[len(SHARE) + 1 :]}", colours[i % len(colours)])
-              for i, s in enumerate(shares)]  # fmt: skip
-    if ratio:
-        traces.append(_coloured(ratio[0], "NTK response min/max", "#444", dash="dash"))
-    return PanelPart(
-        traces, "share / ratio",
-        "Each input group's share of gradient×input; dashed: the slowest label direction "
-        "of the initial NTK over the fastest. One stuck near 0: gradient starvation "
-        "(Pezeshki et al. 2021).",
-        keys=tuple(s.key for s in (*shares, *ratio)),
-        y_axis={"range": [_floor([*shares, *ratio]), FRACTION[1]]},
-    )  # fmt: skip
-
-
-ANALYSIS_PANELS: tuple[Panel, ...] = (
-    Panel("heldout_accuracy", "Train vs held-out accuracy", accuracy_panel,
-          (TRAIN_ACC, HELDOUT_ACC, ADV_ACC)),
-    Panel("heldout_loss", "Train vs held-out loss", heldout_loss_panel,
-          (TRAIN_LOSS, HELDOUT_LOSS)),
-    Panel("grok_signals", "Softmax collapse and NLM cosine", grok_signals_panel,
-          (COLLAPSE, NLM)),
-    Panel("param_norm", "Parameter norm", param_norm_panel, (PARAM_NORM,)),
-    Panel("local_complexity", "Local complexity (linear regions)", local_complexity_panel,
-          ("regions/*/total",)),  # one glob: a run may record any of the sets
-    Panel("ntk", "NTK alignment and drift", ntk_panel, (ALIGNMENT, CHANGE)),
-    Panel("starvation", "Feature shares and NTK response", starvation_panel,
-          (f"{SHARE}/*", MIN_RATIO)),
-)  # fmt: skip
-"""The grokking, local-complexity and starvation rows, in order, for
-:data:`~trainprobe.dashboard.panels.PANELS`."""

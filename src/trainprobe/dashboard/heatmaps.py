@@ -1,4 +1,6 @@
-"""Heatmap panels: one row per layer (or module), one column per recorded step."""
+"""Heatmaps over the step axis: one row per layer (or module, or group pair), one column
+per recorded step, binned for display (:func:`heatmap_part`, :func:`heatmap_trace`,
+:func:`heatmap_columns`). The per-tensor rows that use them are in :mod:`.layers`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
 from .grid import (
@@ -18,20 +19,15 @@ from .grid import (
     layer_matrix,
     log_ticks,
     ordered_layers,
-    real_label,
     safe_log10,
     short_names,
 )
-from .parts import HEALTHY_UPDATE_RATIO, ROW_PX, PanelPart
+from .parts import ROW_PX, PanelPart
 
 _LABEL_PX = 12  # vertical pixels one y tick label needs
 
 ZERO_DECADES = 1.0
 """How far (in decades) below the smallest positive value a log heatmap draws its zeros."""
-
-RATIO_HALF_DECADES = 2.0
-"""Least half-width (decades) of the update-ratio colours around the healthy ratio: full
-red at 100x it (1e-1, the update_ratio detector's warning level), full blue at 1/100x."""
 
 
 @dataclass(frozen=True)
@@ -282,67 +278,3 @@ def _layer_axis(names: list[str]) -> tuple[float, dict, str]:
         "fixedrange": True,
     }
     return px / ROW_PX, y_axis, prefix
-
-
-def grad_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``norms/grad/<param>``: log colour, exact zeros on the darkest colour."""
-    return heatmap_part(
-        run,
-        "norms/grad",
-        HeatStyle("grad norm"),
-        "log colour. A dark row is a layer that stopped learning (starved or "
-        "dead; darkest = exactly 0); a bright column is a gradient spike.",
-    )
-
-
-def weight_norm_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``norms/weight/<param>``: log colour."""
-    return heatmap_part(
-        run,
-        "norms/weight",
-        HeatStyle("weight norm", colorscale="Viridis"),
-        "||w|| per tensor, log colour. A row brightening without end is unchecked weight "
-        "growth (more weight decay); a row fading to dark is decay winning over the gradient.",
-    )
-
-
-def update_ratio_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``updates/ratio/<param>``: log colour centred (white) on the healthy ratio, at least
-    :data:`RATIO_HALF_DECADES` each side."""
-    style = HeatStyle(
-        "update ratio",
-        colorscale="RdBu_r",
-        centre=HEALTHY_UPDATE_RATIO,
-        min_half_width=RATIO_HALF_DECADES,
-    )
-    healthy = real_label(math.log10(HEALTHY_UPDATE_RATIO))
-    return heatmap_part(
-        run,
-        "updates/ratio",
-        style,
-        f"||Δw||/||w||, log colour; white ≈ {healthy} is healthy, red = steps too "
-        "large (lower LR), blue = barely moving, darkest blue = 0 (frozen).",
-    )
-
-
-def activation_std_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``activations/std/<module>``: log colour."""
-    return heatmap_part(
-        run,
-        "activations/std",
-        HeatStyle("activation std", colorscale="Cividis"),
-        "log colour. Std shrinking with depth = vanishing signal; growing = exploding activations.",
-    )
-
-
-def zero_frac_heatmap(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
-    """``activations/zero_frac/<module>``: linear colour over [0, 1]."""
-    style = HeatStyle(
-        "zero fraction", log=False, colorscale="Reds", hover_format=".1%", span=(0.0, 1.0)
-    )
-    return heatmap_part(
-        run,
-        "activations/zero_frac",
-        style,
-        "Fraction of outputs exactly zero (linear colour). Rows near 100% are dead ReLUs.",
-    )

@@ -42,6 +42,10 @@ def hover_text(finding: Finding) -> str:
     )
 
 
+FINDINGS_TIMELINE_NEEDS = ()
+"""No key: the timeline draws the findings it is given."""
+
+
 def findings_timeline(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """One bar per finding over its steps, one lane per detector; ``None`` without findings."""
     if not findings:

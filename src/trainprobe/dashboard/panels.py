@@ -1,126 +1,214 @@
-"""The dashboard's rows, top to bottom: :data:`PANELS`."""
+"""The dashboard's rows, top to bottom: :data:`PANELS`.
+
+Each row names its function and the key patterns the function reads. Those patterns are
+declared once, beside the function, as ``<NAME>_NEEDS`` (``curves.loss_panel`` ->
+``curves.LOSS_NEEDS``, ``layers.grad_heatmap`` -> ``layers.GRAD_HEATMAP_NEEDS``): this
+registry references them and spells no key of its own.
+"""
 
 from __future__ import annotations
 
 from functools import partial
 
-from .checkpoints import checkpoint_change_panel, checkpoint_update_heatmap
-from .curvature import (
-    grad_subspace_panel,
-    hessian_density_panel,
-    hessian_top_panel,
-    hessian_trace_panel,
-    sharpness_panel,
+from . import (
+    catch_all,
+    checkpoints,
+    conflict,
+    curvature,
+    curves,
+    density,
+    gradients,
+    grokking,
+    groups,
+    layers,
+    marks,
+    ntk,
+    regions,
 )
-from .curves import loss_panel, lr_panel, metrics_panel, nonfinite_panel, norms_panel
-from .gradients import GRADIENT_PANELS
-from .grokking import ANALYSIS_PANELS
-from .heatmaps import (
-    activation_std_heatmap,
-    grad_heatmap,
-    update_ratio_heatmap,
-    weight_norm_heatmap,
-    zero_frac_heatmap,
-)
-from .marks import findings_timeline
-from .other import other_series_panel
 from .parts import Panel
 
-_DEDICATED: tuple[Panel, ...] = (
-    Panel("findings", "Findings", findings_timeline, ()),
-    Panel("loss", "Loss and scalars", loss_panel, ("scalars/*",)),
-    Panel("metrics", "Accuracy-like scalars", metrics_panel, ("scalars/*",)),
-    Panel("lr", "Learning rate", lr_panel, ("optim/lr/*",)),
+GRADIENT_PANELS: tuple[Panel, ...] = (
     Panel(
-        "global_norms",
-        "Global norms",
-        norms_panel,
-        ("norms/grad_total", "norms/weight_total", "updates/ratio_total"),
+        "conflict_heatmap",
+        "Gradient conflict per group pair",
+        conflict.conflict_heatmap_panel,
+        conflict.CONFLICT_HEATMAP_NEEDS,
     ),
+    Panel(
+        "conflict_worst_partner",
+        "Worst-conflicting partner per group",
+        conflict.cosine_matrix_panel,
+        conflict.COSINE_MATRIX_NEEDS,
+    ),
+    Panel("group_loss", "Loss per group", groups.group_loss_panel, groups.GROUP_LOSS_NEEDS),
+    Panel(
+        "group_share",
+        "Gradient and loss share per group",
+        groups.group_share_panel,
+        groups.GROUP_SHARE_NEEDS,
+    ),
+    Panel(
+        "conflict_summary",
+        "Conflict over all pairs",
+        conflict.conflict_summary_panel,
+        conflict.CONFLICT_SUMMARY_NEEDS,
+    ),
+    Panel(
+        "noise_scale",
+        "Gradient noise scale",
+        gradients.noise_scale_panel,
+        gradients.NOISE_SCALE_NEEDS,
+    ),
+    Panel(
+        "grad_stable_rank",
+        "Gradient stable rank per matrix",
+        gradients.stable_rank_heatmap_panel,
+        gradients.STABLE_RANK_HEATMAP_NEEDS,
+    ),
+    Panel(
+        "grad_slow_ratio",
+        "Slow (EMA) share of each gradient",
+        gradients.slow_ratio_panel,
+        gradients.SLOW_RATIO_NEEDS,
+    ),
+    Panel(
+        "weight_spectral_norm",
+        "Weight spectral norm per matrix",
+        gradients.weight_spectral_norm_panel,
+        gradients.WEIGHT_SPECTRAL_NORM_NEEDS,
+    ),
+)
+"""The gradient-structure rows (GradConflict, GradNoise, GradSpectrum, WeightSpectrum), in
+order, after the per-tensor heatmaps."""
+
+ANALYSIS_PANELS: tuple[Panel, ...] = (
+    Panel(
+        "heldout_accuracy",
+        "Train vs held-out accuracy",
+        grokking.accuracy_panel,
+        grokking.ACCURACY_NEEDS,
+    ),
+    Panel(
+        "heldout_loss",
+        "Train vs held-out loss",
+        grokking.heldout_loss_panel,
+        grokking.HELDOUT_LOSS_NEEDS,
+    ),
+    Panel(
+        "grok_signals",
+        "Softmax collapse and NLM cosine",
+        grokking.grok_signals_panel,
+        grokking.GROK_SIGNALS_NEEDS,
+    ),
+    Panel("param_norm", "Parameter norm", grokking.param_norm_panel, grokking.PARAM_NORM_NEEDS),
+    Panel(
+        "local_complexity",
+        "Local complexity (linear regions)",
+        regions.local_complexity_panel,
+        regions.LOCAL_COMPLEXITY_NEEDS,
+    ),
+    Panel("ntk", "NTK alignment and drift", ntk.ntk_panel, ntk.NTK_NEEDS),
+    Panel(
+        "starvation",
+        "Feature shares and NTK response",
+        ntk.starvation_panel,
+        ntk.STARVATION_NEEDS,
+    ),
+)
+"""The grokking, local-complexity and starvation rows, in order."""
+
+_DEDICATED: tuple[Panel, ...] = (
+    Panel("findings", "Findings", marks.findings_timeline, marks.FINDINGS_TIMELINE_NEEDS),
+    Panel("loss", "Loss and scalars", curves.loss_panel, curves.LOSS_NEEDS),
+    Panel("metrics", "Accuracy-like scalars", curves.metrics_panel, curves.METRICS_NEEDS),
+    Panel("lr", "Learning rate", curves.lr_panel, curves.LR_NEEDS),
+    Panel("global_norms", "Global norms", curves.norms_panel, curves.NORMS_NEEDS),
     Panel(
         "sharpness",
         "Sharpness and the stability threshold",
-        sharpness_panel,
-        ("sharpness/lambda_max", "sharpness/threshold"),
+        curvature.sharpness_panel,
+        curvature.SHARPNESS_NEEDS,
     ),
     Panel(
         "hessian_top",
         "Top Hessian eigenvalues",
-        hessian_top_panel,
-        ("hessian/eig_[0-9]*", "hessian/bottom_[0-9]*"),
+        curvature.hessian_top_panel,
+        curvature.HESSIAN_TOP_NEEDS,
     ),
     Panel(
         "hessian_trace",
         "Hessian trace",
-        hessian_trace_panel,
-        ("hessian_trace/trace", "hessian_trace/stderr"),
+        curvature.hessian_trace_panel,
+        curvature.HESSIAN_TRACE_NEEDS,
     ),
     Panel(
         "grad_subspace",
         "Gradient in the top Hessian eigenspace",
-        grad_subspace_panel,
-        ("grad_subspace/fraction",),
+        curvature.grad_subspace_panel,
+        curvature.GRAD_SUBSPACE_NEEDS,
     ),
     Panel(
         "hessian_density",
         "Hessian spectral density",
-        hessian_density_panel,
-        ("hessian_density/density", "hessian_density/grid"),
+        density.hessian_density_panel,
+        density.HESSIAN_DENSITY_NEEDS,
     ),
-    Panel("grad_heatmap", "Gradient norm per parameter", grad_heatmap, ("norms/grad/*",)),
+    Panel(
+        "grad_heatmap",
+        "Gradient norm per parameter",
+        layers.grad_heatmap,
+        layers.GRAD_HEATMAP_NEEDS,
+    ),
     Panel(
         "weight_norm_heatmap",
         "Weight norm per parameter",
-        weight_norm_heatmap,
-        ("norms/weight/*",),
+        layers.weight_norm_heatmap,
+        layers.WEIGHT_NORM_HEATMAP_NEEDS,
     ),
     Panel(
         "update_ratio_heatmap",
         "Update / weight ratio per parameter",
-        update_ratio_heatmap,
-        ("updates/ratio/*",),
+        layers.update_ratio_heatmap,
+        layers.UPDATE_RATIO_HEATMAP_NEEDS,
     ),
     Panel(
         "checkpoint_change",
         "Change since the previous checkpoint",
-        checkpoint_change_panel,
-        ("scan/update_ratio_total", "scan/update_norm_total", "scan/steps_between"),
+        checkpoints.checkpoint_change_panel,
+        checkpoints.CHECKPOINT_CHANGE_NEEDS,
     ),
     Panel(
         "checkpoint_update_heatmap",
         "Change per parameter since the previous checkpoint",
-        checkpoint_update_heatmap,
-        ("scan/update_norm/*",),
+        checkpoints.checkpoint_update_heatmap,
+        checkpoints.CHECKPOINT_UPDATE_HEATMAP_NEEDS,
     ),
     Panel(
         "activation_std_heatmap",
         "Activation std per module",
-        activation_std_heatmap,
-        ("activations/std/*",),
+        layers.activation_std_heatmap,
+        layers.ACTIVATION_STD_HEATMAP_NEEDS,
     ),
     Panel(
         "zero_frac_heatmap",
         "Activation zero fraction per module",
-        zero_frac_heatmap,
-        ("activations/zero_frac/*",),
+        layers.zero_frac_heatmap,
+        layers.ZERO_FRAC_HEATMAP_NEEDS,
     ),
     *GRADIENT_PANELS,
     *ANALYSIS_PANELS,
-    Panel(
-        "nonfinite",
-        "Non-finite values",
-        nonfinite_panel,
-        ("nonfinite/loss", "nonfinite/grad", "nonfinite/param"),
-    ),
+    Panel("nonfinite", "Non-finite values", curves.nonfinite_panel, curves.NONFINITE_NEEDS),
 )
+
+_COVERED = tuple(pattern for panel in _DEDICATED for pattern in panel.needs)
 
 PANELS: tuple[Panel, ...] = (
     *_DEDICATED,
     Panel(
         "other_series",
         "Every other recorded series",
-        partial(other_series_panel, covered=tuple(p for d in _DEDICATED for p in d.needs)),
-        ("*",),
+        partial(catch_all.other_series_panel, covered=_COVERED),
+        catch_all.OTHER_SERIES_NEEDS,
     ),
 )
 """Every panel, in row order. ``findings`` reads no key: it draws the findings passed in.

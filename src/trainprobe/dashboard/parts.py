@@ -25,6 +25,11 @@ HEALTHY_UPDATE_RATIO = HEALTHY
 """Typical ``||dw|| / ||w||`` per step of a healthy run: the update-ratio heatmap's white
 centre and the reference line of the global-norms panel."""
 
+FRACTION = (-0.03, 1.03)
+"""The y range of rows in ``[0, 1]`` (a margin so that 0 and 1 stay visible)."""
+TRAIN_COLOUR, HELDOUT_COLOUR = "#1f77b4", "#ff7f0e"
+"""Train and held-out data, the same colour on every row that shows both."""
+
 PanelFunc = Callable[[Run, tuple[Finding, ...]], "PanelPart | None"]
 
 

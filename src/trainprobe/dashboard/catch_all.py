@@ -91,13 +91,20 @@ FAMILY_NOTES: tuple[tuple[str, str], ...] = (
     ("regions/…", "Exact number of linear pieces along segments between points."),
     ("heldout/…", "Held-out metrics from the probe's eval_fn."),
 )  # fmt: skip
-"""One line on what each family of the catch-all row shows, by ``fnmatch`` on its label."""
+"""One line on what each family of the catch-all row shows, by ``fnmatch`` on its label.
+The only place the dashboard spells these families (until the probes declare their keys'
+meanings and this table can read them)."""
 
 
 def family_note(label: str) -> str:
     """The :data:`FAMILY_NOTES` line for a family label, or a plain one naming the probe."""
     note = next((text for pattern, text in FAMILY_NOTES if fnmatchcase(label, pattern)), None)
     return note or f"Series the {label.split('/', 1)[0]} probe records."
+
+
+OTHER_SERIES_NEEDS = ("*",)
+"""Every key; the registry passes the other rows' patterns as ``covered``, and only the keys
+none of them matches are drawn here."""
 
 
 def other_series_panel(
