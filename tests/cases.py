@@ -48,6 +48,68 @@ class TinyRNN(nn.Module):
         return self.head(out[:, -1])
 
 
+class TwoNames(nn.Module):
+    """One block registered under two attribute names (``self.b = self.a``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act = nn.Linear(8, 8), nn.ReLU()
+        self.b = self.a
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.b(self.act(self.a(x)))))
+
+
+def repeated() -> nn.Module:
+    """``nn.ModuleList([block] * 3)``: one block applied three times."""
+    block = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    return nn.Sequential(*nn.ModuleList([block] * 3), nn.Linear(8, 3))
+
+
+class Tied(nn.Module):
+    """One weight held by two modules (``out.weight = inp.weight``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out, self.act = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU()
+        self.out.weight = self.inp.weight
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.out(self.act(self.inp(x)))))
+
+
+class Frozen(nn.Module):
+    """A frozen first layer (``requires_grad=False``) under a trained head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.act, self.head = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.body.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.body(x)))
+
+
+class Unused(nn.Module):
+    """A trainable layer the forward pass never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.act, self.head = nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.spare = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.body(x)))
+
+
+SHARING: dict[str, Callable[[], nn.Module]] = {
+    "two_names": TwoNames, "repeated": repeated, "tied": Tied, "frozen": Frozen,
+    "unused": Unused,
+}  # fmt: skip
+"""Models whose parameters are shared, tied, frozen or unused (the observer contract)."""
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "mlp": mlp, "cnn": cnn, "transformer": TinyTransformer, "rnn": TinyRNN,
 }  # fmt: skip
@@ -69,11 +131,15 @@ def train(
     seed: int = 0,
     raise_at: int | None = None,
     flush_seconds: float = 0.0,
+    on_model: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Train ``MODELS[name]`` with Adam; watched by ``probes`` when ``run_dir`` is given."""
+    """Train ``MODELS[name]`` (or ``SHARING[name]``) with Adam; watched by ``probes`` when
+    ``run_dir`` is given; ``on_model(model)`` sees the model before training starts."""
     torch.manual_seed(seed)
-    model = MODELS[name]()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model = {**MODELS, **SHARING}[name]()
+    if on_model is not None:
+        on_model(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
 
     def one_step(step: int, mon: trainprobe.Monitor | None) -> None:

@@ -370,3 +370,44 @@ def test_linearize_on_conv_after_conv_falls_back_to_exact_columns():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert _rel(op.matmat(vs), dense @ vs) < 1e-10
         assert _rel(op.matmat(vs), dense @ vs) < 1e-10
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh with a backward marked once_differentiable (as fused kernels often are)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OnceAct(nn.Module):
+    def forward(self, x):
+        return _OnceTanh.apply(x)
+
+
+def test_graph_engine_refuses_a_layer_without_double_backward_and_names_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), _OnceAct(), nn.Linear(8, 3)).double()
+    xy = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    loss = criterion_loss(nn.CrossEntropyLoss())
+    with pytest.raises(RuntimeError, match=r"Function _OnceTanh \(the output of module '1'"):
+        hessian_operator(model, loss, batch=xy, engine="graph")
+    for engine in ("jvp", "linearize"):  # no forward AD: these raise on their own
+        with pytest.raises(RuntimeError):
+            hessian_operator(model, loss, batch=xy, engine=engine).matvec(
+                torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+            )
+    # the way out the message names: the Hessian in the parameters after the layer
+    op = hessian_operator(model, loss, batch=xy, engine="graph", params=r"^2\.")
+    exact = nn.Sequential(model[0], nn.Tanh(), model[2])
+    want = hessian_operator(exact, loss, batch=xy, engine="graph", params=r"^2\.")
+    eye = torch.eye(op.dim, dtype=torch.float64)
+    torch.testing.assert_close(op.matmat(eye), want.matmat(eye))

@@ -209,6 +209,26 @@ def test_output_layer_by_default_name_or_module():
     assert _values(GrokSignals(data=data, output="0").measure(_ctx(model))) != default
 
 
+def test_grok_signals_take_the_last_linear_the_forward_calls_as_the_output_layer():
+    class SpareAfterHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head, self.spare = nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = SpareAfterHead()
+    data = batch("mlp", 0)
+    probe = GrokSignals(data=data)
+    got = probe.measure(_ctx(model))
+    want = GrokSignals(data=data, output="head").measure(_ctx(model))
+    assert probe._found == "head"
+    assert torch.equal(got["grok/nlm_cos"], want["grok/nlm_cos"])
+    assert torch.isfinite(got["grok/nlm_cos"])
+
+
 def test_grok_signals_refuse_bad_inputs():
     model = _mlp()
     data = batch("mlp", 0)
@@ -216,7 +236,7 @@ def test_grok_signals_refuse_bad_inputs():
         GrokSignals(output=3)
     with pytest.raises(ValueError, match="is not a module of the model"):
         GrokSignals(data=data, output="head").measure(_ctx(model))
-    with pytest.raises(ValueError, match=r"has no nn\.Linear"):
+    with pytest.raises(ValueError, match=r"calls no nn\.Linear"):
         GrokSignals(data=(torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, dtype=torch.long))).measure(
             _ctx(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(2))))  # fmt: skip
     model[3].requires_grad_(False)

@@ -229,13 +229,22 @@ def _check_finite_loss(value: Tensor, index: int) -> None:
         )
 
 
-def _check_used(layout: ParamLayout, used: Tensor) -> None:
-    unused = [n for n, u in zip(layout.names, used.tolist(), strict=True) if not u]
-    if unused:
-        raise ValueError(
+class UnusedParameters(ValueError):
+    """Selected parameters the loss does not depend on (their Hessian rows are zero)."""
+
+    def __init__(self, unused: list[str], used: list[str]) -> None:
+        super().__init__(
             f"parameters {unused} do not affect the loss (unused in the forward pass), so "
             "their Hessian rows are zero; leave them out with params=..."
         )
+        self.unused, self.used = unused, used
+
+
+def _check_used(layout: ParamLayout, used: Tensor) -> None:
+    flags = used.tolist()
+    unused = [n for n, u in zip(layout.names, flags, strict=True) if not u]
+    if unused:
+        raise UnusedParameters(unused, [n for n, u in zip(layout.names, flags, strict=True) if u])
 
 
 def _engine_error(engine: str, err: RuntimeError) -> RuntimeError:
@@ -273,7 +282,10 @@ def hessian_operator(
             ``w_b = n_b / N`` for ``reduction="mean"`` losses, ``1`` for ``"sum"``.
             Read once, now, under a forked RNG (a shuffling loader does not move
             the global RNG); the batches are kept for the operator's lifetime.
-        params: which parameters (see :func:`trainprobe.functional.select_params`); others are fixed.
+        params: which parameters (see :func:`trainprobe.functional.select_params`); others
+            are fixed. The default, every trainable parameter, leaves out those the loss
+            does not use (``operator.layout`` names the ones taken); an unused parameter
+            named explicitly is an error.
         mode: ``"eval"`` (default; BatchNorm running statistics, no dropout) or
             ``"train"`` (BatchNorm batch statistics, running statistics untouched).
             Randomness in the loss raises a ``ValueError`` naming the module.
@@ -297,6 +309,15 @@ def hessian_operator(
     pieces = _pieces(batch, batches, reduction, batch_size, objective.device, objective.dtype)
     if engine == "auto":
         engine = "graph" if len(pieces) <= MAX_CACHED_BATCHES else "jvp"
+    try:
+        return HessianOperator(objective, pieces, engine=engine)
+    except UnusedParameters as err:
+        if params is not None or not err.used:
+            raise
+        used = err.used
+    # The default selection is what training moves: parameters the loss uses (an unused
+    # one gets no .grad either). Named explicitly, an unused parameter is an error.
+    objective = Objective(model, loss_fn, params=used, mode=mode, dtype=dtype)
     return HessianOperator(objective, pieces, engine=engine)
 
 

@@ -183,9 +183,9 @@ class GrokSignals:
         schedule: when to measure (default every 10 steps; one forward and one backward
             into the output layer on the batch).
         data: a fixed batch ``(x, y)`` with integer class labels (default: the step's).
-        output: the output layer, a module or its name (default: the last ``nn.Linear`` in
-            ``model.modules()`` order); exact when the logits are its output (or a
-            bias-free linear map of it).
+        output: the output layer, a module or its name (default: the last ``nn.Linear``
+            the forward pass calls, found once, at the first measurement); exact when the
+            logits are its output (or a bias-free linear map of it).
         mode: ``"eval"`` (default) or ``"train"`` semantics (restored, RNG forked).
     """
 
@@ -208,6 +208,7 @@ class GrokSignals:
                 f"{type(output).__name__}"
             )
         self.data, self.output, self.mode = data, output, check_mode(mode)
+        self._found: str | None = None  # the output layer called last, found once
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         return []
@@ -217,7 +218,12 @@ class GrokSignals:
         if batch is None:
             raise ValueError("GrokSignals needs data: pass data=(x, y) or batch= to mon.step()")
         x, y = inputs_targets(batch, "GrokSignals")
-        head = output_params(ctx.model, self.output)
+        output = self.output
+        if output is None:
+            if self._found is None:
+                self._found = last_called_linear(ctx.model, x, self.mode)
+            output = self._found
+        head = output_params(ctx.model, output)
         collapsed, cos = _softmax_signals(ctx.model, x, y, head, self.mode)
         weights = stacked_norms([p.detach() for p in ctx.params.values()])  # [L]
         return {
@@ -232,18 +238,10 @@ class GrokSignals:
                 "data": "fixed batch" if self.data is not None else "step batch"}  # fmt: skip
 
 
-def output_params(model: nn.Module, output: str | nn.Module | None) -> list[str]:
+def output_params(model: nn.Module, output: str | nn.Module) -> list[str]:
     """Names of the output layer's trainable parameters (see :class:`GrokSignals`)."""
     modules = dict(model.named_modules())
-    if output is None:
-        linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(
-                "GrokSignals: the model has no nn.Linear to take as the output layer; pass "
-                "output= (the module whose output is the logits, or its name)"
-            )
-        module = linears[-1]
-    elif isinstance(output, str):
+    if isinstance(output, str):
         if output not in modules:
             raise ValueError(
                 f"GrokSignals: output={output!r} is not a module of the model; names are "
@@ -260,6 +258,29 @@ def output_params(model: nn.Module, output: str | nn.Module | None) -> list[str]
             "output= naming the model's (trainable) classification head"
         )
     return names
+
+
+def last_called_linear(model: nn.Module, x: Any, mode: str) -> str:
+    """The name of the last ``nn.Linear`` the forward pass on ``x`` calls (one pass,
+    without gradients, under ``mode`` semantics); ``ValueError`` if it calls none."""
+    called: list[str] = []
+    handles = [
+        m.register_forward_hook(lambda *_, name=n: called.append(name))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
+    try:
+        with observing(model, check_mode(mode)) as eager, torch.no_grad():
+            eager(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not called:
+        raise ValueError(
+            "GrokSignals: the forward pass calls no nn.Linear to take as the output layer; "
+            "pass output= (the module whose output is the logits, or its name)"
+        )
+    return called[-1]
 
 
 def _softmax_signals(
