@@ -37,13 +37,60 @@ def test_smooth_divergence_is_critical_where_spikes_see_nothing(tmp_path):
     low = int(np.argmin(smooth))
     assert finding.severity is Severity.CRITICAL
     assert finding.evidence["min_median"] == pytest.approx(smooth[low])
-    assert finding.evidence["min_step"] == finding.start_step == low + 24  # window centre
+    assert finding.evidence["min_step"] == low + 24  # window centre
     assert finding.evidence["final_median"] == pytest.approx(smooth[-1])
     assert finding.evidence["peak_median"] == pytest.approx(smooth.max())
-    assert 250 <= finding.start_step <= 350 and finding.end_step == N - 1
+    # a gradual rise starts once it clears the 2-sigma band: about band / slope steps late
+    slope = np.log(17.0 / 0.37) / 1000  # per step, in log units
+    assert finding.evidence["noise"] == pytest.approx(0.05, rel=0.15)
+    assert finding.evidence["band"] == pytest.approx(2 * finding.evidence["noise"])
+    assert 300 <= finding.start_step <= 300 + finding.evidence["band"] / slope + 10
+    assert finding.start_step == finding.evidence["rise_step"] and finding.end_step == N - 1
     assert finding.evidence["peak_median"] / finding.evidence["min_median"] > 30
     assert "no recovery" in finding.message and "Lower the learning rate" in finding.action
+    assert f"left its level at step {finding.start_step}" in finding.message
+    assert f"before step {finding.start_step}" in finding.action
     assert finding.keys == ("scalars/loss",) and finding.detector == "loss_divergence"
+
+
+DEPART = 800
+"""Where the series of :func:`departing` leave their level."""
+
+
+def departing(shape: str, seed: int) -> np.ndarray:
+    """A loss on a plateau (0.3) or still decaying, that jumps 5x at ``DEPART`` or ramps up
+    from there (``e^(t / 50)``), with 5% mini-batch noise, or 30% for the ``noisy`` ones."""
+    t = STEPS
+    base = 0.3 + 2.0 * np.exp(-t / 150) if "decay" in shape else np.full(N, 0.3)
+    ramp = base[DEPART] * np.exp((t - DEPART) / 50)
+    rise = 5.0 * base[DEPART] if shape.endswith("jump") else ramp
+    return noisy(np.where(t < DEPART, base, rise), seed, 0.3 if "noisy" in shape else 0.05)
+
+
+SHAPES = ["flat_jump", "decay_jump", "flat_ramp", "decay_ramp"]
+SHAPES += [f"noisy_{shape}" for shape in ("flat_jump", "decay_jump", "decay_ramp")]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_span_starts_where_the_loss_leaves_its_level(tmp_path, shape, seed):
+    """The start is the first point of the sustained rise, never the plateau's noise dip: a
+    jump within a few steps of it, a ramp once it clears the 2-sigma band (band / slope)."""
+    loss = departing(shape, seed)
+    [finding] = detect_loss_divergence(write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss)}))
+    late = 3 if shape.endswith("jump") else finding.evidence["band"] / (1 / 50) * 1.5 + 3
+    assert DEPART - 3 <= finding.start_step <= DEPART + late
+    assert finding.evidence["min_step"] <= finding.start_step
+    assert finding.evidence["noise"] == pytest.approx(0.3 if "noisy" in shape else 0.05, rel=0.2)
+    if shape == "flat_jump":  # the old start, the minimum, was a noise dip far before
+        assert finding.evidence["min_step"] < DEPART - 50
+
+
+def test_a_bump_that_settles_back_does_not_start_the_span(tmp_path):
+    loss = departing("noisy_flat_jump", 7)
+    loss[600:640] *= 2.0  # 2x for 40 steps, then back: not where the divergence began
+    [finding] = detect_loss_divergence(write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss)}))
+    assert DEPART - 3 <= finding.start_step <= DEPART + 3
 
 
 def test_divergence_that_recovers_is_a_warning(tmp_path):
@@ -64,6 +111,8 @@ def test_overfitting_validation_loss_suggests_early_stopping(tmp_path):
     [finding] = detect_loss_divergence(run)
     assert finding.severity is Severity.CRITICAL
     assert "early stopping" in finding.action
+    assert "before it" in finding.action  # a slow rise (1/700 a step) clears the band late
+    assert 400 <= finding.start_step <= 400 + 1.5 * finding.evidence["band"] * 700
 
 
 def test_signed_loss_is_judged_in_loss_units(tmp_path):
@@ -75,6 +124,8 @@ def test_signed_loss_is_judged_in_loss_units(tmp_path):
     assert finding.severity is Severity.CRITICAL
     assert finding.evidence["min_median"] == pytest.approx(-1.0, abs=0.05)
     assert "higher" in finding.message
+    slope = 4.0 / (N - 600)  # it starts once it clears the band, in loss units
+    assert 600 <= finding.start_step <= 600 + finding.evidence["band"] / slope + 10
 
 
 @pytest.mark.parametrize("seed", range(3))

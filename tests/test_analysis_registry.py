@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import json
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,15 @@ import pytest
 
 import trainprobe.analysis as analysis
 from tests.synth import write_run
-from trainprobe.analysis import DETECTORS, Detector, Finding, Severity, analyze
+from trainprobe.analysis import (
+    DETECTORS,
+    Detector,
+    Finding,
+    Severity,
+    analyze,
+    detect_instability,
+    instability,
+)
 from trainprobe.analysis._series import (
     LOSS_PATTERN,
     step_windows,
@@ -187,6 +198,15 @@ def test_registry_is_consistent():
         assert detector.needs and all(isinstance(p, str) for p in detector.needs)
     loss_detectors = [d for d in DETECTORS if d.name.startswith("loss_")]
     assert all(d.needs == (LOSS_PATTERN,) for d in loss_detectors)  # narrowed by is_loss_key
+    for detector in DETECTORS:  # the registry reads each module's declarations
+        module = importlib.import_module(detector.func.__module__)
+        assert (detector.name, detector.needs) == (module.NAME, module.NEEDS)
+    [combining] = [d for d in DETECTORS if d.combines]
+    assert combining.name == "instability"
+    assert combining.combines == tuple(func for _, func in instability.SYMPTOMS)
+    assert combining.needs == (
+        "nonfinite/* | scalars/*loss* | norms/grad_total | norms/grad/* | sharpness/lambda_max",
+    )
 
 
 def test_detector_applies_to_glob_patterns():
@@ -198,6 +218,8 @@ def test_detector_applies_to_glob_patterns():
 def test_invalid_registry_entries_name_the_fix(tmp_path):
     with pytest.raises(TypeError, match=r"needs must be a tuple of glob patterns"):
         Detector("x", lambda run: [], "norms/grad/*")
+    with pytest.raises(TypeError, match=r"combines must be a tuple of detector functions"):
+        Detector("x", lambda run: [], ("norms/grad/*",), combines=("loss_spike",))
     run = write_run(tmp_path / "r", {"scalars/loss": (STEPS[:3], np.ones(3))})
     with pytest.raises(TypeError, match="detectors must hold Detector objects, got function"):
         analyze(run, detectors=(lambda run: [],))
@@ -276,3 +298,65 @@ def test_instability_folds_the_symptoms_of_one_episode(tmp_path):
     assert episode.evidence["symptoms"] == len(inside)
     assert set(episode.keys) >= {k for f in inside for k in f.keys}
     assert [f for f in folded if f.detector == "update_ratio"]  # not a symptom: kept
+
+
+def by_severity(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: (-int(f.severity), f.start_step))
+
+
+def counting(calls: Counter):
+    """Wraps a detector function so that each call counts under its name."""
+
+    def wrap(func):
+        def counted(run, **kwargs):
+            calls[func.__name__] += 1
+            return func(run, **kwargs)
+
+        return counted
+
+    return wrap
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_analyze_runs_each_detector_once_with_the_same_findings(tmp_path, monkeypatch, fold):
+    """instability folds the symptom findings analyze already has: every detector function
+    runs once, and the findings are those of each detector run on its own."""
+    run = nasty_run(tmp_path)  # every detector finds something
+    alone = {d.name: d.func(run) for d in DETECTORS}  # instability re-runs its six symptoms
+    expected = by_severity([f for found in alone.values() for f in found])
+    if fold:
+        episodes = alone["instability"]
+        inside = [m for e in episodes for m in instability.members(e, expected)]
+        expected = [f for f in expected if not any(f is m for m in inside)]
+    calls: Counter = Counter()
+    wrapped = {d.func: counting(calls)(d.func) for d in DETECTORS}
+    symptoms = tuple((name, wrapped[func]) for name, func in instability.SYMPTOMS)
+    monkeypatch.setattr(instability, "SYMPTOMS", symptoms)
+    detectors = tuple(
+        replace(d, func=wrapped[d.func], combines=tuple(wrapped[f] for f in d.combines))
+        for d in DETECTORS
+    )
+    assert analyze(run, detectors=detectors, fold=fold) == expected
+    assert calls == {d.func.__name__: 1 for d in DETECTORS}
+    assert alone["instability"] and len(alone["instability"]) < len(expected)
+
+
+def test_instability_alone_runs_its_symptoms_itself(tmp_path):
+    """Without the symptom detectors (or with custom ones) the episode still comes from the
+    default-threshold symptoms, as detect_instability finds them by itself."""
+    run = troubled_run(tmp_path)
+    [alone] = [d for d in DETECTORS if d.name == "instability"]
+    assert analyze(run, detectors=(alone,), fold=False) == detect_instability(run)
+    strict = Detector("loss_spike", lambda run: [], ("scalars/*loss*",))
+    findings = analyze(run, detectors=(strict, alone), fold=False)
+    assert findings == detect_instability(run) and findings
+
+
+def test_instability_folds_the_findings_it_is_given(tmp_path):
+    run = troubled_run(tmp_path)
+    computed = {func: func(run) for _, func in instability.SYMPTOMS}
+    assert detect_instability(run, computed=computed) == detect_instability(run)
+    nothing = {func: [] for _, func in instability.SYMPTOMS}
+    assert detect_instability(run, computed=nothing) == []
+    with pytest.raises(TypeError, match="computed must map symptom detector functions"):
+        detect_instability(run, computed=[])

@@ -15,17 +15,37 @@ from trainprobe.cli.main import main
 pytestmark = pytest.mark.slow
 
 
+EARLY_STEPS = 15
+"""How far before the mishap's first affected loss a finding may start. ``loss_divergence``
+starts where the loss leaves its level: the first point after which its excess over a
+2-sigma noise band never cancels out (Page's CUSUM). A noise excursion above the band just
+before the jump can pull that a few points earlier, never far: below the band the sum falls
+by about 2 sigma a point (with the plateaus of 15 demo runs reshuffled 100 times each, the
+earliest start was 9 points early). ``loss_spike`` and ``instability`` start at spike points
+or at the divergence. This bounds the mechanism, not one floating-point trajectory: the CPU,
+the thread count and the seed change the trajectory, not this bound."""
+
+MISHAP_DETECTORS = {"loss_divergence", "loss_spike", "instability"}
+"""What a 25-step 12x learning rate does to this demo: the loss jumps ~10x and stays several
+times higher to the end (a divergence), often with spikes, and the episode that joins them."""
+
+
+def assert_flags_the_mishap_and_only_it(findings: list, config: DemoConfig) -> None:
+    first = config.mishap_start + 1  # the first loss computed after a raised learning rate
+    last = config.mishap_start + config.mishap_steps
+    serious = [f for f in findings if f.severity >= Severity.WARNING]
+    [divergence] = [f for f in serious if f.detector == "loss_divergence"]
+    assert first - EARLY_STEPS <= divergence.start_step <= last, divergence
+    assert divergence.evidence["band"] == 2 * divergence.evidence["noise"]
+    for f in serious:  # nothing fires elsewhere: each serious finding starts at the mishap
+        assert f.detector in MISHAP_DETECTORS, f
+        assert first - EARLY_STEPS <= f.start_step <= last and f.end_step >= first, f
+
+
 def test_full_demo_flags_the_learning_rate_mistake_and_only_it(tmp_path):
     assert main(["demo", "--out", str(tmp_path)]) == 0
-    config = DemoConfig()
     findings = analyze(Run(tmp_path / "run"), fold=False)
-    serious = [f for f in findings if f.severity >= Severity.WARNING]
-    assert serious, "the learning-rate mishap must be flagged"
-    start, end = config.mishap_start, config.mishap_start + config.mishap_steps
-    assert any(f.detector == "loss_spike" and start <= f.start_step <= end for f in serious)
-    for f in serious:  # each serious finding covers the mishap; none comes from elsewhere
-        assert f.start_step <= end and f.end_step >= start, f
-        assert f.start_step >= start - 50, f  # detector windows look back at most 50 points
+    assert_flags_the_mishap_and_only_it(findings, DemoConfig())
 
 
 def test_clean_demo_has_no_serious_findings(tmp_path):

@@ -14,8 +14,14 @@ MAD_SCALE = 1.4826
 
 _CHUNK = 4096
 
+SCALARS = "scalars/"
+"""Prefix of the scalars a user logs (``s.log(name=...)``)."""
+LOSS_KEY = "scalars/loss"
+"""The loss key read first (and the one the vanishing-gradient collapse test reads)."""
 LOSS_PATTERN = "scalars/*loss*"
-"""The glob the loss detectors declare in ``needs``; :func:`is_loss_key` narrows it."""
+"""The glob the loss detectors declare in ``NEEDS``; :func:`is_loss_key` narrows it."""
+GRAD_NORMS = "norms/grad"
+"""Prefix of the per-tensor gradient norms, ``norms/grad/<param>``."""
 
 
 def finite_series(run: Run, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,13 +112,13 @@ def is_loss_key(key: str) -> bool:
     loss it would be a string of false spikes and divergences.
     """
     name = key.lower()
-    return fnmatchcase(name, LOSS_PATTERN) and "scale" not in name[len("scalars/") :]
+    return fnmatchcase(name, LOSS_PATTERN) and "scale" not in name[len(SCALARS) :]
 
 
 def loss_keys(run: Run) -> list[str]:
     """``scalars/loss`` first, then the other loss keys (:func:`is_loss_key`) in recording order."""
-    keys = [k for k in run.keys("scalars/") if is_loss_key(k)]
-    return sorted(keys, key=lambda k: k != "scalars/loss")
+    keys = [k for k in run.keys(SCALARS) if is_loss_key(k)]
+    return sorted(keys, key=lambda k: k != LOSS_KEY)
 
 
 def step_windows(steps: np.ndarray, span: int, min_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +170,7 @@ def param_order(run: Run) -> list[str]:
     ``run.meta["model"]["params"]`` when the run recorded it, else the recording
     order of the ``norms/grad/<param>`` keys.
     """
-    return run.param_names() or run.layers("norms/grad")
+    return run.param_names() or run.layers(GRAD_NORMS)
 
 
 def fmt(value: float) -> str:

@@ -39,6 +39,11 @@ class _Harm:
     evidence: dict
 
 
+NEEDS = tuple(f"{key}/{CLASS}*" for key in (LOSS, COUNT, NORM))
+"""Record keys it needs: the per-class losses, counts and gradient norms of
+``GradConflict(by="class")``."""
+
+
 def detect_class_competition(
     run: Run,
     *,

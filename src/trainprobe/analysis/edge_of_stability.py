@@ -34,6 +34,11 @@ class _Ratio:
     threshold: np.ndarray
 
 
+NEEDS = (LAMBDA, THRESHOLD)
+"""Record keys it needs: the sharpness and its threshold (the loss, the learning rate and
+``sharpness/preconditioned`` are read when present)."""
+
+
 def detect_edge_of_stability(
     run: Run,
     *,

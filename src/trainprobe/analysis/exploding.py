@@ -15,6 +15,10 @@ TOTAL = "norms/grad_total"
 _CLIP = "enable gradient clipping (torch.nn.utils.clip_grad_norm_)"
 
 
+NEEDS = (TOTAL,)
+"""Record keys it reads: the global gradient norm."""
+
+
 def detect_exploding_gradients(
     run: Run,
     *,

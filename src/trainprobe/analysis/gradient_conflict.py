@@ -36,6 +36,11 @@ class _Episode:
     share: float  # of the pair's measured span, in steps
 
 
+NEEDS = (f"{PREFIX}/*",)
+"""Record keys it needs: the pairwise gradient cosines (``conflict/pcgrad_shift`` is read
+when present)."""
+
+
 def detect_gradient_conflict(
     run: Run,
     *,

@@ -14,6 +14,10 @@ SHARE = "attribution/share"
 RESPONSE = "ntk_response/min_ratio"
 
 
+NEEDS = (f"{SHARE}/* | {RESPONSE}",)
+"""Record keys it needs: feature attribution shares or the NTK response (either will do)."""
+
+
 def detect_gradient_starvation(
     run: Run, *, ratio: float = 0.1, tail: float = 0.25, min_points: int = 3
 ) -> list[Finding]:

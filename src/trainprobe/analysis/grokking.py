@@ -27,6 +27,11 @@ class _Curves:
     heldout: np.ndarray
 
 
+NEEDS = (TRAIN, HELDOUT)
+"""Record keys it needs: train and held-out accuracy (the softmax-collapse and NLM
+signals are read when present)."""
+
+
 def detect_grokking(
     run: Run,
     *,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..store import Run
+from . import edge_of_stability, exploding, loss_divergence, loss_spike, nonfinite, vanishing
 from ._checks import check_count
 from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
@@ -16,21 +17,31 @@ from .vanishing import detect_vanishing_gradients
 
 NAME = "instability"
 SYMPTOMS: tuple[tuple[str, Callable[[Run], list[Finding]]], ...] = (
-    ("nonfinite", detect_nonfinite),
-    ("loss_spike", detect_loss_spikes),
-    ("loss_divergence", detect_loss_divergence),
-    ("exploding_gradients", detect_exploding_gradients),
-    ("vanishing_gradients", detect_vanishing_gradients),
-    ("edge_of_stability", detect_edge_of_stability),
+    (nonfinite.NAME, detect_nonfinite),
+    (loss_spike.NAME, detect_loss_spikes),
+    (loss_divergence.NAME, detect_loss_divergence),
+    (exploding.NAME, detect_exploding_gradients),
+    (vanishing.NAME, detect_vanishing_gradients),
+    (edge_of_stability.NAME, detect_edge_of_stability),
 )
 """The detectors whose warning and critical findings are symptoms of one instability."""
-LABELS = {"nonfinite": "non-finite values", "loss_spike": "loss spike",
-          "loss_divergence": "loss divergence", "exploding_gradients": "exploding gradients",
-          "vanishing_gradients": "vanishing gradients",
-          "edge_of_stability": "sharpness above the stability threshold"}  # fmt: skip
+LABELS = {nonfinite.NAME: "non-finite values", loss_spike.NAME: "loss spike",
+          loss_divergence.NAME: "loss divergence", exploding.NAME: "exploding gradients",
+          vanishing.NAME: "vanishing gradients",
+          edge_of_stability.NAME: "sharpness above the stability threshold"}  # fmt: skip
+_MODULES = (nonfinite, loss_spike, loss_divergence, exploding, vanishing, edge_of_stability)
+NEEDS = (" | ".join(dict.fromkeys(module.NEEDS[0] for module in _MODULES)),)
+"""Record keys it needs: those of any symptom detector (each needs at least its first)."""
+COMBINES = tuple(detect for _, detect in SYMPTOMS)
+"""The detector functions whose findings it folds (``analyze`` passes them as ``computed``)."""
 
 
-def detect_instability(run: Run, *, gap: int = 50) -> list[Finding]:
+def detect_instability(
+    run: Run,
+    *,
+    gap: int = 50,
+    computed: Mapping[Callable[[Run], list[Finding]], Sequence[Finding]] | None = None,
+) -> list[Finding]:
     """Instability episodes: symptoms of different kinds close together in time, as one.
 
     A diverging or unstable run shows several symptoms at once: the loss spikes, the
@@ -45,19 +56,31 @@ def detect_instability(run: Run, *, gap: int = 50) -> list[Finding]:
     Args:
         run: the run to read.
         gap: steps between two symptoms' spans that still joins them (default 50).
+        computed: findings the symptom detectors (:data:`SYMPTOMS`, default thresholds)
+            already returned for this run, by detector function: :func:`analyze` passes
+            those it ran, so no detector runs twice. The symptom detectors missing from
+            it run here.
 
     Returns:
         One finding per episode with two or more kinds of symptom.
 
     Raises:
         ValueError: ``gap < 0``.
+        TypeError: ``computed`` is not a mapping.
     """
     check_count("gap", gap, minimum=0, what="steps between symptoms of one episode")
-    symptoms = [f for _, detect in SYMPTOMS for f in detect(run)]
-    return episodes(symptoms, gap)
+    if computed is not None and not isinstance(computed, Mapping):
+        raise TypeError(
+            f"computed must map symptom detector functions to their findings, e.g. "
+            f"{{detect_loss_spikes: [...]}}, got {type(computed).__name__}"
+        )
+    known = computed or {}
+    found = [known[detect] if detect in known else detect(run) for _, detect in SYMPTOMS]
+    return episodes([f for symptoms in found for f in symptoms], gap)
 
 
 def is_symptom(finding: Finding) -> bool:
+    """A warning or critical finding of one of the :data:`SYMPTOMS` detectors."""
     return finding.severity >= Severity.WARNING and finding.detector in LABELS
 
 

@@ -8,7 +8,15 @@ import numpy as np
 
 from ..store import Run
 from ._checks import check_count, check_positive, check_window
-from ._series import MAD_SCALE, finite_series, fmt, loss_keys, trailing_median_mad, true_runs
+from ._series import (
+    LOSS_PATTERN,
+    MAD_SCALE,
+    finite_series,
+    fmt,
+    loss_keys,
+    trailing_median_mad,
+    true_runs,
+)
 from .findings import Finding, Severity
 
 NAME = "loss_spike"
@@ -41,6 +49,10 @@ class _Span:
     peak: int
     post: float | None  # median of the points after it, None at the end of the series
     stuck: bool  # that median stays above the margin: no recovery
+
+
+NEEDS = (LOSS_PATTERN,)
+"""Record keys it reads: the loss keys (``_series.is_loss_key`` narrows the pattern)."""
 
 
 def detect_loss_spikes(

@@ -15,6 +15,10 @@ SIGNAL = "grad_noise/grad_sq"
 BATCH = "grad_noise/batch_size"
 
 
+NEEDS = (TRACE, SIGNAL, BATCH)
+"""Record keys it needs: the noise-scale estimators and the batch size."""
+
+
 def detect_noise_scale(
     run: Run, *, far: float = 10.0, tail: float = 0.25, min_points: int = 5
 ) -> list[Finding]:

@@ -10,9 +10,14 @@ from ._series import param_order, true_runs
 from .findings import Finding, Severity
 
 NAME = "nonfinite"
+PREFIX = "nonfinite"
 SOURCES = ("loss", "grad", "param")
 """Where NaN/Inf can appear within one step, in the order a step computes them."""
 _LABEL = {"loss": "the loss", "grad": "the gradients", "param": "the parameters"}
+
+
+NEEDS = (f"{PREFIX}/*",)
+"""Record keys it reads: the flags and counts of :class:`~trainprobe.probes.NonFiniteGuard`."""
 
 
 def detect_nonfinite(run: Run, *, rare_fraction: float = 0.01, max_run: int = 5) -> list[Finding]:
@@ -54,7 +59,7 @@ def detect_nonfinite(run: Run, *, rare_fraction: float = 0.01, max_run: int = 5)
     first_bad: dict[str, int] = {}
     bad_steps: list[np.ndarray] = []
     for source in SOURCES:
-        if f"nonfinite/{source}" not in run:
+        if f"{PREFIX}/{source}" not in run:
             continue
         steps = _bad(run, source)[0]
         if steps.size:
@@ -70,7 +75,7 @@ def detect_nonfinite(run: Run, *, rare_fraction: float = 0.01, max_run: int = 5)
         if src in first_bad
     }
     skipped = set(first_bad) == {"grad"} and all(
-        f"nonfinite/{src}" in run for src in ("loss", "param")
+        f"{PREFIX}/{src}" in run for src in ("loss", "param")
     )
     evidence: dict[str, float | int | str] = {
         "first_step": first_bad[origin],
@@ -93,14 +98,14 @@ def detect_nonfinite(run: Run, *, rare_fraction: float = 0.01, max_run: int = 5)
             _message(first_bad, origin, tensors, every),
             _action(origin, first_bad[origin], tensors.get(origin), severity),
             evidence,
-            tuple(f"nonfinite/{src}" for src in SOURCES if src in first_bad),
+            tuple(f"{PREFIX}/{src}" for src in SOURCES if src in first_bad),
         )
     ]
 
 
 def _bad(run: Run, source: str) -> tuple[np.ndarray, np.ndarray]:
     """Bad steps ``[b]`` of ``nonfinite/<source>`` and the ``[n]`` bad mask over checked steps."""
-    series = run.series(f"nonfinite/{source}")
+    series = run.series(f"{PREFIX}/{source}")
     mask = np.nan_to_num(series.values, nan=0.0) > 0  # [n]
     return series.steps[mask], mask
 
@@ -124,7 +129,7 @@ def _skip_severity(
 
 def _first_tensor(run: Run, source: str, step: int) -> str | None:
     """Name of the first offending tensor at ``step``, or None when it is not known."""
-    key = f"nonfinite/first_{source}"
+    key = f"{PREFIX}/first_{source}"
     if key not in run:
         return None
     series = run.series(key)

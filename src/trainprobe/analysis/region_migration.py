@@ -12,6 +12,11 @@ from .findings import Finding, Severity
 NAME = "region_migration"
 PREFIX = "regions"
 SETS = ("train", "test", "random")
+TOTAL = "total"
+
+
+NEEDS = (f"{PREFIX}/*/{TOTAL}",)
+"""Record keys it needs: a set's total local complexity."""
 
 
 def detect_region_migration(
@@ -51,7 +56,7 @@ def detect_region_migration(
             raise ValueError(f"{name} must be a fraction in (0, 1), got {value!r}")
     check_window("window", window)
     check_window("min_points", min_points)
-    key = next((f"{PREFIX}/{s}/total" for s in SETS if f"{PREFIX}/{s}/total" in run), None)
+    key = next((k for k in (f"{PREFIX}/{s}/{TOTAL}" for s in SETS) if k in run), None)
     if key is None:
         return []
     steps, count = finite_series(run, key)

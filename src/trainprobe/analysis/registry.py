@@ -7,6 +7,22 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from ..store import Run
+from . import (
+    class_competition,
+    edge_of_stability,
+    exploding,
+    gradient_conflict,
+    gradient_starvation,
+    grokking,
+    instability,
+    loss_divergence,
+    loss_spike,
+    noise_scale,
+    nonfinite,
+    region_migration,
+    update_ratio,
+    vanishing,
+)
 from .class_competition import detect_class_competition
 from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
@@ -23,6 +39,9 @@ from .region_migration import detect_region_migration
 from .update_ratio import detect_update_ratio
 from .vanishing import detect_vanishing_gradients
 
+DetectorFunc = Callable[..., list[Finding]]
+"""``run -> findings`` (a combining detector also takes ``computed=``)."""
+
 
 @dataclass(frozen=True)
 class Detector:
@@ -35,15 +54,22 @@ class Detector:
             the detector runs only when every pattern matches some key of the run. A
             pattern may offer alternatives, ``"a/* | b/c"``: any of them matching counts.
             A detector may narrow a pattern inside: the loss detectors need
-            ``scalars/*loss*`` but skip loss-scale keys (``_series.is_loss_key``).
+            ``scalars/*loss*`` but skip loss-scale keys (``_series.is_loss_key``). Each
+            detector module declares its patterns as ``NEEDS`` beside its function.
+        combines: detector functions whose findings ``func`` folds into its own;
+            :func:`analyze` runs it after the others and calls
+            ``func(run, computed={function: findings})`` with the findings of those it
+            already ran, so no detector runs twice (``instability``).
 
     Raises:
-        TypeError: ``needs`` is a bare string instead of a tuple of patterns.
+        TypeError: ``needs`` is a bare string instead of a tuple of patterns, or
+            ``combines`` is not a tuple of functions.
     """
 
     name: str
-    func: Callable[[Run], list[Finding]]
+    func: DetectorFunc
     needs: tuple[str, ...]
+    combines: tuple[DetectorFunc, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.needs, str) or not all(isinstance(p, str) for p in self.needs):
@@ -51,7 +77,13 @@ class Detector:
                 f"Detector {self.name!r}: needs must be a tuple of glob patterns such as "
                 f"('norms/grad/*',), got {self.needs!r}"
             )
+        if not isinstance(self.combines, tuple | list) or not all(map(callable, self.combines)):
+            raise TypeError(
+                f"Detector {self.name!r}: combines must be a tuple of detector functions such "
+                f"as (detect_loss_spikes,), got {self.combines!r}"
+            )
         object.__setattr__(self, "needs", tuple(self.needs))
+        object.__setattr__(self, "combines", tuple(self.combines))
 
     def applies_to(self, keys: Iterable[str]) -> bool:
         """Whether every pattern in ``needs`` matches at least one of ``keys``."""
@@ -68,40 +100,20 @@ def alternatives(pattern: str) -> list[str]:
 
 
 DETECTORS: tuple[Detector, ...] = (
-    Detector("nonfinite", detect_nonfinite, ("nonfinite/*",)),
-    Detector("loss_spike", detect_loss_spikes, ("scalars/*loss*",)),
-    Detector("loss_divergence", detect_loss_divergence, ("scalars/*loss*",)),
-    Detector("exploding_gradients", detect_exploding_gradients, ("norms/grad_total",)),
-    Detector("vanishing_gradients", detect_vanishing_gradients, ("norms/grad/*",)),
-    Detector("update_ratio", detect_update_ratio, ("updates/ratio/*",)),
-    Detector(
-        "edge_of_stability",
-        detect_edge_of_stability,
-        ("sharpness/lambda_max", "sharpness/threshold"),
-    ),
-    Detector("gradient_conflict", detect_gradient_conflict, ("conflict/cos/*",)),
-    Detector(
-        "class_competition",
-        detect_class_competition,
-        ("conflict/loss/class_*", "conflict/count/class_*", "conflict/norm/class_*"),
-    ),
-    Detector(
-        "noise_scale",
-        detect_noise_scale,
-        ("grad_noise/trace_cov", "grad_noise/grad_sq", "grad_noise/batch_size"),
-    ),
-    Detector("grokking", detect_grokking, ("heldout/train_acc", "heldout/acc")),
-    Detector("region_migration", detect_region_migration, ("regions/*/total",)),
-    Detector(
-        "gradient_starvation",
-        detect_gradient_starvation,
-        ("attribution/share/* | ntk_response/min_ratio",),
-    ),
-    Detector(
-        "instability",
-        detect_instability,
-        ("scalars/*loss* | norms/grad_total | norms/grad/* | nonfinite/* | sharpness/lambda_max",),
-    ),
+    Detector(nonfinite.NAME, detect_nonfinite, nonfinite.NEEDS),
+    Detector(loss_spike.NAME, detect_loss_spikes, loss_spike.NEEDS),
+    Detector(loss_divergence.NAME, detect_loss_divergence, loss_divergence.NEEDS),
+    Detector(exploding.NAME, detect_exploding_gradients, exploding.NEEDS),
+    Detector(vanishing.NAME, detect_vanishing_gradients, vanishing.NEEDS),
+    Detector(update_ratio.NAME, detect_update_ratio, update_ratio.NEEDS),
+    Detector(edge_of_stability.NAME, detect_edge_of_stability, edge_of_stability.NEEDS),
+    Detector(gradient_conflict.NAME, detect_gradient_conflict, gradient_conflict.NEEDS),
+    Detector(class_competition.NAME, detect_class_competition, class_competition.NEEDS),
+    Detector(noise_scale.NAME, detect_noise_scale, noise_scale.NEEDS),
+    Detector(grokking.NAME, detect_grokking, grokking.NEEDS),
+    Detector(region_migration.NAME, detect_region_migration, region_migration.NEEDS),
+    Detector(gradient_starvation.NAME, detect_gradient_starvation, gradient_starvation.NEEDS),
+    Detector(instability.NAME, detect_instability, instability.NEEDS, instability.COMBINES),
 )
 
 
@@ -109,6 +121,9 @@ def analyze(
     run: Run, *, detectors: Iterable[Detector] = DETECTORS, fold: bool = True
 ) -> list[Finding]:
     """Run every detector whose needed keys the run holds; skip the others silently.
+
+    Each detector function runs at most once: a detector that combines others
+    (``instability``) runs after them and folds the findings they returned.
 
     Args:
         run: the run to analyse.
@@ -131,12 +146,31 @@ def analyze(
                 f"detectors must hold Detector objects, got {type(detector).__name__}; wrap a "
                 "function as Detector(name, func, needs=(...))"
             )
-    keys = run.keys()
-    findings: list[Finding] = []
-    for detector in detectors:
-        if detector.applies_to(keys):
-            findings.extend(detector.func(run))
+    findings = [f for found in _run_each_once(run, detectors) for f in found]
     if fold:
-        folded = [m for e in findings if e.detector == "instability" for m in members(e, findings)]
+        episodes = [e for e in findings if e.detector == instability.NAME]
+        folded = [m for e in episodes for m in members(e, findings)]
         findings = [f for f in findings if not any(f is m for m in folded)]
     return sorted(findings, key=lambda f: (-int(f.severity), f.start_step))
+
+
+def _run_each_once(run: Run, detectors: tuple[Detector, ...]) -> list[list[Finding]]:
+    """Each applicable detector's findings, in the order of ``detectors``.
+
+    The plain detectors run first, each function once; then those that combine
+    others, given the findings already computed by the functions they combine.
+    """
+    keys = run.keys()
+    applies = [detector.applies_to(keys) for detector in detectors]
+    computed: dict[DetectorFunc, list[Finding]] = {}
+    found: list[list[Finding]] = [[] for _ in detectors]
+    for i, detector in enumerate(detectors):
+        if applies[i] and not detector.combines:
+            if detector.func not in computed:
+                computed[detector.func] = detector.func(run)
+            found[i] = computed[detector.func]
+    for i, detector in enumerate(detectors):
+        if applies[i] and detector.combines:
+            known = {func: computed[func] for func in detector.combines if func in computed}
+            found[i] = detector.func(run, computed=known)
+    return found

@@ -14,6 +14,7 @@ from .findings import Finding, Severity
 
 NAME = "update_ratio"
 PREFIX = "updates/ratio"
+WEIGHTS = "norms/weight"
 HEALTHY = 1e-3
 """Karpathy's rule of thumb for ||dw|| / ||w|| per step (CS231n, "Neural Networks Part 3")."""
 
@@ -27,6 +28,11 @@ class _Layer:
     deviation: float  # how far out of band, >= 1
     start_step: int
     end_step: int
+
+
+NEEDS = (f"{PREFIX}/*",)
+"""Record keys it needs: per-tensor update/weight ratios (``norms/weight/<param>`` is read
+when present, to skip a tensor's initial transient)."""
 
 
 def detect_update_ratio(
@@ -142,7 +148,7 @@ def _settled(
     run: Run, layer: str, steps: np.ndarray, min_weight_share: float, skip_start: float
 ) -> np.ndarray:
     """``[n]`` bool: measurements past the tensor's initial (zero- or tiny-init) transient."""
-    weight_steps, weights = finite_series(run, f"norms/weight/{layer}")
+    weight_steps, weights = finite_series(run, f"{WEIGHTS}/{layer}")
     if weights.size:
         at = np.clip(np.searchsorted(weight_steps, steps, side="right") - 1, 0, None)  # [n]
         return weights[at] >= min_weight_share * float(np.median(weights))

@@ -6,11 +6,25 @@ import numpy as np
 
 from ..store import Run
 from ._checks import check_below, check_fraction, check_positive, check_window
-from ._series import finite_series, fmt, param_order, rolling_median, true_runs, window_cover
+from ._series import (
+    GRAD_NORMS,
+    LOSS_KEY,
+    finite_series,
+    fmt,
+    param_order,
+    rolling_median,
+    true_runs,
+    window_cover,
+)
 from .findings import Finding, Severity
 
 NAME = "vanishing_gradients"
 TOTAL = "norms/grad_total"
+
+
+NEEDS = (f"{GRAD_NORMS}/*",)
+"""Record keys it needs: per-tensor gradient norms (``norms/grad_total`` and the loss
+are read when present, for the collapse test)."""
 
 
 def detect_vanishing_gradients(
@@ -71,7 +85,7 @@ def detect_vanishing_gradients(
         steps, ratio = _depth_ratio(run, *pair)
         for below, bound in ((True, low_ratio), (False, high_ratio)):
             findings += _ratio_spans(steps, ratio, pair, below, bound, window, min_fraction)
-    if TOTAL in run and "scalars/loss" in run:
+    if TOTAL in run and LOSS_KEY in run:
         findings += _collapse(run, window, collapse_ratio, converged_fraction)
     return findings
 
@@ -84,7 +98,7 @@ def end_tensors(run: Run) -> tuple[str, str] | None:
     a zero ``.grad``) says nothing about gradient flow and would make the ratio
     infinite or zero.
     """
-    recorded = set(run.layers("norms/grad"))
+    recorded = set(run.layers(GRAD_NORMS))
     params = [p for p in param_order(run) if p in recorded]
     weights = [p for p in params if p.endswith("weight")]
     for pool in (weights, params):
@@ -96,13 +110,13 @@ def end_tensors(run: Run) -> tuple[str, str] | None:
 
 
 def _live(run: Run, param: str) -> bool:
-    _, norms = finite_series(run, f"norms/grad/{param}")
+    _, norms = finite_series(run, f"{GRAD_NORMS}/{param}")
     return bool(norms.size) and float(np.median(norms)) > 0
 
 
 def _depth_ratio(run: Run, first: str, last: str) -> tuple[np.ndarray, np.ndarray]:
     """Steps ``[n]`` and ``||g_first|| / ||g_last||`` ``[n]`` where both norms are finite, > 0."""
-    a, b = run.series(f"norms/grad/{first}"), run.series(f"norms/grad/{last}")
+    a, b = run.series(f"{GRAD_NORMS}/{first}"), run.series(f"{GRAD_NORMS}/{last}")
     steps, ia, ib = np.intersect1d(a.steps, b.steps, return_indices=True)
     num, den = a.values[ia], b.values[ib]
     keep = np.isfinite(num) & np.isfinite(den) & (num > 0) & (den > 0)
@@ -184,13 +198,13 @@ def _ratio_finding(
             ("low_ratio" if below else "high_ratio"): bound,
             **extra,
         },
-        (f"norms/grad/{pair[0]}", f"norms/grad/{pair[1]}"),
+        (f"{GRAD_NORMS}/{pair[0]}", f"{GRAD_NORMS}/{pair[1]}"),
     )
 
 
 def _collapse(run: Run, window: int, collapse_ratio: float, converged: float) -> list[Finding]:
     steps, norms = finite_series(run, TOTAL)
-    loss_steps, loss = finite_series(run, "scalars/loss")
+    loss_steps, loss = finite_series(run, LOSS_KEY)
     head = max(3, window // 4)
     width = min(window, norms.shape[0] - head)
     if width < 3 or loss.shape[0] < 3:
@@ -216,7 +230,7 @@ def _collapse(run: Run, window: int, collapse_ratio: float, converged: float) ->
                 s0,
                 s1,
                 f"{TOTAL} collapsed to a median of {fmt(level)} ({fmt(level / early)}x its early "
-                f"median {fmt(early)}) while scalars/loss stayed at {fmt(stuck_loss)} "
+                f"median {fmt(early)}) while {LOSS_KEY} stayed at {fmt(stuck_loss)} "
                 f"({stuck_loss / early_loss:.0%} of its early {fmt(early_loss)})",
                 "Training has stalled: check for dead ReLUs or saturated activations (lower the "
                 "learning rate, use LeakyReLU/GELU) and for a detach() cutting the loss off.",
@@ -229,7 +243,7 @@ def _collapse(run: Run, window: int, collapse_ratio: float, converged: float) ->
                     "converged_fraction": converged,
                     "window": width,
                 },
-                (TOTAL, "scalars/loss"),
+                (TOTAL, LOSS_KEY),
             )
         )
     return findings
