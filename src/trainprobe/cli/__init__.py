@@ -1,1 +1,1 @@
-"""Command-line front end (``trainprobe demo | report | dashboard``)."""
+"""Command-line front end (``trainprobe demo | report | dashboard | export | scan``)."""

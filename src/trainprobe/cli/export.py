@@ -13,8 +13,10 @@ import csv
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..store import Run
+if TYPE_CHECKING:
+    from ..store import Run
 
 FORMATS = ("csv", "parquet")
 
@@ -90,6 +92,8 @@ def export(
             raise ImportError(
                 "--format parquet needs pyarrow: pip install pyarrow (or use --format csv)"
             ) from err
+    from ..store import Run  # here, not above: `trainprobe --help` builds this parser
+
     with Run(run_dir) as source:
         scalar, skipped = _split(source, prefix)
         if not scalar:

@@ -1,4 +1,10 @@
-"""The ``trainprobe`` command: demo, report, dashboard, export, scan. Glue only."""
+"""The ``trainprobe`` command: demo, report, dashboard, export, scan. Glue only.
+
+Building the parser imports the standard library only (the command modules' top levels,
+``export``, ``scan`` and ``serve``, do too); each command imports what it needs in its
+handler. So ``--help`` is quick, and only ``demo`` and ``scan`` import torch
+(tests/test_startup.py checks; benchmarks/startup.py times it).
+"""
 
 from __future__ import annotations
 

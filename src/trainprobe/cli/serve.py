@@ -10,6 +10,9 @@ link's), legend choices (traces have stable ``uid``) and the catch-all row's men
 figure appear or go, since plotly keeps interface state by axis and trace position.
 Polls never overlap: the next starts after the last answer. Standard library
 ``http.server`` only; bound to 127.0.0.1, never to other machines.
+
+Importing this module is cheap (``trainprobe --help`` adds its options to the parser):
+``http.server``, the store, the analysis and the dashboard are imported when serving.
 """
 
 from __future__ import annotations
@@ -18,10 +21,17 @@ import argparse
 import html
 import json
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..store import Run
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ..store import Run
+
+    _RequestHandler = BaseHTTPRequestHandler
+else:
+    _RequestHandler = object  # make_server mixes in http.server's handler
 
 HOST = "127.0.0.1"
 
@@ -166,11 +176,15 @@ def make_server(
         raise ValueError(
             f"refresh_seconds must be positive, got {refresh_seconds}; e.g. --refresh 5"
         )
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ..store import Run
+
     run_dir = Path(run_dir)
     Run(run_dir).close()  # fail now, with Run's message, rather than on every request
     handler = type(
         "DashboardHandler",
-        (_Handler,),
+        (_Handler, BaseHTTPRequestHandler),
         {"run_dir": run_dir, "refresh_ms": int(refresh_seconds * 1000)},
     )
     try:
@@ -225,6 +239,7 @@ def page(run_dir: str | Path, refresh_ms: int = 5000) -> str:
     from ..analysis import analyze
     from ..dashboard import build, extra_figures, to_html
     from ..dashboard.links import DIV_ID, EXTRA_ID, META_KEY
+    from ..store import Run
 
     with Run(run_dir) as run, run.reading_once():
         # the state first: steps committed while the page is built count as not yet seen
@@ -243,6 +258,7 @@ def figure_json(run_dir: str | Path) -> str:
     from ..analysis import analyze
     from ..dashboard import build, extra_figures
     from ..dashboard.links import META_KEY, findings_items
+    from ..store import Run
 
     with Run(run_dir) as run, run.reading_once():
         state = _state(run)
@@ -255,11 +271,15 @@ def figure_json(run_dir: str | Path) -> str:
     return f'{head[:-1]}, "figure": {fig.to_json()}, "extras": [{figures}]}}'
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(_RequestHandler):
+    """The dashboard's routes; :func:`make_server` puts ``BaseHTTPRequestHandler`` under it."""
+
     run_dir: Path
     refresh_ms: int
 
     def do_GET(self) -> None:
+        from ..store import Run
+
         path = self.path.split("?", 1)[0]
         try:
             if path in ("/", "/index.html"):
