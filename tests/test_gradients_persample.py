@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainprobe.curvature import criterion_loss
-from trainprobe.gradients import DEFAULT_MAX_MEMORY, per_sample_gradients
 from trainprobe.functional import Objective, SplitBatch
+from trainprobe.gradients import DEFAULT_MAX_MEMORY, per_sample_gradients
 from trainprobe.gradients.persample import chunk_for, for_each_chunk
 
 from .cases import MODELS, batch

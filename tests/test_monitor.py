@@ -142,12 +142,33 @@ def test_values_are_buffered_then_committed_at_exit(tmp_path):
         _steps(mon, range(5), model)
         assert "scalars/loss" not in Run(tmp_path / "r")  # still on the device
         mon.flush()
-        assert len(Run(tmp_path / "r").series("scalars/loss")) == 4  # step 4 awaits its update
-        mon.log(val_accuracy=0.5)
+        # no update probe was due at step 4 (every 10 steps): it was buffered as it ended
+        assert len(Run(tmp_path / "r").series("scalars/loss")) == 5
+        mon.log(val_accuracy=0.5)  # after its commit: a second record of step 4
     run = Run(tmp_path / "r")
     assert run.series("scalars/loss").steps.tolist() == [0, 1, 2, 3, 4]
     assert run.series("scalars/val_accuracy").steps.tolist() == [4]
     assert run.meta["status"] == "finished"
+
+
+def test_flush_seconds_zero_commits_each_step_as_its_block_ends(tmp_path):
+    model = _model()
+    with trainprobe.watch(model, run_dir=tmp_path / "r", flush_seconds=0) as mon:
+        _steps(mon, [0], model)
+        assert Run(tmp_path / "r").series("scalars/loss").steps.tolist() == [0]
+        mon.log(val_accuracy=0.5)
+        with pytest.warns(RuntimeWarning, match=r"already committed for step 0") as caught:
+            mon.log(loss=1.0)  # logged inside the block and committed: dropped, said so
+        assert caught[0].filename == __file__  # the warning points at this line
+        # step 0 had update probes due: what they measure goes in when step 1 begins
+        assert "updates/norm_total" not in Run(tmp_path / "r")
+        _steps(mon, [1], model)
+        assert Run(tmp_path / "r").series("updates/norm_total").steps.tolist() == [0]
+        assert Run(tmp_path / "r").series("scalars/loss").steps.tolist() == [0, 1]
+    run = Run(tmp_path / "r")
+    assert run.series("scalars/loss").steps.tolist() == [0, 1]
+    assert run.series("scalars/val_accuracy").steps.tolist() == [0]
+    assert run.series("scalars/loss").values[0] != 1.0
 
 
 def test_resume_appends_past_the_last_step(tmp_path):
@@ -284,9 +305,9 @@ def test_the_parameter_copy_is_released_after_use(tmp_path):
     with trainprobe.watch(model, [UpdateNorms(schedule=every(1))], run_dir=tmp_path / "r") as mon:
         with mon.step(0) as s:
             pass
-        assert s.params_before is not None  # held until the next step measures the update
+        assert s.holds_params  # held until the next step measures the update
         with mon.step(1):
-            assert s.params_before is None
+            assert not s.holds_params
 
 
 def test_activation_stats_refuse_a_compiled_model(tmp_path):

@@ -261,7 +261,7 @@ def _reraise(key, err):
 
 
 def test_on_host_values_must_keep_to_their_probe():
-    from trainprobe._transfer import to_host
+    from trainprobe.monitor.transfer import to_host
     from trainprobe.probes.base import OnHost
 
     ok = OnHost(torch.tensor([1.0, 2.0]), lambda a: {"p/sum": a.sum()})
@@ -275,7 +275,7 @@ def test_on_host_values_must_keep_to_their_probe():
 
 
 def test_per_layer_names_must_match_values():
-    from trainprobe._transfer import to_host
+    from trainprobe.monitor.transfer import to_host
     from trainprobe.probes.base import PerLayer
 
     bad = PerLayer(("a", "b"), torch.tensor([1.0, 2.0, 3.0]))

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from .export import add_parser as add_export_parser
 from .scan import add_parser as add_scan_parser
 from .serve import add_arguments as serve_arguments

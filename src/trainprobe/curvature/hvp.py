@@ -52,6 +52,7 @@ from ..functional import (
     default_batch_size,
     rng_fork,
 )
+from ..notices import warn_user
 from .differentiability import check_double_backward
 
 Engine = Literal["auto", "graph", "jvp", "linearize"]
@@ -149,13 +150,10 @@ class HessianOperator:
                 return vmap(linear, in_dims=1, out_dims=1)(vs)
             except RuntimeError as err:
                 self._vmap_replay = False
-                warnings.warn(
+                warn_user(
                     f"linearize engine: vmap cannot batch this model's recorded graph "
                     f"({str(err).splitlines()[0][:80]}); applying it one vector at a time, "
-                    "engine='graph' batches",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
+                    "engine='graph' batches", RuntimeWarning)
         return torch.stack([linear(vs[:, i]) for i in range(vs.shape[1])], dim=1)  # [P, k]
 
     def matvec(self, v: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ residual is small (Paige 1971; Golub & Van Loan, *Matrix Computations*, §10.1).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
+from ..notices import warn_user
 from .operator import Operator, as_matvec, operator_placement
 
 
@@ -186,15 +186,12 @@ class _Krylov:
     def result(self, name: str = "lanczos") -> Eigenpairs:
         m = len(self.alphas)
         if not self.converged:
-            warnings.warn(
+            warn_user(
                 f"{name}: not converged after {m} steps (largest residual "
                 f"{float(self.residuals.max()):.3g}, wanted <= {self.tol * self.scale:.3g}, "
                 f"{len(self.theta)} of {self.top + self.bottom} pairs (guard included) found); "
                 "raise max_iter "
-                "or tol",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+                "or tol", RuntimeWarning)
         keep = self._returned()
         guards = [i for i in range(len(self.theta)) if i not in keep]
         ritz = torch.from_numpy(np.ascontiguousarray(self.s[:, keep + guards]))
@@ -333,12 +330,9 @@ def power_iteration(
             break
         v = w / norm
     if not converged:
-        warnings.warn(
+        warn_user(
             f"power_iteration: not converged after {max_iter} products (residual "
-            f"{residual:.3g}, wanted <= {tol * abs(theta):.3g}); use lanczos",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+            f"{residual:.3g}, wanted <= {tol * abs(theta):.3g}); use lanczos", RuntimeWarning)
     return Eigenpairs(
         values=torch.tensor([theta], dtype=torch.float64),
         vectors=v.reshape(-1, 1),

@@ -1,7 +1,7 @@
 """Gradients of groups of a batch: ``[G, P]`` one mean gradient per group.
 
 Three ways to form groups, each on a fresh functional forward (``.grad`` and the user's
-autograd graph are never touched, see :class:`~._functional.FunctionalLoss`):
+autograd graph are never touched, see :class:`trainprobe.functional.Objective`):
 
 - :func:`group_gradients`: per-example integer ids (class labels, user ids: data
   source, domain). Group ``g`` is the set ``S_g`` of examples with id ``g``, ``n_g =
@@ -141,7 +141,7 @@ def _check_ids(ids: object, size: int) -> None:
 
 
 def _by_subsets(
-    fl: FunctionalLoss, split: SplitBatch, members: tuple[Tensor, ...]
+    fl: Objective, split: SplitBatch, members: tuple[Tensor, ...]
 ) -> tuple[Tensor, Tensor]:
     """One forward and backward per group on its own sub-batch: ``[G, P]``, ``[G]``."""
     rows, losses = [], []
@@ -155,7 +155,7 @@ def _by_subsets(
 
 
 def _by_examples(
-    fl: FunctionalLoss, split: SplitBatch, inverse: Tensor, groups: int, max_memory: int | None
+    fl: Objective, split: SplitBatch, inverse: Tensor, groups: int, max_memory: int | None
 ) -> tuple[Tensor, Tensor]:
     """Per-example gradients summed into their groups, chunk by chunk: ``[G, P]``, ``[G]``."""
     sums = torch.zeros(groups, fl.layout.size, dtype=fl.dtype, device=fl.device)  # [G, P]

@@ -25,7 +25,6 @@ example (``randomness="different"``) from a forked RNG. Nothing of the model cha
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from torch.func import grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import LossFn, Mode, Objective, ParamLayout, ParamSelection, SplitBatch
+from ..notices import warn_user
 
 Method = Literal["vmap", "loop", "auto"]
 METHODS = ("vmap", "loop", "auto")
@@ -218,10 +218,7 @@ def _vmap_failed(
             "per_sample_gradients(..., method='loop') (one backward per example, exact), "
             "or method='auto' to fall back automatically"
         ) from err
-    warnings.warn(
+    warn_user(
         f"per-example gradients: vmap cannot batch this model ({reason}); falling back to "
-        "one backward pass per example (method='loop')",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+        "one backward pass per example (method='loop')", RuntimeWarning)
     return "loop"

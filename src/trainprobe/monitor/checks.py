@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .probes.base import NEEDS, Probe
+from ..probes.base import NEEDS, Probe
 
 
 def check_model(model: object) -> nn.Module:
@@ -120,3 +120,4 @@ def check_logged(values: Mapping[str, object]) -> dict[str, Tensor | float]:
                 f"got {type(value).__name__}"
             )
     return out
+

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from .._version import __version__
 
 
 def _jsonable(value: Any) -> Any:

@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -24,9 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _meta
-from ._transfer import to_host
-from ._validate import (
+from ..notices import warn_user
+from ..probes import default_probes
+from ..probes.base import Probe, StepContext, Value
+from ..probes.updates import parameter_deltas
+from ..store import RunWriter
+from . import meta as _meta
+from .checks import (
     check_logged,
     check_loss_fn,
     check_model,
@@ -35,11 +38,8 @@ from ._validate import (
     check_probes,
     check_step,
 )
-from .probes import default_probes
-from .probes.base import Probe, StepContext, Value
-from .probes.updates import parameter_deltas
 from .step import StepHandle
-from .store import RunWriter
+from .transfer import to_host
 
 
 class Monitor:
@@ -70,7 +70,10 @@ class Monitor:
         self._writer: RunWriter | None = None
         self._last_step: int | None = None
         self._open: StepHandle | None = None
-        self._previous: tuple[StepHandle, dict[str, Value]] | None = None  # ended, not buffered
+        #: the step that ended last and its record (buffered as it ended); its update
+        #: probes are measured when the next step begins, when the optimizer has stepped
+        self._previous: tuple[StepHandle, dict[str, Value]] | None = None
+        self._committed: set[str] = set()  # keys of the previous step already committed
         self._buffer: list[tuple[int, dict[str, Value]]] = []
         self._last_flush = time.monotonic()
         self._disabled: dict[str, str] = {}
@@ -143,7 +146,10 @@ class Monitor:
         optimizer = check_optimizer(optimizer, "mon.step") or self.optimizer
         loss_fn = check_loss_fn(loss_fn, "mon.step") or self.loss_fn
         due = tuple(p for p in self.probes if p.name not in self._disabled and p.schedule(step))
-        return StepHandle(self, step, due, batch, optimizer, loss_fn)
+        return StepHandle(
+            step, due, batch=batch, optimizer=optimizer, loss_fn=loss_fn,
+            on_enter=self._begin, on_exit=self._end,
+        )  # fmt: skip
 
     def _begin(self, handle: StepHandle) -> None:
         if self._open is not None:
@@ -153,47 +159,39 @@ class Monitor:
             )
         self._last_step = handle.step
         self._finish_previous()
-        if time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
+        self._flush_if_due()
         self._log_optimizer(handle.optimizer)
         self._open = handle
         try:
             if any("update" in p.needs for p in handle.due):
-                handle.params_before = dict(
-                    zip(
-                        self.params,
-                        torch._foreach_mul([p.detach() for p in self.params.values()], 1.0),
-                        strict=True,
-                    )
-                )
+                handle.keep_params(self.params)
             for probe in handle.due:
-                self._attach(probe, handle)
+                handle.attach(self.model, probe, self._attach_failed)
         except BaseException:
-            self._remove_hooks(handle)
+            handle.remove_hooks()
             self._open = None
             raise
 
-    def _attach(self, probe: Probe, handle: StepHandle) -> None:
-        try:
-            handle.handles.extend(probe.attach(self.model))
-        except Exception as err:
-            if self.on_probe_error == "raise":
-                raise
-            self._disable(probe, f"attach raised {type(err).__name__}: {err}")
+    def _attach_failed(self, probe: Probe, err: Exception) -> None:
+        if self.on_probe_error == "raise":
+            raise err
+        self._disable(probe, f"attach raised {type(err).__name__}: {err}")
 
-    def _end(self, handle: StepHandle, *, failed: bool) -> None:
-        self._remove_hooks(handle)
+    def _end(self, handle: StepHandle, failed: bool) -> None:
+        handle.remove_hooks()
         self._open = None
         values: dict[str, Value] = {f"scalars/{k}": v for k, v in handle.logged.items()}
         if failed:  # keep what was logged; measuring a half-done step would mislead
-            handle.params_before = None
+            handle.take_params()
         else:
             self._check_grads(handle)
             ctx = self._context(handle)
             for probe in handle.due:
                 if "update" not in probe.needs:
                     self._measure(probe, ctx, values)
-        self._previous = (handle, values)
+        self._previous, self._committed = (handle, values), set()
+        self._buffer.append((handle.step, values))  # what the step measured, buffered now
+        self._flush_if_due()
 
     def _check_grads(self, handle: StepHandle) -> None:
         """Warn once when gradient probes are due but no parameter holds a gradient."""
@@ -201,32 +199,38 @@ class Monitor:
             return
         if not any(p.grad is not None for p in self.params.values()):  # stops at the first
             self._warned_no_grads = True
-            warnings.warn(
+            warn_user(
                 f"trainprobe: no parameter had a gradient when step {handle.step} ended, so "
                 "gradient probes recorded nothing; call loss.backward() inside the "
-                "`with mon.step(...)` block and optimizer.zero_grad() after it",
-                RuntimeWarning,
-                stacklevel=4,
+                "`with mon.step(...)` block and optimizer.zero_grad() after it"
             )
 
     def _finish_previous(self) -> None:
-        """Measure update probes of the last step (the optimizer has stepped) and buffer it."""
+        """Measure the last step's update probes (the optimizer has stepped) into its record."""
         if self._previous is None:
             return
         handle, values = self._previous
-        self._previous = None
-        before, handle.params_before = handle.params_before, None  # release the copy
-        try:
-            if before is not None:
-                ctx = self._context(
-                    handle, update=parameter_deltas(self.params, before), params_before=before
-                )
-                for probe in handle.due:
-                    if "update" in probe.needs:
-                        self._measure(probe, ctx, values)
-        finally:  # what the step already measured is kept even if an update probe raises
-            if values:
-                self._buffer.append((handle.step, values))
+        before = handle.take_params()  # released by the handle
+        if before is None:
+            return
+        ctx = self._context(
+            handle, update=parameter_deltas(self.params, before), params_before=before
+        )
+        for probe in handle.due:
+            if "update" in probe.needs:
+                self._measure(probe, ctx, self._record_of(handle, values))
+
+    def _record_of(self, handle: StepHandle, values: dict[str, Value]) -> dict[str, Value]:
+        """The buffered record of ``handle``'s step to add values to: ``values`` while it is
+        in the buffer, else (committed already) a new record of the same step, whose keys
+        must not repeat the committed ones (the store is append-only)."""
+        if any(v is values for _, v in self._buffer):
+            return values
+        self._committed |= values.keys()
+        extra: dict[str, Value] = {}
+        self._buffer.append((handle.step, extra))
+        self._previous = (handle, extra)
+        return extra
 
     def _context(self, handle: StepHandle, **extra: Any) -> StepContext:
         return StepContext(
@@ -263,15 +267,7 @@ class Monitor:
 
     def _disable(self, probe: Probe, reason: str) -> None:
         self._disabled[probe.name] = reason
-        warnings.warn(
-            f"trainprobe: probe {probe.name!r} disabled for the rest of the run: {reason}",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-    def _remove_hooks(self, handle: StepHandle) -> None:
-        while handle.handles:
-            handle.handles.pop().remove()
+        warn_user(f"trainprobe: probe {probe.name!r} disabled for the rest of the run: {reason}")
 
     def _log_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         if optimizer is not None and not self._optimizer_logged and self._writer is not None:
@@ -286,15 +282,30 @@ class Monitor:
                 "mon.log() records into the step that just ended; call it after a "
                 "`with mon.step(...)` block, or use s.log() inside it"
             )
-        self._previous[1].update({f"scalars/{k}": v for k, v in check_logged(values).items()})
+        handle, current = self._previous
+        logged = {f"scalars/{k}": v for k, v in check_logged(values).items()}
+        record = self._record_of(handle, current)  # not committed yet: the last value wins
+        again = sorted(k for k in logged if k in self._committed)
+        if again:
+            warn_user(
+                f"trainprobe: {again} were already committed for step {handle.step} (the "
+                "flush at the step's end), so these later values are dropped; log each "
+                "name once per step, or raise flush_seconds"
+            )
+        record.update({k: v for k, v in logged.items() if k not in self._committed})
 
     def flush(self) -> None:
         """Move buffered values to the host (one transfer) and commit them in one transaction."""
-        if self._buffer and self._writer is not None:
-            records = to_host(self._buffer, self._expansion_failed)
-            self._writer.append(records)
+        if self._writer is not None:
+            pending = [(step, values) for step, values in self._buffer if values]
+            if pending:
+                self._writer.append(to_host(pending, self._expansion_failed))
             self._buffer = []  # only once committed: a failed write is retried at the next flush
         self._last_flush = time.monotonic()
+
+    def _flush_if_due(self) -> None:
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
 
     def _expansion_failed(self, key: str, err: Exception) -> None:
         """A probe's value could not be moved to the host: the error policy decides."""
@@ -330,9 +341,10 @@ def watch(
             themselves (Hessian, sharpness): e.g.
             ``trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())``.
         resume: append to an existing run in ``run_dir`` (steps must go on past it).
-        flush_seconds: values are buffered on the device and committed at most this
-            long after they were measured (0: every step); a process killed in between
-            loses only the buffered steps.
+        flush_seconds: values are buffered on the device and committed when a step ends
+            (or, for a step with an update probe due, when the next step begins) once this
+            long has passed since the last commit; 0 commits every step as it ends. A
+            process killed in between loses only the buffered steps.
         on_probe_error: ``"warn"`` disables a probe that raises (training goes on);
             ``"raise"`` propagates the error.
         meta: extra JSON-serialisable metadata stored with the run (config, seed, ...).

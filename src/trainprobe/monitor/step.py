@@ -1,20 +1,24 @@
-"""One observed training step: what ``Monitor.step`` returns."""
+"""One observed training step: what ``Monitor.step`` returns.
+
+The handle owns what belongs to one step: the probes due, their hooks, the copy of
+the parameters an update probe needs, and the values logged with :meth:`StepHandle.log`.
+The monitor decides which probes are due and what happens to the measurements; it
+hands the handle two callbacks, for entering and leaving the block, and never writes
+the handle's fields.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._validate import check_logged
-from .probes.base import Probe
-
-if TYPE_CHECKING:
-    from .monitor import Monitor
+from ..probes.base import Probe
+from .checks import check_logged
 
 
 class StepHandle:
@@ -23,26 +27,31 @@ class StepHandle:
     Entering attaches the hooks of the probes due now (and copies the parameters
     if an update probe is due); leaving removes them — also when the block
     raises — and measures.
+
+    Attributes:
+        step: the training step.
+        due: the probes due at this step.
+        batch, optimizer, loss_fn: what this step's probes read.
+        logged: the values given to :meth:`log`.
     """
 
     def __init__(
         self,
-        monitor: Monitor,
         step: int,
         due: tuple[Probe, ...],
+        *,
         batch: Any,
         optimizer: torch.optim.Optimizer | None,
-        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+        on_enter: Callable[[StepHandle], None],
+        on_exit: Callable[[StepHandle, bool], None],
     ) -> None:
-        self.monitor = monitor
-        self.step = step
-        self.due = due
-        self.batch = batch
-        self.optimizer = optimizer
-        self.loss_fn = loss_fn
+        self.step, self.due = step, due
+        self.batch, self.optimizer, self.loss_fn = batch, optimizer, loss_fn
         self.logged: dict[str, Tensor | float] = {}
-        self.handles: list[RemovableHandle] = []
-        self.params_before: dict[str, Tensor] | None = None
+        self._on_enter, self._on_exit = on_enter, on_exit
+        self._hooks: list[RemovableHandle] = []
+        self._before: dict[str, Tensor] | None = None
 
     def log(self, **values: Tensor | float) -> None:
         """Record scalars for this step as ``scalars/<name>`` (e.g. ``loss=loss``).
@@ -56,8 +65,39 @@ class StepHandle:
         """
         self.logged.update(check_logged(values))
 
+    # -- what the monitor asks of the handle ---------------------------------------------
+    def attach(
+        self, model: nn.Module, probe: Probe, on_error: Callable[[Probe, Exception], None]
+    ) -> None:
+        """Attach ``probe``'s hooks to ``model``; ``on_error`` decides on a failure."""
+        try:
+            self._hooks.extend(probe.attach(model))
+        except Exception as err:
+            on_error(probe, err)
+
+    def keep_params(self, params: Mapping[str, Tensor]) -> None:
+        """Copy ``params`` now (one fused copy), for the update measured after the step."""
+        copies = torch._foreach_mul([p.detach() for p in params.values()], 1.0)
+        self._before = dict(zip(params, copies, strict=True))
+
+    @property
+    def holds_params(self) -> bool:
+        """Whether the parameter copy is still held (until the update is measured)."""
+        return self._before is not None
+
+    def take_params(self) -> dict[str, Tensor] | None:
+        """The copy from :meth:`keep_params` (None if none), released by the handle."""
+        before, self._before = self._before, None
+        return before
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this step attached (idempotent)."""
+        while self._hooks:
+            self._hooks.pop().remove()
+
+    # -- the with-block --------------------------------------------------------------------
     def __enter__(self) -> StepHandle:
-        self.monitor._begin(self)
+        self._on_enter(self)
         return self
 
     def __exit__(
@@ -66,4 +106,4 @@ class StepHandle:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.monitor._end(self, failed=exc_type is not None)
+        self._on_exit(self, exc_type is not None)

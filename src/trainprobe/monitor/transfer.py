@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .probes.base import OnHost, PerLayer, Value
-from .store import Record
+from ..probes.base import OnHost, PerLayer, Value
+from ..store import Record
 
 _HOST_DTYPE = {torch.bool: np.bool_}
 

@@ -13,8 +13,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..curvature.hvp import Engine, HessianOperator, hessian_operator
 from ..curvature.lanczos import Eigenpairs, lanczos
-from ..functional import LossFn, Mode, ParamSelection
 from ..curvature.operator import Operator
+from ..functional import LossFn, Mode, ParamSelection
 from .base import StepContext, step_source
 from .schedules import Schedule, check_schedule, every
 

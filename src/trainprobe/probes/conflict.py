@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..functional import LossFn, ParamSelection, check_mode
 from ..gradients import (
     GroupGradients,
     cosines,
@@ -21,7 +22,6 @@ from ..gradients import (
     projection_shares,
     task_gradients,
 )
-from ..functional import LossFn, ParamSelection, check_mode
 from .base import PerLayer, StepContext, Value, step_source
 from .schedules import Schedule, check_schedule, every
 

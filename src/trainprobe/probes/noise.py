@@ -8,8 +8,8 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..gradients import METHODS, microbatch_noise, per_sample_noise
 from ..functional import LossFn, ParamSelection, check_mode
+from ..gradients import METHODS, microbatch_noise, per_sample_noise
 from .base import PerLayer, StepContext, Value, step_source
 from .schedules import Schedule, check_schedule, every
 

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..gradients import METHODS
 from ..functional import ParamSelection, check_mode
+from ..gradients import METHODS
 from ..gradients.ntk import centered_alignment, label_kernel, relative_change, tangent_kernel
 from ._supervised import FixedSubset, check_count, class_outputs, observing
 from .base import StepContext, Value

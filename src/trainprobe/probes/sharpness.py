@@ -22,7 +22,6 @@ only shrinks the weights and is left out.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.hvp import HessianOperator
+from ..notices import warn_user
 from ._curvature import CurvatureProbe
 from .base import StepContext, Value
 
@@ -202,7 +202,7 @@ class Sharpness(CurvatureProbe):
     def _note(self, note: str) -> None:
         if note and note not in self._noted:
             self._noted.add(note)
-            warnings.warn(f"Sharpness: λ_max only, no threshold: {note}", UserWarning, stacklevel=4)
+            warn_user(f"Sharpness: λ_max only, no threshold: {note}", UserWarning)
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "tol": self.tol, "value_tol": self.value_tol,

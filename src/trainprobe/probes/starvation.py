@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..gradients import METHODS
 from ..functional import LossFn, ParamSelection, as_scalar, check_mode
+from ..gradients import METHODS
 from ..gradients.ntk import label_directions, tangent_kernel
 from ._supervised import (
     FeatureIndex,
