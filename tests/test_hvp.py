@@ -411,3 +411,19 @@ def test_graph_engine_refuses_a_layer_without_double_backward_and_names_it():
     want = hessian_operator(exact, loss, batch=xy, engine="graph", params=r"^2\.")
     eye = torch.eye(op.dim, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(eye), want.matmat(eye))
+
+
+def test_full_float32_turns_tf32_off_for_cuda_and_restores_the_flags():
+    from trainprobe.functional import full_float32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with full_float32(torch.device("cpu")):  # nothing to do off CUDA
+            assert torch.backends.cudnn.allow_tf32
+        with full_float32(torch.device("cuda")):  # flags only: no GPU needed to check them
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -50,6 +50,7 @@ from ..functional import (
     ParamSelection,
     check_loss_fn,
     default_batch_size,
+    full_float32,
     rng_fork,
 )
 from ..notices import warn_user
@@ -171,12 +172,13 @@ class HessianOperator:
             raise ValueError(f"matmat: expected a [{self.dim}, k] matrix, got {tuple(vs.shape)}")
         vs = vs.detach().to(device=self.device, dtype=self.dtype)
         try:
-            if self.batched or vs.shape[1] == 1:
-                out = sum(self._products(vs))  # [P, k]
-            else:
-                out = torch.cat(
-                    [sum(self._products(vs[:, i : i + 1])) for i in range(vs.shape[1])], 1
-                )
+            with full_float32(self.device):  # the cached graph's double backward too
+                if self.batched or vs.shape[1] == 1:
+                    out = sum(self._products(vs))  # [P, k]
+                else:
+                    out = torch.cat(
+                        [sum(self._products(vs[:, i : i + 1])) for i in range(vs.shape[1])], 1
+                    )
         except RuntimeError as err:
             raise _engine_error(self.engine, err) from err
         self.matvecs += vs.shape[1]

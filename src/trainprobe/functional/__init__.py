@@ -14,7 +14,14 @@ from .determinism import check_deterministic
 from .loss import LossFn, Mode, as_scalar, check_loss_fn, check_mode, criterion_loss
 from .objective import Objective
 from .params import ParamLayout, ParamSelection, select_params
-from .scopes import differentiable_attention, evaluation, model_device, rng_fork, semantics
+from .scopes import (
+    differentiable_attention,
+    evaluation,
+    full_float32,
+    model_device,
+    rng_fork,
+    semantics,
+)
 
 __all__ = [
     "LossFn",
@@ -33,6 +40,7 @@ __all__ = [
     "default_batch_size",
     "differentiable_attention",
     "evaluation",
+    "full_float32",
     "inner_name",
     "model_device",
     "rng_fork",

@@ -3,11 +3,13 @@
 :func:`semantics` sets module modes and BatchNorm flags for the duration of a call and
 puts them back in ``finally``; :func:`rng_fork` forks the global RNG so nothing here
 consumes it; :func:`differentiable_attention` pins scaled-dot-product attention to its
-math kernel; :func:`evaluation` is the three together.
+math kernel; :func:`full_float32` turns TensorFloat-32 off on CUDA; :func:`evaluation`
+is the four together.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
@@ -59,6 +61,28 @@ def differentiable_attention() -> AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+@contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """float32 matrix products and convolutions in full float32 on CUDA (TensorFloat-32
+    off, both flags restored): with TF32, cuDNN's default, a float32 Hessian-vector
+    product of a BatchNorm CNN on an H200 was 4.8e-5 off the float64 one and
+    per-example gradients 4.2e-3 off a loop of single-example backward passes (1.9e-7 and
+    5e-9 without; ``benchmarks/gpu.py``). A measurement must not inherit that error."""
+    if device.type != "cuda":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; same effect
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for an empty model)."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -68,10 +92,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextmanager
 def evaluation(model: nn.Module, mode: Mode, device: torch.device | None = None) -> Iterator[None]:
-    """:func:`rng_fork` (on ``device``, default the model's), :func:`semantics` and
-    :func:`differentiable_attention` together: the scope of every functional call."""
+    """:func:`rng_fork` (on ``device``, default the model's), :func:`semantics`,
+    :func:`differentiable_attention` and :func:`full_float32` together: the scope of
+    every functional call."""
+    device = model_device(model) if device is None else device
     with ExitStack() as stack:
-        stack.enter_context(rng_fork(model_device(model) if device is None else device))
+        stack.enter_context(rng_fork(device))
+        stack.enter_context(full_float32(device))
         stack.enter_context(semantics(model, mode))
         stack.enter_context(differentiable_attention())
         yield
