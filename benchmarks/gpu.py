@@ -75,6 +75,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import trainprobe
 from trainprobe import GradConflict, GradNoise, Sharpness, default_probes, every
 from trainprobe.curvature import ENGINES, criterion_loss, hessian_operator, lanczos
+from trainprobe.functional import Objective
 from trainprobe.gradients import METHODS, per_sample_gradients
 
 CE = criterion_loss(nn.CrossEntropyLoss())
@@ -925,10 +926,14 @@ def section_per_sample(cfg: Config) -> dict:
 def _per_sample_row(
     model: nn.Module, batch: Any, method: str, ref: Tensor, cfg: Config, reps: int
 ) -> dict:
-    result = per_sample_gradients(model, CE, batch, method=method)
+    result = per_sample_gradients(Objective(model, CE), batch, method=method)
     err = ((result.grads.double() - ref.double()).norm(dim=1) / ref.double().norm(dim=1)).max()
     ms = (
-        timed(lambda: per_sample_gradients(model, CE, batch, method=method), cfg.device, reps=reps)
+        timed(
+            lambda: per_sample_gradients(Objective(model, CE), batch, method=method),
+            cfg.device,
+            reps=reps,
+        )
         * 1e3
     )
     return {

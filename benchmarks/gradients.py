@@ -53,6 +53,7 @@ from torch.nn import functional as F
 import trainprobe
 from trainprobe import GradConflict, GradNoise, GradSpectrum, WeightSpectrum
 from trainprobe.curvature import criterion_loss
+from trainprobe.functional import Objective
 from trainprobe.gradients import per_sample_gradients
 from trainprobe.probes import at_steps, every
 
@@ -116,8 +117,8 @@ def batch_gradient(model: nn.Module, batch: tuple) -> tuple[torch.Tensor, ...]:
 def agreement(case: dict) -> dict[str, float]:
     """Largest relative row difference vmap/loop, and the rows' mean against the gradient."""
     model, batch = case["model"], case["batch"]
-    vm = per_sample_gradients(model, LOSS, batch, method="vmap")
-    lp = per_sample_gradients(model, LOSS, batch, method="loop")
+    vm = per_sample_gradients(Objective(model, LOSS), batch, method="vmap")
+    lp = per_sample_gradients(Objective(model, LOSS), batch, method="loop")
     row_diff = (vm.grads - lp.grads).norm(dim=1) / lp.grads.norm(dim=1)  # [B]
     plain = torch.cat([g.reshape(-1) for g in batch_gradient(model, batch)])  # [P]
     mean_diff = (vm.grads.mean(dim=0) - plain).norm() / plain.norm()
@@ -131,8 +132,8 @@ def persample_tasks(case: dict) -> dict[str, Callable[[], object]]:
     model, batch = case["model"], case["batch"]
     return {
         "grad": lambda: batch_gradient(model, batch),
-        "vmap": lambda: per_sample_gradients(model, LOSS, batch, method="vmap"),
-        "loop": lambda: per_sample_gradients(model, LOSS, batch, method="loop"),
+        "vmap": lambda: per_sample_gradients(Objective(model, LOSS), batch, method="vmap"),
+        "loop": lambda: per_sample_gradients(Objective(model, LOSS), batch, method="loop"),
     }
 
 

@@ -100,7 +100,7 @@ def test_functional_values_match_a_direct_computation(model):
         w = objective.leaves()
         got = objective.flat_grad(objective(w, xy), w)
     torch.testing.assert_close(got, reference_gradient(net, names, xy), rtol=1e-12, atol=1e-14)
-    per_example = per_sample_gradients(net, CE, xy)
+    per_example = per_sample_gradients(Objective(net, CE), xy)
     torch.testing.assert_close(per_example.grads.mean(0), got, rtol=1e-10, atol=1e-12)
     operator = hessian_operator(net, CE, batch=xy)
     used = list(operator.layout.names)

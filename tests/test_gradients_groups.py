@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainprobe.curvature import criterion_loss
+from trainprobe.functional import Objective
 from trainprobe.gradients import (
     group_gradients,
     microbatch_gradients,
@@ -45,7 +46,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_group_gradients_are_the_sub_batch_gradients(method):
     model, (x, y) = _case("cnn")
     ids = torch.tensor([5, 2, 5, 9, 2, 2, 5, 9, 5, 5, 2, 9])
-    groups = group_gradients(model, CE, (x, y), ids, method=method)
+    groups = group_gradients(Objective(model, CE), (x, y), ids, method=method)
     assert groups.ids == (2, 5, 9)
     assert groups.counts.tolist() == [4, 5, 3]
     torch.testing.assert_close(groups.weights, torch.tensor([4, 5, 3], dtype=torch.float64) / 12)
@@ -60,8 +61,8 @@ def test_group_gradients_are_the_sub_batch_gradients(method):
 def test_persample_grouping_equals_the_mean_of_per_example_gradients():
     model, data = _case("mlp")
     ids = data[1]
-    rows = per_sample_gradients(model, CE, data).grads  # [B, P]
-    groups = group_gradients(model, CE, data, ids, method="persample")
+    rows = per_sample_gradients(Objective(model, CE), data).grads  # [B, P]
+    groups = group_gradients(Objective(model, CE), data, ids, method="persample")
     for row, label in enumerate(groups.ids):
         assert _rel(groups.grads[row], rows[ids == label].mean(dim=0)) <= 1e-12
 
@@ -69,14 +70,14 @@ def test_persample_grouping_equals_the_mean_of_per_example_gradients():
 def test_persample_grouping_falls_back_to_the_loop_where_vmap_cannot():
     model, data = _case("rnn")
     with pytest.warns(RuntimeWarning, match="falling back"):
-        persample = group_gradients(model, CE, data, data[1], method="persample")
-    subset = group_gradients(model, CE, data, data[1])
+        persample = group_gradients(Objective(model, CE), data, data[1], method="persample")
+    subset = group_gradients(Objective(model, CE), data, data[1])
     assert _rel(persample.grads, subset.grads) <= 1e-10
 
 
 def test_microbatches_are_consecutive_chunks():
     model, (x, y) = _case("mlp", size=10)
-    groups = microbatch_gradients(model, CE, (x, y), 3)
+    groups = microbatch_gradients(Objective(model, CE), (x, y), 3)
     assert groups.ids == (0, 1, 2) and groups.counts.tolist() == [4, 3, 3]
     for row, (xs, ys) in enumerate(zip(x.tensor_split(3), y.tensor_split(3), strict=True)):
         expected, loss = _grad(model, xs, ys)
@@ -109,7 +110,7 @@ def test_task_gradients_match_closed_forms_and_leave_grads_alone():
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for p in model.parameters():
         p.grad = torch.full_like(p, 9.0)
-    groups = task_gradients(model, _tasks, x)
+    groups = task_gradients(Objective(model, _tasks), x)
     assert groups.ids == ("a", "b") and groups.counts.tolist() == [5, 5]
     w, a, b = model.trunk.weight[0].detach(), 3.0, -1.5
     z = x @ w  # [B]
@@ -125,30 +126,32 @@ def test_task_gradients_match_closed_forms_and_leave_grads_alone():
 def test_a_task_that_does_not_depend_on_the_parameters_has_a_zero_gradient():
     model = _TwoHeads().double()
     x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    groups = task_gradients(model, lambda m, b: {"main": m.trunk(b).mean(), "const": b.sum()}, x)
+    groups = task_gradients(
+        Objective(model, lambda m, b: {"main": m.trunk(b).mean(), "const": b.sum()}), x
+    )
     assert groups.ids == ("const", "main") and not groups.grads[0].any()
 
 
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda m, d: group_gradients(m, CE, d, d[1].double()), TypeError,
+        (lambda m, d: group_gradients(Objective(m, CE), d, d[1].double()), TypeError,
          r"ids must be an integer tensor \[B\]"),
-        (lambda m, d: group_gradients(m, CE, d, d[1][:3]), ValueError,
+        (lambda m, d: group_gradients(Objective(m, CE), d, d[1][:3]), ValueError,
          r"ids has shape \(3,\) but the batch has 12 examples"),
-        (lambda m, d: group_gradients(m, CE, d, d[1], method="dense"), ValueError,
+        (lambda m, d: group_gradients(Objective(m, CE), d, d[1], method="dense"), ValueError,
          "method must be 'subset' or 'persample'"),
-        (lambda m, d: microbatch_gradients(m, CE, d, 13), ValueError,
+        (lambda m, d: microbatch_gradients(Objective(m, CE), d, 13), ValueError,
          "microbatches must be an integer between 1 and the batch size 12"),
-        (lambda m, d: microbatch_gradients(m, CE, d, True), ValueError,
+        (lambda m, d: microbatch_gradients(Objective(m, CE), d, True), ValueError,
          "microbatches must be an integer"),
-        (lambda m, d: task_gradients(m, CE, d), TypeError,
+        (lambda m, d: task_gradients(Objective(m, CE), d), TypeError,
          r"return a dict \{task name: scalar loss\}, got Tensor"),
-        (lambda m, d: task_gradients(m, lambda mm, b: {}, d), ValueError,
+        (lambda m, d: task_gradients(Objective(m, lambda mm, b: {}), d), ValueError,
          "returned an empty dict"),
-        (lambda m, d: task_gradients(m, lambda mm, b: {1: CE(mm, b)}, d), TypeError,
+        (lambda m, d: task_gradients(Objective(m, lambda mm, b: {1: CE(mm, b)}), d), TypeError,
          "return a dict"),
-        (lambda m, d: task_gradients(m, lambda mm, b: {"t": mm(b[0])}, d), ValueError,
+        (lambda m, d: task_gradients(Objective(m, lambda mm, b: {"t": mm(b[0])}), d), ValueError,
          "task 't' must return a scalar tensor"),
     ],
 )  # fmt: skip

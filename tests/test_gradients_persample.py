@@ -53,7 +53,7 @@ def test_vmap_equals_single_example_backward_and_leaves_the_model_alone(name):
     expected, losses = _reference(model, data)
     model.train()
     before, rng = _snapshot(model), torch.get_rng_state()
-    result = per_sample_gradients(model, CE, data, chunk_size=4)
+    result = per_sample_gradients(Objective(model, CE), data, chunk_size=4)
     assert result.method == "vmap" and result.chunk_size == 4
     assert result.grads.shape == expected.shape and result.grads.dtype == torch.float64
     assert _rel(result.grads, expected) <= 1e-10
@@ -69,7 +69,7 @@ def test_batch_gradient_is_the_mean_of_per_example_gradients():
     model.eval()
     loss = CE(model, data)
     full = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
-    result = per_sample_gradients(model, CE, data)
+    result = per_sample_gradients(Objective(model, CE), data)
     assert _rel(result.grads.mean(dim=0), full) <= 1e-12
     assert float(result.losses.mean()) == pytest.approx(float(loss.detach()), rel=1e-12)
 
@@ -79,12 +79,12 @@ def test_rnn_needs_the_loop_and_auto_falls_back_to_it():
     model, data = _case("rnn")
     expected, _ = _reference(model, data)
     with pytest.raises(RuntimeError, match=r"vmap cannot batch.*method='loop'"):
-        per_sample_gradients(model, CE, data)
-    loop = per_sample_gradients(model, CE, data, method="loop")
+        per_sample_gradients(Objective(model, CE), data)
+    loop = per_sample_gradients(Objective(model, CE), data, method="loop")
     assert loop.method == "loop" and loop.chunk_size == 1
     assert _rel(loop.grads, expected) <= 1e-10
     with pytest.warns(RuntimeWarning, match="falling back to one backward pass per example"):
-        auto = per_sample_gradients(model, CE, data, method="auto")
+        auto = per_sample_gradients(Objective(model, CE), data, method="auto")
     assert auto.method == "loop" and torch.equal(auto.grads, loop.grads)
 
 
@@ -117,9 +117,10 @@ def test_models_vmap_cannot_batch_name_the_loop_which_is_exact(make):
     model = make().double()
     _, data = _case("mlp")
     with pytest.raises(RuntimeError, match=r"per_sample_gradients\(\.\.\., method='loop'\)"):
-        per_sample_gradients(model, CE, data)
+        per_sample_gradients(Objective(model, CE), data)
     expected, _ = _reference(model, data)
-    assert _rel(per_sample_gradients(model, CE, data, method="loop").grads, expected) <= 1e-12
+    looped = per_sample_gradients(Objective(model, CE), data, method="loop")
+    assert _rel(looped.grads, expected) <= 1e-12
 
 
 def test_a_model_error_is_not_blamed_on_vmap():
@@ -133,15 +134,15 @@ def test_a_model_error_is_not_blamed_on_vmap():
 
     _, data = _case("mlp")
     with pytest.raises(RuntimeError, match="the model itself is broken"):
-        per_sample_gradients(Broken(), CE, data)
+        per_sample_gradients(Objective(Broken(), CE), data)
 
 
 def test_chunks_and_the_memory_bound_give_the_same_gradients():
     model, data = _case("cnn", size=10)
-    whole = per_sample_gradients(model, CE, data)
+    whole = per_sample_gradients(Objective(model, CE), data)
     dim = whole.grads.shape[1]
     assert whole.chunk_size == min(DEFAULT_MAX_MEMORY // (dim * 8), 10)
-    bounded = per_sample_gradients(model, CE, data, max_memory=3 * dim * 8 + 7)
+    bounded = per_sample_gradients(Objective(model, CE), data, max_memory=3 * dim * 8 + 7)
     assert bounded.chunk_size == 3
     torch.testing.assert_close(bounded.grads, whole.grads, rtol=1e-12, atol=1e-15)
     blocks: list[int] = []
@@ -153,11 +154,11 @@ def test_chunks_and_the_memory_bound_give_the_same_gradients():
 
 def test_layout_parameter_selection_and_unsplit_leaves():
     model, (x, y) = _case("mlp")
-    full = per_sample_gradients(model, CE, (x, y))
+    full = per_sample_gradients(Objective(model, CE), (x, y))
     parts = full.per_param()
     assert list(parts) == [n for n, _ in model.named_parameters()]
     assert parts["0.weight"].shape == (6, 16, 8)
-    first = per_sample_gradients(model, CE, (x, y), params=r"^0\.")
+    first = per_sample_gradients(Objective(model, CE, params=r"^0\."), (x, y))
     assert first.layout.names == ("0.weight", "0.bias")
     torch.testing.assert_close(first.grads, full.grads[:, : first.layout.size], rtol=0, atol=0)
 
@@ -165,7 +166,7 @@ def test_layout_parameter_selection_and_unsplit_leaves():
         return b["scale"] * F.cross_entropy(m(b["x"]) + b["shift"], b["y"])
 
     data = {"x": x, "y": y, "scale": 2.0, "shift": torch.ones(3, dtype=torch.float64)}
-    result = per_sample_gradients(model, scaled, data)
+    result = per_sample_gradients(Objective(model, scaled), data)
     model.eval()
     loss = scaled(model, {**data, "x": x[2:3], "y": y[2:3]})
     expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, model.parameters())])
@@ -175,10 +176,10 @@ def test_layout_parameter_selection_and_unsplit_leaves():
 def test_train_mode_keeps_dropout_off_the_global_rng():
     model, data = _case("mlp")
     rng = torch.get_rng_state()
-    result = per_sample_gradients(model, CE, data, mode="train")
+    result = per_sample_gradients(Objective(model, CE, mode="train"), data)
     assert torch.equal(torch.get_rng_state(), rng)
     assert bool(torch.isfinite(result.grads).all())
-    eval_grads = per_sample_gradients(model, CE, data).grads
+    eval_grads = per_sample_gradients(Objective(model, CE), data).grads
     assert not torch.equal(result.grads, eval_grads)  # dropout masks drawn per example
 
 
@@ -186,8 +187,8 @@ def test_existing_grads_are_left_untouched():
     model, data = _case("mlp")
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)
-    per_sample_gradients(model, CE, data)
-    per_sample_gradients(model, CE, data, method="loop")
+    per_sample_gradients(Objective(model, CE), data)
+    per_sample_gradients(Objective(model, CE), data, method="loop")
     assert all(bool((p.grad == 7).all()) for p in model.parameters())
 
 
@@ -199,27 +200,30 @@ def _untracked_bn() -> nn.Module:
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda m, d: per_sample_gradients(m, CE, d, mode="train"), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, CE, mode="train"), d), ValueError,
          r"BatchNorm '1' under mode='train'.*use mode='eval'"),
-        (lambda m, d: per_sample_gradients(m, CE, d, mode="test"), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, CE, mode="test"), d), ValueError,
          "mode must be 'eval'"),
-        (lambda m, d: per_sample_gradients(m, CE, d, method="jit"), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, CE), d, method="jit"), ValueError,
          "method must be one of"),
-        (lambda m, d: per_sample_gradients(m, CE, d, chunk_size=2, max_memory=10**6),
+        (lambda m, d: per_sample_gradients(Objective(m, CE), d, chunk_size=2, max_memory=10**6),
          ValueError, "pass chunk_size= or max_memory=, not both"),
-        (lambda m, d: per_sample_gradients(m, CE, d, chunk_size=0), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, CE), d, chunk_size=0), ValueError,
          "chunk_size must be an integer >= 1"),
-        (lambda m, d: per_sample_gradients(m, CE, d, max_memory=100), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, CE), d, max_memory=100), ValueError,
          r"holds less than one example's gradient .*pass max_memory >= "),
-        (lambda m, d: per_sample_gradients(m, lambda mm, b: mm(b[0]), d), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, lambda mm, b: mm(b[0])), d), ValueError,
          "must return a scalar tensor"),
-        (lambda m, d: per_sample_gradients(m, CE, (1.0, "y")), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, CE), (1.0, "y")), ValueError,
          "no tensor with a leading"),
-        (lambda m, d: per_sample_gradients(m, CE, (d[0][:0], d[1][:0])), ValueError,
+        (lambda m, d: per_sample_gradients(Objective(m, CE), (d[0][:0], d[1][:0])), ValueError,
          "the batch is empty"),
-        (lambda m, d: per_sample_gradients("model", CE, d), TypeError,
+        (lambda m, d: per_sample_gradients(Objective("model", CE), d), TypeError,
          "model must be an nn.Module"),
-        (lambda m, d: per_sample_gradients(m, 3, d), TypeError, "loss_fn must be a callable"),
+        (lambda m, d: per_sample_gradients(Objective(m, 3), d), TypeError,
+         "loss_fn must be a callable"),
+        (lambda m, d: per_sample_gradients(m, d), TypeError,
+         "expected a trainprobe.functional.Objective, got"),
     ],
 )  # fmt: skip
 def test_bad_arguments(call, error, match):
@@ -234,7 +238,7 @@ def test_batchnorm_without_running_statistics_is_refused_in_eval_too():
     with pytest.raises(
         ValueError, match=r"without running statistics would .*track_running_stats=True"
     ):
-        per_sample_gradients(_untracked_bn(), CE, data)
+        per_sample_gradients(Objective(_untracked_bn(), CE), data)
 
 
 def test_chunk_for_caps_at_the_batch():

@@ -11,6 +11,7 @@ from torch import nn
 
 import trainprobe
 from trainprobe.curvature import criterion_loss
+from trainprobe.functional import Objective
 from trainprobe.gradients import microbatch_noise, noise_scale, per_sample_gradients
 from trainprobe.probes import PerLayer, StepContext, at_steps, every
 from trainprobe.probes.noise import GradNoise
@@ -99,7 +100,7 @@ def test_per_layer_values_match_the_textbook_formulas():
     data = (torch.randn(10, 8, generator=gen, dtype=torch.float64),
             torch.randint(0, 3, (10,), generator=gen))  # fmt: skip
     got = _measure(GradNoise(), model, data)
-    per = per_sample_gradients(model, CE, data).per_param()
+    per = per_sample_gradients(Objective(model, CE), data).per_param()
     traces, signals = 0.0, 0.0
     for name, g in per.items():
         rows = g.reshape(10, -1)  # [B, p_l]
@@ -166,8 +167,9 @@ def test_a_missing_loss_disables_the_probe_with_the_fix(tmp_path):
          ValueError, "K >= 2 pieces"),
         (lambda: noise_scale(torch.ones(3, 2), torch.ones(2), torch.ones(2), names=("a", "b")),
          ValueError, "shapes disagree"),
-        (lambda: microbatch_noise(MODELS["mlp"](), CE, (torch.randn(4, 8), torch.zeros(4).long()),
-                                  1), ValueError, "gives one piece"),
+        (lambda: microbatch_noise(Objective(MODELS["mlp"](), CE),
+                                  (torch.randn(4, 8), torch.zeros(4).long()), 1),
+         ValueError, "gives one piece"),
     ],
 )  # fmt: skip
 def test_bad_arguments(make, error, match):

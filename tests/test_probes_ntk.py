@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from trainprobe.functional import network
 from trainprobe.gradients.ntk import (
     centered_alignment,
     label_directions,
@@ -53,16 +54,16 @@ def _ctx(model: nn.Module, data=None, step: int = 0) -> StepContext:
 def test_trace_kernel_and_projections_against_per_example_backward():
     model, x, _ = _mlp()
     jac = _jacobians(model, x)  # [3, 6, P]
-    kernel, used = tangent_kernel(model, x, torch.eye(3, dtype=torch.float64))
+    kernel, used = tangent_kernel(network(model), x, torch.eye(3, dtype=torch.float64))
     expected = torch.einsum("cip,cjp->ij", jac, jac)  # Σ_c J_c J_cᵀ
     assert used == "vmap" and model.training
     torch.testing.assert_close(kernel, expected, rtol=1e-12, atol=1e-12)
     v = torch.tensor([[0.5, -1.0], [2.0, 0.0], [-1.0, 3.0]], dtype=torch.float64)  # [C, k]
     projected = torch.einsum("cj,cip->jip", v, jac)  # [k, n, P]: J_{v_j}
-    got, _ = tangent_kernel(model, x, v, method="loop")
+    got, _ = tangent_kernel(network(model), x, v, method="loop")
     torch.testing.assert_close(got, torch.einsum("jip,jkp->ik", projected, projected),
                                rtol=1e-12, atol=1e-12)  # fmt: skip
-    rows = output_gradients(model, x, v[:, 1])
+    rows = output_gradients(network(model), x, v[:, 1])
     torch.testing.assert_close(rows.grads, projected[1], rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         model.eval()
@@ -130,7 +131,7 @@ def test_sketch_above_max_outputs_is_fixed_and_projects():
     assert torch.equal(v, probe.projections(3))  # the same columns at every measurement
     assert torch.equal(NTKAlignment(max_outputs=3).projections(3), torch.eye(3).double())
     got = probe.measure(_ctx(model))
-    kernel, _ = tangent_kernel(model, x, v)
+    kernel, _ = tangent_kernel(network(model), x, v)
     assert float(got["ntk/trace"]) == pytest.approx(float(torch.trace(kernel)), rel=1e-12)
     assert float(got["ntk/alignment"]) == pytest.approx(
         float(centered_alignment(kernel, label_kernel(y))), rel=1e-12)  # fmt: skip
@@ -172,9 +173,9 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="integer labels must have shape"):
         NTKAlignment(data=(x, y[:, None].repeat(1, 2))).measure(_ctx(model))
     with pytest.raises(ValueError, match="projections must be a"):
-        tangent_kernel(model, x, torch.ones(3))
+        tangent_kernel(network(model), x, torch.ones(3))
     with pytest.raises(ValueError, match="the output projection has 2 entries"):
-        output_gradients(model, x, torch.ones(2))
+        output_gradients(network(model), x, torch.ones(2))
     with pytest.raises(ValueError, match="must be square matrices of one shape"):
         centered_alignment(torch.eye(3), torch.eye(4))
     with pytest.raises(ValueError, match=r"must return a tensor \[n, C\]"):

@@ -12,7 +12,7 @@ from .batch import SplitBatch, default_batch_size
 from .call import Slots, call, inner_name, unwrap
 from .determinism import check_deterministic
 from .loss import LossFn, Mode, as_scalar, check_loss_fn, check_mode, criterion_loss
-from .objective import Objective
+from .objective import Objective, check_objective, network
 from .params import ParamLayout, ParamSelection, select_params
 from .scopes import (
     differentiable_attention,
@@ -36,6 +36,7 @@ __all__ = [
     "check_deterministic",
     "check_loss_fn",
     "check_mode",
+    "check_objective",
     "criterion_loss",
     "default_batch_size",
     "differentiable_attention",
@@ -43,6 +44,7 @@ __all__ = [
     "full_float32",
     "inner_name",
     "model_device",
+    "network",
     "rng_fork",
     "select_params",
     "semantics",

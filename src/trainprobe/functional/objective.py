@@ -100,6 +100,11 @@ class Objective:
             _key(n): self._cast(t.detach()).clone() for n, t in [*held, *model.named_buffers()]
         }
 
+    def with_loss(self, loss_fn: LossFn) -> Objective:
+        """The same model, parameters, mode and dtype with another loss closure."""
+        params = list(self.layout.names)
+        return Objective(self.model, loss_fn, params=params, mode=self.mode, dtype=self.dtype)
+
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t
 
@@ -146,6 +151,32 @@ class Objective:
         (dropout under ``mode="train"``, noise layers, a random loss closure)."""
         with self.scope():  # both passes inside one fork: a random loss differs
             check_deterministic(self.model, lambda: self(self.point, batch), self.mode)
+
+
+def network(
+    model: nn.Module,
+    *,
+    params: ParamSelection = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+) -> Objective:
+    """The model's outputs ``model(inputs)`` as a function of the selected parameters (an
+    :class:`Objective` whose closure returns the outputs, for the tangent kernel)."""
+    return Objective(model, _outputs, params=params, mode=mode, dtype=dtype)
+
+
+def _outputs(model: nn.Module, inputs: Any) -> Any:
+    return model(inputs)
+
+
+def check_objective(objective: object) -> Objective:
+    """``objective`` if it is an :class:`Objective`, else a ``TypeError`` with the fix."""
+    if not isinstance(objective, Objective):
+        raise TypeError(
+            f"expected a trainprobe.functional.Objective, got {type(objective).__name__}; "
+            "build one with Objective(model, loss_fn, params=..., mode=...)"
+        )
+    return objective
 
 
 def _key(name: str) -> str:

@@ -31,16 +31,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..functional import (
-    LossFn,
-    Mode,
     Objective,
     ParamLayout,
-    ParamSelection,
     SplitBatch,
     as_scalar,
+    check_objective,
 )
 from .persample import for_each_chunk
 
@@ -81,26 +79,22 @@ class GroupGradients:
 
 
 def group_gradients(
-    model: nn.Module,
-    loss_fn: LossFn,
+    objective: Objective,
     batch: Any,
     ids: Tensor,
     *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
     method: GroupMethod = "subset",
     max_memory: int | None = None,
 ) -> GroupGradients:
     """Mean gradient of each group of examples sharing an id (see the module doc).
 
     Args:
-        model: the network (not modified).
-        loss_fn: ``loss(model, batch) -> scalar``, mean-reduced over the examples.
-        batch: anything ``loss_fn`` takes; tensors of leading size ``B`` are split.
+        objective: the loss as a function of the selected parameters
+            (:class:`trainprobe.functional.Objective`), mean-reduced over the examples;
+            under ``mode="train"`` BatchNorm normalises each sub-batch by its own
+            statistics with ``"subset"`` (``"persample"`` refuses).
+        batch: anything the loss closure takes; tensors of leading size ``B`` are split.
         ids: ``[B]`` integer group id of each example.
-        params: which parameters (see :func:`trainprobe.curvature.select_params`).
-        mode: ``"eval"`` (default) or ``"train"`` (BatchNorm then normalises each
-            sub-batch by its own statistics with ``"subset"``; ``"persample"`` refuses).
         method: ``"subset"`` (default) or ``"persample"``.
         max_memory: bytes per per-example chunk with ``"persample"`` (see
             :func:`~.persample.per_sample_gradients`).
@@ -110,7 +104,7 @@ def group_gradients(
     """
     if method not in ("subset", "persample"):
         raise ValueError(f"method must be 'subset' or 'persample', got {method!r}")
-    fl = Objective(model, loss_fn, params=params, mode=mode)
+    fl = check_objective(objective)
     split = SplitBatch.of(batch)
     _check_ids(ids, split.size)
     unique = torch.unique(ids, sorted=True, return_inverse=True, return_counts=True)
@@ -172,15 +166,7 @@ def _by_examples(
     return sums / counts[:, None], loss_sums / counts
 
 
-def microbatch_gradients(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    microbatches: int,
-    *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
-) -> GroupGradients:
+def microbatch_gradients(objective: Objective, batch: Any, microbatches: int) -> GroupGradients:
     """Mean gradient of each of ``microbatches`` consecutive chunks of the batch.
 
     The ids are the chunk indices ``0 .. m-1``; chunk ``k`` holds ``⌈B/m⌉`` examples for
@@ -202,30 +188,24 @@ def microbatch_gradients(
         )
     sizes = [size // microbatches + (k < size % microbatches) for k in range(microbatches)]
     ids = torch.repeat_interleave(torch.arange(microbatches), torch.tensor(sizes))  # [B]
-    return group_gradients(model, loss_fn, batch, ids, params=params, mode=mode)
+    return group_gradients(objective, batch, ids)
 
 
-def task_gradients(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
-) -> GroupGradients:
+def task_gradients(objective: Objective, batch: Any) -> GroupGradients:
     """One gradient per task of a multi-task loss, from a single forward pass.
 
     Args:
-        loss_fn: ``loss(model, batch) -> {task: scalar}``, e.g.
-            ``{"depth": l1(...), "segmentation": ce(...)}``; the objective is taken to be
-            ``Σ_t L_t``: to study a weighted sum, put the weights into the values.
-        batch, params, mode: as for :func:`group_gradients`.
+        objective: an :class:`trainprobe.functional.Objective` whose loss closure
+            returns ``{task: scalar}``, e.g. ``{"depth": l1(...), "segmentation":
+            ce(...)}``; the objective is taken to be ``Σ_t L_t``: to study a weighted
+            sum, put the weights into the values.
+        batch: as for :func:`group_gradients`.
 
     Raises:
         TypeError: ``loss_fn`` does not return a mapping of string names.
         ValueError: an empty mapping or a non-scalar task loss.
     """
-    fl = Objective(model, loss_fn, params=params, mode=mode)
+    fl = check_objective(objective)
     with fl.scope(), torch.enable_grad():
         w = fl.leaves()
         tasks = _check_tasks(fl.raw(w, batch))

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..functional import LossFn, Mode, Objective, ParamLayout, ParamSelection, SplitBatch
+from ..functional import Objective, ParamLayout, SplitBatch, check_objective
 from .groups import microbatch_gradients
 from .persample import Method, for_each_chunk
 
@@ -113,12 +113,9 @@ def noise_scale(
 
 
 def per_sample_noise(
-    model: nn.Module,
-    loss_fn: LossFn,
+    objective: Objective,
     batch: Any,
     *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
     method: Method = "vmap",
     max_memory: int | None = None,
 ) -> tuple[NoiseScale, str]:
@@ -128,7 +125,7 @@ def per_sample_noise(
     the arguments) are reduced to ``[B, L]`` squared norms and a running ``[P]`` sum.
     Returns the estimate and the per-example method that ran (``"vmap"`` or ``"loop"``).
     """
-    fl = Objective(model, loss_fn, params=params, mode=mode)
+    fl = check_objective(objective)
     split = SplitBatch.of(batch)
     layers = len(fl.layout.names)
     squares = torch.empty(split.size, layers, dtype=torch.float64, device=fl.device)  # [B, L]
@@ -146,18 +143,10 @@ def per_sample_noise(
     return noise_scale(squares, sizes, batch_sq, names=fl.layout.names), used
 
 
-def microbatch_noise(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batch: Any,
-    microbatches: int,
-    *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
-) -> NoiseScale:
+def microbatch_noise(objective: Objective, batch: Any, microbatches: int) -> NoiseScale:
     """:class:`NoiseScale` from ``microbatches`` consecutive micro-batch gradients
     (:func:`~.groups.microbatch_gradients`): ``m`` backward passes, any model."""
-    groups = microbatch_gradients(model, loss_fn, batch, microbatches, params=params, mode=mode)
+    groups = microbatch_gradients(objective, batch, microbatches)
     if len(groups.ids) < 2:
         raise ValueError(
             f"microbatches={microbatches} gives one piece, which carries no noise estimate; "

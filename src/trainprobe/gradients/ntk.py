@@ -32,35 +32,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import Mode, ParamSelection
+from ..functional import Objective, check_objective
 from .persample import Method, PerSampleGradients, per_sample_gradients
 
 
 def output_gradients(
-    model: nn.Module,
+    network: Objective,
     inputs: Any,
     direction: Tensor,
     *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
     method: Method = "vmap",
     max_memory: int | None = None,
 ) -> PerSampleGradients:
     """Rows ``∇_w f_v(x_i)`` ``[n, P]`` of ``f_v(x) = vᵀ z(x)`` (``losses``: ``f_v(x_i)``).
 
     Args:
-        model: called as ``model(inputs)``; its output, flattened per example, is
-            ``z`` ``[n, C]`` (a ``[n]`` output is ``C = 1``).
+        network: the model's outputs as a function of the selected parameters,
+            :func:`trainprobe.functional.network` (``model(inputs)``, flattened per
+            example, is ``z`` ``[n, C]``; a ``[n]`` output is ``C = 1``).
         inputs: anything the model takes; tensors of leading size ``n`` are split.
         direction: ``v`` ``[C]``.
-        params, mode, method, max_memory: as in :func:`~.persample.per_sample_gradients`.
+        method, max_memory: as in :func:`~.persample.per_sample_gradients`.
 
     Raises:
         ValueError: ``direction`` does not match the model's ``C`` outputs.
     """
 
     def scalar(net: nn.Module, rows: Any) -> Tensor:
-        out = net(rows)  # [1, ...] for a one-example batch
+        out = network.loss_fn(net, rows)  # [1, ...] for a one-example batch
         flat = out.reshape(out.shape[0], -1)  # [1, C]
         if flat.shape[1] != direction.shape[0]:
             raise ValueError(
@@ -69,27 +68,25 @@ def output_gradients(
             )
         return (flat @ direction.to(flat)).sum()
 
-    return per_sample_gradients(model, scalar, inputs, params=params, mode=mode,
-                                method=method, max_memory=max_memory)  # fmt: skip
+    projected = check_objective(network).with_loss(scalar)
+    return per_sample_gradients(projected, inputs, method=method, max_memory=max_memory)
 
 
 def tangent_kernel(
-    model: nn.Module,
+    network: Objective,
     inputs: Any,
     projections: Tensor,
     *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
     method: Method = "vmap",
     max_memory: int | None = None,
 ) -> tuple[Tensor, str]:
     """``K = Σ_j J_{v_j} J_{v_j}ᵀ`` ``[n, n]`` in float64 (module doc), and the method used.
 
     Args:
-        model, inputs: as in :func:`output_gradients`.
+        network, inputs: as in :func:`output_gradients`.
         projections: ``V`` ``[C, k]``, one column per scalar output (``I_C``: the trace
             kernel; ``torch.ones(1, 1)`` for a model with one output per example).
-        params, mode, max_memory: as in :func:`output_gradients`.
+        max_memory: as in :func:`output_gradients`.
         method: as there; ``"auto"`` settles on ``"loop"`` at the first column that
             needs it.
 
@@ -104,8 +101,7 @@ def tangent_kernel(
     kernel: Tensor | None = None
     used = "vmap"
     for v in projections.T:  # [C] each
-        rows = output_gradients(model, inputs, v, params=params, mode=mode, method=method,
-                                max_memory=max_memory)  # fmt: skip
+        rows = output_gradients(network, inputs, v, method=method, max_memory=max_memory)
         if rows.method == "loop":  # vmap failed once: no second failure, no second warning
             method = used = "loop"
         jac = rows.grads.to(torch.promote_types(rows.grads.dtype, torch.float32))  # [n, P]

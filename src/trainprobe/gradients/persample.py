@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import LossFn, Mode, Objective, ParamLayout, ParamSelection, SplitBatch
+from ..functional import Mode, Objective, ParamLayout, SplitBatch, check_objective
 from ..notices import warn_user
 
 Method = Literal["vmap", "loop", "auto"]
@@ -73,12 +73,9 @@ class PerSampleGradients:
 
 
 def per_sample_gradients(
-    model: nn.Module,
-    loss_fn: LossFn,
+    objective: Objective,
     batch: Any,
     *,
-    params: ParamSelection = None,
-    mode: Mode = "eval",
     method: Method = "vmap",
     chunk_size: int | None = None,
     max_memory: int | None = None,
@@ -86,11 +83,11 @@ def per_sample_gradients(
     """Every example's gradient ``[B, P]`` (see the module doc for the definition).
 
     Args:
-        model: the network (not modified).
-        loss_fn: ``loss(model, batch) -> scalar``, mean-reduced over the examples.
-        batch: anything ``loss_fn`` takes; tensors of leading size ``B`` are split.
-        params: which parameters (see :func:`trainprobe.curvature.select_params`).
-        mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or ``"train"``.
+        objective: the loss as a function of the selected parameters, e.g.
+            ``Objective(model, criterion_loss(nn.CrossEntropyLoss()))``
+            (:class:`trainprobe.functional.Objective`: which parameters, which forward
+            semantics); its loss closure must be mean-reduced over the examples.
+        batch: anything the loss closure takes; tensors of leading size ``B`` are split.
         method: ``"vmap"`` (default), ``"loop"`` or ``"auto"`` (module doc).
         chunk_size: examples per vmap call; default from ``max_memory``.
         max_memory: bytes for one chunk's ``[c, P]`` gradient block (default
@@ -100,10 +97,24 @@ def per_sample_gradients(
             (``method="persample"``) stream the chunks and never hold it.
 
     Raises:
+        TypeError: ``objective`` is not an ``Objective``.
         ValueError: bad options, BatchNorm under ``mode="train"``, a non-scalar loss.
         RuntimeError: vmap cannot batch the model (the message names ``method="loop"``).
+
+    Examples:
+        The per-example gradients of ``ℓ_i = (w x_i)²/2`` are ``w x_i²``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from trainprobe.functional import Objective
+        >>> net = nn.Linear(1, 1, bias=False)
+        >>> _ = net.weight.data.fill_(2.0)
+        >>> objective = Objective(net, lambda m, x: (m(x) ** 2 / 2).mean())
+        >>> per_sample_gradients(objective, torch.tensor([[1.0], [3.0]])).grads
+        tensor([[ 2.],
+                [18.]])
     """
-    fl = Objective(model, loss_fn, params=params, mode=mode)
+    fl = check_objective(objective)
     split = SplitBatch.of(batch)
     out = torch.empty(split.size, fl.layout.size, dtype=fl.dtype, device=fl.device)  # [B, P]
     losses = torch.empty(split.size, dtype=fl.dtype, device=fl.device)  # [B]

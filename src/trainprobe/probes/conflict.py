@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..functional import LossFn, ParamSelection, check_mode
+from ..functional import LossFn, Objective, ParamSelection, check_mode
 from ..gradients import (
     GroupGradients,
     cosines,
@@ -138,14 +138,14 @@ class GradConflict:
         return out
 
     def _gradients(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> GroupGradients:
-        common = {"params": self.params, "mode": self.mode}
+        objective = Objective(model, loss_fn, params=self.params, mode=self.mode)
         if self.by == "task":
-            return task_gradients(model, loss_fn, batch, **common)
+            return task_gradients(objective, batch)
         if self.by == "microbatch":
-            return microbatch_gradients(model, loss_fn, batch, self.microbatches, **common)
+            return microbatch_gradients(objective, batch, self.microbatches)
         ids = class_ids(batch) if self.by == "class" else self.by(batch)
-        return group_gradients(model, loss_fn, batch, ids, method=self.method,
-                               max_memory=self.max_memory, **common)  # fmt: skip
+        return group_gradients(objective, batch, ids, method=self.method,
+                               max_memory=self.max_memory)  # fmt: skip
 
     def _names(self, ids: tuple[int | str, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Key-safe group names and numeric ids (see the class doc)."""

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..functional import LossFn, ParamSelection, check_mode
+from ..functional import LossFn, Objective, ParamSelection, check_mode
 from ..gradients import METHODS, microbatch_noise, per_sample_noise
 from .base import PerLayer, StepContext, Value, step_source
 from .schedules import Schedule, check_schedule, every
@@ -100,14 +100,14 @@ class GradNoise:
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         loss_fn, batch = step_source(ctx, "GradNoise", self.loss_fn, self.data)
-        common = {"params": self.params, "mode": self.mode}
+        objective = Objective(ctx.model, loss_fn, params=self.params, mode=self.mode)
         if self.microbatches is None:
-            noise, used = per_sample_noise(ctx.model, loss_fn, batch, method=self._method,
-                                           max_memory=self.max_memory, **common)  # fmt: skip
+            noise, used = per_sample_noise(objective, batch, method=self._method,
+                                           max_memory=self.max_memory)  # fmt: skip
             if used == "loop":
                 self._method = "loop"
         else:
-            noise = microbatch_noise(ctx.model, loss_fn, batch, self.microbatches, **common)
+            noise = microbatch_noise(objective, batch, self.microbatches)
         return {
             "grad_noise/b_simple": noise.b_simple,
             "grad_noise/trace_cov": noise.trace_cov.sum(),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..functional import ParamSelection, check_mode
+from ..functional import ParamSelection, check_mode, network
 from ..gradients import METHODS
 from ..gradients.ntk import centered_alignment, label_kernel, relative_change, tangent_kernel
 from ._supervised import FixedSubset, check_count, class_outputs, observing
@@ -99,8 +99,8 @@ class NTKAlignment:
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         inputs, targets = self._subset.get(ctx.batch)
         projections = self.projections(_output_count(ctx.model, inputs, self.mode))  # [C, k]
-        kernel, used = tangent_kernel(ctx.model, inputs, projections, params=self.params,
-                                      mode=self.mode, method=self.method,
+        outputs = network(ctx.model, params=self.params, mode=self.mode)
+        kernel, used = tangent_kernel(outputs, inputs, projections, method=self.method,
                                       max_memory=self.max_memory)  # fmt: skip
         self.method = "loop" if used == "loop" else self.method
         if self._initial is None or self._initial.shape != kernel.shape:

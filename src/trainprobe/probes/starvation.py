@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..functional import LossFn, ParamSelection, as_scalar, check_mode
+from ..functional import LossFn, ParamSelection, as_scalar, check_mode, network
 from ..gradients import METHODS
 from ..gradients.ntk import label_directions, tangent_kernel
 from ._supervised import (
@@ -272,8 +272,9 @@ class NTKResponse:
 
     def _directions(self, model: nn.Module, x: Any, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``u_k`` ``[n, k]`` and ``u_kᵀy`` ``[k]`` of the label-carrying directions ``D``."""
-        kernel, used = tangent_kernel(model, x, v[:, None], params=self.params, mode=self.mode,
-                                      method=self.method, max_memory=self.max_memory)  # fmt: skip
+        outputs = network(model, params=self.params, mode=self.mode)
+        kernel, used = tangent_kernel(outputs, x, v[:, None], method=self.method,
+                                      max_memory=self.max_memory)  # fmt: skip
         self.method = "loop" if used == "loop" else self.method
         found = label_directions(kernel, y, count=self.directions,
                                  min_energy=self.min_label_energy)  # fmt: skip
