@@ -903,7 +903,8 @@ def section_per_sample(cfg: Config) -> dict:
     model = conv_net(s.ps_width).to(dev).train()
     batch = images(s.ps_batch, s.cnn_image, dev, cfg.seed + 40)
     out: dict[str, Any] = {"params": count(model), "batch": s.ps_batch, "warnings": []}
-    ref = loop_reference(model, batch)  # [B, P]
+    with without_tf32():  # the measurement runs in full float32 (trainprobe turns TF32 off)
+        ref = loop_reference(model, batch)  # [B, P]
     reps = max(s.reps // 3, 2)
     out["reference_loop_ms"] = timed(lambda: loop_reference(model, batch), dev, reps=reps) * 1e3
 
