@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
 import torch
 
 import trainprobe
+from trainprobe.keys import Key
 from trainprobe.probes import PROBES, default_probes, every
+from trainprobe.probes.base import declared_keys
 from trainprobe.store import Run
 
 from .cases import MODELS, batch, hook_count, train
@@ -41,7 +42,7 @@ def _assert_same_training(a, b) -> None:
 def watched_run(tmp_path, model: str, probes: list, *, steps: int) -> tuple[Run, tuple]:
     """Train ``model`` for ``steps`` without and with ``probes`` (same seed) and check what
     every probe owes the loop: bit-identical parameters and optimizer state, the global RNG
-    untouched, no hook left, and each probe writing keys, all documented in its docstring.
+    untouched, no hook left, and each probe writing keys, all declared in its ``keys``.
 
     Returns:
         The watched run (opened) and the watched ``(model, optimizer)``.
@@ -55,10 +56,10 @@ def watched_run(tmp_path, model: str, probes: list, *, steps: int) -> tuple[Run,
     run = Run(tmp_path / "run")
     for probe in probes:
         keys = run.keys(f"{probe.name}/")
-        patterns = _documented_patterns(type(probe))
+        patterns = declared_keys(probe)
         assert keys, f"{probe.name} wrote nothing"
-        undocumented = [k for k in keys if not any(p.fullmatch(k) for p in patterns)]
-        assert undocumented == [], f"{probe.name}: keys missing from its docstring"
+        undocumented = [k for k in keys if not any(p.matches(k) for p in patterns)]
+        assert undocumented == [], f"{probe.name}: keys missing from its declared keys"
     return run, watched
 
 
@@ -133,7 +134,7 @@ def test_probes_record_finite_documented_keys(tmp_path, model, probe_set):
         if key.startswith("scalars/"):
             continue
         patterns = documented[key.split("/")[0]]
-        assert any(p.fullmatch(key) for p in patterns), f"{key} is not in its probe's docstring"
+        assert any(p.matches(key) for p in patterns), f"{key} is not in its probe's keys"
 
 
 def _initial_weights(model: str) -> dict[str, torch.Tensor]:
@@ -141,17 +142,9 @@ def _initial_weights(model: str) -> dict[str, torch.Tensor]:
     return dict(MODELS[model]().named_parameters())
 
 
-def _documented_patterns(cls) -> list[re.Pattern]:
-    """Keys written in ``double backticks`` in a probe's docstring, ``<x>`` as a wildcard."""
-    keys = re.findall(r"``([a-z_]+/[a-z_/<> ]+)``", cls.__doc__)
-    return [
-        re.compile(
-            re.sub(r"<[^>]+>", ".+", re.escape(k).replace(r"\<", "<").replace(r"\>", ">")).replace(
-                r"\ ", " "
-            )
-        )
-        for k in keys
-    ]
+def _documented_patterns(cls) -> tuple[Key, ...]:
+    """The key patterns a probe class declares (``keys``), under its class's name."""
+    return cls.keys
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -182,6 +175,7 @@ class _RandomProbe:
 
     name = "bad"
     needs = frozenset()
+    keys = (Key("bad/noise", "a draw from the global RNG"),)
     schedule = every(1)
 
     def attach(self, model):
@@ -223,3 +217,15 @@ def test_parameter_probes_work_on_a_compiled_model(tmp_path):
     assert run.series("norms/grad_total").steps.tolist() == [0, 1, 2]
     assert run.series("updates/ratio_total").steps.tolist() == [0, 1, 2]
     assert run.series("nonfinite/grad").values.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("name", PROBE_NAMES)
+def test_every_probe_takes_a_name_and_its_keys_follow_it(name):
+    renamed = {"data": batch("mlp", 999)} if name == "heldout" else {}
+    probe = PROBES[name](name=f"{name}_2", **renamed)
+    assert probe.name == f"{name}_2" and PROBES[name](**renamed).name == name
+    assert [k.pattern.split("/", 1) for k in declared_keys(probe)] == [
+        [f"{name}_2", k.pattern.split("/", 1)[1]] for k in PROBES[name].keys
+    ]
+    with pytest.raises(ValueError, match=rf"{PROBES[name].__name__}\(name=...\): 'Two' is not"):
+        PROBES[name](name="Two", **renamed)

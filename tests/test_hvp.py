@@ -346,8 +346,11 @@ def test_frozen_unused_and_non_scalar():
     with pytest.raises(ValueError, match=r"\['0.bias'\] are frozen"):
         hessian_operator(model, CE, batch=(x, y), params=["0.weight", "0.bias"])
     assert "0.bias" not in hessian_operator(model, CE, batch=(x, y)).layout.names
+    first_layer = lambda m, b: m[0](b[0]).pow(2).mean()  # noqa: E731
     with pytest.raises(ValueError, match=r"\['2.weight', '2.bias'\] do not affect the loss"):
-        hessian_operator(model, lambda m, b: m[0](b[0]).pow(2).mean(), batch=(x, y))
+        hessian_operator(model, first_layer, batch=(x, y), params=r"^(0\.weight|2\.)")
+    # the default selection is what training moves: the parameters the loss uses
+    assert hessian_operator(model, first_layer, batch=(x, y)).layout.names == ("0.weight",)
     with pytest.raises(ValueError, match="must return a scalar tensor"):
         hessian_operator(model, lambda m, b: m(b[0]), batch=(x, y))
     with pytest.raises(TypeError, match=r"model must be an nn\.Module"):

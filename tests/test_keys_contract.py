@@ -9,7 +9,8 @@ import pytest
 from trainprobe.analysis import DETECTORS
 from trainprobe.analysis.registry import alternatives
 from trainprobe.dashboard import PANELS
-from trainprobe.probes import default_probes
+from trainprobe.keys import Key, check_key, check_name
+from trainprobe.probes import PROBES, default_probes
 from trainprobe.store import Run
 
 from .cases import train
@@ -198,3 +199,65 @@ def test_every_catch_all_family_of_the_probes_is_explained(drawn_rows):
             assert any(fnmatchcase(label, pattern) for pattern, _ in FAMILY_NOTES), (
                 f"{probe_set}: the family {label} has no note in FAMILY_NOTES"
             )
+
+
+@pytest.mark.parametrize(
+    ("key", "ok"),
+    [
+        ("hessian/eig_0", True),
+        ("norms/grad/encoder.0.weight", True),
+        ("regions/train/layer/net.1", True),
+        ("conflict/cos/0__1", True),
+        ("norms/grad/Block.W_q", True),
+        ("norms", False),
+        ("Norms/grad", False),
+        ("norms/Grad", False),
+        ("norms//x", False),
+        ("norms/grad/", False),
+        ("norms/grad_/x", False),
+    ],
+)
+def test_check_key(key, ok):
+    if ok:
+        assert check_key(key) == key
+    else:
+        with pytest.raises(ValueError, match=r"is not 'probe/metric\[/layer\]' with a lower_snake"):
+            check_key(key)
+
+
+def test_check_name():
+    assert check_name("grad_subspace_top1", "x") == "grad_subspace_top1"
+    for bad in ("Top1", "top__1", "_top", "top-1", "", None, 3):
+        with pytest.raises(ValueError, match=r"x: .* is not a lower_snake name"):
+            check_name(bad, "x")
+
+
+def test_key_patterns_match_within_their_parts():
+    eig = Key("hessian/eig_<i>", "the i-th largest eigenvalue")
+    assert eig.matches("hessian/eig_12") and not eig.matches("hessian/eig_1/x")
+    assert not eig.matches("hessian/bottom_0") and not eig.matches("hessian_top/eig_0")
+    layer = Key("regions/<set>/layer/<module>", "per module")
+    assert layer.matches("regions/train/layer/net.1") and layer.matches("regions/a/layer/b/c")
+    assert not layer.matches("regions/train/total")
+    moved = layer.under("regions_test")
+    assert moved.pattern == "regions_test/<set>/layer/<module>"
+    assert moved.matches("regions_test/train/layer/net.1") and not moved.matches(
+        "regions/train/layer/net.1"
+    )
+
+
+@pytest.mark.parametrize(
+    "pattern", ["hessian", "Hessian/eig", "hessian/Eig", "hessian/eig/", "hessian/<i", "h/<I>"]
+)
+def test_a_malformed_key_pattern_is_refused(pattern):
+    with pytest.raises(ValueError, match=r"Key pattern"):
+        Key(pattern, "meaning")
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_every_probe_declares_its_keys_under_its_name(name):
+    keys = PROBES[name].keys
+    assert keys and all(isinstance(k, Key) for k in keys)
+    assert {k.probe for k in keys} == {name}
+    assert len({k.pattern for k in keys}) == len(keys)
+    assert all(k.meaning and "\n" not in k.meaning for k in keys)

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import trainprobe
+from trainprobe.keys import Key
 from trainprobe.probes import ActivationStats, LayerNorms, LearningRate, UpdateNorms, every
-from trainprobe.probes.base import OnHost, StepContext
+from trainprobe.probes.base import OnHost, PerLayer, StepContext
 from trainprobe.store import Run
 
 from .cases import hook_count
@@ -31,6 +32,7 @@ def _steps(mon, steps, model, **kw) -> None:
 class _Broken:
     name = "broken"
     needs = frozenset()
+    keys = (Key("broken/x", "never written: measure raises"),)
     schedule = every(1)
 
     def attach(self, model):
@@ -45,6 +47,7 @@ class _Broken:
 
 class _Trespasser(_Broken):
     name = "trespasser"
+    keys = (Key("trespasser/x", "declared, but measure writes another probe's key"),)
 
     def measure(self, ctx):
         return {"norms/fake": 1.0}
@@ -212,6 +215,94 @@ def test_a_probe_may_only_write_its_own_keys(tmp_path):
             _steps(mon, [0], model)
 
 
+class _Undeclared(_Broken):
+    """Writes ``undeclared/<kind>`` values that its ``keys`` do not declare."""
+
+    name = "undeclared"
+    keys = (Key("undeclared/ok", "declared"), Key("undeclared/layer/<param>", "declared"))
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def measure(self, ctx):
+        if self.kind == "plain":
+            return {"undeclared/ok": 1.0, "undeclared/other": 2.0}
+        if self.kind == "layer":
+            return {"undeclared/weight": PerLayer(("0.weight",), torch.ones(1))}
+        if self.kind == "host":
+            return {"undeclared/check": OnHost(torch.ones(1), lambda a: {"undeclared/x": 1.0})}
+        return {"undeclared/Bad": 1.0}  # not lower_snake
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        ("plain", r"probe 'undeclared' wrote key 'undeclared/other', which matches none of "
+                  r"the keys it declares: \['undeclared/ok', 'undeclared/layer/<param>'\]"),
+        ("layer", r"probe 'undeclared' wrote key 'undeclared/weight/0.weight', which matches"),
+        ("host", r"probe 'undeclared' wrote key 'undeclared/x', which matches none"),
+        ("case", r"probe 'undeclared': record key 'undeclared/Bad' is not 'probe/metric"),
+    ],
+)
+def test_a_probe_may_only_write_the_keys_it_declares(tmp_path, kind, match):
+    model = _model()
+    with pytest.raises(ValueError, match=match):
+        with trainprobe.watch(model, [_Undeclared(kind)], run_dir=tmp_path / "r",
+                              on_probe_error="raise", flush_seconds=0) as mon:
+            _steps(mon, [0], model)
+
+
+def test_a_declared_per_layer_key_is_accepted(tmp_path):
+    class Layered(_Undeclared):
+        def measure(self, ctx):
+            return {"undeclared/layer": PerLayer(("0.weight", "Odd Name-1"), torch.ones(2))}
+
+    model = _model()
+    with trainprobe.watch(model, [Layered("layer")], run_dir=tmp_path / "r") as mon:
+        _steps(mon, range(2), model)
+    run = Run(tmp_path / "r")
+    assert run.keys("undeclared/") == ["undeclared/layer/0.weight", "undeclared/layer/Odd Name-1"]
+
+
+class _Keyless(_Broken):
+    name = "keyless"
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"keys": None}, TypeError, r"probe 'keyless' \(_Keyless\): keys must be a non-empty "
+                                    r"tuple of trainprobe.keys.Key"),
+        ({"keys": (Key("keyless/a", "a"), Key("other/b", "b"))}, ValueError,
+         r"declares keys under \['keyless', 'other'\]; spell every pattern with one"),
+        ({"name": "Keyless"}, ValueError, r"name: 'Keyless' is not a lower_snake name"),
+    ],
+)
+def test_watch_checks_the_declared_keys_and_the_name(tmp_path, change, error, match):
+    probe = _Keyless()
+    for attr, value in change.items():
+        setattr(probe, attr, value)
+    with pytest.raises(error, match=match):
+        trainprobe.watch(_model(), [probe], run_dir=tmp_path / "r")
+
+
+def test_a_probe_without_keys_is_not_a_probe(tmp_path):
+    class Old:
+        name, needs, schedule = "old", frozenset(), every(1)
+
+        def attach(self, model):
+            return []
+
+        def measure(self, ctx):
+            return {}
+
+        def settings(self):
+            return {}
+
+    with pytest.raises(TypeError, match=r"probes\[0\] \(Old\) is not a probe: it lacks \['keys'\]"):
+        trainprobe.watch(_model(), [Old()], run_dir=tmp_path / "r")
+
+
 def test_a_probe_needing_the_optimizer_is_skipped_without_one(tmp_path):
     model = _model()
     with pytest.warns(RuntimeWarning, match=r"'optim' disabled .* pass optimizer="):
@@ -263,6 +354,7 @@ def test_logged_tensors_are_snapshots(tmp_path):
 
 class _BadOnHost(_Broken):
     name = "badhost"
+    keys = (Key("badhost/x", "its finish raises"),)
 
     def measure(self, ctx):
         return {"badhost/x": OnHost(torch.ones(2), lambda a: 1 / 0)}
@@ -282,6 +374,7 @@ def test_a_value_failing_on_the_host_loses_nothing_else(tmp_path):
 
 class _BrokenUpdate(_Broken):
     name = "brokenupdate"
+    keys = (Key("brokenupdate/x", "never written: measure raises"),)
     needs = frozenset({"update"})
 
 
@@ -348,3 +441,18 @@ def test_a_warning_when_gradient_probes_see_no_gradient(tmp_path):
                     opt.step()
                     opt.zero_grad()  # inside the block: the probe sees no gradient
     assert "norms/grad_total" not in Run(tmp_path / "r")
+
+
+def test_two_named_instances_of_one_probe_record_side_by_side(tmp_path):
+    model = _model()
+    probes = [LayerNorms(schedule=every(1)), LayerNorms(schedule=every(2), name="norms_slow")]
+    with trainprobe.watch(model, probes, run_dir=tmp_path / "r") as mon:
+        _steps(mon, range(4), model)
+    run = Run(tmp_path / "r")
+    assert run.series("norms/grad_total").steps.tolist() == [0, 1, 2, 3]
+    assert run.series("norms_slow/grad_total").steps.tolist() == [0, 2]
+    slow = [k.replace("norms/", "norms_slow/", 1) for k in run.keys("norms/")]
+    assert run.keys("norms_slow/") == slow
+    np.testing.assert_array_equal(
+        run.series("norms_slow/weight_total").values, run.series("norms/weight_total").values[::2]
+    )

@@ -233,7 +233,7 @@ def test_learning_rate_per_group(tmp_path):
 
 
 def test_tensor_helpers_refuse_empty_input():
-    from trainprobe.probes._tensors import stack_scalars, stacked_norms
+    from trainprobe.probes.tensors import stack_scalars, stacked_norms
 
     with pytest.raises(ValueError, match="stacked_norms needs at least one tensor"):
         stacked_norms([])

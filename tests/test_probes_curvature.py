@@ -285,3 +285,18 @@ def test_hessian_forwards_do_not_reach_other_probes_hooks(tmp_path):
     assert keys and keys == b.keys("activations")
     for key in keys:
         np.testing.assert_array_equal(a.series(key).values, b.series(key).values)
+
+
+def test_two_instances_of_one_probe_record_side_by_side(tmp_path):
+    schedule = at_steps(2, 5)
+    probes = [GradientSubspace(1, name="grad_subspace_top1", schedule=schedule),
+              GradientSubspace(10, name="grad_subspace_top10", schedule=schedule)]  # fmt: skip
+    _train(_sgd, probes, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert sorted(run.keys("grad_subspace")) == sorted(
+        f"grad_subspace_top{k}/{metric}" for k in (1, 10) for metric in ("fraction", "hvps")
+    )
+    top1, top10 = (run.series(f"grad_subspace_top{k}/fraction").values for k in (1, 10))
+    assert top1.shape == top10.shape == (2,)
+    assert (top1 <= top10 + 1e-9).all()  # a larger eigenspace holds at least as much
+    assert [p["name"] for p in run.meta["probes"]] == ["grad_subspace_top1", "grad_subspace_top10"]

@@ -99,7 +99,7 @@ def test_importing_trainprobe_imports_nothing_else(tmp_path):
         """,
         cwd=tmp_path,
     )
-    assert result["modules"] == ["trainprobe"]
+    assert result["modules"] == ["trainprobe", "trainprobe._version"]
     assert not result["numpy"] and not result["torch"]
 
 

@@ -138,6 +138,26 @@ def analyze(
 
     Raises:
         TypeError: an entry of ``detectors`` is not a :class:`Detector`.
+
+    Examples:
+        A run whose loss turns NaN at step 2, as :class:`~trainprobe.probes.NonFiniteGuard`
+        records it, written with the store's writer:
+
+        >>> import tempfile
+        >>> from trainprobe.store import Record, Run, RunWriter
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> writer = RunWriter(folder.name)
+        >>> losses = [1.0, 0.5, float("nan")]
+        >>> writer.append(
+        ...     Record(step, {"scalars/loss": loss, "nonfinite/loss": float(loss != loss)})
+        ...     for step, loss in enumerate(losses)
+        ... )
+        >>> writer.close()
+        >>> with Run(folder.name) as run:
+        ...     findings = analyze(run)
+        >>> [(f.detector, str(f.severity), f.start_step) for f in findings]
+        [('nonfinite', 'critical', 2)]
+        >>> folder.cleanup()
     """
     detectors = tuple(detectors)
     for detector in detectors:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._progress import Progress
 from ..monitor import watch
 from ..probes import default_probes
+from ..progress import Progress
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,23 @@ def spectral_density(
 
     Returns:
         :class:`SpectralDensity`. Memory: the bases take ``probes · steps · n`` float64.
+
+    Examples:
+        A Rademacher probe puts ``1/n`` of its mass on each coordinate, so the spectrum of
+        ``diag(1, 1, 1, 1, 1, 3, 3, 3, 3, 3)`` is exactly half at 1 and half at 3.
+
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([1.0] * 5 + [3.0] * 5, dtype=torch.float64))
+        >>> d = spectral_density(A, 10, probes=4, generator=torch.Generator().manual_seed(0))
+        >>> d.nodes.round(decimals=6).unique().tolist()  # the Ritz values: the eigenvalues
+        [1.0, 3.0]
+        >>> d.weights.round(decimals=6).unique().tolist()  # the mass at each
+        [0.5]
+        >>> spacing = float(d.grid[1] - d.grid[0])
+        >>> round(float(d.density[d.grid < 2].sum()) * spacing, 3)  # the smoothed mass below 2
+        0.5
+        >>> round(d.trace_estimate().value, 6)  # tr(A)
+        20.0
     """
     matmat, in_dtype, device, gen = _setup(operator, dim, generator, dtype, device, distribution)
     _check_int("probes", probes, 1)

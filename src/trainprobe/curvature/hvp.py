@@ -299,6 +299,25 @@ def hessian_operator(
     Raises:
         ValueError: bad arguments, a random loss, unused parameters (see messages).
         FloatingPointError: the loss is not finite.
+
+    Examples:
+        ``L(w) = ½ Σ_i (w·x_i)²`` through a bias-free ``Linear`` has the Hessian
+        ``Σ_i x_i x_iᵀ`` whatever ``w``: here ``diag(1, 4)``.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from trainprobe.curvature import lanczos
+        >>> model = nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> H = hessian_operator(
+        ...     model, lambda m, x: 0.5 * (m(x) ** 2).sum(), batch=x, dtype=torch.float64
+        ... )
+        >>> H.dim, H.layout.names
+        (2, ('weight',))
+        >>> H.matvec(torch.ones(2, dtype=torch.float64))
+        tensor([1., 4.], dtype=torch.float64)
+        >>> [round(v, 6) for v in lanczos(H, H.dim, top=2).values.tolist()]
+        [4.0, 1.0]
     """
     check_loss_fn(loss_fn)
     if engine not in ("auto", *ENGINES):

@@ -275,6 +275,21 @@ def lanczos(
 
     Returns:
         :class:`Eigenpairs`.
+
+    Examples:
+        A dense symmetric matrix with known eigenvalues, ``Q diag(4, 3, 2, 1, 0.5, -1) Qᵀ``
+        for a random orthogonal ``Q``: its two largest and its most negative eigenpairs.
+
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=g))
+        >>> eigenvalues = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, -1.0], dtype=torch.float64)
+        >>> A = q @ torch.diag(eigenvalues) @ q.T
+        >>> pairs = lanczos(A, 6, top=2, bottom=1, generator=torch.Generator().manual_seed(1))
+        >>> [round(v, 6) for v in pairs.values.tolist()], pairs.converged
+        ([4.0, 3.0, -1.0], True)
+        >>> round(abs(float(pairs.vectors[:, 0] @ q[:, 0])), 6)  # the top eigenvector (± sign)
+        1.0
     """
     matvec = as_matvec(operator, dim)
     _check_wanted(top, bottom, tol, dim)
@@ -312,6 +327,19 @@ def power_iteration(
 
     Returns:
         :class:`Eigenpairs` with one value.
+
+    Examples:
+        >>> import torch
+        >>> A = torch.diag(torch.tensor([4.0, 3.0, -1.0], dtype=torch.float64))
+        >>> pair = power_iteration(A, 3, tol=1e-10, max_iter=500)
+        >>> round(float(pair.values[0]), 6), pair.converged
+        (4.0, True)
+
+        The largest *magnitude* wins, not the largest value:
+
+        >>> B = torch.diag(torch.tensor([1.0, 0.5, -3.0], dtype=torch.float64))
+        >>> round(float(power_iteration(B, 3, tol=1e-10, max_iter=500).values[0]), 6)
+        -3.0
     """
     matvec = as_matvec(operator, dim)
     if not tol > 0 or max_iter < 1:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..keys import Key, check_key, check_name, matching
 from ..probes.base import NEEDS, Probe
 
 
@@ -36,13 +37,15 @@ def check_probes(probes: Iterable[object]) -> list[Probe]:
         if not isinstance(probe, Probe):
             missing = [
                 a
-                for a in ("name", "schedule", "needs", "attach", "measure", "settings")
+                for a in ("name", "schedule", "needs", "keys", "attach", "measure", "settings")
                 if not hasattr(probe, a)
             ]
             raise TypeError(
                 f"probes[{i}] ({type(probe).__name__}) is not a probe: it lacks "
                 f"{missing}; see trainprobe.probes.base for the protocol"
             )
+        check_name(probe.name, f"probes[{i}] ({type(probe).__name__}) name")
+        _check_declared(probe)
         unknown = set(probe.needs) - NEEDS
         if unknown:
             raise ValueError(
@@ -58,6 +61,56 @@ def check_probes(probes: Iterable[object]) -> list[Probe]:
             "pass each probe once (one instance can log every layer)"
         )
     return checked
+
+
+def _check_declared(probe: Probe) -> None:
+    """``probe.keys``: a non-empty tuple of :class:`Key`, all under one probe name."""
+    keys = probe.keys
+    if not (isinstance(keys, tuple) and keys and all(isinstance(k, Key) for k in keys)):
+        raise TypeError(
+            f"probe {probe.name!r} ({type(probe).__name__}): keys must be a non-empty tuple of "
+            f"trainprobe.keys.Key declaring the keys it writes, got {keys!r}; e.g. "
+            f"keys = (Key('{probe.name}/value', 'what the value means'),)"
+        )
+    names = sorted({k.probe for k in keys})
+    if len(names) > 1:
+        raise ValueError(
+            f"probe {probe.name!r} ({type(probe).__name__}) declares keys under {names}; "
+            "spell every pattern with one probe name (its class's name)"
+        )
+
+
+def check_written_key(probe_name: str, declared: tuple[Key, ...], key: object) -> None:
+    """A ``ValueError`` unless ``key`` is a well-formed key that one of the patterns
+    ``declared`` by the probe named ``probe_name`` matches."""
+    if not (isinstance(key, str) and key.startswith(f"{probe_name}/")):
+        raise ValueError(
+            f"probe {probe_name!r} wrote key {key!r}; its keys must start with '{probe_name}/'"
+        )
+    try:
+        check_key(key)
+    except ValueError as err:
+        raise ValueError(f"probe {probe_name!r}: {err}") from None
+    if matching(declared, key) is None:
+        raise ValueError(
+            f"probe {probe_name!r} wrote key {key!r}, which matches none of the keys it "
+            f"declares: {[k.pattern for k in declared]}; add a Key(...) for it to the "
+            "probe's keys"
+        )
+
+
+def checked_finish(
+    finish: Callable[[Any], Mapping[str, float]],
+    probe_name: str,
+    declared: tuple[Key, ...],
+    host: Any,
+) -> Mapping[str, float]:
+    """``finish(host)`` of an :class:`~trainprobe.probes.base.OnHost` value, its keys
+    checked as :func:`check_written_key` does."""
+    finished = finish(host)
+    for key in finished:
+        check_written_key(probe_name, declared, key)
+    return finished
 
 
 def check_options(flush_seconds: float, on_probe_error: str) -> tuple[float, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from ..notices import warn_user
 from ..probes import default_probes
-from ..probes.base import Probe, StepContext, Value
+from ..probes.base import OnHost, PerLayer, Probe, StepContext, Value, declared_keys
 from ..probes.updates import parameter_deltas
 from ..store import RunWriter
 from . import meta as _meta
@@ -37,6 +38,8 @@ from .checks import (
     check_options,
     check_probes,
     check_step,
+    check_written_key,
+    checked_finish,
 )
 from .step import StepHandle
 from .transfer import to_host
@@ -61,6 +64,8 @@ class Monitor:
         self.model = check_model(model)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.probes = tuple(check_probes(default_probes() if probes is None else probes))
+        self._declared = {p.name: declared_keys(p) for p in self.probes}
+        self._keys_seen: set[tuple] = set()  # (probe, key[, PerLayer names]) checked already
         self.optimizer = check_optimizer(optimizer, "watch")
         self.loss_fn = check_loss_fn(loss_fn, "watch")
         self.run_dir = Path(run_dir)
@@ -257,13 +262,28 @@ class Monitor:
                 raise
             self._disable(probe, f"raised {type(err).__name__}: {err}")
             return
-        for key in measured:
-            if not key.startswith(f"{probe.name}/"):
-                raise ValueError(
-                    f"probe {probe.name!r} wrote key {key!r}; its keys must start "
-                    f"with '{probe.name}/'"
-                )
-        values.update(measured)
+        values.update(self._checked_keys(probe.name, measured))
+
+    def _checked_keys(self, name: str, measured: Mapping[str, Value]) -> dict[str, Value]:
+        """``measured``, each key checked against the probe's declared patterns (once per
+        key, or per PerLayer's names; an OnHost value's keys when it is finished)."""
+        declared = self._declared[name]
+        out = dict(measured)
+        for key, value in measured.items():
+            if isinstance(value, OnHost):
+                finish = partial(checked_finish, value.finish, name, declared)
+                out[key] = OnHost(value.values, finish)
+                continue
+            seen = (name, key, value.names) if isinstance(value, PerLayer) else (name, key)
+            if seen in self._keys_seen:
+                continue
+            if isinstance(value, PerLayer):
+                for layer in value.names:
+                    check_written_key(name, declared, f"{key}/{layer}")
+            else:
+                check_written_key(name, declared, key)
+            self._keys_seen.add(seen)
+        return out
 
     def _disable(self, probe: Probe, reason: str) -> None:
         self._disabled[probe.name] = reason
@@ -353,6 +373,34 @@ def watch(
         TypeError: ``model`` is not a module, a probe is a class or not a probe.
         ValueError: no trainable parameters, duplicate probe names, bad options.
         FileExistsError: ``run_dir`` already holds a run and ``resume`` is false.
+
+    Examples:
+        Two steps of gradient descent on ``L(w) = w²`` from ``w = 1`` with ``lr = 0.25``:
+        ``w`` halves each step, so the loss goes from 1 to 0.25; at step 0 the gradient is
+        2 and the update 0.5, half the weight.
+
+        >>> import tempfile
+        >>> import torch
+        >>> from torch import nn
+        >>> from trainprobe import Run
+        >>> model = nn.Linear(1, 1, bias=False)
+        >>> _ = nn.init.ones_(model.weight)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.25)
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> with watch(model, run_dir=folder.name, optimizer=opt) as mon:
+        ...     for step in range(2):
+        ...         with mon.step(step) as s:
+        ...             loss = model(torch.ones(1, 1)).pow(2).mean()
+        ...             loss.backward()
+        ...             s.log(loss=loss)
+        ...         opt.step()
+        ...         opt.zero_grad()
+        >>> with Run(folder.name) as run:
+        ...     print(run.series("scalars/loss").values.tolist(),
+        ...           run.series("norms/grad_total").values.tolist(),
+        ...           run.series("updates/ratio_total").values.tolist())
+        [1.0, 0.25] [2.0] [0.5]
+        >>> folder.cleanup()
     """
     if run_dir is None:
         run_dir = Path("runs") / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())

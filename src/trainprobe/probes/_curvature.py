@@ -15,7 +15,7 @@ from ..curvature.hvp import Engine, HessianOperator, hessian_operator
 from ..curvature.lanczos import Eigenpairs, lanczos
 from ..curvature.operator import Operator
 from ..functional import LossFn, Mode, ParamSelection
-from .base import StepContext, step_source
+from .base import StepContext, probe_name, step_source
 from .schedules import Schedule, check_schedule, every
 
 
@@ -37,6 +37,8 @@ class CurvatureProbe:
             :func:`trainprobe.curvature.hessian_operator`.
         engine: the HVP engine (``"auto"``, ``"graph"``, ``"jvp"``, ``"linearize"``).
         dtype: compute dtype (default: the parameters').
+        name: the first part of its keys (default the class's, e.g. ``"hessian"``); give two
+            instances of one class different names to record both side by side.
         seed: randomness (Lanczos start vectors, trace and density probes) comes from
             ``torch.Generator().manual_seed(seed + step)``; the global RNG is never used.
 
@@ -52,6 +54,7 @@ class CurvatureProbe:
         self,
         *,
         schedule: Schedule | None = None,
+        name: str | None = None,
         data: Any = None,
         batches: Iterable[Any] | None = None,
         loss_fn: LossFn | None = None,
@@ -63,6 +66,7 @@ class CurvatureProbe:
     ) -> None:
         self.schedule = every(100) if schedule is None else schedule
         check_schedule(self.schedule, type(self).__name__)
+        self.name = probe_name(self, name)
         if data is not None and batches is not None:
             raise ValueError(f"{type(self).__name__}: pass data= or batches=, not both")
         if isinstance(batches, Iterator):

@@ -5,7 +5,6 @@ and forward passes that change nothing (:func:`observing`)."""
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -15,9 +14,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..functional import Mode, SplitBatch, model_device, rng_fork, semantics, unwrap
-
-NAME = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
-"""A key-safe name: lowercase letters and digits in words joined by single ``_``."""
+from ..keys import is_name
 
 FeatureIndex = slice | Sequence[int] | Tensor
 """Positions in the flattened per-example input ``x[i].reshape(-1)``."""
@@ -124,7 +121,7 @@ def check_features(features: object) -> None:
             "FeatureAttribution: features must be a non-empty dict {group: index}, e.g. "
             f"{{'easy': slice(0, 1), 'hard': [1]}}, got {type(features).__name__}"
         )
-    bad = [k for k in features if not (isinstance(k, str) and NAME.fullmatch(k))]
+    bad = [k for k in features if not is_name(k)]
     if bad:
         raise ValueError(
             f"FeatureAttribution: group names {bad} are not lower_snake; record keys need "
@@ -164,7 +161,7 @@ def named_values(values: Any, owner: str, prefix: str) -> dict[str, Tensor | flo
         raise ValueError(f"{owner} must return a dict {{name: value}}, got {type(values).__name__}")
     out: dict[str, Tensor | float] = {}
     for key, value in values.items():
-        if not (isinstance(key, str) and NAME.fullmatch(key)):
+        if not is_name(key):
             raise ValueError(
                 f"{owner} returned the name {key!r}; record keys need lower_snake names like "
                 "'loss' or 'top5_acc'"

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._tensors import stack_scalars
-from .base import PerLayer, StepContext, Value
+from ..keys import Key
+from .base import PerLayer, StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, every
+from .tensors import stack_scalars
 
 #: Modules whose outputs are >= 0 and exactly zero on a region of inputs (dead units).
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
@@ -100,10 +101,7 @@ class ActivationStats:
     batch, which keeps the cost per hooked module small and flat; the standard
     error of a zero fraction estimated from 65,536 elements is below 0.002.
 
-    Keys:
-        ``activations/mean/<module>``, ``activations/std/<module>``,
-        ``activations/zero_frac/<module>`` (ReLU-family modules only: the fraction
-        of exactly-zero outputs, a dead-unit signal).
+    Keys: see ``keys`` (``zero_frac`` for ReLU-family modules only).
 
     Args:
         schedule: when to measure (default every 10 steps).
@@ -114,17 +112,25 @@ class ActivationStats:
     """
 
     name = "activations"
+    keys = (
+        Key("activations/mean/<module>", "mean of the module's outputs"),
+        Key("activations/std/<module>", "standard deviation of the module's outputs"),
+        Key("activations/zero_frac/<module>",
+            "fraction of exactly-zero outputs of a ReLU-family module (dead units)"),
+    )
     needs = frozenset({"activations"})
 
     def __init__(
         self,
         *,
         schedule: Schedule | None = None,
+        name: str | None = None,
         modules: Iterable[str] | None = None,
         max_elements: int | None = 65_536,
     ) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "ActivationStats")
+        self.name = probe_name(self, name)
         if isinstance(modules, str):
             raise TypeError("ActivationStats(modules=...) takes a list of names, not one string")
         if max_elements is not None and (
@@ -193,12 +199,12 @@ class ActivationStats:
         means = stack_scalars([v[0] for v in called.values()])  # [M]
         squares = stack_scalars([v[1] for v in called.values()])  # [M]
         out: dict[str, Value] = {
-            "activations/mean": PerLayer(names, means),
-            "activations/std": PerLayer(names, torch.sqrt(torch.clamp(squares - means**2, min=0))),
+            f"{self.name}/mean": PerLayer(names, means),
+            f"{self.name}/std": PerLayer(names, torch.sqrt(torch.clamp(squares - means**2, min=0))),
         }
         relus = [(n, v[2]) for n, v in called.items() if v[2] is not None]
         if relus:
-            out["activations/zero_frac"] = PerLayer(
+            out[f"{self.name}/zero_frac"] = PerLayer(
                 tuple(n for n, _ in relus), stack_scalars([z for _, z in relus])
             )
         return out

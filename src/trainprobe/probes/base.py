@@ -2,9 +2,14 @@
 
 A probe is a small object with one job (DESIGN.md rule 3):
 
-- ``name``: the first part of every key it writes (``name/metric[/layer]``);
+- ``name``: the first part of every key it writes (``name/metric[/layer]``); every
+  built-in probe takes ``name=`` (default its class's name), so that two instances of
+  one class can record side by side;
 - ``schedule``: ``step -> bool`` (see :mod:`.schedules`);
 - ``needs``: what the monitor must provide, a subset of :data:`NEEDS`;
+- ``keys``: the :class:`~trainprobe.keys.Key` patterns it writes, each starting with its
+  class's name (a probe given another ``name`` writes them under that name, see
+  :func:`declared_keys`); the monitor refuses any other key;
 - ``attach(model) -> list[RemovableHandle]``: hooks for a due step (often none);
 - ``measure(ctx) -> {key: value}``: device tensors, floats, :class:`PerLayer` or
   :class:`OnHost`;
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..keys import Key, check_name
 from .schedules import Schedule
 
 #: What a probe can ask for (the monitor calls ``attach`` for every due probe).
@@ -100,12 +106,27 @@ class Probe(Protocol):
     name: str
     schedule: Schedule
     needs: frozenset[str]
+    keys: tuple[Key, ...]
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]: ...
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]: ...
 
     def settings(self) -> dict[str, Any]: ...
+
+
+def probe_name(probe: object, name: str | None) -> str:
+    """A probe's name: ``name`` when given (checked: lower_snake, so that two instances of
+    one class can record side by side), else its class's ``name``."""
+    if name is None:
+        return type(probe).name  # type: ignore[attr-defined]
+    return check_name(name, f"{type(probe).__name__}(name=...)")
+
+
+def declared_keys(probe: Probe) -> tuple[Key, ...]:
+    """The key patterns ``probe`` writes, under its own ``name`` (which may differ from the
+    class's default name its ``keys`` are spelled with)."""
+    return tuple(key.under(probe.name) for key in probe.keys)
 
 
 def step_source(

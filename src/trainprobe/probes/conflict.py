@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,11 +21,11 @@ from ..gradients import (
     projection_shares,
     task_gradients,
 )
-from .base import PerLayer, StepContext, Value, step_source
+from ..keys import Key, is_name
+from .base import PerLayer, StepContext, Value, probe_name, step_source
 from .schedules import Schedule, check_schedule, every
 
 _BY = ("class", "task", "microbatch")
-_TASK_NAME = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
 
 
 class GradConflict:
@@ -42,27 +41,9 @@ class GradConflict:
     ``micro_<k>``, or the task's own lower_snake name; their numeric ids: the label, the
     id, ``k``, or the task's index in sorted name order.
 
-    Keys:
-        ``conflict/groups``: ``G``, groups in the batch.
-        ``conflict/norm/<group>``: ``‖g_g‖``; ``conflict/loss/<group>``: ``L_g``;
-        ``conflict/count/<group>``: ``n_g`` (for tasks: the batch size).
-        ``conflict/grad_share/<group>``: ``⟨c_g, C⟩ / ‖C‖²``, the part of the update the
-        group pulls along its own direction: the shares sum to 1 and a negative share
-        marks a group the step works against (unlike norm shares, which ignore direction).
-        ``conflict/loss_share/<group>``: ``w_g L_g / Σ_j w_j L_j``.
-        With two groups or more: ``conflict/cos/<a>__<b>`` and ``conflict/gms/<a>__<b>``
-        (only while ``G <= max_pair_groups``): the cosine ``cos φ_ab`` and the gradient
-        magnitude similarity ``2‖g_a‖‖g_b‖ / (‖g_a‖² + ‖g_b‖²)`` of a pair;
-        ``conflict/mean_cos``, ``conflict/min_cos`` over pairs;
-        ``conflict/min_pair_a``, ``conflict/min_pair_b``: the numeric ids of the most
-        conflicting pair; ``conflict/frac_negative``: the fraction of pairs with
-        ``cos φ < 0``, PCGrad's conflict criterion; ``conflict/min_gms``;
-        ``conflict/pcgrad_shift``: ``‖Σ c^PC − C‖ / ‖C‖``, how far PCGrad's projections
-        would move the update (0 without conflict; see
-        :func:`trainprobe.gradients.pcgrad_shift`);
-        ``conflict/layer_cos/<param>``, ``conflict/layer_min_cos/<param>`` (with
-        ``layers=True``): mean and min pairwise cosine within one parameter tensor.
-        Cosines are NaN, and left out of the means, where a gradient is exactly zero.
+    Keys: see ``keys`` (the pair keys with two groups or more, ``cos`` and ``gms`` only
+    while ``G <= max_pair_groups``; ``layer_*`` with ``layers=True``). Cosines are NaN, and
+    left out of the means, where a gradient is exactly zero.
 
     Args:
         by: ``"class"`` (default: batches ``(inputs, targets)`` with integer labels
@@ -88,6 +69,30 @@ class GradConflict:
     """
 
     name = "conflict"
+    keys = (
+        Key("conflict/groups", "G, the groups in the batch"),
+        Key("conflict/norm/<group>", "‖g_g‖, the norm of the group's mean gradient"),
+        Key("conflict/loss/<group>", "L_g, the group's mean loss"),
+        Key("conflict/count/<group>", "n_g, the group's examples (for tasks: the batch size)"),
+        Key("conflict/grad_share/<group>",
+            "⟨c_g, C⟩ / ‖C‖², the part of the update the group pulls along its own "
+            "direction: the shares sum to 1, negative marks a group the step works against"),
+        Key("conflict/loss_share/<group>", "w_g L_g / Σ_j w_j L_j"),
+        Key("conflict/cos/<a>__<b>", "cos φ_ab of a pair of group gradients"),
+        Key("conflict/gms/<a>__<b>",
+            "gradient magnitude similarity 2‖g_a‖‖g_b‖ / (‖g_a‖² + ‖g_b‖²) of a pair"),
+        Key("conflict/mean_cos", "the mean cosine over pairs"),
+        Key("conflict/min_cos", "the minimum cosine over pairs"),
+        Key("conflict/min_pair_a", "the numeric id of one group of the most conflicting pair"),
+        Key("conflict/min_pair_b", "the numeric id of the other group of that pair"),
+        Key("conflict/frac_negative",
+            "the fraction of pairs with cos φ < 0, PCGrad's conflict criterion"),
+        Key("conflict/min_gms", "the minimum gradient magnitude similarity over pairs"),
+        Key("conflict/pcgrad_shift",
+            "‖Σ c^PC − C‖ / ‖C‖, how far PCGrad's projections would move the update"),
+        Key("conflict/layer_cos/<param>", "mean pairwise cosine within one parameter tensor"),
+        Key("conflict/layer_min_cos/<param>", "min pairwise cosine within one parameter tensor"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
@@ -99,6 +104,7 @@ class GradConflict:
         layers: bool = True,
         max_pair_groups: int = 8,
         schedule: Schedule | None = None,
+        name: str | None = None,
         data: Any = None,
         loss_fn: LossFn | None = None,
         params: ParamSelection = None,
@@ -107,6 +113,7 @@ class GradConflict:
     ) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "GradConflict")
+        self.name = probe_name(self, name)
         if not (callable(by) or by in _BY):
             raise ValueError(
                 f"GradConflict: by must be 'class', 'task', 'microbatch' or a callable "
@@ -132,7 +139,7 @@ class GradConflict:
         groups = self._gradients(ctx.model, loss_fn, batch)
         names, numbers = self._names(groups.ids)
         grams = layer_grams(groups.grads, groups.layout)  # [L, G, G]
-        out = _group_values(groups, names, grams.sum(dim=0))
+        out = _group_values(self.name, groups, names, grams.sum(dim=0))
         if len(names) >= 2:
             out.update(self._pair_values(groups, names, numbers, grams))
         return out
@@ -150,7 +157,7 @@ class GradConflict:
     def _names(self, ids: tuple[int | str, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Key-safe group names and numeric ids (see the class doc)."""
         if self.by == "task":
-            bad = [t for t in ids if not _TASK_NAME.fullmatch(str(t))]
+            bad = [t for t in ids if not is_name(str(t))]
             if bad:
                 raise ValueError(
                     f"GradConflict: task names {bad} are not lower_snake; record keys need "
@@ -179,20 +186,21 @@ class GradConflict:
         ids = torch.tensor(numbers, dtype=torch.float64, device=gram.device)  # [G]
         weights = groups.weights.to(gram)  # [G]
         out: dict[str, Value] = {
-            "conflict/mean_cos": cos.nanmean(), "conflict/min_cos": cos[worst],
-            "conflict/min_pair_a": ids[rows[worst]], "conflict/min_pair_b": ids[cols[worst]],
-            "conflict/frac_negative": (cos < 0).to(cos).sum() / (~cos.isnan()).to(cos).sum(),
-            "conflict/min_gms": _nanmin(gms, dim=0),
-            "conflict/pcgrad_shift": pcgrad_shift(weights[:, None] * gram * weights[None, :]),
+            f"{self.name}/mean_cos": cos.nanmean(), f"{self.name}/min_cos": cos[worst],
+            f"{self.name}/min_pair_a": ids[rows[worst]],
+            f"{self.name}/min_pair_b": ids[cols[worst]],
+            f"{self.name}/frac_negative": (cos < 0).to(cos).sum() / (~cos.isnan()).to(cos).sum(),
+            f"{self.name}/min_gms": _nanmin(gms, dim=0),
+            f"{self.name}/pcgrad_shift": pcgrad_shift(weights[:, None] * gram * weights[None, :]),
         }  # fmt: skip
         if len(names) <= self.max_pair_groups:
             keys = tuple(f"{names[a]}__{names[b]}" for a, b in pairs)
-            out["conflict/cos"] = PerLayer(keys, cos)
-            out["conflict/gms"] = PerLayer(keys, gms)
+            out[f"{self.name}/cos"] = PerLayer(keys, cos)
+            out[f"{self.name}/gms"] = PerLayer(keys, gms)
         if self.layers:
             per_layer = cosines(grams)[:, rows, cols]  # [L, pairs]
-            out["conflict/layer_cos"] = PerLayer(groups.layout.names, per_layer.nanmean(dim=1))
-            out["conflict/layer_min_cos"] = PerLayer(groups.layout.names, _nanmin(per_layer, 1))
+            out[f"{self.name}/layer_cos"] = PerLayer(groups.layout.names, per_layer.nanmean(dim=1))
+            out[f"{self.name}/layer_min_cos"] = PerLayer(groups.layout.names, _nanmin(per_layer, 1))
         return out
 
     def settings(self) -> dict[str, Any]:
@@ -206,18 +214,21 @@ class GradConflict:
         }  # fmt: skip
 
 
-def _group_values(groups: GroupGradients, names: tuple[str, ...], gram: Tensor) -> dict[str, Value]:
-    """Per-group norms, losses, counts and shares from the ``[G, G]`` Gram matrix."""
+def _group_values(
+    probe: str, groups: GroupGradients, names: tuple[str, ...], gram: Tensor
+) -> dict[str, Value]:
+    """Per-group norms, losses, counts and shares from the ``[G, G]`` Gram matrix, under
+    the probe name ``probe``."""
     weights = groups.weights.to(gram)  # [G]
     weighted_loss = weights * groups.losses.to(gram)  # [G]
     return {
-        "conflict/groups": float(len(names)),
-        "conflict/norm": PerLayer(names, torch.diagonal(gram).clamp(min=0).sqrt()),
-        "conflict/loss": PerLayer(names, groups.losses),
-        "conflict/count": PerLayer(names, groups.counts.to(gram)),
-        "conflict/grad_share": PerLayer(names, projection_shares(weights[:, None] * gram
+        f"{probe}/groups": float(len(names)),
+        f"{probe}/norm": PerLayer(names, torch.diagonal(gram).clamp(min=0).sqrt()),
+        f"{probe}/loss": PerLayer(names, groups.losses),
+        f"{probe}/count": PerLayer(names, groups.counts.to(gram)),
+        f"{probe}/grad_share": PerLayer(names, projection_shares(weights[:, None] * gram
                                                                  * weights[None, :])),
-        "conflict/loss_share": PerLayer(names, weighted_loss / weighted_loss.sum()),
+        f"{probe}/loss_share": PerLayer(names, weighted_loss / weighted_loss.sum()),
     }  # fmt: skip
 
 

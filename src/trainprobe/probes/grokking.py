@@ -14,10 +14,11 @@ from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from ..functional import Objective, as_scalar, check_mode
+from ..keys import Key
 from ._supervised import inputs_targets, named_values, observing
-from ._tensors import stacked_norms, total_norm
-from .base import StepContext, Value
+from .base import StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, every
+from .tensors import stacked_norms, total_norm
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
@@ -36,10 +37,7 @@ class HeldOut:
     ``outputs.shape[:-1]``): the fraction of targets with ``argmax(outputs, -1) == y``
     (over every position of a sequence output).
 
-    Keys:
-        ``heldout/loss``, ``heldout/acc``: on ``data``.
-        ``heldout/train_loss``, ``heldout/train_acc``: on ``train_data``.
-        ``heldout/<name>``: with ``eval_fn``, each value it returns.
+    Keys: see ``keys``.
 
     Args:
         data: a held-out batch ``(x, y)`` or a list of them (re-read at each measurement).
@@ -52,6 +50,13 @@ class HeldOut:
     """
 
     name = "heldout"
+    keys = (
+        Key("heldout/loss", "the loss on data"),
+        Key("heldout/acc", "the accuracy on data"),
+        Key("heldout/train_loss", "the loss on train_data"),
+        Key("heldout/train_acc", "the accuracy on train_data"),
+        Key("heldout/<name>", "with eval_fn, each value it returns"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
@@ -62,10 +67,12 @@ class HeldOut:
         train_data: Any = None,
         criterion: Criterion | None = None,
         schedule: Schedule | None = None,
+        name: str | None = None,
         mode: str = "eval",
     ) -> None:
         self.schedule = every(50) if schedule is None else schedule
         check_schedule(self.schedule, "HeldOut")
+        self.name = probe_name(self, name)
         if (data is None) == (eval_fn is None):
             raise ValueError(
                 "HeldOut needs exactly one of data=(x, y) (or a list of batches) and "
@@ -88,10 +95,10 @@ class HeldOut:
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         with observing(ctx.model, self.mode) as model, torch.no_grad():
             if self.eval_fn is not None:
-                return named_values(self.eval_fn(model), "HeldOut: eval_fn", "heldout/")
-            out = _evaluate(model, self._data, self.criterion, "heldout/")
+                return named_values(self.eval_fn(model), "HeldOut: eval_fn", f"{self.name}/")
+            out = _evaluate(model, self._data, self.criterion, f"{self.name}/")
             if self._train:
-                out.update(_evaluate(model, self._train, self.criterion, "heldout/train_"))
+                out.update(_evaluate(model, self._train, self.criterion, f"{self.name}/train_"))
         return out
 
     def settings(self) -> dict[str, Any]:
@@ -173,11 +180,7 @@ class GrokSignals:
     the scaling identity is exact there for any network (and for the whole ``θ`` only in
     positively homogeneous ones, where Prieto et al.'s ⊥Grad projects it out).
 
-    Keys:
-        ``grok/param_norm``: ``‖w‖₂`` over all trainable parameters (its growth
-        accompanies memorisation; Liu et al. 2023, "Omnigrok").
-        ``grok/softmax_collapse``: the collapsed fraction of the batch's examples.
-        ``grok/nlm_cos``: ``cos(−∇_θ L, θ)`` for the output layer ``θ``.
+    Keys: see ``keys``.
 
     Args:
         schedule: when to measure (default every 10 steps; one forward and one backward
@@ -190,18 +193,26 @@ class GrokSignals:
     """
 
     name = "grok"
+    keys = (
+        Key("grok/param_norm",
+            "‖w‖₂ over all trainable parameters (its growth accompanies memorisation)"),
+        Key("grok/softmax_collapse", "the collapsed fraction of the batch's examples"),
+        Key("grok/nlm_cos", "cos(−∇_θ L, θ) for the output layer θ"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
         self,
         *,
         schedule: Schedule | None = None,
+        name: str | None = None,
         data: Any = None,
         output: str | nn.Module | None = None,
         mode: str = "eval",
     ) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "GrokSignals")
+        self.name = probe_name(self, name)
         if output is not None and not isinstance(output, str | nn.Module):
             raise TypeError(
                 f"GrokSignals: output must be a module name or an nn.Module, got "
@@ -227,9 +238,9 @@ class GrokSignals:
         collapsed, cos = _softmax_signals(ctx.model, x, y, head, self.mode)
         weights = stacked_norms([p.detach() for p in ctx.params.values()])  # [L]
         return {
-            "grok/param_norm": total_norm(weights),
-            "grok/softmax_collapse": collapsed,
-            "grok/nlm_cos": cos,
+            f"{self.name}/param_norm": total_norm(weights),
+            f"{self.name}/softmax_collapse": collapsed,
+            f"{self.name}/nlm_cos": cos,
         }
 
     def settings(self) -> dict[str, Any]:

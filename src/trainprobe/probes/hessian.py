@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..curvature import hutch_plus_plus, hutchinson, spectral_density
+from ..keys import Key
 from ._curvature import CurvatureProbe
 from .base import StepContext, Value
 
@@ -15,12 +16,8 @@ from .base import StepContext, Value
 class HessianTop(CurvatureProbe):
     """Extreme Hessian eigenvalues by Lanczos, warm-started from the last measurement.
 
-    Keys:
-        ``hessian/eig_<i>``: the ``i``-th largest eigenvalue (``i < top``);
-        ``hessian/bottom_<i>``: the ``i``-th most negative (``i < bottom``);
-        ``hessian/residual_<i>``, ``hessian/bottom_residual_<i>``: ``||H y − θ y||``;
-        ``hessian/hvps``: Hessian-vector products spent; ``hessian/converged``: 1 or 0;
-        ``hessian/eigvecs``: ``[P, top + bottom]`` float32 array, with ``vectors=True``.
+    Keys: see ``keys`` (``eig_<i>`` for ``i < top``, ``bottom_<i>`` for ``i < bottom``,
+    ``eigvecs`` with ``vectors=True``).
 
     Args:
         top: how many of the largest eigenvalues.
@@ -42,6 +39,15 @@ class HessianTop(CurvatureProbe):
     """
 
     name = "hessian"
+    keys = (
+        Key("hessian/eig_<i>", "the i-th largest Hessian eigenvalue"),
+        Key("hessian/bottom_<i>", "the i-th most negative Hessian eigenvalue"),
+        Key("hessian/residual_<i>", "||H y − θ y|| of the i-th largest eigenpair"),
+        Key("hessian/bottom_residual_<i>", "||H y − θ y|| of the i-th most negative eigenpair"),
+        Key("hessian/hvps", "Hessian-vector products spent"),
+        Key("hessian/converged", "1 when Lanczos converged, else 0"),
+        Key("hessian/eigvecs", "[P, top + bottom] float32 eigenvectors"),
+    )
 
     def __init__(
         self,
@@ -68,16 +74,16 @@ class HessianTop(CurvatureProbe):
             op, op.dim, ctx.step, warm=self.warm_start, top=self.top, bottom=self.bottom,
             tol=self.tol, value_tol=self.value_tol, max_iter=self.max_iter,
         )  # fmt: skip
-        out: dict[str, Value] = {"hessian/hvps": float(op.matvecs),
-                                 "hessian/converged": float(pairs.converged)}  # fmt: skip
+        out: dict[str, Value] = {f"{self.name}/hvps": float(op.matvecs),
+                                 f"{self.name}/converged": float(pairs.converged)}  # fmt: skip
         values, residuals = pairs.values.tolist(), pairs.residuals.tolist()
         for i in range(len(values)):
             kind, j = ("eig", i) if i < self.top else ("bottom", i - self.top)
-            out[f"hessian/{kind}_{j}"] = values[i]
+            out[f"{self.name}/{kind}_{j}"] = values[i]
             prefix = "" if kind == "eig" else "bottom_"
-            out[f"hessian/{prefix}residual_{j}"] = residuals[i]
+            out[f"{self.name}/{prefix}residual_{j}"] = residuals[i]
         if self.vectors:
-            out["hessian/eigvecs"] = pairs.vectors.to(torch.float32)  # [P, k]
+            out[f"{self.name}/eigvecs"] = pairs.vectors.to(torch.float32)  # [P, k]
         return out
 
     def settings(self) -> dict[str, Any]:
@@ -89,9 +95,7 @@ class HessianTop(CurvatureProbe):
 class HessianTrace(CurvatureProbe):
     """``tr(H)``, the sum of all curvatures, by Hutch++ (or Hutchinson).
 
-    Keys:
-        ``hessian_trace/trace``, ``hessian_trace/stderr`` (standard error of the
-        estimate), ``hessian_trace/hvps``.
+    Keys: see ``keys``.
 
     Args:
         matvecs: Hessian-vector products per measurement (batched in one call).
@@ -101,6 +105,11 @@ class HessianTrace(CurvatureProbe):
     """
 
     name = "hessian_trace"
+    keys = (
+        Key("hessian_trace/trace", "the estimate of tr(H)"),
+        Key("hessian_trace/stderr", "the standard error of the estimate"),
+        Key("hessian_trace/hvps", "Hessian-vector products spent"),
+    )
 
     def __init__(self, *, matvecs: int = 100, method: str = "hutch++", **source: Any) -> None:
         super().__init__(**source)
@@ -114,8 +123,8 @@ class HessianTrace(CurvatureProbe):
         op = self.operator(ctx)
         estimator = hutch_plus_plus if self.method == "hutch++" else hutchinson
         estimate = estimator(op, op.dim, matvecs=self.matvecs, generator=self.generator(ctx.step))
-        return {"hessian_trace/trace": estimate.value, "hessian_trace/stderr": estimate.stderr,
-                "hessian_trace/hvps": float(op.matvecs)}  # fmt: skip
+        return {f"{self.name}/trace": estimate.value, f"{self.name}/stderr": estimate.stderr,
+                f"{self.name}/hvps": float(op.matvecs)}  # fmt: skip
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "matvecs": self.matvecs, "method": self.method}
@@ -125,11 +134,7 @@ class HessianDensity(CurvatureProbe):
     """The Hessian's eigenvalue density by stochastic Lanczos quadrature
     (Ghorbani, Krishnan & Xiao 2019).
 
-    Keys:
-        ``hessian_density/grid``: ``[points]`` eigenvalues λ (the grid spans this
-        step's spectrum, so it changes between steps);
-        ``hessian_density/density``: ``[points]`` density φ(λ), integrating to 1;
-        ``hessian_density/hvps``.
+    Keys: see ``keys`` (the grid spans this step's spectrum, so it changes between steps).
 
     Args:
         probes: independent Lanczos runs (batched: one ``matmat`` per step).
@@ -139,6 +144,11 @@ class HessianDensity(CurvatureProbe):
     """
 
     name = "hessian_density"
+    keys = (
+        Key("hessian_density/grid", "[points] eigenvalues λ where the density is evaluated"),
+        Key("hessian_density/density", "[points] density φ(λ), integrating to 1"),
+        Key("hessian_density/hvps", "Hessian-vector products spent"),
+    )
 
     def __init__(self, *, probes: int = 4, steps: int = 40, points: int = 200,
                  **source: Any) -> None:  # fmt: skip
@@ -152,9 +162,9 @@ class HessianDensity(CurvatureProbe):
             generator=self.generator(ctx.step),
         )  # fmt: skip
         return {
-            "hessian_density/grid": density.grid,  # [G] float64 on the CPU
-            "hessian_density/density": density.density,  # [G]
-            "hessian_density/hvps": float(op.matvecs),
+            f"{self.name}/grid": density.grid,  # [G] float64 on the CPU
+            f"{self.name}/density": density.density,  # [G]
+            f"{self.name}/hvps": float(op.matvecs),
         }
 
     def settings(self) -> dict[str, Any]:

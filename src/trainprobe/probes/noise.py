@@ -10,7 +10,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..functional import LossFn, Objective, ParamSelection, check_mode
 from ..gradients import METHODS, microbatch_noise, per_sample_noise
-from .base import PerLayer, StepContext, Value, step_source
+from ..keys import Key
+from .base import PerLayer, StepContext, Value, probe_name, step_source
 from .schedules import Schedule, check_schedule, every
 
 
@@ -34,15 +35,9 @@ class GradNoise:
     is a ratio of unbiased estimates, not itself unbiased on one batch: for an unbiased
     ``B_simple`` average ``trace_cov`` and ``grad_sq`` over steps before dividing.
 
-    Keys:
-        ``grad_noise/b_simple``: ``S / |G|²``, about the batch size beyond which larger
-        batches stop speeding up training (negative when ``|G|² < 0``: the signal is
-        below one batch's noise).
-        ``grad_noise/trace_cov``: ``S``; ``grad_noise/grad_sq``: ``|G|²``.
-        ``grad_noise/snr/<param>``: ``|G_l|² / (S_l / B)``, the squared signal of tensor
-        ``l``'s gradient over the noise variance of its batch mean (``= B / B_simple,l``;
-        near 0 for pure noise, while the plug-in ``‖ḡ_l‖² / (S_l / B)`` is near 1).
-        ``grad_noise/batch_size``: ``B``.
+    Keys: see ``keys``. ``b_simple`` is negative when ``|G|² < 0``: the signal is below
+    one batch's noise. ``snr/<param>`` is ``|G_l|² / (S_l / B) = B / B_simple,l``: near 0
+    for pure noise, while the plug-in ``‖ḡ_l‖² / (S_l / B)`` is near 1.
 
     Args:
         microbatches: None (default): per-example gradients; ``m >= 2``: ``m``
@@ -64,6 +59,16 @@ class GradNoise:
     """
 
     name = "grad_noise"
+    keys = (
+        Key("grad_noise/b_simple",
+            "S / |G|², about the batch size beyond which larger batches stop speeding up "
+            "training"),
+        Key("grad_noise/trace_cov", "S, the trace of the per-example gradient covariance"),
+        Key("grad_noise/grad_sq", "|G|², the unbiased squared norm of the true gradient"),
+        Key("grad_noise/snr/<param>",
+            "|G_l|² / (S_l / B), tensor l's squared signal over its batch mean's noise"),
+        Key("grad_noise/batch_size", "B, the examples in the batch"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
@@ -72,6 +77,7 @@ class GradNoise:
         microbatches: int | None = None,
         method: str = "auto",
         schedule: Schedule | None = None,
+        name: str | None = None,
         data: Any = None,
         loss_fn: LossFn | None = None,
         params: ParamSelection = None,
@@ -80,6 +86,7 @@ class GradNoise:
     ) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "GradNoise")
+        self.name = probe_name(self, name)
         if microbatches is not None and (
             isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2
         ):
@@ -109,11 +116,11 @@ class GradNoise:
         else:
             noise = microbatch_noise(objective, batch, self.microbatches)
         return {
-            "grad_noise/b_simple": noise.b_simple,
-            "grad_noise/trace_cov": noise.trace_cov.sum(),
-            "grad_noise/grad_sq": noise.grad_sq.sum(),
-            "grad_noise/snr": PerLayer(noise.names, noise.snr),
-            "grad_noise/batch_size": float(noise.batch_size),
+            f"{self.name}/b_simple": noise.b_simple,
+            f"{self.name}/trace_cov": noise.trace_cov.sum(),
+            f"{self.name}/grad_sq": noise.grad_sq.sum(),
+            f"{self.name}/snr": PerLayer(noise.names, noise.snr),
+            f"{self.name}/batch_size": float(noise.batch_size),
         }
 
     def settings(self) -> dict[str, Any]:

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._tensors import stacked_norms
-from .base import OnHost, StepContext, Value
+from ..keys import Key
+from .base import OnHost, StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, every
+from .tensors import stacked_norms
 
 
 class NonFiniteGuard:
@@ -24,23 +25,27 @@ class NonFiniteGuard:
     a step costs one fused norm call and one stack; the counting happens on the
     host when the monitor flushes (:class:`~trainprobe.probes.base.OnHost`).
 
-    Keys:
-        ``nonfinite/loss``: 1.0 when the value logged as ``loss`` is NaN/Inf, else 0.0
-        (only when a loss is logged); ``nonfinite/grad``, ``nonfinite/param``: how
-        many parameter tensors are non-finite; ``nonfinite/first_grad``,
-        ``nonfinite/first_param``: index into the run's ``meta["model"]["params"]``
-        of the first one, -1 when none.
+    Keys: see ``keys`` (``nonfinite/loss`` only when a loss is logged; the first
+    offenders index the run's ``meta["model"]["params"]``, -1 when none).
 
     Args:
         schedule: when to check (default every step).
     """
 
     name = "nonfinite"
+    keys = (
+        Key("nonfinite/loss", "1.0 when the value logged as loss is NaN/Inf, else 0.0"),
+        Key("nonfinite/grad", "how many parameter tensors have a non-finite gradient"),
+        Key("nonfinite/param", "how many parameter tensors are non-finite"),
+        Key("nonfinite/first_grad", "index of the first tensor with a non-finite gradient"),
+        Key("nonfinite/first_param", "index of the first non-finite parameter tensor"),
+    )
     needs = frozenset({"grads", "logged"})
 
-    def __init__(self, *, schedule: Schedule | None = None) -> None:
+    def __init__(self, *, schedule: Schedule | None = None, name: str | None = None) -> None:
         self.schedule = every(1) if schedule is None else schedule
         check_schedule(self.schedule, "NonFiniteGuard")
+        self.name = probe_name(self, name)
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         return []
@@ -59,12 +64,13 @@ class NonFiniteGuard:
             values = torch.cat([values, wide])  # [L + L' + 1]: checked on the host
         finish = partial(
             _summarise,
+            probe=self.name,
             n_params=len(params),
             grad_index=grad_index,
             loss_tensor=on_device,
             loss_float=None if on_device else loss,
         )
-        return {"nonfinite/check": OnHost(values, finish)}
+        return {f"{self.name}/check": OnHost(values, finish)}
 
     def settings(self) -> dict[str, Any]:
         return {}
@@ -78,6 +84,7 @@ def _first(bad: np.ndarray, index: np.ndarray) -> float:
 def _summarise(
     host: np.ndarray,
     *,
+    probe: str,
     n_params: int,
     grad_index: tuple[int, ...],
     loss_tensor: bool,
@@ -87,14 +94,14 @@ def _summarise(
     bad = ~np.isfinite(host)
     bad_params, bad_grads = bad[:n_params], bad[n_params : n_params + len(grad_index)]
     out = {
-        "nonfinite/param": float(bad_params.sum()),
-        "nonfinite/first_param": _first(bad_params, np.arange(n_params)),
+        f"{probe}/param": float(bad_params.sum()),
+        f"{probe}/first_param": _first(bad_params, np.arange(n_params)),
     }
     if grad_index:
-        out["nonfinite/grad"] = float(bad_grads.sum())
-        out["nonfinite/first_grad"] = _first(bad_grads, np.asarray(grad_index))
+        out[f"{probe}/grad"] = float(bad_grads.sum())
+        out[f"{probe}/first_grad"] = _first(bad_grads, np.asarray(grad_index))
     if loss_tensor:
-        out["nonfinite/loss"] = float(bad[-1])
+        out[f"{probe}/loss"] = float(bad[-1])
     elif loss_float is not None:
-        out["nonfinite/loss"] = float(not np.isfinite(loss_float))
+        out[f"{probe}/loss"] = float(not np.isfinite(loss_float))
     return out

@@ -8,19 +8,16 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._tensors import stacked_norms, total_norm
-from .base import PerLayer, StepContext, Value
+from ..keys import Key
+from .base import PerLayer, StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, every
+from .tensors import stacked_norms, total_norm
 
 
 class LayerNorms:
     """L2 norms of every trainable parameter tensor and of its gradient.
 
-    Keys:
-        ``norms/weight/<param>``: ``||w||_2``; ``norms/weight_total``: ``sqrt(sum ||w||^2)``.
-        ``norms/grad/<param>``: ``||∇w||_2`` (parameters whose ``.grad`` is None
-        that step are left out); ``norms/grad_total``: global gradient norm, the
-        quantity ``clip_grad_norm_`` clips.
+    Keys: see ``keys`` (parameters whose ``.grad`` is None that step get no gradient key).
 
     Gradients are read after the user's backward, before the optimizer step
     (and so before any clipping the user does after the step block).
@@ -30,11 +27,18 @@ class LayerNorms:
     """
 
     name = "norms"
+    keys = (
+        Key("norms/weight/<param>", "||w||_2 of one parameter tensor"),
+        Key("norms/weight_total", "sqrt(sum ||w||^2) over all trainable parameters"),
+        Key("norms/grad/<param>", "||∇w||_2 of one parameter tensor's gradient"),
+        Key("norms/grad_total", "the global gradient norm, the quantity clip_grad_norm_ clips"),
+    )
     needs = frozenset({"grads"})
 
-    def __init__(self, *, schedule: Schedule | None = None) -> None:
+    def __init__(self, *, schedule: Schedule | None = None, name: str | None = None) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "LayerNorms")
+        self.name = probe_name(self, name)
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         return []
@@ -43,14 +47,14 @@ class LayerNorms:
         names = tuple(ctx.params)
         weights = stacked_norms([p.detach() for p in ctx.params.values()])  # [L]
         out: dict[str, Value] = {
-            "norms/weight": PerLayer(names, weights),
-            "norms/weight_total": total_norm(weights),
+            f"{self.name}/weight": PerLayer(names, weights),
+            f"{self.name}/weight_total": total_norm(weights),
         }
         with_grad = [(n, p.grad) for n, p in ctx.params.items() if p.grad is not None]
         if with_grad:
             grads = stacked_norms([g.detach() for _, g in with_grad])  # [L']
-            out["norms/grad"] = PerLayer(tuple(n for n, _ in with_grad), grads)
-            out["norms/grad_total"] = total_norm(grads)
+            out[f"{self.name}/grad"] = PerLayer(tuple(n for n, _ in with_grad), grads)
+            out[f"{self.name}/grad_total"] = total_norm(grads)
         return out
 
     def settings(self) -> dict[str, Any]:

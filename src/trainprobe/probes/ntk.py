@@ -14,8 +14,9 @@ from torch.utils.hooks import RemovableHandle
 from ..functional import ParamSelection, check_mode, network
 from ..gradients import METHODS
 from ..gradients.ntk import centered_alignment, label_kernel, relative_change, tangent_kernel
+from ..keys import Key
 from ._supervised import FixedSubset, check_count, class_outputs, observing
-from .base import StepContext, Value
+from .base import StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, every
 
 
@@ -42,12 +43,7 @@ class NTKAlignment:
     rich training (``K`` moves and aligns with the task); Baratin et al. 2021 ("Implicit
     regularization via neural feature alignment") track the same alignment.
 
-    Keys:
-        ``ntk/alignment``: ``⟨HKH, HTH⟩_F / (‖HKH‖_F ‖HTH‖_F)``, ``H = I − 11ᵀ/n``
-        (Cortes et al. 2012 centered alignment, in ``[−1, 1]``; rising: rich).
-        ``ntk/trace``: ``tr K = Σ_i Σ_j ‖J_j[i]‖²``.
-        ``ntk/change``: ``‖K_t − K_0‖_F / ‖K_0‖_F`` against the first measurement (0 there;
-        small throughout: lazy).
+    Keys: see ``keys``.
 
     State: ``K_0`` (and, without ``data=``, the subset frozen from the first measured
     step's batch); :meth:`reset` forgets both.
@@ -67,12 +63,20 @@ class NTKAlignment:
     """
 
     name = "ntk"
+    keys = (
+        Key("ntk/alignment",
+            "centered kernel-target alignment ⟨HKH, HTH⟩_F / (‖HKH‖_F ‖HTH‖_F), rising: rich"),
+        Key("ntk/trace", "tr K = Σ_i Σ_j ‖J_j[i]‖²"),
+        Key("ntk/change",
+            "‖K_t − K_0‖_F / ‖K_0‖_F against the first measurement (small throughout: lazy)"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
         self,
         *,
         schedule: Schedule | None = None,
+        name: str | None = None,
         data: Any = None,
         max_examples: int = 256,
         max_outputs: int = 16,
@@ -84,6 +88,7 @@ class NTKAlignment:
     ) -> None:
         self.schedule = every(100) if schedule is None else schedule
         check_schedule(self.schedule, "NTKAlignment")
+        self.name = probe_name(self, name)
         self.max_examples = check_count("NTKAlignment", "max_examples", max_examples, 2, 256)
         self.max_outputs = check_count("NTKAlignment", "max_outputs", max_outputs, 1)
         if method not in METHODS:
@@ -105,10 +110,11 @@ class NTKAlignment:
         self.method = "loop" if used == "loop" else self.method
         if self._initial is None or self._initial.shape != kernel.shape:
             self._initial = kernel
+        labels = label_kernel(targets.to(kernel.device))
         return {
-            "ntk/alignment": centered_alignment(kernel, label_kernel(targets.to(kernel.device))),
-            "ntk/trace": torch.trace(kernel),
-            "ntk/change": relative_change(kernel, self._initial),
+            f"{self.name}/alignment": centered_alignment(kernel, labels),
+            f"{self.name}/trace": torch.trace(kernel),
+            f"{self.name}/change": relative_change(kernel, self._initial),
         }
 
     def projections(self, outputs: int) -> Tensor:

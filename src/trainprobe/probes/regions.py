@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..keys import Key
 from ..regions import local_complexity, random_frame, segment_pieces
 from ..regions.complexity import DEFAULT_DIM
-from .base import PerLayer, StepContext, Value
+from .base import PerLayer, StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, log_spaced
 
 Points = Tensor | tuple | list
@@ -36,15 +37,9 @@ class LocalComplexity:
     The paper finds the count falls around training points (and rises near the decision
     boundary) when a network groks; compare the train, test and random sets.
 
-    Keys:
-        ``regions/<set>/total``: the mean over the set's points of the number of neurons
-        whose state changes in the neighbourhood, summed over layers (``<set>`` is
-        ``train``, ``test`` or ``random``).
-        ``regions/<set>/layer/<module>``: the same per watched module.
-        ``regions/<set>/segment_pieces`` (with ``segments=True``, sets of two points or
-        more): the mean number of linear pieces along the segments between consecutive
-        points, exact (see :func:`trainprobe.regions.segment_pieces`; ReLU, LeakyReLU and
-        PReLU models only).
+    Keys: see ``keys`` (``<set>`` is ``train``, ``test`` or ``random``;
+    ``segment_pieces`` with ``segments=True``, for sets of two points or more, exact:
+    see :func:`trainprobe.regions.segment_pieces`; ReLU, LeakyReLU and PReLU models only).
 
     Args:
         train: training points ``[N, *shape]`` (or a batch ``(inputs, targets)``);
@@ -66,6 +61,14 @@ class LocalComplexity:
     """
 
     name = "regions"
+    keys = (
+        Key("regions/<set>/total",
+            "mean over the set's points of the neurons whose state changes in the "
+            "neighbourhood, summed over layers"),
+        Key("regions/<set>/layer/<module>", "the same per watched module"),
+        Key("regions/<set>/segment_pieces",
+            "mean number of linear pieces along the segments between consecutive points"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
@@ -81,9 +84,11 @@ class LocalComplexity:
         max_steps: int = 10_000,
         seed: int = 0,
         schedule: Schedule | None = None,
+        name: str | None = None,
     ) -> None:
         self.schedule = log_spaced() if schedule is None else schedule
         check_schedule(self.schedule, "LocalComplexity")
+        self.name = probe_name(self, name)
         self.train, self.test = _points(train, "train"), _points(test, "test")
         if isinstance(random, int) and not isinstance(random, bool):
             _check_int("random", random, 1)
@@ -111,12 +116,12 @@ class LocalComplexity:
         out: dict[str, Value] = {}
         rows = counts.counts.float().split([len(p) for p in sets.values()])  # [N_set, L] each
         for (name, points), per_point in zip(sets.items(), rows, strict=True):
-            out[f"regions/{name}/total"] = per_point.sum(dim=1).mean()
-            out[f"regions/{name}/layer"] = PerLayer(counts.layers, per_point.mean(dim=0))
+            out[f"{self.name}/{name}/total"] = per_point.sum(dim=1).mean()
+            out[f"{self.name}/{name}/layer"] = PerLayer(counts.layers, per_point.mean(dim=0))
             if self.segments and len(points) >= 2:
                 pieces = segment_pieces(ctx.model, points[:-1], points[1:],
                                         max_steps=self.max_steps).pieces  # fmt: skip
-                out[f"regions/{name}/segment_pieces"] = pieces.double().mean()
+                out[f"{self.name}/{name}/segment_pieces"] = pieces.double().mean()
         return out
 
     def _sets(self, ctx: StepContext) -> dict[str, Tensor]:

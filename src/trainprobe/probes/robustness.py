@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..keys import Key
 from ..regions import pgd_attack
-from .base import StepContext, Value
+from .base import StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, log_spaced
 
 
@@ -32,11 +33,7 @@ class Robustness:
     gradients only, through detached parameters, so ``.grad`` is untouched; the global
     RNG is forked.
 
-    Keys:
-        ``robustness/clean_acc``: accuracy on the batch.
-        ``robustness/adv_acc``: accuracy under the attack (at most ``clean_acc``; an
-        upper bound of the true robust accuracy, as for any attack).
-        ``robustness/eps``: the attack radius.
+    Keys: see ``keys``.
 
     Args:
         eps: the L∞ radius, in input units (default 8/255, the usual value for images in
@@ -54,6 +51,12 @@ class Robustness:
     """
 
     name = "robustness"
+    keys = (
+        Key("robustness/clean_acc", "accuracy on the batch"),
+        Key("robustness/adv_acc",
+            "accuracy under the attack (an upper bound of the true robust accuracy)"),
+        Key("robustness/eps", "the attack radius"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
@@ -67,9 +70,11 @@ class Robustness:
         max_points: int = 256,
         seed: int = 0,
         schedule: Schedule | None = None,
+        name: str | None = None,
     ) -> None:
         self.schedule = log_spaced() if schedule is None else schedule
         check_schedule(self.schedule, "Robustness")
+        self.name = probe_name(self, name)
         if not _number(eps, 0):
             raise ValueError(f"Robustness: eps must be a finite number >= 0, got {eps!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -107,9 +112,9 @@ class Robustness:
             generator=torch.Generator().manual_seed(self.seed + ctx.step), bounds=self.bounds,
         )  # fmt: skip
         return {
-            "robustness/clean_acc": result.clean_acc,
-            "robustness/adv_acc": result.adv_acc,
-            "robustness/eps": self.eps,
+            f"{self.name}/clean_acc": result.clean_acc,
+            f"{self.name}/adv_acc": result.adv_acc,
+            f"{self.name}/eps": self.eps,
         }
 
     def settings(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..curvature.hvp import HessianOperator
+from ..keys import Key
 from ..notices import warn_user
 from ._curvature import CurvatureProbe
 from .base import StepContext, Value
@@ -147,12 +148,8 @@ class _Preconditioned:
 class Sharpness(CurvatureProbe):
     """``λ_max`` of the Hessian the optimizer sees, against its stability threshold.
 
-    Keys:
-        ``sharpness/lambda_max``: ``λ_max(H + wd I)``, or ``λ_max(P⁻¹(H + wd I))``
-        for Adam; ``sharpness/threshold`` and ``sharpness/ratio`` (λ / threshold),
-        when the optimizer's threshold is known; ``sharpness/lr``;
-        ``sharpness/preconditioned`` (1 for Adam's ``P⁻¹H``, else 0);
-        ``sharpness/hvps``. See the module doc for the thresholds.
+    Keys: see ``keys`` (``threshold`` and ``ratio`` when the optimizer's threshold is
+    known). See the module doc for the thresholds.
 
     An optimizer without a known threshold (or Adam before its first step) gets
     ``λ_max`` of the plain Hessian only, with a one-time warning saying why.
@@ -165,6 +162,14 @@ class Sharpness(CurvatureProbe):
     """
 
     name = "sharpness"
+    keys = (
+        Key("sharpness/lambda_max", "λ_max(H + wd I), or λ_max(P⁻¹(H + wd I)) for Adam"),
+        Key("sharpness/threshold", "the optimizer's stability threshold for λ_max"),
+        Key("sharpness/ratio", "λ_max / threshold"),
+        Key("sharpness/lr", "the learning rate η read from the optimizer"),
+        Key("sharpness/preconditioned", "1 for Adam's P⁻¹H, else 0"),
+        Key("sharpness/hvps", "Hessian-vector products spent"),
+    )
 
     def __init__(
         self,
@@ -188,15 +193,15 @@ class Sharpness(CurvatureProbe):
         )  # fmt: skip
         lam = float(pairs.values[0])
         out: dict[str, Value] = {
-            "sharpness/lambda_max": lam,
-            "sharpness/preconditioned": float(rule.preconditioner is not None),
-            "sharpness/hvps": float(op.matvecs),
+            f"{self.name}/lambda_max": lam,
+            f"{self.name}/preconditioned": float(rule.preconditioner is not None),
+            f"{self.name}/hvps": float(op.matvecs),
         }
         if rule.lr is not None:
-            out["sharpness/lr"] = rule.lr
+            out[f"{self.name}/lr"] = rule.lr
         if rule.threshold is not None:
-            out["sharpness/threshold"] = rule.threshold
-            out["sharpness/ratio"] = lam / rule.threshold
+            out[f"{self.name}/threshold"] = rule.threshold
+            out[f"{self.name}/ratio"] = lam / rule.threshold
         return out
 
     def _note(self, note: str) -> None:

@@ -14,11 +14,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .. import spectra
+from ..keys import Key
 from ..spectra.matrix import check_int, compute_dtype
 from ..spectra.temporal import check_alpha
-from ._tensors import stack_scalars, stacked_norms
-from .base import PerLayer, StepContext, Value
+from .base import PerLayer, StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, every
+from .tensors import stack_scalars, stacked_norms
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,9 @@ class GradSpectrum:
     slow tracking is on (:meth:`reset` frees it). ``.grad`` is only read. On CUDA the
     SVD synchronises once per matrix at record steps (``svdvals`` does); nothing else.
 
-    Keys:
-        ``grad_spectrum/sigma_<i>/<param>``: ``i``-th largest singular value
-        (``i < k`` and ``i < min(rows, cols)``);
-        ``grad_spectrum/stable_rank/<param>``: ``||G||_F² / σ_0²``;
-        ``grad_spectrum/effective_rank/<param>``: ``exp(H(p))`` as above;
-        ``grad_spectrum/energy_top_r/<param>``: ``Σ_{i<r} σ_i² / ||G||_F²``,
-        ``r = energy_rank``; ``grad_spectrum/slow_ratio/<param>``: with ``alpha``.
-        NaN for an all-zero gradient; parameters without ``.grad`` are left out.
+    Keys: see ``keys`` (``sigma_<i>`` for ``i < k`` and ``i < min(rows, cols)``;
+    ``slow_ratio`` with ``alpha``). NaN for an all-zero gradient; parameters without
+    ``.grad`` are left out.
 
     Args:
         k: singular values recorded per matrix.
@@ -89,14 +85,24 @@ class GradSpectrum:
     """
 
     name = "grad_spectrum"
+    keys = (
+        Key("grad_spectrum/sigma_<i>/<param>", "the i-th largest singular value of the gradient"),
+        Key("grad_spectrum/stable_rank/<param>", "||G||_F² / σ_0²"),
+        Key("grad_spectrum/effective_rank/<param>", "exp(H(p)), the entropy effective rank"),
+        Key("grad_spectrum/energy_top_r/<param>",
+            "Σ_{i<r} σ_i² / ||G||_F², r = energy_rank"),
+        Key("grad_spectrum/slow_ratio/<param>", "the slow (EMA) share of the gradient"),
+    )
     needs = frozenset({"grads"})
 
     def __init__(self, k: int = 3, *, energy_rank: int | None = None,
                  alpha: float | None = 0.98, schedule: Schedule | None = None,
+                 name: str | None = None,
                  exact_max: int = spectra.EXACT_MAX, oversample: int = 10,
                  power_iters: int = 2, seed: int = 0) -> None:  # fmt: skip
         self.record = every(10) if schedule is None else schedule
         check_schedule(self.record, "GradSpectrum")
+        self.name = probe_name(self, name)
         self.k = check_int("GradSpectrum: k", k, 1)
         rank = k if energy_rank is None else energy_rank
         self.energy_rank = check_int("GradSpectrum(energy_rank=...)", rank, 1)
@@ -133,7 +139,7 @@ class GradSpectrum:
         if self.alpha is not None:
             names = tuple(grads)
             ratio = spectra.slow_ratio([self._ema[n] for n in names], list(grads.values()))
-            out["grad_spectrum/slow_ratio"] = PerLayer(names, ratio)  # [L]
+            out[f"{self.name}/slow_ratio"] = PerLayer(names, ratio)  # [L]
         return out
 
     def _track(self, step: int, grads: dict[str, Tensor]) -> None:
@@ -162,7 +168,7 @@ class GradSpectrum:
             ("energy_top_r", [spectra.energy_fraction(s.sigma, s.frobenius, self.energy_rank)
                               for s in specs]),
         ):  # fmt: skip
-            out[f"grad_spectrum/{metric}"] = PerLayer(names, stack_scalars(values))  # [L]
+            out[f"{self.name}/{metric}"] = PerLayer(names, stack_scalars(values))  # [L]
         return out
 
     def settings(self) -> dict[str, Any]:
@@ -196,16 +202,9 @@ class WeightSpectrum:
     shows it, raise ``iters``. Those vectors, one per matrix and gate block, are the
     only state kept. No sync, except the optional exact singular values on CUDA.
 
-    Keys:
-        ``weight_spectrum/spectral_norm/<param>``: ``σ̂_0``, a lower bound of ``||W||_2``;
-        ``weight_spectrum/stable_rank/<param>``: ``||W||_F² / σ̂_0²`` (exact ``||W||_F``);
-        ``weight_spectrum/residual/<param>``: ``||WᵀW v − σ̂_0² v|| / σ̂_0²``: some
-        ``σ_j²`` is this close, relatively, to ``σ̂_0²`` (small: converged);
-        ``weight_spectrum/gate_<gate>/<param>``: a GRU/LSTM gate block's spectral norm
-        (``<gate>``: ``r z n`` or ``i f g o``);
-        ``weight_spectrum/sigma_<i>/<param>``: with ``k > 0``, the exact ``i``-th
-        largest singular value (``i < k`` and ``i < min(rows, cols)``).
-        Stable rank and residual are NaN for an all-zero matrix.
+    Keys: see ``keys`` (``gate_<gate>``: ``r z n`` or ``i f g o``; ``sigma_<i>`` with
+    ``k > 0``, for ``i < k`` and ``i < min(rows, cols)``). Stable rank and residual are
+    NaN for an all-zero matrix.
 
     Args:
         k: exact singular values per matrix (a full SVD, ``O(rows·cols·min(rows, cols))``,
@@ -217,12 +216,23 @@ class WeightSpectrum:
     """
 
     name = "weight_spectrum"
+    keys = (
+        Key("weight_spectrum/spectral_norm/<param>", "σ̂_0, a lower bound of ||W||_2"),
+        Key("weight_spectrum/stable_rank/<param>", "||W||_F² / σ̂_0² (exact ||W||_F)"),
+        Key("weight_spectrum/residual/<param>",
+            "||WᵀW v − σ̂_0² v|| / σ̂_0²: small when the power iteration converged"),
+        Key("weight_spectrum/gate_<gate>/<param>",
+            "the spectral norm of a GRU/LSTM gate block"),
+        Key("weight_spectrum/sigma_<i>/<param>", "the exact i-th largest singular value"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(self, k: int = 0, *, iters: int = 4, cold_iters: int = 30,
-                 schedule: Schedule | None = None, seed: int = 0) -> None:  # fmt: skip
+                 schedule: Schedule | None = None, seed: int = 0,
+                 name: str | None = None) -> None:  # fmt: skip
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "WeightSpectrum")
+        self.name = probe_name(self, name)
         self.k = check_int("WeightSpectrum: k", k, 0)
         self.iters = check_int("WeightSpectrum(iters=...)", iters, 1)
         self.cold_iters = check_int("WeightSpectrum(cold_iters=...)", cold_iters, 1)
@@ -243,9 +253,9 @@ class WeightSpectrum:
         residual = stack_scalars([e.residual for e in found])  # [L]
         frobenius = stacked_norms(list(mats.values()))  # [L]
         out: dict[str, Value] = {
-            "weight_spectrum/spectral_norm": PerLayer(names, sigma),
-            "weight_spectrum/stable_rank": PerLayer(names, spectra.stable_rank(frobenius, sigma)),
-            "weight_spectrum/residual": PerLayer(names, residual / sigma**2),
+            f"{self.name}/spectral_norm": PerLayer(names, sigma),
+            f"{self.name}/stable_rank": PerLayer(names, spectra.stable_rank(frobenius, sigma)),
+            f"{self.name}/residual": PerLayer(names, residual / sigma**2),
         }
         out.update(self._gates(ctx.model, mats))
         if self.k:
@@ -273,7 +283,7 @@ class WeightSpectrum:
                 names, values = per_gate.setdefault(gate, ([], []))
                 names.append(name)
                 values.append(self._power(f"{name}/{gate}", block).value)
-        return {f"weight_spectrum/gate_{gate}": PerLayer(tuple(names), stack_scalars(values))
+        return {f"{self.name}/gate_{gate}": PerLayer(tuple(names), stack_scalars(values))
                 for gate, (names, values) in per_gate.items()}  # fmt: skip
 
     def settings(self) -> dict[str, Any]:

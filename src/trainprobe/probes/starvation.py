@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 from ..functional import LossFn, ParamSelection, as_scalar, check_mode, network
 from ..gradients import METHODS
 from ..gradients.ntk import label_directions, tangent_kernel
+from ..keys import Key
 from ._supervised import (
     FeatureIndex,
     FixedSubset,
@@ -35,7 +36,7 @@ from ._supervised import (
     one_vs_rest,
     signed_labels,
 )
-from .base import StepContext, Value, step_source
+from .base import StepContext, Value, probe_name, step_source
 from .schedules import Schedule, check_schedule, every
 
 
@@ -59,9 +60,7 @@ class FeatureAttribution:
     healthy run that uses both has both shares and both rises well above 0, however low
     its loss. Groups need not cover every feature; shares are over the groups given.
 
-    Keys:
-        ``attribution/share/<group>``: ``share_g``, summing to 1 over the groups.
-        ``attribution/ablation/<group>``: the loss rise when ``g`` is set to its mean.
+    Keys: see ``keys``.
 
     Args:
         features: ``{group: index}``, each index a slice, a list of positions, an integer
@@ -77,6 +76,10 @@ class FeatureAttribution:
     """
 
     name = "attribution"
+    keys = (
+        Key("attribution/share/<group>", "share_g, summing to 1 over the groups"),
+        Key("attribution/ablation/<group>", "the loss rise when the group is set to its mean"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
@@ -84,12 +87,14 @@ class FeatureAttribution:
         features: Mapping[str, FeatureIndex] | None = None,
         *,
         schedule: Schedule | None = None,
+        name: str | None = None,
         data: Any = None,
         loss_fn: LossFn | None = None,
         mode: str = "eval",
     ) -> None:
         self.schedule = every(50) if schedule is None else schedule
         check_schedule(self.schedule, "FeatureAttribution")
+        self.name = probe_name(self, name)
         if features is not None:
             check_features(features)
         if loss_fn is not None and not callable(loss_fn):
@@ -115,8 +120,8 @@ class FeatureAttribution:
             rises = _ablation(model, loss_fn, x, y, groups)  # [G]
         out: dict[str, Value] = {}
         for g, name in enumerate(names):
-            out[f"attribution/share/{name}"] = shares[g]
-            out[f"attribution/ablation/{name}"] = rises[g]
+            out[f"{self.name}/share/{name}"] = shares[g]
+            out[f"{self.name}/ablation/{name}"] = rises[g]
         return out
 
     def _groups(self, dim: int, device: torch.device) -> tuple[list[str], list[Tensor]]:
@@ -196,11 +201,8 @@ class NTKResponse:
     analysis of Pezeshki et al., their growth suppresses the rest: a label-carrying
     direction whose ``r_k`` stays an order of magnitude below the others is starved.
 
-    Keys:
-        ``ntk_response/dir_<k>``: ``r`` of the ``k``-th direction of ``D``.
-        ``ntk_response/min_ratio``: ``min_k r_k / max_k r_k`` (1 with one direction; NaN
-        while ``max_k r_k <= 0``); near 0, or negative: starvation. At initialisation the
-        ``r_k`` are noise (``f`` has not learned yet): read it once the labels are fitted.
+    Keys: see ``keys``. At initialisation the ``r_k`` are noise (``f`` has not learned
+    yet): read ``min_ratio`` once the labels are fitted.
 
     State: the subset, ``u_k`` and ``u_kᵀy`` for ``k ∈ D``; :meth:`reset` forgets them.
 
@@ -220,12 +222,18 @@ class NTKResponse:
     """
 
     name = "ntk_response"
+    keys = (
+        Key("ntk_response/dir_<k>", "r of the k-th direction of D"),
+        Key("ntk_response/min_ratio",
+            "min_k r_k / max_k r_k (NaN while max_k r_k <= 0); near 0, or negative: starvation"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(
         self,
         *,
         schedule: Schedule | None = None,
+        name: str | None = None,
         data: Any = None,
         directions: int = 4,
         min_label_energy: float = 0.02,
@@ -238,6 +246,7 @@ class NTKResponse:
     ) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "NTKResponse")
+        self.name = probe_name(self, name)
         self.directions = check_count("NTKResponse", "directions", directions, 1)
         if not 0 < min_label_energy <= 1:
             raise ValueError(
@@ -266,8 +275,8 @@ class NTKResponse:
         f = outputs.double() @ v.to(outputs.device)  # [n]
         ratios = (basis.T @ f) / label_proj  # [k]
         top = ratios.max()
-        out: dict[str, Value] = {f"ntk_response/dir_{k}": r for k, r in enumerate(ratios)}
-        out["ntk_response/min_ratio"] = torch.where(top > 0, ratios.min() / top, torch.nan)
+        out: dict[str, Value] = {f"{self.name}/dir_{k}": r for k, r in enumerate(ratios)}
+        out[f"{self.name}/min_ratio"] = torch.where(top > 0, ratios.min() / top, torch.nan)
         return out
 
     def _directions(self, model: nn.Module, x: Any, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..curvature import ParamLayout
+from ..keys import Key
 from ._curvature import CurvatureProbe
 from .base import StepContext, Value
 
@@ -22,9 +23,7 @@ class GradientSubspace(CurvatureProbe):
     al. find it near 1 for ``k`` = the number of classes soon after training starts;
     a fraction near ``k / P`` means the gradient ignores the curvature's directions.
 
-    Keys:
-        ``grad_subspace/fraction``: in ``[0, 1]`` (NaN for a zero gradient);
-        ``grad_subspace/hvps``.
+    Keys: see ``keys``.
 
     Args:
         k: eigenvectors spanning the subspace (e.g. the number of classes).
@@ -36,6 +35,11 @@ class GradientSubspace(CurvatureProbe):
     """
 
     name = "grad_subspace"
+    keys = (
+        Key("grad_subspace/fraction",
+            "||V_kᵀ g||² / ||g||², in [0, 1] (NaN for a zero gradient)"),
+        Key("grad_subspace/hvps", "Hessian-vector products spent"),
+    )
 
     def __init__(self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-4,
                  **source: Any) -> None:  # fmt: skip
@@ -56,7 +60,7 @@ class GradientSubspace(CurvatureProbe):
         g = g.to(device=pairs.vectors.device, dtype=torch.float64)  # [P]
         inside = pairs.vectors.T @ g  # [k]
         fraction = (inside @ inside) / (g @ g)  # NaN for g = 0
-        return {"grad_subspace/fraction": fraction, "grad_subspace/hvps": float(op.matvecs)}
+        return {f"{self.name}/fraction": fraction, f"{self.name}/hvps": float(op.matvecs)}
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "k": self.k, "gradient": self.gradient, "tol": self.tol}

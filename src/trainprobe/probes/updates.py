@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._tensors import stacked_norms, total_norm
-from .base import PerLayer, StepContext, Value
+from ..keys import Key
+from .base import PerLayer, StepContext, Value, probe_name
 from .schedules import Schedule, check_schedule, every
+from .tensors import stacked_norms, total_norm
 
 
 class UpdateNorms:
@@ -28,21 +29,25 @@ class UpdateNorms:
     tensor that is exactly zero before the step (zero-initialised biases, LoRA B,
     LayerScale at 0): the probe writes NaN there rather than a huge number.
 
-    Keys:
-        ``updates/norm/<param>``, ``updates/ratio/<param>``;
-        ``updates/norm_total`` (global ``||Δw||``), ``updates/ratio_total``
-        (``||Δw|| / ||w||`` over all parameters).
+    Keys: see ``keys``.
 
     Args:
         schedule: when to measure (default every 10 steps).
     """
 
     name = "updates"
+    keys = (
+        Key("updates/norm/<param>", "||Δw||_2 of one parameter tensor in one optimizer step"),
+        Key("updates/ratio/<param>", "||Δw|| / ||w|| of one tensor (NaN where w is zero)"),
+        Key("updates/norm_total", "the global ||Δw|| over all trainable parameters"),
+        Key("updates/ratio_total", "||Δw|| / ||w|| over all trainable parameters"),
+    )
     needs = frozenset({"update"})
 
-    def __init__(self, *, schedule: Schedule | None = None) -> None:
+    def __init__(self, *, schedule: Schedule | None = None, name: str | None = None) -> None:
         self.schedule = every(10) if schedule is None else schedule
         check_schedule(self.schedule, "UpdateNorms")
+        self.name = probe_name(self, name)
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
         return []
@@ -56,10 +61,10 @@ class UpdateNorms:
         weights_total = total_norm(weights)
         deltas_total = total_norm(deltas)
         return {
-            "updates/norm": PerLayer(names, deltas),
-            "updates/ratio": PerLayer(names, _ratio(deltas, weights)),
-            "updates/norm_total": deltas_total,
-            "updates/ratio_total": _ratio(deltas_total, weights_total),
+            f"{self.name}/norm": PerLayer(names, deltas),
+            f"{self.name}/ratio": PerLayer(names, _ratio(deltas, weights)),
+            f"{self.name}/norm_total": deltas_total,
+            f"{self.name}/ratio_total": _ratio(deltas_total, weights_total),
         }
 
     def settings(self) -> dict[str, Any]:

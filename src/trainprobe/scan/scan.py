@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._progress import Progress
 from ..curvature import criterion_loss
 from ..monitor import Monitor, watch
 from ..probes.base import Probe
+from ..progress import Progress
 from ..store import Run
 from ..store.schema import DB_NAME
 from .checkpoints import (

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..probes._tensors import stacked_norms, total_norm
+from ..keys import Key
 from ..probes.base import PerLayer, StepContext, Value
 from ..probes.schedules import every
+from ..probes.tensors import stacked_norms, total_norm
 
 
 class CheckpointUpdate:
@@ -23,15 +24,17 @@ class CheckpointUpdate:
     (whose detectors expect a single optimizer step). The first checkpoint has no
     predecessor and records nothing.
 
-    Keys:
-        ``scan/update_norm/<param>``: ``||Δw||_2`` per parameter tensor;
-        ``scan/update_norm_total``: ``sqrt(sum ||Δw||^2)``;
-        ``scan/update_ratio_total``: ``||Δw|| / ||w_{k−1}||`` over all parameters
-        (NaN when ``w_{k−1}`` is zero);
-        ``scan/steps_between``: ``s_k − s_{k−1}``.
+    Keys: see ``keys``.
     """
 
     name = "scan"
+    keys = (
+        Key("scan/update_norm/<param>", "||Δw||_2 per parameter tensor"),
+        Key("scan/update_norm_total", "sqrt(sum ||Δw||^2)"),
+        Key("scan/update_ratio_total",
+            "||Δw|| / ||w_{k−1}|| over all parameters (NaN when w_{k−1} is zero)"),
+        Key("scan/steps_between", "s_k − s_{k−1}, the steps between the two checkpoints"),
+    )
     needs: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
