@@ -68,9 +68,11 @@ TRACE_BUDGET = 100  # HVPs for the trace estimators
 TOPS = (1, 5)
 ENGINES = ("graph", "jvp", "linearize")
 #: peer -> (module imported, distribution name on PyPI)
-PEERS = {"pyhessian": ("pyhessian.hessian", "pyhessian"),
-         "hessian-eigenthings": ("hessian_eigenthings", "hessian-eigenthings"),
-         "curvlinops": ("curvlinops", "curvlinops-for-pytorch")}  # fmt: skip
+PEERS = {
+    "pyhessian": ("pyhessian.hessian", "pyhessian"),
+    "hessian-eigenthings": ("hessian_eigenthings", "hessian-eigenthings"),
+    "curvlinops": ("curvlinops", "curvlinops-for-pytorch"),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,16 +117,23 @@ def small_cnn(hidden: int = 42) -> nn.Sequential:
     parameters (see :func:`piecewise_linear_diagonal`).
     """
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, hidden), nn.ReLU(),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, 10),
-    )  # fmt: skip
+    )
 
 
 def tiny_cnn() -> nn.Sequential:
     """conv 1→4, ReLU, max-pool, linear 64→10 (690 parameters): the dense check's CNN."""
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(64, 10))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10)
+    )
 
 
 def train(model: nn.Module, x: Tensor, y: Tensor, *, steps: int, seed: int) -> float:
@@ -165,8 +174,9 @@ class Case:
         return dim_of(self.model)
 
 
-def make_case(name: str, model: nn.Module, data: tuple[Tensor, Tensor, str],
-              args: argparse.Namespace) -> Case:
+def make_case(
+    name: str, model: nn.Module, data: tuple[Tensor, Tensor, str], args: argparse.Namespace
+) -> Case:
     """Train ``model`` on the digits and keep the first ``batch_size`` of them as the batch."""
     x, y, source = data
     loss = train(model, x, y, steps=args.train_steps, seed=args.seed)
@@ -200,17 +210,29 @@ class DoubleBackwardHessian:
 
     def __call__(self, v: Tensor) -> Tensor:
         pieces = [c.view_as(p) for c, p in zip(v.split(self.sizes), self.params, strict=True)]
-        out = torch.autograd.grad(self.grads, self.params, pieces, retain_graph=True,
-                                  allow_unused=True)  # fmt: skip
-        return torch.cat([(torch.zeros_like(p) if o is None else o).reshape(-1)
-                          for o, p in zip(out, self.params, strict=True)])  # fmt: skip
+        out = torch.autograd.grad(
+            self.grads, self.params, pieces, retain_graph=True, allow_unused=True
+        )
+        return torch.cat(
+            [
+                (torch.zeros_like(p) if o is None else o).reshape(-1)
+                for o, p in zip(out, self.params, strict=True)
+            ]
+        )
 
 
 def reference_top(hessian: DoubleBackwardHessian, k: int) -> tuple[np.ndarray, dict]:
     """Top-``k`` eigenvalues by float64 Lanczos to residual 1e-12 (relative to λ_max)."""
     gen = torch.Generator().manual_seed(12345)
-    pairs = lanczos(hessian, hessian.dim, top=k, tol=1e-12, max_iter=min(hessian.dim, 600),
-                    generator=gen, dtype=torch.float64)  # fmt: skip
+    pairs = lanczos(
+        hessian,
+        hessian.dim,
+        top=k,
+        tol=1e-12,
+        max_iter=min(hessian.dim, 600),
+        generator=gen,
+        dtype=torch.float64,
+    )
     if not pairs.converged:
         raise RuntimeError("the float64 reference Lanczos did not converge; raise max_iter")
     info = {"hvps": pairs.matvecs, "max_residual": float(pairs.residuals.max())}
@@ -258,8 +280,12 @@ def tail_hessian_diagonal(tail: nn.Module, z: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(tail(z_n[None]), y_n[None])
 
     hess = vmap(torch.func.hessian(one))  # [N, d, d]
-    return torch.cat([hess(zc, yc).diagonal(dim1=1, dim2=2)
-                      for zc, yc in zip(z.split(128), y.split(128), strict=True)])  # fmt: skip
+    return torch.cat(
+        [
+            hess(zc, yc).diagonal(dim1=1, dim2=2)
+            for zc, yc in zip(z.split(128), y.split(128), strict=True)
+        ]
+    )
 
 
 def piecewise_linear_diagonal(model: nn.Module, batch: Batch) -> Tensor:
@@ -277,8 +303,9 @@ def piecewise_linear_diagonal(model: nn.Module, batch: Batch) -> Tensor:
     if sum(p.numel() for m in layers for p in m.parameters()) != dim_of(model64):
         raise ValueError("piecewise_linear_diagonal handles Conv2d and Linear parameters only")
     seen: dict[nn.Module, tuple[Tensor, Tensor]] = {}
-    handles = [m.register_forward_hook(lambda m, a, out: seen.update({m: (a[0], out)}))
-               for m in layers]  # fmt: skip
+    handles = [
+        m.register_forward_hook(lambda m, a, out: seen.update({m: (a[0], out)})) for m in layers
+    ]
     try:
         logits = model64(batch[0].double())  # [N, C]
     finally:
@@ -288,8 +315,9 @@ def piecewise_linear_diagonal(model: nn.Module, batch: Batch) -> Tensor:
     root = torch.diag_embed(p.sqrt()) - p[:, :, None] * p.sqrt()[:, None, :]  # [N, C, C]
     squares = [torch.zeros_like(q) for q in model64.parameters()]
     for c in range(p.shape[1]):
-        deltas = torch.autograd.grad(logits, [seen[m][1] for m in layers], root[:, :, c],
-                                     retain_graph=True)  # fmt: skip
+        deltas = torch.autograd.grad(
+            logits, [seen[m][1] for m in layers], root[:, :, c], retain_graph=True
+        )
         pairs = zip(layers, deltas, strict=True)
         pieces = [t for m, d in pairs for t in per_example(m, seen[m][0], d)]
         for total, piece in zip(squares, pieces, strict=True):
@@ -336,9 +364,10 @@ def check_references(data: tuple[Tensor, Tensor, str], args: argparse.Namespace)
         out[name] = {
             "dim": theta.numel(),
             "lanczos_vs_eigvalsh": float(np.max(np.abs(values - exact) / np.abs(exact))),
-            "diagonal_vs_dense": float((diag - dense.diagonal()).abs().max()
-                                       / dense.diagonal().abs().max()),
-        }  # fmt: skip
+            "diagonal_vs_dense": float(
+                (diag - dense.diagonal()).abs().max() / dense.diagonal().abs().max()
+            ),
+        }
     return out
 
 
@@ -362,10 +391,19 @@ def float32_noise(case: Case, hessian: DoubleBackwardHessian) -> dict:
     hvp = float((op.matvec(v.float()).double() - exact).norm() / exact.norm())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # it cannot converge to 1e-10
-        pairs = lanczos(op, op.dim, top=max(TOPS), tol=1e-10, max_iter=300,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
-    return {"hvp_rel_error": hvp, "lanczos_tol": 1e-10,
-            "lanczos_max_rel_error": max_rel_error(pairs.values.numpy(), case.top_ref)}
+        pairs = lanczos(
+            op,
+            op.dim,
+            top=max(TOPS),
+            tol=1e-10,
+            max_iter=300,
+            generator=torch.Generator().manual_seed(0),
+        )
+    return {
+        "hvp_rel_error": hvp,
+        "lanczos_tol": 1e-10,
+        "lanczos_max_rel_error": max_rel_error(pairs.values.numpy(), case.top_ref),
+    }
 
 
 def max_rel_error(values: Any, ref: np.ndarray) -> float:
@@ -438,7 +476,8 @@ def pyhessian_top(model: nn.Module, batch: Batch, k: int, **knob: Any) -> tuple[
     torch.manual_seed(0)  # its start vectors come from the global RNG
     with counting(ph, "hessian_vector_product", one) as count:
         values, _ = ph.hessian(model, criterion(), data=batch, cuda=False).eigenvalues(
-            top_n=k, **knob)  # fmt: skip
+            top_n=k, **knob
+        )
     return values, count[0]
 
 
@@ -490,8 +529,7 @@ def curvlinops_top(model: nn.Module, batch: Batch, k: int, **knob: Any):
     with counting(HessianLinearOperator, "_matmat_batch", matmat_columns) as count:
         op = curvlinops_operator(model, batch)
         v0 = np.random.default_rng(0).standard_normal(op.shape[0])
-        values = eigsh(op.to_scipy(), k=k, which="LA", v0=v0, return_eigenvectors=False,
-                       **knob)  # fmt: skip
+        values = eigsh(op.to_scipy(), k=k, which="LA", v0=v0, return_eigenvectors=False, **knob)
     return values, count[0]
 
 
@@ -527,8 +565,9 @@ def _tols(low: float, high: float, quick: bool) -> list[float]:
 
 def _power_ladder(iters: str) -> Callable[[int, bool], list[dict]]:
     """Power iteration: ``tol`` 1e-4 .. 1e-8, the iteration cap raised to 500 (200 quick)."""
-    return lambda k, quick: [{"tol": t, iters: 200 if quick else 500}
-                             for t in _tols(1e-8, 1e-4, quick)]  # fmt: skip
+    return lambda k, quick: [
+        {"tol": t, iters: 200 if quick else 500} for t in _tols(1e-8, 1e-4, quick)
+    ]
 
 
 def _lanczos_sizes(k: int, quick: bool) -> list[dict]:
@@ -538,20 +577,33 @@ def _lanczos_sizes(k: int, quick: bool) -> list[dict]:
 
 METHODS: dict[str, EigenMethod] = {
     "pyhessian power": EigenMethod(
-        "pyhessian", pyhessian_top, "tol, maxIter (defaults 1e-3, 100)", _power_ladder("maxIter")),
+        "pyhessian", pyhessian_top, "tol, maxIter (defaults 1e-3, 100)", _power_ladder("maxIter")
+    ),
     "eigenthings lanczos": EigenMethod(
-        "hessian-eigenthings", eigenthings_lanczos_top,
-        "max_iter (default 2k; full reorthogonalisation kept on)", _lanczos_sizes),
+        "hessian-eigenthings",
+        eigenthings_lanczos_top,
+        "max_iter (default 2k; full reorthogonalisation kept on)",
+        _lanczos_sizes,
+    ),
     "eigenthings power": EigenMethod(
-        "hessian-eigenthings", eigenthings_power_top, "tol, max_iter (defaults 1e-4, 100)",
-        _power_ladder("max_iter")),
+        "hessian-eigenthings",
+        eigenthings_power_top,
+        "tol, max_iter (defaults 1e-4, 100)",
+        _power_ladder("max_iter"),
+    ),
     "curvlinops eigsh": EigenMethod(
-        "curvlinops", curvlinops_top, "ARPACK tol (default 0: machine precision)",
-        lambda k, quick: [{"tol": t} for t in _tols(1e-6, 1e-1, quick)]),
+        "curvlinops",
+        curvlinops_top,
+        "ARPACK tol (default 0: machine precision)",
+        lambda k, quick: [{"tol": t} for t in _tols(1e-6, 1e-1, quick)],
+    ),
     "trainprobe lanczos": EigenMethod(
-        "trainprobe", trainprobe_top, "value_tol (default None: residual tol=1e-8 only)",
-        lambda k, quick: [{"value_tol": t} for t in _tols(1e-8, 1e-3, quick)]),
-}  # fmt: skip
+        "trainprobe",
+        trainprobe_top,
+        "value_tol (default None: residual tol=1e-8 only)",
+        lambda k, quick: [{"value_tol": t} for t in _tols(1e-8, 1e-3, quick)],
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -600,8 +652,13 @@ def attempt(config: Config, case: Case) -> None:
     config.values.append(values)
 
 
-def interleave(configs: list, case: Case, reps: int, step: Callable[[Any, Case], None],
-               shuffler: random.Random | None = None) -> None:
+def interleave(
+    configs: list,
+    case: Case,
+    reps: int,
+    step: Callable[[Any, Case], None],
+    shuffler: random.Random | None = None,
+) -> None:
     """``reps`` rounds; each round runs every config once, in a fresh shuffled order."""
     order = list(configs)
     shuffler = shuffler or random.Random(0)
@@ -650,8 +707,9 @@ def calibrate(name: str, k: int, case: Case, quick: bool) -> tuple[dict, list[di
     return (min(done, key=lambda t: t["max_rel_error"])["knob"] if done else {}), trail
 
 
-def eigen_configs(case: Case, k: int, peers: dict,
-                  args: argparse.Namespace) -> tuple[list[Config], dict]:
+def eigen_configs(
+    case: Case, k: int, peers: dict, args: argparse.Namespace
+) -> tuple[list[Config], dict]:
     """Defaults and tuned configurations of every available method, and calibration trails.
 
     When the defaults are the tuned setting, one configuration carries both labels.
@@ -664,8 +722,9 @@ def eigen_configs(case: Case, k: int, peers: dict,
         label = "defaults" if tuned else "defaults=tuned"
         configs.append(Config(name, label, {}, runner(method, k, {}), max_seconds=args.max_seconds))
         if tuned:
-            configs.append(Config(name, "tuned", tuned, runner(method, k, tuned),
-                                  max_seconds=args.max_seconds))  # fmt: skip
+            configs.append(
+                Config(name, "tuned", tuned, runner(method, k, tuned), max_seconds=args.max_seconds)
+            )
     return configs, trails
 
 
@@ -676,11 +735,14 @@ def summarize_eigen(config: Config, ref: np.ndarray) -> dict:
         return row | {"error": config.error or "not run"}
     seconds = np.array(config.seconds)
     return row | {
-        "hvps": int(np.median(config.hvps)), "hvps_range": [min(config.hvps), max(config.hvps)],
-        "median_s": float(np.median(seconds)), "min_s": float(seconds.min()),
-        "max_s": float(seconds.max()), "reps": len(seconds),
+        "hvps": int(np.median(config.hvps)),
+        "hvps_range": [min(config.hvps), max(config.hvps)],
+        "median_s": float(np.median(seconds)),
+        "min_s": float(seconds.min()),
+        "max_s": float(seconds.max()),
+        "reps": len(seconds),
         "max_rel_error": max(max_rel_error(v, ref) for v in config.values),
-    }  # fmt: skip
+    }
 
 
 def eigen_task(case: Case, k: int, peers: dict, args: argparse.Namespace) -> dict:
@@ -701,7 +763,8 @@ def pyhessian_trace(model: nn.Module, batch: Batch, seed: int, **knob: Any) -> t
     torch.manual_seed(seed)
     with counting(ph, "hessian_vector_product", one) as count:
         samples = ph.hessian(model, criterion(), data=batch, cuda=False).trace(
-            maxIter=TRACE_BUDGET, **knob)  # fmt: skip
+            maxIter=TRACE_BUDGET, **knob
+        )
     return float(np.mean(samples)), count[0]
 
 
@@ -741,20 +804,25 @@ def trainprobe_trace(model: nn.Module, batch: Batch, seed: int, method: str) -> 
 TRACE_METHODS: dict[str, tuple[str, Callable[[nn.Module, Batch, int], tuple]]] = {
     "pyhessian hutchinson (defaults)": ("pyhessian", pyhessian_trace),
     "pyhessian hutchinson (tol=0)": ("pyhessian", partial(pyhessian_trace, tol=0.0)),
-    "eigenthings hutchinson": ("hessian-eigenthings",
-                               partial(eigenthings_trace, method="hutchinson")),
+    "eigenthings hutchinson": (
+        "hessian-eigenthings",
+        partial(eigenthings_trace, method="hutchinson"),
+    ),
     "eigenthings hutch++": ("hessian-eigenthings", partial(eigenthings_trace, method="hutch++")),
     "curvlinops hutchinson": ("curvlinops", partial(curvlinops_trace, method="hutchinson")),
     "curvlinops hutch++": ("curvlinops", partial(curvlinops_trace, method="hutch++")),
     "trainprobe hutchinson": ("trainprobe", partial(trainprobe_trace, method="hutchinson")),
     "trainprobe hutch++": ("trainprobe", partial(trainprobe_trace, method="hutch++")),
-}  # fmt: skip
+}
 
 
 def trace_task(case: Case, peers: dict, args: argparse.Namespace) -> list[dict]:
     """Every available estimator over ``args.seeds`` seeds (interleaved): relative errors."""
-    configs = [Config(name, "budget", {}, run) for name, (library, run) in TRACE_METHODS.items()
-               if library == "trainprobe" or peers[library].startswith("ok")]  # fmt: skip
+    configs = [
+        Config(name, "budget", {}, run)
+        for name, (library, run) in TRACE_METHODS.items()
+        if library == "trainprobe" or peers[library].startswith("ok")
+    ]
     shuffler = random.Random(0)
     for seed in range(args.seeds):
         for config in configs:
@@ -766,11 +834,17 @@ def trace_task(case: Case, peers: dict, args: argparse.Namespace) -> list[dict]:
             rows.append({"method": config.method, "error": config.error})
             continue
         errors = np.abs(np.array(config.values) - case.trace_ref) / abs(case.trace_ref)
-        rows.append({"method": config.method, "hvps": int(np.median(config.hvps)),
-                     "hvps_range": [min(config.hvps), max(config.hvps)],
-                     "median_rel_error": float(np.median(errors)),
-                     "max_rel_error": float(errors.max()), "seeds": len(errors),
-                     "median_s": float(np.median(config.seconds))})  # fmt: skip
+        rows.append(
+            {
+                "method": config.method,
+                "hvps": int(np.median(config.hvps)),
+                "hvps_range": [min(config.hvps), max(config.hvps)],
+                "median_rel_error": float(np.median(errors)),
+                "max_rel_error": float(errors.max()),
+                "seeds": len(errors),
+                "median_s": float(np.median(config.seconds)),
+            }
+        )
     return rows
 
 
@@ -800,20 +874,27 @@ def engine_round(case: Case, engine: str, widths: tuple[int, ...]) -> dict[str, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _engine_timings(case, engine, widths, gen, out)
-    notes = sorted({str(w.message).splitlines()[0][:160] for w in caught
-                    if "trainprobe" in w.filename or "curvature.py" in w.filename})  # ours only
+    notes = sorted(
+        {
+            str(w.message).splitlines()[0][:160]
+            for w in caught
+            if "trainprobe" in w.filename or "curvature.py" in w.filename
+        }
+    )  # ours only
     if notes:
         out["warning"] = "; ".join(notes)
     return out
 
 
-def _engine_timings(case: Case, engine: str, widths: tuple[int, ...], gen: torch.Generator,
-                    out: dict[str, Any]) -> None:
+def _engine_timings(
+    case: Case, engine: str, widths: tuple[int, ...], gen: torch.Generator, out: dict[str, Any]
+) -> None:
     """Fill ``out`` with the round's timings (see :func:`engine_round`)."""
     try:
         start = time.perf_counter()
-        op = hessian_operator(case.model, criterion_loss(criterion()), batch=case.batch,
-                              engine=engine)  # fmt: skip
+        op = hessian_operator(
+            case.model, criterion_loss(criterion()), batch=case.batch, engine=engine
+        )
         out["build"] = time.perf_counter() - start
         op.batched = True  # time the vmapped matmat itself (the CPU default loops: see hvp.py)
         for k in (1, *widths):
@@ -857,8 +938,11 @@ def engine_task(case: Case, args: argparse.Namespace) -> dict:
         shuffler.shuffle(order)
         for name in order:
             gc.collect()
-            samples[name].append({"gradient": gradient_seconds(case.model, case.batch)}
-                                 if name == "gradient" else engine_round(case, name, widths))
+            samples[name].append(
+                {"gradient": gradient_seconds(case.model, case.batch)}
+                if name == "gradient"
+                else engine_round(case, name, widths)
+            )
     grad = float(np.median([s["gradient"] for s in samples["gradient"]]))
     auto = hessian_operator(case.model, criterion_loss(criterion()), batch=case.batch).engine
     rows = {engine: engine_row(samples[engine], grad, widths) for engine in ENGINES}
@@ -871,8 +955,14 @@ def engine_task(case: Case, args: argparse.Namespace) -> dict:
 
 def tuned_row(task: dict, method: str) -> dict:
     """The row timed as ``method``'s tuned setting (possibly its defaults)."""
-    return next((r for r in task["rows"] if r["method"] == method
-                 and r["setting"] in ("tuned", "defaults=tuned")), {})  # fmt: skip
+    return next(
+        (
+            r
+            for r in task["rows"]
+            if r["method"] == method and r["setting"] in ("tuned", "defaults=tuned")
+        ),
+        {},
+    )
 
 
 def case_targets(name: str, result: dict) -> list[dict]:
@@ -884,24 +974,43 @@ def case_targets(name: str, result: dict) -> list[dict]:
         ours = tuned_row(task, "trainprobe lanczos")
         cap = 10 if k == 1 else cap5
         out.append(_target(f"{name} top-{k} HVPs <= {cap}", ours.get("hvps"), cap))
-        out.append(_target(f"{name} top-{k} max rel error <= {TARGET_REL:g}",
-                           ours.get("max_rel_error"), TARGET_REL))  # fmt: skip
+        out.append(
+            _target(
+                f"{name} top-{k} max rel error <= {TARGET_REL:g}",
+                ours.get("max_rel_error"),
+                TARGET_REL,
+            )
+        )
     five = next(t for t in result["eigen"] if t["k"] == max(TOPS))
     ours = tuned_row(five, "trainprobe lanczos").get("median_s")
-    accurate = [r for r in five["rows"] if not r["method"].startswith("trainprobe")
-                and r.get("max_rel_error", math.inf) <= TARGET_REL]  # fmt: skip
+    accurate = [
+        r
+        for r in five["rows"]
+        if not r["method"].startswith("trainprobe")
+        and r.get("max_rel_error", math.inf) <= TARGET_REL
+    ]
     best = min(accurate, key=lambda r: r["median_s"], default=None)
     ratio = None if best is None or ours is None else ours / best["median_s"]
     peers_ran = any(not r["method"].startswith("trainprobe") and "hvps" in r for r in five["rows"])
-    label = (f"{best['method']} ({best['setting']})" if best is not None
-             else "no peer reached 1e-6" if peers_ran else "no peer ran")
+    label = (
+        f"{best['method']} ({best['setting']})"
+        if best is not None
+        else "no peer reached 1e-6"
+        if peers_ran
+        else "no peer ran"
+    )
     out.append(_target(f"{name} top-5 time <= 0.5x fastest accurate peer [{label}]", ratio, 0.5))
     engines = result["engines"]
     auto = engines["engines"][engines["auto"]].get("hvp_per_gradient")
     out.append(_target(f"{name} one HVP <= 2x one gradient (auto = {engines['auto']!r})", auto, 2))
     pp = next((r for r in result["trace"] if r["method"] == "trainprobe hutch++"), {})
-    out.append(_target(f"{name} trace median |rel error| <= 1% at {TRACE_BUDGET} HVPs (hutch++)",
-                       pp.get("median_rel_error"), 0.01))  # fmt: skip
+    out.append(
+        _target(
+            f"{name} trace median |rel error| <= 1% at {TRACE_BUDGET} HVPs (hutch++)",
+            pp.get("median_rel_error"),
+            0.01,
+        )
+    )
     return out
 
 
@@ -916,76 +1025,109 @@ def _target(what: str, measured: float | None, limit: float) -> dict:
 
 def fmt_knob(knob: dict) -> str:
     """``tol=1e-06, maxIter=500``; ``reorthogonalize=True`` shown as ``reorth``."""
-    return ", ".join("reorth" if k == "reorthogonalize" and v else
-                     f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in knob.items()) or "defaults"  # fmt: skip
+    return (
+        ", ".join(
+            "reorth"
+            if k == "reorthogonalize" and v
+            else f"{k}={v:g}"
+            if isinstance(v, float)
+            else f"{k}={v}"
+            for k, v in knob.items()
+        )
+        or "defaults"
+    )
 
 
 def print_case_header(case: Case) -> None:
     info, noise = case.info, case.info["float32_noise"]
     ref = info["reference_lanczos"]
-    print(f"\n== {case.name}: {case.description}, {case.dim:,} parameters, batch "
-          f"{case.batch[0].shape[0]} of {info['data']}, float32 (train loss "
-          f"{info['train_loss']:.3f} after {info['train_steps']} SGD steps)")
-    print(f"reference top-{max(TOPS)} (float64 Lanczos, tol 1e-12, {ref['hvps']} HVPs): "
-          + ", ".join(f"{v:.10g}" for v in case.top_ref))
-    print(f"exact trace (float64 Hessian diagonal, {case.diagonal.__name__}): "
-          f"{case.trace_ref:.10g}; diagonal spot check vs HVPs: {info['diagonal_spot_check']:.1e}")
-    print(f"float32 noise floor: one HVP {noise['hvp_rel_error']:.1e} relative; float32 Lanczos "
-          f"at tol 1e-10: max rel error {noise['lanczos_max_rel_error']:.1e} on the top-"
-          f"{max(TOPS)}")
+    print(
+        f"\n== {case.name}: {case.description}, {case.dim:,} parameters, batch "
+        f"{case.batch[0].shape[0]} of {info['data']}, float32 (train loss "
+        f"{info['train_loss']:.3f} after {info['train_steps']} SGD steps)"
+    )
+    print(
+        f"reference top-{max(TOPS)} (float64 Lanczos, tol 1e-12, {ref['hvps']} HVPs): "
+        + ", ".join(f"{v:.10g}" for v in case.top_ref)
+    )
+    print(
+        f"exact trace (float64 Hessian diagonal, {case.diagonal.__name__}): "
+        f"{case.trace_ref:.10g}; diagonal spot check vs HVPs: {info['diagonal_spot_check']:.1e}"
+    )
+    print(
+        f"float32 noise floor: one HVP {noise['hvp_rel_error']:.1e} relative; float32 Lanczos "
+        f"at tol 1e-10: max rel error {noise['lanczos_max_rel_error']:.1e} on the top-"
+        f"{max(TOPS)}"
+    )
 
 
 def print_eigen(task: dict) -> None:
     print(f"\ntop-{task['k']} eigenvalues")
-    print(f"  {'method':<20} {'setting':<14} {'knob':<26} {'HVPs':>5} {'reps':>4} "
-          f"{'median s':>9} {'min..max s':>15} {'max rel err':>11}")
+    print(
+        f"  {'method':<20} {'setting':<14} {'knob':<26} {'HVPs':>5} {'reps':>4} "
+        f"{'median s':>9} {'min..max s':>15} {'max rel err':>11}"
+    )
     for row in task["rows"]:
         head = f"  {row['method']:<20} {row['setting']:<14} {fmt_knob(row['knob']):<26}"
         if "error" in row:
             print(f"{head} failed: {row['error']}")
             continue
-        print(f"{head} {row['hvps']:>5} {row['reps']:>4} {row['median_s']:>9.3f} "
-              f"{row['min_s']:>7.3f}..{row['max_s']:<7.3f} {row['max_rel_error']:>11.1e}")
+        print(
+            f"{head} {row['hvps']:>5} {row['reps']:>4} {row['median_s']:>9.3f} "
+            f"{row['min_s']:>7.3f}..{row['max_s']:<7.3f} {row['max_rel_error']:>11.1e}"
+        )
 
 
 def print_calibration(task: dict) -> None:
     """One line per method: ``setting HVPs/error`` for every setting tried."""
     print(f"  calibration, top-{task['k']} (setting: HVPs / max rel error):")
     for name, trail in task["calibration"].items():
-        steps = [f"{fmt_knob(t['knob'])}: " + (f"{t['hvps']}/{t['max_rel_error']:.0e}"
-                                               if "hvps" in t else "failed") for t in trail]
+        steps = [
+            f"{fmt_knob(t['knob'])}: "
+            + (f"{t['hvps']}/{t['max_rel_error']:.0e}" if "hvps" in t else "failed")
+            for t in trail
+        ]
         print(f"    {name} [{METHODS[name].knob}]: " + "; ".join(steps))
 
 
 def print_trace(rows: list[dict], case: Case) -> None:
     print(f"\ntrace at {TRACE_BUDGET} HVPs (exact {case.trace_ref:.6g})")
-    print(f"  {'method':<34} {'HVPs':>5} {'seeds':>5} {'median |rel err|':>17} {'max':>8} "
-          f"{'median s':>9}")
+    print(
+        f"  {'method':<34} {'HVPs':>5} {'seeds':>5} {'median |rel err|':>17} {'max':>8} "
+        f"{'median s':>9}"
+    )
     for row in rows:
         if "error" in row:
             print(f"  {row['method']:<34} failed: {row['error']}")
             continue
-        print(f"  {row['method']:<34} {row['hvps']:>5} {row['seeds']:>5} "
-              f"{row['median_rel_error']:>17.2%} {row['max_rel_error']:>8.2%} "
-              f"{row['median_s']:>9.3f}")
+        print(
+            f"  {row['method']:<34} {row['hvps']:>5} {row['seeds']:>5} "
+            f"{row['median_rel_error']:>17.2%} {row['max_rel_error']:>8.2%} "
+            f"{row['median_s']:>9.3f}"
+        )
 
 
 def print_engines(result: dict) -> None:
-    print(f"\nengines (one gradient {result['gradient_s'] * 1e3:.2f} ms; auto picks "
-          f"{result['auto']!r}; {result['reps']} interleaved rounds, medians)")
-    print(f"  {'engine':<10} {'build/grad':>10} {'HVP/grad':>9} {'HVP ms':>8} "
-          f"{'matmat8 speed-up':>17} {'matmat16 speed-up':>18}")
+    print(
+        f"\nengines (one gradient {result['gradient_s'] * 1e3:.2f} ms; auto picks "
+        f"{result['auto']!r}; {result['reps']} interleaved rounds, medians)"
+    )
+    print(
+        f"  {'engine':<10} {'build/grad':>10} {'HVP/grad':>9} {'HVP ms':>8} "
+        f"{'matmat8 speed-up':>17} {'matmat16 speed-up':>18}"
+    )
 
     def cell(row: dict, key: str, width: int, unit: str = "") -> str:
         return f"{row[key]:>{width}.2f}{unit}" if key in row else f"{'-':>{width}}{unit and ' '}"
 
     for engine, row in result["engines"].items():
         hvp_ms = {"ms": row["median_s"]["matvec"] * 1e3} if "matvec" in row["median_s"] else {}
-        print(f"  {engine:<10} {cell(row, 'build_per_gradient', 10)} "
-              f"{cell(row, 'hvp_per_gradient', 9)} {cell(hvp_ms, 'ms', 8)} "
-              f"{cell(row, 'speedup_k8', 16, 'x')} {cell(row, 'speedup_k16', 17, 'x')}"
-              + (f"  failed: {row['error']}" if "error" in row else ""))
+        print(
+            f"  {engine:<10} {cell(row, 'build_per_gradient', 10)} "
+            f"{cell(row, 'hvp_per_gradient', 9)} {cell(hvp_ms, 'ms', 8)} "
+            f"{cell(row, 'speedup_k8', 16, 'x')} {cell(row, 'speedup_k16', 17, 'x')}"
+            + (f"  failed: {row['error']}" if "error" in row else "")
+        )
         if "warning" in row:
             print(f"  {'':<10} warned: {row['warning']}")
 
@@ -1010,8 +1152,9 @@ def print_report(result: dict, cases: list[Case]) -> None:
 # main
 
 
-def run_case(name: str, data: tuple[Tensor, Tensor, str], peers: dict,
-             args: argparse.Namespace) -> tuple[Case, dict]:
+def run_case(
+    name: str, data: tuple[Tensor, Tensor, str], peers: dict, args: argparse.Namespace
+) -> tuple[Case, dict]:
     """Train the case's model, build its references, run every task on it."""
     models = {"mlp": lambda: tanh_mlp((64, 128, 128, 10)), "cnn": small_cnn}
     torch.manual_seed(args.seed)
@@ -1024,9 +1167,14 @@ def run_case(name: str, data: tuple[Tensor, Tensor, str], peers: dict,
         print(f"{name}: top-{k} done", flush=True)
     traces = trace_task(case, peers, args)
     print(f"{name}: trace done", flush=True)
-    return case, {"eigen": eigen, "trace": traces, "engines": engine_task(case, args),
-                  "info": case.info, "top_ref": case.top_ref.tolist(),
-                  "trace_ref": case.trace_ref}  # fmt: skip
+    return case, {
+        "eigen": eigen,
+        "trace": traces,
+        "engines": engine_task(case, args),
+        "info": case.info,
+        "top_ref": case.top_ref.tolist(),
+        "trace_ref": case.trace_ref,
+    }
 
 
 def measure(args: argparse.Namespace) -> tuple[dict, list[Case]]:
@@ -1037,37 +1185,57 @@ def measure(args: argparse.Namespace) -> tuple[dict, list[Case]]:
     data = digits(args.train_size, seed=args.seed)
     checks = check_references(data, args)
     for name, check in checks.items():
-        print(f"reference check on {name} ({check['dim']} params, dense torch.func.hessian): "
-              f"Lanczos vs eigvalsh {check['lanczos_vs_eigvalsh']:.1e}, exact diagonal vs "
-              f"dense {check['diagonal_vs_dense']:.1e}: "
-              + ("ok (<= 1e-10)" if max(check["lanczos_vs_eigvalsh"], check["diagonal_vs_dense"])
-                 <= 1e-10 else "FAILED (> 1e-10): the references are not exact"), flush=True)
+        print(
+            f"reference check on {name} ({check['dim']} params, dense torch.func.hessian): "
+            f"Lanczos vs eigvalsh {check['lanczos_vs_eigvalsh']:.1e}, exact diagonal vs "
+            f"dense {check['diagonal_vs_dense']:.1e}: "
+            + (
+                "ok (<= 1e-10)"
+                if max(check["lanczos_vs_eigvalsh"], check["diagonal_vs_dense"]) <= 1e-10
+                else "FAILED (> 1e-10): the references are not exact"
+            ),
+            flush=True,
+        )
     cases, results = [], {}
     for name in args.models:
         case, results[name] = run_case(name, data, peers, args)
         cases.append(case)
     targets = [t for name in args.models for t in case_targets(name, results[name])]
-    return {"peers": peers, "reference_checks": checks, "cases": results, "targets": targets,
-            "settings": vars(args), "platform": platform_info()}, cases
+    return {
+        "peers": peers,
+        "reference_checks": checks,
+        "cases": results,
+        "targets": targets,
+        "settings": vars(args),
+        "platform": platform_info(),
+    }, cases
 
 
 def platform_info() -> dict:
-    return {"torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 3 seeds")
     parser.add_argument("--out", default=None, help="write the JSON result here")
     parser.add_argument("--models", nargs="+", choices=("mlp", "cnn"), default=["mlp", "cnn"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads (CI has 2 cores)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5)")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="no 4th or later repetition of a configuration whose runs "
-                        "took this long in all")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="no 4th or later repetition of a configuration whose runs took this long in all",
+    )
     parser.add_argument("--seeds", type=int, default=None, help="trace seeds (default 10)")
     parser.add_argument("--engine-reps", type=int, default=None, help="default 15")
     parser.add_argument("--batch-size", type=int, default=512)

@@ -53,11 +53,14 @@ def series(steps: int, layers: int, seed: int = 0) -> dict:
     s = np.arange(steps)
     loss = 2.0 * np.exp(-s / (steps / 4)) + 0.05 * rng.random(steps)
     loss[int(0.6 * steps)] *= 30
-    out = {"scalars/loss": (s, loss), "optim/lr/0": (s, np.full(steps, 1e-3)),
-           "norms/grad_total": (s, np.exp(rng.normal(0, 0.3, steps))),
-           "norms/weight_total": (s, 20 + s / steps),
-           "updates/norm_total": (s, 1e-2 * np.exp(rng.normal(0, 0.3, steps))),
-           "updates/ratio_total": (s, 1e-3 * np.exp(rng.normal(0, 0.3, steps)))}  # fmt: skip
+    out = {
+        "scalars/loss": (s, loss),
+        "optim/lr/0": (s, np.full(steps, 1e-3)),
+        "norms/grad_total": (s, np.exp(rng.normal(0, 0.3, steps))),
+        "norms/weight_total": (s, 20 + s / steps),
+        "updates/norm_total": (s, 1e-2 * np.exp(rng.normal(0, 0.3, steps))),
+        "updates/ratio_total": (s, 1e-3 * np.exp(rng.normal(0, 0.3, steps))),
+    }
     for kind in ("loss", "grad", "param"):
         out[f"nonfinite/{kind}"] = (s, np.zeros(steps))
     for i in range(layers):
@@ -84,8 +87,12 @@ def timed(label: str, fn, *args):
 
 def dump_dom_seconds(page: Path, chromium: str) -> float:
     start = time.perf_counter()
-    subprocess.run([chromium, "--headless", *FLAGS, "--dump-dom", page.as_uri()],
-                   capture_output=True, check=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [chromium, "--headless", *FLAGS, "--dump-dom", page.as_uri()],
+        capture_output=True,
+        check=True,
+        timeout=600,
+    )
     return time.perf_counter() - start
 
 
@@ -131,10 +138,13 @@ def browser_timings(page: Path, floor: Path, chromium: str, repeat: int) -> dict
             zoom_in, zoom_out = view.evaluate(_ZOOM, 0.1)
             out.setdefault("zoom to 10% of steps", []).append(zoom_in)
             out.setdefault("zoom back out", []).append(zoom_out)
-            if view.evaluate("() => (document.getElementById('trainprobe-dashboard')"
-                             ".layout.updatemenus || []).length"):  # fmt: skip
+            if view.evaluate(
+                "() => (document.getElementById('trainprobe-dashboard')"
+                ".layout.updatemenus || []).length"
+            ):
                 out.setdefault("switch the catch-all family", []).append(
-                    view.evaluate(_MENU, i + 1))
+                    view.evaluate(_MENU, i + 1)
+                )
             if view.query_selector("#tp-findings a[data-row]"):
                 out.setdefault("finding link (scroll + zoom)", []).append(view.evaluate(_LINK))
             out.setdefault("hover a heatmap", []).append(_hover_ms(view))
@@ -158,8 +168,10 @@ def _hover_ms(view) -> float:
     start = time.perf_counter()
     view.mouse.move(*box)
     try:
-        view.wait_for_function("() => document.querySelector('.hoverlayer .hovertext, "
-                               ".hoverlayer .legend')", timeout=10_000)  # fmt: skip
+        view.wait_for_function(
+            "() => document.querySelector('.hoverlayer .hovertext, .hoverlayer .legend')",
+            timeout=10_000,
+        )
     except Exception:  # playwright's TimeoutError: no label, no number
         return float("nan")
     view.evaluate(_NEXT_FRAME)
@@ -203,8 +215,10 @@ def main(argv: list[str] | None = None) -> None:
                 timings = browser_timings(page, floor, chromium, args.repeat)
             except ImportError:
                 print("playwright not installed: load time only (chromium --dump-dom)")
-                timings = {"load, one-row page": 1000 * dump_dom_seconds(floor, chromium),
-                           "load, full page": 1000 * dump_dom_seconds(page, chromium)}  # fmt: skip
+                timings = {
+                    "load, one-row page": 1000 * dump_dom_seconds(floor, chromium),
+                    "load, full page": 1000 * dump_dom_seconds(page, chromium),
+                }
             for label, ms in timings.items():
                 print(f"{'chromium: ' + label:<36} {ms:8.0f} ms")
         if args.out:

@@ -112,19 +112,61 @@ class Sizes:
 
 
 PRESETS = {
-    "full": Sizes(hvp_batch=64, hvp_hidden=32, hvp_cnn_width=4, hvp_image=8,
-                  lm=(1024, 384, 6, 6, 64, 256), reps=10, cnn_width=64, cnn_image=32,
-                  cnn_batch=256, train_steps=20, train_reps=10, warmup=20, amp_steps=100,
-                  compile_steps=30, ps_width=16, ps_batch=256),
-    "small": Sizes(hvp_batch=64, hvp_hidden=32, hvp_cnn_width=4, hvp_image=8,
-                   lm=(128, 64, 4, 2, 16, 32), reps=5, cnn_width=8, cnn_image=16, cnn_batch=64,
-                   train_steps=20, train_reps=4, warmup=20, amp_steps=40, compile_steps=20,
-                   ps_width=8, ps_batch=64),
-    "tiny": Sizes(hvp_batch=16, hvp_hidden=6, hvp_cnn_width=2, hvp_image=4,
-                  lm=(16, 16, 2, 1, 4, 8), reps=2, cnn_width=4, cnn_image=8, cnn_batch=16,
-                  train_steps=20, train_reps=2, warmup=0, amp_steps=10, compile_steps=10,
-                  ps_width=4, ps_batch=16),
-}  # fmt: skip
+    "full": Sizes(
+        hvp_batch=64,
+        hvp_hidden=32,
+        hvp_cnn_width=4,
+        hvp_image=8,
+        lm=(1024, 384, 6, 6, 64, 256),
+        reps=10,
+        cnn_width=64,
+        cnn_image=32,
+        cnn_batch=256,
+        train_steps=20,
+        train_reps=10,
+        warmup=20,
+        amp_steps=100,
+        compile_steps=30,
+        ps_width=16,
+        ps_batch=256,
+    ),
+    "small": Sizes(
+        hvp_batch=64,
+        hvp_hidden=32,
+        hvp_cnn_width=4,
+        hvp_image=8,
+        lm=(128, 64, 4, 2, 16, 32),
+        reps=5,
+        cnn_width=8,
+        cnn_image=16,
+        cnn_batch=64,
+        train_steps=20,
+        train_reps=4,
+        warmup=20,
+        amp_steps=40,
+        compile_steps=20,
+        ps_width=8,
+        ps_batch=64,
+    ),
+    "tiny": Sizes(
+        hvp_batch=16,
+        hvp_hidden=6,
+        hvp_cnn_width=2,
+        hvp_image=4,
+        lm=(16, 16, 2, 1, 4, 8),
+        reps=2,
+        cnn_width=4,
+        cnn_image=8,
+        cnn_batch=16,
+        train_steps=20,
+        train_reps=2,
+        warmup=0,
+        amp_steps=10,
+        compile_steps=10,
+        ps_width=4,
+        ps_batch=16,
+    ),
+}
 
 
 @dataclass
@@ -159,19 +201,31 @@ def conv_net(width: int, classes: int = 10) -> nn.Module:
     """Four 3x3 convolutions with BatchNorm and ReLU (two of stride 2), a linear head."""
     w = width
     return nn.Sequential(
-        nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-        nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
-        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-        nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
-        GlobalMean(), nn.Linear(4 * w, classes),
-    )  # fmt: skip
+        nn.Conv2d(3, w, 3, padding=1),
+        nn.BatchNorm2d(w),
+        nn.ReLU(),
+        nn.Conv2d(w, w, 3, padding=1),
+        nn.BatchNorm2d(w),
+        nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+        nn.BatchNorm2d(2 * w),
+        nn.ReLU(),
+        nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4 * w),
+        nn.ReLU(),
+        GlobalMean(),
+        nn.Linear(4 * w, classes),
+    )
 
 
 def mlp(hidden: int) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(20, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+        nn.Linear(20, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.Tanh(),
         nn.Linear(hidden, 10),
-    )  # fmt: skip
+    )
 
 
 class Block(nn.Module):
@@ -862,8 +916,9 @@ def _compiled_run(
     steps, probes, caught = cfg.sizes.compile_steps, make and make(), []
     with tempfile.TemporaryDirectory() as tmp, recorded_warnings(caught):
         with contextlib.ExitStack() as stack:  # the monitor is closed (flushed) after it
-            t = make_trainer(name, init, cfg, stack, Path(tmp), probes, opt="sgd",
-                             compiled=compiled)  # fmt: skip
+            t = make_trainer(
+                name, init, cfg, stack, Path(tmp), probes, opt="sgd", compiled=compiled
+            )
             first = t.run(batches, 1, cfg.device)  # compiles (or finds the compiled code)
             rest = t.run(batches, steps - 1, cfg.device)
         row = {

@@ -79,8 +79,14 @@ def eigenthings_error(case: bench.Case, k: int, seed: int, max_iter: int) -> flo
 def spread(case: bench.Case, k: int, seeds: int) -> dict:
     """Floor and stopping points over ``seeds`` random starts."""
     op, ref = operator(case.model, case.batch), case.top_ref
-    rows: dict[str, list] = {"floor": [], "value_tol": [], "value_tol_err": [], "tol": [],
-                             "tol_err": [], "eigenthings_err": []}  # fmt: skip
+    rows: dict[str, list] = {
+        "floor": [],
+        "value_tol": [],
+        "value_tol_err": [],
+        "tol": [],
+        "tol_err": [],
+        "eigenthings_err": [],
+    }
     fixed = 10 if k == 1 else 25  # the benchmark's tuned max_iter for hessian-eigenthings
     for seed in range(seeds):
         rows["floor"].append(floor_steps(op, ref, k, seed))
@@ -116,8 +122,15 @@ def tracking(case: bench.Case, k: int, knob: dict, *, steps: int = 100, every: i
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {"k": k, "knob": knob, "every": every, "cold": cold, "warm": warm,
-            "ratio": sum(warm) / sum(cold), "max_rel_diff": max(diff)}  # fmt: skip
+    return {
+        "k": k,
+        "knob": knob,
+        "every": every,
+        "cold": cold,
+        "warm": warm,
+        "ratio": sum(warm) / sum(cold),
+        "max_rel_diff": max(diff),
+    }
 
 
 def describe(values: list) -> str:
@@ -131,19 +144,26 @@ def report(name: str, spreads: list[dict], tracks: list[dict]) -> None:
     for s in spreads:
         print(f"\n{name} top-{s['k']} over {s['seeds']} start vectors (HVPs; errors max)")
         print(f"  floor (first step within {TARGET:g}, oracle): {describe(s['floor'])}")
-        print(f"  value_tol={TARGET:g}: {describe(s['value_tol'])}, "
-              f"max error {max(s['value_tol_err']):.1e}")
-        print(f"  tol=1e-4 (probe default): {describe(s['tol'])}, "
-              f"max error {max(s['tol_err']):.1e}")
+        print(
+            f"  value_tol={TARGET:g}: {describe(s['value_tol'])}, "
+            f"max error {max(s['value_tol_err']):.1e}"
+        )
+        print(
+            f"  tol=1e-4 (probe default): {describe(s['tol'])}, max error {max(s['tol_err']):.1e}"
+        )
         he = [e for e in s["eigenthings_err"] if e is not None]
         if he:
-            print(f"  hessian-eigenthings max_iter={s['eigenthings_max_iter']}: error median "
-                  f"{np.median(he):.1e} ({min(he):.1e}..{max(he):.1e})")
+            print(
+                f"  hessian-eigenthings max_iter={s['eigenthings_max_iter']}: error median "
+                f"{np.median(he):.1e} ({min(he):.1e}..{max(he):.1e})"
+            )
     for t in tracks:
         knob = ", ".join(f"{k}={v:g}" for k, v in t["knob"].items())
-        print(f"\n{name} tracking top-{t['k']} every {t['every']} steps ({knob}): "
-              f"cold {t['cold']} warm {t['warm']} -> warm/cold {t['ratio']:.2f}; "
-              f"answers differ by <= {t['max_rel_diff']:.1e}")
+        print(
+            f"\n{name} tracking top-{t['k']} every {t['every']} steps ({knob}): "
+            f"cold {t['cold']} warm {t['warm']} -> warm/cold {t['ratio']:.2f}; "
+            f"answers differ by <= {t['max_rel_diff']:.1e}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,9 +185,12 @@ def main(argv: list[str] | None = None) -> None:
         hessian = bench.DoubleBackwardHessian(case.model, case.batch)
         case.top_ref, _ = bench.reference_top(hessian, max(bench.TOPS))
         spreads = [spread(case, k, args.seeds) for k in bench.TOPS]
-        tracks = [tracking(case, k, knob, every=every, steps=10 * every)
-                  for every in (1, 10) for k in bench.TOPS
-                  for knob in ({"value_tol": TARGET}, {"tol": 1e-4})]  # fmt: skip
+        tracks = [
+            tracking(case, k, knob, every=every, steps=10 * every)
+            for every in (1, 10)
+            for k in bench.TOPS
+            for knob in ({"value_tol": TARGET}, {"tol": 1e-4})
+        ]
         report(name, spreads, tracks)
         result[name] = {"top_ref": case.top_ref.tolist(), "spread": spreads, "tracking": tracks}
     if args.out:

@@ -68,24 +68,34 @@ CONFIGS: dict[str, tuple[Callable[[], list] | None, float | None]] = {
 
 def per_probe_configs() -> dict[str, tuple[Callable[[], list], None]]:
     """Each probe class alone, due every step (no target: it shows where overhead goes)."""
-    return {f"only_{name}": (lambda cls=cls: [cls(schedule=every(1))], None)
-            for name, cls in PROBES.items()}
+    return {
+        f"only_{name}": (lambda cls=cls: [cls(schedule=every(1))], None)
+        for name, cls in PROBES.items()
+    }
 
 
 def small_cnn() -> nn.Module:
     """conv 3->16->32 with BatchNorm, ReLU and pooling, a linear head: [B, 3, 32, 32] -> [B, 10]."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
-    )  # fmt: skip
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
+    )
 
 
 def make_batches(count: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randn(size, 3, 32, 32, generator=gen), torch.randint(0, 10, (size,),
-                                                                         generator=gen))
-            for _ in range(count)]
+    return [
+        (torch.randn(size, 3, 32, 32, generator=gen), torch.randint(0, 10, (size,), generator=gen))
+        for _ in range(count)
+    ]
 
 
 @dataclass
@@ -119,8 +129,9 @@ class Trainer:
         return time.perf_counter() - start
 
 
-def make_trainers(stack: contextlib.ExitStack, root: Path, init: dict, configs: dict, *,
-                  flush_seconds: float) -> dict[str, Trainer]:
+def make_trainers(
+    stack: contextlib.ExitStack, root: Path, init: dict, configs: dict, *, flush_seconds: float
+) -> dict[str, Trainer]:
     trainers = {}
     for name, (probes, _) in configs.items():
         model = small_cnn()
@@ -129,14 +140,18 @@ def make_trainers(stack: contextlib.ExitStack, root: Path, init: dict, configs: 
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         mon = None
         if probes is not None:
-            mon = stack.enter_context(trainprobe.watch(
-                model, probes(), run_dir=root / name, optimizer=opt, flush_seconds=flush_seconds))
+            mon = stack.enter_context(
+                trainprobe.watch(
+                    model, probes(), run_dir=root / name, optimizer=opt, flush_seconds=flush_seconds
+                )
+            )
         trainers[name] = Trainer(name, model, opt, mon)
     return trainers
 
 
-def bootstrap_ratio(num: np.ndarray, den: np.ndarray, *, draws: int = 2000,
-                    seed: int = 0) -> tuple[float, float]:
+def bootstrap_ratio(
+    num: np.ndarray, den: np.ndarray, *, draws: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """95% interval of ``median(num) / median(den)``, resampling repetitions in pairs."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(num), size=(draws, len(num)))  # [draws, R]
@@ -148,8 +163,13 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray, *, draws: int = 2000,
 def idle_step_cost(root: Path, steps: int) -> dict[str, float]:
     """Microseconds per ``mon.step`` when no probe is due (every schedule far away)."""
     far = at_steps(10**12)
-    probes = [LayerNorms(schedule=far), UpdateNorms(schedule=far), ActivationStats(schedule=far),
-              NonFiniteGuard(schedule=far), LearningRate(schedule=far)]
+    probes = [
+        LayerNorms(schedule=far),
+        UpdateNorms(schedule=far),
+        ActivationStats(schedule=far),
+        NonFiniteGuard(schedule=far),
+        LearningRate(schedule=far),
+    ]
     model = small_cnn()
     loss = torch.tensor(1.0)
     out = {}
@@ -181,8 +201,7 @@ def measure(args: argparse.Namespace) -> dict:
     order = list(configs)
     shuffler = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        trainers = make_trainers(stack, Path(tmp), init, configs,
-                                 flush_seconds=args.flush_seconds)
+        trainers = make_trainers(stack, Path(tmp), init, configs, flush_seconds=args.flush_seconds)
         for trainer in trainers.values():  # warm-up, not timed
             trainer.run(batches, args.warmup)
         for _ in range(args.reps):
@@ -193,8 +212,9 @@ def measure(args: argparse.Namespace) -> dict:
                 trainer.seconds.append(trainer.run(batches, args.steps) / args.steps)
         stack.close()  # flush and close the monitors inside the tempdir
         final = {name: t.model.state_dict() for name, t in trainers.items()}
-        identical = all(torch.equal(final["none"][k], final[name][k])
-                        for name in final for k in final["none"])
+        identical = all(
+            torch.equal(final["none"][k], final[name][k]) for name in final for k in final["none"]
+        )
         idle = idle_step_cost(Path(tmp), args.idle_steps)
     base = np.array(trainers["none"].seconds)
     rows = []
@@ -202,43 +222,67 @@ def measure(args: argparse.Namespace) -> dict:
         times = np.array(trainers[name].seconds)
         ratio = float(np.median(times) / np.median(base))
         low, high = bootstrap_ratio(times, base)
-        rows.append({
-            "config": name, "median_ms": float(np.median(times) * 1e3),
-            "min_ms": float(times.min() * 1e3), "max_ms": float(times.max() * 1e3),
-            "ratio": ratio, "ratio_ci95": [low, high], "target": target,
-            "pass": None if target is None else ratio <= target,
-            "per_rep_ms": (times * 1e3).round(4).tolist(),
-        })
-    return {"rows": rows, "idle": idle, "bit_identical_training": identical,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "profile")},
-            "platform": {"torch": torch.__version__, "python": platform.python_version(),
-                         "machine": platform.machine(), "processor": platform.processor()}}
+        rows.append(
+            {
+                "config": name,
+                "median_ms": float(np.median(times) * 1e3),
+                "min_ms": float(times.min() * 1e3),
+                "max_ms": float(times.max() * 1e3),
+                "ratio": ratio,
+                "ratio_ci95": [low, high],
+                "target": target,
+                "pass": None if target is None else ratio <= target,
+                "per_rep_ms": (times * 1e3).round(4).tolist(),
+            }
+        )
+    return {
+        "rows": rows,
+        "idle": idle,
+        "bit_identical_training": identical,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "profile")},
+        "platform": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+    }
 
 
 def print_report(result: dict) -> None:
     settings = result["settings"]
-    print(f"small CNN, batch {settings['batch_size']}, CPU, {settings['threads']} threads; "
-          f"{settings['reps']} interleaved reps x {settings['steps']} steps, "
-          f"{settings['warmup']} warm-up steps each")
-    print(f"{'config':<18} {'median ms/step':>15} {'min..max ms':>15} {'ratio':>7} "
-          f"{'95% CI':>15} {'target':>7} {'result':>6}")
+    print(
+        f"small CNN, batch {settings['batch_size']}, CPU, {settings['threads']} threads; "
+        f"{settings['reps']} interleaved reps x {settings['steps']} steps, "
+        f"{settings['warmup']} warm-up steps each"
+    )
+    print(
+        f"{'config':<18} {'median ms/step':>15} {'min..max ms':>15} {'ratio':>7} "
+        f"{'95% CI':>15} {'target':>7} {'result':>6}"
+    )
     for row in result["rows"]:
         low, high = row["ratio_ci95"]
         target = "-" if row["target"] is None else f"<={row['target']:.2f}"
         verdict = "-" if row["pass"] is None else ("pass" if row["pass"] else "FAIL")
-        print(f"{row['config']:<18} {row['median_ms']:>15.3f} "
-              f"{row['min_ms']:>7.2f}..{row['max_ms']:<6.2f} {row['ratio']:>7.3f} "
-              f"{f'{low:.3f}..{high:.3f}':>15} {target:>7} {verdict:>6}")
+        print(
+            f"{row['config']:<18} {row['median_ms']:>15.3f} "
+            f"{row['min_ms']:>7.2f}..{row['max_ms']:<6.2f} {row['ratio']:>7.3f} "
+            f"{f'{low:.3f}..{high:.3f}':>15} {target:>7} {verdict:>6}"
+        )
     idle = result["idle"]
-    print(f"idle steps (no probe due): {idle['nothing_due_us']:.1f} us/step "
-          f"({idle['nothing_due_log_loss_us']:.1f} us with s.log(loss=...); empty `with` "
-          f"{idle['baseline_us']:.2f} us)")
+    print(
+        f"idle steps (no probe due): {idle['nothing_due_us']:.1f} us/step "
+        f"({idle['nothing_due_log_loss_us']:.1f} us with s.log(loss=...); empty `with` "
+        f"{idle['baseline_us']:.2f} us)"
+    )
     print(f"training bit-identical across configurations: {result['bit_identical_training']}")
     base = np.array(result["rows"][0]["per_rep_ms"])
     p10, p90 = np.percentile(base, [10, 90])
     if p90 > 1.25 * p10:
-        print(f"warning: plain-loop step times spread {p10:.2f}..{p90:.2f} ms (10th..90th "
-              "percentile); the machine was busy, rerun on an idle one (or with --threads 1)")
+        print(
+            f"warning: plain-loop step times spread {p10:.2f}..{p90:.2f} ms (10th..90th "
+            "percentile); the machine was busy, rerun on an idle one (or with --threads 1)"
+        )
 
 
 def profile(args: argparse.Namespace) -> None:
@@ -247,8 +291,13 @@ def profile(args: argparse.Namespace) -> None:
     init = small_cnn().state_dict()
     batches = make_batches(args.batches, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        trainer = make_trainers(stack, Path(tmp), init, {"every_1": CONFIGS["every_1"]},
-                                flush_seconds=args.flush_seconds)["every_1"]
+        trainer = make_trainers(
+            stack,
+            Path(tmp),
+            init,
+            {"every_1": CONFIGS["every_1"]},
+            flush_seconds=args.flush_seconds,
+        )["every_1"]
         trainer.run(batches, args.warmup)
         profiler = cProfile.Profile()
         profiler.enable()
@@ -261,30 +310,45 @@ def profile(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (CI has 2 cores)")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per repetition, a multiple of 10 (default 20; 10 with --quick)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per repetition, a multiple of 10 (default 20; 10 with --quick)",
+    )
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps per config")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=8, help="distinct synthetic batches")
-    parser.add_argument("--flush-seconds", type=float, default=2.0,
-                        help="watch(flush_seconds=...) of the monitored configurations")
+    parser.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=2.0,
+        help="watch(flush_seconds=...) of the monitored configurations",
+    )
     parser.add_argument("--idle-steps", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="about 15 s instead of 1-2 min")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
-    parser.add_argument("--per-probe", action="store_true",
-                        help="also time each probe alone, due every step")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile the every-step configuration instead of timing")
+    parser.add_argument(
+        "--per-probe", action="store_true", help="also time each probe alone, due every step"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the every-step configuration instead of timing",
+    )
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 10 if args.quick else 20
     if args.steps <= 0 or args.steps % 10:
-        parser.error(f"--steps must be a multiple of 10 (got {args.steps}) so every block of "
-                     "every_10 holds the same number of due steps")
+        parser.error(
+            f"--steps must be a multiple of 10 (got {args.steps}) so every block of "
+            "every_10 holds the same number of due steps"
+        )
     if args.reps is None:
         args.reps = 12 if args.quick else 80
     if args.quick:

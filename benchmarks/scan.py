@@ -46,8 +46,9 @@ def model() -> nn.Module:
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed evaluation batch, as ``--data benchmarks/scan.py:data``."""
-    return make_digits(int(os.environ.get("SCAN_BENCH_BATCH", BATCH)),
-                       gen=torch.Generator().manual_seed(7))  # fmt: skip
+    return make_digits(
+        int(os.environ.get("SCAN_BENCH_BATCH", BATCH)), gen=torch.Generator().manual_seed(7)
+    )
 
 
 def train(ckpt_dir: Path, steps: int, checkpoints: int) -> None:
@@ -63,8 +64,10 @@ def train(ckpt_dir: Path, steps: int, checkpoints: int) -> None:
         loss.backward()
         opt.step()
         if step in save_at:
-            torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step},
-                       ckpt_dir / f"ckpt_step{step:05d}.pt")  # fmt: skip
+            torch.save(
+                {"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                ckpt_dir / f"ckpt_step{step:05d}.pt",
+            )
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
@@ -80,10 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=BATCH)
     args = parser.parse_args(argv)
     os.environ["SCAN_BENCH_BATCH"] = str(args.batch)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.checkpoints} checkpoints of the demo CNN "
-          f"({sum(p.numel() for p in model().parameters()):,} parameters), "
-          f"evaluation batch {args.batch}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{args.checkpoints} checkpoints of the demo CNN "
+        f"({sum(p.numel() for p in model().parameters()):,} parameters), "
+        f"evaluation batch {args.batch}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         ckpts = Path(tmp) / "ckpts"
         ckpts.mkdir()
@@ -94,26 +99,49 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'index pass (mapped) / read whole':<40} {index_s:8.3f} s / {full_s:.3f} s")
 
         here = Path(__file__).resolve()
-        command = [sys.executable, "-m", "trainprobe", "scan", str(ckpts),
-                   "--model", f"{here}:model", "--data", f"{here}:data",
-                   "--out", f"{tmp}/cli-run"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "trainprobe",
+            "scan",
+            str(ckpts),
+            "--model",
+            f"{here}:model",
+            "--data",
+            f"{here}:data",
+            "--out",
+            f"{tmp}/cli-run",
+        ]
         cli_s, done = timed(subprocess.run, command, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"trainprobe scan failed ({done.returncode}):\n{done.stderr}")
         print(f"{'trainprobe scan (new process)':<40} {cli_s:8.2f} s")
 
-        scan_s, result = timed(scan, ckpts, model_fn=model, data_fn=data,
-                               run_dir=f"{tmp}/run", progress=False)  # fmt: skip
-        print(f"{'scan() in Python':<40} {scan_s:8.2f} s "
-              f"({len(result.scanned)} measured, {len(result.skipped)} skipped)")  # fmt: skip
+        scan_s, result = timed(
+            scan, ckpts, model_fn=model, data_fn=data, run_dir=f"{tmp}/run", progress=False
+        )
+        print(
+            f"{'scan() in Python':<40} {scan_s:8.2f} s "
+            f"({len(result.scanned)} measured, {len(result.skipped)} skipped)"
+        )
         print(f"{'  per checkpoint':<40} {1000 * scan_s / max(len(result.scanned), 1):8.0f} ms")
-        again_s, again = timed(scan, ckpts, model_fn=model, data_fn=data,
-                               run_dir=f"{tmp}/run", progress=False)  # fmt: skip
-        print(f"{'second scan (resume, nothing new)':<40} {again_s:8.2f} s "
-              f"({len(again.scanned)} measured, {len(again.already)} already)")  # fmt: skip
+        again_s, again = timed(
+            scan, ckpts, model_fn=model, data_fn=data, run_dir=f"{tmp}/run", progress=False
+        )
+        print(
+            f"{'second scan (resume, nothing new)':<40} {again_s:8.2f} s "
+            f"({len(again.scanned)} measured, {len(again.already)} already)"
+        )
         for name in DEFAULT_SCAN_PROBES:  # where the time goes: one probe at a time
-            alone_s, _ = timed(scan, ckpts, model_fn=model, data_fn=data, probes=[name],
-                               run_dir=f"{tmp}/only-{name}", progress=False)  # fmt: skip
+            alone_s, _ = timed(
+                scan,
+                ckpts,
+                model_fn=model,
+                data_fn=data,
+                probes=[name],
+                run_dir=f"{tmp}/only-{name}",
+                progress=False,
+            )
             print(f"{'  scan with --probes ' + name:<40} {alone_s:8.2f} s")
 
 

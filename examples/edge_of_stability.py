@@ -45,8 +45,9 @@ def train(lr: float, run_dir: Path, steps: int, every: int) -> trainprobe.Run:
     """Full-batch GD at step size ``lr``; sharpness every ``every`` steps, the top-3
     eigenvalues and the trace every ``5 every``, the spectral density log-spaced."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
-                          nn.Linear(64, 10))  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     batch = make_data()
     probes = [
@@ -56,8 +57,9 @@ def train(lr: float, run_dir: Path, steps: int, every: int) -> trainprobe.Run:
         trainprobe.HessianDensity(schedule=trainprobe.log_spaced(4)),
         trainprobe.NonFiniteGuard(),
     ]
-    with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt,
-                          loss_fn=squared_loss) as mon:  # fmt: skip
+    with trainprobe.watch(
+        model, probes, run_dir=run_dir, optimizer=opt, loss_fn=squared_loss
+    ) as mon:
         for step in range(steps):
             with mon.step(step, batch=batch) as s:
                 loss = squared_loss(model, batch)
@@ -72,9 +74,11 @@ def report(lr: float, run: trainprobe.Run) -> list[trainprobe.Finding]:
     findings = [f for f in trainprobe.analyze(run) if f.detector == "edge_of_stability"]
     sharp = run.series("sharpness/lambda_max")
     loss = run.series("scalars/loss")
-    print(f"η = {lr}: threshold 2/η = {2 / lr:g}; λ_max {sharp.values[0]:.2f} at step 0, "
-          f"{sharp.values[-1]:.2f} at step {sharp.steps[-1]}; loss {loss.values[0]:.3f} -> "
-          f"{loss.values[-1]:.3f}")  # fmt: skip
+    print(
+        f"η = {lr}: threshold 2/η = {2 / lr:g}; λ_max {sharp.values[0]:.2f} at step 0, "
+        f"{sharp.values[-1]:.2f} at step {sharp.steps[-1]}; loss {loss.values[0]:.3f} -> "
+        f"{loss.values[-1]:.3f}"
+    )
     for f in findings:
         print(f"  [{f.severity.name.lower()}] steps {f.start_step}-{f.end_step}: {f.message}")
     if not findings:

@@ -59,10 +59,11 @@ def train(name: str, data: Batch, run_dir: Path, steps: int) -> trainprobe.Run:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    probes = [FeatureAttribution({"easy": [0], "hard": [1]}, data=data, schedule=every(25)),
-              NTKResponse(data=data, schedule=every(25))]  # fmt: skip
-    with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt,
-                          loss_fn=logistic) as mon:  # fmt: skip
+    probes = [
+        FeatureAttribution({"easy": [0], "hard": [1]}, data=data, schedule=every(25)),
+        NTKResponse(data=data, schedule=every(25)),
+    ]
+    with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt, loss_fn=logistic) as mon:
         for step in range(steps):
             with mon.step(step, batch=data) as s:
                 loss = logistic(model, data)
@@ -84,8 +85,10 @@ def report(name: str, run: trainprobe.Run) -> list[trainprobe.Finding]:
     share = run.series("attribution/share/hard").values[-1]
     ratio = run.series("ntk_response/min_ratio").values[-1]
     loss = run.series("scalars/loss").values[-1]
-    print(f"  hard feature's attribution share {share:.3f}, NTK response min ratio "
-          f"{ratio:.3f}, loss {loss:.4f}")  # fmt: skip
+    print(
+        f"  hard feature's attribution share {share:.3f}, NTK response min ratio "
+        f"{ratio:.3f}, loss {loss:.4f}"
+    )
     for f in findings:
         print(f"  [{f.severity}] {f.detector}, steps {f.start_step}-{f.end_step}: {f.message}")
     if not findings:

@@ -72,11 +72,17 @@ def train(setting: Setting, p: int, run_dir: Path) -> trainprobe.Run:
     probes = [
         HeldOut(data=heldout, train_data=train_set, schedule=every(50)),
         GrokSignals(data=train_set, schedule=every(50)),
-        LocalComplexity(train=train_set[0], test=heldout[0], random=256, radius=0.05,
-                        schedule=log_spaced(12) | every(500)),
-    ]  # fmt: skip
-    with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt,
-                          loss_fn=criterion_loss(nn.CrossEntropyLoss())) as mon:  # fmt: skip
+        LocalComplexity(
+            train=train_set[0],
+            test=heldout[0],
+            random=256,
+            radius=0.05,
+            schedule=log_spaced(12) | every(500),
+        ),
+    ]
+    with trainprobe.watch(
+        model, probes, run_dir=run_dir, optimizer=opt, loss_fn=criterion_loss(nn.CrossEntropyLoss())
+    ) as mon:
         for step in range(setting.steps):
             with mon.step(step, batch=train_set) as s:
                 loss = F.cross_entropy(model(train_set[0]), train_set[1])
@@ -90,8 +96,10 @@ def train(setting: Setting, p: int, run_dir: Path) -> trainprobe.Run:
 def report(setting: Setting, run: trainprobe.Run) -> list[trainprobe.Finding]:
     findings = trainprobe.analyze(run)
     train_acc, heldout = run.series("heldout/train_acc"), run.series("heldout/acc")
-    print(f"{setting.name}: {setting.train_fraction:.0%} of pairs, {setting.steps} steps; "
-          f"train accuracy {train_acc.values[-1]:.3f}, held-out {heldout.values[-1]:.3f}")
+    print(
+        f"{setting.name}: {setting.train_fraction:.0%} of pairs, {setting.steps} steps; "
+        f"train accuracy {train_acc.values[-1]:.3f}, held-out {heldout.values[-1]:.3f}"
+    )
     for f in findings:
         print(f"  [{f.severity}] {f.detector}, steps {f.start_step}-{f.end_step}: {f.message}")
     if not findings:

@@ -34,8 +34,9 @@ def main(out: Path, steps: int = 600) -> trainprobe.Run:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     x_all, y_all = make_data(2048, gen)
-    model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 2))  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     with trainprobe.watch(model, run_dir=out, optimizer=opt) as mon:

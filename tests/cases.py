@@ -20,9 +20,14 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     """A small CNN with BatchNorm and dropout (both change under train mode)."""
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Dropout2d(0.1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-    )  # fmt: skip
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Dropout2d(0.1),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
 
 
 class TinyTransformer(nn.Module):
@@ -105,14 +110,20 @@ class Unused(nn.Module):
 
 
 SHARING: dict[str, Callable[[], nn.Module]] = {
-    "two_names": TwoNames, "repeated": repeated, "tied": Tied, "frozen": Frozen,
+    "two_names": TwoNames,
+    "repeated": repeated,
+    "tied": Tied,
+    "frozen": Frozen,
     "unused": Unused,
-}  # fmt: skip
+}
 """Models whose parameters are shared, tied, frozen or unused (the observer contract)."""
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "mlp": mlp, "cnn": cnn, "transformer": TinyTransformer, "rnn": TinyRNN,
-}  # fmt: skip
+    "mlp": mlp,
+    "cnn": cnn,
+    "transformer": TinyTransformer,
+    "rnn": TinyRNN,
+}
 
 
 def batch(name: str, step: int, *, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

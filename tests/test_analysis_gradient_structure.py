@@ -30,18 +30,26 @@ def noisy(level, seed: int, scale: float = 0.05) -> np.ndarray:
 def test_aligned_tasks_and_isolated_negative_readings_are_quiet(tmp_path):
     spiky = noisy(0.3, 1)
     spiky[[10, 40, 41, 70]] = -0.9  # single bad readings, never a rolling-median majority
-    run = write_run(tmp_path / "r", {
-        "conflict/cos/depth__seg": (STEPS, noisy(0.5, 0)),
-        "conflict/cos/depth__normals": (STEPS, spiky),
-    })  # fmt: skip
+    run = write_run(
+        tmp_path / "r",
+        {
+            "conflict/cos/depth__seg": (STEPS, noisy(0.5, 0)),
+            "conflict/cos/depth__normals": (STEPS, spiky),
+        },
+    )
     assert detect_gradient_conflict(run) == []
 
 
 def test_persistent_conflict_is_a_warning_with_its_span(tmp_path):
     cos = noisy(0.4, 2)
     cos[30:60] = noisy(-0.3, 3)[30:60]  # steps 300..590
-    run = write_run(tmp_path / "r", {"conflict/cos/depth__seg": (STEPS, cos),
-                                     "conflict/pcgrad_shift": (STEPS, np.full(N, 0.25))})
+    run = write_run(
+        tmp_path / "r",
+        {
+            "conflict/cos/depth__seg": (STEPS, cos),
+            "conflict/pcgrad_shift": (STEPS, np.full(N, 0.25)),
+        },
+    )
     (finding,) = detect_gradient_conflict(run)
     assert finding.severity is Severity.WARNING
     assert 270 <= finding.start_step <= 320 and 570 <= finding.end_step <= 620
@@ -56,8 +64,10 @@ def test_strong_lasting_conflict_is_critical_and_short_strong_conflict_is_not(tm
     long_fight[:10] = 0.5  # aligned at first, then fighting for 90% of training
     short_fight = noisy(0.5, 5)
     short_fight[50:60] = -0.8
-    run = write_run(tmp_path / "r", {"conflict/cos/a__b": (STEPS, long_fight),
-                                     "conflict/cos/a__c": (STEPS, short_fight)})
+    run = write_run(
+        tmp_path / "r",
+        {"conflict/cos/a__b": (STEPS, long_fight), "conflict/cos/a__c": (STEPS, short_fight)},
+    )
     findings = {f.severity: f for f in detect_gradient_conflict(run)}
     assert set(findings) == {Severity.CRITICAL, Severity.WARNING}
     assert findings[Severity.CRITICAL].keys == ("conflict/cos/a__b",)
@@ -66,20 +76,26 @@ def test_strong_lasting_conflict_is_critical_and_short_strong_conflict_is_not(tm
 
 def test_class_and_microbatch_pairs_are_left_to_other_detectors(tmp_path):
     """Per-class gradients near -0.9 are normal in healthy balanced classification."""
-    run = write_run(tmp_path / "r", {
-        "conflict/cos/class_0__class_1": (STEPS, noisy(-0.9, 6)),
-        "conflict/cos/micro_0__micro_1": (STEPS, noisy(-0.5, 7)),
-    })  # fmt: skip
+    run = write_run(
+        tmp_path / "r",
+        {
+            "conflict/cos/class_0__class_1": (STEPS, noisy(-0.9, 6)),
+            "conflict/cos/micro_0__micro_1": (STEPS, noisy(-0.5, 7)),
+        },
+    )
     assert detect_gradient_conflict(run) == []
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"window": 2}, "window must be at least 3"),
-    ({"conflict_cos": 0.1}, r"conflict_cos \(0.1\) must be smaller than 0"),
-    ({"critical_cos": -0.05}, r"critical_cos \(-0.05\) must be smaller than conflict_cos"),
-    ({"critical_share": 1.0}, r"critical_share must be a fraction in \[0, 1\)"),
-    ({"top": 0}, "top must be at least 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window": 2}, "window must be at least 3"),
+        ({"conflict_cos": 0.1}, r"conflict_cos \(0.1\) must be smaller than 0"),
+        ({"critical_cos": -0.05}, r"critical_cos \(-0.05\) must be smaller than conflict_cos"),
+        ({"critical_share": 1.0}, r"critical_share must be a fraction in \[0, 1\)"),
+        ({"top": 0}, "top must be at least 1"),
+    ],
+)
 def test_conflict_arguments_are_checked(tmp_path, kwargs, match):
     run = write_run(tmp_path / "r", {"conflict/cos/a__b": (STEPS, noisy(0.5, 0))})
     with pytest.raises(ValueError, match=match):
@@ -112,8 +128,10 @@ def test_balanced_classes_learned_together_are_quiet(tmp_path):
 def test_a_minority_loss_rising_while_the_batch_loss_falls(tmp_path):
     """The early minority-loss rise under imbalance (Francazi et al. 2023)."""
     rise = 0.69 + 0.4 * np.sin(np.pi * np.minimum(np.arange(N), 40) / 80)  # up until step 400
-    losses = {0: falling(0.69, 0.05), 1: np.maximum(rise - 0.01 * np.maximum(np.arange(N) - 40, 0),
-                                                    0.2)}  # fmt: skip
+    losses = {
+        0: falling(0.69, 0.05),
+        1: np.maximum(rise - 0.01 * np.maximum(np.arange(N) - 40, 0), 0.2),
+    }
     norms = {0: falling(1.0, 0.1), 1: np.full(N, 1.0)}
     run = write_run(tmp_path / "r", classes(losses, {0: 60, 1: 4}, norms))
     (finding,) = detect_class_competition(run)
@@ -148,19 +166,25 @@ def test_class_competition_arguments_are_checked(tmp_path):
 
 def noise_run(tmp_path, trace: float, signal: np.ndarray | float, batch: int):
     rng = np.random.default_rng(0)
-    return write_run(tmp_path / "r", {
-        "grad_noise/trace_cov": (STEPS, trace * (1 + 0.2 * rng.normal(size=N))),
-        "grad_noise/grad_sq": (STEPS, np.broadcast_to(signal, (N,)).astype(float)),
-        "grad_noise/batch_size": (STEPS, np.full(N, batch)),
-    })  # fmt: skip
+    return write_run(
+        tmp_path / "r",
+        {
+            "grad_noise/trace_cov": (STEPS, trace * (1 + 0.2 * rng.normal(size=N))),
+            "grad_noise/grad_sq": (STEPS, np.broadcast_to(signal, (N,)).astype(float)),
+            "grad_noise/batch_size": (STEPS, np.full(N, batch)),
+        },
+    )
 
 
-@pytest.mark.parametrize(("trace", "signal", "batch", "side"), [
-    (1000.0, 1.0, 32, "below"),
-    (2.0, 1.0, 512, "above"),
-    (100.0, 1.0, 64, None),
-    (10.0, -0.5, 256, "below"),  # the signal is below one batch's noise
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("trace", "signal", "batch", "side"),
+    [
+        (1000.0, 1.0, 32, "below"),
+        (2.0, 1.0, 512, "above"),
+        (100.0, 1.0, 64, None),
+        (10.0, -0.5, 256, "below"),  # the signal is below one batch's noise
+    ],
+)
 def test_batch_size_against_the_noise_scale(tmp_path, trace, signal, batch, side):
     findings = detect_noise_scale(noise_run(tmp_path, trace, signal, batch))
     if side is None:
@@ -193,8 +217,9 @@ def test_noise_scale_arguments_are_checked(tmp_path):
 
 def test_analyze_runs_the_gradient_detectors(tmp_path):
     series = {"conflict/cos/depth__seg": (STEPS, noisy(-0.7, 9))}
-    series |= classes({0: falling(0.69, 0.1), 1: falling(0.69, 0.1)}, {0: 8, 1: 8},
-                      {0: np.ones(N), 1: np.ones(N)})  # fmt: skip
+    series |= classes(
+        {0: falling(0.69, 0.1), 1: falling(0.69, 0.1)}, {0: 8, 1: 8}, {0: np.ones(N), 1: np.ones(N)}
+    )
     names = {f.detector for f in analyze(write_run(tmp_path / "r", series))}
     assert names == {"gradient_conflict"}
 
@@ -218,8 +243,13 @@ def _train_classes(tmp_path, counts: list[int], seed: int = 0, steps: int = 60):
     model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, len(counts)))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     probe = GradConflict(schedule=every(1), data=(x, y), layers=False)
-    with trainprobe.watch(model, [probe], run_dir=tmp_path / "run", optimizer=opt,
-                          loss_fn=criterion_loss(nn.CrossEntropyLoss())) as mon:  # fmt: skip
+    with trainprobe.watch(
+        model,
+        [probe],
+        run_dir=tmp_path / "run",
+        optimizer=opt,
+        loss_fn=criterion_loss(nn.CrossEntropyLoss()),
+    ) as mon:
         for step in range(steps):
             with mon.step(step) as s:
                 loss = F.cross_entropy(model(x), y)

@@ -29,8 +29,10 @@ def healthy_total(seed: int) -> np.ndarray:
 def layer_norms(seed: int, scale: dict[str, float | np.ndarray]) -> dict:
     """``norms/grad/<param>`` for PARAMS, each a noisy constant times ``scale[param]``."""
     rng = np.random.default_rng(seed)
-    return {f"norms/grad/{p}": (STEPS, scale.get(p, 1.0) * np.exp(rng.normal(0.0, 0.3, N)))
-            for p in PARAMS}
+    return {
+        f"norms/grad/{p}": (STEPS, scale.get(p, 1.0) * np.exp(rng.normal(0.0, 0.3, N)))
+        for p in PARAMS
+    }
 
 
 def loss_curve(final: float) -> tuple[np.ndarray, np.ndarray]:
@@ -68,19 +70,21 @@ def test_jump_that_stays_is_critical_and_not_a_trend(tmp_path):
     assert finding.severity is Severity.CRITICAL
     assert finding.start_step == 3000
     assert finding.evidence["median_after"] == pytest.approx(
-        np.median(norms[int(finding.end_step / 10) + 1:][:20]))
+        np.median(norms[int(finding.end_step / 10) + 1 :][:20])
+    )
 
 
-@pytest.mark.parametrize(("decades", "severity"), [(3.0, Severity.WARNING),
-                                                   (5.0, Severity.CRITICAL)])
+@pytest.mark.parametrize(
+    ("decades", "severity"), [(3.0, Severity.WARNING), (5.0, Severity.CRITICAL)]
+)
 def test_steady_growth_is_reported_once(tmp_path, decades, severity):
     rng = np.random.default_rng(2)
     growth = np.where(STEPS < 1000, 0.0, decades * (STEPS - 1000) / 4000)
-    norms = 10 ** growth * np.exp(rng.normal(0.0, 0.2, N))
+    norms = 10**growth * np.exp(rng.normal(0.0, 0.2, N))
     run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms)})
     [finding] = detect_exploding_gradients(run)
-    smooth = np.array([np.median(np.log10(norms[j:j + 20])) for j in range(N - 19)])
-    climb = smooth.max() - smooth[:int(np.argmax(smooth)) + 1].min()
+    smooth = np.array([np.median(np.log10(norms[j : j + 20])) for j in range(N - 19)])
+    climb = smooth.max() - smooth[: int(np.argmax(smooth)) + 1].min()
     assert finding.severity is severity
     assert finding.evidence["decades"] == pytest.approx(climb)
     assert climb == pytest.approx(decades, abs=0.2)
@@ -92,7 +96,7 @@ def test_steady_growth_is_reported_once(tmp_path, decades, severity):
 def test_fast_growth_without_a_single_jump_is_growth(tmp_path):
     rng = np.random.default_rng(3)
     ramp = np.clip((np.arange(N) - 300) / 40 * 3.0, 0.0, 3.0)  # 3 decades in 40 points
-    norms = 10 ** ramp * np.exp(rng.normal(0.0, 0.2, N))
+    norms = 10**ramp * np.exp(rng.normal(0.0, 0.2, N))
     run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms)})
     findings = detect_exploding_gradients(run)
     [growth] = [f for f in findings if "decades" in f.evidence]
@@ -108,7 +112,7 @@ def test_many_jumps_are_capped_to_the_largest(tmp_path):
     norms[at] *= np.array([40.0, 80.0, 30.0, 90.0, 50.0, 70.0, 60.0, 45.0])
     run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms)})
     findings = detect_exploding_gradients(run)
-    largest = sorted(at, key=lambda i: -norms[i] / np.median(norms[i - 20:i]))[:5]
+    largest = sorted(at, key=lambda i: -norms[i] / np.median(norms[i - 20 : i]))[:5]
     assert [f.start_step for f in findings] == sorted(STEPS[largest])
     assert all(f.evidence["jumps_on_key"] == 8 for f in findings)
     assert len(detect_exploding_gradients(run, max_jumps=8)) == 8
@@ -120,12 +124,15 @@ def test_exploding_short_series_give_nothing(tmp_path, n):
     assert detect_exploding_gradients(run) == []
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"window": 2}, "window must be at least 3 points"),
-    ({"jump_factor": -1.0}, "jump_factor must be a finite number > 0"),
-    ({"growth_decades": 0}, "growth_decades must be a finite number > 0"),
-    ({"max_jumps": 0}, r"max_jumps must be at least 1 \(the number of jump findings\)"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window": 2}, "window must be at least 3 points"),
+        ({"jump_factor": -1.0}, "jump_factor must be a finite number > 0"),
+        ({"growth_decades": 0}, "growth_decades must be a finite number > 0"),
+        ({"max_jumps": 0}, r"max_jumps must be at least 1 \(the number of jump findings\)"),
+    ],
+)
 def test_exploding_invalid_arguments(tmp_path, kwargs, match):
     run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, healthy_total(0))})
     with pytest.raises(ValueError, match=match):
@@ -155,7 +162,9 @@ def test_vanishing_ratio_span_and_evidence(tmp_path):
     assert finding.evidence["median_ratio"] == pytest.approx(np.median(ratio[200:]))
     assert finding.evidence["fraction_out_of_band"] == 1.0
     assert (finding.evidence["first_tensor"], finding.evidence["last_tensor"]) == (
-        "fc1.weight", "head.weight")
+        "fc1.weight",
+        "head.weight",
+    )
     assert finding.evidence["low_ratio"] == 1e-3
     assert finding.keys == ("norms/grad/fc1.weight", "norms/grad/head.weight")
     assert "vanish" in finding.message
@@ -203,11 +212,13 @@ def test_collapse_with_stuck_loss_is_reported(tmp_path):
 
 def test_collapse_of_a_converged_loss_is_healthy(tmp_path):
     norms = np.where(STEPS < 1000, 2.0, 1e-5)
-    run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms),
-                                     "scalars/loss": loss_curve(0.01)})
+    run = write_run(
+        tmp_path / "r", {"norms/grad_total": (STEPS, norms), "scalars/loss": loss_curve(0.01)}
+    )
     assert detect_vanishing_gradients(run) == []
-    alone = write_run(tmp_path / "a", {"norms/grad_total": (STEPS, norms),
-                                       "norms/grad/w.weight": (STEPS, norms)})
+    alone = write_run(
+        tmp_path / "a", {"norms/grad_total": (STEPS, norms), "norms/grad/w.weight": (STEPS, norms)}
+    )
     assert detect_vanishing_gradients(alone) == []  # no loss: cannot tell, so stay quiet
 
 
@@ -245,14 +256,17 @@ def test_zero_and_infinite_norms_are_dropped_from_the_ratio(tmp_path):
     json.dumps(finding.to_dict(), allow_nan=False)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"window": 1}, "window must be at least 3 points"),
-    ({"low_ratio": 0.0}, "low_ratio must be a finite number > 0"),
-    ({"low_ratio": 10.0, "high_ratio": 5.0}, r"low_ratio \(10.0\) must be smaller than"),
-    ({"min_fraction": 1.0}, r"min_fraction must be a fraction in \[0, 1\)"),
-    ({"converged_fraction": -0.1}, "converged_fraction must be a fraction"),
-    ({"collapse_ratio": float("inf")}, "collapse_ratio must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window": 1}, "window must be at least 3 points"),
+        ({"low_ratio": 0.0}, "low_ratio must be a finite number > 0"),
+        ({"low_ratio": 10.0, "high_ratio": 5.0}, r"low_ratio \(10.0\) must be smaller than"),
+        ({"min_fraction": 1.0}, r"min_fraction must be a fraction in \[0, 1\)"),
+        ({"converged_fraction": -0.1}, "converged_fraction must be a fraction"),
+        ({"collapse_ratio": float("inf")}, "collapse_ratio must be a finite number > 0"),
+    ],
+)
 def test_vanishing_invalid_arguments(tmp_path, kwargs, match):
     run = write_run(tmp_path / "r", layer_norms(0, {}), meta=META)
     with pytest.raises(ValueError, match=match):

@@ -60,15 +60,23 @@ def test_memorising_then_under_way(tmp_path):
 def test_stalled_by_softmax_collapse_not_by_nlm_alignment_alone(tmp_path):
     collapse = np.clip(STEPS / 2000, 0, 0.9)
     aligned = np.full(N, 0.97)
-    run = accuracies(tmp_path / "a", TRAIN_FIT, np.full(N, 0.02),
-                     **{"grok/softmax_collapse": collapse, "grok/nlm_cos": aligned})
+    run = accuracies(
+        tmp_path / "a",
+        TRAIN_FIT,
+        np.full(N, 0.02),
+        **{"grok/softmax_collapse": collapse, "grok/nlm_cos": aligned},
+    )
     (finding,) = detect_grokking(run)
     assert finding.severity is Severity.WARNING and "stalled" in finding.message
     assert finding.evidence["softmax_collapse"] == pytest.approx(0.9)
     assert "NLM cosine 0.97" in finding.message and finding.evidence["nlm_cos"] == 0.97
     assert "StableMax" in finding.action and "grok/softmax_collapse" in finding.keys
-    only_nlm = accuracies(tmp_path / "b", TRAIN_FIT, np.full(N, 0.02),
-                          **{"grok/softmax_collapse": np.zeros(N), "grok/nlm_cos": aligned})
+    only_nlm = accuracies(
+        tmp_path / "b",
+        TRAIN_FIT,
+        np.full(N, 0.02),
+        **{"grok/softmax_collapse": np.zeros(N), "grok/nlm_cos": aligned},
+    )
     (finding,) = detect_grokking(only_nlm)  # grokking runs sit there too: no stall
     assert finding.severity is Severity.INFO and finding.message.startswith("Memorising")
 
@@ -96,7 +104,9 @@ def regions(tmp_path, total: np.ndarray, key: str = "regions/train/total"):
 
 def test_descent_ascent_and_second_descent(tmp_path):
     t = STEPS / STEPS[-1]
-    count = 40 - 20 * np.minimum(t / 0.1, 1) + 60 * np.exp(-((t - 0.35) / 0.12) ** 2)  # peak ~0.35
+    count = (
+        40 - 20 * np.minimum(t / 0.1, 1) + 60 * np.exp(-(((t - 0.35) / 0.12) ** 2))
+    )  # peak ~0.35
     (finding,) = detect_region_migration(regions(tmp_path, count))
     ev = finding.evidence
     assert ev["minimum_step"] < ev["peak_step"] < ev["descent_step"]
@@ -111,7 +121,7 @@ def test_a_count_that_keeps_rising_is_quiet(tmp_path):
 
 
 def test_the_test_set_is_read_when_train_is_missing(tmp_path):
-    count = 20 + 30 * np.exp(-((STEPS - 3000) / 1000) ** 2)
+    count = 20 + 30 * np.exp(-(((STEPS - 3000) / 1000) ** 2))
     (finding,) = detect_region_migration(regions(tmp_path, count, "regions/test/total"))
     assert finding.keys == ("regions/test/total",)
     with pytest.raises(ValueError, match=r"ascent must be a fraction in \(0, 1\)"):
@@ -123,24 +133,36 @@ def test_the_test_set_is_read_when_train_is_missing(tmp_path):
 
 def test_a_starved_feature_and_its_control(tmp_path):
     easy, hard = 0.98 - 0.01 * np.exp(-STEPS / 500), 0.02 + 0.01 * np.exp(-STEPS / 500)
-    starved = write_run(tmp_path / "a", {"attribution/share/easy": (STEPS, easy),
-                                         "attribution/share/hard": (STEPS, hard),
-                                         "ntk_response/min_ratio": (STEPS, np.full(N, 0.03))})
+    starved = write_run(
+        tmp_path / "a",
+        {
+            "attribution/share/easy": (STEPS, easy),
+            "attribution/share/hard": (STEPS, hard),
+            "ntk_response/min_ratio": (STEPS, np.full(N, 0.03)),
+        },
+    )
     (finding,) = detect_gradient_starvation(starved)
     assert finding.severity is Severity.WARNING and "'hard'" in finding.message
     assert finding.evidence["starved_share"] == pytest.approx(0.02, abs=1e-3)
     assert finding.evidence["ntk_min_ratio"] == pytest.approx(0.03)
     assert finding.start_step >= 5900 and finding.end_step == STEPS[-1]
-    control = write_run(tmp_path / "b", {"attribution/share/easy": (STEPS, np.full(N, 0.6)),
-                                         "attribution/share/hard": (STEPS, np.full(N, 0.4)),
-                                         "ntk_response/min_ratio": (STEPS, np.full(N, 0.5))})
+    control = write_run(
+        tmp_path / "b",
+        {
+            "attribution/share/easy": (STEPS, np.full(N, 0.6)),
+            "attribution/share/hard": (STEPS, np.full(N, 0.4)),
+            "ntk_response/min_ratio": (STEPS, np.full(N, 0.5)),
+        },
+    )
     assert detect_gradient_starvation(control) == []
 
 
 def test_starvation_early_in_training_only_is_not_reported(tmp_path):
     hard = np.where(STEPS < 4000, 0.01, 0.4)  # the hard feature is learned later
-    run = write_run(tmp_path / "r", {"attribution/share/easy": (STEPS, 1 - hard),
-                                     "attribution/share/hard": (STEPS, hard)})
+    run = write_run(
+        tmp_path / "r",
+        {"attribution/share/easy": (STEPS, 1 - hard), "attribution/share/hard": (STEPS, hard)},
+    )
     assert detect_gradient_starvation(run) == []
     with pytest.raises(ValueError, match=r"ratio must be a fraction in \(0, 1\)"):
         detect_gradient_starvation(run, ratio=0.0)
@@ -150,6 +172,8 @@ def test_a_run_fit_before_its_first_measurement_is_not_called_grokked(tmp_path):
     """Held-out climbing steadily after a fit that happened before step 100: no yardstick."""
     steps = np.arange(100, 1100, 100)
     heldout = np.minimum(0.5 + 0.1 * np.arange(10), 0.96)
-    run = write_run(tmp_path / "r", {"heldout/train_acc": (steps, np.full(10, 0.99)),
-                                     "heldout/acc": (steps, heldout)})
+    run = write_run(
+        tmp_path / "r",
+        {"heldout/train_acc": (steps, np.full(10, 0.99)), "heldout/acc": (steps, heldout)},
+    )
     assert detect_grokking(run) == []

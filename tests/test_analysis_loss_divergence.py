@@ -25,7 +25,7 @@ def diverging(seed: int, *, top: float = 17.0) -> np.ndarray:
 
 
 def rolling_median(x: np.ndarray, width: int = 50) -> np.ndarray:
-    return np.array([np.median(x[j:j + width]) for j in range(x.size - width + 1)])
+    return np.array([np.median(x[j : j + width]) for j in range(x.size - width + 1)])
 
 
 def test_smooth_divergence_is_critical_where_spikes_see_nothing(tmp_path):
@@ -105,8 +105,9 @@ def test_divergence_that_recovers_is_a_warning(tmp_path):
 
 
 def test_overfitting_validation_loss_suggests_early_stopping(tmp_path):
-    val = noisy(np.where(STEPS < 400, 0.3 + 2.0 * np.exp(-STEPS / 80),
-                         0.3 * np.exp((STEPS - 400) / 700)), 3)
+    val = noisy(
+        np.where(STEPS < 400, 0.3 + 2.0 * np.exp(-STEPS / 80), 0.3 * np.exp((STEPS - 400) / 700)), 3
+    )
     run = write_run(tmp_path / "r", {"scalars/val_loss": (STEPS, val)})
     [finding] = detect_loss_divergence(run)
     assert finding.severity is Severity.CRITICAL
@@ -132,8 +133,11 @@ def test_signed_loss_is_judged_in_loss_units(tmp_path):
 def test_healthy_curves_are_quiet(tmp_path, seed):
     t = np.arange(3000)
     lr = 0.5 * (1.0 + np.cos(np.pi * t / t.size))
-    warmup = np.where(t < 200, 2.3 * (1.0 + 0.5 * t / 200),  # rises 1.5x during warm-up
-                      3.45 * np.exp(-(t - 200) / 300) + 0.15)
+    warmup = np.where(
+        t < 200,
+        2.3 * (1.0 + 0.5 * t / 200),  # rises 1.5x during warm-up
+        3.45 * np.exp(-(t - 200) / 300) + 0.15,
+    )
     curves = {
         "decay": noisy(2.0 * np.exp(-t / 300) + 0.1, seed, 0.1),
         "batch_mean": np.random.default_rng(seed).gamma(8.0, (2.0 * np.exp(-t / 400) + 0.05) / 8),
@@ -151,8 +155,9 @@ def test_zeros_and_loss_scale_are_ignored(tmp_path):
     kl = noisy(5.0 * np.exp(-(STEPS - 500) / 200) + 0.5, 5)
     kl[:500] = 0.0  # a KL term switched on at step 500: not a rise from 0
     scale = 2.0 ** (16 + np.minimum(STEPS // 200, 8))  # GradScaler's scale grows 256x
-    run = write_run(tmp_path / "r", {"scalars/kl_loss": (STEPS, kl),
-                                     "scalars/loss_scale": (STEPS, scale)})
+    run = write_run(
+        tmp_path / "r", {"scalars/kl_loss": (STEPS, kl), "scalars/loss_scale": (STEPS, scale)}
+    )
     assert detect_loss_divergence(run) == []
 
 
@@ -169,12 +174,15 @@ def test_short_series_use_a_quarter_of_the_points(tmp_path):
     assert finding.evidence["window"] == 25 and finding.severity is Severity.CRITICAL
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"window": 4}, ValueError, "window must be at least 5 points"),
-    ({"window": 50.0}, TypeError, "window must be an int"),
-    ({"factor": 1.0}, ValueError, r"factor must be a finite number > 1"),
-    ({"min_rise": 0.0}, ValueError, "min_rise must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"window": 4}, ValueError, "window must be at least 5 points"),
+        ({"window": 50.0}, TypeError, "window must be an int"),
+        ({"factor": 1.0}, ValueError, r"factor must be a finite number > 1"),
+        ({"min_rise": 0.0}, ValueError, "min_rise must be a finite number > 0"),
+    ],
+)
 def test_invalid_arguments_name_the_fix(tmp_path, kwargs, error, match):
     run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, diverging(0))})
     with pytest.raises(error, match=match):

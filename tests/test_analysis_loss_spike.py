@@ -22,7 +22,7 @@ def decaying_loss(seed: int, *, sigma: float = 0.05, n: int = 1000) -> np.ndarra
 
 def trailing_reference(values: np.ndarray, i: int, window: int = 50) -> tuple[float, float]:
     """Trailing median and robust z of point ``i`` in log space, computed directly."""
-    ref = np.log(values[max(0, i - window):i])
+    ref = np.log(values[max(0, i - window) : i])
     med = np.median(ref)
     mad = np.median(np.abs(ref - med))
     return float(np.exp(med)), float((np.log(values[i]) - med) / (1.4826 * mad))
@@ -86,7 +86,7 @@ def test_loss_that_does_not_recover_is_critical(tmp_path):
     assert finding.severity is Severity.CRITICAL
     assert finding.start_step == 500
     assert finding.end_step < 550  # the trailing median catches up within half a window
-    after = loss[finding.end_step + 1:finding.end_step + 51]
+    after = loss[finding.end_step + 1 : finding.end_step + 51]
     assert finding.evidence["median_after"] == pytest.approx(np.median(after))
     assert "did not recover" in finding.message
     assert "step 500" in finding.action
@@ -141,8 +141,9 @@ def test_findings_per_key_are_capped_largest_first(tmp_path):
     findings = detect_loss_spikes(run, recurrent_count=7, max_per_key=3)
     largest = sorted(at, key=lambda i: -trailing_reference(loss, i)[1])[:3]
     assert [f.start_step for f in findings] == sorted(largest)
-    assert all(f.severity is Severity.WARNING and f.evidence["spikes_on_key"] == 6
-               for f in findings)
+    assert all(
+        f.severity is Severity.WARNING and f.evidence["spikes_on_key"] == 6 for f in findings
+    )
     assert len(detect_loss_spikes(run, recurrent_count=7)) == 5  # the default cap
 
 
@@ -188,13 +189,20 @@ def test_loss_term_switched_on_late_has_no_spikes(tmp_path, seed):
 def test_loss_scale_keys_are_not_losses(tmp_path):
     scale = 2.0 ** (16 + np.minimum(STEPS // 200, 8))  # GradScaler: doubles every 200 steps
     scale[[450, 730]] /= 2.0  # and backs off on an overflow
-    run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, decaying_loss(0)),
-                                     "scalars/loss_scale": (STEPS, scale),
-                                     "scalars/scaled_loss": (STEPS, decaying_loss(1) * scale)})
+    run = write_run(
+        tmp_path / "r",
+        {
+            "scalars/loss": (STEPS, decaying_loss(0)),
+            "scalars/loss_scale": (STEPS, scale),
+            "scalars/scaled_loss": (STEPS, decaying_loss(1) * scale),
+        },
+    )
     assert detect_loss_spikes(run) == []
     assert loss_keys(run) == ["scalars/loss"]
-    assert [is_loss_key(k) for k in ("scalars/val_loss", "scalars/Loss_Scale",
-                                     "scalars/loss", "norms/loss")] == [True, False, True, False]
+    assert [
+        is_loss_key(k)
+        for k in ("scalars/val_loss", "scalars/Loss_Scale", "scalars/loss", "norms/loss")
+    ] == [True, False, True, False]
 
 
 def test_relative_margin_ignores_small_bumps_with_tiny_mad(tmp_path):
@@ -235,11 +243,14 @@ def test_every_loss_key_is_checked_and_others_ignored(tmp_path):
     val[60] *= 8.0
     acc = np.linspace(0.1, 0.9, 100)
     acc[60] = 50.0  # not a loss: never looked at
-    run = write_run(tmp_path / "r", {
-        "scalars/loss": (STEPS, decaying_loss(6)),
-        "scalars/val_loss": (np.arange(100) * 10, val),
-        "scalars/accuracy": (np.arange(100) * 10, acc),
-    })
+    run = write_run(
+        tmp_path / "r",
+        {
+            "scalars/loss": (STEPS, decaying_loss(6)),
+            "scalars/val_loss": (np.arange(100) * 10, val),
+            "scalars/accuracy": (np.arange(100) * 10, acc),
+        },
+    )
     [finding] = detect_loss_spikes(run)
     assert finding.keys == ("scalars/val_loss",)
     assert finding.start_step == 600
@@ -259,16 +270,19 @@ def test_short_series_give_nothing(tmp_path, n):
     assert detect_loss_spikes(run) == []
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"window": 2}, ValueError, "window must be at least 3 points"),
-    ({"window": 50.0}, TypeError, "window must be an int"),
-    ({"recovery_window": 0}, ValueError, "recovery_window must be at least 1"),
-    ({"recurrent_count": 1}, ValueError, r"recurrent_count must be at least 2 \(the number"),
-    ({"recurrent_count": 2.0}, TypeError, "recurrent_count must be an int"),
-    ({"max_per_key": 0}, ValueError, "max_per_key must be at least 1"),
-    ({"z_threshold": 0.0}, ValueError, "z_threshold must be a finite number > 0"),
-    ({"min_rel_increase": float("nan")}, ValueError, "min_rel_increase must be a finite"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"window": 2}, ValueError, "window must be at least 3 points"),
+        ({"window": 50.0}, TypeError, "window must be an int"),
+        ({"recovery_window": 0}, ValueError, "recovery_window must be at least 1"),
+        ({"recurrent_count": 1}, ValueError, r"recurrent_count must be at least 2 \(the number"),
+        ({"recurrent_count": 2.0}, TypeError, "recurrent_count must be an int"),
+        ({"max_per_key": 0}, ValueError, "max_per_key must be at least 1"),
+        ({"z_threshold": 0.0}, ValueError, "z_threshold must be a finite number > 0"),
+        ({"min_rel_increase": float("nan")}, ValueError, "min_rel_increase must be a finite"),
+    ],
+)
 def test_invalid_arguments_name_the_fix(tmp_path, kwargs, error, match):
     run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, decaying_loss(0))})
     with pytest.raises(error, match=match):

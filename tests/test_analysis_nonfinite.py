@@ -13,8 +13,9 @@ META = {"model": {"params": PARAMS}}
 STEPS = np.arange(300)
 
 
-def nonfinite_series(*, loss=(), grad=(), param=(), first_grad=None, first_param=None,
-                     n: int = STEPS.size):
+def nonfinite_series(
+    *, loss=(), grad=(), param=(), first_grad=None, first_param=None, n: int = STEPS.size
+):
     """``nonfinite/*`` keys with the given bad steps (``n`` steps, every step recorded)."""
     steps = np.arange(n)
     series = {}
@@ -37,8 +38,13 @@ def test_finite_run_gives_nothing(tmp_path):
 
 
 def test_gradients_first_names_the_tensor_and_the_order(tmp_path):
-    series = nonfinite_series(loss=range(122, 300), grad=range(120, 300),
-                              param=range(121, 300), first_grad=1, first_param=3)
+    series = nonfinite_series(
+        loss=range(122, 300),
+        grad=range(120, 300),
+        param=range(121, 300),
+        first_grad=1,
+        first_param=3,
+    )
     run = write_run(tmp_path / "r", series, meta=META)
     [finding] = detect_nonfinite(run)
     assert finding.severity is Severity.CRITICAL
@@ -46,19 +52,22 @@ def test_gradients_first_names_the_tensor_and_the_order(tmp_path):
     assert finding.evidence["origin"] == "grad"
     assert finding.evidence["first_grad_tensor"] == "fc1.weight"
     assert finding.evidence["first_param_tensor"] == "head.weight"
-    assert (finding.evidence["first_loss_step"], finding.evidence["first_grad_step"],
-            finding.evidence["first_param_step"]) == (122, 120, 121)
+    assert (
+        finding.evidence["first_loss_step"],
+        finding.evidence["first_grad_step"],
+        finding.evidence["first_param_step"],
+    ) == (122, 120, 121)
     assert finding.evidence["bad_steps"] == 180
     assert finding.message.startswith(
         "NaN/Inf first appeared in the gradients at step 120 (first tensor 'fc1.weight'), "
-        "then in the parameters at step 121")
+        "then in the parameters at step 121"
+    )
     assert "detect_anomaly" in finding.action and "'fc1.weight'" in finding.action
     assert finding.keys == ("nonfinite/loss", "nonfinite/grad", "nonfinite/param")
 
 
 def test_loss_wins_a_tie_with_gradients(tmp_path):
-    series = nonfinite_series(loss=[50, 51], grad=[50, 51], param=[51], first_grad=0,
-                              first_param=0)
+    series = nonfinite_series(loss=[50, 51], grad=[50, 51], param=[51], first_grad=0, first_param=0)
     run = write_run(tmp_path / "r", series, meta=META)
     [finding] = detect_nonfinite(run)
     assert finding.evidence["origin"] == "loss"
@@ -79,8 +88,7 @@ def test_parameters_first_blame_the_update(tmp_path):
 def test_frequent_skipped_steps_are_a_warning(tmp_path):
     # a dynamic loss scaler: overflowing gradients, step skipped, parameters stay finite;
     # 3 of 300 steps is 1%, too many for a scaler that has found its scale
-    run = write_run(tmp_path / "r", nonfinite_series(grad=[10, 95, 180], first_grad=0),
-                    meta=META)
+    run = write_run(tmp_path / "r", nonfinite_series(grad=[10, 95, 180], first_grad=0), meta=META)
     [finding] = detect_nonfinite(run)
     assert finding.severity is Severity.WARNING
     assert (finding.start_step, finding.end_step, finding.evidence["bad_steps"]) == (10, 180, 3)
@@ -91,8 +99,7 @@ def test_frequent_skipped_steps_are_a_warning(tmp_path):
 @pytest.mark.parametrize("bad", [[95, 180], [0, 1, 2, 3, 4, 1200, 2400]])
 def test_rare_isolated_skipped_steps_are_info(tmp_path, bad):
     # GradScaler backing off now and then, or settling its 2^16 initial scale at the start
-    run = write_run(tmp_path / "r", nonfinite_series(grad=bad, first_grad=0, n=3000),
-                    meta=META)
+    run = write_run(tmp_path / "r", nonfinite_series(grad=bad, first_grad=0, n=3000), meta=META)
     [finding] = detect_nonfinite(run)
     assert finding.severity is Severity.INFO
     assert finding.evidence["checked_steps"] == 3000
@@ -116,11 +123,14 @@ def test_rare_nonfinite_loss_stays_critical(tmp_path):
     assert "checked_steps" not in finding.evidence
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"rare_fraction": 1.0}, ValueError, r"rare_fraction must be a fraction in \[0, 1\)"),
-    ({"max_run": 0}, ValueError, r"max_run must be at least 1 \(the number of consecutive"),
-    ({"max_run": 2.5}, TypeError, "max_run must be an int"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rare_fraction": 1.0}, ValueError, r"rare_fraction must be a fraction in \[0, 1\)"),
+        ({"max_run": 0}, ValueError, r"max_run must be at least 1 \(the number of consecutive"),
+        ({"max_run": 2.5}, TypeError, "max_run must be an int"),
+    ],
+)
 def test_invalid_arguments_name_the_fix(tmp_path, kwargs, error, match):
     run = write_run(tmp_path / "r", nonfinite_series(grad=[10]), meta=META)
     with pytest.raises(error, match=match):

@@ -46,14 +46,18 @@ def troubled_run(tmp_path: Path):
     measured = STEPS[::10]
     total = np.exp(rng.normal(0.0, 0.2, measured.size))
     total[40] *= 50.0  # warning at 400
-    return write_run(tmp_path / "r", {
-        "scalars/loss": (STEPS, loss),
-        "nonfinite/loss": (STEPS, bad),
-        "norms/grad_total": (measured, total),
-        "norms/grad/fc1.weight": (measured, 1e-6 * total),  # warning from 0
-        "norms/grad/head.weight": (measured, total),
-        "updates/ratio/fc1.weight": (measured, np.full(measured.size, 1e-9)),  # info from 0
-    }, meta={"model": {"params": PARAMS}})
+    return write_run(
+        tmp_path / "r",
+        {
+            "scalars/loss": (STEPS, loss),
+            "nonfinite/loss": (STEPS, bad),
+            "norms/grad_total": (measured, total),
+            "norms/grad/fc1.weight": (measured, 1e-6 * total),  # warning from 0
+            "norms/grad/head.weight": (measured, total),
+            "updates/ratio/fc1.weight": (measured, np.full(measured.size, 1e-9)),  # info from 0
+        },
+        meta={"model": {"params": PARAMS}},
+    )
 
 
 def test_analyze_orders_by_severity_then_start_step(tmp_path):
@@ -91,20 +95,28 @@ def nasty_run(tmp_path: Path):
     sharp = 40.0 * np.minimum(0.2 + measured / 400, 1.0) * np.exp(rng.normal(0.0, 0.03, n))
     sharp[[3, 40]], threshold = [np.nan, np.inf], np.full(n, 40.0)
     threshold[[7, 50]] = [0.0, np.nan]
-    return write_run(tmp_path / "nasty", {
-        "scalars/loss": (STEPS, loss), "scalars/triplet_loss": (STEPS, triplet),
-        "scalars/val_loss": (STEPS, val),
-        "scalars/loss_scale": (STEPS, 2.0 ** (16 + STEPS // 100)),
-        "nonfinite/loss": (STEPS, np.zeros(STEPS.size)), "nonfinite/grad": (STEPS, flags),
-        "nonfinite/param": (STEPS, np.zeros(STEPS.size)),
-        "norms/grad_total": (measured, total),
-        **{f"norms/grad/{p}": (measured, g) for p, g in grad.items()},
-        "updates/ratio/gamma": (measured, ratio), "norms/weight/gamma": (measured, norm),
-        "updates/ratio/fc1.weight": (measured, np.full(n, 0.5)),
-        "updates/ratio/head.weight": (measured, np.full(n, 1e-9)),
-        "sharpness/lambda_max": (measured, sharp), "sharpness/threshold": (measured, threshold),
-        **gradient_structure(measured),
-    }, meta={"model": {"params": ["fc1.weight", "head.weight", "pooler.weight"]}})
+    return write_run(
+        tmp_path / "nasty",
+        {
+            "scalars/loss": (STEPS, loss),
+            "scalars/triplet_loss": (STEPS, triplet),
+            "scalars/val_loss": (STEPS, val),
+            "scalars/loss_scale": (STEPS, 2.0 ** (16 + STEPS // 100)),
+            "nonfinite/loss": (STEPS, np.zeros(STEPS.size)),
+            "nonfinite/grad": (STEPS, flags),
+            "nonfinite/param": (STEPS, np.zeros(STEPS.size)),
+            "norms/grad_total": (measured, total),
+            **{f"norms/grad/{p}": (measured, g) for p, g in grad.items()},
+            "updates/ratio/gamma": (measured, ratio),
+            "norms/weight/gamma": (measured, norm),
+            "updates/ratio/fc1.weight": (measured, np.full(n, 0.5)),
+            "updates/ratio/head.weight": (measured, np.full(n, 1e-9)),
+            "sharpness/lambda_max": (measured, sharp),
+            "sharpness/threshold": (measured, threshold),
+            **gradient_structure(measured),
+        },
+        meta={"model": {"params": ["fc1.weight", "head.weight", "pooler.weight"]}},
+    )
 
 
 def gradient_structure(measured: np.ndarray) -> dict:
@@ -122,12 +134,13 @@ def gradient_structure(measured: np.ndarray) -> dict:
     fit = np.minimum(measured / 100, 1.0)  # train accuracy: fit by step 100
     heldout = np.where(measured < 600, 0.0, 1.0)  # then held-out at 600: grokked
     heldout[[10, 11]] = [np.nan, np.inf]
-    regions = 10 + 30 * np.exp(-((measured - 300) / 150) ** 2)  # up, then down
+    regions = 10 + 30 * np.exp(-(((measured - 300) / 150) ** 2))  # up, then down
     regions[[2, 30]] = [np.nan, 0.0]
     ratio = np.full(n, 0.01)
     ratio[:5] = np.nan  # undefined at the start
     return {
-        "heldout/train_acc": (measured, fit), "heldout/acc": (measured, heldout),
+        "heldout/train_acc": (measured, fit),
+        "heldout/acc": (measured, heldout),
         "regions/train/total": (measured, regions),
         "attribution/share/easy": (measured, np.full(n, 0.999)),
         "attribution/share/hard": (measured, np.zeros(n)),
@@ -142,7 +155,7 @@ def gradient_structure(measured: np.ndarray) -> dict:
         "grad_noise/trace_cov": (measured, np.full(n, 5.0)),
         "grad_noise/grad_sq": (measured, grad_sq),
         "grad_noise/batch_size": (measured, np.full(n, 32.0)),
-    }  # fmt: skip
+    }
 
 
 def test_no_detector_puts_nan_or_inf_into_evidence(tmp_path):
@@ -171,8 +184,10 @@ def test_analyze_skips_detectors_whose_keys_are_missing(tmp_path):
         return [Finding("custom", Severity.INFO, 3, 4, "seen", "act")]
 
     run = write_run(tmp_path / "r", {"scalars/loss": (STEPS[:10], np.ones(10))})
-    detectors = (Detector("never", never, ("norms/grad/*", "scalars/loss")),
-                 Detector("custom", loss_only, ("scalars/*loss*",)))
+    detectors = (
+        Detector("never", never, ("norms/grad/*", "scalars/loss")),
+        Detector("custom", loss_only, ("scalars/*loss*",)),
+    )
     [finding] = analyze(run, detectors=detectors)
     assert finding.detector == "custom" and calls == [run]
     assert analyze(run) == []  # the default detectors skip or find nothing
@@ -180,19 +195,40 @@ def test_analyze_skips_detectors_whose_keys_are_missing(tmp_path):
 
 def test_every_detector_tolerates_one_or_two_points(tmp_path):
     for n in (1, 2):
-        series = {key: (np.arange(n), np.full(n, 1e-9)) for key in (
-            "scalars/loss", "norms/grad_total", "norms/grad/a.weight", "norms/grad/b.weight",
-            "updates/ratio/a.weight", "sharpness/lambda_max", "sharpness/threshold")}
+        series = {
+            key: (np.arange(n), np.full(n, 1e-9))
+            for key in (
+                "scalars/loss",
+                "norms/grad_total",
+                "norms/grad/a.weight",
+                "norms/grad/b.weight",
+                "updates/ratio/a.weight",
+                "sharpness/lambda_max",
+                "sharpness/threshold",
+            )
+        }
         series["nonfinite/grad"] = (np.arange(n), np.zeros(n))
         assert analyze(write_run(tmp_path / f"r{n}", series)) == []
 
 
 def test_registry_is_consistent():
     names = [d.name for d in DETECTORS]
-    assert names == ["nonfinite", "loss_spike", "loss_divergence", "exploding_gradients",
-                     "vanishing_gradients", "update_ratio", "edge_of_stability",
-                     "gradient_conflict", "class_competition", "noise_scale", "grokking",
-                     "region_migration", "gradient_starvation", "instability"]
+    assert names == [
+        "nonfinite",
+        "loss_spike",
+        "loss_divergence",
+        "exploding_gradients",
+        "vanishing_gradients",
+        "update_ratio",
+        "edge_of_stability",
+        "gradient_conflict",
+        "class_competition",
+        "noise_scale",
+        "grokking",
+        "region_migration",
+        "gradient_starvation",
+        "instability",
+    ]
     for detector in DETECTORS:
         assert detector.func.__name__ in analysis.__all__
         assert detector.needs and all(isinstance(p, str) for p in detector.needs)
@@ -242,7 +278,7 @@ def test_trailing_median_mad_matches_direct_computation():
     x = np.random.default_rng(1).normal(size=4200)  # crosses a 4096-row chunk boundary
     med, mad = trailing_median_mad(x, 30, min_periods=5)
     for i in [0, 4, 5, 17, 29, 30, 31, 2000, 4125, 4126, 4127, 4199]:
-        ref = x[max(0, i - 30):i]
+        ref = x[max(0, i - 30) : i]
         if ref.size < 5:
             assert np.isnan(med[i]) and np.isnan(mad[i])
         else:
@@ -269,7 +305,14 @@ def test_step_windows_span_steps_with_a_minimum_count():
     irregular = np.array([0, 1, 2, 50, 300, 301, 302, 303, 600])
     starts, ends = step_windows(irregular, 100, 3)
     assert list(zip(starts.tolist(), ends.tolist(), strict=True)) == [
-        (0, 4), (1, 4), (2, 5), (3, 6), (4, 8), (5, 8), (6, 9)]
+        (0, 4),
+        (1, 4),
+        (2, 5),
+        (3, 6),
+        (4, 8),
+        (5, 8),
+        (6, 9),
+    ]
     assert step_windows(np.arange(4), 100, 5)[1].tolist() == [4]  # short: one window
     assert step_windows(np.empty(0, dtype=np.int64), 100, 5)[0].size == 0
 
@@ -280,7 +323,7 @@ def test_window_medians_match_direct_computation():
     starts, ends = step_windows(steps, 40, 5)
     medians = window_medians(x, starts, ends)
     for k in [0, 1, 17, 4095, 4096, 4097, starts.size - 1]:
-        assert medians[k] == pytest.approx(np.median(x[starts[k]:ends[k]]))
+        assert medians[k] == pytest.approx(np.median(x[starts[k] : ends[k]]))
 
 
 def test_instability_folds_the_symptoms_of_one_episode(tmp_path):
@@ -291,9 +334,13 @@ def test_instability_folds_the_symptoms_of_one_episode(tmp_path):
     (episode,) = [f for f in everything if f.detector == "instability"]
     folded = analyze(run)
     assert episode in folded and episode.severity is Severity.CRITICAL
-    inside = [f for f in everything if f.detector in ("loss_spike", "exploding_gradients",
-                                                      "nonfinite", "vanishing_gradients")
-              and episode.start_step <= f.start_step and f.end_step <= episode.end_step]
+    inside = [
+        f
+        for f in everything
+        if f.detector in ("loss_spike", "exploding_gradients", "nonfinite", "vanishing_gradients")
+        and episode.start_step <= f.start_step
+        and f.end_step <= episode.end_step
+    ]
     assert len(inside) >= 2 and not [f for f in inside if f in folded]
     assert episode.evidence["symptoms"] == len(inside)
     assert set(episode.keys) >= {k for f in inside for k in f.keys}

@@ -16,13 +16,14 @@ LAYERS = ["embed.weight", "fc1.weight", "fc1.bias", "fc2.weight", "head.weight"]
 def ratios(seed: int, level: dict[str, float | np.ndarray]) -> dict:
     """``updates/ratio/<layer>``: log-normal noise around ``level`` (default 1e-3)."""
     rng = np.random.default_rng(seed)
-    return {f"updates/ratio/{layer}": (STEPS, level.get(layer, 1e-3)
-                                       * np.exp(rng.normal(0.0, 0.5, N)))
-            for layer in LAYERS}
+    return {
+        f"updates/ratio/{layer}": (STEPS, level.get(layer, 1e-3) * np.exp(rng.normal(0.0, 0.5, N)))
+        for layer in LAYERS
+    }
 
 
 def peak_window_median(values: np.ndarray, window: int = 20) -> float:
-    return max(np.median(values[j:j + window]) for j in range(values.size - window + 1))
+    return max(np.median(values[j : j + window]) for j in range(values.size - window + 1))
 
 
 def zero_init(steps: np.ndarray, *, tau: float = 200.0, scale: float = 0.1) -> tuple:
@@ -75,8 +76,10 @@ def test_window_is_a_span_of_steps(tmp_path, every):
     steps = np.arange(0, 3000, every)
     short = np.where((steps >= 1000) & (steps < 1060), 0.5, 1e-3)  # 60 steps: under half
     long = np.where((steps >= 1000) & (steps < 1150), 0.5, 1e-3)  # 150 of 200 steps
-    run = write_run(tmp_path / "r", {"updates/ratio/a.weight": (steps, short),
-                                     "updates/ratio/b.weight": (steps, long)})
+    run = write_run(
+        tmp_path / "r",
+        {"updates/ratio/a.weight": (steps, short), "updates/ratio/b.weight": (steps, long)},
+    )
     [finding] = detect_update_ratio(run)
     assert finding.keys == ("updates/ratio/b.weight",)
     assert finding.evidence["window_steps"] == 200
@@ -89,8 +92,7 @@ def test_too_large_warning_and_critical_list_layers_by_deviation(tmp_path):
     [warning] = detect_update_ratio(run)
     assert warning.severity is Severity.WARNING
     settled = series["updates/ratio/fc1.weight"][1][10:]  # no weight norms: skip 5% of steps
-    assert warning.evidence["peak_median[fc1.weight]"] == pytest.approx(
-        peak_window_median(settled))
+    assert warning.evidence["peak_median[fc1.weight]"] == pytest.approx(peak_window_median(settled))
     assert (warning.start_step, warning.end_step) == (100, STEPS[-1])
     assert warning.keys == ("updates/ratio/fc1.weight",)
     assert warning.message.startswith("1 layer update too fast")
@@ -109,7 +111,7 @@ def test_too_large_span_covers_the_flagged_windows(tmp_path):
     series = ratios(2, {"fc2.weight": level})
     [finding] = detect_update_ratio(write_run(tmp_path / "r", series))
     values = series["updates/ratio/fc2.weight"][1]
-    over = [j for j in range(N - 19) if np.median(values[j:j + 20]) > 0.1]
+    over = [j for j in range(N - 19) if np.median(values[j : j + 20]) > 0.1]
     assert (finding.start_step, finding.end_step) == (STEPS[over[0]], STEPS[over[-1] + 19])
     assert 300 <= finding.start_step <= 600 and 900 <= finding.end_step <= 1200
 
@@ -121,7 +123,8 @@ def test_layers_that_barely_move_are_info(tmp_path):
     assert finding.severity is Severity.INFO
     assert finding.keys == ("updates/ratio/fc2.weight", "updates/ratio/fc1.weight")
     assert finding.evidence["median[fc1.weight]"] == pytest.approx(
-        np.median(series["updates/ratio/fc1.weight"][1]))
+        np.median(series["updates/ratio/fc1.weight"][1])
+    )
     assert finding.evidence["median[fc2.weight]"] == 0.0
     assert "barely move" in finding.message
 
@@ -133,13 +136,16 @@ def test_a_late_learning_rate_decay_is_not_persistent(tmp_path):
 
 
 def test_both_directions_and_top_limit(tmp_path):
-    series = ratios(5, {"embed.weight": 0.2, "fc1.weight": 0.3, "fc2.weight": 0.5,
-                        "head.weight": 1e-9})
+    series = ratios(
+        5, {"embed.weight": 0.2, "fc1.weight": 0.3, "fc2.weight": 0.5, "head.weight": 1e-9}
+    )
     large, small = detect_update_ratio(write_run(tmp_path / "r", series), top=2)
     assert (large.severity, small.severity) == (Severity.WARNING, Severity.INFO)
     assert "and 1 more" in large.message
     assert sorted(k for k in large.evidence if k.startswith("peak_median")) == [
-        "peak_median[fc1.weight]", "peak_median[fc2.weight]"]
+        "peak_median[fc1.weight]",
+        "peak_median[fc2.weight]",
+    ]
     assert len(large.keys) == 3
 
 
@@ -161,19 +167,23 @@ def test_series_shorter_than_the_window_use_all_points(tmp_path):
     series |= {f"norms/weight/{k.split('/')[-1]}": (s, np.ones(4)) for k, (s, _) in series.items()}
     [finding] = detect_update_ratio(write_run(tmp_path / "r", series))
     assert finding.evidence["peak_median[fc1.weight]"] == pytest.approx(
-        np.median(series["updates/ratio/fc1.weight"][1]))
+        np.median(series["updates/ratio/fc1.weight"][1])
+    )
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"window_steps": 0}, r"window_steps must be at least 1 \(the number of steps per median"),
-    ({"min_points": 2}, "min_points must be at least 3 points"),
-    ({"top": 0}, r"top must be at least 1 \(the number of layers named per finding\), got 0"),
-    ({"high": -1.0}, "high must be a finite number > 0"),
-    ({"low": 0.5}, r"low \(0.5\) must be smaller than high"),
-    ({"critical": 0.05}, r"high \(0.1\) must be smaller than critical"),
-    ({"min_weight_share": 1.0}, r"min_weight_share must be a fraction in \[0, 1\)"),
-    ({"skip_start": -0.1}, r"skip_start must be a fraction in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window_steps": 0}, r"window_steps must be at least 1 \(the number of steps per median"),
+        ({"min_points": 2}, "min_points must be at least 3 points"),
+        ({"top": 0}, r"top must be at least 1 \(the number of layers named per finding\), got 0"),
+        ({"high": -1.0}, "high must be a finite number > 0"),
+        ({"low": 0.5}, r"low \(0.5\) must be smaller than high"),
+        ({"critical": 0.05}, r"high \(0.1\) must be smaller than critical"),
+        ({"min_weight_share": 1.0}, r"min_weight_share must be a fraction in \[0, 1\)"),
+        ({"skip_start": -0.1}, r"skip_start must be a fraction in \[0, 1\)"),
+    ],
+)
 def test_invalid_arguments(tmp_path, kwargs, match):
     run = write_run(tmp_path / "r", ratios(0, {}))
     with pytest.raises(ValueError, match=match):

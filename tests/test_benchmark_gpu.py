@@ -49,8 +49,19 @@ def _numbers(value: object) -> int:
 def test_quick_cpu_run_fills_every_section(tmp_path):
     paths = [os.environ.get("PYTHONPATH"), str(ROOT / "src")]  # as on the GPU machine
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-    command = [sys.executable, "benchmarks/gpu.py", "--device", "cpu", "--quick", "--threads",
-               "1", "--budget", "120", "--out", str(tmp_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "benchmarks/gpu.py",
+        "--device",
+        "cpu",
+        "--quick",
+        "--threads",
+        "1",
+        "--budget",
+        "120",
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())

@@ -37,11 +37,20 @@ def chromium_or_skip() -> str:
 def render(browser: str, page: Path | str, profile: Path) -> tuple[str, list[str]]:
     """``(DOM after the scripts ran, console messages)`` of ``page`` in headless chromium."""
     done = subprocess.run(
-        [browser, *BROWSER_FLAGS, "--enable-logging=stderr",
-         "--v=0", f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
-         page if isinstance(page, str) else page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            browser,
+            *BROWSER_FLAGS,
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page if isinstance(page, str) else page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
     return done.stdout, console
@@ -69,8 +78,11 @@ def test_dashboard_renders_without_errors(tmp_path):
     assert console == [], "\n".join(console)
     drawn = re.sub(r"<script\b.*?</script>", "", dom, flags=re.S)  # what plotly rendered
     assert drawn.count('class="main-svg"') >= 2  # the dashboard (and the cosine matrix)
-    titles = [re.search(r"<b>(.*?)</b>", a.text).group(1) for a in fig.layout.annotations
-              if a.text and "<b>" in a.text]  # fmt: skip
+    titles = [
+        re.search(r"<b>(.*?)</b>", a.text).group(1)
+        for a in fig.layout.annotations
+        if a.text and "<b>" in a.text
+    ]
     assert len(titles) >= 20
     missing = [t for t in titles if f">{html.escape(html.unescape(t), quote=False)}<" not in drawn]
     assert missing == []
@@ -114,9 +126,14 @@ def test_menus_and_finding_links_work_in_the_page(tmp_path):
     scrolls to its row and zooms the shared step axis to the finding's span."""
     browser = chromium_or_skip()
     series = full_series()
-    series.update({f"updates/norm/{name}": (s, v) for name, (s, v) in
-                   ((k.split("/", 2)[2], series[k]) for k in list(series)
-                    if k.startswith("norms/grad/"))})  # fmt: skip
+    series.update(
+        {
+            f"updates/norm/{name}": (s, v)
+            for name, (s, v) in (
+                (k.split("/", 2)[2], series[k]) for k in list(series) if k.startswith("norms/grad/")
+            )
+        }
+    )
     run = write_run(tmp_path / "run", series)
     findings = analyze(run)
     fig = build(run, findings)
@@ -199,8 +216,7 @@ def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
 
     browser = chromium_or_skip()
     writer = RunWriter(tmp_path / "run")
-    first = {"scalars/loss": 2.0, "sharpness/lr": 0.1, "updates/norm/a": 1.0,
-             "updates/norm/b": 2.0}  # fmt: skip
+    first = {"scalars/loss": 2.0, "sharpness/lr": 0.1, "updates/norm/a": 1.0, "updates/norm/b": 2.0}
     writer.append(Record(s, {**first, "scalars/loss": 2.0 - s / 100}) for s in range(20))
     stale = serve_cli.page(writer.run_dir, refresh_ms=300)  # what a browser opened earlier
     later = {**first, "scalars/val_loss": 1.5, "updates/norm/c": 3.0}  # no new row: in place
@@ -211,8 +227,11 @@ def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
     class Stale(base_handler):
         def do_GET(self):
             if self.path == "/stale":
-                self._send(200, "text/html; charset=utf-8",
-                           stale.replace("</body>", LIVE_DRIVE + "</body>"))  # fmt: skip
+                self._send(
+                    200,
+                    "text/html; charset=utf-8",
+                    stale.replace("</body>", LIVE_DRIVE + "</body>"),
+                )
             else:
                 super().do_GET()
 

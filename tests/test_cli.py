@@ -22,10 +22,15 @@ def _broken(tmp_path):
     steps = np.arange(50)
     loss = np.where(steps < 30, 1.0, np.nan)
     bad = (steps >= 30).astype(float)
-    return write_run(tmp_path / "bad", {
-        "scalars/loss": (steps, loss), "nonfinite/loss": (steps, bad),
-        "nonfinite/grad": (steps, 0 * bad), "nonfinite/param": (steps, 0 * bad),
-    })  # fmt: skip
+    return write_run(
+        tmp_path / "bad",
+        {
+            "scalars/loss": (steps, loss),
+            "nonfinite/loss": (steps, bad),
+            "nonfinite/grad": (steps, 0 * bad),
+            "nonfinite/param": (steps, 0 * bad),
+        },
+    )
 
 
 def test_report_exit_code_gates_on_critical(tmp_path, capsys):
@@ -84,10 +89,13 @@ def test_short_demo_end_to_end(tmp_path, capsys):
     assert (out / "run-2" / "run.db").is_file()
 
 
-@pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--threads", "-1", "expected 0 or more, got -1"),
-    ("--steps", "0", "expected 1 or more, got 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--threads", "-1", "expected 0 or more, got -1"),
+        ("--steps", "0", "expected 1 or more, got 0"),
+    ],
+)
 def test_demo_rejects_bad_numbers(capsys, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", flag, value])

@@ -21,8 +21,7 @@ PROBE_NAMES = sorted(PROBES)
 
 def every_step(name: str, model: str = "mlp"):
     if name == "heldout":  # it has no default data: a held-out batch is the point of it
-        return PROBES[name](data=batch(model, 999), train_data=batch(model, 998),
-                            schedule=every(1))  # fmt: skip
+        return PROBES[name](data=batch(model, 999), train_data=batch(model, 998), schedule=every(1))
     return PROBES[name](schedule=every(1))
 
 
@@ -79,9 +78,11 @@ def curvature_probes() -> list:
     """Every curvature probe, each option that adds keys switched on."""
     return [
         PROBES["hessian"](2, bottom=1, vectors=True, schedule=every(1)),
-        *(PROBES[name](schedule=every(1))
-          for name in ("hessian_trace", "hessian_density", "sharpness", "grad_subspace")),
-    ]  # fmt: skip
+        *(
+            PROBES[name](schedule=every(1))
+            for name in ("hessian_trace", "hessian_density", "sharpness", "grad_subspace")
+        ),
+    ]
 
 
 def gradient_probes() -> list:
@@ -97,16 +98,21 @@ def gradient_probes() -> list:
 def analysis_probes(model: str = "cnn") -> list:
     """The grokking, starvation and region probes (LocalComplexity on piecewise-linear
     models only: it refuses the transformer's and the GRU's smooth nonlinearities)."""
-    probes = [every_step(name, model) for name in
-              ("heldout", "grok", "ntk", "attribution", "ntk_response", "robustness")]
+    probes = [
+        every_step(name, model)
+        for name in ("heldout", "grok", "ntk", "attribution", "ntk_response", "robustness")
+    ]
     if model in ("mlp", "cnn"):
         probes.append(PROBES["regions"](random=8, schedule=every(1)))
     return probes
 
 
-PROBE_SETS = {"default": lambda model: default_probes(every_n=1),
-              "curvature": lambda model: curvature_probes(),
-              "gradient": lambda model: gradient_probes(), "analysis": analysis_probes}
+PROBE_SETS = {
+    "default": lambda model: default_probes(every_n=1),
+    "curvature": lambda model: curvature_probes(),
+    "gradient": lambda model: gradient_probes(),
+    "analysis": analysis_probes,
+}
 UNDEFINED_WHILE = ("ntk_response/min_ratio",)
 """NaN while no label-carrying direction responds positively (NTKResponse's doc): on a
 tiny random case that can be every measurement; what is defined must be finite."""

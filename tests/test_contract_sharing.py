@@ -41,8 +41,13 @@ def test_every_probe_leaves_shared_tied_frozen_and_unused_parameters_alone(
     reference = train(model, steps=4)
     before: dict = {}
     probes = PROBE_SETS[probe_set]("mlp")
-    watched = train(model, steps=4, probes=probes, run_dir=tmp_path / "run",
-                    on_model=lambda net: before.update(slots(net)))  # fmt: skip
+    watched = train(
+        model,
+        steps=4,
+        probes=probes,
+        run_dir=tmp_path / "run",
+        on_model=lambda net: before.update(slots(net)),
+    )
     _assert_same_training(reference, watched)
     net, opt = watched
     after = slots(net)
@@ -64,10 +69,12 @@ def reference_gradient(model: nn.Module, names: list[str], xy) -> torch.Tensor:
     params = dict(model.named_parameters())
     loss = F.cross_entropy(model(xy[0]), xy[1])
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    return torch.cat([
-        (torch.zeros_like(params[n]) if g is None else g).reshape(-1)
-        for n, g in zip(names, grads, strict=True)
-    ])  # fmt: skip
+    return torch.cat(
+        [
+            (torch.zeros_like(params[n]) if g is None else g).reshape(-1)
+            for n, g in zip(names, grads, strict=True)
+        ]
+    )
 
 
 def reference_hessian(model: nn.Module, names: list[str], xy) -> torch.Tensor:
@@ -80,10 +87,14 @@ def reference_hessian(model: nn.Module, names: list[str], xy) -> torch.Tensor:
     rows = []
     for i in range(flat.numel()):
         row = torch.autograd.grad(flat[i], tensors, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([
-            (torch.zeros_like(t) if r is None else r).reshape(-1)
-            for t, r in zip(tensors, row, strict=True)
-        ]))  # fmt: skip
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(t) if r is None else r).reshape(-1)
+                    for t, r in zip(tensors, row, strict=True)
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -118,8 +129,13 @@ def _compiled_training(probes, run_dir, steps: int = 4) -> torch.Tensor:
     eager = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     model = torch.compile(eager)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    watch = trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt, loss_fn=CE,
-                             on_probe_error="raise") if probes else None  # fmt: skip
+    watch = (
+        trainprobe.watch(
+            model, probes, run_dir=run_dir, optimizer=opt, loss_fn=CE, on_probe_error="raise"
+        )
+        if probes
+        else None
+    )
     with watch if watch is not None else torch.no_grad() as mon:
         for step in range(steps):
             x, y = batch("mlp", step)

@@ -14,8 +14,13 @@ from trainprobe.dashboard import PANELS, Panel, PanelPart, build, to_html
 from trainprobe.dashboard.heatmaps import trace_steps
 from trainprobe.store import Run
 
-PARAMS = ["features.0.weight", "features.0.bias", "features.3.weight",
-          "encoder.layers.11.self_attention.output_projection.weight", "classifier.2.weight"]
+PARAMS = [
+    "features.0.weight",
+    "features.0.bias",
+    "features.3.weight",
+    "encoder.layers.11.self_attention.output_projection.weight",
+    "classifier.2.weight",
+]
 MODULES = ["features.1", "features.4", "classifier.1"]
 
 
@@ -44,24 +49,29 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
         series[f"scan/update_norm/{name}"] = (sched[1:], 0.01 * (i + 1) * np.ones(sched.size - 1))
         series[f"updates/ratio/{name}"] = (sched, 10.0 ** (-2 - i / 2) * np.ones(sched.size))
     for i, name in enumerate(MODULES):
-        series[f"activations/std/{name}"] = (sched, (0.5 ** i) * np.ones(sched.size))
+        series[f"activations/std/{name}"] = (sched, (0.5**i) * np.ones(sched.size))
         series[f"activations/zero_frac/{name}"] = (sched, np.full(sched.size, 0.3 * i))
     curv = sched[::4]  # the curvature probes run rarely
     sharp = 40.0 * np.minimum(0.2 + curv / (steps / 2), 1.0)
     grid = np.linspace(-1.0, 1.0, 41)[None, :] * (1.0 + curv[:, None] / steps)  # [n, 41]
-    series.update({
-        "sharpness/lambda_max": (curv, sharp),
-        "sharpness/threshold": (curv, np.full(curv.size, 40.0)),
-        "hessian/eig_0": (curv, sharp), "hessian/eig_1": (curv, sharp / 3),
-        "hessian/bottom_0": (curv, -sharp / 40), "hessian_trace/trace": (curv, 5 * sharp),
-        "hessian_trace/stderr": (curv, sharp / 4), "hessian_density/grid": (curv, grid),
-        "hessian_density/density": (curv, np.exp(-8.0 * grid**2)),
-        "grad_subspace/fraction": (curv, 0.9 - 0.2 * curv / steps),
-        # what an offline scan adds: the change since the previous checkpoint
-        "scan/update_ratio_total": (sched[1:], 1e-2 * np.ones(sched.size - 1)),
-        "scan/update_norm_total": (sched[1:], 0.2 * np.ones(sched.size - 1)),
-        "scan/steps_between": (sched[1:], np.full(sched.size - 1, float(every))),
-    })
+    series.update(
+        {
+            "sharpness/lambda_max": (curv, sharp),
+            "sharpness/threshold": (curv, np.full(curv.size, 40.0)),
+            "hessian/eig_0": (curv, sharp),
+            "hessian/eig_1": (curv, sharp / 3),
+            "hessian/bottom_0": (curv, -sharp / 40),
+            "hessian_trace/trace": (curv, 5 * sharp),
+            "hessian_trace/stderr": (curv, sharp / 4),
+            "hessian_density/grid": (curv, grid),
+            "hessian_density/density": (curv, np.exp(-8.0 * grid**2)),
+            "grad_subspace/fraction": (curv, 0.9 - 0.2 * curv / steps),
+            # what an offline scan adds: the change since the previous checkpoint
+            "scan/update_ratio_total": (sched[1:], 1e-2 * np.ones(sched.size - 1)),
+            "scan/update_norm_total": (sched[1:], 0.2 * np.ones(sched.size - 1)),
+            "scan/steps_between": (sched[1:], np.full(sched.size - 1, float(every))),
+        }
+    )
     from tests.test_dashboard_gradients import gradient_series  # they import this module
     from tests.test_dashboard_grokking import grok_series
 
@@ -72,24 +82,30 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
 
 
 def spike_finding(**overrides) -> Finding:
-    fields = {"detector": "loss_spike", "severity": Severity.CRITICAL, "start_step": 238,
-              "end_step": 242, "message": "loss jumped 8x at step 240",
-              "action": "lower the learning rate or clip gradients",
-              "evidence": {"ratio": 8.0}, "keys": ("scalars/loss",)}
+    fields = {
+        "detector": "loss_spike",
+        "severity": Severity.CRITICAL,
+        "start_step": 238,
+        "end_step": 242,
+        "message": "loss jumped 8x at step 240",
+        "action": "lower the learning rate or clip gradients",
+        "evidence": {"ratio": 8.0},
+        "keys": ("scalars/loss",),
+    }
     return Finding(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    run = write_run(tmp_path_factory.mktemp("dash") / "r", full_series(),
-                    meta={"model": {"params": PARAMS}})
+    run = write_run(
+        tmp_path_factory.mktemp("dash") / "r", full_series(), meta={"model": {"params": PARAMS}}
+    )
     yield run
     run.close()
 
 
 def heatmap(fig: go.Figure, label: str) -> go.Heatmap:
-    (trace,) = [t for t in fig.data if isinstance(t, go.Heatmap)
-                and t.colorbar.title.text == label]
+    (trace,) = [t for t in fig.data if isinstance(t, go.Heatmap) and t.colorbar.title.text == label]
     return trace
 
 
@@ -124,8 +140,11 @@ def test_heatmap_ticks_are_real_values_and_names_short(full_run):
     trace = heatmap(fig, "grad norm")
     labels = dict(zip(trace.colorbar.tickvals, trace.colorbar.ticktext, strict=True))
     assert labels[-3.0] == "1e-3"
-    axis = next(a for a in fig.layout if a.startswith("yaxis") and fig.layout[a].ticktext
-                and PARAMS[3] in fig.layout[a].tickvals)
+    axis = next(
+        a
+        for a in fig.layout
+        if a.startswith("yaxis") and fig.layout[a].ticktext and PARAMS[3] in fig.layout[a].tickvals
+    )
     short = fig.layout[axis].ticktext[list(fig.layout[axis].tickvals).index(PARAMS[3])]
     assert len(short) <= 36 and short.startswith("encoder.layers.11.")
 
@@ -160,8 +179,14 @@ def test_empty_run_builds_a_note(tmp_path):
 
 def test_findings_draw_spans_timeline_and_title_marker(full_run):
     finding = spike_finding()
-    info = spike_finding(detector="slow_lr", severity=Severity.INFO, start_step=0,
-                         end_step=390, keys=("optim/lr/*",), message="lr warm-up is long")
+    info = spike_finding(
+        detector="slow_lr",
+        severity=Severity.INFO,
+        start_step=0,
+        end_step=390,
+        keys=("optim/lr/*",),
+        message="lr warm-up is long",
+    )
     fig = build(full_run, [finding, info])
     rows = len(row_titles(fig))
     assert len(fig.layout.shapes) == 2 * rows
@@ -193,6 +218,7 @@ def test_panels_read_only_keys_they_need(full_run, monkeypatch):
         def read_and_record(run: Run, key: str):
             read.append(key)
             return method(run, key)
+
         return read_and_record
 
     monkeypatch.setattr(Run, "series", recording(Run.series))
@@ -258,8 +284,12 @@ def test_panel_returning_wrong_type_raises(full_run):
 def test_full_run_rows_for_subspace_shares_and_conflict_summary(tmp_path):
     run = write_run(tmp_path / "r", full_series())
     titles = " ".join(a.text for a in build(run).layout.annotations)
-    for title in ("Gradient in the top Hessian eigenspace", "Gradient and loss share per group",
-                  "Conflict over all pairs", "Weight norm per parameter"):  # fmt: skip
+    for title in (
+        "Gradient in the top Hessian eigenspace",
+        "Gradient and loss share per group",
+        "Conflict over all pairs",
+        "Weight norm per parameter",
+    ):
         assert f"<b>{title}</b>" in titles
     share = next(p for p in PANELS if p.name == "group_share").draw(run, ())
     grad_lines = [t for t in share.traces if t.name.startswith("grad share")]
@@ -270,8 +300,10 @@ def test_full_run_rows_for_subspace_shares_and_conflict_summary(tmp_path):
     # the class_competition detector's magnitude share: n_g |g_g| / sum_j n_j |g_j|
     series = full_series()
     step = 7
-    weighted = {g: series[f"conflict/count/{g}"][1][step] * series[f"conflict/norm/{g}"][1][step]
-                for g in ("class_0", "class_1", "class_2")}  # fmt: skip
+    weighted = {
+        g: series[f"conflict/count/{g}"][1][step] * series[f"conflict/norm/{g}"][1][step]
+        for g in ("class_0", "class_1", "class_2")
+    }
     for trace in grad_lines:
         group = trace.name.rsplit(" ", 1)[1]
         assert trace.y[step] == pytest.approx(weighted[group] / sum(weighted.values()))

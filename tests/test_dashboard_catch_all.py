@@ -24,9 +24,18 @@ CATCH_ALL = next(p for p in PANELS if p.name == "other_series")
 
 
 def test_families_group_siblings_and_gather_a_probes_single_keys():
-    keys = ["conflict/norm/a", "conflict/groups", "conflict/norm/b", "sharpness/lr",
-            "conflict/pcgrad_shift", "regions/train/layer/0", "regions/train/layer/1",
-            "ntk/trace", "regions/test/layer/0", "custom/thing/only"]  # fmt: skip
+    keys = [
+        "conflict/norm/a",
+        "conflict/groups",
+        "conflict/norm/b",
+        "sharpness/lr",
+        "conflict/pcgrad_shift",
+        "regions/train/layer/0",
+        "regions/train/layer/1",
+        "ntk/trace",
+        "regions/test/layer/0",
+        "custom/thing/only",
+    ]
     assert families(keys) == {
         "conflict/norm/*": ["conflict/norm/a", "conflict/norm/b"],
         "conflict/…": ["conflict/groups", "conflict/pcgrad_shift"],
@@ -92,8 +101,12 @@ def other_run(tmp_path_factory):
 def test_catch_all_draws_each_uncovered_scalar_once_and_names_vector_keys(other_run):
     part = CATCH_ALL.draw(other_run, ())
     assert isinstance(part, PanelPart)
-    assert set(part.keys) == {"sharpness/lr", "sharpness/hvps", *other_run.keys("grad_noise/"),
-                              *other_run.keys("updates/norm/")}  # fmt: skip
+    assert set(part.keys) == {
+        "sharpness/lr",
+        "sharpness/hvps",
+        *other_run.keys("grad_noise/"),
+        *other_run.keys("updates/norm/"),
+    }
     assert "hessian/eigvecs" in part.description and "Run.series" in part.description
     labels = [item.label for item in part.menu]
     assert labels == ["sharpness/… (2)", "grad_noise/snr/* (3)", "updates/norm/* (12)"]
@@ -155,8 +168,9 @@ def test_catch_all_never_reads_arrays_and_names_families_with_nothing_finite(tmp
         series[f"fam/x/k{i}"] = (steps, np.full(4, np.nan))
     write_run(tmp_path / "r", series).close()
     writer = RunWriter(tmp_path / "r", resume=True)  # an array that changes shape
-    writer.append([Record(10, {"custom/hist": np.ones(3)}),
-                   Record(11, {"custom/hist": np.ones(5)})])  # fmt: skip
+    writer.append(
+        [Record(10, {"custom/hist": np.ones(3)}), Record(11, {"custom/hist": np.ones(5)})]
+    )
     writer.close()
     with Run(tmp_path / "r") as run:
         fig = build(run)  # neither the all-NaN family nor the ragged array breaks the page

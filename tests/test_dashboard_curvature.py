@@ -16,8 +16,12 @@ from trainprobe.store import Record, Run, RunWriter
 
 MEASURED = np.arange(0, 1000, 100)  # 10 curvature measurements
 THRESHOLD = 40.0
-CURVATURE_TITLES = ("Sharpness and the stability threshold", "Top Hessian eigenvalues",
-                    "Hessian trace", "Hessian spectral density")
+CURVATURE_TITLES = (
+    "Sharpness and the stability threshold",
+    "Top Hessian eigenvalues",
+    "Hessian trace",
+    "Hessian spectral density",
+)
 
 
 def triangle(grid: np.ndarray, centre: float, half_width: float) -> np.ndarray:
@@ -53,8 +57,13 @@ def curvature_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("curv") / "r"
     writer = RunWriter(run_dir)
     writer.append(
-        Record(int(step), {"scalars/loss": 2.0 * np.exp(-step / 300) + 0.1,
-                           **(curvature_values(int(step) // 100) if step % 100 == 0 else {})})
+        Record(
+            int(step),
+            {
+                "scalars/loss": 2.0 * np.exp(-step / 300) + 0.1,
+                **(curvature_values(int(step) // 100) if step % 100 == 0 else {}),
+            },
+        )
         for step in range(1000)
     )
     writer.close()
@@ -143,8 +152,7 @@ def test_resample_densities_on_known_grids():
     np.testing.assert_allclose(common, [0.0, 1.0, 2.0, 3.0, 4.0])
     np.testing.assert_allclose(values[:, 0], [0.0, 1.0, 0.0, 0.0, 0.0])  # zero past its grid
     np.testing.assert_allclose(values[:, 1], [0.0, 0.0, 0.5, 0.5, 0.0])  # zero before its grid
-    common, values = resample_densities([np.linspace(0.0, 1.0, 1001)], [np.ones(1001)],
-                                        max_rows=50)
+    common, values = resample_densities([np.linspace(0.0, 1.0, 1001)], [np.ones(1001)], max_rows=50)
     assert common.size == values.shape[0] == 50
 
 
@@ -157,8 +165,10 @@ def test_resample_densities_rejects_unpaired_input():
 
 def test_unusable_densities_give_no_panel(tmp_path):
     grid = np.tile(np.linspace(0.0, 1.0, 5), (3, 1))
-    bad = {"hessian_density/grid": (MEASURED[:3], grid),
-           "hessian_density/density": (MEASURED[:3], np.full((3, 5), np.nan))}
+    bad = {
+        "hessian_density/grid": (MEASURED[:3], grid),
+        "hessian_density/density": (MEASURED[:3], np.full((3, 5), np.nan)),
+    }
     assert hessian_density_panel(write_run(tmp_path / "nan", bad), ()) is None
     only_grid = {"hessian_density/grid": (MEASURED[:3], grid)}
     assert hessian_density_panel(write_run(tmp_path / "grid", only_grid), ()) is None
@@ -173,12 +183,22 @@ def test_run_without_curvature_keys_has_no_curvature_rows(tmp_path):
 
 
 def test_curvature_rows_follow_the_norms_and_carry_the_finding(curvature_run):
-    finding = Finding("edge_of_stability", Severity.INFO, 700, 900, "at the edge",
-                      "nothing to fix", {}, ("sharpness/lambda_max", "sharpness/threshold"))
+    finding = Finding(
+        "edge_of_stability",
+        Severity.INFO,
+        700,
+        900,
+        "at the edge",
+        "nothing to fix",
+        {},
+        ("sharpness/lambda_max", "sharpness/threshold"),
+    )
     fig = build(curvature_run, [finding])
     titles = row_titles(fig)
-    rows = [next(i for i, t in enumerate(titles) if f"<b>{name}</b>" in t)
-            for name in ("Loss and scalars", *CURVATURE_TITLES)]
+    rows = [
+        next(i for i, t in enumerate(titles) if f"<b>{name}</b>" in t)
+        for name in ("Loss and scalars", *CURVATURE_TITLES)
+    ]
     assert rows == sorted(rows) and rows[1] == rows[0] + 1  # no norms in this run
     assert "⚠" in titles[rows[1]] and "⚠" not in titles[rows[2]]
     page = to_html(fig)

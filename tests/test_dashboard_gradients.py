@@ -38,8 +38,14 @@ STEPS = np.arange(0, 300, 10)  # 30 measurements
 GROUPS = ("class_0", "class_1", "class_2")
 PAIRS = (("class_0", "class_1"), ("class_0", "class_2"), ("class_1", "class_2"))
 PARAMS = ("encoder.0.weight", "encoder.2.weight", "head.weight")
-FUNCS = (conflict_heatmap_panel, cosine_matrix_panel, stable_rank_heatmap_panel,
-         slow_ratio_panel, noise_scale_panel, weight_spectral_norm_panel)
+FUNCS = (
+    conflict_heatmap_panel,
+    cosine_matrix_panel,
+    stable_rank_heatmap_panel,
+    slow_ratio_panel,
+    noise_scale_panel,
+    weight_spectral_norm_panel,
+)
 TITLES = tuple(panel.title for panel in GRADIENT_PANELS)
 
 
@@ -74,10 +80,14 @@ def gradient_series(steps: np.ndarray = STEPS, seed: int = 0) -> dict:
     grad_sq[5] = -0.2  # |G|² estimate below zero: b_simple negative at that step
     b_simple = trace_cov / grad_sq
     b_simple[7] = np.nan
-    series.update({"grad_noise/trace_cov": (steps, trace_cov),
-                   "grad_noise/grad_sq": (steps, grad_sq),
-                   "grad_noise/b_simple": (steps, b_simple),
-                   "grad_noise/batch_size": (steps, np.full(n, 32.0))})
+    series.update(
+        {
+            "grad_noise/trace_cov": (steps, trace_cov),
+            "grad_noise/grad_sq": (steps, grad_sq),
+            "grad_noise/b_simple": (steps, b_simple),
+            "grad_noise/batch_size": (steps, np.full(n, 32.0)),
+        }
+    )
     for i, name in enumerate(PARAMS):
         rank = 1.0 + 40.0 * 0.5**i * np.exp(-steps / 200)
         series[f"grad_spectrum/stable_rank/{name}"] = (steps, rank)
@@ -117,8 +127,9 @@ def test_pair_heatmap_values_on_a_fixed_zero_white_scale(grad_run):
     (heat,) = part.traces
     assert list(heat.y) == [f"{a} · {b}" for a, b in PAIRS]
     for row, (a, b) in enumerate(PAIRS):
-        np.testing.assert_allclose(heat.z[row], stored(grad_run, f"conflict/cos/{a}__{b}"),
-                                   rtol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            heat.z[row], stored(grad_run, f"conflict/cos/{a}__{b}"), rtol=1e-6
+        )
     np.testing.assert_array_equal(trace_steps(heat), STEPS)
     assert (heat.zmin, heat.zmax) == (-1.0, 1.0)  # the data only reach -0.7 and 0.6
     assert dict(map(tuple, COSINE_COLOURS))[0.5] == "#ffffff"  # zero is white
@@ -145,8 +156,7 @@ def test_worst_partner_row_is_the_matrix_row_minimum(grad_run):
     (heat,) = cosine_matrix_panel(grad_run, ()).traces
     _, _, matrices = cosine_matrices(grad_run)
     off = np.where(np.eye(3, dtype=bool), np.nan, matrices)  # [T, G, G]
-    np.testing.assert_allclose(np.asarray(heat.z, dtype=float), np.nanmin(off, axis=2).T,
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(heat.z, dtype=float), np.nanmin(off, axis=2).T, rtol=1e-6)
     partners = np.asarray(heat.customdata)
     expected = np.array(GROUPS)[np.argmin(np.where(np.isnan(off), np.inf, off), axis=2)].T
     np.testing.assert_array_equal(partners, expected)
@@ -168,15 +178,18 @@ def test_matrix_figure_has_a_slider_starting_at_the_last_step(grad_run):
     assert len(slider.steps) == steps.size and slider.active == steps.size - 1
     assert [s.label for s in slider.steps] == [str(s) for s in steps]
     np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), matrices[-1])
-    np.testing.assert_allclose(np.asarray(slider.steps[4].args[0]["z"][0], dtype=float),
-                               matrices[4])  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(slider.steps[4].args[0]["z"][0], dtype=float), matrices[4]
+    )
     assert (fig.data[0].zmin, fig.data[0].zmax) == (-1.0, 1.0)
 
 
 def test_many_steps_are_binned_for_display(tmp_path):
     steps = np.arange(4 * MAX_COLUMNS)
-    run = write_run(tmp_path / "r", {f"conflict/cos/{a}__{b}": (steps, np.sin(steps + i))
-                                     for i, (a, b) in enumerate(PAIRS)})  # fmt: skip
+    run = write_run(
+        tmp_path / "r",
+        {f"conflict/cos/{a}__{b}": (steps, np.sin(steps + i)) for i, (a, b) in enumerate(PAIRS)},
+    )
     for func in (conflict_heatmap_panel, cosine_matrix_panel):
         part = func(run, ())
         assert len(trace_steps(part.traces[0])) <= MAX_COLUMNS
@@ -210,8 +223,10 @@ def test_many_layers_keep_the_extremes_and_the_median(tmp_path):
     names = [f"blocks.{i}.mlp.weight" for i in range(12)]
     ratios = {name: 0.05 + 0.07 * i for i, name in enumerate(names)}
     ratios[names[0]] = np.nan  # never finite: ranked lowest, still drawn
-    run = write_run(tmp_path / "r", {f"grad_spectrum/slow_ratio/{n}": (STEPS, np.full(30, r))
-                                     for n, r in ratios.items()})  # fmt: skip
+    run = write_run(
+        tmp_path / "r",
+        {f"grad_spectrum/slow_ratio/{n}": (STEPS, np.full(30, r)) for n, r in ratios.items()},
+    )
     part = slow_ratio_panel(run, ())
     *layers, median = part.traces
     half = MAX_LAYER_LINES // 2
@@ -242,8 +257,9 @@ def test_smoothed_noise_scale_is_a_ratio_of_trailing_means():
     s = np.arange(1.0, 13.0) ** 2
     g = np.linspace(2.0, -1.0, 12)
     s[4] = np.nan  # that measurement is left out of every window
-    got_steps, got = smoothed_noise_scale(Series("s", steps, s), Series("g", steps[1:], g[1:]),
-                                          window=3)  # fmt: skip
+    got_steps, got = smoothed_noise_scale(
+        Series("s", steps, s), Series("g", steps[1:], g[1:]), window=3
+    )
     kept = [1, 2, 3, 5, 6, 7, 8, 9, 10, 11]  # step 0 has no grad_sq, step 20 no finite S
     np.testing.assert_array_equal(got_steps, steps[kept])
     expected = []
@@ -262,13 +278,16 @@ def test_noise_panel_log_axis_drops_nonpositive_steps(grad_run):
     assert per_step.name == "B_simple per step (1 ≤ 0 not drawn)"
     assert STEPS[5] not in per_step.x and len(per_step.x) == 29
     assert np.isnan(per_step.y[list(per_step.x).index(STEPS[7])])  # NaN: a gap, kept
-    _, expected = smoothed_noise_scale(grad_run.series("grad_noise/trace_cov"),
-                                       grad_run.series("grad_noise/grad_sq"))  # fmt: skip
+    _, expected = smoothed_noise_scale(
+        grad_run.series("grad_noise/trace_cov"), grad_run.series("grad_noise/grad_sq")
+    )
     np.testing.assert_allclose(smooth.y, expected)
     i = 20  # a full window: the ratio of the means of the last NOISE_WINDOW measurements
     window = slice(i - NOISE_WINDOW + 1, i + 1)
-    ratio = (stored(grad_run, "grad_noise/trace_cov")[window].mean()
-             / stored(grad_run, "grad_noise/grad_sq")[window].mean())  # fmt: skip
+    ratio = (
+        stored(grad_run, "grad_noise/trace_cov")[window].mean()
+        / stored(grad_run, "grad_noise/grad_sq")[window].mean()
+    )
     assert smooth.y[i] == pytest.approx(ratio) and str(NOISE_WINDOW) in smooth.name
 
 

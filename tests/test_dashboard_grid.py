@@ -69,10 +69,15 @@ def test_log_ticks_label_real_values():
 
 def test_short_names_keep_what_differs():
     assert short_names(["features.0.weight", "features.0.bias"]) == (
-        "", ["features.0.weight", "features.0.bias"])
-    prefix, labels = short_names([
-        "model.encoder.layers.3.block.sublayer_2.linear_projection.weight",
-        "model.encoder.layers.13.block.sublayer_2.linear_projection.bias"])
+        "",
+        ["features.0.weight", "features.0.bias"],
+    )
+    prefix, labels = short_names(
+        [
+            "model.encoder.layers.3.block.sublayer_2.linear_projection.weight",
+            "model.encoder.layers.13.block.sublayer_2.linear_projection.bias",
+        ]
+    )
     assert prefix == "model.encoder.layers."
     assert labels == ["3.block.sublayer_2.line.weight", "13.block.sublayer_2.line.bias"]
     _, labels = short_names(["bert.encoder.layer.11.attention.output.dense.weight", "cls.w"])
@@ -80,8 +85,11 @@ def test_short_names_keep_what_differs():
 
 
 def test_ordered_layers_follow_model_params(tmp_path):
-    run = write_run(tmp_path / "r", {f"norms/grad/{n}": ([0], [1.0]) for n in "cab"},
-                    meta={"model": {"params": ["a", "b", "c"]}})
+    run = write_run(
+        tmp_path / "r",
+        {f"norms/grad/{n}": ([0], [1.0]) for n in "cab"},
+        meta={"model": {"params": ["a", "b", "c"]}},
+    )
     assert run.layers("norms/grad") == ["c", "a", "b"]
     assert ordered_layers(run, "norms/grad") == ["a", "b", "c"]
 
@@ -97,8 +105,10 @@ def test_ordered_layers_ask_the_run_for_param_names(tmp_path, monkeypatch):
 def big_run(tmp_path_factory):
     steps, layers = 10_000, 200
     rng = np.random.default_rng(0)
-    series = {f"norms/grad/blocks.{i}.mlp.weight": (np.arange(steps), 1 + rng.random(steps))
-              for i in range(layers)}
+    series = {
+        f"norms/grad/blocks.{i}.mlp.weight": (np.arange(steps), 1 + rng.random(steps))
+        for i in range(layers)
+    }
     run = write_run(tmp_path_factory.mktemp("big") / "r", series)
     yield run
     run.close()

@@ -43,20 +43,24 @@ def grok_series(steps: np.ndarray = STEPS) -> dict:
     min_ratio = np.linspace(0.05, 0.8, steps.size)
     min_ratio[3] = -0.4  # a direction fit backwards for a while
     series = {
-        "heldout/train_acc": (steps, train), "heldout/acc": (steps, heldout),
-        "robustness/adv_acc": (steps, 0.5 * heldout), "robustness/clean_acc": (steps, heldout),
+        "heldout/train_acc": (steps, train),
+        "heldout/acc": (steps, heldout),
+        "robustness/adv_acc": (steps, 0.5 * heldout),
+        "robustness/clean_acc": (steps, heldout),
         "heldout/train_loss": (steps, 3 * np.exp(-t / 40) + 1e-5),
         "heldout/loss": (steps, 4 - 3.5 * heldout),
         "grok/param_norm": (steps, 10 + 80 * np.sqrt(t / t[-1])),
         "grok/softmax_collapse": (steps, np.clip((t - 500) / 1000, 0, 0.3)),
         "grok/nlm_cos": (steps, np.tanh(t / 200) * 0.95),
-        "ntk/alignment": (steps, 0.1 + 0.5 * heldout), "ntk/change": (steps, t / 1000),
+        "ntk/alignment": (steps, 0.1 + 0.5 * heldout),
+        "ntk/change": (steps, t / 1000),
         "ntk/trace": (steps, 1e4 + t),
         "attribution/share/easy": (steps, 0.9 + 0 * t),
         "attribution/share/hard": (steps, 0.1 + 0 * t),
         "attribution/ablation/easy": (steps, 2.0 + 0 * t),
-        "ntk_response/dir_0": (steps, 1 + 0 * t), "ntk_response/min_ratio": (steps, min_ratio),
-    }  # fmt: skip
+        "ntk_response/dir_0": (steps, 1 + 0 * t),
+        "ntk_response/min_ratio": (steps, min_ratio),
+    }
     for i, point_set in enumerate(("train", "test", "random")):
         count = 100 + 10 * i + 20 * np.sin(t / 400)
         series[f"regions/{point_set}/total"] = (steps, count)
@@ -79,8 +83,16 @@ def grokked(grok_run) -> Finding:
 
 
 def grok_finding(message: str, end: int = LAST) -> Finding:
-    return Finding("grokking", Severity.INFO, 100, end, message, "train longer", {},
-                   ("heldout/train_acc", "heldout/acc"))  # fmt: skip
+    return Finding(
+        "grokking",
+        Severity.INFO,
+        100,
+        end,
+        message,
+        "train longer",
+        {},
+        ("heldout/train_acc", "heldout/acc"),
+    )
 
 
 def named(part, name: str) -> go.Scatter:
@@ -108,8 +120,11 @@ def test_no_keys_no_panels(tmp_path):
 def test_accuracy_lines_carry_the_stored_values(grok_run):
     part = accuracy_panel(grok_run, ())
     assert [t.name for t in part.traces] == ["train acc", "held-out acc", "adversarial acc"]
-    for name, key in (("train acc", "heldout/train_acc"), ("held-out acc", "heldout/acc"),
-                      ("adversarial acc", "robustness/adv_acc")):  # fmt: skip
+    for name, key in (
+        ("train acc", "heldout/train_acc"),
+        ("held-out acc", "heldout/acc"),
+        ("adversarial acc", "robustness/adv_acc"),
+    ):
         np.testing.assert_array_equal(named(part, name).y, stored(grok_run, key))
         np.testing.assert_array_equal(named(part, name).x, STEPS)
     assert named(part, "adversarial acc").line.dash == "dash"
@@ -126,8 +141,11 @@ def test_phase_shading_spans_the_grokking_finding(grok_run, grokked):
     bands = {t.name: t for t in part.traces if t.fill == "toself"}
     assert list(bands) == ["phase · fitting", "phase · memorisation", "phase · generalised"]
     spans = {name: (min(t.x), max(t.x)) for name, t in bands.items()}
-    assert spans == {"phase · fitting": (0, fit), "phase · memorisation": (fit, gen),
-                     "phase · generalised": (gen, LAST)}  # fmt: skip
+    assert spans == {
+        "phase · fitting": (0, fit),
+        "phase · memorisation": (fit, gen),
+        "phase · generalised": (gen, LAST),
+    }
     for band in bands.values():
         assert (min(band.y), max(band.y)) == FRACTION and band.hoverinfo == "skip"
     assert bands["phase · memorisation"].fillpattern.shape == "/"
@@ -182,8 +200,11 @@ def test_heldout_loss_is_log_when_positive(grok_run, tmp_path):
 
 def test_local_complexity_one_fixed_colour_per_set(grok_run, tmp_path):
     part = local_complexity_panel(grok_run, ())
-    assert [t.name for t in part.traces] == ["regions · train", "regions · test",
-                                             "regions · random"]  # fmt: skip
+    assert [t.name for t in part.traces] == [
+        "regions · train",
+        "regions · test",
+        "regions · random",
+    ]
     for trace, point_set in zip(part.traces, ("train", "test", "random"), strict=True):
         np.testing.assert_array_equal(trace.y, stored(grok_run, f"regions/{point_set}/total"))
         assert trace.line.color == SET_COLOURS[point_set]
@@ -224,8 +245,7 @@ def test_ntk_panel_draws_alignment_and_change_only(grok_run):
 
 def test_starvation_shares_and_dashed_response(grok_run, tmp_path):
     part = starvation_panel(grok_run, ())
-    assert [t.name for t in part.traces] == ["share · easy", "share · hard",
-                                             "NTK response min/max"]  # fmt: skip
+    assert [t.name for t in part.traces] == ["share · easy", "share · hard", "NTK response min/max"]
     np.testing.assert_array_equal(part.traces[1].y, stored(grok_run, "attribution/share/hard"))
     ratio = part.traces[2]
     assert ratio.line.dash == "dash" and ratio.y[3] == -0.4
@@ -235,8 +255,7 @@ def test_starvation_shares_and_dashed_response(grok_run, tmp_path):
 
 
 def test_legend_names_unique_across_the_rows(grok_run, grokked):
-    names = [t.name for panel in ANALYSIS_PANELS
-             for t in panel.draw(grok_run, (grokked,)).traces]  # fmt: skip
+    names = [t.name for panel in ANALYSIS_PANELS for t in panel.draw(grok_run, (grokked,)).traces]
     assert len(names) == len(set(names)), names
 
 
@@ -246,8 +265,9 @@ def test_build_with_the_registered_rows(tmp_path, grokked):
     run = write_run(tmp_path / "r", series)
     fig = build(run, [grokked])
     titles = [a.text for a in fig.layout.annotations]
-    rows = [next(i for i, t in enumerate(titles) if f"<b>{p.title}</b>" in t)
-            for p in ANALYSIS_PANELS]  # fmt: skip
+    rows = [
+        next(i for i, t in enumerate(titles) if f"<b>{p.title}</b>" in t) for p in ANALYSIS_PANELS
+    ]
     assert rows == list(range(rows[0], rows[0] + len(rows)))  # together, in order
     assert "⚠" in titles[rows[0]]  # the finding names the accuracy keys
     names = [t.name for t in fig.data if isinstance(t, go.Scatter) and t.showlegend is not False]

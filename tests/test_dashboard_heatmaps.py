@@ -16,8 +16,7 @@ STEPS = np.arange(0, 100, 10)
 
 
 def heatmap(fig: go.Figure, label: str) -> go.Heatmap:
-    (trace,) = [t for t in fig.data if isinstance(t, go.Heatmap)
-                and t.colorbar.title.text == label]
+    (trace,) = [t for t in fig.data if isinstance(t, go.Heatmap) and t.colorbar.title.text == label]
     return trace
 
 
@@ -28,8 +27,9 @@ def colour_position(trace: go.Heatmap, value: float) -> float:
 
 def test_healthy_update_ratios_stay_near_white(tmp_path):
     rng = np.random.default_rng(0)
-    ratios = {f"updates/ratio/l{i}": (STEPS, 1e-3 * (1 + 0.2 * rng.random(STEPS.size)))
-              for i in range(3)}
+    ratios = {
+        f"updates/ratio/l{i}": (STEPS, 1e-3 * (1 + 0.2 * rng.random(STEPS.size))) for i in range(3)
+    }
     ratios["updates/ratio/l0"][1][:2] = [1.0e-3, 1.2e-3]
     trace = heatmap(build(write_run(tmp_path / "r", ratios)), "update ratio")
     centre = math.log10(HEALTHY_UPDATE_RATIO)
@@ -40,16 +40,23 @@ def test_healthy_update_ratios_stay_near_white(tmp_path):
 
 
 def test_update_ratio_scale_widens_symmetrically_for_wild_ratios(tmp_path):
-    ratios = {"updates/ratio/a": (STEPS, np.full(STEPS.size, 0.5)),
-              "updates/ratio/b": (STEPS, np.full(STEPS.size, 1e-4))}
+    ratios = {
+        "updates/ratio/a": (STEPS, np.full(STEPS.size, 0.5)),
+        "updates/ratio/b": (STEPS, np.full(STEPS.size, 1e-4)),
+    }
     trace = heatmap(build(write_run(tmp_path / "r", ratios)), "update ratio")
     half = math.log10(0.5) - math.log10(HEALTHY_UPDATE_RATIO)
     assert (trace.zmin, trace.zmax) == pytest.approx((-3 - half, -3 + half))
 
 
 def test_reference_line_and_heatmap_centre_share_the_constant(tmp_path):
-    run = write_run(tmp_path / "r", {"updates/ratio_total": (STEPS, np.full(STEPS.size, 0.1)),
-                                     "updates/ratio/a": (STEPS, np.full(STEPS.size, 0.1))})
+    run = write_run(
+        tmp_path / "r",
+        {
+            "updates/ratio_total": (STEPS, np.full(STEPS.size, 0.1)),
+            "updates/ratio/a": (STEPS, np.full(STEPS.size, 0.1)),
+        },
+    )
     fig = build(run)
     (line,) = [t for t in fig.data if isinstance(t, go.Scatter) and "typical" in t.name]
     assert list(line.y) == [HEALTHY_UPDATE_RATIO] * 2 and line.name == "ratio 1e-3 (typical)"
@@ -64,8 +71,12 @@ def zero_run(tmp_path):
     with_zero[3] = 0.0
     gap = live.copy()
     gap[5] = np.nan
-    series = {"norms/grad/live": (STEPS, live), "norms/grad/dead": (STEPS, np.zeros(STEPS.size)),
-              "norms/grad/once": (STEPS, with_zero), "norms/grad/gap": (STEPS, gap)}
+    series = {
+        "norms/grad/live": (STEPS, live),
+        "norms/grad/dead": (STEPS, np.zeros(STEPS.size)),
+        "norms/grad/once": (STEPS, with_zero),
+        "norms/grad/gap": (STEPS, gap),
+    }
     run = write_run(tmp_path / "r", series)
     yield run
     run.close()
@@ -84,8 +95,9 @@ def test_zero_gradients_sit_on_the_colour_floor(zero_run):
     assert trace.colorbar.tickvals[0] == trace.zmin and trace.colorbar.ticktext[0] == "0"
 
 
-@pytest.mark.parametrize(("key", "label"), [("norms/grad/w", "grad norm"),
-                                            ("updates/ratio/w", "update ratio")])
+@pytest.mark.parametrize(
+    ("key", "label"), [("norms/grad/w", "grad norm"), ("updates/ratio/w", "update ratio")]
+)
 def test_all_zero_heatmap_is_drawn(tmp_path, key, label):
     fig = build(write_run(tmp_path / "r", {key: (STEPS, np.zeros(STEPS.size))}))
     trace = heatmap(fig, label)
@@ -104,7 +116,9 @@ def test_column_axis_puts_every_column_at_its_own_step():
     assert column_axis(np.array([5.0, 15.0, 25.0, 35.0])) == ({"x0": 5.0, "dx": 10.0}, None)
     # a last step off the schedule: its own column, from the grid's last edge (30) to 40
     assert column_axis(np.array([0.0, 10.0, 20.0, 35.0])) == (
-        {"x0": 0.0, "dx": 10.0}, {"x0": 35.0, "dx": 20.0})  # fmt: skip
+        {"x0": 0.0, "dx": 10.0},
+        {"x0": 35.0, "dx": 20.0},
+    )
     uneven = np.array([1.0, 2.0, 4.0, 8.0])  # a log-spaced schedule keeps its real steps
     head, tail = column_axis(uneven)
     np.testing.assert_array_equal(head["x"], uneven)
@@ -120,8 +134,7 @@ def test_a_shorter_last_bin_is_drawn_at_its_own_steps(tmp_path):
     from trainprobe.dashboard.heatmaps import HeatStyle, heatmap_trace, trace_steps
 
     values = np.arange(20.0).reshape(2, 10) + 1
-    traces, width = heatmap_trace(np.arange(10), values, ["a", "b"], HeatStyle("v"),
-                                  max_columns=3)  # fmt: skip
+    traces, width = heatmap_trace(np.arange(10), values, ["a", "b"], HeatStyle("v"), max_columns=3)
     assert width == 4 and len(traces) == 2
     head, tail = traces
     np.testing.assert_array_equal(trace_steps(head), [1.5, 5.5])

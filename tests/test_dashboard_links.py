@@ -11,16 +11,28 @@ from trainprobe.dashboard.links import DIV_ID, META_KEY, findings_block
 
 
 def finding(keys, **overrides) -> Finding:
-    fields = {"detector": "loss_spike", "severity": Severity.WARNING, "start_step": 100,
-              "end_step": 120, "message": "loss <b>jumped</b>", "action": "clip & retry",
-              "keys": keys}  # fmt: skip
+    fields = {
+        "detector": "loss_spike",
+        "severity": Severity.WARNING,
+        "start_step": 100,
+        "end_step": 120,
+        "message": "loss <b>jumped</b>",
+        "action": "clip & retry",
+        "keys": keys,
+    }
     return Finding(**{**fields, **overrides})
 
 
 def test_findings_link_to_the_rows_carrying_their_evidence(tmp_path):
     run = write_run(tmp_path / "r", full_series())
-    fig = build(run, [finding(("scalars/loss",)), finding(("norms/grad/*",), start_step=5,
-                                                          end_step=5), finding(())])  # fmt: skip
+    fig = build(
+        run,
+        [
+            finding(("scalars/loss",)),
+            finding(("norms/grad/*",), start_step=5, end_step=5),
+            finding(()),
+        ],
+    )
     meta = fig.layout.meta[META_KEY]
     titles = [row["title"] for row in meta["rows"]]
     assert titles[0] == "Findings"
@@ -40,7 +52,7 @@ def test_findings_link_to_the_rows_carrying_their_evidence(tmp_path):
     assert '<b style="color:#ff7f0e">WARNING</b>' in block  # the severity's own colour
     uids = [t.uid for t in fig.data]
     assert len(set(uids)) == len(uids) and uids[0] == "findings-0"  # stable across redraws
-    assert '>Findings</a>' in block
+    assert ">Findings</a>" in block
 
 
 def test_no_findings_no_list(tmp_path):

@@ -23,11 +23,14 @@ def _cli(argv: list[str]) -> int:
 def _run(tmp_path):
     steps = np.arange(0, 50, 10)
     loss = np.array([2.0, 1.5, np.nan, 0.75, 0.1 + 1e-12])
-    return write_run(tmp_path / "run", {
-        "scalars/loss": (steps, loss),
-        "norms/grad/fc.weight": (steps[:3], [0.5, 0.25, 0.125]),
-        "hessian_density/density": (steps, np.ones((5, 4))),
-    })  # fmt: skip
+    return write_run(
+        tmp_path / "run",
+        {
+            "scalars/loss": (steps, loss),
+            "norms/grad/fc.weight": (steps[:3], [0.5, 0.25, 0.125]),
+            "hessian_density/density": (steps, np.ones((5, 4))),
+        },
+    )
 
 
 def test_csv_long_format_round_trips(tmp_path, capsys):
@@ -43,8 +46,11 @@ def test_csv_long_format_round_trips(tmp_path, capsys):
     assert rows[0] == ["step", "key", "value"]
     assert rows[1] == ["0", "scalars/loss", "2.0"] and rows[3] == ["20", "scalars/loss", ""]
     assert float(rows[5][2]) == 0.1 + 1e-12  # repr: exact round trip
-    assert rows[6:] == [["0", "norms/grad/fc.weight", "0.5"], ["10", "norms/grad/fc.weight",
-                        "0.25"], ["20", "norms/grad/fc.weight", "0.125"]]  # fmt: skip
+    assert rows[6:] == [
+        ["0", "norms/grad/fc.weight", "0.5"],
+        ["10", "norms/grad/fc.weight", "0.25"],
+        ["20", "norms/grad/fc.weight", "0.125"],
+    ]
 
 
 def test_prefix_and_out(tmp_path, capsys):

@@ -115,8 +115,9 @@ def test_task_gradients_match_closed_forms_and_leave_grads_alone():
     w, a, b = model.trunk.weight[0].detach(), 3.0, -1.5
     z = x @ w  # [B]
     grad_a = torch.cat([a * x.mean(0), z.mean()[None], torch.zeros(1)])  # [w, head_a, head_b]
-    grad_b = torch.cat([2 * b**2 * (z[:, None] * x).mean(0), torch.zeros(1),
-                        2 * b * (z**2).mean()[None]])  # fmt: skip
+    grad_b = torch.cat(
+        [2 * b**2 * (z[:, None] * x).mean(0), torch.zeros(1), 2 * b * (z**2).mean()[None]]
+    )
     assert _rel(groups.grads[0], grad_a) <= 1e-12 and _rel(groups.grads[1], grad_b) <= 1e-12
     torch.testing.assert_close(groups.losses, torch.stack([a * z.mean(), ((b * z) ** 2).mean()]))
     assert all(bool((p.grad == 9).all()) for p in model.parameters())
@@ -135,26 +136,53 @@ def test_a_task_that_does_not_depend_on_the_parameters_has_a_zero_gradient():
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda m, d: group_gradients(Objective(m, CE), d, d[1].double()), TypeError,
-         r"ids must be an integer tensor \[B\]"),
-        (lambda m, d: group_gradients(Objective(m, CE), d, d[1][:3]), ValueError,
-         r"ids has shape \(3,\) but the batch has 12 examples"),
-        (lambda m, d: group_gradients(Objective(m, CE), d, d[1], method="dense"), ValueError,
-         "method must be 'subset' or 'persample'"),
-        (lambda m, d: microbatch_gradients(Objective(m, CE), d, 13), ValueError,
-         "microbatches must be an integer between 1 and the batch size 12"),
-        (lambda m, d: microbatch_gradients(Objective(m, CE), d, True), ValueError,
-         "microbatches must be an integer"),
-        (lambda m, d: task_gradients(Objective(m, CE), d), TypeError,
-         r"return a dict \{task name: scalar loss\}, got Tensor"),
-        (lambda m, d: task_gradients(Objective(m, lambda mm, b: {}), d), ValueError,
-         "returned an empty dict"),
-        (lambda m, d: task_gradients(Objective(m, lambda mm, b: {1: CE(mm, b)}), d), TypeError,
-         "return a dict"),
-        (lambda m, d: task_gradients(Objective(m, lambda mm, b: {"t": mm(b[0])}), d), ValueError,
-         "task 't' must return a scalar tensor"),
+        (
+            lambda m, d: group_gradients(Objective(m, CE), d, d[1].double()),
+            TypeError,
+            r"ids must be an integer tensor \[B\]",
+        ),
+        (
+            lambda m, d: group_gradients(Objective(m, CE), d, d[1][:3]),
+            ValueError,
+            r"ids has shape \(3,\) but the batch has 12 examples",
+        ),
+        (
+            lambda m, d: group_gradients(Objective(m, CE), d, d[1], method="dense"),
+            ValueError,
+            "method must be 'subset' or 'persample'",
+        ),
+        (
+            lambda m, d: microbatch_gradients(Objective(m, CE), d, 13),
+            ValueError,
+            "microbatches must be an integer between 1 and the batch size 12",
+        ),
+        (
+            lambda m, d: microbatch_gradients(Objective(m, CE), d, True),
+            ValueError,
+            "microbatches must be an integer",
+        ),
+        (
+            lambda m, d: task_gradients(Objective(m, CE), d),
+            TypeError,
+            r"return a dict \{task name: scalar loss\}, got Tensor",
+        ),
+        (
+            lambda m, d: task_gradients(Objective(m, lambda mm, b: {}), d),
+            ValueError,
+            "returned an empty dict",
+        ),
+        (
+            lambda m, d: task_gradients(Objective(m, lambda mm, b: {1: CE(mm, b)}), d),
+            TypeError,
+            "return a dict",
+        ),
+        (
+            lambda m, d: task_gradients(Objective(m, lambda mm, b: {"t": mm(b[0])}), d),
+            ValueError,
+            "task 't' must return a scalar tensor",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments(call, error, match):
     model, data = _case("mlp")
     with pytest.raises(error, match=match):

@@ -147,8 +147,14 @@ def test_chunks_and_the_memory_bound_give_the_same_gradients():
     torch.testing.assert_close(bounded.grads, whole.grads, rtol=1e-12, atol=1e-15)
     blocks: list[int] = []
     fl = Objective(model, CE)
-    for_each_chunk(fl, SplitBatch.of(data), lambda s, g, v: blocks.append(g.shape[0]),
-                   method="vmap", chunk_size=None, max_memory=3 * dim * 8)  # fmt: skip
+    for_each_chunk(
+        fl,
+        SplitBatch.of(data),
+        lambda s, g, v: blocks.append(g.shape[0]),
+        method="vmap",
+        chunk_size=None,
+        max_memory=3 * dim * 8,
+    )
     assert blocks == [3, 3, 3, 1]
 
 
@@ -193,39 +199,76 @@ def test_existing_grads_are_left_untouched():
 
 
 def _untracked_bn() -> nn.Module:
-    return nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4, track_running_stats=False),
-                         nn.Linear(4, 3)).double()  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(8, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)
+    ).double()
 
 
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda m, d: per_sample_gradients(Objective(m, CE, mode="train"), d), ValueError,
-         r"BatchNorm '1' under mode='train'.*use mode='eval'"),
-        (lambda m, d: per_sample_gradients(Objective(m, CE, mode="test"), d), ValueError,
-         "mode must be 'eval'"),
-        (lambda m, d: per_sample_gradients(Objective(m, CE), d, method="jit"), ValueError,
-         "method must be one of"),
-        (lambda m, d: per_sample_gradients(Objective(m, CE), d, chunk_size=2, max_memory=10**6),
-         ValueError, "pass chunk_size= or max_memory=, not both"),
-        (lambda m, d: per_sample_gradients(Objective(m, CE), d, chunk_size=0), ValueError,
-         "chunk_size must be an integer >= 1"),
-        (lambda m, d: per_sample_gradients(Objective(m, CE), d, max_memory=100), ValueError,
-         r"holds less than one example's gradient .*pass max_memory >= "),
-        (lambda m, d: per_sample_gradients(Objective(m, lambda mm, b: mm(b[0])), d), ValueError,
-         "must return a scalar tensor"),
-        (lambda m, d: per_sample_gradients(Objective(m, CE), (1.0, "y")), ValueError,
-         "no tensor with a leading"),
-        (lambda m, d: per_sample_gradients(Objective(m, CE), (d[0][:0], d[1][:0])), ValueError,
-         "the batch is empty"),
-        (lambda m, d: per_sample_gradients(Objective("model", CE), d), TypeError,
-         "model must be an nn.Module"),
-        (lambda m, d: per_sample_gradients(Objective(m, 3), d), TypeError,
-         "loss_fn must be a callable"),
-        (lambda m, d: per_sample_gradients(m, d), TypeError,
-         "expected a trainprobe.functional.Objective, got"),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE, mode="train"), d),
+            ValueError,
+            r"BatchNorm '1' under mode='train'.*use mode='eval'",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE, mode="test"), d),
+            ValueError,
+            "mode must be 'eval'",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE), d, method="jit"),
+            ValueError,
+            "method must be one of",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE), d, chunk_size=2, max_memory=10**6),
+            ValueError,
+            "pass chunk_size= or max_memory=, not both",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE), d, chunk_size=0),
+            ValueError,
+            "chunk_size must be an integer >= 1",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE), d, max_memory=100),
+            ValueError,
+            r"holds less than one example's gradient .*pass max_memory >= ",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, lambda mm, b: mm(b[0])), d),
+            ValueError,
+            "must return a scalar tensor",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE), (1.0, "y")),
+            ValueError,
+            "no tensor with a leading",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, CE), (d[0][:0], d[1][:0])),
+            ValueError,
+            "the batch is empty",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective("model", CE), d),
+            TypeError,
+            "model must be an nn.Module",
+        ),
+        (
+            lambda m, d: per_sample_gradients(Objective(m, 3), d),
+            TypeError,
+            "loss_fn must be a callable",
+        ),
+        (
+            lambda m, d: per_sample_gradients(m, d),
+            TypeError,
+            "expected a trainprobe.functional.Objective, got",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments(call, error, match):
     model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
     _, data = _case("mlp")

@@ -157,8 +157,15 @@ def test_top5_bottom2_and_eigenvectors_match_eigh():
     order = [op.dim - 1 - i for i in range(5)] + [0, 1]
     for col, i in enumerate(order):  # up to sign
         assert abs(float(pairs.vectors[:, col] @ vectors[:, i])) == pytest.approx(1, abs=1e-8)
-    blocked = block_lanczos(op, op.dim, top=5, bottom=2, block_size=4, tol=1e-12,
-                            generator=torch.Generator().manual_seed(0))
+    blocked = block_lanczos(
+        op,
+        op.dim,
+        top=5,
+        bottom=2,
+        block_size=4,
+        tol=1e-12,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(blocked.values, want, rtol=1e-8, atol=1e-12)
 
 
@@ -170,8 +177,9 @@ def test_per_layer_blocks_are_the_diagonal_blocks_of_the_dense_hessian():
     for n in op.layout.numels:
         bounds.append(slice(start, start + n))
         start += n
-    results = diagonal_block_eigenpairs(op, op.dim, bounds, top=2, bottom=1, tol=1e-12,
-                                        generator=torch.Generator().manual_seed(1))
+    results = diagonal_block_eigenpairs(
+        op, op.dim, bounds, top=2, bottom=1, tol=1e-12, generator=torch.Generator().manual_seed(1)
+    )
     calls = op.matvecs
     for b, pairs in zip(bounds, results, strict=True):
         exact = torch.linalg.eigvalsh(dense[b, b])
@@ -363,8 +371,12 @@ def test_frozen_unused_and_non_scalar():
 
 def test_linearize_on_conv_after_conv_falls_back_to_exact_columns():
     torch.manual_seed(3)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1),
-                        nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()  # fmt: skip
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.Conv2d(2, 2, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    ).double()
     x, y = _data(8, (1, 4, 4))
     dense = _dense(net, F.cross_entropy, x, y)
     op = hessian_operator(net, CE, batch=(x, y), engine="linearize")

@@ -22,8 +22,15 @@ CURVATURE_PREFIXES = ("sharpness/", "hessian", "grad_subspace/")
 """Keys of the curvature probes: not default (they cost Hessian-vector products)."""
 GRADIENT_PREFIXES = ("conflict/", "grad_noise/", "grad_spectrum/", "weight_spectrum/")
 """Keys of the gradient-structure probes: not default (they cost extra backward passes)."""
-ANALYSIS_PREFIXES = ("heldout/", "grok/", "ntk/", "attribution/", "ntk_response/", "regions/",
-                     "robustness/")  # fmt: skip
+ANALYSIS_PREFIXES = (
+    "heldout/",
+    "grok/",
+    "ntk/",
+    "attribution/",
+    "ntk_response/",
+    "regions/",
+    "robustness/",
+)
 """Keys of the grokking, starvation and region probes: not default (they need data)."""
 
 
@@ -129,8 +136,12 @@ def test_the_analysis_split_leaves_default_keys_alone(default_keys, analysis_key
     assert any(is_analysis(p) for c in CONSUMERS for p in choices(c))
 
 
-PROBE_RUNS = {"default": lambda: default_probes(every_n=1), "curvature": curvature_probes,
-              "gradient": gradient_probes, "analysis": lambda: analysis_probes("cnn")}  # fmt: skip
+PROBE_RUNS = {
+    "default": lambda: default_probes(every_n=1),
+    "curvature": curvature_probes,
+    "gradient": gradient_probes,
+    "analysis": lambda: analysis_probes("cnn"),
+}
 CATCH_ALL = "other_series"
 
 
@@ -174,8 +185,13 @@ def test_every_probe_has_a_row_of_its_own(drawn_rows, probe_set):
 def test_every_detectors_evidence_has_a_dedicated_row(drawn_rows):
     """A finding links to the rows whose keys its detector reads: each detector's keys
     must be drawn by a row other than the catch-all."""
-    dedicated = {key for _, parts in drawn_rows.values() for name, part in parts.items()
-                 if name != CATCH_ALL for key in part.keys}  # fmt: skip
+    dedicated = {
+        key
+        for _, parts in drawn_rows.values()
+        for name, part in parts.items()
+        if name != CATCH_ALL
+        for key in part.keys
+    }
     recorded = {key for run, _ in drawn_rows.values() for key in run.keys("")}
     for detector in DETECTORS:
         for pattern in choices(detector):

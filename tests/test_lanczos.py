@@ -11,8 +11,9 @@ from trainprobe.curvature import lanczos, power_iteration
 
 def _symmetric(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=gen,
-                                       dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(len(eigenvalues), len(eigenvalues), generator=gen, dtype=torch.float64)
+    )
     return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
 
 
@@ -39,8 +40,14 @@ def test_top5_and_bottom2_match_the_dense_eigendecomposition():
 
 def test_a_float32_callable_operator():
     a = _symmetric(_spectrum()).float()
-    pairs = lanczos(lambda v: a @ v, 80, top=3, tol=1e-6, dtype=torch.float32,
-                    generator=torch.Generator().manual_seed(0))
+    pairs = lanczos(
+        lambda v: a @ v,
+        80,
+        top=3,
+        tol=1e-6,
+        dtype=torch.float32,
+        generator=torch.Generator().manual_seed(0),
+    )
     exact = torch.linalg.eigvalsh(a.double()).flip(0)[:3]
     torch.testing.assert_close(pairs.values, exact, rtol=1e-5, atol=0)
 
@@ -70,15 +77,18 @@ def test_unconverged_runs_warn_and_say_so():
     assert not pairs.converged
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"operator": torch.zeros(3, 4)}, ValueError, r"dense operator must have shape \[3, 3\]"),
-    ({"operator": "A"}, TypeError, r"operator must be a \[n, n\] tensor, a callable"),
-    ({"top": 0}, ValueError, r"need 1 <= top \+ bottom <= 3"),
-    ({"top": 2, "bottom": 2}, ValueError, r"need 1 <= top \+ bottom <= 3"),
-    ({"tol": 0.0}, ValueError, r"tol must be > 0"),
-    ({"value_tol": -1.0}, ValueError, r"value_tol must be > 0 or None, got -1.0"),
-    ({"start": torch.ones(4)}, ValueError, r"start must be \[3\] or \[3, j\], got \(4,\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"operator": torch.zeros(3, 4)}, ValueError, r"dense operator must have shape \[3, 3\]"),
+        ({"operator": "A"}, TypeError, r"operator must be a \[n, n\] tensor, a callable"),
+        ({"top": 0}, ValueError, r"need 1 <= top \+ bottom <= 3"),
+        ({"top": 2, "bottom": 2}, ValueError, r"need 1 <= top \+ bottom <= 3"),
+        ({"tol": 0.0}, ValueError, r"tol must be > 0"),
+        ({"value_tol": -1.0}, ValueError, r"value_tol must be > 0 or None, got -1.0"),
+        ({"start": torch.ones(4)}, ValueError, r"start must be \[3\] or \[3, j\], got \(4,\)"),
+    ],
+)
 def test_bad_arguments(kwargs, error, match):
     kwargs = {"operator": torch.eye(3, dtype=torch.float64)} | kwargs
     with pytest.raises(error, match=match):
@@ -153,8 +163,9 @@ def test_guard_vectors_make_a_warm_start_certify_the_gap_sooner():
     runs = {}
     for name, start in (("top only", before.vectors), ("with guard", both)):
         gen = torch.Generator().manual_seed(1)
-        runs[name] = lanczos(drifted, 80, top=1, tol=1e-12, value_tol=1e-6, start=start,
-                             generator=gen)  # fmt: skip
+        runs[name] = lanczos(
+            drifted, 80, top=1, tol=1e-12, value_tol=1e-6, start=start, generator=gen
+        )
         assert runs[name].values[0] == pytest.approx(exact, rel=1e-6)
     assert runs["with guard"].matvecs < runs["top only"].matvecs
     assert lanczos(a, 80, top=1, guard=0, generator=gen).guard_vectors is None

@@ -95,8 +95,6 @@ def _modules() -> list[Path]:
     return sorted(PACKAGE.rglob("*.py"))
 
 
-
-
 def test_the_scan_sees_the_package():
     assert (PACKAGE / "__init__.py").is_file()
     assert len(_modules()) > 50

@@ -237,8 +237,11 @@ class _Undeclared(_Broken):
 @pytest.mark.parametrize(
     ("kind", "match"),
     [
-        ("plain", r"probe 'undeclared' wrote key 'undeclared/other', which matches none of "
-                  r"the keys it declares: \['undeclared/ok', 'undeclared/layer/<param>'\]"),
+        (
+            "plain",
+            r"probe 'undeclared' wrote key 'undeclared/other', which matches none of "
+            r"the keys it declares: \['undeclared/ok', 'undeclared/layer/<param>'\]",
+        ),
         ("layer", r"probe 'undeclared' wrote key 'undeclared/weight/0.weight', which matches"),
         ("host", r"probe 'undeclared' wrote key 'undeclared/x', which matches none"),
         ("case", r"probe 'undeclared': record key 'undeclared/Bad' is not 'probe/metric"),
@@ -247,8 +250,13 @@ class _Undeclared(_Broken):
 def test_a_probe_may_only_write_the_keys_it_declares(tmp_path, kind, match):
     model = _model()
     with pytest.raises(ValueError, match=match):
-        with trainprobe.watch(model, [_Undeclared(kind)], run_dir=tmp_path / "r",
-                              on_probe_error="raise", flush_seconds=0) as mon:
+        with trainprobe.watch(
+            model,
+            [_Undeclared(kind)],
+            run_dir=tmp_path / "r",
+            on_probe_error="raise",
+            flush_seconds=0,
+        ) as mon:
             _steps(mon, [0], model)
 
 
@@ -271,10 +279,17 @@ class _Keyless(_Broken):
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        ({"keys": None}, TypeError, r"probe 'keyless' \(_Keyless\): keys must be a non-empty "
-                                    r"tuple of trainprobe.keys.Key"),
-        ({"keys": (Key("keyless/a", "a"), Key("other/b", "b"))}, ValueError,
-         r"declares keys under \['keyless', 'other'\]; spell every pattern with one"),
+        (
+            {"keys": None},
+            TypeError,
+            r"probe 'keyless' \(_Keyless\): keys must be a non-empty "
+            r"tuple of trainprobe.keys.Key",
+        ),
+        (
+            {"keys": (Key("keyless/a", "a"), Key("other/b", "b"))},
+            ValueError,
+            r"declares keys under \['keyless', 'other'\]; spell every pattern with one",
+        ),
         ({"name": "Keyless"}, ValueError, r"name: 'Keyless' is not a lower_snake name"),
     ],
 )
@@ -339,8 +354,9 @@ def test_logged_tensors_are_snapshots(tmp_path):
     lr = torch.tensor(0.1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    with trainprobe.watch(model, [LearningRate()], run_dir=tmp_path / "r", optimizer=opt,
-                          flush_seconds=3600) as mon:
+    with trainprobe.watch(
+        model, [LearningRate()], run_dir=tmp_path / "r", optimizer=opt, flush_seconds=3600
+    ) as mon:
         for step in range(3):
             running += 1  # changed in place after it was logged
             with mon.step(step) as s:
@@ -363,8 +379,9 @@ class _BadOnHost(_Broken):
 def test_a_value_failing_on_the_host_loses_nothing_else(tmp_path):
     model = _model()
     with pytest.warns(RuntimeWarning, match=r"'badhost' disabled .* failed on the host"):
-        with trainprobe.watch(model, [_BadOnHost(), LayerNorms(schedule=every(1))],
-                              run_dir=tmp_path / "r") as mon:
+        with trainprobe.watch(
+            model, [_BadOnHost(), LayerNorms(schedule=every(1))], run_dir=tmp_path / "r"
+        ) as mon:
             _steps(mon, range(3), model)
     run = Run(tmp_path / "r")
     assert run.series("norms/grad_total").steps.tolist() == [0, 1, 2]
@@ -381,8 +398,12 @@ class _BrokenUpdate(_Broken):
 def test_an_error_while_closing_keeps_the_records_and_marks_the_run_failed(tmp_path):
     model = _model()
     with pytest.raises(ZeroDivisionError):
-        with trainprobe.watch(model, [_BrokenUpdate(), LayerNorms(schedule=every(1))],
-                              run_dir=tmp_path / "r", on_probe_error="raise") as mon:
+        with trainprobe.watch(
+            model,
+            [_BrokenUpdate(), LayerNorms(schedule=every(1))],
+            run_dir=tmp_path / "r",
+            on_probe_error="raise",
+        ) as mon:
             with mon.step(0) as s:
                 loss = model(torch.ones(2, 3)).pow(2).mean()
                 loss.backward()
@@ -406,8 +427,12 @@ def test_the_parameter_copy_is_released_after_use(tmp_path):
 def test_activation_stats_refuse_a_compiled_model(tmp_path):
     model = torch.compile(_model(), backend="eager")
     with pytest.warns(RuntimeWarning, match=r"cannot hook a torch.compile'd module"):
-        with trainprobe.watch(model, [ActivationStats(schedule=every(1))],
-                              run_dir=tmp_path / "r") as mon, mon.step(0):
+        with (
+            trainprobe.watch(
+                model, [ActivationStats(schedule=every(1))], run_dir=tmp_path / "r"
+            ) as mon,
+            mon.step(0),
+        ):
             pass
     assert hook_count(model) == 0
 
@@ -433,8 +458,9 @@ def test_a_warning_when_gradient_probes_see_no_gradient(tmp_path):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(RuntimeWarning, match=r"no parameter had a gradient when step 0 ended"):
-        with trainprobe.watch(model, [LayerNorms(schedule=every(1))], run_dir=tmp_path / "r",
-                              optimizer=opt) as mon:
+        with trainprobe.watch(
+            model, [LayerNorms(schedule=every(1))], run_dir=tmp_path / "r", optimizer=opt
+        ) as mon:
             for step in range(2):
                 with mon.step(step):
                     model(torch.ones(2, 3)).sum().backward()

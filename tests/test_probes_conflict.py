@@ -26,16 +26,18 @@ def _flat(values) -> dict[str, float]:
     out = {}
     for key, value in values.items():
         if isinstance(value, PerLayer):
-            out.update({f"{key}/{n}": v for n, v in zip(value.names, value.values.tolist(),
-                                                        strict=True)})  # fmt: skip
+            out.update(
+                {f"{key}/{n}": v for n, v in zip(value.names, value.values.tolist(), strict=True)}
+            )
         else:
             out[key] = float(value)
     return out
 
 
 def _measure(probe: GradConflict, model: nn.Module, data, loss_fn=CE) -> dict[str, float]:
-    ctx = StepContext(step=0, model=model, params=dict(model.named_parameters()), batch=data,
-                      loss_fn=loss_fn)  # fmt: skip
+    ctx = StepContext(
+        step=0, model=model, params=dict(model.named_parameters()), batch=data, loss_fn=loss_fn
+    )
     return _flat(probe.measure(ctx))
 
 
@@ -70,8 +72,9 @@ def test_two_linear_tasks_at_a_chosen_angle(degrees):
     assert got["conflict/loss_share/first"] == pytest.approx(1 / float(total.sum()))
     dot = float(v1 @ v2)
     surgery = (v1 - dot / 9 * v2) + (v2 - dot / 1 * v1) - total if conflict else 0 * total
-    assert got["conflict/pcgrad_shift"] == pytest.approx(float(surgery.norm() / total.norm()),
-                                                         abs=1e-12)  # fmt: skip
+    assert got["conflict/pcgrad_shift"] == pytest.approx(
+        float(surgery.norm() / total.norm()), abs=1e-12
+    )
 
 
 def _imbalanced():
@@ -149,19 +152,29 @@ def test_callable_ids_and_key_limits():
     torch.manual_seed(0)
     model = MODELS["mlp"]().double()
     gen = torch.Generator().manual_seed(5)
-    data = {"x": torch.randn(12, 8, generator=gen, dtype=torch.float64),
-            "y": torch.randint(0, 3, (12,), generator=gen),
-            "source": torch.tensor([7, 3, 11] * 4)}  # fmt: skip
+    data = {
+        "x": torch.randn(12, 8, generator=gen, dtype=torch.float64),
+        "y": torch.randint(0, 3, (12,), generator=gen),
+        "source": torch.tensor([7, 3, 11] * 4),
+    }
     full = _measure(GradConflict(lambda b: b["source"]), model, data, _source_loss)
     assert {k for k in full if k.startswith("conflict/norm/")} == {
-        "conflict/norm/group_3", "conflict/norm/group_7", "conflict/norm/group_11"}  # fmt: skip
+        "conflict/norm/group_3",
+        "conflict/norm/group_7",
+        "conflict/norm/group_11",
+    }
     ids = {3: "group_3", 7: "group_7", 11: "group_11"}
     worst = f"{ids[full['conflict/min_pair_a']]}__{ids[full['conflict/min_pair_b']]}"
     assert full[f"conflict/cos/{worst}"] == full["conflict/min_cos"]
-    small = _measure(GradConflict(lambda b: b["source"], max_pair_groups=2, layers=False),
-                     model, data, _source_loss)  # fmt: skip
-    assert not [k for k in small if k.startswith(("conflict/cos/", "conflict/gms/",
-                                                  "conflict/layer"))]  # fmt: skip
+    small = _measure(
+        GradConflict(lambda b: b["source"], max_pair_groups=2, layers=False),
+        model,
+        data,
+        _source_loss,
+    )
+    assert not [
+        k for k in small if k.startswith(("conflict/cos/", "conflict/gms/", "conflict/layer"))
+    ]
     assert small["conflict/min_cos"] == full["conflict/min_cos"]
 
 
@@ -188,8 +201,10 @@ def test_pcgrad_shift_equals_explicit_gradient_surgery():
     assert expected > 0.01
     assert float(pcgrad_shift(grads @ grads.T)) == pytest.approx(expected, rel=1e-12)
     assert float(projection_shares(grads @ grads.T).sum()) == pytest.approx(1)
-    with_zero = cosines(torch.cat([grads[:2], torch.zeros(1, 6, dtype=torch.float64)]) @ torch.cat(
-        [grads[:2], torch.zeros(1, 6, dtype=torch.float64)]).T)  # fmt: skip
+    with_zero = cosines(
+        torch.cat([grads[:2], torch.zeros(1, 6, dtype=torch.float64)])
+        @ torch.cat([grads[:2], torch.zeros(1, 6, dtype=torch.float64)]).T
+    )
     assert with_zero[2].isnan().all() and not with_zero[:2, :2].isnan().any()
 
 
@@ -220,8 +235,9 @@ def test_a_missing_loss_disables_the_probe_with_the_fix(tmp_path):
     model = MODELS["mlp"]()
     data = (torch.randn(6, 8), torch.randint(0, 3, (6,)))
     with pytest.warns(RuntimeWarning, match="needs a loss: pass loss_fn= to watch"):
-        with trainprobe.watch(model, [GradConflict(schedule=at_steps(0))],
-                              run_dir=tmp_path / "a") as mon:  # fmt: skip
+        with trainprobe.watch(
+            model, [GradConflict(schedule=at_steps(0))], run_dir=tmp_path / "a"
+        ) as mon:
             with mon.step(0, batch=data):
                 pass
     with pytest.raises(ValueError, match=r"needs data: pass batch= to mon\.step"):
@@ -248,19 +264,43 @@ def test_bad_arguments(make, error, match):
 @pytest.mark.parametrize(
     ("probe", "data", "loss_fn", "error", "match"),
     [
-        (GradConflict(), torch.randn(4, 8), CE, ValueError,
-         r"needs batches \(inputs, targets\) with integer class labels"),
-        (GradConflict(), (torch.randn(4, 8), torch.tensor([0, -100, 1, 1])), CE, ValueError,
-         "group ids must be >= 0"),
-        (GradConflict("task", loss_fn=lambda m, b: {"Depth-Est": CE(m, b)}),
-         (torch.randn(4, 8), torch.tensor([0, 2, 1, 1])), None, ValueError,
-         r"task names \['Depth-Est'\] are not lower_snake"),
-        (GradConflict("task"), (torch.randn(4, 8), torch.tensor([0, 2, 1, 1])), CE, TypeError,
-         "return a dict"),
-        (GradConflict(), (torch.randn(4, 8), torch.tensor([0, 2, 1, 1])), None, ValueError,
-         "needs a loss: pass loss_fn= to watch"),
+        (
+            GradConflict(),
+            torch.randn(4, 8),
+            CE,
+            ValueError,
+            r"needs batches \(inputs, targets\) with integer class labels",
+        ),
+        (
+            GradConflict(),
+            (torch.randn(4, 8), torch.tensor([0, -100, 1, 1])),
+            CE,
+            ValueError,
+            "group ids must be >= 0",
+        ),
+        (
+            GradConflict("task", loss_fn=lambda m, b: {"Depth-Est": CE(m, b)}),
+            (torch.randn(4, 8), torch.tensor([0, 2, 1, 1])),
+            None,
+            ValueError,
+            r"task names \['Depth-Est'\] are not lower_snake",
+        ),
+        (
+            GradConflict("task"),
+            (torch.randn(4, 8), torch.tensor([0, 2, 1, 1])),
+            CE,
+            TypeError,
+            "return a dict",
+        ),
+        (
+            GradConflict(),
+            (torch.randn(4, 8), torch.tensor([0, 2, 1, 1])),
+            None,
+            ValueError,
+            "needs a loss: pass loss_fn= to watch",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_batches_and_losses(probe, data, loss_fn, error, match):
     torch.manual_seed(0)
     with pytest.raises(error, match=match):

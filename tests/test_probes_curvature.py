@@ -54,8 +54,11 @@ def _train(make_opt, probes=None, run_dir=None, steps: int = 8):
     model = _model()
     opt = make_opt(model.parameters())
     references = {}
-    mon = trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt, loss_fn=CE,
-                           flush_seconds=0) if probes is not None else None  # fmt: skip
+    mon = (
+        trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt, loss_fn=CE, flush_seconds=0)
+        if probes is not None
+        else None
+    )
     with mon if mon is not None else _Null():
         for step in range(steps):
             batch = _batch(step)
@@ -138,9 +141,13 @@ def test_gradient_subspace_fraction_is_exact():
 
 def _context(model, batch, optimizer, step: int = 0):
     return trainprobe.probes.StepContext(
-        step=step, model=model, params=dict(model.named_parameters()), batch=batch,
-        optimizer=optimizer, loss_fn=CE,
-    )  # fmt: skip
+        step=step,
+        model=model,
+        params=dict(model.named_parameters()),
+        batch=batch,
+        optimizer=optimizer,
+        loss_fn=CE,
+    )
 
 
 @pytest.mark.parametrize(
@@ -168,8 +175,11 @@ def test_sgd_weight_decay_is_added_to_the_sharpness():
 
 @pytest.mark.parametrize("adamw", [False, True])
 def test_adam_preconditioned_sharpness(adamw):
-    make = (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)) if adamw else (
-        lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-6))  # fmt: skip
+    make = (
+        (lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1))
+        if adamw
+        else (lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), eps=1e-6))
+    )
     model = _model()
     opt = make(model.parameters())
     _replay(model, opt, 3)
@@ -207,8 +217,9 @@ def test_adam_before_its_first_step_and_unknown_optimizers_warn_once():
     with pytest.warns(UserWarning, match="no known threshold for RMSprop"):
         values = probe.measure(_context(model, batch, torch.optim.RMSprop(model.parameters())))
     assert "sharpness/ratio" not in values and values["sharpness/lr"] == 0.01
-    groups = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
-                              {"params": model[2].parameters(), "lr": 0.2}])  # fmt: skip
+    groups = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.2}]
+    )
     assert "differ" in stability_rule(groups, dict(model.named_parameters())).note
 
 
@@ -230,8 +241,9 @@ def test_missing_loss_or_data_disables_the_probe_with_the_fix(tmp_path):
             with mon.step(0, batch=_batch(0)):
                 pass
     with pytest.warns(RuntimeWarning, match="needs data: pass batch= to mon.step"):
-        with trainprobe.watch(model, [Sharpness(schedule=at_steps(0))], run_dir=tmp_path / "b",
-                              loss_fn=CE) as mon:  # fmt: skip
+        with trainprobe.watch(
+            model, [Sharpness(schedule=at_steps(0))], run_dir=tmp_path / "b", loss_fn=CE
+        ) as mon:
             with mon.step(0):
                 pass
 
@@ -276,8 +288,11 @@ def test_hessian_forwards_do_not_reach_other_probes_hooks(tmp_path):
     activation statistics of a step are the same with and without them."""
     schedule = at_steps(*MEASURED)
     alone = [trainprobe.ActivationStats(schedule=schedule)]
-    together = [trainprobe.ActivationStats(schedule=schedule), HessianTop(2, schedule=schedule),
-                Sharpness(schedule=schedule)]  # fmt: skip
+    together = [
+        trainprobe.ActivationStats(schedule=schedule),
+        HessianTop(2, schedule=schedule),
+        Sharpness(schedule=schedule),
+    ]
     _train(_sgd, alone, tmp_path / "alone")
     _train(_sgd, together, tmp_path / "together")
     a, b = Run(tmp_path / "alone"), Run(tmp_path / "together")
@@ -289,8 +304,10 @@ def test_hessian_forwards_do_not_reach_other_probes_hooks(tmp_path):
 
 def test_two_instances_of_one_probe_record_side_by_side(tmp_path):
     schedule = at_steps(2, 5)
-    probes = [GradientSubspace(1, name="grad_subspace_top1", schedule=schedule),
-              GradientSubspace(10, name="grad_subspace_top10", schedule=schedule)]  # fmt: skip
+    probes = [
+        GradientSubspace(1, name="grad_subspace_top1", schedule=schedule),
+        GradientSubspace(10, name="grad_subspace_top10", schedule=schedule),
+    ]
     _train(_sgd, probes, tmp_path / "run")
     run = Run(tmp_path / "run")
     assert sorted(run.keys("grad_subspace")) == sorted(

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainprobe.probes import StepContext, every
-from trainprobe.probes.grokking import GrokSignals, HeldOut
+from trainprobe.probes.grokking import GrokSignals
+from trainprobe.probes.heldout import HeldOut
 
 from .cases import MODELS, batch
 from .test_contract import watched_run
@@ -67,8 +68,9 @@ def test_batches_are_weighted_by_examples():
 def test_accuracy_only_for_class_targets_and_over_sequence_positions():
     model = _mlp()
     x, y = batch("mlp", 3)
-    regression = HeldOut((x, torch.randn(16, 3, generator=torch.Generator().manual_seed(0))),
-                         criterion=F.mse_loss)  # fmt: skip
+    regression = HeldOut(
+        (x, torch.randn(16, 3, generator=torch.Generator().manual_seed(0))), criterion=F.mse_loss
+    )
     assert set(regression.measure(_ctx(model))) == {"heldout/loss"}
     seq = nn.Sequential(nn.Linear(8, 6), nn.Unflatten(1, (2, 3)))  # [B, 2 positions, 3 classes]
     targets = torch.stack([y, y.flip(0)], dim=1)  # [B, 2]
@@ -101,8 +103,11 @@ def test_eval_fn_runs_in_eval_mode_without_grad_or_rng_use():
     [
         (lambda: HeldOut(), ValueError, "exactly one of data="),
         (lambda: HeldOut(batch("mlp", 0), eval_fn=lambda m: {}), ValueError, "exactly one"),
-        (lambda: HeldOut(eval_fn=lambda m: {}, train_data=batch("mlp", 0)), TypeError,
-         "without train_data"),
+        (
+            lambda: HeldOut(eval_fn=lambda m: {}, train_data=batch("mlp", 0)),
+            TypeError,
+            "without train_data",
+        ),
         (lambda: HeldOut(eval_fn=3), TypeError, "eval_fn must be callable"),
         (lambda: HeldOut(batch("mlp", 0), criterion="ce"), TypeError, "criterion must be"),
         (lambda: HeldOut(iter([batch("mlp", 0)])), TypeError, "one-shot iterator"),
@@ -110,7 +115,7 @@ def test_eval_fn_runs_in_eval_mode_without_grad_or_rng_use():
         (lambda: HeldOut([torch.zeros(2)]), ValueError, r"needs batches \(inputs, targets\)"),
         (lambda: HeldOut(batch("mlp", 0), mode="test"), ValueError, "mode must be"),
     ],
-)  # fmt: skip
+)
 def test_heldout_refuses_bad_options(make, error, match):
     with pytest.raises(error, match=match):
         make()
@@ -238,7 +243,8 @@ def test_grok_signals_refuse_bad_inputs():
         GrokSignals(data=data, output="head").measure(_ctx(model))
     with pytest.raises(ValueError, match=r"calls no nn\.Linear"):
         GrokSignals(data=(torch.zeros(2, 1, 8, 8), torch.zeros(2, 8, dtype=torch.long))).measure(
-            _ctx(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(2))))  # fmt: skip
+            _ctx(nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(2)))
+        )
     model[3].requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         GrokSignals(data=data).measure(_ctx(model))
@@ -253,8 +259,10 @@ def test_grok_signals_refuse_bad_inputs():
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_in_training_bit_identical_rng_untouched_keys_documented(tmp_path, model):
-    probes = [HeldOut(batch(model, 99), train_data=batch(model, 98), schedule=every(3)),
-              GrokSignals(schedule=every(3))]  # fmt: skip
+    probes = [
+        HeldOut(batch(model, 99), train_data=batch(model, 98), schedule=every(3)),
+        GrokSignals(schedule=every(3)),
+    ]
     run, _ = watched_run(tmp_path, model, probes, steps=10)
     recorded = run.keys()
     for probe in probes:
@@ -262,6 +270,12 @@ def test_in_training_bit_identical_rng_untouched_keys_documented(tmp_path, model
             series = run.series(key)
             assert series.steps.tolist() == [0, 3, 6, 9]
             assert np.all(np.isfinite(series.values)), key
-    assert set(recorded) >= {"heldout/loss", "heldout/acc", "heldout/train_loss",
-                             "heldout/train_acc", "grok/param_norm", "grok/softmax_collapse",
-                             "grok/nlm_cos"}  # fmt: skip
+    assert set(recorded) >= {
+        "heldout/loss",
+        "heldout/acc",
+        "heldout/train_loss",
+        "heldout/train_acc",
+        "grok/param_norm",
+        "grok/softmax_collapse",
+        "grok/nlm_cos",
+    }

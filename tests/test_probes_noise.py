@@ -50,13 +50,15 @@ def _regression():
 
 
 def _measure(probe: GradNoise, model: nn.Module, data, loss_fn=CE) -> dict[str, float]:
-    ctx = StepContext(step=0, model=model, params=dict(model.named_parameters()), batch=data,
-                      loss_fn=loss_fn)  # fmt: skip
+    ctx = StepContext(
+        step=0, model=model, params=dict(model.named_parameters()), batch=data, loss_fn=loss_fn
+    )
     out = {}
     for key, value in probe.measure(ctx).items():
         if isinstance(value, PerLayer):
-            out.update({f"{key}/{n}": v for n, v in zip(value.names, value.values.tolist(),
-                                                        strict=True)})  # fmt: skip
+            out.update(
+                {f"{key}/{n}": v for n, v in zip(value.names, value.values.tolist(), strict=True)}
+            )
         else:
             out[key] = float(value)
     return out
@@ -97,8 +99,10 @@ def test_per_layer_values_match_the_textbook_formulas():
     torch.manual_seed(0)
     model = MODELS["mlp"]().double()
     gen = torch.Generator().manual_seed(1)
-    data = (torch.randn(10, 8, generator=gen, dtype=torch.float64),
-            torch.randint(0, 3, (10,), generator=gen))  # fmt: skip
+    data = (
+        torch.randn(10, 8, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (10,), generator=gen),
+    )
     got = _measure(GradNoise(), model, data)
     per = per_sample_gradients(Objective(model, CE), data).per_param()
     traces, signals = 0.0, 0.0
@@ -118,16 +122,19 @@ def test_per_layer_values_match_the_textbook_formulas():
 
 @pytest.mark.parametrize(
     ("model", "probe"),
-    [("cnn", lambda: GradNoise(schedule=every(1))),
-     ("cnn", lambda: GradNoise(microbatches=4, schedule=every(1))),
-     ("mlp", lambda: GradNoise(method="loop", schedule=every(1)))],
-)  # fmt: skip
+    [
+        ("cnn", lambda: GradNoise(schedule=every(1))),
+        ("cnn", lambda: GradNoise(microbatches=4, schedule=every(1))),
+        ("mlp", lambda: GradNoise(method="loop", schedule=every(1))),
+    ],
+)
 def test_training_is_bit_identical_and_keys_are_documented(tmp_path, model, probe):
     run, watched = watched_run(tmp_path, model, [probe()], steps=4)
     keys = run.keys("grad_noise")
     assert {"grad_noise/b_simple", "grad_noise/batch_size"} <= set(keys)
     assert len([k for k in keys if k.startswith("grad_noise/snr/")]) == len(
-        list(watched[0].parameters()))  # fmt: skip
+        list(watched[0].parameters())
+    )
     for key in keys:
         assert all(math.isfinite(v) for v in run.series(key).values.ravel()), key
 
@@ -146,8 +153,9 @@ def test_a_missing_loss_disables_the_probe_with_the_fix(tmp_path):
     model = MODELS["mlp"]()
     data = (torch.randn(6, 8), torch.randint(0, 3, (6,)))
     with pytest.warns(RuntimeWarning, match="needs a loss: pass loss_fn= to watch"):
-        with trainprobe.watch(model, [GradNoise(schedule=at_steps(0))],
-                              run_dir=tmp_path / "a") as mon:  # fmt: skip
+        with trainprobe.watch(
+            model, [GradNoise(schedule=at_steps(0))], run_dir=tmp_path / "a"
+        ) as mon:
             with mon.step(0, batch=data):
                 pass
     with pytest.raises(ValueError, match=r"needs data: pass batch= to mon\.step"):
@@ -163,15 +171,25 @@ def test_a_missing_loss_disables_the_probe_with_the_fix(tmp_path):
         (lambda: GradNoise(loss_fn=3), TypeError, "loss_fn must be callable"),
         (lambda: GradNoise(mode="test"), ValueError, "mode must be 'eval'"),
         (lambda: GradNoise(schedule=5), TypeError, "schedule must be a trainprobe schedule"),
-        (lambda: noise_scale(torch.ones(1, 2), torch.ones(1), torch.ones(2), names=("a", "b")),
-         ValueError, "K >= 2 pieces"),
-        (lambda: noise_scale(torch.ones(3, 2), torch.ones(2), torch.ones(2), names=("a", "b")),
-         ValueError, "shapes disagree"),
-        (lambda: microbatch_noise(Objective(MODELS["mlp"](), CE),
-                                  (torch.randn(4, 8), torch.zeros(4).long()), 1),
-         ValueError, "gives one piece"),
+        (
+            lambda: noise_scale(torch.ones(1, 2), torch.ones(1), torch.ones(2), names=("a", "b")),
+            ValueError,
+            "K >= 2 pieces",
+        ),
+        (
+            lambda: noise_scale(torch.ones(3, 2), torch.ones(2), torch.ones(2), names=("a", "b")),
+            ValueError,
+            "shapes disagree",
+        ),
+        (
+            lambda: microbatch_noise(
+                Objective(MODELS["mlp"](), CE), (torch.randn(4, 8), torch.zeros(4).long()), 1
+            ),
+            ValueError,
+            "gives one piece",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()

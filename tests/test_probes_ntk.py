@@ -61,8 +61,9 @@ def test_trace_kernel_and_projections_against_per_example_backward():
     v = torch.tensor([[0.5, -1.0], [2.0, 0.0], [-1.0, 3.0]], dtype=torch.float64)  # [C, k]
     projected = torch.einsum("cj,cip->jip", v, jac)  # [k, n, P]: J_{v_j}
     got, _ = tangent_kernel(network(model), x, v, method="loop")
-    torch.testing.assert_close(got, torch.einsum("jip,jkp->ik", projected, projected),
-                               rtol=1e-12, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        got, torch.einsum("jip,jkp->ik", projected, projected), rtol=1e-12, atol=1e-12
+    )
     rows = output_gradients(network(model), x, v[:, 1])
     torch.testing.assert_close(rows.grads, projected[1], rtol=1e-12, atol=1e-12)
     with torch.no_grad():
@@ -90,8 +91,9 @@ def test_centered_alignment_by_hand():
 
 
 def test_label_directions_pick_label_carrying_eigenvectors():
-    basis = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64,
-                                        generator=torch.Generator().manual_seed(0)))[0]  # fmt: skip
+    basis = torch.linalg.qr(
+        torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )[0]
     kernel = basis @ torch.diag(torch.tensor([8.0, 4.0, 2.0, 1.0], dtype=torch.float64)) @ basis.T
     y = 3 * basis[:, 1] + 1 * basis[:, 3]  # energy 0.9 on λ=4, 0.1 on λ=1, none elsewhere
     vectors, proj = label_directions(kernel, y, count=4, min_energy=0.05)
@@ -134,7 +136,8 @@ def test_sketch_above_max_outputs_is_fixed_and_projects():
     kernel, _ = tangent_kernel(network(model), x, v)
     assert float(got["ntk/trace"]) == pytest.approx(float(torch.trace(kernel)), rel=1e-12)
     assert float(got["ntk/alignment"]) == pytest.approx(
-        float(centered_alignment(kernel, label_kernel(y))), rel=1e-12)  # fmt: skip
+        float(centered_alignment(kernel, label_kernel(y))), rel=1e-12
+    )
 
 
 def test_subset_is_frozen_from_the_first_step_batch_until_reset():

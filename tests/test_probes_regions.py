@@ -23,8 +23,9 @@ def _flat(values) -> dict[str, float]:
     out = {}
     for key, value in values.items():
         if isinstance(value, PerLayer):
-            out.update({f"{key}/{n}": float(v) for n, v in zip(value.names, value.values,
-                                                                strict=True)})  # fmt: skip
+            out.update(
+                {f"{key}/{n}": float(v) for n, v in zip(value.names, value.values, strict=True)}
+            )
         else:
             out[key] = float(value)
     return out
@@ -37,8 +38,14 @@ def _measure(probe: LocalComplexity, model: nn.Module, batch=None, step: int = 0
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Dropout(0.5), nn.Linear(12, 12),
-                         nn.LeakyReLU(0.1), nn.Linear(12, 2)).double()  # fmt: skip
+    return nn.Sequential(
+        nn.Linear(3, 12),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(12, 12),
+        nn.LeakyReLU(0.1),
+        nn.Linear(12, 2),
+    ).double()
 
 
 def _points(n: int, seed: int) -> torch.Tensor:
@@ -47,8 +54,9 @@ def _points(n: int, seed: int) -> torch.Tensor:
 
 def test_values_are_the_core_counts_on_each_set():
     model, train_x, test_x = _model(), _points(30, 1), _points(20, 2)
-    probe = LocalComplexity(train=(train_x, None), test=test_x, radius=0.4, dim=2, seed=7,
-                            segments=True)  # fmt: skip
+    probe = LocalComplexity(
+        train=(train_x, None), test=test_x, radius=0.4, dim=2, seed=7, segments=True
+    )
     got = _measure(probe, model)
     frame = random_frame(2, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
     for name, x in (("train", train_x), ("test", test_x)):
@@ -118,12 +126,15 @@ def test_training_is_bit_identical_and_keys_are_documented(tmp_path, model, opti
         (lambda: LocalComplexity(max_points=0), ValueError, "max_points must be an integer >= 1"),
         (lambda: LocalComplexity(max_steps=0), ValueError, "max_steps must be an integer >= 1"),
         (lambda: LocalComplexity(random=0), ValueError, "random must be an integer >= 1"),
-        (lambda: LocalComplexity(train="x"), TypeError,
-         r"train= must be a floating tensor \[N, \*shape\] or a batch"),
+        (
+            lambda: LocalComplexity(train="x"),
+            TypeError,
+            r"train= must be a floating tensor \[N, \*shape\] or a batch",
+        ),
         (lambda: LocalComplexity(test=torch.zeros(3)), TypeError, "test= must be a floating"),
         (lambda: LocalComplexity(schedule=5), TypeError, "schedule must be a trainprobe schedule"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments(make, error, match):
     with pytest.raises(error, match=match):
         make()
@@ -133,18 +144,38 @@ def test_bad_arguments(make, error, match):
     ("probe", "model", "batch", "match"),
     [
         (LocalComplexity(), "mlp", None, "needs points: pass train= to the probe, or batch="),
-        (LocalComplexity(), "mlp", {"x": torch.zeros(2, 8)},
-         r"the step's batch= must be a floating tensor.*; pass train="),
-        (LocalComplexity(test=torch.zeros(3, 4)), "mlp", (torch.zeros(3, 8), None),
-         "point sets differ in shape"),
-        (LocalComplexity(dim=9), "mlp", (torch.zeros(3, 8), None),
-         r"frame dim must be an integer in \[1, 8\]"),
-        (LocalComplexity(segments=True), "cnn", (torch.zeros(3, 1, 8, 8), None),
-         r"MaxPool2d\) is a max-pool, which the exact segment walk does not support"),
-        (LocalComplexity(), "transformer", (torch.zeros(3, 8), None),
-         r"\(TransformerEncoderLayer\) is not piecewise linear"),
+        (
+            LocalComplexity(),
+            "mlp",
+            {"x": torch.zeros(2, 8)},
+            r"the step's batch= must be a floating tensor.*; pass train=",
+        ),
+        (
+            LocalComplexity(test=torch.zeros(3, 4)),
+            "mlp",
+            (torch.zeros(3, 8), None),
+            "point sets differ in shape",
+        ),
+        (
+            LocalComplexity(dim=9),
+            "mlp",
+            (torch.zeros(3, 8), None),
+            r"frame dim must be an integer in \[1, 8\]",
+        ),
+        (
+            LocalComplexity(segments=True),
+            "cnn",
+            (torch.zeros(3, 1, 8, 8), None),
+            r"MaxPool2d\) is a max-pool, which the exact segment walk does not support",
+        ),
+        (
+            LocalComplexity(),
+            "transformer",
+            (torch.zeros(3, 8), None),
+            r"\(TransformerEncoderLayer\) is not piecewise linear",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_points_and_models(probe, model, batch, match):
     torch.manual_seed(0)
     module = MODELS[model]()

@@ -105,11 +105,14 @@ def test_the_probe_records_the_attack_on_its_own_data():
     model, x, y = _linear(2, 1)
     probe = Robustness(eps=0.2, data=(x.float(), y), max_points=300, seed=4)
     got = _measure(probe, model, batch=None)
-    direct = pgd_attack(model, x[:300], y[:300], eps=0.2,
-                        generator=torch.Generator().manual_seed(4 + 3))  # fmt: skip
-    assert got == {"robustness/clean_acc": pytest.approx(float(direct.clean_acc)),
-                   "robustness/adv_acc": pytest.approx(float(direct.adv_acc)),
-                   "robustness/eps": 0.2}  # fmt: skip
+    direct = pgd_attack(
+        model, x[:300], y[:300], eps=0.2, generator=torch.Generator().manual_seed(4 + 3)
+    )
+    assert got == {
+        "robustness/clean_acc": pytest.approx(float(direct.clean_acc)),
+        "robustness/adv_acc": pytest.approx(float(direct.adv_acc)),
+        "robustness/eps": 0.2,
+    }
     certified = _certified(model, x[:300], y[:300], 0.2).double().mean()
     assert got["robustness/adv_acc"] == pytest.approx(float(certified))
 
@@ -138,7 +141,7 @@ def test_training_is_bit_identical_and_keys_are_documented(tmp_path, model):
         (lambda: Robustness(bounds=(1.0, 0.0)), r"bounds must be a tuple \(low, high\)"),
         (lambda: Robustness(data=torch.zeros(3, 2)), r"needs a batch \(inputs \[N, \*shape\]"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -151,18 +154,24 @@ def test_bad_arguments(make, match):
     [
         (None, "probe", "Robustness needs data: pass data=.x, y. or batch= to mon.step"),
         ((torch.zeros(4, 8), torch.zeros(4)), "probe", r"labels \[N\] integer classes"),
-        ((torch.zeros(4, 8), torch.tensor([0, 1, 2, 3])), "probe",
-         r"labels must lie in \[0, 3\) for 3 logits, got values in \[0, 3\]"),
+        (
+            (torch.zeros(4, 8), torch.tensor([0, 1, 2, 3])),
+            "probe",
+            r"labels must lie in \[0, 3\) for 3 logits, got values in \[0, 3\]",
+        ),
         ((torch.zeros(4, 8), torch.tensor([0, 1, 2, 0])), "eps", "eps must be a finite number"),
         ((torch.zeros(4, 8), torch.tensor([0, 1, 2, 0])), "steps", "steps must be an integer"),
         ((torch.zeros(4, 8), torch.tensor([0, 1, 2, 0])), "size", "step_size must be a finite"),
         ((torch.zeros(4, 8), torch.tensor([0, 1, 2, 0])), "bounds", "bounds must be a tuple"),
         ((torch.zeros(4), torch.tensor([0, 1, 2, 0])), "pgd", "inputs must be a floating tensor"),
         ((torch.zeros(4, 8), torch.tensor([0, 1])), "pgd", r"labels must be an integer tensor"),
-        ((torch.zeros(4, 8), torch.tensor([0, 1, 2, 0])), "logits",
-         r"the model must return \[N, C\] logits, got \(4, 3, 1\)"),
+        (
+            (torch.zeros(4, 8), torch.tensor([0, 1, 2, 0])),
+            "logits",
+            r"the model must return \[N, C\] logits, got \(4, 3, 1\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_batches_and_models(batch, call, match):
     torch.manual_seed(0)
     model = MODELS["mlp"]()
@@ -174,7 +183,12 @@ def test_bad_batches_and_models(batch, call, match):
         elif call == "logits":
             pgd_attack(nn.Sequential(model, nn.Unflatten(1, (3, 1))), *batch, **options)
         else:
-            bad = {"eps": {"eps": -1.0}, "steps": {"steps": 1.5}, "size": {"step_size": math.nan},
-                   "bounds": {"bounds": (0, 0)}, "pgd": {}}[call]  # fmt: skip
+            bad = {
+                "eps": {"eps": -1.0},
+                "steps": {"steps": 1.5},
+                "size": {"step_size": math.nan},
+                "bounds": {"bounds": (0, 0)},
+                "pgd": {},
+            }[call]
             pgd_attack(model, *batch, **{**options, **bad})
     assert hook_count(model) == 0

@@ -12,7 +12,8 @@ from torch.nn import functional as F
 import trainprobe
 from trainprobe.probes import every
 from trainprobe.probes.base import StepContext
-from trainprobe.probes.spectra import EveryStep, GradSpectrum, WeightSpectrum, recurrent_weights
+from trainprobe.probes.spectra import EveryStep, GradSpectrum
+from trainprobe.probes.weight_spectrum import WeightSpectrum, recurrent_weights
 from trainprobe.spectra import as_matrix, is_matrix
 from trainprobe.store import Run
 
@@ -101,8 +102,14 @@ def test_probes_in_training_record_documented_keys_and_leave_training_alone(tmp_
 
 def test_documented_patterns_cover_every_key_form():
     grad, weight = GradSpectrum.keys, WeightSpectrum.keys
-    for metric in ("sigma_0", "sigma_12", "stable_rank", "effective_rank", "energy_top_r",
-                   "slow_ratio"):  # fmt: skip
+    for metric in (
+        "sigma_0",
+        "sigma_12",
+        "stable_rank",
+        "effective_rank",
+        "energy_top_r",
+        "slow_ratio",
+    ):
         assert any(p.matches(f"grad_spectrum/{metric}/block.linear1.weight") for p in grad)
     for metric in ("spectral_norm", "stable_rank", "residual", "gate_r", "gate_o", "sigma_1"):
         assert any(p.matches(f"weight_spectrum/{metric}/rnn.weight_hh_l0") for p in weight)
@@ -167,8 +174,14 @@ def test_grad_spectrum_equals_direct_computation_and_the_closed_form_ema(tmp_pat
         torch.testing.assert_close(
             probe.slow_gradients[name], _closed_form_ema(history, alpha), rtol=1e-12, atol=1e-15
         )
-        for metric in ("sigma_0", "sigma_1", "stable_rank", "effective_rank", "energy_top_r",
-                       "slow_ratio"):  # fmt: skip
+        for metric in (
+            "sigma_0",
+            "sigma_1",
+            "stable_rank",
+            "effective_rank",
+            "energy_top_r",
+            "slow_ratio",
+        ):
             assert run.series(f"grad_spectrum/{metric}/{name}").steps.tolist() == [0, 3, 6]
         for i, step in enumerate([0, 3, 6]):
             g = history[step]
@@ -178,10 +191,13 @@ def test_grad_spectrum_equals_direct_computation_and_the_closed_form_ema(tmp_pat
             ema = _closed_form_ema(history[: step + 1], alpha)
             slow, fast = (ema * ema).sum(), ((g - ema) ** 2).sum()
             expected = {
-                "sigma_0": sigma[0], "sigma_1": sigma[1], "stable_rank": fro_sq / sigma[0] ** 2,
+                "sigma_0": sigma[0],
+                "sigma_1": sigma[1],
+                "stable_rank": fro_sq / sigma[0] ** 2,
                 "effective_rank": torch.exp(-torch.special.xlogy(p, p).sum()),
-                "energy_top_r": sigma[0] ** 2 / fro_sq, "slow_ratio": slow / (slow + fast),
-            }  # fmt: skip
+                "energy_top_r": sigma[0] ** 2 / fro_sq,
+                "slow_ratio": slow / (slow + fast),
+            }
             for metric, value in expected.items():
                 recorded = run.series(f"grad_spectrum/{metric}/{name}").values[i]
                 assert recorded == pytest.approx(value.item(), rel=1e-10), (metric, name, step)
@@ -231,8 +247,9 @@ def test_the_ema_restarts_in_a_new_run(tmp_path):
 
 def test_randomized_path_in_the_probe(tmp_path):
     """``0.weight`` ``[16, 8]`` is above ``exact_max=4``: its top 3 come from the sketch."""
-    probe = GradSpectrum(2, energy_rank=3, exact_max=4, oversample=2, power_iters=4,
-                         alpha=None, schedule=every(1))  # fmt: skip
+    probe = GradSpectrum(
+        2, energy_rank=3, exact_max=4, oversample=2, power_iters=4, alpha=None, schedule=every(1)
+    )
     torch.manual_seed(0)
     model = MODELS["mlp"]()
     x, y = batch("mlp", 0)

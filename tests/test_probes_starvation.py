@@ -11,7 +11,8 @@ from torch.nn import functional as F
 
 import trainprobe
 from trainprobe.probes import StepContext, at_steps, every
-from trainprobe.probes.starvation import FeatureAttribution, NTKResponse
+from trainprobe.probes.ntk_response import NTKResponse
+from trainprobe.probes.starvation import FeatureAttribution
 from trainprobe.store import Run
 
 from .cases import MODELS, batch
@@ -46,11 +47,14 @@ def _run_toy(tmp_path, seed: int, starved: bool) -> dict[str, float]:
     model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     last = at_steps(STEPS - 1)
-    probes = [FeatureAttribution({"easy": [0], "hard": [1]}, data=data, schedule=last),
-              NTKResponse(data=data, schedule=at_steps(0, STEPS - 1))]  # fmt: skip
+    probes = [
+        FeatureAttribution({"easy": [0], "hard": [1]}, data=data, schedule=last),
+        NTKResponse(data=data, schedule=at_steps(0, STEPS - 1)),
+    ]
     run_dir = tmp_path / f"{'starved' if starved else 'control'}_{seed}"
-    with trainprobe.watch(model, probes, run_dir=run_dir, loss_fn=_logistic,
-                          on_probe_error="raise", flush_seconds=60) as mon:  # fmt: skip
+    with trainprobe.watch(
+        model, probes, run_dir=run_dir, loss_fn=_logistic, on_probe_error="raise", flush_seconds=60
+    ) as mon:
         for step in range(STEPS):
             with mon.step(step, batch=data) as s:
                 loss = _logistic(model, data)
@@ -149,8 +153,9 @@ def _ce(model: nn.Module, data) -> torch.Tensor:
 
 
 def _ctx(model: nn.Module, data=None, loss_fn=None) -> StepContext:
-    return StepContext(step=0, model=model, params=dict(model.named_parameters()), batch=data,
-                       loss_fn=loss_fn)  # fmt: skip
+    return StepContext(
+        step=0, model=model, params=dict(model.named_parameters()), batch=data, loss_fn=loss_fn
+    )
 
 
 def test_default_groups_are_contiguous_chunks():
@@ -182,8 +187,9 @@ def test_ntk_response_of_a_linear_model_by_hand():
     for k in range(2):
         assert float(got[f"ntk_response/dir_{k}"]) == pytest.approx(float(ratios[k]), rel=1e-9)
     expected = ratios.min() / ratios.max() if ratios.max() > 0 else float("nan")
-    assert float(got["ntk_response/min_ratio"]) == pytest.approx(float(expected), rel=1e-9,
-                                                                 nan_ok=True)  # fmt: skip
+    assert float(got["ntk_response/min_ratio"]) == pytest.approx(
+        float(expected), rel=1e-9, nan_ok=True
+    )
 
 
 def test_ntk_response_one_vs_rest_and_reset():

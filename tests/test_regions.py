@@ -19,8 +19,9 @@ def _mlp(seed: int, act: type[nn.Module] = nn.ReLU, width: int = 8, inputs: int 
     torch.manual_seed(seed)
     acts = {nn.PReLU: lambda: nn.PReLU(width), nn.LeakyReLU: lambda: nn.LeakyReLU(0.2)}
     make = acts.get(act, act)
-    model = nn.Sequential(nn.Linear(inputs, width), make(), nn.Linear(width, width), make(),
-                          nn.Linear(width, 3)).double()  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(inputs, width), make(), nn.Linear(width, width), make(), nn.Linear(width, 3)
+    ).double()
     with torch.no_grad():
         for module in model:
             if isinstance(module, nn.PReLU):
@@ -46,8 +47,11 @@ def _changed(states: torch.Tensor) -> torch.Tensor:
 def _diamond(x: torch.Tensor, frame: torch.Tensor, radius: float, size: int = 201):
     """Grid over the 2-D cross-polytope ``x + r (s u_1 + t u_2)``, ``|s| + |t| <= 1``
     (its four vertices included): ``[M, 2]``."""
-    s, t = torch.meshgrid(torch.linspace(-1, 1, size, dtype=F64),
-                          torch.linspace(-1, 1, size, dtype=F64), indexing="ij")  # fmt: skip
+    s, t = torch.meshgrid(
+        torch.linspace(-1, 1, size, dtype=F64),
+        torch.linspace(-1, 1, size, dtype=F64),
+        indexing="ij",
+    )
     keep = s.abs() + t.abs() <= 1
     coords = torch.stack([s[keep], t[keep]], dim=1)  # [M, 2]
     return x + radius * coords @ frame
@@ -79,8 +83,9 @@ def test_vertex_count_against_a_dense_grid_over_the_neighbourhood(seed):
 
 def _absolute_value_network(radius: float) -> nn.Sequential:
     """``z_2 = r/2 − |x_1| − |x_2|`` from four ReLUs ``relu(±x_i)``, then an output layer."""
-    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1), nn.ReLU(),
-                          nn.Linear(1, 1)).double()  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1), nn.ReLU(), nn.Linear(1, 1)
+    ).double()
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]]))
         model[0].bias.zero_()
@@ -115,8 +120,9 @@ def test_max_pool_neurons_change_with_the_window_argmax():
     """MaxPool1d(2) over affine ``z``: window ``(z_0, z_1)`` changes argmax exactly where
     ``z_1 − z_0`` changes sign among the vertices."""
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Unflatten(1, (2, 4)), nn.MaxPool1d(2),
-                          nn.Flatten(), nn.Linear(4, 2)).double()  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.Unflatten(1, (2, 4)), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(4, 2)
+    ).double()
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(20, 3, generator=gen, dtype=F64)
     frame = random_frame(3, 3, generator=gen, dtype=F64)
@@ -129,21 +135,24 @@ def test_max_pool_neurons_change_with_the_window_argmax():
 
 
 def test_tied_pool_windows_after_relu_do_not_count():
-    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Unflatten(1, (1, 4)),
-                          nn.MaxPool1d(4), nn.Flatten()).double()  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(2, 4), nn.ReLU(), nn.Unflatten(1, (1, 4)), nn.MaxPool1d(4), nn.Flatten()
+    ).double()
     with torch.no_grad():
         model[0].weight.zero_()
         model[0].bias.fill_(-1.0)  # every ReLU off: the window is all zeros everywhere
-    got = local_complexity(model, torch.zeros(2, 2, dtype=F64), radius=0.5,
-                           frame=torch.eye(2, dtype=F64))  # fmt: skip
+    got = local_complexity(
+        model, torch.zeros(2, 2, dtype=F64), radius=0.5, frame=torch.eye(2, dtype=F64)
+    )
     assert got.counts.tolist() == [[0, 0], [0, 0]]
 
 
 def test_inplace_relu_and_a_shared_module_called_twice():
     torch.manual_seed(4)
     shared = nn.ReLU(inplace=True)
-    inplace = nn.Sequential(nn.Linear(2, 6), shared, nn.Linear(6, 6), shared,
-                            nn.Linear(6, 1)).double()  # fmt: skip
+    inplace = nn.Sequential(
+        nn.Linear(2, 6), shared, nn.Linear(6, 6), shared, nn.Linear(6, 1)
+    ).double()
     plain = nn.Sequential(inplace[0], nn.ReLU(), inplace[2], nn.ReLU(), inplace[4])
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(10, 2, generator=gen, dtype=F64)
@@ -197,8 +206,13 @@ def test_segments_through_the_origin_of_a_bias_free_network():
     """A bias-free ReLU network is positively homogeneous: one region along any ray from 0,
     two along a segment through 0 (every neuron meets zero at the same t = 1/2)."""
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(3, 12, bias=False), nn.ReLU(), nn.Linear(12, 12, bias=False),
-                          nn.ReLU(), nn.Linear(12, 2, bias=False)).double()  # fmt: skip
+    model = nn.Sequential(
+        nn.Linear(3, 12, bias=False),
+        nn.ReLU(),
+        nn.Linear(12, 12, bias=False),
+        nn.ReLU(),
+        nn.Linear(12, 2, bias=False),
+    ).double()
     b = torch.randn(4, 3, dtype=F64)
     ray = segment_pieces(model, torch.zeros_like(b), b)
     assert ray.pieces.tolist() == [1, 1, 1, 1] and ray.breakpoints.shape == (4, 0)
@@ -234,8 +248,9 @@ def test_hooks_are_removed_when_the_forward_raises(fn):
 
 def _measured(model: nn.Module, fn: str, gen: torch.Generator):
     if fn == "complexity":  # BatchNorm, ReLU, MaxPool2d, Dropout2d
-        got = local_complexity(model, torch.randn(3, 1, 8, 8, generator=gen), radius=0.1,
-                               generator=gen)  # fmt: skip
+        got = local_complexity(
+            model, torch.randn(3, 1, 8, 8, generator=gen), radius=0.1, generator=gen
+        )
         return got.layers, got.counts
     x = torch.randn(3, 8, generator=gen)  # ReLU, Dropout
     return ("pieces",), segment_pieces(model, x, x.flip(0)).pieces
@@ -281,10 +296,12 @@ class _Functional(nn.Module):
         (MODELS["transformer"](), r"'block' \(TransformerEncoderLayer\) is not piecewise"),
         (MODELS["rnn"](), r"'rnn' \(GRU\) is not piecewise linear.*nn.ReLU, nn.LeakyReLU"),
         (_Functional(), "no nn.ReLU.*module.*F.relu.*use nn.ReLU modules"),
-        (nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False), nn.ReLU()),
-         "no running statistics"),
+        (
+            nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False), nn.ReLU()),
+            "no running statistics",
+        ),
     ],
-)  # fmt: skip
+)
 def test_unsupported_models_raise_naming_the_supported_modules(model, match):
     with pytest.raises(ValueError, match=match):
         local_complexity(model, torch.zeros(2, 8), radius=0.1, frame=torch.eye(8)[:2])
@@ -327,22 +344,36 @@ def test_activations_must_be_batch_first():
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda m: local_complexity(m, torch.zeros(4), radius=0.1, frame=torch.eye(4)),
-         r"points must be a floating tensor \[N, \*shape\]"),
-        (lambda m: local_complexity(m, torch.zeros(2, 4), radius=0.0, frame=torch.eye(4)),
-         "radius must be a finite number > 0"),
-        (lambda m: local_complexity(m, torch.zeros(2, 4), radius=0.1),
-         "pass frame= or a torch.Generator as generator="),
-        (lambda m: local_complexity(m, torch.zeros(2, 4), radius=0.1, frame=torch.eye(3)),
-         r"frame must be \[k, 4\]"),
-        (lambda m: random_frame(5, 4, generator=torch.Generator()),
-         r"frame dim must be an integer in \[1, 4\]"),
-        (lambda m: segment_pieces(m, torch.zeros(2, 4), torch.zeros(3, 4)),
-         "a and b must be floating tensors of one shape"),
-        (lambda m: segment_pieces(m, torch.zeros(2, 4), torch.zeros(2, 4), max_steps=0),
-         "max_steps must be an integer >= 1"),
+        (
+            lambda m: local_complexity(m, torch.zeros(4), radius=0.1, frame=torch.eye(4)),
+            r"points must be a floating tensor \[N, \*shape\]",
+        ),
+        (
+            lambda m: local_complexity(m, torch.zeros(2, 4), radius=0.0, frame=torch.eye(4)),
+            "radius must be a finite number > 0",
+        ),
+        (
+            lambda m: local_complexity(m, torch.zeros(2, 4), radius=0.1),
+            "pass frame= or a torch.Generator as generator=",
+        ),
+        (
+            lambda m: local_complexity(m, torch.zeros(2, 4), radius=0.1, frame=torch.eye(3)),
+            r"frame must be \[k, 4\]",
+        ),
+        (
+            lambda m: random_frame(5, 4, generator=torch.Generator()),
+            r"frame dim must be an integer in \[1, 4\]",
+        ),
+        (
+            lambda m: segment_pieces(m, torch.zeros(2, 4), torch.zeros(3, 4)),
+            "a and b must be floating tensors of one shape",
+        ),
+        (
+            lambda m: segment_pieces(m, torch.zeros(2, 4), torch.zeros(2, 4), max_steps=0),
+            "max_steps must be an integer >= 1",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments(call, match):
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     with pytest.raises(ValueError, match=match):

@@ -60,24 +60,33 @@ def test_arrays_of_varying_shape_and_empty_run(tmp_path):
     with Run(tmp_path / "r") as r:
         assert "array [varies (2 shapes)]" in _line(format_summary(r), "x/arr")
         assert summary_dict(r)["arrays"] == [
-            {"key": "x/arr", "points": 2, "first_step": 0, "last_step": 5,
-             "shapes": [[2, 3], [4]]}
-        ]  # fmt: skip
+            {"key": "x/arr", "points": 2, "first_step": 0, "last_step": 5, "shapes": [[2, 3], [4]]}
+        ]
 
 
 def test_summary_dict_is_strict_json(tmp_path):
     steps = np.arange(5)
-    run = write_run(tmp_path / "r", {
-        "scalars/loss": (steps, [np.nan, 2.0, 1.0, 0.5, np.nan]),
-        "dead/all_nan": (steps, np.full(5, np.nan)),
-        "hessian_density/density": (steps, np.ones((5, 7))),
-    })  # fmt: skip
+    run = write_run(
+        tmp_path / "r",
+        {
+            "scalars/loss": (steps, [np.nan, 2.0, 1.0, 0.5, np.nan]),
+            "dead/all_nan": (steps, np.full(5, np.nan)),
+            "hessian_density/density": (steps, np.ones((5, 7))),
+        },
+    )
     payload = json.loads(json.dumps(summary_dict(run), allow_nan=False))
     loss, dead = payload["scalars"]
     assert loss == {
-        "key": "scalars/loss", "points": 5, "first_step": 0, "last_step": 4,
-        "first": None, "last": None, "min": 0.5, "max": 2.0, "nonfinite": 2,
-    }  # fmt: skip
+        "key": "scalars/loss",
+        "points": 5,
+        "first_step": 0,
+        "last_step": 4,
+        "first": None,
+        "last": None,
+        "min": 0.5,
+        "max": 2.0,
+        "nonfinite": 2,
+    }
     assert dead["min"] is None and dead["nonfinite"] == 5
     assert payload["arrays"][0]["shapes"] == [[7]]
 

@@ -187,12 +187,16 @@ def test_a_whole_pickled_model_needs_trust(tmp_path):
 
 def test_checkpoint_formats_and_steps(tmp_path):
     sd = build_model().state_dict()
-    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "global_step": 3},
-               tmp_path / "a.bin")  # fmt: skip
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "global_step": 3},
+        tmp_path / "a.bin",
+    )
     ckpt = load_checkpoint(tmp_path / "a.bin")
     assert ckpt.step == 3 and set(ckpt.weights) == set(sd) and ckpt.optimizer_state is None
-    torch.save({"model_state_dict": sd, "epoch": torch.tensor(4), "optimizer": {"state": {}}},
-               tmp_path / "b.pt")  # fmt: skip
+    torch.save(
+        {"model_state_dict": sd, "epoch": torch.tensor(4), "optimizer": {"state": {}}},
+        tmp_path / "b.pt",
+    )
     assert load_checkpoint(tmp_path / "b.pt").step == 4
     assert load_checkpoint(tmp_path / "b.pt").optimizer_state == {"state": {}}
     assert step_from_name(Path("step=500.pt")) == 500
@@ -244,8 +248,9 @@ def test_optimizer_state_is_loaded_when_given(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     model(make_batch()[0]).sum().backward()
     opt.step()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1},
-               tmp_path / "c.pt")  # fmt: skip
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1}, tmp_path / "c.pt"
+    )
     probes_ = [LayerNorms(schedule=every(1)), LearningRate(), UpdateNorms()]
     without = quiet_scan(tmp_path, probes=probes_, run_dir=tmp_path / "a")
     assert "optimizer_fn=" in without.left_out["optim"]
@@ -254,8 +259,9 @@ def test_optimizer_state_is_loaded_when_given(tmp_path):
     def adam(m):
         return torch.optim.Adam(m.parameters(), lr=0.5)
 
-    with_opt = quiet_scan(tmp_path, probes=[LearningRate()], run_dir=tmp_path / "b",
-                          optimizer_fn=adam)  # fmt: skip
+    with_opt = quiet_scan(
+        tmp_path, probes=[LearningRate()], run_dir=tmp_path / "b", optimizer_fn=adam
+    )
     assert with_opt.ok and "optim" not in with_opt.left_out
     with trainprobe.Run(with_opt.run_dir) as run:
         assert run.series("optim/lr/0").values.tolist() == [0.01]  # the saved state's lr
@@ -271,8 +277,7 @@ def test_a_step_that_fails_is_reported(trained, tmp_path):
     def bad_loss(model, batch):
         raise RuntimeError("boom")
 
-    result = quiet_scan(trained[0], probes=[LayerNorms()], run_dir=tmp_path / "s",
-                        loss_fn=bad_loss)  # fmt: skip
+    result = quiet_scan(trained[0], probes=[LayerNorms()], run_dir=tmp_path / "s", loss_fn=bad_loss)
     assert result.failed == 5
     assert "measuring step 0 failed: RuntimeError: boom" in result.skipped["step_000000.pt"]
 
@@ -332,9 +337,17 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_cli_scan(trained, tmp_path, monkeypatch, capsys):
     (tmp_path / "user_scan_models.py").write_text(textwrap.dedent(USER_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
-    args = parse(str(trained[0]), "--model", "user_scan_models:build_model",
-                 "--data", "user_scan_models:batches", "--probes", "norms,hessian",
-                 "--out", str(tmp_path / "run"))  # fmt: skip
+    args = parse(
+        str(trained[0]),
+        "--model",
+        "user_scan_models:build_model",
+        "--data",
+        "user_scan_models:batches",
+        "--probes",
+        "norms,hessian",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert args.func is cli_scan.run and cli_scan.run(args) == 0
     out = capsys.readouterr().out
     assert "scanned 5 checkpoint(s)" in out and "trainprobe report" in out
@@ -345,8 +358,17 @@ def test_cli_scan(trained, tmp_path, monkeypatch, capsys):
     (ckpts / "step_0.pt").write_bytes((trained[0] / "step_000000.pt").read_bytes())
     (ckpts / "step_1.pt").write_bytes(b"truncated")
     file_spec = f"{tmp_path / 'user_scan_models.py'}:"
-    code = cli_scan.run(parse(str(ckpts), "--model", file_spec + "build_model",
-                              "--data", file_spec + "batches", "--threads", "1"))  # fmt: skip
+    code = cli_scan.run(
+        parse(
+            str(ckpts),
+            "--model",
+            file_spec + "build_model",
+            "--data",
+            file_spec + "batches",
+            "--threads",
+            "1",
+        )
+    )
     assert code == 1
     out = capsys.readouterr().out
     assert "skipped 1 checkpoint(s):" in out and "step_1.pt: unreadable" in out
@@ -431,8 +453,9 @@ def test_lazy_load_maps_zip_files_and_reads_legacy_ones_whole(tmp_path):
     tensors of a zip-format file; a legacy (pre-zip) file cannot be mapped and is read."""
     weights = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}
     torch.save({"model": weights, "step": 70}, tmp_path / "zip.pt")
-    torch.save({"model": weights, "step": 80}, tmp_path / "legacy.pt",
-               _use_new_zipfile_serialization=False)  # fmt: skip
+    torch.save(
+        {"model": weights, "step": 80}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False
+    )
     for name, step in (("zip.pt", 70), ("legacy.pt", 80)):
         lazy = load_checkpoint(tmp_path / name, lazy=True)
         full = load_checkpoint(tmp_path / name)

@@ -129,5 +129,5 @@ def test_the_page_script_cannot_be_closed_by_the_runs_status(tmp_path):
     writer.append([Record(0, {"scalars/loss": 1.0})])
     writer.close()
     document = serve_cli.page(tmp_path / "run")
-    script = document[document.rindex("<script>"):]
+    script = document[document.rindex("<script>") :]
     assert "</script><b>x" not in script and "<\\/script><b>x" in script

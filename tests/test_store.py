@@ -58,8 +58,10 @@ def stored_state(run_dir: Path) -> dict[str, tuple[list[int], list]]:
 
 
 def test_scalars_round_trip_exactly(tmp_path):
-    records = [Record(step, {"scalars/loss": value, "scalars/step": step})
-               for step, value in enumerate(SCALARS)]
+    records = [
+        Record(step, {"scalars/loss": value, "scalars/step": step})
+        for step, value in enumerate(SCALARS)
+    ]
     records[3] = Record(3, {**records[3].values, "scalars/sparse": 0.25})
     records[6] = Record(6, {**records[6].values, "scalars/sparse": np.float32(3.5)})
     write(tmp_path / "r", records)
@@ -109,19 +111,42 @@ def test_array_key_whose_shape_changes(tmp_path):
 
 
 def test_keys_layers_last_step_contains(tmp_path):
-    write(tmp_path / "r", [
-        Record(0, {"norms/grad/b.weight": 1.0, "norms/grad/a.weight": 2.0,
-                   "norms/grad_total": 3.0, "scalars/loss": 4.0}),
-        Record(1, {"norms/grad/c.bias": 5.0, "activations/hist": np.zeros(2)}),
-        Record(7, {"activations/hist": np.ones(2)}),  # the last step is an array-only step
-    ])  # fmt: skip
+    write(
+        tmp_path / "r",
+        [
+            Record(
+                0,
+                {
+                    "norms/grad/b.weight": 1.0,
+                    "norms/grad/a.weight": 2.0,
+                    "norms/grad_total": 3.0,
+                    "scalars/loss": 4.0,
+                },
+            ),
+            Record(1, {"norms/grad/c.bias": 5.0, "activations/hist": np.zeros(2)}),
+            Record(7, {"activations/hist": np.ones(2)}),  # the last step is an array-only step
+        ],
+    )
     with Run(tmp_path / "r") as run:
-        assert run.keys() == ["norms/grad/b.weight", "norms/grad/a.weight", "norms/grad_total",
-                              "scalars/loss", "norms/grad/c.bias", "activations/hist"]
-        assert run.keys("norms/grad") == ["norms/grad/b.weight", "norms/grad/a.weight",
-                                          "norms/grad_total", "norms/grad/c.bias"]
-        assert run.keys("norms/grad/") == ["norms/grad/b.weight", "norms/grad/a.weight",
-                                           "norms/grad/c.bias"]
+        assert run.keys() == [
+            "norms/grad/b.weight",
+            "norms/grad/a.weight",
+            "norms/grad_total",
+            "scalars/loss",
+            "norms/grad/c.bias",
+            "activations/hist",
+        ]
+        assert run.keys("norms/grad") == [
+            "norms/grad/b.weight",
+            "norms/grad/a.weight",
+            "norms/grad_total",
+            "norms/grad/c.bias",
+        ]
+        assert run.keys("norms/grad/") == [
+            "norms/grad/b.weight",
+            "norms/grad/a.weight",
+            "norms/grad/c.bias",
+        ]
         assert run.keys("nothing/") == []
         assert run.layers("norms/grad") == ["b.weight", "a.weight", "c.bias"]
         assert run.layers("norms/grad/") == run.layers("norms/grad")
@@ -174,17 +199,24 @@ def test_meta_round_trips_as_json(tmp_path):
     writer.set_meta({"seed": 4})  # insert or replace per key
     writer.close()
     with Run(tmp_path / "r") as run:
-        assert run.meta == {"format": "trainprobe-run", "schema_version": 1,
-                            "config": meta["config"], "seed": 4}
+        assert run.meta == {
+            "format": "trainprobe-run",
+            "schema_version": 1,
+            "config": meta["config"],
+            "seed": 4,
+        }
 
 
 def test_to_pandas_is_wide_over_scalar_keys(tmp_path):
     pd = pytest.importorskip("pandas")
-    write(tmp_path / "r", [
-        Record(0, {"scalars/loss": 2.0, "scalars/acc": 0.1, "norms/grad_total": 9.0}),
-        Record(5, {"scalars/loss": float("nan"), "arr/x": np.zeros(3)}),
-        Record(9, {"scalars/loss": float("inf"), "scalars/acc": 0.5}),
-    ])  # fmt: skip
+    write(
+        tmp_path / "r",
+        [
+            Record(0, {"scalars/loss": 2.0, "scalars/acc": 0.1, "norms/grad_total": 9.0}),
+            Record(5, {"scalars/loss": float("nan"), "arr/x": np.zeros(3)}),
+            Record(9, {"scalars/loss": float("inf"), "scalars/acc": 0.5}),
+        ],
+    )
     with Run(tmp_path / "r") as run:
         frame = run.to_pandas("scalars/")
         expected = pd.DataFrame(
@@ -192,8 +224,11 @@ def test_to_pandas_is_wide_over_scalar_keys(tmp_path):
             index=pd.Index(np.array([0, 5, 9], dtype=np.int64), name="step"),
         )
         pd.testing.assert_frame_equal(frame, expected)
-        assert list(run.to_pandas().columns) == ["scalars/loss", "scalars/acc",
-                                                 "norms/grad_total"]  # array keys left out
+        assert list(run.to_pandas().columns) == [
+            "scalars/loss",
+            "scalars/acc",
+            "norms/grad_total",
+        ]  # array keys left out
 
 
 def test_resume_appends_past_the_last_step(tmp_path):
@@ -245,18 +280,27 @@ def test_duplicate_step_within_one_append_fails_atomically(tmp_path):
     _failed_write_leaves_nothing(tmp_path, bad, ValueError, "recorded twice for the same step")
 
 
-@pytest.mark.parametrize(("key", "value", "match"), [
-    ("s", np.zeros(2), "key 's' holds scalar values in this run but got a array"),
-    ("arr", 1.0, "key 'arr' holds array values in this run but got a scalar"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("s", np.zeros(2), "key 's' holds scalar values in this run but got a array"),
+        ("arr", 1.0, "key 'arr' holds array values in this run but got a scalar"),
+    ],
+)
 def test_key_switching_kind_fails_atomically(tmp_path, key, value, match):
     bad = [Record(2, {"fresh": 1.0}), Record(3, {"fresh": 2.0, key: value})]
     _failed_write_leaves_nothing(tmp_path, bad, ValueError, match)
 
 
-@pytest.mark.parametrize("value", [
-    np.array(["a", "b"]), np.array([b"x"]), np.array([1 + 2j]), np.array([None, 1.0]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array(["a", "b"]),
+        np.array([b"x"]),
+        np.array([1 + 2j]),
+        np.array([None, 1.0]),
+    ],
+)
 def test_non_numeric_array_is_a_type_error(tmp_path, value):
     bad = [Record(2, {"fresh": 1.0, "bad": value})]
     _failed_write_leaves_nothing(tmp_path, bad, TypeError, "must be bool, integer or float")
@@ -290,8 +334,14 @@ def test_directory_without_db(tmp_path):
         Run(tmp_path / "r")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a database at all\n" * 300,
-                                     bytes(random.Random(0).randrange(256) for _ in range(8192))])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not a database at all\n" * 300,
+        bytes(random.Random(0).randrange(256) for _ in range(8192)),
+    ],
+)
 def test_garbage_db_is_a_run_error(tmp_path, content):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "run.db").write_bytes(content)
@@ -325,24 +375,34 @@ def _sqlite(path: Path, *statements: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("statements", "match"), [
-    (["CREATE TABLE t (a)"], "no such table: meta"),
-    (["CREATE TABLE meta (key, value)", "INSERT INTO meta VALUES ('format', '\"other\"')"],
-     "not a trainprobe run"),
-    (["CREATE TABLE meta (key, value)", "INSERT INTO meta VALUES ('version', '3.1 beta')"],
-     "not a trainprobe run"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("statements", "match"),
+    [
+        (["CREATE TABLE t (a)"], "no such table: meta"),
+        (
+            ["CREATE TABLE meta (key, value)", "INSERT INTO meta VALUES ('format', '\"other\"')"],
+            "not a trainprobe run",
+        ),
+        (
+            ["CREATE TABLE meta (key, value)", "INSERT INTO meta VALUES ('version', '3.1 beta')"],
+            "not a trainprobe run",
+        ),
+    ],
+)
 def test_foreign_sqlite_file_is_a_run_error(tmp_path, statements, match):
     with pytest.raises(RunError, match=match):
         Run(_sqlite(tmp_path / "r", *statements))
 
 
 def test_unknown_key_lists_close_matches(tmp_path):
-    write(tmp_path / "r", [Record(0, {"norms/grad_total": 1.0, "norms/weight_total": 2.0,
-                                      "arr/x": np.zeros(2)})])
+    write(
+        tmp_path / "r",
+        [Record(0, {"norms/grad_total": 1.0, "norms/weight_total": 2.0, "arr/x": np.zeros(2)})],
+    )
     with Run(tmp_path / "r") as run:
-        with pytest.raises(KeyError, match="no key 'norms/grad_totl'; did you mean "
-                                           "norms/grad_total"):
+        with pytest.raises(
+            KeyError, match="no key 'norms/grad_totl'; did you mean norms/grad_total"
+        ):
             run.series("norms/grad_totl")
         with pytest.raises(KeyError, match=r"no key 'zzz'; list them with run\.keys\(\)"):
             run.series("zzz")
@@ -401,8 +461,12 @@ class Child:
         if not path.exists():  # children of one test share it; never rewrite a running one
             path.write_text(script)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(path), *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(path), *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         self.lines: list[str] = []
         self._partial = b""
         self._selector = selectors.DefaultSelector()
@@ -461,8 +525,9 @@ def test_killed_training_keeps_every_committed_step(tmp_path):
     finally:
         child.close()
     assert reported == list(range(len(reported)))
-    last = _assert_contiguous_run(tmp_path / "run", reported,
-                                  ["scalars/loss", "nonfinite/grad", "optim/lr/0"])
+    last = _assert_contiguous_run(
+        tmp_path / "run", reported, ["scalars/loss", "nonfinite/grad", "optim/lr/0"]
+    )
     with Run(tmp_path / "run") as run:
         assert run.meta["status"] == "running"  # it never got to say otherwise
         assert np.isfinite(run.series("scalars/loss").values).all()
@@ -475,8 +540,10 @@ def test_killed_training_keeps_every_committed_step(tmp_path):
 def test_writer_killed_at_random_moments_leaves_a_contiguous_prefix(tmp_path):
     rng = random.Random(1234)
     targets = [rng.randrange(5, 150) for _ in range(4)]
-    children = [Child(tmp_path, APPEND_SCRIPT, tmp_path / f"run{i}", 100_000, 0)
-                for i in range(len(targets))]
+    children = [
+        Child(tmp_path, APPEND_SCRIPT, tmp_path / f"run{i}", 100_000, 0)
+        for i in range(len(targets))
+    ]
     try:
         reported = []
         for child, target in zip(children, targets, strict=True):

@@ -204,10 +204,11 @@ def test_slq_moments_are_exact_quadratic_forms_of_the_start_vectors():
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_slq_moments_are_unbiased_for_the_trace_and_the_squared_norm(distribution):
     runs = [
-        spectral_density(HESSIAN, N, probes=8, steps=10, distribution=distribution,
-                         generator=_gen(s))
+        spectral_density(
+            HESSIAN, N, probes=8, steps=10, distribution=distribution, generator=_gen(s)
+        )
         for s in range(12)
-    ]  # fmt: skip
+    ]
     for j, exact in ((1, HESSIAN.trace()), (2, (HESSIAN**2).sum())):
         samples = torch.cat([r.moments(j) for r in runs])  # [96]
         sem = float(samples.std()) / math.sqrt(samples.numel())
@@ -243,8 +244,9 @@ def test_the_density_integrates_to_one(a):
 
 def test_a_given_grid_and_sigma_are_used():
     grid = torch.linspace(-5, 70, 500, dtype=torch.float64)
-    density = spectral_density(HESSIAN, N, probes=2, steps=20, grid=grid, sigma=0.5,
-                               generator=_gen(0))  # fmt: skip
+    density = spectral_density(
+        HESSIAN, N, probes=2, steps=20, grid=grid, sigma=0.5, generator=_gen(0)
+    )
     assert torch.equal(density.grid, grid) and density.sigma == 0.5
     assert abs(float(torch.trapezoid(density.density, density.grid)) - 1) < 1e-3
 
@@ -254,8 +256,9 @@ def test_lockstep_runs_give_the_nodes_of_one_probe_at_a_time():
     matmat = HESSIAN.__matmul__
     together = _gauss_quadrature(*_lockstep_lanczos(matmat, starts, 25, torch.float64)[:3])
     for k in range(4):
-        alone = _gauss_quadrature(*_lockstep_lanczos(matmat, starts[:, k : k + 1], 25,
-                                                     torch.float64)[:3])  # fmt: skip
+        alone = _gauss_quadrature(
+            *_lockstep_lanczos(matmat, starts[:, k : k + 1], 25, torch.float64)[:3]
+        )
         np.testing.assert_allclose(together[0][k], alone[0][0], rtol=0, atol=1e-10)
         np.testing.assert_allclose(together[1][k], alone[1][0], rtol=0, atol=1e-10)
 
@@ -287,37 +290,65 @@ def test_a_stopped_probe_is_no_longer_applied():
 EYE = torch.eye(3, dtype=torch.float64)
 
 
-@pytest.mark.parametrize(("call", "error", "match"), [
-    (lambda: hutch_plus_plus(EYE, 3, matvecs=2), ValueError,
-     r"matvecs must be >= 3, got 2 \(Hutch\+\+ splits them in three\); use method='hutchinson'"),
-    (lambda: trace(EYE, 3, matvecs=2), ValueError, r"matvecs must be >= 3, got 2"),
-    (lambda: hutchinson(EYE, 3, matvecs=0), ValueError, r"matvecs must be >= 1, got 0"),
-    (lambda: diagonal(EYE, 3, matvecs=0), ValueError, r"matvecs must be >= 1, got 0"),
-    (lambda: hutchinson(EYE, 3, matvecs=10.0), TypeError, r"matvecs must be an int, got float"),
-    (lambda: hutchinson(EYE, 3, batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
-    (lambda: trace(EYE, 3, method="exact"), ValueError,
-     r"method must be one of \('hutchinson', 'hutch\+\+'\), got 'exact'"),
-    (lambda: hutchinson(EYE, 3, distribution="normal"), ValueError,
-     r"distribution must be one of \('rademacher', 'gaussian'\), got 'normal'"),
-    (lambda: hutchinson(EYE, 0), ValueError, r"dim must be >= 1, got 0"),
-    (lambda: hutchinson(EYE, 4), ValueError, r"dense operator must have shape \[4, 4\]"),
-    (lambda: hutchinson(lambda v: v[:2], 3), ValueError,
-     r"the operator returned shape \(2, 100\) for a block of shape \(3, 100\).*dim=3"),
-    (lambda: hutchinson(torch.full((3, 3), math.nan), 3), ValueError,
-     r"the operator returned NaN/inf: check the loss is finite"),
-    (lambda: spectral_density(EYE * math.inf, 3), ValueError, r"the operator returned NaN/inf"),
-    (lambda: hutchinson(EYE, 3, generator=0), TypeError,
-     r"generator must be a CPU torch.Generator, e.g. torch.Generator\(\).manual_seed\(0\)"),
-    (lambda: spectral_density(EYE, 3, probes=0), ValueError, r"probes must be >= 1, got 0"),
-    (lambda: spectral_density(EYE, 3, steps=0), ValueError, r"steps must be >= 1, got 0"),
-    (lambda: spectral_density(EYE, 3, sigma=0.0), ValueError, r"sigma must be > 0"),
-    (lambda: spectral_density(EYE, 3, grid=1), ValueError, r"grid must be >= 2, got 1 points"),
-    (lambda: spectral_density(EYE, 3, grid="fine"), TypeError, r"grid must be an int, got str"),
-    (lambda: spectral_density(EYE, 3, grid=torch.zeros(2, 2)), ValueError,
-     r"grid must be a 1-D tensor of >= 2 points, got \(2, 2\)"),
-    (lambda: spectral_density(EYE, 3, steps=2).moments(-1), ValueError,
-     r"power must be an int >= 0, got -1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (
+            lambda: hutch_plus_plus(EYE, 3, matvecs=2),
+            ValueError,
+            r"matvecs must be >= 3, got 2 \(Hutch\+\+ splits them in three\); "
+            r"use method='hutchinson'",
+        ),
+        (lambda: trace(EYE, 3, matvecs=2), ValueError, r"matvecs must be >= 3, got 2"),
+        (lambda: hutchinson(EYE, 3, matvecs=0), ValueError, r"matvecs must be >= 1, got 0"),
+        (lambda: diagonal(EYE, 3, matvecs=0), ValueError, r"matvecs must be >= 1, got 0"),
+        (lambda: hutchinson(EYE, 3, matvecs=10.0), TypeError, r"matvecs must be an int, got float"),
+        (lambda: hutchinson(EYE, 3, batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
+        (
+            lambda: trace(EYE, 3, method="exact"),
+            ValueError,
+            r"method must be one of \('hutchinson', 'hutch\+\+'\), got 'exact'",
+        ),
+        (
+            lambda: hutchinson(EYE, 3, distribution="normal"),
+            ValueError,
+            r"distribution must be one of \('rademacher', 'gaussian'\), got 'normal'",
+        ),
+        (lambda: hutchinson(EYE, 0), ValueError, r"dim must be >= 1, got 0"),
+        (lambda: hutchinson(EYE, 4), ValueError, r"dense operator must have shape \[4, 4\]"),
+        (
+            lambda: hutchinson(lambda v: v[:2], 3),
+            ValueError,
+            r"the operator returned shape \(2, 100\) for a block of shape \(3, 100\).*dim=3",
+        ),
+        (
+            lambda: hutchinson(torch.full((3, 3), math.nan), 3),
+            ValueError,
+            r"the operator returned NaN/inf: check the loss is finite",
+        ),
+        (lambda: spectral_density(EYE * math.inf, 3), ValueError, r"the operator returned NaN/inf"),
+        (
+            lambda: hutchinson(EYE, 3, generator=0),
+            TypeError,
+            r"generator must be a CPU torch.Generator, e.g. torch.Generator\(\).manual_seed\(0\)",
+        ),
+        (lambda: spectral_density(EYE, 3, probes=0), ValueError, r"probes must be >= 1, got 0"),
+        (lambda: spectral_density(EYE, 3, steps=0), ValueError, r"steps must be >= 1, got 0"),
+        (lambda: spectral_density(EYE, 3, sigma=0.0), ValueError, r"sigma must be > 0"),
+        (lambda: spectral_density(EYE, 3, grid=1), ValueError, r"grid must be >= 2, got 1 points"),
+        (lambda: spectral_density(EYE, 3, grid="fine"), TypeError, r"grid must be an int, got str"),
+        (
+            lambda: spectral_density(EYE, 3, grid=torch.zeros(2, 2)),
+            ValueError,
+            r"grid must be a 1-D tensor of >= 2 points, got \(2, 2\)",
+        ),
+        (
+            lambda: spectral_density(EYE, 3, steps=2).moments(-1),
+            ValueError,
+            r"power must be an int >= 0, got -1",
+        ),
+    ],
+)
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()

@@ -120,8 +120,14 @@ def detect_class_competition(
         share = float(np.mean(cls.count[present] / counts[at][present])) if present.any() else 0.0
         harms += _losing_ground(cls, total[at], share, window, (rise, fall), min_points)
         harms += _starved(cls, classes, window, starve_ratio, min_loss_share, min_points)
-    settings = {"window": window, "rise": rise, "fall": fall, "min_points": min_points,
-                "starve_ratio": starve_ratio, "min_loss_share": min_loss_share}  # fmt: skip
+    settings = {
+        "window": window,
+        "rise": rise,
+        "fall": fall,
+        "min_points": min_points,
+        "starve_ratio": starve_ratio,
+        "min_loss_share": min_loss_share,
+    }
     return [
         _finding(found, top, settings)
         for kind in ("rising", "starved")
@@ -139,8 +145,11 @@ def _read(run: Run) -> list[_ClassSeries]:
         common = np.intersect1d(steps, np.intersect1d(parts[0][0], parts[1][0]))
         if common.size:
             pick = [np.searchsorted(s, common) for s in (steps, parts[0][0], parts[1][0])]
-            out.append(_ClassSeries(name, common, loss[pick[0]], parts[0][1][pick[1]],
-                                    parts[1][1][pick[2]]))  # fmt: skip
+            out.append(
+                _ClassSeries(
+                    name, common, loss[pick[0]], parts[0][1][pick[1]], parts[1][1][pick[2]]
+                )
+            )
     return out
 
 
@@ -184,11 +193,13 @@ def _losing_ground(
     first, last = stretch
     peak = first + int(np.argmax(own[first : last + 1]))
     start = int(at_low[first])
-    evidence = {f"loss_low[{cls.name}]": float(cls.loss[start]),
-                f"loss_peak[{cls.name}]": float(own[peak]),
-                f"batch_loss_at_low[{cls.name}]": float(total[start]),
-                f"batch_loss_at_peak[{cls.name}]": float(batch[peak]),
-                f"count_share[{cls.name}]": count_share}  # fmt: skip
+    evidence = {
+        f"loss_low[{cls.name}]": float(cls.loss[start]),
+        f"loss_peak[{cls.name}]": float(own[peak]),
+        f"batch_loss_at_low[{cls.name}]": float(total[start]),
+        f"batch_loss_at_peak[{cls.name}]": float(batch[peak]),
+        f"count_share[{cls.name}]": count_share,
+    }
     end = int(cls.steps[last + window - 1])  # a rolling median belongs to its window's end
     return [_Harm(cls.name, "rising", int(cls.steps[start]), end, last - first + 1, evidence)]
 
@@ -224,10 +235,13 @@ def _starved(
         return []
     first, last = stretch
     steps = cls.steps[window - 1 :]
-    evidence = {f"grad_share[{cls.name}]": float(np.median(g[first : last + 1])),
-                f"loss_share[{cls.name}]": float(np.median(share[first : last + 1]))}  # fmt: skip
-    return [_Harm(cls.name, "starved", int(steps[first]), int(steps[last]),
-                  last - first + 1, evidence)]  # fmt: skip
+    evidence = {
+        f"grad_share[{cls.name}]": float(np.median(g[first : last + 1])),
+        f"loss_share[{cls.name}]": float(np.median(share[first : last + 1])),
+    }
+    return [
+        _Harm(cls.name, "starved", int(steps[first]), int(steps[last]), last - first + 1, evidence)
+    ]
 
 
 def _longest(mask: np.ndarray, points: int) -> tuple[int, int] | None:
@@ -241,17 +255,25 @@ def _finding(harms: list[_Harm], top: int, settings: dict) -> Finding:
     named = ", ".join(f"{h.name} (steps {h.start_step}-{h.end_step})" for h in harms[:top])
     more = f" and {len(harms) - top} more" if len(harms) > top else ""
     if kind == "rising":
-        message = (f"Class loss rising while the batch loss falls: {named}{more}; the "
-                   "other classes are learned at these classes' expense")  # fmt: skip
-        action = ("Rebalance the classes: oversample them or reweight their loss (e.g. by "
-                  "inverse frequency), or use a class-balanced loss; per-class gradient "
-                  "normalisation also counters this early imbalance effect.")  # fmt: skip
+        message = (
+            f"Class loss rising while the batch loss falls: {named}{more}; the "
+            "other classes are learned at these classes' expense"
+        )
+        action = (
+            "Rebalance the classes: oversample them or reweight their loss (e.g. by "
+            "inverse frequency), or use a class-balanced loss; per-class gradient "
+            "normalisation also counters this early imbalance effect."
+        )
     else:
-        message = (f"Classes starved of gradient: {named}{more} carry at least "
-                   f"{fmt(settings['min_loss_share'])} of the loss but under "
-                   f"{fmt(settings['starve_ratio'])}x that share of the gradient magnitude")
-        action = ("Check what blocks their gradient (dead ReLUs or saturated features on "
-                  "their inputs, a detached branch) and rebalance their loss weight.")  # fmt: skip
+        message = (
+            f"Classes starved of gradient: {named}{more} carry at least "
+            f"{fmt(settings['min_loss_share'])} of the loss but under "
+            f"{fmt(settings['starve_ratio'])}x that share of the gradient magnitude"
+        )
+        action = (
+            "Check what blocks their gradient (dead ReLUs or saturated features on "
+            "their inputs, a detached branch) and rebalance their loss weight."
+        )
     evidence: dict[str, float | int | str] = {"classes": len(harms), **settings}
     for h in harms[:top]:
         evidence.update(h.evidence)

@@ -100,9 +100,7 @@ def detect_gradient_conflict(
         episode = _longest_conflict(pair, steps, cos, window, conflict_cos, min_points)
         if episode is not None:
             episodes.append(episode)
-    critical = [
-        e for e in episodes if e.median <= critical_cos and e.share >= critical_share
-    ]
+    critical = [e for e in episodes if e.median <= critical_cos and e.share >= critical_share]
     warning = [e for e in episodes if e not in critical]
     thresholds = {
         "window": window,

@@ -72,29 +72,39 @@ def detect_gradient_starvation(
         low, high = shares[weakest][0], shares[strongest][0]
         if high > 0 and low <= ratio * high:
             name, top = weakest.rsplit("/", 1)[1], strongest.rsplit("/", 1)[1]
-            parts.append(f"feature group '{name}' gets {fmt(low)} of the attribution against "
-                         f"{fmt(high)} for '{top}'")  # fmt: skip
+            parts.append(
+                f"feature group '{name}' gets {fmt(low)} of the attribution against "
+                f"{fmt(high)} for '{top}'"
+            )
             evidence |= {"starved_group": name, "starved_share": low, "dominant_share": high}
             spans.append(shares[weakest][1])
             keys += [weakest, strongest]
     response = _tail_medians(run, [RESPONSE], tail, min_points)
     if RESPONSE in response and response[RESPONSE][0] <= ratio:
         value, span = response[RESPONSE]
-        parts.append(f"the weakest label direction of the initial NTK responds {fmt(value)}x "
-                     "as much as the strongest")  # fmt: skip
+        parts.append(
+            f"the weakest label direction of the initial NTK responds {fmt(value)}x "
+            "as much as the strongest"
+        )
         evidence["ntk_min_ratio"] = value
         spans.append(span)
         keys.append(RESPONSE)
     if not parts:
         return []
-    return [Finding(
-        NAME, Severity.WARNING, min(s[0] for s in spans), max(s[1] for s in spans),
-        "Gradient starvation: " + "; ".join(parts) + ", to the end of the run",
-        "A dominant feature starves the others: regularise the logits (Pezeshki et al.'s "
-        "spectral decoupling, an L2 penalty on the logits), reduce the easy feature's margin "
-        "(data augmentation), or reweight the examples it already fits.",
-        evidence, tuple(keys),
-    )]  # fmt: skip
+    return [
+        Finding(
+            NAME,
+            Severity.WARNING,
+            min(s[0] for s in spans),
+            max(s[1] for s in spans),
+            "Gradient starvation: " + "; ".join(parts) + ", to the end of the run",
+            "A dominant feature starves the others: regularise the logits (Pezeshki et al.'s "
+            "spectral decoupling, an L2 penalty on the logits), reduce the easy feature's margin "
+            "(data augmentation), or reweight the examples it already fits.",
+            evidence,
+            tuple(keys),
+        )
+    ]
 
 
 def _named_groups(run: Run) -> bool:

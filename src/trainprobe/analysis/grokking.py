@@ -86,8 +86,13 @@ def detect_grokking(
     Raises:
         ValueError: a level outside ``[0, 1)``, ``delay <= 0`` or ``min_points < 3``.
     """
-    for name, value in (("fit", fit), ("gap", gap), ("rise", rise), ("collapse", collapse),
-                        ("nlm", nlm)):  # fmt: skip
+    for name, value in (
+        ("fit", fit),
+        ("gap", gap),
+        ("rise", rise),
+        ("collapse", collapse),
+        ("nlm", nlm),
+    ):
         check_fraction(name, value)
     check_positive("delay", delay)
     check_window("min_points", min_points)
@@ -102,8 +107,14 @@ def detect_grokking(
         return []  # fit before the first measurement: the time to fit, the yardstick, is unknown
     fit_step = int(curves.steps[fit_at])
     wait = delay * (fit_step - int(curves.steps[0]))
-    settings = {"fit": fit, "delay": delay, "gap": gap, "rise": rise, "fit_step": fit_step,
-                "fit_steps": fit_step - int(curves.steps[0])}  # fmt: skip
+    settings = {
+        "fit": fit,
+        "delay": delay,
+        "gap": gap,
+        "rise": rise,
+        "fit_step": fit_step,
+        "fit_steps": fit_step - int(curves.steps[0]),
+    }
     general = np.flatnonzero(curves.heldout[fit_at:] >= fit)
     if general.size:
         gen_step = int(curves.steps[fit_at + general[0]])
@@ -135,8 +146,12 @@ def _grokked(curves: _Curves, fit_step: int, gen_step: int, settings: dict) -> F
         "the steps it took to fit)",
         "Generalisation came late: regularisation (weight decay) and more training data "
         "shorten the delay; compare checkpoints before and after it to see what changed.",
-        {**settings, "generalised_step": gen_step, "delay_steps": lag,
-         "final_heldout_acc": float(curves.heldout[-1])},
+        {
+            **settings,
+            "generalised_step": gen_step,
+            "delay_steps": lag,
+            "final_heldout_acc": float(curves.heldout[-1]),
+        },
         (TRAIN, HELDOUT),
     )
 
@@ -151,18 +166,28 @@ def _not_yet(
     plateau_end = int(np.searchsorted(steps, fit_step + wait))
     plateau = float(np.median(heldout[fit_at : max(plateau_end, fit_at + 1)]))
     last, gap_now = float(heldout[-1]), float(curves.train[-1] - heldout[-1])
-    evidence = {**settings, "heldout_at_plateau": plateau, "heldout_last": last,
-                "train_last": float(curves.train[-1])}  # fmt: skip
+    evidence = {
+        **settings,
+        "heldout_at_plateau": plateau,
+        "heldout_last": last,
+        "train_last": float(curves.train[-1]),
+    }
     end = int(steps[-1])
     if last - plateau >= settings["rise"]:
-        return [Finding(
-            NAME, Severity.INFO, fit_step, end,
-            f"Grokking under way: train fit since step {fit_step}, held-out accuracy rose "
-            f"from {fmt(plateau)} to {fmt(last)} long after it",
-            "Keep training: held-out accuracy is still climbing after the fit; the "
-            "grokking detector will report the delay once it arrives.",
-            evidence, (TRAIN, HELDOUT),
-        )]  # fmt: skip
+        return [
+            Finding(
+                NAME,
+                Severity.INFO,
+                fit_step,
+                end,
+                f"Grokking under way: train fit since step {fit_step}, held-out accuracy rose "
+                f"from {fmt(plateau)} to {fmt(last)} long after it",
+                "Keep training: held-out accuracy is still climbing after the fit; the "
+                "grokking detector will report the delay once it arrives.",
+                evidence,
+                (TRAIN, HELDOUT),
+            )
+        ]
     if gap_now < settings["gap"]:
         return []  # a generalisation gap, not memorisation
     return [_memorising(run, fit_step, end, evidence, stall)]
@@ -174,26 +199,36 @@ def _memorising(run: Run, fit_step: int, end: int, evidence: dict, stall: tuple)
     aligned = _recent_level(run, NLM, fit_step)
     if aligned is not None:
         evidence = {**evidence, "nlm_cos": aligned}
-    message = (f"Memorising: train fit since step {fit_step}, held-out accuracy still "
-               f"{fmt(evidence['heldout_last'])} at step {end}")  # fmt: skip
+    message = (
+        f"Memorising: train fit since step {fit_step}, held-out accuracy still "
+        f"{fmt(evidence['heldout_last'])} at step {end}"
+    )
     if collapsed is None or collapsed < collapse:
         return Finding(
-            NAME, Severity.INFO, fit_step, end, message,
+            NAME,
+            Severity.INFO,
+            fit_step,
+            end,
+            message,
             "Held-out accuracy has not followed: add weight decay or data, or train longer "
             "if you expect grokking (it can take many times the steps needed to fit).",
-            evidence, (TRAIN, HELDOUT),
-        )  # fmt: skip
+            evidence,
+            (TRAIN, HELDOUT),
+        )
     nlm_note = f", NLM cosine {fmt(aligned)}" if aligned is not None and aligned >= nlm else ""
     return Finding(
-        NAME, Severity.WARNING, fit_step, end,
-        f"Grokking stalled: {message[len('Memorising: '):]}, with softmax collapse on "
+        NAME,
+        Severity.WARNING,
+        fit_step,
+        end,
+        f"Grokking stalled: {message[len('Memorising: ') :]}, with softmax collapse on "
         f"{fmt(collapsed)} of the training examples{nlm_note}",
         "Numerical stability blocks generalisation (Prieto et al. 2025): add weight decay, "
         "use a stable softmax alternative (StableMax) or orthogonal-gradient updates (⊥Grad), "
         "or train in float64.",
         {**evidence, "softmax_collapse": collapsed},
         (TRAIN, HELDOUT, *(k for k in (COLLAPSE, NLM) if k in run)),
-    )  # fmt: skip
+    )
 
 
 def _recent_level(run: Run, key: str, since: int) -> float | None:

@@ -25,10 +25,14 @@ SYMPTOMS: tuple[tuple[str, Callable[[Run], list[Finding]]], ...] = (
     (edge_of_stability.NAME, detect_edge_of_stability),
 )
 """The detectors whose warning and critical findings are symptoms of one instability."""
-LABELS = {nonfinite.NAME: "non-finite values", loss_spike.NAME: "loss spike",
-          loss_divergence.NAME: "loss divergence", exploding.NAME: "exploding gradients",
-          vanishing.NAME: "vanishing gradients",
-          edge_of_stability.NAME: "sharpness above the stability threshold"}  # fmt: skip
+LABELS = {
+    nonfinite.NAME: "non-finite values",
+    loss_spike.NAME: "loss spike",
+    loss_divergence.NAME: "loss divergence",
+    exploding.NAME: "exploding gradients",
+    vanishing.NAME: "vanishing gradients",
+    edge_of_stability.NAME: "sharpness above the stability threshold",
+}
 _MODULES = (nonfinite, loss_spike, loss_divergence, exploding, vanishing, edge_of_stability)
 NEEDS = (" | ".join(dict.fromkeys(module.NEEDS[0] for module in _MODULES)),)
 """Record keys it needs: those of any symptom detector (each needs at least its first)."""
@@ -98,23 +102,32 @@ def episodes(findings: Sequence[Finding], gap: int) -> list[Finding]:
 
 def members(episode: Finding, findings: Sequence[Finding]) -> list[Finding]:
     """The symptom findings an episode finding stands for (those inside its span)."""
-    return [f for f in findings if is_symptom(f) and episode.start_step <= f.start_step
-            and f.end_step <= episode.end_step]  # fmt: skip
+    return [
+        f
+        for f in findings
+        if is_symptom(f) and episode.start_step <= f.start_step and f.end_step <= episode.end_step
+    ]
 
 
 def _episode(group: list[Finding]) -> Finding:
     worst = max(group, key=lambda f: (int(f.severity), -f.start_step))
     start, end = min(f.start_step for f in group), max(f.end_step for f in group)
     kinds = list(dict.fromkeys(f.detector for f in group))
-    shown = ", ".join(f"{LABELS[k]} ({max(f.severity for f in group if f.detector == k)})"
-                      for k in kinds)  # fmt: skip
+    shown = ", ".join(
+        f"{LABELS[k]} ({max(f.severity for f in group if f.detector == k)})" for k in kinds
+    )
     evidence: dict[str, float | int | str] = {"symptoms": len(group), "kinds": len(kinds)}
     for i, f in enumerate(group):
         span = f"{f.start_step}-{f.end_step}"
         evidence[f"symptom[{i}]"] = f"{f.detector} ({f.severity}) {span}: {f.message}"
     keys = tuple(dict.fromkeys(k for f in group for k in f.keys))
     return Finding(
-        NAME, worst.severity, start, end,
+        NAME,
+        worst.severity,
+        start,
+        end,
         f"Instability at steps {start}-{end}: {shown}; the worst: {worst.message}",
-        worst.action, evidence, keys,
-    )  # fmt: skip
+        worst.action,
+        evidence,
+        keys,
+    )

@@ -73,8 +73,14 @@ def detect_noise_scale(
     scale = mean_trace / mean_signal if mean_signal > 0 else float("inf")
     if size / far < scale < far * size:
         return []
-    evidence = {"batch_size": size, "mean_trace_cov": mean_trace, "mean_grad_sq": mean_signal,
-                "points": int(steps.size), "far": far, "tail": tail}  # fmt: skip
+    evidence = {
+        "batch_size": size,
+        "mean_trace_cov": mean_trace,
+        "mean_grad_sq": mean_signal,
+        "points": int(steps.size),
+        "far": far,
+        "tail": tail,
+    }
     if np.isfinite(scale):  # else: the signal is below one batch's noise (mean_grad_sq <= 0)
         evidence["noise_scale"] = scale
     return [_finding(scale, size, int(steps[0]), int(steps[-1]), evidence)]
@@ -87,14 +93,22 @@ def _cut(steps: np.ndarray, tail: float) -> float:
 def _finding(scale: float, size: float, start: int, end: int, evidence: dict) -> Finding:
     shown = fmt(scale) if np.isfinite(scale) else "inf (the signal is below one batch's noise)"
     if scale > size:
-        message = (f"Batch size {fmt(size)} is far below the gradient noise scale "
-                   f"B_simple = {shown}: each step is dominated by gradient noise")
-        action = ("If steps (not examples) are the bottleneck, raise the batch size toward "
-                  "the noise scale and scale the learning rate with it; training will need "
-                  "proportionally fewer steps.")  # fmt: skip
+        message = (
+            f"Batch size {fmt(size)} is far below the gradient noise scale "
+            f"B_simple = {shown}: each step is dominated by gradient noise"
+        )
+        action = (
+            "If steps (not examples) are the bottleneck, raise the batch size toward "
+            "the noise scale and scale the learning rate with it; training will need "
+            "proportionally fewer steps."
+        )
     else:
-        message = (f"Batch size {fmt(size)} is far above the gradient noise scale "
-                   f"B_simple = {shown}: most examples per step add little")
-        action = ("Lower the batch size toward the noise scale: the same loss then needs "
-                  "fewer examples, and so less compute.")  # fmt: skip
+        message = (
+            f"Batch size {fmt(size)} is far above the gradient noise scale "
+            f"B_simple = {shown}: most examples per step add little"
+        )
+        action = (
+            "Lower the batch size toward the noise scale: the same loss then needs "
+            "fewer examples, and so less compute."
+        )
     return Finding(NAME, Severity.INFO, start, end, message, action, evidence, (TRACE, SIGNAL))

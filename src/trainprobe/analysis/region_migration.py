@@ -73,18 +73,31 @@ def detect_region_migration(
     if not below.size:
         return []
     fall = peak + int(below[0])
-    evidence = {"minimum_step": int(at[low]), "minimum": float(smooth[low]),
-                "peak_step": int(at[peak]), "peak": float(smooth[peak]),
-                "descent_step": int(at[fall]), "after_descent": float(smooth[fall]),
-                "final": float(smooth[-1]), "ascent": ascent, "descent": descent}  # fmt: skip
+    evidence = {
+        "minimum_step": int(at[low]),
+        "minimum": float(smooth[low]),
+        "peak_step": int(at[peak]),
+        "peak": float(smooth[peak]),
+        "descent_step": int(at[fall]),
+        "after_descent": float(smooth[fall]),
+        "final": float(smooth[-1]),
+        "ascent": ascent,
+        "descent": descent,
+    }
     early = float(smooth[0]) > float(smooth[low])
     phases = "an early descent, " if early else ""
-    return [Finding(
-        NAME, Severity.INFO, int(at[low]), int(at[fall]),
-        f"Linear regions migrating away from the data ({key}): {phases}an ascent from "
-        f"{fmt(smooth[low])} at step {int(at[low])} to a peak of {fmt(smooth[peak])} at step "
-        f"{int(at[peak])}, then a descent to {fmt(smooth[fall])} by step {int(at[fall])}",
-        "The second descent of local complexity usually comes with delayed generalisation "
-        "and robustness: check held-out accuracy and adversarial robustness from here on.",
-        evidence, (key,),
-    )]  # fmt: skip
+    return [
+        Finding(
+            NAME,
+            Severity.INFO,
+            int(at[low]),
+            int(at[fall]),
+            f"Linear regions migrating away from the data ({key}): {phases}an ascent from "
+            f"{fmt(smooth[low])} at step {int(at[low])} to a peak of {fmt(smooth[peak])} at step "
+            f"{int(at[peak])}, then a descent to {fmt(smooth[fall])} by step {int(at[fall])}",
+            "The second descent of local complexity usually comes with delayed generalisation "
+            "and robustness: check held-out accuracy and adversarial robustness from here on.",
+            evidence,
+            (key,),
+        )
+    ]

@@ -140,10 +140,12 @@ def _write_parquet(source: Run, keys: list[str], out: Path, pa, pq) -> int:
     steps = np.concatenate([s.steps for s in series])
     values = np.concatenate([s.values for s in series])
     codes = np.repeat(np.arange(len(keys), dtype=np.int32), [len(s) for s in series])
-    table = pa.table({
-        "step": pa.array(steps, pa.int64()),
-        "key": pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(keys, pa.string())),
-        "value": pa.array(values, pa.float64(), mask=np.isnan(values)),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "step": pa.array(steps, pa.int64()),
+            "key": pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(keys, pa.string())),
+            "value": pa.array(values, pa.float64(), mask=np.isnan(values)),
+        }
+    )
     pq.write_table(table, out)
     return int(steps.size)

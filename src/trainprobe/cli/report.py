@@ -206,18 +206,29 @@ def format_summary(run: Run, *, width: int = WIDTH) -> str:
     for label, rows in _fold(scalars):
         if len(rows) == 1:
             r = rows[0]
-            cells = (label, r["points"], _steps_range(r["first_step"], r["last_step"]),
-                     _num(r["first"]), _num(r["last"]), _num(r["min"]), _num(r["max"]))  # fmt: skip
+            cells = (
+                label,
+                r["points"],
+                _steps_range(r["first_step"], r["last_step"]),
+                _num(r["first"]),
+                _num(r["last"]),
+                _num(r["min"]),
+                _num(r["max"]),
+            )
             lines.append(_row(cells, kw))
             continue
         longest = max(rows, key=lambda r: r["points"])
         lo = _extreme(rows, "min", min)
         hi = _extreme(rows, "max", max)
-        cells = (label, longest["points"],
-                 _steps_range(longest["first_step"], longest["last_step"]),
-                 _num(_median(rows, "first")), _num(_median(rows, "last")),
-                 _num(lo["min"] if lo else float("nan")),
-                 _num(hi["max"] if hi else float("nan")))  # fmt: skip
+        cells = (
+            label,
+            longest["points"],
+            _steps_range(longest["first_step"], longest["last_step"]),
+            _num(_median(rows, "first")),
+            _num(_median(rows, "last")),
+            _num(lo["min"] if lo else float("nan")),
+            _num(hi["max"] if hi else float("nan")),
+        )
         lines.append(_row(cells, kw))
         head_len = len(label) - 1  # the layer name follows "probe/metric/"
         detail = f"{len(rows)} layers; first/last: median over layers"

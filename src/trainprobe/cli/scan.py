@@ -38,27 +38,51 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("ckpt_dir", metavar="CKPT_DIR")
-    parser.add_argument("--model", required=True, metavar="MODULE:FUNCTION",
-                        help="builds the saved architecture: model = FUNCTION()")  # fmt: skip
-    parser.add_argument("--data", required=True, metavar="MODULE:FUNCTION",
-                        help="the batch to evaluate on, e.g. (inputs, targets), or an "
-                        "iterable whose first item is used")  # fmt: skip
-    parser.add_argument("--loss", metavar="MODULE:FUNCTION",
-                        help="loss(model, batch) -> scalar (default: cross-entropy)")  # fmt: skip
-    parser.add_argument("--optimizer", metavar="MODULE:FUNCTION",
-                        help="optimizer(model) -> torch optimizer, loaded with the "
-                        "checkpoints' optimizer state")  # fmt: skip
-    parser.add_argument("--probes", metavar="NAMES",
-                        help="comma-separated names (default: norms,hessian,regions)")  # fmt: skip
-    parser.add_argument("--out", metavar="RUN_DIR",
-                        help="run directory (default: CKPT_DIR/trainprobe-scan)")  # fmt: skip
-    parser.add_argument("--trust-checkpoints", action="store_true",
-                        help="allow whole pickled models (runs code from the files: only "
-                        "for files you trust)")  # fmt: skip
-    parser.add_argument("--train-mode", action="store_true",
-                        help="evaluate in train mode (dropout, BatchNorm batch stats)")  # fmt: skip
-    parser.add_argument("--threads", type=_non_negative, default=0,
-                        help="torch CPU threads (default: 0, torch's choice)")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="builds the saved architecture: model = FUNCTION()",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="the batch to evaluate on, e.g. (inputs, targets), or an "
+        "iterable whose first item is used",
+    )
+    parser.add_argument(
+        "--loss",
+        metavar="MODULE:FUNCTION",
+        help="loss(model, batch) -> scalar (default: cross-entropy)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        metavar="MODULE:FUNCTION",
+        help="optimizer(model) -> torch optimizer, loaded with the checkpoints' optimizer state",
+    )
+    parser.add_argument(
+        "--probes", metavar="NAMES", help="comma-separated names (default: norms,hessian,regions)"
+    )
+    parser.add_argument(
+        "--out", metavar="RUN_DIR", help="run directory (default: CKPT_DIR/trainprobe-scan)"
+    )
+    parser.add_argument(
+        "--trust-checkpoints",
+        action="store_true",
+        help="allow whole pickled models (runs code from the files: only for files you trust)",
+    )
+    parser.add_argument(
+        "--train-mode",
+        action="store_true",
+        help="evaluate in train mode (dropout, BatchNorm batch stats)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_non_negative,
+        default=0,
+        help="torch CPU threads (default: 0, torch's choice)",
+    )
     parser.set_defaults(func=run)
     return parser
 

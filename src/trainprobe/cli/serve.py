@@ -191,9 +191,10 @@ def make_server(
         server = ThreadingHTTPServer((HOST, port), handler)
     except OSError as err:
         raise OSError(
-            err.errno, f"cannot serve on {HOST}:{port} ({err.strerror}); pick another "
-            "port with --port N, or --port 0 for any free one"
-        ) from err  # fmt: skip
+            err.errno,
+            f"cannot serve on {HOST}:{port} ({err.strerror}); pick another "
+            "port with --port N, or --port 0 for any free one",
+        ) from err
     server.daemon_threads = True
     return server
 
@@ -245,8 +246,9 @@ def page(run_dir: str | Path, refresh_ms: int = 5000) -> str:
         # the state first: steps committed while the page is built count as not yet seen
         state = json.dumps(_state(run)).replace("</", "<\\/")  # no "</script>" inside
         document = to_html(build(run, analyze(run)), *extra_figures(run))
-        script = _SCRIPT.format(state=state, ms=int(refresh_ms), main=DIV_ID, extra=EXTRA_ID,
-                                meta=META_KEY)  # fmt: skip
+        script = _SCRIPT.format(
+            state=state, ms=int(refresh_ms), main=DIV_ID, extra=EXTRA_ID, meta=META_KEY
+        )
     head, sep, tail = document.rpartition("</body>")
     return f"{head}{script}{sep}{tail}" if sep else document + script
 

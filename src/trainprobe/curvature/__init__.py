@@ -4,8 +4,9 @@ from ..functional import LossFn, ParamLayout, criterion_loss, select_params
 from .blocks import block_lanczos, diagonal_block_eigenpairs
 from .density import SpectralDensity, spectral_density
 from .hvp import ENGINES, HessianOperator, hessian_operator
-from .lanczos import Eigenpairs, lanczos, power_iteration
+from .lanczos import Eigenpairs, lanczos
 from .operator import MatmatOperator, Operator, as_matmat, as_matvec
+from .power import power_iteration
 from .trace import TraceEstimate, diagonal, hutch_plus_plus, hutchinson, trace
 
 __all__ = [

@@ -22,11 +22,13 @@ from torch.autograd.function import BackwardCFunction
 from ..functional import Objective
 
 #: Node names autograd gives to the stand-ins of a missing derivative.
-MISSING = frozenset({
-    "torch::autograd::Error",
-    "torch::autograd::DelayedError",
-    "torch::autograd::NotImplemented",
-})  # fmt: skip
+MISSING = frozenset(
+    {
+        "torch::autograd::Error",
+        "torch::autograd::DelayedError",
+        "torch::autograd::NotImplemented",
+    }
+)
 
 
 def _nodes(root: Any) -> list[Any]:

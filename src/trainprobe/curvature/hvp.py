@@ -40,7 +40,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, linearize, vmap
-from torch.utils._pytree import tree_map
 
 from ..functional import (
     LossFn,
@@ -51,10 +50,10 @@ from ..functional import (
     check_loss_fn,
     default_batch_size,
     full_float32,
-    rng_fork,
 )
 from ..notices import warn_user
 from .differentiability import check_double_backward
+from .pieces import _pieces
 
 Engine = Literal["auto", "graph", "jvp", "linearize"]
 ENGINES = ("graph", "jvp", "linearize")
@@ -108,14 +107,18 @@ class HessianOperator:
                 value = weight * self.objective(parts, batch)
                 _check_finite_loss(value, index)
                 per_param = torch.autograd.grad(
-                    value, list(parts.values()), allow_unused=True,
+                    value,
+                    list(parts.values()),
+                    allow_unused=True,
                     create_graph=self.engine == "graph",
-                )  # fmt: skip
+                )
             used |= torch.tensor([g is not None for g in per_param])
-            flat = self.layout.flatten({
-                name: torch.zeros_like(part) if g is None else g
-                for (name, part), g in zip(parts.items(), per_param, strict=True)
-            })  # fmt: skip  [P]
+            flat = self.layout.flatten(
+                {
+                    name: torch.zeros_like(part) if g is None else g
+                    for (name, part), g in zip(parts.items(), per_param, strict=True)
+                }
+            )  # [P]
             if self.engine == "graph":
                 check_double_backward(flat, self.objective, batch)
             graphs.append(flat)
@@ -154,7 +157,9 @@ class HessianOperator:
                 warn_user(
                     f"linearize engine: vmap cannot batch this model's recorded graph "
                     f"({str(err).splitlines()[0][:80]}); applying it one vector at a time, "
-                    "engine='graph' batches", RuntimeWarning)
+                    "engine='graph' batches",
+                    RuntimeWarning,
+                )
         return torch.stack([linear(vs[:, i]) for i in range(vs.shape[1])], dim=1)  # [P, k]
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -338,35 +343,3 @@ def hessian_operator(
     # one gets no .grad either). Named explicitly, an unused parameter is an error.
     objective = Objective(model, loss_fn, params=used, mode=mode, dtype=dtype)
     return HessianOperator(objective, pieces, engine=engine)
-
-
-def _pieces(
-    batch: Any,
-    batches: Iterable[Any] | None,
-    reduction: str,
-    batch_size: Callable[[Any], int],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> list[tuple[Any, float]]:
-    """``[(batch on device, weight)]``: the data loop's one materialisation."""
-    if (batch is None) == (batches is None):
-        raise ValueError("pass exactly one of batch= (one batch) or batches= (an iterable)")
-    if batch is not None:
-        items = [batch]
-    else:
-        with rng_fork(device):  # iterating a DataLoader draws its seed from the global RNG
-            items = list(batches)
-        if not items:
-            raise ValueError("batches= yielded no batch; pass a non-empty iterable")
-
-    def move(t: Any) -> Any:
-        if not isinstance(t, Tensor):
-            return t
-        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-
-    items = [tree_map(move, b) for b in items]
-    if reduction == "sum" or len(items) == 1:
-        return [(b, 1.0) for b in items]
-    sizes = [batch_size(b) for b in items]
-    total = sum(sizes)
-    return [(b, n / total) for b, n in zip(items, sizes, strict=True)]

@@ -245,9 +245,15 @@ def trace(
     if method not in _METHODS:
         raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
     return _METHODS[method](
-        operator, dim, matvecs=matvecs, batch_size=batch_size, distribution=distribution,
-        generator=generator, dtype=dtype, device=device,
-    )  # fmt: skip
+        operator,
+        dim,
+        matvecs=matvecs,
+        batch_size=batch_size,
+        distribution=distribution,
+        generator=generator,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def diagonal(

@@ -35,62 +35,121 @@ MAX_POINTS = 2000
 OTHER_HEIGHT = 1.6
 
 FAMILY_NOTES: tuple[tuple[str, str], ...] = (
-    ("activations/mean/*", "Mean of each module's output; a mean drifting far from 0 with "
-     "depth is a shift that normalisation would absorb."),
-    ("updates/norm/*", "‖Δw‖ of one optimizer step per tensor; the update-ratio row divides "
-     "it by ‖w‖."),
+    (
+        "activations/mean/*",
+        "Mean of each module's output; a mean drifting far from 0 with "
+        "depth is a shift that normalisation would absorb.",
+    ),
+    (
+        "updates/norm/*",
+        "‖Δw‖ of one optimizer step per tensor; the update-ratio row divides it by ‖w‖.",
+    ),
     ("updates/…", "‖Δw‖ of one optimizer step over the whole model."),
-    ("nonfinite/…", "Index (into the model's parameter list) of the first tensor whose "
-     "gradient or value went NaN/Inf; −1 while none has."),
-    ("hessian/…", "Lanczos bookkeeping: Hessian-vector products used, the residual "
-     "‖Hv − λv‖ of each eigenpair and whether it converged (1); large residuals mean rough "
-     "eigenvalues."),
+    (
+        "nonfinite/…",
+        "Index (into the model's parameter list) of the first tensor whose "
+        "gradient or value went NaN/Inf; −1 while none has.",
+    ),
+    (
+        "hessian/…",
+        "Lanczos bookkeeping: Hessian-vector products used, the residual "
+        "‖Hv − λv‖ of each eigenpair and whether it converged (1); large residuals mean rough "
+        "eigenvalues.",
+    ),
     ("hessian_trace/…", "Hessian-vector products each trace estimate cost."),
     ("hessian_density/…", "Hessian-vector products each density estimate cost."),
     ("grad_subspace/…", "Hessian-vector products each top-eigenspace measurement cost."),
-    ("sharpness/…", "λ_max over the stability threshold (ratio; 1 is the edge of stability), "
-     "the learning rate behind the threshold, whether it is Adam's preconditioned "
-     "sharpness (1), and the Hessian-vector products used."),
-    ("conflict/…", "Over all group pairs: the number of groups, the ids of the most "
-     "conflicting pair, the lowest magnitude similarity, and how far PCGrad would move the "
-     "update (0: no conflict)."),
-    ("conflict/gms/*", "Gradient-magnitude similarity of each pair, 2‖a‖‖b‖/(‖a‖²+‖b‖²): "
-     "near 0, one group's gradient dwarfs the other's."),
-    ("conflict/grad_share/*", "Each group's projection share ⟨c_g, C⟩/‖C‖² of the update; "
-     "the shares sum to 1 and a negative one pulls against the rest."),
-    ("conflict/layer_cos/*", "Mean cosine between the groups' gradients within each tensor: "
-     "where in the network they disagree."),
-    ("conflict/layer_min_cos/*", "Worst cosine between two groups' gradients within each "
-     "tensor: where in the network they disagree most."),
-    ("grad_noise/snr/*", "Each tensor's gradient signal over its noise at this batch size, "
-     "‖G‖²/(tr Σ/B): below 1, mostly noise."),
+    (
+        "sharpness/…",
+        "λ_max over the stability threshold (ratio; 1 is the edge of stability), "
+        "the learning rate behind the threshold, whether it is Adam's preconditioned "
+        "sharpness (1), and the Hessian-vector products used.",
+    ),
+    (
+        "conflict/…",
+        "Over all group pairs: the number of groups, the ids of the most "
+        "conflicting pair, the lowest magnitude similarity, and how far PCGrad would move the "
+        "update (0: no conflict).",
+    ),
+    (
+        "conflict/gms/*",
+        "Gradient-magnitude similarity of each pair, 2‖a‖‖b‖/(‖a‖²+‖b‖²): "
+        "near 0, one group's gradient dwarfs the other's.",
+    ),
+    (
+        "conflict/grad_share/*",
+        "Each group's projection share ⟨c_g, C⟩/‖C‖² of the update; "
+        "the shares sum to 1 and a negative one pulls against the rest.",
+    ),
+    (
+        "conflict/layer_cos/*",
+        "Mean cosine between the groups' gradients within each tensor: "
+        "where in the network they disagree.",
+    ),
+    (
+        "conflict/layer_min_cos/*",
+        "Worst cosine between two groups' gradients within each "
+        "tensor: where in the network they disagree most.",
+    ),
+    (
+        "grad_noise/snr/*",
+        "Each tensor's gradient signal over its noise at this batch size, "
+        "‖G‖²/(tr Σ/B): below 1, mostly noise.",
+    ),
     ("grad_spectrum/sigma_*/*", "A top singular value of each weight matrix's gradient."),
-    ("grad_spectrum/effective_rank/*", "Effective rank (exp of the singular-value entropy) of "
-     "each gradient; falling: updates along fewer directions."),
-    ("grad_spectrum/energy_top_r/*", "Share of each gradient's energy in its top r singular "
-     "directions; near 1, the update is low-rank."),
-    ("weight_spectrum/stable_rank/*", "Stable rank ‖W‖_F²/σ_0² of each weight matrix; "
-     "falling: a few directions dominate."),
-    ("weight_spectrum/residual/*", "Residual of the power iteration behind each spectral "
-     "norm: its accuracy."),
+    (
+        "grad_spectrum/effective_rank/*",
+        "Effective rank (exp of the singular-value entropy) of "
+        "each gradient; falling: updates along fewer directions.",
+    ),
+    (
+        "grad_spectrum/energy_top_r/*",
+        "Share of each gradient's energy in its top r singular "
+        "directions; near 1, the update is low-rank.",
+    ),
+    (
+        "weight_spectrum/stable_rank/*",
+        "Stable rank ‖W‖_F²/σ_0² of each weight matrix; falling: a few directions dominate.",
+    ),
+    (
+        "weight_spectrum/residual/*",
+        "Residual of the power iteration behind each spectral norm: its accuracy.",
+    ),
     ("weight_spectrum/sigma_*/*", "A top singular value of each weight matrix."),
-    ("weight_spectrum/gate_*/*", "Spectral norm of each gate block of the recurrent "
-     "matrices: that gate's recurrent gain."),
-    ("weight_spectrum/…", "Weight-spectrum keys of single tensors: stable rank, singular "
-     "values, power-iteration residual or a recurrent gate block's spectral norm."),
-    ("ntk/…", "Trace of the empirical NTK on the probe's batch (alignment and drift are in "
-     "the NTK row)."),
-    ("ntk_response/…", "Output response along each label-carrying eigendirection of the "
-     "initial NTK, over its label energy (Pezeshki et al. 2021); near 0, not learned."),
-    ("attribution/ablation/*", "Loss rise when each feature group is ablated: how much the "
-     "model relies on it."),
-    ("robustness/…", "Clean accuracy of the robustness batch and the attack radius ε (the "
-     "adversarial accuracy is in the accuracy row)."),
-    ("regions/*/layer/*", "Local complexity per layer for that set of points: neurons whose "
-     "state changes nearby."),
+    (
+        "weight_spectrum/gate_*/*",
+        "Spectral norm of each gate block of the recurrent matrices: that gate's recurrent gain.",
+    ),
+    (
+        "weight_spectrum/…",
+        "Weight-spectrum keys of single tensors: stable rank, singular "
+        "values, power-iteration residual or a recurrent gate block's spectral norm.",
+    ),
+    (
+        "ntk/…",
+        "Trace of the empirical NTK on the probe's batch (alignment and drift are in the NTK row).",
+    ),
+    (
+        "ntk_response/…",
+        "Output response along each label-carrying eigendirection of the "
+        "initial NTK, over its label energy (Pezeshki et al. 2021); near 0, not learned.",
+    ),
+    (
+        "attribution/ablation/*",
+        "Loss rise when each feature group is ablated: how much the model relies on it.",
+    ),
+    (
+        "robustness/…",
+        "Clean accuracy of the robustness batch and the attack radius ε (the "
+        "adversarial accuracy is in the accuracy row).",
+    ),
+    (
+        "regions/*/layer/*",
+        "Local complexity per layer for that set of points: neurons whose state changes nearby.",
+    ),
     ("regions/…", "Exact number of linear pieces along segments between points."),
     ("heldout/…", "Held-out metrics from the probe's eval_fn."),
-)  # fmt: skip
+)
 """One line on what each family of the catch-all row shows, by ``fnmatch`` on its label.
 The only place the dashboard spells these families (until the probes declare their keys'
 meanings and this table can read them)."""
@@ -131,8 +190,15 @@ def other_series_panel(
             continue
         start = len(traces)
         traces += family
-        menu.append(MenuItem(f"{label} ({len(members)})", tuple(range(start, len(traces))),
-                             y_title, y_axis, family_note(label)))  # fmt: skip
+        menu.append(
+            MenuItem(
+                f"{label} ({len(members)})",
+                tuple(range(start, len(traces))),
+                y_title,
+                y_axis,
+                family_note(label),
+            )
+        )
         drawn += members
     if not traces:
         return None
@@ -142,14 +208,20 @@ def other_series_panel(
             trace.name = trace.meta
     note = " Other families: the menu (right)."
     if vectors:
-        listed = ", ".join(vectors[:4]) + (f" and {len(vectors) - 4} more" if len(vectors) > 4
-                                           else "")  # fmt: skip
+        listed = ", ".join(vectors[:4]) + (
+            f" and {len(vectors) - 4} more" if len(vectors) > 4 else ""
+        )
         note += f" Not drawn (arrays, or nothing finite; see Run.series): {listed}."
     menu = [replace(item, description=item.description + note) for item in menu]
     return PanelPart(
-        traces, menu[0].y_title, menu[0].description,
-        keys=tuple(drawn), height=OTHER_HEIGHT, y_axis=menu[0].y_axis, menu=tuple(menu),
-    )  # fmt: skip
+        traces,
+        menu[0].y_title,
+        menu[0].description,
+        keys=tuple(drawn),
+        height=OTHER_HEIGHT,
+        y_axis=menu[0].y_axis,
+        menu=tuple(menu),
+    )
 
 
 def families(keys: Sequence[str]) -> dict[str, list[str]]:
@@ -210,8 +282,9 @@ def _family(label: str, series: list[Series]) -> tuple[list[go.BaseTraceType], s
         steps, values = layer_matrix(series)  # [L, T]
         finite = values[np.isfinite(values)]
         log = finite.size > 0 and bool(np.all(finite > 0)) and finite.max() >= 10 * finite.min()
-        style = HeatStyle(label.removesuffix("/*").rpartition("/")[2], log=log,
-                          colorbar_format=None)  # fmt: skip
+        style = HeatStyle(
+            label.removesuffix("/*").rpartition("/")[2], log=log, colorbar_format=None
+        )
         traces, _ = heatmap_trace(steps, values, names, style)
         if not traces:
             return [], "", {}
@@ -221,9 +294,17 @@ def _family(label: str, series: list[Series]) -> tuple[list[go.BaseTraceType], s
     for s in series:
         x, y = thin(s.steps, s.values)
         name = s.key.removeprefix(label.removesuffix("*")) if label.endswith("/*") else s.key
-        traces.append(go.Scatter(x=x, y=y, name=name, mode="lines", line={"width": 1.4},
-                                 meta=s.key,  # the whole key, should the short name recur
-                                 hovertemplate=f"{html.escape(s.key)}: %{{y:.4g}}<extra></extra>"))
+        traces.append(
+            go.Scatter(
+                x=x,
+                y=y,
+                name=name,
+                mode="lines",
+                line={"width": 1.4},
+                meta=s.key,  # the whole key, should the short name recur
+                hovertemplate=f"{html.escape(s.key)}: %{{y:.4g}}<extra></extra>",
+            )
+        )
     log = _all_positive(series) and _spans_decades(series)
     y_axis = {"type": "log", **_log_axis(series)} if log else {"type": "linear"}
     y_axis.update(autorange=True, tickmode="auto", showgrid=True)

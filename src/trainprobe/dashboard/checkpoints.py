@@ -40,11 +40,14 @@ def checkpoint_change_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPar
         )
     log = _all_positive([ratio])
     return PanelPart(
-        [trace], "‖Δw‖ / ‖w‖",
+        [trace],
+        "‖Δw‖ / ‖w‖",
         "How far all weights moved since the previous checkpoint, relative to their size: "
         "the sum of the updates in between. A jump is where training changed pace.",
-        keys=tuple(s.key for s in series), y_log=log, y_axis=_log_axis([ratio]) if log else {},
-    )  # fmt: skip
+        keys=tuple(s.key for s in series),
+        y_log=log,
+        y_axis=_log_axis([ratio]) if log else {},
+    )
 
 
 CHECKPOINT_UPDATE_HEATMAP_NEEDS = (f"{UPDATE_NORMS}/*",)

@@ -27,16 +27,26 @@ from .heatmaps import _layer_axis, heatmap_columns, step_label
 from .parts import PanelPart
 
 COS = "conflict/cos"
-CONFLICT_SUMMARY = (("conflict/mean_cos", "mean cosine", None),
-                    ("conflict/min_cos", "min cosine", None),
-                    ("conflict/frac_negative", "fraction of pairs < 0", "dash"))  # fmt: skip
+CONFLICT_SUMMARY = (
+    ("conflict/mean_cos", "mean cosine", None),
+    ("conflict/min_cos", "min cosine", None),
+    ("conflict/frac_negative", "fraction of pairs < 0", "dash"),
+)
 
-COSINE_COLOURS = [[0.0, "#b2182b"], [0.25, "#ef8a62"], [0.5, "#ffffff"],
-                  [0.75, "#67a9cf"], [1.0, "#2166ac"]]  # fmt: skip
+COSINE_COLOURS = [
+    [0.0, "#b2182b"],
+    [0.25, "#ef8a62"],
+    [0.5, "#ffffff"],
+    [0.75, "#67a9cf"],
+    [1.0, "#2166ac"],
+]
 """Diverging scale for cosines on a fixed ``[-1, 1]``: red conflict, white 0, blue aligned."""
 _COSINE_Z = {"colorscale": COSINE_COLOURS, "zmin": -1.0, "zmax": 1.0}
-_COSINE_BAR = {"title": {"text": "cosine", "side": "right"}, "thickness": 12,
-               "tickvals": [-1, -0.5, 0, 0.5, 1]}  # fmt: skip
+_COSINE_BAR = {
+    "title": {"text": "cosine", "side": "right"},
+    "thickness": 12,
+    "tickvals": [-1, -0.5, 0, 0.5, 1],
+}
 
 
 def _pair_series(run: Run) -> tuple[list[str], list[tuple[int, int]], list[Series]]:
@@ -75,9 +85,16 @@ def cosine_matrices(run: Run) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def _cosine_part(
-    labels: list[str], series: list[Series], z: np.ndarray, binned: tuple, text: str, *,
-    y_title: str, hover: str = "", customdata: np.ndarray | None = None,
-) -> PanelPart:  # fmt: skip
+    labels: list[str],
+    series: list[Series],
+    z: np.ndarray,
+    binned: tuple,
+    text: str,
+    *,
+    y_title: str,
+    hover: str = "",
+    customdata: np.ndarray | None = None,
+) -> PanelPart:
     """A row heatmap of cosines ``z [len(labels), T']`` on the fixed ``[-1, 1]`` scale,
     over the binned steps ``binned = (x, _, w)``; hover: row, step, ``hover``, cosine."""
     x, _, width = binned
@@ -85,12 +102,22 @@ def _cosine_part(
     def template(w: int) -> str:
         return f"<b>%{{y}}</b><br>{step_label(w)}{hover}<br>cosine %{{z:.3f}}<extra></extra>"
 
-    traces = heatmap_columns(x, width, z=z, customdata=customdata, hover=template, y=labels,
-                             hoverongaps=False, colorbar=_COSINE_BAR, **_COSINE_Z)  # fmt: skip
+    traces = heatmap_columns(
+        x,
+        width,
+        z=z,
+        customdata=customdata,
+        hover=template,
+        y=labels,
+        hoverongaps=False,
+        colorbar=_COSINE_BAR,
+        **_COSINE_Z,
+    )
     height, y_axis, _ = _layer_axis(labels)
     text += f" Columns are means of {width} steps." if width > 1 else ""
-    return PanelPart(traces, y_title, text, keys=tuple(s.key for s in series),
-                     height=height, y_axis=y_axis)  # fmt: skip
+    return PanelPart(
+        traces, y_title, text, keys=tuple(s.key for s in series), height=height, y_axis=y_axis
+    )
 
 
 CONFLICT_HEATMAP_NEEDS = (f"{COS}/*",)
@@ -103,10 +130,14 @@ def conflict_heatmap_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart
         return None
     binned = bin_columns(*layer_matrix(series))  # [T'], [P, T'], w
     return _cosine_part(
-        [f"{groups[a]} · {groups[b]}" for a, b in pairs], series, binned[1], binned,
+        [f"{groups[a]} · {groups[b]}" for a, b in pairs],
+        series,
+        binned[1],
+        binned,
         "Cosine between two groups' gradients (red < 0: they pull against each other, "
-        "PCGrad's conflict; white: orthogonal; blue: aligned).", y_title="pair",
-    )  # fmt: skip
+        "PCGrad's conflict; white: orthogonal; blue: aligned).",
+        y_title="pair",
+    )
 
 
 def worst_partners(square: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,12 +166,16 @@ def cosine_matrix_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | 
     binned = bin_columns(*layer_matrix(series))  # [T'], [P, T'], w
     low, partner = worst_partners(_square(pairs, binned[1], len(groups)))  # [G, T'] each
     return _cosine_part(
-        groups, series, low, binned,
+        groups,
+        series,
+        low,
+        binned,
         "Each group's most negative cosine with any other group (hover: which one): a red "
-        "row is a group the others pull against, e.g. a minority class.", y_title="group",
+        "row is a group the others pull against, e.g. a minority class.",
+        y_title="group",
         hover="<br>worst partner %{customdata}",
         customdata=np.array([*groups, "none"], dtype=object)[partner],  # -1: none
-    )  # fmt: skip
+    )
 
 
 def cosine_matrix_figure(run: Run) -> go.Figure | None:
@@ -151,19 +186,31 @@ def cosine_matrix_figure(run: Run) -> go.Figure | None:
     groups, steps, matrices = cosine_matrices(run)
     if not groups:
         return None
-    fig = go.Figure(go.Heatmap(
-        x=groups, y=groups, z=matrices[-1], texttemplate="%{z:.2f}", colorbar=_COSINE_BAR,
-        hovertemplate="%{y} · %{x}<br>cosine %{z:.3f}<extra></extra>", **_COSINE_Z,
-    ))  # fmt: skip
-    slider = [{"label": str(s), "method": "restyle", "args": [{"z": [m.tolist()]}, [0]]}
-              for s, m in zip(steps, matrices, strict=True)]  # fmt: skip
+    fig = go.Figure(
+        go.Heatmap(
+            x=groups,
+            y=groups,
+            z=matrices[-1],
+            texttemplate="%{z:.2f}",
+            colorbar=_COSINE_BAR,
+            hovertemplate="%{y} · %{x}<br>cosine %{z:.3f}<extra></extra>",
+            **_COSINE_Z,
+        )
+    )
+    slider = [
+        {"label": str(s), "method": "restyle", "args": [{"z": [m.tolist()]}, [0]]}
+        for s, m in zip(steps, matrices, strict=True)
+    ]
     fig.update_layout(
-        title="Cosine between group gradients", template="plotly_white",
-        sliders=[{"active": len(slider) - 1, "steps": slider,
-                  "currentvalue": {"prefix": "step "}}],
-        xaxis={"side": "top"}, yaxis={"autorange": "reversed", "scaleanchor": "x"},
-        height=620, width=640, margin={"t": 140},
-    )  # fmt: skip
+        title="Cosine between group gradients",
+        template="plotly_white",
+        sliders=[{"active": len(slider) - 1, "steps": slider, "currentvalue": {"prefix": "step "}}],
+        xaxis={"side": "top"},
+        yaxis={"autorange": "reversed", "scaleanchor": "x"},
+        height=620,
+        width=640,
+        margin={"t": 140},
+    )
     return fig
 
 
@@ -178,10 +225,11 @@ def conflict_summary_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart
         return None
     traces = [_line(s, style[s.key][0], dash=style[s.key][1]) for s in series]
     return PanelPart(
-        traces, "cosine / fraction",
+        traces,
+        "cosine / fraction",
         "Over all group pairs: mean and worst cosine, and the fraction of pairs below 0 "
         "(PCGrad's conflict test). A mean near 0 with a worst near −1 is one pair at odds.",
-        keys=tuple(s.key for s in series), height=0.8, y_axis={"range": [-1.05, 1.05]},
-    )  # fmt: skip
-
-
+        keys=tuple(s.key for s in series),
+        height=0.8,
+        y_axis={"range": [-1.05, 1.05]},
+    )

@@ -167,9 +167,12 @@ def grad_subspace_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | 
     if not series:
         return None
     return PanelPart(
-        [_line(series[0], "gradient in top-k eigenspace")], "fraction",
+        [_line(series[0], "gradient in top-k eigenspace")],
+        "fraction",
         "Share of the gradient's squared norm inside the top-k Hessian eigenspace. Near 1 "
         "soon after the start is normal (Gur-Ari et al. 2018); training then moves mostly "
         "along a few sharp directions.",
-        keys=GRAD_SUBSPACE_NEEDS, height=0.7, y_axis={"range": [-0.03, 1.03]},
-    )  # fmt: skip
+        keys=GRAD_SUBSPACE_NEEDS,
+        height=0.7,
+        y_axis={"range": [-0.03, 1.03]},
+    )

@@ -91,6 +91,7 @@ def hessian_density_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart 
     floor = peak * 10.0**-DENSITY_DECADES
     lo, hi = math.log10(floor), math.log10(peak + floor)
     ticks, labels = log_ticks(lo, hi)
+
     def template(w: int) -> str:
         value = "density %{customdata:.3g}<extra></extra>"
         return f"{step_label(w)}<br>eigenvalue %{{y:.4g}}<br>{value}"

@@ -85,8 +85,9 @@ def to_html(fig: go.Figure, *extra: go.Figure) -> str:
                 f"to_html() needs a plotly go.Figure from dashboard.build(run), "
                 f"got {type(figure).__name__}"
             )
-    page = fig.to_html(include_plotlyjs=True, full_html=True, config=_CONFIG,
-                       default_width="100%", div_id=DIV_ID)  # fmt: skip
+    page = fig.to_html(
+        include_plotlyjs=True, full_html=True, config=_CONFIG, default_width="100%", div_id=DIV_ID
+    )
     meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
     block = findings_block(meta.get(META_KEY) or {})
     if block:
@@ -94,8 +95,10 @@ def to_html(fig: go.Figure, *extra: go.Figure) -> str:
         page = f"{head}{sep}{block}{tail}"
     if not extra:
         return page
-    divs = "".join(e.to_html(include_plotlyjs=False, full_html=False, config=_CONFIG,
-                             div_id=f"{EXTRA_ID}{i}") for i, e in enumerate(extra))  # fmt: skip
+    divs = "".join(
+        e.to_html(include_plotlyjs=False, full_html=False, config=_CONFIG, div_id=f"{EXTRA_ID}{i}")
+        for i, e in enumerate(extra)
+    )
     head, _, tail = page.rpartition("</body>")
     return f"{head}{divs}</body>{tail}"
 
@@ -198,13 +201,28 @@ def _add_menu(fig: go.Figure, row: int, part: PanelPart, titles: list[str]) -> N
         layout[f"{y_name}.title.text"] = item.y_title
         layout[f"annotations[{row - 1}].text"] = title  # row titles: the first annotations
         visible = [i in shown for i in range(len(part.traces))]
-        buttons.append({"label": item.label, "method": "update",
-                        "args": [{"visible": visible}, layout, indices]})  # fmt: skip
+        buttons.append(
+            {
+                "label": item.label,
+                "method": "update",
+                "args": [{"visible": visible}, layout, indices],
+            }
+        )
     for i in set(range(len(part.traces))) - set(part.menu[0].traces):
         fig.data[first + i].visible = False
-    menu = {"buttons": buttons, "direction": "down", "showactive": True, "active": 0,
-            "x": 1.0, "xanchor": "right", "y": top, "yanchor": "bottom",
-            "pad": {"b": 4}, "font": {"size": 11}, "name": f"row {row}"}  # fmt: skip
+    menu = {
+        "buttons": buttons,
+        "direction": "down",
+        "showactive": True,
+        "active": 0,
+        "x": 1.0,
+        "xanchor": "right",
+        "y": top,
+        "yanchor": "bottom",
+        "pad": {"b": 4},
+        "font": {"size": 11},
+        "name": f"row {row}",
+    }
     fig.update_layout(updatemenus=[*fig.layout.updatemenus, menu])
 
 

@@ -43,10 +43,12 @@ def stable_rank_heatmap_panel(run: Run, findings: tuple[Finding, ...]) -> PanelP
     decade the log scale is nearly linear, and its ticks show real values either way.
     """
     return heatmap_part(
-        run, STABLE_RANK, HeatStyle("stable rank", colorscale="Plasma"),
+        run,
+        STABLE_RANK,
+        HeatStyle("stable rank", colorscale="Plasma"),
         "||G||_F²/σ_0² of each weight matrix's gradient, log colour. A row darkening "
         "towards 1: the layer is pushed along fewer and fewer directions.",
-    )  # fmt: skip
+    )
 
 
 def _layer_lines(
@@ -85,8 +87,14 @@ def _median_line(series: list[Series]) -> go.Scatter:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(values, axis=0)  # [T]
-    return go.Scatter(x=steps, y=median, name="median over layers", mode="lines",
-                      line={"width": 3, "color": "#222"}, yhoverformat=".4g")  # fmt: skip
+    return go.Scatter(
+        x=steps,
+        y=median,
+        name="median over layers",
+        mode="lines",
+        line={"width": 3, "color": "#222"},
+        yhoverformat=".4g",
+    )
 
 
 SLOW_RATIO_NEEDS = (f"{SLOW_RATIO}/*",)
@@ -101,11 +109,13 @@ def slow_ratio_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | Non
     traces, series, note = drawn
     traces += [_median_line(series)] if len(series) > 1 else []
     return PanelPart(
-        traces, "slow share",
+        traces,
+        "slow share",
         "Energy share of each gradient's slow EMA part (Grokfast): near 1 a steady "
         "direction, near 0 noise; bold: median." + note,
-        keys=tuple(s.key for s in series), y_axis={"range": [-0.03, 1.03]},
-    )  # fmt: skip
+        keys=tuple(s.key for s in series),
+        y_axis={"range": [-0.03, 1.03]},
+    )
 
 
 WEIGHT_SPECTRAL_NORM_NEEDS = (f"{SPECTRAL_NORM}/*",)
@@ -122,15 +132,26 @@ def weight_spectral_norm_panel(run: Run, findings: tuple[Finding, ...]) -> Panel
     traces, series, note = drawn
     lo = min(int(s.steps[0]) for s in series)
     hi = max(int(s.steps[-1]) for s in series)
-    traces.append(go.Scatter(x=[lo, hi], y=[1.0, 1.0], mode="lines", name="σ_0 = 1",
-                             hoverinfo="skip", line=_REFERENCE))  # fmt: skip
+    traces.append(
+        go.Scatter(
+            x=[lo, hi],
+            y=[1.0, 1.0],
+            mode="lines",
+            name="σ_0 = 1",
+            hoverinfo="skip",
+            line=_REFERENCE,
+        )
+    )
     log = _all_positive(series)
     return PanelPart(
-        traces, "spectral norm",
+        traces,
+        "spectral norm",
         "Largest singular value per weight matrix. A recurrent one growing far past 1 can "
         "make gradients explode (Pascanu et al. 2013)." + note,
-        keys=tuple(s.key for s in series), y_log=log, y_axis=_log_axis(series) if log else {},
-    )  # fmt: skip
+        keys=tuple(s.key for s in series),
+        y_log=log,
+        y_axis=_log_axis(series) if log else {},
+    )
 
 
 def smoothed_noise_scale(
@@ -180,12 +201,15 @@ def noise_scale_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | No
         traces[-1].update(line_color="#d62728")
     shown = [s for s in (*reference, found.get(B_SIMPLE)) if s is not None]
     return PanelPart(
-        traces, "examples",
+        traces,
+        "examples",
         "Gradient noise scale (McCandlish et al. 2018): about the batch size past which "
         "larger batches stop paying. Batch far below it: room to grow the batch.",
         keys=tuple(found),
-        y_log=log, height=1.1, y_axis=_log_axis(shown) if log else {},
-    )  # fmt: skip
+        y_log=log,
+        height=1.1,
+        y_axis=_log_axis(shown) if log else {},
+    )
 
 
 def _per_step(b_simple: Series, *, log: bool) -> go.Scatter:
@@ -197,6 +221,13 @@ def _per_step(b_simple: Series, *, log: bool) -> go.Scatter:
         keep = ~(values <= 0)  # NaN stays: a gap
         steps, values = steps[keep], values[keep]
         name += f" ({dropped} ≤ 0 not drawn)" if dropped else ""
-    return go.Scatter(x=steps, y=values, name=name, mode="lines+markers", opacity=0.45,
-                      line={"width": 1, "color": "#7f7f7f"}, marker={"size": 3},
-                      yhoverformat=".4g")  # fmt: skip
+    return go.Scatter(
+        x=steps,
+        y=values,
+        name=name,
+        mode="lines+markers",
+        opacity=0.45,
+        line={"width": 1, "color": "#7f7f7f"},
+        marker={"size": 3},
+        yhoverformat=".4g",
+    )

@@ -41,16 +41,28 @@ def _step_range(series: list[Series]) -> tuple[int, int]:
 def _band(x0: float, x1: float, name: str, **fill) -> go.Scatter:
     """A filled rectangle over steps ``[x0, x1]`` and the whole ``[0, 1]`` axis."""
     lo, hi = FRACTION
-    return go.Scatter(x=[x0, x0, x1, x1, x0], y=[lo, hi, hi, lo, lo], name=name,
-                      mode="lines", fill="toself", line={"width": 0}, hoverinfo="skip",
-                      **fill)  # fmt: skip
+    return go.Scatter(
+        x=[x0, x0, x1, x1, x0],
+        y=[lo, hi, hi, lo, lo],
+        name=name,
+        mode="lines",
+        fill="toself",
+        line={"width": 0},
+        hoverinfo="skip",
+        **fill,
+    )
 
 
 def _step_mark(step: int, name: str, colour: str) -> go.Scatter:
     """A dotted vertical line at ``step`` across the ``[0, 1]`` axis."""
-    return go.Scatter(x=[step, step], y=list(FRACTION), name=name, mode="lines",
-                      line={"width": 1.5, "dash": "dot", "color": colour},
-                      hoverinfo="skip")  # fmt: skip
+    return go.Scatter(
+        x=[step, step],
+        y=list(FRACTION),
+        name=name,
+        mode="lines",
+        line={"width": 1.5, "dash": "dot", "color": colour},
+        hoverinfo="skip",
+    )
 
 
 def grokking_phases(finding: Finding, extent: tuple[int, int]) -> list[go.Scatter]:
@@ -65,18 +77,20 @@ def grokking_phases(finding: Finding, extent: tuple[int, int]) -> list[go.Scatte
     first, last = extent
     fit, end = finding.start_step, finding.end_step
     grokked = finding.message.startswith("Grokked")
-    label = next((name for opening, name in _MEMORISATION
-                  if finding.message.startswith(opening)), "memorisation")  # fmt: skip
+    label = next(
+        (name for opening, name in _MEMORISATION if finding.message.startswith(opening)),
+        "memorisation",
+    )
     traces = []
     if fit > first:
         traces.append(_band(first, fit, "phase · fitting", fillcolor=PHASE_FILLS["fitting"]))
     if end > fit:
         pattern = {"shape": "/", "fgcolor": MEMORISING_COLOUR, "size": 9, "solidity": 0.15}
-        traces.append(_band(fit, end, f"phase · {label}", fillcolor="rgba(0,0,0,0)",
-                            fillpattern=pattern))  # fmt: skip
+        traces.append(
+            _band(fit, end, f"phase · {label}", fillcolor="rgba(0,0,0,0)", fillpattern=pattern)
+        )
     if grokked and last > end:
-        traces.append(_band(end, last, "phase · generalised",
-                            fillcolor=PHASE_FILLS["generalised"]))  # fmt: skip
+        traces.append(_band(end, last, "phase · generalised", fillcolor=PHASE_FILLS["generalised"]))
     traces.append(_step_mark(fit, f"fit · step {fit}", "#444"))
     if grokked:
         traces.append(_step_mark(end, f"generalised · step {end}", "#2ca02c"))
@@ -93,19 +107,24 @@ def accuracy_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     series = _read(run, [k for k in ACCURACY_NEEDS if k in run])
     if not series:
         return None
-    style = {TRAIN_ACC: ("train acc", TRAIN_COLOUR, None),
-             HELDOUT_ACC: ("held-out acc", HELDOUT_COLOUR, None),
-             ADV_ACC: ("adversarial acc", "#9467bd", "dash")}  # fmt: skip
+    style = {
+        TRAIN_ACC: ("train acc", TRAIN_COLOUR, None),
+        HELDOUT_ACC: ("held-out acc", HELDOUT_COLOUR, None),
+        ADV_ACC: ("adversarial acc", "#9467bd", "dash"),
+    }
     lines = [_coloured(s, *style[s.key][:2], dash=style[s.key][2]) for s in series]
     grok = next((f for f in findings if f.detector == GROKKING), None)
     phases = [] if grok is None else grokking_phases(grok, _step_range(series))
     note = " Hatched: memorisation, fit to generalisation (dotted)." if phases else ""
     return PanelPart(
-        (*phases, *lines), "accuracy",
+        (*phases, *lines),
+        "accuracy",
         "Accuracy on a fixed train batch and on held-out data, same eval mode. Held-out "
         "rising long after train reaches 1 is grokking." + note,
-        keys=tuple(s.key for s in series), height=1.2, y_axis={"range": list(FRACTION)},
-    )  # fmt: skip
+        keys=tuple(s.key for s in series),
+        height=1.2,
+        y_axis={"range": list(FRACTION)},
+    )
 
 
 HELDOUT_LOSS_NEEDS = (TRAIN_LOSS, HELDOUT_LOSS)
@@ -116,15 +135,20 @@ def heldout_loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | N
     series = _read(run, [k for k in HELDOUT_LOSS_NEEDS if k in run])
     if not series:
         return None
-    style = {TRAIN_LOSS: ("train loss", TRAIN_COLOUR),
-             HELDOUT_LOSS: ("held-out loss", HELDOUT_COLOUR)}  # fmt: skip
+    style = {
+        TRAIN_LOSS: ("train loss", TRAIN_COLOUR),
+        HELDOUT_LOSS: ("held-out loss", HELDOUT_COLOUR),
+    }
     log = _all_positive(series)
     return PanelPart(
-        [_coloured(s, *style[s.key]) for s in series], "loss",
+        [_coloured(s, *style[s.key]) for s in series],
+        "loss",
         "Loss on the same fixed batches. Held-out loss climbing while train loss falls: "
         "memorisation; its later fall comes with grokking.",
-        keys=tuple(s.key for s in series), y_log=log, y_axis=_log_axis(series) if log else {},
-    )  # fmt: skip
+        keys=tuple(s.key for s in series),
+        y_log=log,
+        y_axis=_log_axis(series) if log else {},
+    )
 
 
 GROK_SIGNALS_NEEDS = (COLLAPSE, NLM)
@@ -139,13 +163,14 @@ def grok_signals_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | N
         return None
     style = {COLLAPSE: ("softmax collapse", "#d62728"), NLM: ("NLM cosine", "#8c564b")}
     return PanelPart(
-        [_coloured(s, *style[s.key]) for s in series], "fraction / cosine",
+        [_coloured(s, *style[s.key]) for s in series],
+        "fraction / cosine",
         "Train examples whose softmax rounds to zero loss or gradient; cos(−∇L, θ) of the "
         "output layer (1: descent only inflates logits). Collapse while memorising stalls "
         "grokking (Prieto et al. 2025).",
         keys=tuple(s.key for s in series),
         y_axis={"range": [_fraction_floor(series), FRACTION[1]]},
-    )  # fmt: skip
+    )
 
 
 PARAM_NORM_NEEDS = (PARAM_NORM,)
@@ -158,8 +183,11 @@ def param_norm_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | Non
     if not series:
         return None
     return PanelPart(
-        [_coloured(series[0], "param norm", "#17becf")], "‖w‖₂",
+        [_coloured(series[0], "param norm", "#17becf")],
+        "‖w‖₂",
         "L2 norm of all trainable parameters. Growth while memorising, then a fall under "
         "weight decay, goes with grokking (Liu et al. 2023, Omnigrok).",
-        keys=PARAM_NORM_NEEDS, height=0.7, y_axis={"rangemode": "tozero"},
-    )  # fmt: skip
+        keys=PARAM_NORM_NEEDS,
+        height=0.7,
+        y_axis={"rangemode": "tozero"},
+    )

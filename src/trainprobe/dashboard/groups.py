@@ -37,21 +37,24 @@ def group_loss_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | Non
     series = _read(run, [f"{LOSS}/{g}" for g in run.layers(LOSS)])
     if not series:
         return None
-    peak = [float(np.nanmax(s.values)) if np.isfinite(s.values).any() else -np.inf
-            for s in series]  # fmt: skip
+    peak = [float(np.nanmax(s.values)) if np.isfinite(s.values).any() else -np.inf for s in series]
     shown = sorted(range(len(series)), key=lambda i: -peak[i])[:MAX_GROUP_LINES]
     traces = [_line(series[i], f"loss · {series[i].key[len(LOSS) + 1 :]}") for i in sorted(shown)]
     log = _all_positive([series[i] for i in shown])
-    more = f" The {len(shown)} of {len(series)} groups with the highest peak." \
-        if len(shown) < len(series) else ""  # fmt: skip
+    more = (
+        f" The {len(shown)} of {len(series)} groups with the highest peak."
+        if len(shown) < len(series)
+        else ""
+    )
     return PanelPart(
-        traces, "group loss",
+        traces,
+        "group loss",
         "Each group's own loss on the probe's batch: one rising while the rest fall is a "
         "group losing the competition for the shared weights." + more,
-        keys=tuple(s.key for s in series), y_log=log,
+        keys=tuple(s.key for s in series),
+        y_log=log,
         y_axis=_log_axis([series[i] for i in shown]) if log else {},
-    )  # fmt: skip
-
+    )
 
 
 GROUP_SHARE_NEEDS = (f"{NORM}/*", f"{COUNT}/*", f"{LOSS_SHARE}/*")
@@ -69,31 +72,45 @@ def group_share_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | No
     grad = _magnitude_shares(norm, count)
     if not grad and not loss:
         return None
-    peak = {g: _peak(loss[g]) if g in loss else float(np.nanmax(grad[g][1], initial=-np.inf))
-            for g in groups if g in loss or g in grad}  # fmt: skip
+    peak = {
+        g: _peak(loss[g]) if g in loss else float(np.nanmax(grad[g][1], initial=-np.inf))
+        for g in groups
+        if g in loss or g in grad
+    }
     top = set(sorted(peak, key=lambda g: -peak[g])[:MAX_SHARE_GROUPS])
     shown = [g for g in peak if g in top]
     traces = []
     for g, colour in zip(shown, _palette(len(shown)), strict=True):
         if g in grad:
             steps, share = grad[g]
-            traces.append(go.Scatter(x=steps, y=share, name=f"grad share · {g}", mode="lines",
-                                     line={"width": 1.6}, yhoverformat=".3g"))  # fmt: skip
+            traces.append(
+                go.Scatter(
+                    x=steps,
+                    y=share,
+                    name=f"grad share · {g}",
+                    mode="lines",
+                    line={"width": 1.6},
+                    yhoverformat=".3g",
+                )
+            )
             traces[-1].update(line_color=colour, legendgroup=f"share {g}")
         if g in loss:
             traces.append(_line(loss[g], f"loss share · {g}", dash="dot"))
             traces[-1].update(line_color=colour, legendgroup=f"share {g}")
-    more = f" The {len(shown)} of {len(peak)} groups with the largest loss share." \
-        if len(shown) < len(peak) else ""  # fmt: skip
+    more = (
+        f" The {len(shown)} of {len(peak)} groups with the largest loss share."
+        if len(shown) < len(peak)
+        else ""
+    )
     return PanelPart(
-        traces, "share",
+        traces,
+        "share",
         "Each group's share of the gradient's magnitude (solid, n·‖g‖ over the sum) and of "
         "the loss (dotted). Solid far under dotted: the group carries loss but barely moves "
         "the weights (class_competition)." + more,
         keys=tuple(s.key for s in (*norm.values(), *count.values(), *loss.values())),
         y_axis={"rangemode": "tozero"},
-    )  # fmt: skip
-
+    )
 
 
 def _magnitude_shares(
@@ -116,16 +133,13 @@ def _magnitude_shares(
     return {g: (steps, shares[row]) for row, g in enumerate(names)}
 
 
-
 def _present(run: Run, key: str) -> list[str]:
     return [key] if key in run else []
-
 
 
 def _peak(series: Series) -> float:
     finite = series.values[np.isfinite(series.values)]
     return float(finite.max()) if finite.size else -np.inf
-
 
 
 def _palette(n: int) -> list[str]:

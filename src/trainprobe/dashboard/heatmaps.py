@@ -112,9 +112,15 @@ def heatmap_trace(
         return (), width
     z, colours = _log_z(values, style) if style.log else _linear_z(values, style)
     traces = heatmap_columns(
-        x, width, z=z, customdata=values, hover=lambda w: _hover(style, w), y=list(rows),
-        hoverongaps=False, **colours,
-    )  # fmt: skip
+        x,
+        width,
+        z=z,
+        customdata=values,
+        hover=lambda w: _hover(style, w),
+        y=list(rows),
+        hoverongaps=False,
+        **colours,
+    )
     return traces, width
 
 
@@ -146,10 +152,20 @@ def heatmap_columns(
     if tail is None:
         return (go.Heatmap(**head, z=z, customdata=data, hovertemplate=hover(width), **common),)
     last = max(1, round(tail["dx"] * width / head["dx"])) if width > 1 else 1
-    first = go.Heatmap(**head, z=z[:, :-1], hovertemplate=hover(width), **common,
-                       customdata=None if data is None else data[:, :-1])  # fmt: skip
-    second = go.Heatmap(**tail, z=z[:, -1:], hovertemplate=hover(last), **common,
-                        customdata=None if data is None else data[:, -1:])  # fmt: skip
+    first = go.Heatmap(
+        **head,
+        z=z[:, :-1],
+        hovertemplate=hover(width),
+        **common,
+        customdata=None if data is None else data[:, :-1],
+    )
+    second = go.Heatmap(
+        **tail,
+        z=z[:, -1:],
+        hovertemplate=hover(last),
+        **common,
+        customdata=None if data is None else data[:, -1:],
+    )
     second.update(showscale=False)
     return first, second
 

@@ -68,8 +68,7 @@ def findings_items(meta: Mapping[str, Any]) -> tuple[int, str]:
     items = []
     for f in findings:
         colour = _COLOURS.get(f["severity"], "#444")
-        span = (f"step {f['start']}" if f["start"] == f["end"]
-                else f"steps {f['start']}–{f['end']}")  # fmt: skip
+        span = f"step {f['start']}" if f["start"] == f["end"] else f"steps {f['start']}–{f['end']}"
         targets = f["rows"] or ([timeline] if timeline is not None else [])
         links = ", ".join(
             f'<a href="#" data-row="{i}" data-x0="{f["start"]}" data-x1="{f["end"]}">'

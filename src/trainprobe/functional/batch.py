@@ -56,9 +56,10 @@ class SplitBatch:
         if size < 1:
             raise ValueError("the batch is empty (leading size 0); pass at least one example")
         split = tuple(
-            i for i, t in enumerate(leaves)
+            i
+            for i, t in enumerate(leaves)
             if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == size
-        )  # fmt: skip
+        )
         return cls(size, tuple(leaves), spec, split)
 
     def rows(self, index: slice | Tensor) -> list[Tensor]:

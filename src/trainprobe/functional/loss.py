@@ -25,8 +25,7 @@ def check_mode(mode: object) -> Mode:
     """``mode`` if it is ``"eval"`` or ``"train"``, else a ``ValueError`` with the fix."""
     if mode not in ("eval", "train"):
         raise ValueError(
-            f"mode must be 'eval' or 'train' ('eval': running statistics, no dropout), "
-            f"got {mode!r}"
+            f"mode must be 'eval' or 'train' ('eval': running statistics, no dropout), got {mode!r}"
         )
     return mode  # type: ignore[return-value]
 

@@ -210,8 +210,7 @@ def task_gradients(objective: Objective, batch: Any) -> GroupGradients:
         w = fl.leaves()
         tasks = _check_tasks(fl.raw(w, batch))
         names = sorted(tasks)
-        rows = [fl.flat_grad(tasks[t], w, retain=i + 1 < len(names))
-                for i, t in enumerate(names)]  # fmt: skip
+        rows = [fl.flat_grad(tasks[t], w, retain=i + 1 < len(names)) for i, t in enumerate(names)]
     losses = torch.stack([tasks[t].detach().to(fl.dtype) for t in names])  # [G]
     size = SplitBatch.of(batch).size
     counts = torch.full((len(names),), size, device=fl.device)

@@ -135,8 +135,9 @@ def per_sample_noise(
         squares[start : start + grads.shape[0]] = layer_sq_norms(grads, fl.layout)
         total.add_(grads.sum(dim=0, dtype=torch.float64))
 
-    used, _ = for_each_chunk(fl, split, reduce, method=method, chunk_size=None,
-                             max_memory=max_memory)  # fmt: skip
+    used, _ = for_each_chunk(
+        fl, split, reduce, method=method, chunk_size=None, max_memory=max_memory
+    )
     mean = total / split.size  # [P] the batch gradient ḡ
     sizes = torch.ones(split.size, dtype=torch.float64)
     batch_sq = layer_sq_norms(mean[None], fl.layout)[0]  # [L]

@@ -123,8 +123,9 @@ def per_sample_gradients(
         out[start : start + grads.shape[0]] = grads
         losses[start : start + grads.shape[0]] = values
 
-    used, size = for_each_chunk(fl, split, keep, method=method, chunk_size=chunk_size,
-                                max_memory=max_memory)  # fmt: skip
+    used, size = for_each_chunk(
+        fl, split, keep, method=method, chunk_size=chunk_size, max_memory=max_memory
+    )
     return PerSampleGradients(out, losses, fl.layout, size, used)
 
 
@@ -231,5 +232,7 @@ def _vmap_failed(
         ) from err
     warn_user(
         f"per-example gradients: vmap cannot batch this model ({reason}); falling back to "
-        "one backward pass per example (method='loop')", RuntimeWarning)
+        "one backward pass per example (method='loop')",
+        RuntimeWarning,
+    )
     return "loop"

@@ -4,7 +4,8 @@ probes due at each step, apply the error policy, buffer and flush; a
 :mod:`.transfer` moves values to the host in one transfer, :mod:`.checks` validates at
 the public boundary and :mod:`.meta` describes the run."""
 
-from .monitor import Monitor, watch
+from .monitor import Monitor
 from .step import StepHandle
+from .watch import watch
 
 __all__ = ["Monitor", "StepHandle", "watch"]

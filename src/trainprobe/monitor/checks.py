@@ -173,4 +173,3 @@ def check_logged(values: Mapping[str, object]) -> dict[str, Tensor | float]:
                 f"got {type(value).__name__}"
             )
     return out
-

@@ -4,21 +4,24 @@ from ._curvature import CurvatureProbe
 from .activations import ActivationStats
 from .base import NEEDS, PerLayer, Probe, StepContext
 from .conflict import GradConflict
-from .grokking import GrokSignals, HeldOut
+from .grokking import GrokSignals
+from .heldout import HeldOut
 from .hessian import HessianDensity, HessianTop, HessianTrace
 from .noise import GradNoise
 from .nonfinite import NonFiniteGuard
 from .norms import LayerNorms
 from .ntk import NTKAlignment
+from .ntk_response import NTKResponse
 from .optim import LearningRate
 from .regions import LocalComplexity
 from .robustness import Robustness
 from .schedules import AnyOf, AtSteps, Every, LogSpaced, at_steps, every, log_spaced
 from .sharpness import Sharpness, StabilityRule, stability_rule
-from .spectra import GradSpectrum, WeightSpectrum
-from .starvation import FeatureAttribution, NTKResponse
+from .spectra import GradSpectrum
+from .starvation import FeatureAttribution
 from .subspace import GradientSubspace
 from .updates import UpdateNorms
+from .weight_spectrum import WeightSpectrum
 
 #: Probe classes by the name their keys start with (the CLI's ``--probes`` uses it).
 PROBES = {

@@ -89,10 +89,15 @@ class CurvatureProbe:
     def operator(self, ctx: StepContext) -> HessianOperator:
         """The Hessian at this step's parameters, on the probe's data and loss."""
         own = self.data if self.batches is None else self.batches
-        loss_fn, batch = step_source(ctx, type(self).__name__, self.loss_fn, own,
-                                     data_hint="data= (or batches=)")  # fmt: skip
-        common = {"params": self.params, "mode": self.mode, "engine": self.engine,
-                  "dtype": self.dtype}  # fmt: skip
+        loss_fn, batch = step_source(
+            ctx, type(self).__name__, self.loss_fn, own, data_hint="data= (or batches=)"
+        )
+        common = {
+            "params": self.params,
+            "mode": self.mode,
+            "engine": self.engine,
+            "dtype": self.dtype,
+        }
         if self.batches is not None:
             return hessian_operator(ctx.model, loss_fn, batches=self.batches, **common)
         return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
@@ -117,11 +122,12 @@ class CurvatureProbe:
 
     def settings(self) -> dict[str, Any]:
         return {
-            "data": "fixed batch" if self.data is not None else (
-                "fixed batches" if self.batches is not None else "step batch"),
+            "data": "fixed batch"
+            if self.data is not None
+            else ("fixed batches" if self.batches is not None else "step batch"),
             "params": self.params if isinstance(self.params, str | None) else repr(self.params),
             "mode": self.mode,
             "engine": self.engine,
             "dtype": None if self.dtype is None else str(self.dtype),
             "seed": self.seed,
-        }  # fmt: skip
+        }

@@ -18,9 +18,15 @@ from .tensors import stack_scalars
 RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 #: Leaf modules skipped by default: they copy, rescale or reshape their input.
 SKIPPED: tuple[type[nn.Module], ...] = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.Identity, nn.Flatten, nn.Unflatten,
-)  # fmt: skip
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+)
 
 
 def _first_tensor(output: Any) -> Tensor | None:
@@ -115,8 +121,10 @@ class ActivationStats:
     keys = (
         Key("activations/mean/<module>", "mean of the module's outputs"),
         Key("activations/std/<module>", "standard deviation of the module's outputs"),
-        Key("activations/zero_frac/<module>",
-            "fraction of exactly-zero outputs of a ReLU-family module (dead units)"),
+        Key(
+            "activations/zero_frac/<module>",
+            "fraction of exactly-zero outputs of a ReLU-family module (dead units)",
+        ),
     )
     needs = frozenset({"activations"})
 

@@ -74,22 +74,30 @@ class GradConflict:
         Key("conflict/norm/<group>", "‖g_g‖, the norm of the group's mean gradient"),
         Key("conflict/loss/<group>", "L_g, the group's mean loss"),
         Key("conflict/count/<group>", "n_g, the group's examples (for tasks: the batch size)"),
-        Key("conflict/grad_share/<group>",
+        Key(
+            "conflict/grad_share/<group>",
             "⟨c_g, C⟩ / ‖C‖², the part of the update the group pulls along its own "
-            "direction: the shares sum to 1, negative marks a group the step works against"),
+            "direction: the shares sum to 1, negative marks a group the step works against",
+        ),
         Key("conflict/loss_share/<group>", "w_g L_g / Σ_j w_j L_j"),
         Key("conflict/cos/<a>__<b>", "cos φ_ab of a pair of group gradients"),
-        Key("conflict/gms/<a>__<b>",
-            "gradient magnitude similarity 2‖g_a‖‖g_b‖ / (‖g_a‖² + ‖g_b‖²) of a pair"),
+        Key(
+            "conflict/gms/<a>__<b>",
+            "gradient magnitude similarity 2‖g_a‖‖g_b‖ / (‖g_a‖² + ‖g_b‖²) of a pair",
+        ),
         Key("conflict/mean_cos", "the mean cosine over pairs"),
         Key("conflict/min_cos", "the minimum cosine over pairs"),
         Key("conflict/min_pair_a", "the numeric id of one group of the most conflicting pair"),
         Key("conflict/min_pair_b", "the numeric id of the other group of that pair"),
-        Key("conflict/frac_negative",
-            "the fraction of pairs with cos φ < 0, PCGrad's conflict criterion"),
+        Key(
+            "conflict/frac_negative",
+            "the fraction of pairs with cos φ < 0, PCGrad's conflict criterion",
+        ),
         Key("conflict/min_gms", "the minimum gradient magnitude similarity over pairs"),
-        Key("conflict/pcgrad_shift",
-            "‖Σ c^PC − C‖ / ‖C‖, how far PCGrad's projections would move the update"),
+        Key(
+            "conflict/pcgrad_shift",
+            "‖Σ c^PC − C‖ / ‖C‖, how far PCGrad's projections would move the update",
+        ),
         Key("conflict/layer_cos/<param>", "mean pairwise cosine within one parameter tensor"),
         Key("conflict/layer_min_cos/<param>", "min pairwise cosine within one parameter tensor"),
     )
@@ -151,8 +159,9 @@ class GradConflict:
         if self.by == "microbatch":
             return microbatch_gradients(objective, batch, self.microbatches)
         ids = class_ids(batch) if self.by == "class" else self.by(batch)
-        return group_gradients(objective, batch, ids, method=self.method,
-                               max_memory=self.max_memory)  # fmt: skip
+        return group_gradients(
+            objective, batch, ids, method=self.method, max_memory=self.max_memory
+        )
 
     def _names(self, ids: tuple[int | str, ...]) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Key-safe group names and numeric ids (see the class doc)."""
@@ -174,9 +183,12 @@ class GradConflict:
         return tuple(f"{prefix}_{i}" for i in numbers), numbers
 
     def _pair_values(
-        self, groups: GroupGradients, names: tuple[str, ...], numbers: tuple[int, ...],
+        self,
+        groups: GroupGradients,
+        names: tuple[str, ...],
+        numbers: tuple[int, ...],
         grams: Tensor,
-    ) -> dict[str, Value]:  # fmt: skip
+    ) -> dict[str, Value]:
         gram = grams.sum(dim=0)  # [G, G]
         pairs = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names))]
         rows, cols = torch.tensor(pairs, device=gram.device).T  # [pairs] each, row-major
@@ -186,13 +198,14 @@ class GradConflict:
         ids = torch.tensor(numbers, dtype=torch.float64, device=gram.device)  # [G]
         weights = groups.weights.to(gram)  # [G]
         out: dict[str, Value] = {
-            f"{self.name}/mean_cos": cos.nanmean(), f"{self.name}/min_cos": cos[worst],
+            f"{self.name}/mean_cos": cos.nanmean(),
+            f"{self.name}/min_cos": cos[worst],
             f"{self.name}/min_pair_a": ids[rows[worst]],
             f"{self.name}/min_pair_b": ids[cols[worst]],
             f"{self.name}/frac_negative": (cos < 0).to(cos).sum() / (~cos.isnan()).to(cos).sum(),
             f"{self.name}/min_gms": _nanmin(gms, dim=0),
             f"{self.name}/pcgrad_shift": pcgrad_shift(weights[:, None] * gram * weights[None, :]),
-        }  # fmt: skip
+        }
         if len(names) <= self.max_pair_groups:
             keys = tuple(f"{names[a]}__{names[b]}" for a, b in pairs)
             out[f"{self.name}/cos"] = PerLayer(keys, cos)
@@ -206,12 +219,15 @@ class GradConflict:
     def settings(self) -> dict[str, Any]:
         return {
             "by": self.by if isinstance(self.by, str) else "callable",
-            "microbatches": self.microbatches, "method": self.method, "layers": self.layers,
-            "max_pair_groups": self.max_pair_groups, "mode": self.mode,
+            "microbatches": self.microbatches,
+            "method": self.method,
+            "layers": self.layers,
+            "max_pair_groups": self.max_pair_groups,
+            "mode": self.mode,
             "max_memory": self.max_memory,
             "data": "fixed batch" if self.data is not None else "step batch",
             "params": self.params if isinstance(self.params, str | None) else repr(self.params),
-        }  # fmt: skip
+        }
 
 
 def _group_values(
@@ -226,10 +242,11 @@ def _group_values(
         f"{probe}/norm": PerLayer(names, torch.diagonal(gram).clamp(min=0).sqrt()),
         f"{probe}/loss": PerLayer(names, groups.losses),
         f"{probe}/count": PerLayer(names, groups.counts.to(gram)),
-        f"{probe}/grad_share": PerLayer(names, projection_shares(weights[:, None] * gram
-                                                                 * weights[None, :])),
+        f"{probe}/grad_share": PerLayer(
+            names, projection_shares(weights[:, None] * gram * weights[None, :])
+        ),
         f"{probe}/loss_share": PerLayer(names, weighted_loss / weighted_loss.sum()),
-    }  # fmt: skip
+    }
 
 
 def _nanmin(values: Tensor, dim: int) -> Tensor:

@@ -71,11 +71,20 @@ class HessianTop(CurvatureProbe):
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
         pairs = self.eigenpairs(
-            op, op.dim, ctx.step, warm=self.warm_start, top=self.top, bottom=self.bottom,
-            tol=self.tol, value_tol=self.value_tol, max_iter=self.max_iter,
-        )  # fmt: skip
-        out: dict[str, Value] = {f"{self.name}/hvps": float(op.matvecs),
-                                 f"{self.name}/converged": float(pairs.converged)}  # fmt: skip
+            op,
+            op.dim,
+            ctx.step,
+            warm=self.warm_start,
+            top=self.top,
+            bottom=self.bottom,
+            tol=self.tol,
+            value_tol=self.value_tol,
+            max_iter=self.max_iter,
+        )
+        out: dict[str, Value] = {
+            f"{self.name}/hvps": float(op.matvecs),
+            f"{self.name}/converged": float(pairs.converged),
+        }
         values, residuals = pairs.values.tolist(), pairs.residuals.tolist()
         for i in range(len(values)):
             kind, j = ("eig", i) if i < self.top else ("bottom", i - self.top)
@@ -87,9 +96,15 @@ class HessianTop(CurvatureProbe):
         return out
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "top": self.top, "bottom": self.bottom, "tol": self.tol,
-                "value_tol": self.value_tol, "warm_start": self.warm_start,
-                "vectors": self.vectors}  # fmt: skip
+        return {
+            **super().settings(),
+            "top": self.top,
+            "bottom": self.bottom,
+            "tol": self.tol,
+            "value_tol": self.value_tol,
+            "warm_start": self.warm_start,
+            "vectors": self.vectors,
+        }
 
 
 class HessianTrace(CurvatureProbe):
@@ -123,8 +138,11 @@ class HessianTrace(CurvatureProbe):
         op = self.operator(ctx)
         estimator = hutch_plus_plus if self.method == "hutch++" else hutchinson
         estimate = estimator(op, op.dim, matvecs=self.matvecs, generator=self.generator(ctx.step))
-        return {f"{self.name}/trace": estimate.value, f"{self.name}/stderr": estimate.stderr,
-                f"{self.name}/hvps": float(op.matvecs)}  # fmt: skip
+        return {
+            f"{self.name}/trace": estimate.value,
+            f"{self.name}/stderr": estimate.stderr,
+            f"{self.name}/hvps": float(op.matvecs),
+        }
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "matvecs": self.matvecs, "method": self.method}
@@ -150,17 +168,22 @@ class HessianDensity(CurvatureProbe):
         Key("hessian_density/hvps", "Hessian-vector products spent"),
     )
 
-    def __init__(self, *, probes: int = 4, steps: int = 40, points: int = 200,
-                 **source: Any) -> None:  # fmt: skip
+    def __init__(
+        self, *, probes: int = 4, steps: int = 40, points: int = 200, **source: Any
+    ) -> None:
         super().__init__(**source)
         self.probes, self.steps, self.points = probes, steps, points
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
         density = spectral_density(
-            op, op.dim, probes=self.probes, steps=min(self.steps, op.dim), grid=self.points,
+            op,
+            op.dim,
+            probes=self.probes,
+            steps=min(self.steps, op.dim),
+            grid=self.points,
             generator=self.generator(ctx.step),
-        )  # fmt: skip
+        )
         return {
             f"{self.name}/grid": density.grid,  # [G] float64 on the CPU
             f"{self.name}/density": density.density,  # [G]
@@ -168,5 +191,9 @@ class HessianDensity(CurvatureProbe):
         }
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "probes": self.probes, "steps": self.steps,
-                "points": self.points}  # fmt: skip
+        return {
+            **super().settings(),
+            "probes": self.probes,
+            "steps": self.steps,
+            "points": self.points,
+        }

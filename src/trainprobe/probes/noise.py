@@ -60,13 +60,16 @@ class GradNoise:
 
     name = "grad_noise"
     keys = (
-        Key("grad_noise/b_simple",
-            "S / |G|², about the batch size beyond which larger batches stop speeding up "
-            "training"),
+        Key(
+            "grad_noise/b_simple",
+            "S / |G|², about the batch size beyond which larger batches stop speeding up training",
+        ),
         Key("grad_noise/trace_cov", "S, the trace of the per-example gradient covariance"),
         Key("grad_noise/grad_sq", "|G|², the unbiased squared norm of the true gradient"),
-        Key("grad_noise/snr/<param>",
-            "|G_l|² / (S_l / B), tensor l's squared signal over its batch mean's noise"),
+        Key(
+            "grad_noise/snr/<param>",
+            "|G_l|² / (S_l / B), tensor l's squared signal over its batch mean's noise",
+        ),
         Key("grad_noise/batch_size", "B, the examples in the batch"),
     )
     needs: frozenset[str] = frozenset()
@@ -109,8 +112,9 @@ class GradNoise:
         loss_fn, batch = step_source(ctx, "GradNoise", self.loss_fn, self.data)
         objective = Objective(ctx.model, loss_fn, params=self.params, mode=self.mode)
         if self.microbatches is None:
-            noise, used = per_sample_noise(objective, batch, method=self._method,
-                                           max_memory=self.max_memory)  # fmt: skip
+            noise, used = per_sample_noise(
+                objective, batch, method=self._method, max_memory=self.max_memory
+            )
             if used == "loop":
                 self._method = "loop"
         else:
@@ -125,8 +129,10 @@ class GradNoise:
 
     def settings(self) -> dict[str, Any]:
         return {
-            "microbatches": self.microbatches, "method": self.method, "mode": self.mode,
+            "microbatches": self.microbatches,
+            "method": self.method,
+            "mode": self.mode,
             "data": "fixed batch" if self.data is not None else "step batch",
             "params": self.params if isinstance(self.params, str | None) else repr(self.params),
             "max_memory": self.max_memory,
-        }  # fmt: skip
+        }

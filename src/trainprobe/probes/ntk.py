@@ -64,11 +64,15 @@ class NTKAlignment:
 
     name = "ntk"
     keys = (
-        Key("ntk/alignment",
-            "centered kernel-target alignment ⟨HKH, HTH⟩_F / (‖HKH‖_F ‖HTH‖_F), rising: rich"),
+        Key(
+            "ntk/alignment",
+            "centered kernel-target alignment ⟨HKH, HTH⟩_F / (‖HKH‖_F ‖HTH‖_F), rising: rich",
+        ),
         Key("ntk/trace", "tr K = Σ_i Σ_j ‖J_j[i]‖²"),
-        Key("ntk/change",
-            "‖K_t − K_0‖_F / ‖K_0‖_F against the first measurement (small throughout: lazy)"),
+        Key(
+            "ntk/change",
+            "‖K_t − K_0‖_F / ‖K_0‖_F against the first measurement (small throughout: lazy)",
+        ),
     )
     needs: frozenset[str] = frozenset()
 
@@ -105,8 +109,9 @@ class NTKAlignment:
         inputs, targets = self._subset.get(ctx.batch)
         projections = self.projections(_output_count(ctx.model, inputs, self.mode))  # [C, k]
         outputs = network(ctx.model, params=self.params, mode=self.mode)
-        kernel, used = tangent_kernel(outputs, inputs, projections, method=self.method,
-                                      max_memory=self.max_memory)  # fmt: skip
+        kernel, used = tangent_kernel(
+            outputs, inputs, projections, method=self.method, max_memory=self.max_memory
+        )
         self.method = "loop" if used == "loop" else self.method
         if self._initial is None or self._initial.shape != kernel.shape:
             self._initial = kernel
@@ -133,11 +138,14 @@ class NTKAlignment:
     def settings(self) -> dict[str, Any]:
         return {
             "data": "fixed batch" if self._subset.given else "first step batch",
-            "max_examples": self.max_examples, "max_outputs": self.max_outputs,
-            "seed": self.seed, "mode": self.mode, "method": self.method,
+            "max_examples": self.max_examples,
+            "max_outputs": self.max_outputs,
+            "seed": self.seed,
+            "mode": self.mode,
+            "method": self.method,
             "params": self.params if isinstance(self.params, str | None) else repr(self.params),
             "max_memory": self.max_memory,
-        }  # fmt: skip
+        }
 
 
 def _output_count(model: nn.Module, inputs: Any, mode: str) -> int:

@@ -62,12 +62,16 @@ class LocalComplexity:
 
     name = "regions"
     keys = (
-        Key("regions/<set>/total",
+        Key(
+            "regions/<set>/total",
             "mean over the set's points of the neurons whose state changes in the "
-            "neighbourhood, summed over layers"),
+            "neighbourhood, summed over layers",
+        ),
         Key("regions/<set>/layer/<module>", "the same per watched module"),
-        Key("regions/<set>/segment_pieces",
-            "mean number of linear pieces along the segments between consecutive points"),
+        Key(
+            "regions/<set>/segment_pieces",
+            "mean number of linear pieces along the segments between consecutive points",
+        ),
     )
     needs: frozenset[str] = frozenset()
 
@@ -119,8 +123,9 @@ class LocalComplexity:
             out[f"{self.name}/{name}/total"] = per_point.sum(dim=1).mean()
             out[f"{self.name}/{name}/layer"] = PerLayer(counts.layers, per_point.mean(dim=0))
             if self.segments and len(points) >= 2:
-                pieces = segment_pieces(ctx.model, points[:-1], points[1:],
-                                        max_steps=self.max_steps).pieces  # fmt: skip
+                pieces = segment_pieces(
+                    ctx.model, points[:-1], points[1:], max_steps=self.max_steps
+                ).pieces
                 out[f"{self.name}/{name}/segment_pieces"] = pieces.double().mean()
         return out
 
@@ -130,10 +135,14 @@ class LocalComplexity:
         like = next((p for p in ctx.model.parameters() if p.is_floating_point()), train)
         sets = {"train": train, "test": self.test}
         if self.random is not None:
-            sets["random"] = self._random_points(train) if isinstance(self.random, int) else (
-                self.random)  # fmt: skip
-        moved = {name: points[: self.max_points].to(device=like.device, dtype=like.dtype)
-                 for name, points in sets.items() if points is not None}  # fmt: skip
+            sets["random"] = (
+                self._random_points(train) if isinstance(self.random, int) else (self.random)
+            )
+        moved = {
+            name: points[: self.max_points].to(device=like.device, dtype=like.dtype)
+            for name, points in sets.items()
+            if points is not None
+        }
         shapes = {name: tuple(p.shape[1:]) for name, p in moved.items()}
         if len(set(shapes.values())) > 1:
             raise ValueError(f"LocalComplexity: point sets differ in shape: {shapes}")
@@ -144,8 +153,9 @@ class LocalComplexity:
         if self._random is None or self._random.shape[1:] != train.shape[1:]:
             std, mean = torch.std_mean(train.double(), dim=0, correction=0)  # [*shape] each
             generator = torch.Generator().manual_seed(self.seed + 1)
-            noise = torch.randn((self.random, *train.shape[1:]), generator=generator,
-                                dtype=torch.float64)  # fmt: skip
+            noise = torch.randn(
+                (self.random, *train.shape[1:]), generator=generator, dtype=torch.float64
+            )
             self._random = mean + std * noise.to(mean.device)  # [n, *shape]
         return self._random
 
@@ -160,12 +170,16 @@ class LocalComplexity:
 
     def settings(self) -> dict[str, Any]:
         return {
-            "radius": self.radius, "dim": self.dim, "segments": self.segments,
-            "max_points": self.max_points, "max_steps": self.max_steps, "seed": self.seed,
+            "radius": self.radius,
+            "dim": self.dim,
+            "segments": self.segments,
+            "max_points": self.max_points,
+            "max_steps": self.max_steps,
+            "seed": self.seed,
             "train": "fixed points" if self.train is not None else "step batch",
             "test": self.test is not None,
             "random": self.random if isinstance(self.random, int | None) else "given points",
-        }  # fmt: skip
+        }
 
 
 def _points(value: object, what: str) -> Tensor | None:

@@ -53,8 +53,10 @@ class Robustness:
     name = "robustness"
     keys = (
         Key("robustness/clean_acc", "accuracy on the batch"),
-        Key("robustness/adv_acc",
-            "accuracy under the attack (an upper bound of the true robust accuracy)"),
+        Key(
+            "robustness/adv_acc",
+            "accuracy under the attack (an upper bound of the true robust accuracy)",
+        ),
         Key("robustness/eps", "the attack radius"),
     )
     needs: frozenset[str] = frozenset()
@@ -86,9 +88,11 @@ class Robustness:
         if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
             raise ValueError(f"Robustness: max_points must be an integer >= 1, got {max_points!r}")
         if bounds is not None and not (
-            isinstance(bounds, tuple) and len(bounds) == 2
-            and all(_number(v, -math.inf) for v in bounds) and bounds[0] < bounds[1]
-        ):  # fmt: skip
+            isinstance(bounds, tuple)
+            and len(bounds) == 2
+            and all(_number(v, -math.inf) for v in bounds)
+            and bounds[0] < bounds[1]
+        ):
             raise ValueError(
                 f"Robustness: bounds must be a tuple (low, high) with low < high, got {bounds!r}"
             )
@@ -108,9 +112,15 @@ class Robustness:
         x = x[: self.max_points].to(device=like.device, dtype=like.dtype)  # [N, *shape]
         y = y[: self.max_points].to(like.device)  # [N]
         result = pgd_attack(
-            ctx.model, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size,
-            generator=torch.Generator().manual_seed(self.seed + ctx.step), bounds=self.bounds,
-        )  # fmt: skip
+            ctx.model,
+            x,
+            y,
+            eps=self.eps,
+            steps=self.steps,
+            step_size=self.step_size,
+            generator=torch.Generator().manual_seed(self.seed + ctx.step),
+            bounds=self.bounds,
+        )
         return {
             f"{self.name}/clean_acc": result.clean_acc,
             f"{self.name}/adv_acc": result.adv_acc,
@@ -119,11 +129,14 @@ class Robustness:
 
     def settings(self) -> dict[str, Any]:
         return {
-            "eps": self.eps, "steps": self.steps, "step_size": self.step_size,
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
             "bounds": None if self.bounds is None else list(self.bounds),
-            "max_points": self.max_points, "seed": self.seed,
+            "max_points": self.max_points,
+            "seed": self.seed,
             "data": "fixed batch" if self.data is not None else "step batch",
-        }  # fmt: skip
+        }
 
 
 def _examples(batch: Any) -> tuple[Tensor, Tensor]:

@@ -188,9 +188,14 @@ class Sharpness(CurvatureProbe):
         rule = stability_rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
         self._note(rule.note)
         pairs = self.eigenpairs(
-            _Preconditioned(op, rule), op.dim, ctx.step, warm=self.warm_start, top=1,
-            tol=self.tol, value_tol=self.value_tol,
-        )  # fmt: skip
+            _Preconditioned(op, rule),
+            op.dim,
+            ctx.step,
+            warm=self.warm_start,
+            top=1,
+            tol=self.tol,
+            value_tol=self.value_tol,
+        )
         lam = float(pairs.values[0])
         out: dict[str, Value] = {
             f"{self.name}/lambda_max": lam,
@@ -210,5 +215,9 @@ class Sharpness(CurvatureProbe):
             warn_user(f"Sharpness: λ_max only, no threshold: {note}", UserWarning)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "tol": self.tol, "value_tol": self.value_tol,
-                "warm_start": self.warm_start}  # fmt: skip
+        return {
+            **super().settings(),
+            "tol": self.tol,
+            "value_tol": self.value_tol,
+            "warm_start": self.warm_start,
+        }

@@ -36,13 +36,13 @@ class GradientSubspace(CurvatureProbe):
 
     name = "grad_subspace"
     keys = (
-        Key("grad_subspace/fraction",
-            "||V_kᵀ g||² / ||g||², in [0, 1] (NaN for a zero gradient)"),
+        Key("grad_subspace/fraction", "||V_kᵀ g||² / ||g||², in [0, 1] (NaN for a zero gradient)"),
         Key("grad_subspace/hvps", "Hessian-vector products spent"),
     )
 
-    def __init__(self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-4,
-                 **source: Any) -> None:  # fmt: skip
+    def __init__(
+        self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-4, **source: Any
+    ) -> None:
         super().__init__(**source)
         if k < 1:
             raise ValueError(f"GradientSubspace: k must be >= 1, got {k}")

@@ -35,23 +35,45 @@ from torch.utils.hooks import RemovableHandle
 ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 #: Max-pools: each output element's state is the argmax position within its window.
 POOLS: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)  # fmt: skip
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 #: torch.nn modules that are affine in their input in eval mode (or only hold others).
 AFFINE: tuple[type[nn.Module], ...] = (
-    nn.Linear, _ConvNd, _BatchNorm, _DropoutNd, nn.Identity, nn.Flatten, nn.Unflatten,
-    _AvgPoolNd, _AdaptiveAvgPoolNd, _ConstantPadNd, _ReflectionPadNd, _ReplicationPadNd,
-    _CircularPadNd, nn.PixelShuffle, nn.PixelUnshuffle, nn.Upsample, nn.ChannelShuffle,
-    nn.Sequential, nn.ModuleList, nn.ModuleDict,
-)  # fmt: skip
+    nn.Linear,
+    _ConvNd,
+    _BatchNorm,
+    _DropoutNd,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    _AvgPoolNd,
+    _AdaptiveAvgPoolNd,
+    _ConstantPadNd,
+    _ReflectionPadNd,
+    _ReplicationPadNd,
+    _CircularPadNd,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.Upsample,
+    nn.ChannelShuffle,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+)
 SUPPORTED = "nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.MaxPool1d/2d/3d, nn.AdaptiveMaxPool1d/2d/3d"
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_ADAPTIVE_MAX_POOL = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d,
-                      3: F.adaptive_max_pool3d}  # fmt: skip
-_POOL_DIMS = {1: (nn.MaxPool1d, nn.AdaptiveMaxPool1d), 2: (nn.MaxPool2d, nn.AdaptiveMaxPool2d),
-              3: (nn.MaxPool3d, nn.AdaptiveMaxPool3d)}  # fmt: skip
+_ADAPTIVE_MAX_POOL = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+_POOL_DIMS = {
+    1: (nn.MaxPool1d, nn.AdaptiveMaxPool1d),
+    2: (nn.MaxPool2d, nn.AdaptiveMaxPool2d),
+    3: (nn.MaxPool3d, nn.AdaptiveMaxPool3d),
+}
 
 
 def pattern_modules(model: nn.Module, owner: str, *, pools: bool = True) -> dict[str, nn.Module]:

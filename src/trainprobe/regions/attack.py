@@ -95,9 +95,16 @@ def pgd_attack(
             clean_logits = logits(x)  # [N, C]
         _check_labels(y, clean_logits.shape[1])
         clean = _correct(clean_logits, y)  # [N]
-        delta = _project((torch.rand(x.shape, generator=generator, dtype=x.dtype,
-                                     device=generator.device) * 2 - 1).to(x.device) * eps,
-                         x, eps, bounds)  # fmt: skip
+        delta = _project(
+            (
+                torch.rand(x.shape, generator=generator, dtype=x.dtype, device=generator.device) * 2
+                - 1
+            ).to(x.device)
+            * eps,
+            x,
+            eps,
+            bounds,
+        )
         robust = clean.clone()
         for _ in range(steps):
             delta.requires_grad_(True)
@@ -116,8 +123,7 @@ def _rnn_backward(model: nn.Module) -> AbstractContextManager:
     if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
         return nullcontext()
     cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=False, benchmark=cudnn.benchmark,
-                       deterministic=cudnn.deterministic)  # fmt: skip
+    return cudnn.flags(enabled=False, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic)
 
 
 def _correct(logits: Tensor, y: Tensor) -> Tensor:
@@ -144,8 +150,9 @@ def _finite(value: object, minimum: float) -> bool:
     return number and math.isfinite(value) and value >= minimum
 
 
-def _check(*, eps: object, steps: object, step_size: object, bounds: object, x: object,
-           y: object) -> None:  # fmt: skip
+def _check(
+    *, eps: object, steps: object, step_size: object, bounds: object, x: object, y: object
+) -> None:
     if not _finite(eps, 0):
         raise ValueError(f"eps must be a finite number >= 0 (L∞ radius), got {eps!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -153,10 +160,11 @@ def _check(*, eps: object, steps: object, step_size: object, bounds: object, x: 
     if step_size is not None and not _finite(step_size, 0):
         raise ValueError(f"step_size must be a finite number >= 0 or None, got {step_size!r}")
     if bounds is not None and not (
-        isinstance(bounds, tuple) and len(bounds) == 2 and all(_finite(v, -math.inf)
-                                                               for v in bounds)
+        isinstance(bounds, tuple)
+        and len(bounds) == 2
+        and all(_finite(v, -math.inf) for v in bounds)
         and bounds[0] < bounds[1]
-    ):  # fmt: skip
+    ):
         raise ValueError(f"bounds must be a tuple (low, high) with low < high, got {bounds!r}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2 or len(x) == 0:
         raise ValueError("inputs must be a floating tensor [N, *shape] with N >= 1")

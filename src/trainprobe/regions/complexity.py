@@ -140,8 +140,9 @@ def local_complexity(
         )
     vertices = cross_polytope(x, frame, radius).flatten(0, 1)  # [N·2k, *shape]
     model = unwrap(model)  # the eager module: hooks run, no recompiles
-    recorder = PatternRecorder(pattern_modules(model, "local_complexity"), len(vertices),
-                               "local_complexity")  # fmt: skip
+    recorder = PatternRecorder(
+        pattern_modules(model, "local_complexity"), len(vertices), "local_complexity"
+    )
     handles = recorder.attach()
     try:
         with torch.no_grad(), semantics(model, "eval"), rng_fork(x.device):
@@ -162,12 +163,16 @@ def _tally(calls: list[tuple[str, Tensor]], points: int) -> ComplexityCounts:
         neurons[name] = neurons.get(name, 0) + state.shape[1]
     device = calls[0][1].device if calls else torch.device("cpu")
     if not counts:
-        return ComplexityCounts((), torch.zeros(points, 0, dtype=torch.int64, device=device),
-                                torch.zeros(0, dtype=torch.int64))  # fmt: skip
+        return ComplexityCounts(
+            (),
+            torch.zeros(points, 0, dtype=torch.int64, device=device),
+            torch.zeros(0, dtype=torch.int64),
+        )
     return ComplexityCounts(
-        tuple(counts), torch.stack(list(counts.values()), dim=1),  # [N, L]
+        tuple(counts),
+        torch.stack(list(counts.values()), dim=1),  # [N, L]
         torch.tensor(list(neurons.values()), dtype=torch.int64),
-    )  # fmt: skip
+    )
 
 
 def _check_points(x: object, radius: object) -> None:

@@ -80,8 +80,10 @@ def segment_pieces(
     model = unwrap(model)  # the eager module: hooks run, no recompiles
     segments = len(a)
     pinned = PinnedPatterns(pattern_modules(model, _OWNER, pools=False), 2 * segments, _OWNER)
-    tensors = {name: t.detach().to(dtype) if t.is_floating_point() else t
-               for name, t in [*model.named_parameters(), *model.named_buffers()]}  # fmt: skip
+    tensors = {
+        name: t.detach().to(dtype) if t.is_floating_point() else t
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
     ends = torch.cat([a, b]).to(dtype)  # [2S, *shape]: rows s and S + s bound segment s
 
     sizes: list[int] = []  # neurons per call, from the first (free) forward
@@ -101,8 +103,9 @@ def segment_pieces(
         remove(handles)
 
 
-def _walk(forward: Callable[[Tensor | None], list[Tensor]], segments: int,
-          max_steps: int) -> SegmentPieces:  # fmt: skip
+def _walk(
+    forward: Callable[[Tensor | None], list[Tensor]], segments: int, max_steps: int
+) -> SegmentPieces:
     """Breakpoints of every segment, all walked in parallel (see ``segment_pieces``)."""
     free = forward(None)
     mask = torch.cat([z[:segments] > 0 for z in free], dim=1)  # [S, F]: the pattern at a

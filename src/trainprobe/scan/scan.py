@@ -121,8 +121,12 @@ def scan(
         TypeError: ``model_fn``/``data_fn``/``loss_fn``/``optimizer_fn`` is not
             callable, or ``model_fn()`` is not an ``nn.Module``.
     """
-    for name, fn in (("model_fn", model_fn), ("data_fn", data_fn), ("loss_fn", loss_fn),
-                     ("optimizer_fn", optimizer_fn)):  # fmt: skip
+    for name, fn in (
+        ("model_fn", model_fn),
+        ("data_fn", data_fn),
+        ("loss_fn", loss_fn),
+        ("optimizer_fn", optimizer_fn),
+    ):
         if fn is not None and not callable(fn):
             raise TypeError(f"scan: {name} must be callable, got {type(fn).__name__}")
     files = find_checkpoint_files(ckpt_dir)

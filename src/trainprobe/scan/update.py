@@ -31,8 +31,10 @@ class CheckpointUpdate:
     keys = (
         Key("scan/update_norm/<param>", "||Δw||_2 per parameter tensor"),
         Key("scan/update_norm_total", "sqrt(sum ||Δw||^2)"),
-        Key("scan/update_ratio_total",
-            "||Δw|| / ||w_{k−1}|| over all parameters (NaN when w_{k−1} is zero)"),
+        Key(
+            "scan/update_ratio_total",
+            "||Δw|| / ||w_{k−1}|| over all parameters (NaN when w_{k−1} is zero)",
+        ),
         Key("scan/steps_between", "s_k − s_{k−1}, the steps between the two checkpoints"),
     )
     needs: frozenset[str] = frozenset()
@@ -55,13 +57,15 @@ class CheckpointUpdate:
             return {}
         before_step, before = previous
         names = tuple(n for n in ctx.params if n in before)
-        deltas = torch._foreach_sub([ctx.params[n].detach() for n in names],
-                                    [before[n] for n in names])  # fmt: skip
+        deltas = torch._foreach_sub(
+            [ctx.params[n].detach() for n in names], [before[n] for n in names]
+        )
         delta_norms = stacked_norms(deltas)  # [L]
         weight_total = total_norm(stacked_norms([before[n] for n in names]))
         delta_total = total_norm(delta_norms)
-        ratio = torch.where(weight_total > 0, delta_total / weight_total,
-                            torch.full_like(delta_total, float("nan")))  # fmt: skip
+        ratio = torch.where(
+            weight_total > 0, delta_total / weight_total, torch.full_like(delta_total, float("nan"))
+        )
         return {
             "scan/update_norm": PerLayer(names, delta_norms),
             "scan/update_norm_total": delta_total,
