@@ -75,7 +75,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import trainprobe
 from trainprobe import GradConflict, GradNoise, Sharpness, default_probes, every
 from trainprobe.curvature import ENGINES, criterion_loss, hessian_operator, lanczos
-from trainprobe.functional import Objective
+from trainprobe.functional import Objective, full_float32
 from trainprobe.gradients import METHODS, per_sample_gradients
 
 CE = criterion_loss(nn.CrossEntropyLoss())
@@ -369,19 +369,10 @@ def deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
-@contextlib.contextmanager
-def without_tf32() -> Iterator[None]:
-    """Full float32 matrix products and convolutions on CUDA for the block."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def without_tf32() -> contextlib.AbstractContextManager:
+    """Full float32 matrix products and convolutions on CUDA for the block (trainprobe's
+    own scope; it only sets the two TF32 flags, so it needs no GPU to be entered)."""
+    return full_float32(torch.device("cuda"))
 
 
 # -- 1. environment ----------------------------------------------------------------------
