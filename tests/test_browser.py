@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.chromium import BROWSER_FLAGS, find_chromium, missing_reason
-from tests.synth import write_run
-from tests.test_dashboard import full_series
+from tests.synth import full_series, write_run
 from trainprobe.analysis import analyze
 from trainprobe.dashboard import build, extra_figures, to_html
 from trainprobe.dashboard.links import SPAN_MARGIN

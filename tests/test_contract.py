@@ -15,51 +15,13 @@ from trainprobe.probes.base import declared_keys
 from trainprobe.store import Run
 
 from .cases import MODELS, batch, hook_count, train
-
-PROBE_NAMES = sorted(PROBES)
-
-
-def every_step(name: str, model: str = "mlp"):
-    if name == "heldout":  # it has no default data: a held-out batch is the point of it
-        return PROBES[name](data=batch(model, 999), train_data=batch(model, 998), schedule=every(1))
-    return PROBES[name](schedule=every(1))
-
-
-def _assert_same_training(a, b) -> None:
-    (model_a, opt_a), (model_b, opt_b) = a, b
-    for (name, pa), pb in zip(
-        model_a.state_dict().items(), model_b.state_dict().values(), strict=True
-    ):
-        assert torch.equal(pa, pb), f"{name} differs"
-    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
-    assert state_a.keys() == state_b.keys()
-    for i in state_a:
-        for key in state_a[i]:
-            assert torch.equal(torch.as_tensor(state_a[i][key]), torch.as_tensor(state_b[i][key]))
-
-
-def watched_run(tmp_path, model: str, probes: list, *, steps: int) -> tuple[Run, tuple]:
-    """Train ``model`` for ``steps`` without and with ``probes`` (same seed) and check what
-    every probe owes the loop: bit-identical parameters and optimizer state, the global RNG
-    untouched, no hook left, and each probe writing keys, all declared in its ``keys``.
-
-    Returns:
-        The watched run (opened) and the watched ``(model, optimizer)``.
-    """
-    reference = train(model, steps=steps)
-    rng = torch.get_rng_state()
-    watched = train(model, steps=steps, probes=probes, run_dir=tmp_path / "run")
-    assert torch.equal(torch.get_rng_state(), rng)
-    _assert_same_training(reference, watched)
-    assert hook_count(watched[0]) == 0
-    run = Run(tmp_path / "run")
-    for probe in probes:
-        keys = run.keys(f"{probe.name}/")
-        patterns = declared_keys(probe)
-        assert keys, f"{probe.name} wrote nothing"
-        undocumented = [k for k in keys if not any(p.matches(k) for p in patterns)]
-        assert undocumented == [], f"{probe.name}: keys missing from its declared keys"
-    return run, watched
+from .contract import (
+    PROBE_NAMES,
+    PROBE_SETS,
+    assert_same_training,
+    documented_patterns,
+    every_step,
+)
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -70,49 +32,10 @@ def test_training_is_bit_identical_and_rng_untouched(tmp_path, model, probe):
     rng_reference = torch.get_rng_state()
     watched = train(model, probes=probes, run_dir=tmp_path / "run")
     assert torch.equal(torch.get_rng_state(), rng_reference)
-    _assert_same_training(reference, watched)
+    assert_same_training(reference, watched)
     assert hook_count(watched[0]) == 0
 
 
-def curvature_probes() -> list:
-    """Every curvature probe, each option that adds keys switched on."""
-    return [
-        PROBES["hessian"](2, bottom=1, vectors=True, schedule=every(1)),
-        *(
-            PROBES[name](schedule=every(1))
-            for name in ("hessian_trace", "hessian_density", "sharpness", "grad_subspace")
-        ),
-    ]
-
-
-def gradient_probes() -> list:
-    """Every gradient-structure probe, each option that adds keys switched on."""
-    return [
-        PROBES["conflict"](schedule=every(1)),
-        PROBES["grad_noise"](schedule=every(1)),
-        PROBES["grad_spectrum"](schedule=every(1)),
-        PROBES["weight_spectrum"](2, schedule=every(1)),
-    ]
-
-
-def analysis_probes(model: str = "cnn") -> list:
-    """The grokking, starvation and region probes (LocalComplexity on piecewise-linear
-    models only: it refuses the transformer's and the GRU's smooth nonlinearities)."""
-    probes = [
-        every_step(name, model)
-        for name in ("heldout", "grok", "ntk", "attribution", "ntk_response", "robustness")
-    ]
-    if model in ("mlp", "cnn"):
-        probes.append(PROBES["regions"](random=8, schedule=every(1)))
-    return probes
-
-
-PROBE_SETS = {
-    "default": lambda model: default_probes(every_n=1),
-    "curvature": lambda model: curvature_probes(),
-    "gradient": lambda model: gradient_probes(),
-    "analysis": analysis_probes,
-}
 UNDEFINED_WHILE = ("ntk_response/min_ratio",)
 """NaN while no label-carrying direction responds positively (NTKResponse's doc): on a
 tiny random case that can be every measurement; what is defined must be finite."""
@@ -124,7 +47,7 @@ def test_probes_record_finite_documented_keys(tmp_path, model, probe_set):
     probes = PROBE_SETS[probe_set](model)
     train(model, steps=6, probes=probes, run_dir=tmp_path / "run")
     run = Run(tmp_path / "run")
-    documented = {name: _documented_patterns(cls) for name, cls in PROBES.items()}
+    documented = {name: documented_patterns(cls) for name, cls in PROBES.items()}
     keys = run.keys()
     assert {k.split("/")[0] for k in keys} == {*(p.name for p in probes), "scalars"}
     zero_init = {n for n, w in _initial_weights(model).items() if not w.any()}
@@ -146,11 +69,6 @@ def test_probes_record_finite_documented_keys(tmp_path, model, probe_set):
 def _initial_weights(model: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # as cases.train does
     return dict(MODELS[model]().named_parameters())
-
-
-def _documented_patterns(cls) -> tuple[Key, ...]:
-    """The key patterns a probe class declares (``keys``), under its class's name."""
-    return cls.keys
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
@@ -199,7 +117,7 @@ def test_the_contract_catches_a_probe_that_perturbs(tmp_path):
     reference = train("mlp")
     watched = train("mlp", probes=[_RandomProbe()], run_dir=tmp_path / "run")
     with pytest.raises(AssertionError):
-        _assert_same_training(reference, watched)
+        assert_same_training(reference, watched)
 
 
 def test_parameter_probes_work_on_a_compiled_model(tmp_path):

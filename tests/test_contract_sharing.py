@@ -19,7 +19,7 @@ from trainprobe.functional import Objective, criterion_loss
 from trainprobe.gradients import per_sample_gradients
 
 from .cases import SHARING, batch, hook_count, train
-from .test_contract import PROBE_SETS, _assert_same_training
+from .contract import PROBE_SETS, assert_same_training
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 
@@ -48,7 +48,7 @@ def test_every_probe_leaves_shared_tied_frozen_and_unused_parameters_alone(
         run_dir=tmp_path / "run",
         on_model=lambda net: before.update(slots(net)),
     )
-    _assert_same_training(reference, watched)
+    assert_same_training(reference, watched)
     net, opt = watched
     after = slots(net)
     assert after.keys() == before.keys()

@@ -12,8 +12,7 @@ import plotly.graph_objects as go
 import pytest
 
 import trainprobe.dashboard.figure as figure
-from tests.synth import write_run
-from tests.test_dashboard import full_series
+from tests.synth import full_series, write_run
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.analysis.grokking import detect_grokking
 from trainprobe.dashboard import build, to_html

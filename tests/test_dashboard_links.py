@@ -3,8 +3,7 @@ findings above the figure and the rows each one links to."""
 
 from __future__ import annotations
 
-from tests.synth import write_run
-from tests.test_dashboard import full_series
+from tests.synth import full_series, write_run
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.dashboard import build, to_html
 from trainprobe.dashboard.links import DIV_ID, META_KEY, findings_block

@@ -14,7 +14,7 @@ from trainprobe.probes import PROBES, default_probes
 from trainprobe.store import Run
 
 from .cases import train
-from .test_contract import analysis_probes, curvature_probes, gradient_probes
+from .contract import analysis_probes, curvature_probes, gradient_probes
 
 CONSUMERS = [*DETECTORS, *PANELS]
 

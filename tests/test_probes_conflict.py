@@ -16,7 +16,7 @@ from trainprobe.probes import PerLayer, StepContext, at_steps, every
 from trainprobe.probes.conflict import GradConflict
 
 from .cases import MODELS
-from .test_contract import watched_run
+from .contract import watched_run
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 

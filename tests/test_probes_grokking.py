@@ -16,7 +16,7 @@ from trainprobe.probes.grokking import GrokSignals
 from trainprobe.probes.heldout import HeldOut
 
 from .cases import MODELS, batch
-from .test_contract import watched_run
+from .contract import watched_run
 
 
 def _ctx(model: nn.Module, data=None) -> StepContext:

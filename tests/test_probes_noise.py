@@ -18,7 +18,7 @@ from trainprobe.probes.noise import GradNoise
 from trainprobe.store import Run
 
 from .cases import MODELS, train
-from .test_contract import watched_run
+from .contract import watched_run
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 

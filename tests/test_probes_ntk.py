@@ -21,7 +21,7 @@ from trainprobe.probes import StepContext, at_steps, every
 from trainprobe.probes.ntk import NTKAlignment
 
 from .cases import MODELS, batch
-from .test_contract import watched_run
+from .contract import watched_run
 
 
 def _mlp(size: int = 6):

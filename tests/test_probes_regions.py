@@ -14,7 +14,7 @@ from trainprobe.probes.regions import LocalComplexity
 from trainprobe.regions import local_complexity, random_frame, segment_pieces
 
 from .cases import MODELS, hook_count
-from .test_contract import watched_run
+from .contract import watched_run
 
 F64 = torch.float64
 

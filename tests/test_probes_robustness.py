@@ -14,7 +14,7 @@ from trainprobe.probes.robustness import Robustness
 from trainprobe.regions import pgd_attack
 
 from .cases import MODELS, hook_count
-from .test_contract import watched_run
+from .contract import watched_run
 
 F64 = torch.float64
 

@@ -16,7 +16,7 @@ from trainprobe.probes.starvation import FeatureAttribution
 from trainprobe.store import Run
 
 from .cases import MODELS, batch
-from .test_contract import watched_run
+from .contract import watched_run
 
 STEPS = 300
 

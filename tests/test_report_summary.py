@@ -7,8 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.synth import write_run
-from tests.test_dashboard import full_series
+from tests.synth import full_series, write_run
 from trainprobe.cli.report import GROUP_MIN, format_summary, summary_dict
 from trainprobe.store import Record, RunWriter
 
