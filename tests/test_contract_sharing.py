@@ -60,8 +60,6 @@ def test_every_probe_leaves_shared_tied_frozen_and_unused_parameters_alone(
     live = {id(t) for t in after.values()}
     assert all(id(p) in live for p in held)
     assert hook_count(net) == 0
-    if model != "frozen":
-        assert all(p.grad is None for p in held)  # zero_grad ran; no stale probe gradient
 
 
 def reference_gradient(model: nn.Module, names: list[str], xy) -> torch.Tensor:

@@ -308,4 +308,4 @@ class _Handler(_RequestHandler):
         self.wfile.write(data)
 
     def log_message(self, format: str, *args) -> None:
-        pass  # quiet: the terminal shows the address, not every poll
+        """Quiet: the terminal shows the address, not every poll."""
