@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from tests.cases import batch, hook_count, train
 from trainprobe.keys import Key
 from trainprobe.probes import PROBES, default_probes, every
 from trainprobe.probes.base import declared_keys
 from trainprobe.store import Run
-
-from .cases import batch, hook_count, train
 
 PROBE_NAMES = sorted(PROBES)
 

@@ -93,10 +93,98 @@ def full_series(steps: int = 400, every: int = 10, seed: int = 0) -> dict:
             "scan/steps_between": (sched[1:], np.full(sched.size - 1, float(every))),
         }
     )
-    from tests.test_dashboard_gradients import gradient_series  # lazily: they build on this module
-    from tests.test_dashboard_grokking import grok_series
 
     # three groups, so every conflict row draws; the loss above stays
     series.update({k: v for k, v in gradient_series(sched).items() if not k.startswith("scalars/")})
     series.update(grok_series(sched))
+    return series
+
+
+# the gradient-structure panels' run: three classes, the third a minority losing ground
+GRADIENT_STEPS = np.arange(0, 300, 10)  # 30 measurements
+GROUPS = ("class_0", "class_1", "class_2")
+PAIRS = (("class_0", "class_1"), ("class_0", "class_2"), ("class_1", "class_2"))
+GRADIENT_PARAMS = ("encoder.0.weight", "encoder.2.weight", "head.weight")
+
+
+def pair_cosines(n: int) -> dict[tuple[str, str], np.ndarray]:
+    """Class 2 turns against class 0 over training; one NaN (a zero gradient) in 1·2."""
+    t = np.linspace(0.0, 1.0, n)
+    cos = {PAIRS[0]: 0.6 - 0.2 * t, PAIRS[1]: 0.5 - 1.2 * t, PAIRS[2]: 0.1 + 0.0 * t}
+    cos[PAIRS[2]][3] = np.nan
+    return cos
+
+
+def gradient_series(steps: np.ndarray = GRADIENT_STEPS, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    n = steps.size
+    series = {"scalars/loss": (steps, 2.0 * np.exp(-steps / 100.0) + 0.1)}
+    for (a, b), cos in pair_cosines(n).items():
+        series[f"conflict/cos/{a}__{b}"] = (steps, cos)
+    cosines = np.stack(list(pair_cosines(n).values()))  # [pairs, n]
+    series["conflict/min_cos"] = (steps, np.nanmin(cosines, 0))
+    series["conflict/mean_cos"] = (steps, np.nanmean(cosines, 0))
+    series["conflict/frac_negative"] = (steps, (cosines < 0).mean(0))
+    for i, group in enumerate(GROUPS):  # class_2, the minority, loses ground after step 100
+        rising = 0.7 + 0.8 * np.clip(steps - 100, 0, None) / max(steps[-1], 1)
+        series[f"conflict/loss/{group}"] = (steps, rising if i == 2 else 0.7 * np.exp(-steps / 90))
+    losses = np.stack([series[f"conflict/loss/{g}"][1] for g in GROUPS])  # [G, n]
+    for i, group in enumerate(GROUPS):  # the minority's gradient fades as it loses
+        series[f"conflict/loss_share/{group}"] = (steps, losses[i] / losses.sum(0))
+        series[f"conflict/count/{group}"] = (steps, np.full(n, 4.0 if i == 2 else 30.0))
+        series[f"conflict/norm/{group}"] = (steps, np.exp(-steps / 100) if i == 2 else np.ones(n))
+    trace_cov = 50.0 * (1 + 0.3 * rng.random(n))
+    grad_sq = 0.5 + 0.2 * rng.random(n)
+    grad_sq[5] = -0.2  # |G|² estimate below zero: b_simple negative at that step
+    b_simple = trace_cov / grad_sq
+    b_simple[7] = np.nan
+    series.update(
+        {
+            "grad_noise/trace_cov": (steps, trace_cov),
+            "grad_noise/grad_sq": (steps, grad_sq),
+            "grad_noise/b_simple": (steps, b_simple),
+            "grad_noise/batch_size": (steps, np.full(n, 32.0)),
+        }
+    )
+    for i, name in enumerate(GRADIENT_PARAMS):
+        rank = 1.0 + 40.0 * 0.5**i * np.exp(-steps / 200)
+        series[f"grad_spectrum/stable_rank/{name}"] = (steps, rank)
+        series[f"grad_spectrum/slow_ratio/{name}"] = (steps, np.full(n, 0.2 * (i + 1)))
+        series[f"weight_spectrum/spectral_norm/{name}"] = (steps, 0.8 + 0.5 * i + steps / 300)
+    return series
+
+
+GROK_STEPS = np.arange(0, 2000, 20)  # 100 measurements; fit near step 100, generalised near 1400
+
+
+def grok_series(steps: np.ndarray = GROK_STEPS) -> dict:
+    """A run that grokks: train fit early, held-out accuracy late; every key a row reads."""
+    t = steps.astype(float)
+    train = 1 - 0.98 * np.exp(-t / 30)
+    heldout = 0.02 + 0.98 / (1 + np.exp(-(t - 1300) / 40))
+    min_ratio = np.linspace(0.05, 0.8, steps.size)
+    min_ratio[3] = -0.4  # a direction fit backwards for a while
+    series = {
+        "heldout/train_acc": (steps, train),
+        "heldout/acc": (steps, heldout),
+        "robustness/adv_acc": (steps, 0.5 * heldout),
+        "robustness/clean_acc": (steps, heldout),
+        "heldout/train_loss": (steps, 3 * np.exp(-t / 40) + 1e-5),
+        "heldout/loss": (steps, 4 - 3.5 * heldout),
+        "grok/param_norm": (steps, 10 + 80 * np.sqrt(t / t[-1])),
+        "grok/softmax_collapse": (steps, np.clip((t - 500) / 1000, 0, 0.3)),
+        "grok/nlm_cos": (steps, np.tanh(t / 200) * 0.95),
+        "ntk/alignment": (steps, 0.1 + 0.5 * heldout),
+        "ntk/change": (steps, t / 1000),
+        "ntk/trace": (steps, 1e4 + t),
+        "attribution/share/easy": (steps, 0.9 + 0 * t),
+        "attribution/share/hard": (steps, 0.1 + 0 * t),
+        "attribution/ablation/easy": (steps, 2.0 + 0 * t),
+        "ntk_response/dir_0": (steps, 1 + 0 * t),
+        "ntk_response/min_ratio": (steps, min_ratio),
+    }
+    for i, point_set in enumerate(("train", "test", "random")):
+        count = 100 + 10 * i + 20 * np.sin(t / 400)
+        series[f"regions/{point_set}/total"] = (steps, count)
+        series[f"regions/{point_set}/layer/fc.1"] = (steps, count / 2)
     return series

@@ -9,19 +9,18 @@ import pytest
 import torch
 
 import trainprobe
-from trainprobe.keys import Key
-from trainprobe.probes import PROBES, default_probes, every
-from trainprobe.probes.base import declared_keys
-from trainprobe.store import Run
-
-from .cases import MODELS, batch, hook_count, train
-from .contract import (
+from tests.cases import MODELS, batch, hook_count, train
+from tests.contract import (
     PROBE_NAMES,
     PROBE_SETS,
     assert_same_training,
     documented_patterns,
     every_step,
 )
+from trainprobe.keys import Key
+from trainprobe.probes import PROBES, default_probes, every
+from trainprobe.probes.base import declared_keys
+from trainprobe.store import Run
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])

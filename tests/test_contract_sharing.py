@@ -14,12 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.cases import SHARING, batch, hook_count, train
+from tests.contract import PROBE_SETS, assert_same_training
 from trainprobe.curvature import hessian_operator
 from trainprobe.functional import Objective, criterion_loss
 from trainprobe.gradients import per_sample_gradients
-
-from .cases import SHARING, batch, hook_count, train
-from .contract import PROBE_SETS, assert_same_training
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import trainprobe
-
-from .synth import write_run
+from tests.synth import write_run
 
 _WATCH_TORCH = """
 import sys, traceback

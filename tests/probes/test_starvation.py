@@ -10,13 +10,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainprobe
+from tests.cases import MODELS, batch
+from tests.contract import watched_run
 from trainprobe.probes import StepContext, at_steps, every
 from trainprobe.probes.ntk_response import NTKResponse
 from trainprobe.probes.starvation import FeatureAttribution
 from trainprobe.store import Run
-
-from .cases import MODELS, batch
-from .contract import watched_run
 
 STEPS = 300
 

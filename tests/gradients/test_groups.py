@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.cases import MODELS, batch
 from trainprobe.curvature import criterion_loss
 from trainprobe.functional import Objective
 from trainprobe.gradients import (
@@ -15,8 +16,6 @@ from trainprobe.gradients import (
     per_sample_gradients,
     task_gradients,
 )
-
-from .cases import MODELS, batch
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 

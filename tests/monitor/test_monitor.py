@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 import trainprobe
+from tests.cases import hook_count
 from trainprobe.keys import Key
 from trainprobe.probes import ActivationStats, LayerNorms, LearningRate, UpdateNorms, every
 from trainprobe.probes.base import OnHost, PerLayer, StepContext
 from trainprobe.store import Run
-
-from .cases import hook_count
 
 
 def _model() -> nn.Module:

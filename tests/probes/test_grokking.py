@@ -11,12 +11,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.cases import MODELS, batch
+from tests.contract import watched_run
 from trainprobe.probes import StepContext, every
 from trainprobe.probes.grokking import GrokSignals
 from trainprobe.probes.heldout import HeldOut
-
-from .cases import MODELS, batch
-from .contract import watched_run
 
 
 def _ctx(model: nn.Module, data=None) -> StepContext:

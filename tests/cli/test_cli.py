@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.synth import write_run
 from trainprobe.cli.main import main
-
-from .synth import write_run
 
 
 def _healthy(tmp_path):

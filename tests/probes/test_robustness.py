@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from tests.cases import MODELS, hook_count
+from tests.contract import watched_run
 from trainprobe.probes import StepContext, every
 from trainprobe.probes.robustness import Robustness
 from trainprobe.regions import pgd_attack
-
-from .cases import MODELS, hook_count
-from .contract import watched_run
 
 F64 = torch.float64
 

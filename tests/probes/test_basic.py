@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainprobe
+from tests.cases import TinyRNN
 from trainprobe.probes import (
     ActivationStats,
     LayerNorms,
@@ -18,8 +19,6 @@ from trainprobe.probes import (
     every,
 )
 from trainprobe.store import Run
-
-from .cases import TinyRNN
 
 
 def _model() -> nn.Module:

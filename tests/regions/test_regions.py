@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.cases import MODELS, hook_count
 from trainprobe.regions import cross_polytope, local_complexity, random_frame, segment_pieces
-
-from .cases import MODELS, hook_count
 
 F64 = torch.float64
 

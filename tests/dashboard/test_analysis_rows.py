@@ -12,7 +12,8 @@ import plotly.graph_objects as go
 import pytest
 
 import trainprobe.dashboard.figure as figure
-from tests.synth import full_series, write_run
+from tests.synth import GROK_STEPS as STEPS
+from tests.synth import full_series, grok_series, write_run
 from trainprobe.analysis.findings import Finding, Severity
 from trainprobe.analysis.grokking import detect_grokking
 from trainprobe.dashboard import build, to_html
@@ -29,42 +30,8 @@ from trainprobe.dashboard.panels import ANALYSIS_PANELS
 from trainprobe.dashboard.regions import SET_COLOURS, local_complexity_panel
 from trainprobe.store import Run
 
-STEPS = np.arange(0, 2000, 20)  # 100 measurements; fit near step 100, generalised near 1400
 LAST = int(STEPS[-1])
 FUNCS = tuple(panel.func for panel in ANALYSIS_PANELS)
-
-
-def grok_series(steps: np.ndarray = STEPS) -> dict:
-    """A run that grokks: train fit early, held-out accuracy late; every key a row reads."""
-    t = steps.astype(float)
-    train = 1 - 0.98 * np.exp(-t / 30)
-    heldout = 0.02 + 0.98 / (1 + np.exp(-(t - 1300) / 40))
-    min_ratio = np.linspace(0.05, 0.8, steps.size)
-    min_ratio[3] = -0.4  # a direction fit backwards for a while
-    series = {
-        "heldout/train_acc": (steps, train),
-        "heldout/acc": (steps, heldout),
-        "robustness/adv_acc": (steps, 0.5 * heldout),
-        "robustness/clean_acc": (steps, heldout),
-        "heldout/train_loss": (steps, 3 * np.exp(-t / 40) + 1e-5),
-        "heldout/loss": (steps, 4 - 3.5 * heldout),
-        "grok/param_norm": (steps, 10 + 80 * np.sqrt(t / t[-1])),
-        "grok/softmax_collapse": (steps, np.clip((t - 500) / 1000, 0, 0.3)),
-        "grok/nlm_cos": (steps, np.tanh(t / 200) * 0.95),
-        "ntk/alignment": (steps, 0.1 + 0.5 * heldout),
-        "ntk/change": (steps, t / 1000),
-        "ntk/trace": (steps, 1e4 + t),
-        "attribution/share/easy": (steps, 0.9 + 0 * t),
-        "attribution/share/hard": (steps, 0.1 + 0 * t),
-        "attribution/ablation/easy": (steps, 2.0 + 0 * t),
-        "ntk_response/dir_0": (steps, 1 + 0 * t),
-        "ntk_response/min_ratio": (steps, min_ratio),
-    }
-    for i, point_set in enumerate(("train", "test", "random")):
-        count = 100 + 10 * i + 20 * np.sin(t / 400)
-        series[f"regions/{point_set}/total"] = (steps, count)
-        series[f"regions/{point_set}/layer/fc.1"] = (steps, count / 2)
-    return series
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,14 @@ import torch
 from torch import nn
 
 import trainprobe
+from tests.cases import MODELS, train
+from tests.contract import watched_run
 from trainprobe.curvature import criterion_loss
 from trainprobe.functional import Objective
 from trainprobe.gradients import microbatch_noise, noise_scale, per_sample_gradients
 from trainprobe.probes import PerLayer, StepContext, at_steps, every
 from trainprobe.probes.noise import GradNoise
 from trainprobe.store import Run
-
-from .cases import MODELS, train
-from .contract import watched_run
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
+from tests.cases import cnn
 from trainprobe.curvature import ParamLayout
-
-from .cases import cnn
 
 
 def test_flatten_unflatten_round_trip_matches_parameters_to_vector():

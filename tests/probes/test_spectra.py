@@ -10,14 +10,13 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainprobe
+from tests.cases import MODELS, batch, hook_count, train
 from trainprobe.probes import every
 from trainprobe.probes.base import StepContext
 from trainprobe.probes.spectra import EveryStep, GradSpectrum
 from trainprobe.probes.weight_spectrum import WeightSpectrum, recurrent_weights
 from trainprobe.spectra import as_matrix, is_matrix
 from trainprobe.store import Run
-
-from .cases import MODELS, batch, hook_count, train
 
 F64 = torch.float64
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.cases import MODELS, batch
+from tests.contract import watched_run
 from trainprobe.functional import network
 from trainprobe.gradients.ntk import (
     centered_alignment,
@@ -19,9 +21,6 @@ from trainprobe.gradients.ntk import (
 )
 from trainprobe.probes import StepContext, at_steps, every
 from trainprobe.probes.ntk import NTKAlignment
-
-from .cases import MODELS, batch
-from .contract import watched_run
 
 
 def _mlp(size: int = 6):

@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from tests.cases import MODELS, hook_count
+from tests.contract import watched_run
 from trainprobe.probes import PerLayer, StepContext, every
 from trainprobe.probes.regions import LocalComplexity
 from trainprobe.regions import local_complexity, random_frame, segment_pieces
-
-from .cases import MODELS, hook_count
-from .contract import watched_run
 
 F64 = torch.float64
 

@@ -10,7 +10,9 @@ import plotly.graph_objects as go
 import pytest
 
 import trainprobe.dashboard.figure as figure
-from tests.synth import write_run
+from tests.synth import GRADIENT_PARAMS as PARAMS
+from tests.synth import GRADIENT_STEPS as STEPS
+from tests.synth import GROUPS, PAIRS, gradient_series, pair_cosines, write_run
 from trainprobe.dashboard import build, to_html
 from trainprobe.dashboard.conflict import (
     COSINE_COLOURS,
@@ -34,10 +36,6 @@ from trainprobe.dashboard.heatmaps import trace_steps
 from trainprobe.dashboard.panels import GRADIENT_PANELS
 from trainprobe.store import Run, Series
 
-STEPS = np.arange(0, 300, 10)  # 30 measurements
-GROUPS = ("class_0", "class_1", "class_2")
-PAIRS = (("class_0", "class_1"), ("class_0", "class_2"), ("class_1", "class_2"))
-PARAMS = ("encoder.0.weight", "encoder.2.weight", "head.weight")
 FUNCS = (
     conflict_heatmap_panel,
     cosine_matrix_panel,
@@ -47,53 +45,6 @@ FUNCS = (
     weight_spectral_norm_panel,
 )
 TITLES = tuple(panel.title for panel in GRADIENT_PANELS)
-
-
-def pair_cosines(n: int) -> dict[tuple[str, str], np.ndarray]:
-    """Class 2 turns against class 0 over training; one NaN (a zero gradient) in 1·2."""
-    t = np.linspace(0.0, 1.0, n)
-    cos = {PAIRS[0]: 0.6 - 0.2 * t, PAIRS[1]: 0.5 - 1.2 * t, PAIRS[2]: 0.1 + 0.0 * t}
-    cos[PAIRS[2]][3] = np.nan
-    return cos
-
-
-def gradient_series(steps: np.ndarray = STEPS, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    n = steps.size
-    series = {"scalars/loss": (steps, 2.0 * np.exp(-steps / 100.0) + 0.1)}
-    for (a, b), cos in pair_cosines(n).items():
-        series[f"conflict/cos/{a}__{b}"] = (steps, cos)
-    cosines = np.stack(list(pair_cosines(n).values()))  # [pairs, n]
-    series["conflict/min_cos"] = (steps, np.nanmin(cosines, 0))
-    series["conflict/mean_cos"] = (steps, np.nanmean(cosines, 0))
-    series["conflict/frac_negative"] = (steps, (cosines < 0).mean(0))
-    for i, group in enumerate(GROUPS):  # class_2, the minority, loses ground after step 100
-        rising = 0.7 + 0.8 * np.clip(steps - 100, 0, None) / max(steps[-1], 1)
-        series[f"conflict/loss/{group}"] = (steps, rising if i == 2 else 0.7 * np.exp(-steps / 90))
-    losses = np.stack([series[f"conflict/loss/{g}"][1] for g in GROUPS])  # [G, n]
-    for i, group in enumerate(GROUPS):  # the minority's gradient fades as it loses
-        series[f"conflict/loss_share/{group}"] = (steps, losses[i] / losses.sum(0))
-        series[f"conflict/count/{group}"] = (steps, np.full(n, 4.0 if i == 2 else 30.0))
-        series[f"conflict/norm/{group}"] = (steps, np.exp(-steps / 100) if i == 2 else np.ones(n))
-    trace_cov = 50.0 * (1 + 0.3 * rng.random(n))
-    grad_sq = 0.5 + 0.2 * rng.random(n)
-    grad_sq[5] = -0.2  # |G|² estimate below zero: b_simple negative at that step
-    b_simple = trace_cov / grad_sq
-    b_simple[7] = np.nan
-    series.update(
-        {
-            "grad_noise/trace_cov": (steps, trace_cov),
-            "grad_noise/grad_sq": (steps, grad_sq),
-            "grad_noise/b_simple": (steps, b_simple),
-            "grad_noise/batch_size": (steps, np.full(n, 32.0)),
-        }
-    )
-    for i, name in enumerate(PARAMS):
-        rank = 1.0 + 40.0 * 0.5**i * np.exp(-steps / 200)
-        series[f"grad_spectrum/stable_rank/{name}"] = (steps, rank)
-        series[f"grad_spectrum/slow_ratio/{name}"] = (steps, np.full(n, 0.2 * (i + 1)))
-        series[f"weight_spectrum/spectral_norm/{name}"] = (steps, 0.8 + 0.5 * i + steps / 300)
-    return series
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainprobe
+from tests.cases import MODELS
+from tests.contract import watched_run
 from trainprobe.curvature import criterion_loss
 from trainprobe.gradients import cosines, layer_grams, pcgrad_shift, projection_shares
 from trainprobe.probes import PerLayer, StepContext, at_steps, every
 from trainprobe.probes.conflict import GradConflict
-
-from .cases import MODELS
-from .contract import watched_run
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 

@@ -6,15 +6,14 @@ from fnmatch import fnmatchcase
 
 import pytest
 
+from tests.cases import train
+from tests.contract import analysis_probes, curvature_probes, gradient_probes
 from trainprobe.analysis import DETECTORS
 from trainprobe.analysis.registry import alternatives
 from trainprobe.dashboard import PANELS
 from trainprobe.keys import Key, check_key, check_name
 from trainprobe.probes import PROBES, default_probes
 from trainprobe.store import Run
-
-from .cases import train
-from .contract import analysis_probes, curvature_probes, gradient_probes
 
 CONSUMERS = [*DETECTORS, *PANELS]
 
@@ -64,7 +63,7 @@ def test_default_probes_produce_every_key_a_consumer_needs(default_keys, consume
         if is_curvature(pattern) or is_gradient(pattern) or is_analysis(pattern):
             continue  # checked against the curvature, gradient or analysis probes below
         if pattern.startswith("scan/"):
-            continue  # only a scan writes them: tests/test_scan.py checks them on one
+            continue  # only a scan writes them: tests/scan/test_scan.py checks them on one
         assert any(fnmatchcase(k, pattern) for k in default_keys), (
             f"{consumer.name} needs {pattern!r}, which the default probes (plus a logged loss) "
             "do not write"

@@ -7,12 +7,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tests.cases import MODELS, batch
 from trainprobe.curvature import criterion_loss
 from trainprobe.functional import Objective, SplitBatch
 from trainprobe.gradients import DEFAULT_MAX_MEMORY, per_sample_gradients
 from trainprobe.gradients.persample import chunk_for, for_each_chunk
-
-from .cases import MODELS, batch
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 
