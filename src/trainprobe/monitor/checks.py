@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..keys import Key, check_key, check_name, matching
 from ..probes.base import NEEDS, Probe
+from ..probes.schedules import check_schedule
 
 
 def check_model(model: object) -> nn.Module:
@@ -36,15 +37,20 @@ def check_probes(probes: Iterable[object]) -> list[Probe]:
             )
         if not isinstance(probe, Probe):
             missing = [
-                a
-                for a in ("name", "schedule", "needs", "keys", "attach", "measure", "settings")
-                if not hasattr(probe, a)
+                a for a in ("name", "schedule", "needs", "keys", "measure") if not hasattr(probe, a)
             ]
             raise TypeError(
                 f"probes[{i}] ({type(probe).__name__}) is not a probe: it lacks "
                 f"{missing}; see trainprobe.probes.base for the protocol"
             )
-        check_name(probe.name, f"probes[{i}] ({type(probe).__name__}) name")
+        owner = f"probes[{i}] ({type(probe).__name__})"
+        check_name(probe.name, f"{owner} name")
+        check_schedule(probe.schedule, owner)
+        for optional in ("attach", "settings"):
+            if hasattr(probe, optional) and not callable(getattr(probe, optional)):
+                raise TypeError(
+                    f"{owner}: {optional} must be a method, got {getattr(probe, optional)!r}"
+                )
         _check_declared(probe)
         unknown = set(probe.needs) - NEEDS
         if unknown:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from ..probes.base import probe_settings
 
 
 def _jsonable(value: Any) -> Any:
@@ -64,7 +65,7 @@ def run_start(
                 "class": type(p).__qualname__,
                 "schedule": p.schedule.describe(),
                 "needs": sorted(p.needs),
-                "settings": p.settings(),
+                "settings": probe_settings(p),
             }
             for p in probes
         ],

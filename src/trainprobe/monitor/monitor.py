@@ -177,7 +177,7 @@ class Monitor:
         try:
             if any("update" in p.needs for p in handle.due):
                 handle.keep_params(self.params)
-            for probe in handle.due:
+            for probe in handle.due:  # the probes with hooks attach them now
                 handle.attach(self.model, probe, self._attach_failed)
         except BaseException:
             handle.remove_hooks()

@@ -69,9 +69,13 @@ class StepHandle:
     def attach(
         self, model: nn.Module, probe: Probe, on_error: Callable[[Probe, Exception], None]
     ) -> None:
-        """Attach ``probe``'s hooks to ``model``; ``on_error`` decides on a failure."""
+        """Attach ``probe``'s hooks to ``model`` (if it has an ``attach``); ``on_error``
+        decides on a failure."""
+        attach = getattr(probe, "attach", None)
+        if attach is None:
+            return
         try:
-            self._hooks.extend(probe.attach(model))
+            self._hooks.extend(attach(model))
         except Exception as err:
             on_error(probe, err)
 

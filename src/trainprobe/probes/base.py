@@ -1,4 +1,5 @@
-"""The probe protocol, what a probe may read (:class:`StepContext`) and return.
+"""The probe protocol, what a probe may read (:class:`StepContext`) and return, and the
+base of the built-in probes (:class:`ProbeOptions`).
 
 A probe is a small object with one job (DESIGN.md rule 3):
 
@@ -10,10 +11,11 @@ A probe is a small object with one job (DESIGN.md rule 3):
 - ``keys``: the :class:`~trainprobe.keys.Key` patterns it writes, each starting with its
   class's name (a probe given another ``name`` writes them under that name, see
   :func:`declared_keys`); the monitor refuses any other key;
-- ``attach(model) -> list[RemovableHandle]``: hooks for a due step (often none);
 - ``measure(ctx) -> {key: value}``: device tensors, floats, :class:`PerLayer` or
   :class:`OnHost`;
-- ``settings() -> dict``: its options, stored in the run metadata.
+- optional ``attach(model) -> list[RemovableHandle]``: hooks for a due step;
+- optional ``settings() -> dict``: its options for the run metadata; a built-in probe's
+  are its dataclass fields (:func:`probe_settings`).
 
 Probes never read device values on the host (no sync) and never change
 ``.grad``, parameters, buffers, train/eval mode or the global RNG: the monitor
@@ -23,13 +25,12 @@ moves every value to the host in one transfer per flush.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..keys import Key, check_name
 from .schedules import Schedule
@@ -101,26 +102,96 @@ class StepContext:
 
 @runtime_checkable
 class Probe(Protocol):
-    """What the monitor calls; see the module docstring."""
+    """What the monitor calls; see the module docstring (``attach`` and ``settings`` are
+    optional)."""
 
     name: str
     schedule: Schedule
     needs: frozenset[str]
     keys: tuple[Key, ...]
 
-    def attach(self, model: nn.Module) -> list[RemovableHandle]: ...
-
     def measure(self, ctx: StepContext) -> Mapping[str, Value]: ...
 
-    def settings(self) -> dict[str, Any]: ...
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ProbeOptions:
+    """The base of the built-in probes: a probe *is* its options, a frozen, keyword-only
+    dataclass, so the constructor's signature lists them, nothing changes them after
+    construction, and the run metadata records exactly them (:func:`probe_settings`).
+
+    A subclass redeclares ``name`` and ``schedule`` with its defaults (``name: str =
+    "norms"``, ``schedule: Schedule = every(10)``), declares ``keys`` and ``needs`` as
+    class variables, checks its own options in ``__post_init__`` (calling this one first),
+    and keeps run-time state (warm starts, fallbacks, frozen subsets) in private fields
+    declared with ``field(init=False, repr=False)`` and set by :meth:`_keep`. The
+    schedule is checked with the other probes by ``watch``.
+
+    Args:
+        name: the first part of its keys (lower_snake; default the class's); give two
+            instances of one class different names to record both side by side.
+        schedule: when to measure.
+    """
+
+    name: str
+    schedule: Schedule
+    needs: ClassVar[frozenset[str]] = frozenset()
+    keys: ClassVar[tuple[Key, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_name(self.name, f"{type(self).__name__}(name=...)")
+
+    def _keep(self, **state: Any) -> None:
+        """Set private run-time state (names starting with ``_``) on the frozen probe."""
+        for attr, value in state.items():
+            if not attr.startswith("_"):
+                raise AttributeError(
+                    f"{type(self).__name__}.{attr} is an option and options are frozen; "
+                    "run-time state lives in private fields"
+                )
+            object.__setattr__(self, attr, value)
 
 
-def probe_name(probe: object, name: str | None) -> str:
-    """A probe's name: ``name`` when given (checked: lower_snake, so that two instances of
-    one class can record side by side), else its class's ``name``."""
-    if name is None:
-        return type(probe).name  # type: ignore[attr-defined]
-    return check_name(name, f"{type(probe).__name__}(name=...)")
+def probe_settings(probe: object) -> dict[str, Any]:
+    """A probe's options for the run metadata, JSON-safe: a built-in probe's constructor
+    fields except ``name`` and ``schedule`` (stored beside them), as given or defaulted,
+    never its run-time state; another probe's ``settings()`` if it has one, else ``{}``.
+
+    Examples:
+        >>> from trainprobe.probes import LayerNorms
+        >>> probe_settings(LayerNorms())
+        {}
+    """
+    if is_dataclass(probe) and not isinstance(probe, type):
+        return {
+            f.name: _describe(getattr(probe, f.name))
+            for f in fields(probe)
+            if f.init and f.name not in ("name", "schedule")
+        }
+    settings = getattr(probe, "settings", None)
+    return dict(settings()) if callable(settings) else {}
+
+
+def _describe(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON: scalars as they are; tensors, modules, callables and data by
+    what they are (a batch is described, never stored)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Tensor):
+        return f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, nn.Module):
+        return f"module {type(value).__name__}"
+    if isinstance(value, tuple | list) and depth < 2 and len(value) <= 16:
+        return [_describe(v, depth + 1) for v in value]
+    if isinstance(value, Mapping) and depth < 2 and len(value) <= 16:
+        return {str(k): _describe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, slice):
+        return f"slice({value.start}, {value.stop}, {value.step})"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"function {value.__qualname__}"
+    size = f" of {len(value)}" if hasattr(value, "__len__") else ""
+    return f"{type(value).__name__}{size}"
 
 
 def declared_keys(probe: Probe) -> tuple[Key, ...]:
@@ -155,3 +226,9 @@ def step_source(
             f"{owner} needs data: pass batch= to mon.step(), or {data_hint} to the probe"
         )
     return loss_fn, batch
+
+
+def probe_name(probe: object, name: str | None) -> str:  # TEMPORARY during the options move
+    if name is None:
+        return type(probe).name  # type: ignore[attr-defined]
+    return check_name(name, f"{type(probe).__name__}(name=...)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +13,7 @@ from ._curvature import CurvatureProbe
 from .base import StepContext, Value
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
 class HessianTop(CurvatureProbe):
     """Extreme Hessian eigenvalues by Lanczos, warm-started from the last measurement.
 
@@ -35,10 +36,11 @@ class HessianTop(CurvatureProbe):
         warm_start: start from the previous measurement's eigenvectors (a few
             steps later they have barely turned: far fewer products).
         vectors: also record the eigenvectors (``P × k`` floats per measurement).
-        **source: where the Hessian is taken, and ``seed``; see :class:`CurvatureProbe`.
+        data, batches, loss_fn, params, mode, engine, dtype, seed, schedule, name: see
+            :class:`CurvatureProbe`.
     """
 
-    name = "hessian"
+    name: str = "hessian"
     keys = (
         Key("hessian/eig_<i>", "the i-th largest Hessian eigenvalue"),
         Key("hessian/bottom_<i>", "the i-th most negative Hessian eigenvalue"),
@@ -49,24 +51,19 @@ class HessianTop(CurvatureProbe):
         Key("hessian/eigvecs", "[P, top + bottom] float32 eigenvectors"),
     )
 
-    def __init__(
-        self,
-        top: int = 1,
-        *,
-        bottom: int = 0,
-        tol: float = 1e-4,
-        value_tol: float | None = None,
-        max_iter: int | None = None,
-        warm_start: bool = True,
-        vectors: bool = False,
-        **source: Any,
-    ) -> None:
-        super().__init__(**source)
+    top: int = 1
+    bottom: int = 0
+    tol: float = 1e-4
+    value_tol: float | None = None
+    max_iter: int | None = None
+    warm_start: bool = True
+    vectors: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        top, bottom = self.top, self.bottom
         if top < 0 or bottom < 0 or top + bottom < 1:
             raise ValueError(f"HessianTop: need top + bottom >= 1, got top={top}, bottom={bottom}")
-        self.top, self.bottom, self.tol, self.max_iter = top, bottom, tol, max_iter
-        self.value_tol = value_tol
-        self.warm_start, self.vectors = warm_start, vectors
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
@@ -95,18 +92,9 @@ class HessianTop(CurvatureProbe):
             out[f"{self.name}/eigvecs"] = pairs.vectors.to(torch.float32)  # [P, k]
         return out
 
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "top": self.top,
-            "bottom": self.bottom,
-            "tol": self.tol,
-            "value_tol": self.value_tol,
-            "warm_start": self.warm_start,
-            "vectors": self.vectors,
-        }
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
 class HessianTrace(CurvatureProbe):
     """``tr(H)``, the sum of all curvatures, by Hutch++ (or Hutchinson).
 
@@ -116,23 +104,26 @@ class HessianTrace(CurvatureProbe):
         matvecs: Hessian-vector products per measurement (batched in one call).
         method: ``"hutch++"`` (Meyer et al. 2021; default, exact on low-rank parts) or
             ``"hutchinson"`` (Hutchinson 1989).
-        **source: see :class:`CurvatureProbe`.
+        data, batches, loss_fn, params, mode, engine, dtype, seed, schedule, name: see
+            :class:`CurvatureProbe`.
     """
 
-    name = "hessian_trace"
+    name: str = "hessian_trace"
     keys = (
         Key("hessian_trace/trace", "the estimate of tr(H)"),
         Key("hessian_trace/stderr", "the standard error of the estimate"),
         Key("hessian_trace/hvps", "Hessian-vector products spent"),
     )
 
-    def __init__(self, *, matvecs: int = 100, method: str = "hutch++", **source: Any) -> None:
-        super().__init__(**source)
-        if method not in ("hutch++", "hutchinson"):
+    matvecs: int = 100
+    method: str = "hutch++"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in ("hutch++", "hutchinson"):
             raise ValueError(
-                f"HessianTrace: method must be 'hutch++' or 'hutchinson', got {method!r}"
+                f"HessianTrace: method must be 'hutch++' or 'hutchinson', got {self.method!r}"
             )
-        self.matvecs, self.method = matvecs, method
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
@@ -144,10 +135,9 @@ class HessianTrace(CurvatureProbe):
             f"{self.name}/hvps": float(op.matvecs),
         }
 
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "matvecs": self.matvecs, "method": self.method}
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
 class HessianDensity(CurvatureProbe):
     """The Hessian's eigenvalue density by stochastic Lanczos quadrature
     (Ghorbani, Krishnan & Xiao 2019).
@@ -158,21 +148,20 @@ class HessianDensity(CurvatureProbe):
         probes: independent Lanczos runs (batched: one ``matmat`` per step).
         steps: Lanczos steps per run (``probes × steps`` products).
         points: grid size.
-        **source: see :class:`CurvatureProbe`.
+        data, batches, loss_fn, params, mode, engine, dtype, seed, schedule, name: see
+            :class:`CurvatureProbe`.
     """
 
-    name = "hessian_density"
+    name: str = "hessian_density"
     keys = (
         Key("hessian_density/grid", "[points] eigenvalues λ where the density is evaluated"),
         Key("hessian_density/density", "[points] density φ(λ), integrating to 1"),
         Key("hessian_density/hvps", "Hessian-vector products spent"),
     )
 
-    def __init__(
-        self, *, probes: int = 4, steps: int = 40, points: int = 200, **source: Any
-    ) -> None:
-        super().__init__(**source)
-        self.probes, self.steps, self.points = probes, steps, points
+    probes: int = 4
+    steps: int = 40
+    points: int = 200
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
@@ -190,10 +179,3 @@ class HessianDensity(CurvatureProbe):
             f"{self.name}/hvps": float(op.matvecs),
         }
 
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "probes": self.probes,
-            "steps": self.steps,
-            "points": self.points,
-        }

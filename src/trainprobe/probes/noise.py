@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
 
-from torch import nn
-from torch.utils.hooks import RemovableHandle
-
-from ..functional import LossFn, Objective, ParamSelection, check_mode
 from ..gradients import METHODS, microbatch_noise, per_sample_noise
 from ..keys import Key
-from .base import PerLayer, StepContext, Value, probe_name, step_source
-from .schedules import Schedule, check_schedule, every
+from .base import PerLayer, StepContext, Value
+from .schedules import Schedule, every
+from .source import LossProbe
 
 
-class GradNoise:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GradNoise(LossProbe):
     """Simple noise scale ``B_simple = tr(Σ) / ‖G‖²`` (McCandlish et al. 2018, "An
     Empirical Model of Large-Batch Training", appendix A), per step, from unbiased
     estimates.
@@ -48,17 +46,15 @@ class GradNoise:
         schedule: when to measure (default every 10 steps; a measurement is one batch
             gradient vmapped over the examples: about two batch gradients on a small CPU
             CNN, 1.23x the training step every 10 steps; ``benchmarks/gradients.py``).
-        data: a fixed batch (default: the step's ``batch=``).
-        loss_fn: ``loss(model, batch) -> scalar``, mean-reduced (default: the one given to
-            ``watch``).
-        params: which parameters (None: all trainable; a regex, names or a module).
-        mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or
-            ``"train"`` (dropout noise included; refused with BatchNorm, see
-            :mod:`trainprobe.gradients.persample`).
         max_memory: bytes per chunk of per-example gradients (default 256 MiB).
+        data, loss_fn, params, mode: where the loss is taken, see
+            :class:`~.source.LossProbe` (``mode="train"`` includes dropout noise and is
+            refused with BatchNorm, see :mod:`trainprobe.gradients.persample`).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "grad_noise"
+    name: str = "grad_noise"
+    schedule: Schedule = every(10)
     keys = (
         Key(
             "grad_noise/b_simple",
@@ -72,51 +68,30 @@ class GradNoise:
         ),
         Key("grad_noise/batch_size", "B, the examples in the batch"),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        *,
-        microbatches: int | None = None,
-        method: str = "auto",
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        data: Any = None,
-        loss_fn: LossFn | None = None,
-        params: ParamSelection = None,
-        mode: str = "eval",
-        max_memory: int | None = None,
-    ) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "GradNoise")
-        self.name = probe_name(self, name)
-        if microbatches is not None and (
-            isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 2
-        ):
+    microbatches: int | None = None
+    method: str = "auto"
+    max_memory: int | None = None
+    _method: str | None = field(default=None, init=False, repr=False)  # "loop" after a fallback
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        m = self.microbatches
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
             raise ValueError(
-                f"GradNoise: microbatches must be None (per-example) or an integer >= 2, "
-                f"got {microbatches!r}"
+                f"GradNoise: microbatches must be None (per-example) or an integer >= 2, got {m!r}"
             )
-        if method not in METHODS:
-            raise ValueError(f"GradNoise: method must be one of {METHODS}, got {method!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError("GradNoise: loss_fn must be callable loss(model, batch)")
-        self.microbatches, self.method, self.mode = microbatches, method, check_mode(mode)
-        self.data, self.loss_fn, self.params, self.max_memory = data, loss_fn, params, max_memory
-        self._method = method  # "loop" for good once "auto" had to fall back
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+        if self.method not in METHODS:
+            raise ValueError(f"GradNoise: method must be one of {METHODS}, got {self.method!r}")
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        loss_fn, batch = step_source(ctx, "GradNoise", self.loss_fn, self.data)
-        objective = Objective(ctx.model, loss_fn, params=self.params, mode=self.mode)
+        objective, batch = self.objective(ctx)
         if self.microbatches is None:
             noise, used = per_sample_noise(
-                objective, batch, method=self._method, max_memory=self.max_memory
+                objective, batch, method=self._method or self.method, max_memory=self.max_memory
             )
-            if used == "loop":
-                self._method = "loop"
+            if used == "loop":  # "auto" fell back once (with a warning): for good
+                self._keep(_method="loop")
         else:
             noise = microbatch_noise(objective, batch, self.microbatches)
         return {
@@ -127,12 +102,3 @@ class GradNoise:
             f"{self.name}/batch_size": float(noise.batch_size),
         }
 
-    def settings(self) -> dict[str, Any]:
-        return {
-            "microbatches": self.microbatches,
-            "method": self.method,
-            "mode": self.mode,
-            "data": "fixed batch" if self.data is not None else "step batch",
-            "params": self.params if isinstance(self.params, str | None) else repr(self.params),
-            "max_memory": self.max_memory,
-        }

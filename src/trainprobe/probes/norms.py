@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-from torch import nn
-from torch.utils.hooks import RemovableHandle
+from dataclasses import dataclass
 
 from ..keys import Key
-from .base import PerLayer, StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import PerLayer, ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
 from .tensors import stacked_norms, total_norm
 
 
-class LayerNorms:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LayerNorms(ProbeOptions):
     """L2 norms of every trainable parameter tensor and of its gradient.
 
     Keys: see ``keys`` (parameters whose ``.grad`` is None that step get no gradient key).
@@ -24,9 +22,11 @@ class LayerNorms:
 
     Args:
         schedule: when to measure (default every 10 steps).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "norms"
+    name: str = "norms"
+    schedule: Schedule = every(10)
     keys = (
         Key("norms/weight/<param>", "||w||_2 of one parameter tensor"),
         Key("norms/weight_total", "sqrt(sum ||w||^2) over all trainable parameters"),
@@ -34,14 +34,6 @@ class LayerNorms:
         Key("norms/grad_total", "the global gradient norm, the quantity clip_grad_norm_ clips"),
     )
     needs = frozenset({"grads"})
-
-    def __init__(self, *, schedule: Schedule | None = None, name: str | None = None) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "LayerNorms")
-        self.name = probe_name(self, name)
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         names = tuple(ctx.params)
@@ -56,6 +48,3 @@ class LayerNorms:
             out[f"{self.name}/grad"] = PerLayer(tuple(n for n, _ in with_grad), grads)
             out[f"{self.name}/grad_total"] = total_norm(grads)
         return out
-
-    def settings(self) -> dict[str, Any]:
-        return {}

@@ -23,7 +23,7 @@ only shrinks the weights and is left out.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -145,6 +145,7 @@ class _Preconditioned:
         return self.matmat(v.reshape(-1, 1)).reshape(-1)
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Sharpness(CurvatureProbe):
     """``λ_max`` of the Hessian the optimizer sees, against its stability threshold.
 
@@ -158,10 +159,11 @@ class Sharpness(CurvatureProbe):
         tol: Lanczos residual tolerance (relative), as :class:`~.hessian.HessianTop`.
         value_tol: eigenvalue-error tolerance (relative), as :class:`~.hessian.HessianTop`.
         warm_start: start from the last measurement's top eigenvector.
-        **source: see :class:`~._curvature.CurvatureProbe` (``seed`` included).
+        data, batches, loss_fn, params, mode, engine, dtype, seed, schedule, name: see
+            :class:`~._curvature.CurvatureProbe`.
     """
 
-    name = "sharpness"
+    name: str = "sharpness"
     keys = (
         Key("sharpness/lambda_max", "λ_max(H + wd I), or λ_max(P⁻¹(H + wd I)) for Adam"),
         Key("sharpness/threshold", "the optimizer's stability threshold for λ_max"),
@@ -171,17 +173,10 @@ class Sharpness(CurvatureProbe):
         Key("sharpness/hvps", "Hessian-vector products spent"),
     )
 
-    def __init__(
-        self,
-        *,
-        tol: float = 1e-4,
-        value_tol: float | None = None,
-        warm_start: bool = True,
-        **source: Any,
-    ) -> None:
-        super().__init__(**source)
-        self.tol, self.value_tol, self.warm_start = tol, value_tol, warm_start
-        self._noted: set[str] = set()
+    tol: float = 1e-4
+    value_tol: float | None = None
+    warm_start: bool = True
+    _noted: set[str] = field(default_factory=set, init=False, repr=False)  # warnings given
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
@@ -214,10 +209,3 @@ class Sharpness(CurvatureProbe):
             self._noted.add(note)
             warn_user(f"Sharpness: λ_max only, no threshold: {note}", UserWarning)
 
-    def settings(self) -> dict[str, Any]:
-        return {
-            **super().settings(),
-            "tol": self.tol,
-            "value_tol": self.value_tol,
-            "warm_start": self.warm_start,
-        }

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from ._curvature import CurvatureProbe
 from .base import StepContext, Value
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
 class GradientSubspace(CurvatureProbe):
     """Fraction of the gradient's squared norm in the span of the top-``k`` eigenvectors.
 
@@ -31,27 +32,33 @@ class GradientSubspace(CurvatureProbe):
             consistent with the Hessian; ``"step"``: the parameters' ``.grad`` after the
             user's backward (the gradient the optimizer is about to use).
         tol: Lanczos residual tolerance (relative).
-        **source: see :class:`~._curvature.CurvatureProbe` (``seed`` included).
+        data, batches, loss_fn, params, mode, engine, dtype, seed, schedule, name: see
+            :class:`~._curvature.CurvatureProbe`.
     """
 
-    name = "grad_subspace"
+    name: str = "grad_subspace"
     keys = (
         Key("grad_subspace/fraction", "||V_kᵀ g||² / ||g||², in [0, 1] (NaN for a zero gradient)"),
         Key("grad_subspace/hvps", "Hessian-vector products spent"),
     )
 
-    def __init__(
-        self, k: int = 10, *, gradient: str = "loss", tol: float = 1e-4, **source: Any
-    ) -> None:
-        super().__init__(**source)
-        if k < 1:
-            raise ValueError(f"GradientSubspace: k must be >= 1, got {k}")
-        if gradient not in ("loss", "step"):
+    k: int = 10
+    gradient: str = "loss"
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"GradientSubspace: k must be an integer >= 1, got {self.k!r}")
+        if self.gradient not in ("loss", "step"):
             raise ValueError(
-                f"GradientSubspace: gradient must be 'loss' or 'step', got {gradient!r}"
+                f"GradientSubspace: gradient must be 'loss' or 'step', got {self.gradient!r}"
             )
-        self.k, self.gradient, self.tol = k, gradient, tol
-        self.needs = frozenset({"grads"}) if gradient == "step" else frozenset()
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        """``.grad`` after the user's backward only with ``gradient="step"``."""
+        return frozenset({"grads"}) if self.gradient == "step" else frozenset()
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
@@ -61,9 +68,6 @@ class GradientSubspace(CurvatureProbe):
         inside = pairs.vectors.T @ g  # [k]
         fraction = (inside @ inside) / (g @ g)  # NaN for g = 0
         return {f"{self.name}/fraction": fraction, f"{self.name}/hvps": float(op.matvecs)}
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "k": self.k, "gradient": self.gradient, "tol": self.tol}
 
 
 def _step_gradient(ctx: StepContext, layout: ParamLayout) -> Tensor:
