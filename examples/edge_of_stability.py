@@ -52,7 +52,7 @@ def train(lr: float, run_dir: Path, steps: int, every: int) -> trainprobe.Run:
     batch = make_data()
     probes = [
         trainprobe.Sharpness(schedule=trainprobe.every(every)),
-        trainprobe.HessianTop(3, schedule=trainprobe.every(5 * every)),
+        trainprobe.HessianTop(top=3, schedule=trainprobe.every(5 * every)),
         trainprobe.HessianTrace(schedule=trainprobe.every(5 * every)),
         trainprobe.HessianDensity(schedule=trainprobe.log_spaced(4)),
         trainprobe.NonFiniteGuard(),

@@ -60,7 +60,7 @@ def train(name: str, data: Batch, run_dir: Path, steps: int) -> trainprobe.Run:
     model = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     probes = [
-        FeatureAttribution({"easy": [0], "hard": [1]}, data=data, schedule=every(25)),
+        FeatureAttribution(features={"easy": [0], "hard": [1]}, data=data, schedule=every(25)),
         NTKResponse(data=data, schedule=every(25)),
     ]
     with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt, loss_fn=logistic) as mon:

@@ -1,7 +1,10 @@
-"""What the contract tests share: the probe sets, and a watched run that checks what every
-probe owes the training loop (imported by the probe test files; no test lives here)."""
+"""What the contract tests share: the probe sets, the table of options every probe must
+refuse, and a watched run that checks what every probe owes the training loop (imported by
+the probe test files; no test lives here)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -60,7 +63,7 @@ def watched_run(tmp_path, model: str, probes: list, *, steps: int) -> tuple[Run,
 def curvature_probes() -> list:
     """Every curvature probe, each option that adds keys switched on."""
     return [
-        PROBES["hessian"](2, bottom=1, vectors=True, schedule=every(1)),
+        PROBES["hessian"](top=2, bottom=1, vectors=True, schedule=every(1)),
         *(
             PROBES[name](schedule=every(1))
             for name in ("hessian_trace", "hessian_density", "sharpness", "grad_subspace")
@@ -74,7 +77,7 @@ def gradient_probes() -> list:
         PROBES["conflict"](schedule=every(1)),
         PROBES["grad_noise"](schedule=every(1)),
         PROBES["grad_spectrum"](schedule=every(1)),
-        PROBES["weight_spectrum"](2, schedule=every(1)),
+        PROBES["weight_spectrum"](k=2, schedule=every(1)),
     ]
 
 
@@ -101,3 +104,125 @@ PROBE_SETS = {
 def documented_patterns(cls) -> tuple[Key, ...]:
     """The key patterns a probe class declares (``keys``), under its class's name."""
     return cls.keys
+
+
+_SOURCE = (  # the options every probe that evaluates the loss shares (probes.source.LossProbe)
+    ({"loss_fn": 3}, TypeError, "loss_fn must be callable"),
+    ({"mode": "test"}, ValueError, "mode must be 'eval' or 'train'"),
+)
+_CURVATURE = (
+    *_SOURCE,
+    ({"data": 1, "batches": [1]}, ValueError, "pass data= or batches=, not both"),
+    ({"batches": iter([1])}, TypeError, "one-shot iterator"),
+)
+_OUTPUTS = (  # the NTK probes' shared options
+    ({"max_examples": 1}, ValueError, r"max_examples must be an integer in \[2, 256\]"),
+    ({"max_examples": 257}, ValueError, r"max_examples must be an integer in \[2, 256\]"),
+    ({"method": "jacfwd"}, ValueError, "method must be one of"),
+    ({"mode": "test"}, ValueError, "mode must be 'eval'"),
+    ({"data": torch.zeros(3, 2)}, ValueError, r"needs batches \(inputs, targets\)"),
+)
+
+BAD_OPTIONS: dict[str, tuple[tuple[dict, type[Exception], str], ...]] = {
+    "norms": (),
+    "updates": (),
+    "nonfinite": (),
+    "optim": (),
+    "activations": (
+        ({"max_elements": 0}, ValueError, r"max_elements=...\) must be a positive int or None"),
+        ({"modules": "0"}, TypeError, "takes a list of names, not one string"),
+    ),
+    "hessian": (
+        *_CURVATURE,
+        ({"top": 0}, ValueError, r"need top \+ bottom >= 1"),
+        ({"top": 1, "bottom": -1}, ValueError, r"need top \+ bottom >= 1"),
+    ),
+    "hessian_trace": (
+        *_CURVATURE,
+        ({"method": "exact"}, ValueError, r"method must be 'hutch\+\+' or 'hutchinson'"),
+    ),
+    "hessian_density": _CURVATURE,
+    "sharpness": _CURVATURE,
+    "grad_subspace": (
+        *_CURVATURE,
+        ({"k": 0}, ValueError, "k must be an integer >= 1"),
+        ({"gradient": "x"}, ValueError, "gradient must be 'loss' or 'step'"),
+    ),
+    "conflict": (
+        *_SOURCE,
+        ({"by": "label"}, ValueError, "by must be 'class', 'task', 'microbatch'"),
+        ({"microbatches": 1}, ValueError, "microbatches must be an integer >= 2"),
+        ({"max_pair_groups": -1}, ValueError, "max_pair_groups must be"),
+        ({"method": "dense"}, ValueError, "method must be 'subset'"),
+    ),
+    "grad_noise": (
+        *_SOURCE,
+        ({"microbatches": 1}, ValueError, "microbatches must be None"),
+        ({"microbatches": True}, ValueError, "microbatches must be None"),
+        ({"method": "jit"}, ValueError, "method must be one of"),
+    ),
+    "grad_spectrum": (
+        ({"k": 0}, ValueError, r"GradSpectrum: k must be >= 1, got 0"),
+        ({"k": 2.0}, TypeError, r"GradSpectrum: k must be an int, got float 2.0"),
+        ({"energy_rank": 0}, ValueError, r"GradSpectrum\(energy_rank=...\) must be >= 1"),
+        ({"alpha": 1.0}, ValueError, r"GradSpectrum: alpha must be in \(0, 1\) .* got 1.0"),
+        ({"alpha": "slow"}, TypeError, r"GradSpectrum: alpha must be a float in \(0, 1\)"),
+        ({"exact_max": 0}, ValueError, r"GradSpectrum\(exact_max=...\) must be >= 1"),
+        ({"oversample": -1}, ValueError, r"GradSpectrum\(oversample=...\) must be >= 0"),
+        ({"power_iters": -1}, ValueError, r"GradSpectrum\(power_iters=...\) must be >= 0"),
+        ({"seed": -1}, ValueError, r"GradSpectrum\(seed=...\) must be >= 0"),
+    ),
+    "weight_spectrum": (
+        ({"k": -1}, ValueError, r"WeightSpectrum: k must be >= 0, got -1"),
+        ({"iters": 0}, ValueError, r"WeightSpectrum\(iters=...\) must be >= 1"),
+        ({"cold_iters": 0}, ValueError, r"WeightSpectrum\(cold_iters=...\) must be >= 1"),
+        ({"seed": -1}, ValueError, r"WeightSpectrum\(seed=...\) must be >= 0"),
+    ),
+    "regions": (
+        ({"radius": 0}, ValueError, "radius must be a number > 0"),
+        ({"dim": 0}, ValueError, "dim must be an integer >= 1"),
+        ({"max_points": 0}, ValueError, "max_points must be an integer >= 1"),
+        ({"max_steps": 0}, ValueError, "max_steps must be an integer >= 1"),
+        ({"random": 0}, ValueError, "random must be an integer >= 1"),
+        ({"train": "x"}, TypeError, r"train= must be a floating tensor \[N, \*shape\] or a batch"),
+        ({"test": torch.zeros(3)}, TypeError, "test= must be a floating"),
+    ),
+    "robustness": (
+        ({"eps": -1.0}, ValueError, "eps must be a finite number >= 0"),
+        ({"eps": math.inf}, ValueError, "eps must be a finite number >= 0"),
+        ({"steps": -1}, ValueError, "steps must be an integer >= 0"),
+        ({"step_size": -0.1}, ValueError, "step_size must be a finite number >= 0 or None"),
+        ({"max_points": 0}, ValueError, "max_points must be an integer >= 1"),
+        ({"bounds": (1.0, 0.0)}, ValueError, r"bounds must be a tuple \(low, high\)"),
+        ({"data": torch.zeros(3, 2)}, ValueError, r"needs a batch \(inputs \[N, \*shape\]"),
+    ),
+    "heldout": (
+        ({}, ValueError, "exactly one of data="),
+        ({"data": batch("mlp", 0), "eval_fn": lambda m: {}}, ValueError, "exactly one"),
+        (
+            {"eval_fn": lambda m: {}, "train_data": batch("mlp", 0)},
+            TypeError,
+            "without train_data",
+        ),
+        ({"eval_fn": 3}, TypeError, "eval_fn must be callable"),
+        ({"data": batch("mlp", 0), "criterion": "ce"}, TypeError, "criterion must be"),
+        ({"data": iter([batch("mlp", 0)])}, TypeError, "one-shot iterator"),
+        ({"data": []}, ValueError, "non-empty list"),
+        ({"data": [torch.zeros(2)]}, ValueError, r"needs batches \(inputs, targets\)"),
+        ({"data": batch("mlp", 0), "mode": "test"}, ValueError, "mode must be"),
+    ),
+    "grok": (({"output": 3}, TypeError, r"output must be a module name or an nn\.Module"),),
+    "ntk": (*_OUTPUTS, ({"max_outputs": 0}, ValueError, "max_outputs must be an integer >= 1")),
+    "attribution": (
+        ({"features": {}}, TypeError, "non-empty dict"),
+        ({"features": {"Easy": [0]}}, ValueError, "not lower_snake"),
+        ({"loss_fn": 3}, TypeError, "loss_fn must be callable"),
+    ),
+    "ntk_response": (
+        *_OUTPUTS,
+        ({"directions": 0}, ValueError, "directions must be an integer >= 1"),
+        ({"min_label_energy": 0}, ValueError, r"min_label_energy must be in"),
+    ),
+}
+"""Options each probe refuses when it is built, with the error and the words it must say
+(every probe also refuses a non-schedule and a name that is not lower_snake)."""

@@ -35,6 +35,18 @@ def write_run(
     return Run(run_dir)
 
 
+def declared_meta(*names: str) -> dict[str, Any]:
+    """Run metadata naming the built-in probes ``names`` with the keys they declare, as the
+    monitor writes it (what the dashboard reads its family notes from)."""
+    from trainprobe.probes import PROBES  # torch: only for the tests that need it
+
+    return {
+        "probes": [
+            {"name": n, "keys": [[k.pattern, k.meaning] for k in PROBES[n].keys]} for n in names
+        ]
+    }
+
+
 PARAMS = [
     "features.0.weight",
     "features.0.bias",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import math
 
 import numpy as np
@@ -11,6 +14,7 @@ import torch
 import trainprobe
 from tests.cases import MODELS, batch, hook_count, train
 from tests.contract import (
+    BAD_OPTIONS,
     PROBE_NAMES,
     PROBE_SETS,
     assert_same_training,
@@ -19,7 +23,8 @@ from tests.contract import (
 )
 from trainprobe.keys import Key
 from trainprobe.probes import PROBES, default_probes, every
-from trainprobe.probes.base import declared_keys
+from trainprobe.probes.base import declared_keys, probe_settings
+from trainprobe.probes.schedules import Schedule
 from trainprobe.store import Run
 
 
@@ -101,14 +106,8 @@ class _RandomProbe:
     keys = (Key("bad/noise", "a draw from the global RNG"),)
     schedule = every(1)
 
-    def attach(self, model):
-        return []
-
-    def measure(self, ctx):
+    def measure(self, ctx):  # no attach, no settings: both are optional
         return {"bad/noise": torch.rand(())}
-
-    def settings(self):
-        return {}
 
 
 def test_the_contract_catches_a_probe_that_perturbs(tmp_path):
@@ -152,3 +151,55 @@ def test_every_probe_takes_a_name_and_its_keys_follow_it(name):
     ]
     with pytest.raises(ValueError, match=rf"{PROBES[name].__name__}\(name=...\): 'Two' is not"):
         PROBES[name](name="Two", **renamed)
+
+
+@pytest.mark.parametrize("name", PROBE_NAMES)
+def test_options_are_keyword_only_frozen_with_a_declared_default_schedule(name):
+    cls = PROBES[name]
+    parameters = inspect.signature(cls).parameters
+    assert all(p.kind is p.KEYWORD_ONLY for p in parameters.values()), "positional options"
+    assert all(p.default is not p.empty for p in parameters.values()), "an option has no default"
+    assert isinstance(parameters["schedule"].default, Schedule)
+    assert parameters["name"].default == cls.name == cls.keys[0].probe
+    probe = every_step(name)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        probe.schedule = every(2)
+    assert not hasattr(cls, "settings"), "settings are derived from the options"
+
+
+def test_every_probe_has_a_row_of_refused_options():
+    assert set(BAD_OPTIONS) == set(PROBES)
+
+
+_REFUSED = [
+    pytest.param(name, options, error, match, id=f"{name}-{i}")
+    for name in PROBE_NAMES
+    for i, (options, error, match) in enumerate(
+        (
+            *BAD_OPTIONS[name],
+            ({"schedule": 5}, TypeError, "schedule must be a trainprobe schedule"),
+            ({"name": "Two"}, ValueError, "is not a lower_snake name"),
+        )
+    )
+]
+
+
+@pytest.mark.parametrize(("name", "options", "error", "match"), _REFUSED)
+def test_bad_options_are_refused_when_the_probe_is_built(name, options, error, match):
+    with pytest.raises(error, match=match):
+        PROBES[name](**options)
+
+
+@pytest.mark.parametrize("probe_set", sorted(PROBE_SETS))
+def test_settings_are_the_options_and_never_run_time_state(tmp_path, probe_set):
+    """The run metadata records each probe's options as built (JSON-safe), unchanged by
+    measuring: warm starts, fallbacks and frozen subsets live apart from them."""
+    probes = PROBE_SETS[probe_set]("mlp")
+    before = [probe_settings(p) for p in probes]
+    train("mlp", steps=3, probes=probes, run_dir=tmp_path / "run")
+    assert [probe_settings(p) for p in probes] == before
+    stored = [entry["settings"] for entry in Run(tmp_path / "run").meta["probes"]]
+    assert stored == json.loads(json.dumps(before))
+    for probe, settings in zip(probes, before, strict=True):
+        options = {f.name for f in dataclasses.fields(probe) if f.init}
+        assert set(settings) == options - {"name", "schedule"}

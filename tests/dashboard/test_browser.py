@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.chromium import BROWSER_FLAGS, find_chromium, missing_reason
-from tests.synth import full_series, write_run
+from tests.synth import declared_meta, full_series, write_run
 from trainprobe.analysis import analyze
 from trainprobe.dashboard import build, extra_figures, to_html
 from trainprobe.dashboard.links import SPAN_MARGIN
@@ -215,6 +215,7 @@ def test_live_page_redraws_in_place_keeping_zoom_and_menu(tmp_path):
 
     browser = chromium_or_skip()
     writer = RunWriter(tmp_path / "run")
+    writer.set_meta(declared_meta("sharpness", "updates"))  # the probes' key meanings
     first = {"scalars/loss": 2.0, "sharpness/lr": 0.1, "updates/norm/a": 1.0, "updates/norm/b": 2.0}
     writer.append(Record(s, {**first, "scalars/loss": 2.0 - s / 100}) for s in range(20))
     stale = serve_cli.page(writer.run_dir, refresh_ms=300)  # what a browser opened earlier

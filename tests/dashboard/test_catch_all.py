@@ -7,7 +7,7 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from tests.synth import write_run
+from tests.synth import declared_meta, write_run
 from trainprobe.dashboard import PANELS, PanelPart, build
 from trainprobe.dashboard.catch_all import (
     MAX_FAMILY_LINES,
@@ -18,6 +18,7 @@ from trainprobe.dashboard.catch_all import (
 )
 from trainprobe.dashboard.grid import column_budget
 from trainprobe.dashboard.parts import MenuItem
+from trainprobe.keys import Key
 from trainprobe.store import Record, Run, RunWriter
 
 CATCH_ALL = next(p for p in PANELS if p.name == "other_series")
@@ -36,7 +37,8 @@ def test_families_group_siblings_and_gather_a_probes_single_keys():
         "regions/test/layer/0",
         "custom/thing/only",
     ]
-    assert families(keys) == {
+    declared = (Key("regions/<set>/layer/<module>", "neurons changing sign, per module"),)
+    assert families(keys, declared) == {
         "conflict/norm/*": ["conflict/norm/a", "conflict/norm/b"],
         "conflict/…": ["conflict/groups", "conflict/pcgrad_shift"],
         "sharpness/…": ["sharpness/lr"],
@@ -93,7 +95,8 @@ def other_run(tmp_path_factory):
         series[f"grad_noise/snr/p{i}"] = (steps, 10.0 ** (i * 2) * (1 + np.sin(steps / 50) ** 2))
     for i in range(MAX_FAMILY_LINES + 4):  # a large family: a heatmap
         series[f"updates/norm/block.{i}.weight"] = (steps, (i + 1) * np.ones(n))
-    run = write_run(tmp_path_factory.mktemp("other") / "r", series)
+    meta = declared_meta("sharpness", "grad_noise", "updates")
+    run = write_run(tmp_path_factory.mktemp("other") / "r", series, meta=meta)
     yield run
     run.close()
 

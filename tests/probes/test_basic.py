@@ -176,10 +176,6 @@ def test_activation_stats_use_the_leading_rows(tmp_path, max_elements, rows):
 
 
 def test_activation_stats_bad_modules():
-    with pytest.raises(ValueError, match=r"max_elements=...\) must be a positive int or None"):
-        ActivationStats(max_elements=0)
-    with pytest.raises(TypeError, match=r"takes a list of names, not one string"):
-        ActivationStats(modules="0")
     probe = ActivationStats(modules=["nope"])
     with pytest.raises(ValueError, match=r"no module named \['nope'\] in the model"):
         probe.attach(_model())

@@ -88,11 +88,11 @@ def _sgd(params):
 def test_probes_on_train_bit_identically_and_match_the_dense_hessian(tmp_path):
     schedule = at_steps(*MEASURED)
     probes = [
-        HessianTop(3, bottom=1, tol=1e-10, schedule=schedule),
+        HessianTop(top=3, bottom=1, tol=1e-10, schedule=schedule),
         HessianTrace(matvecs=60, schedule=schedule),
         HessianDensity(probes=4, steps=60, schedule=schedule),
         Sharpness(tol=1e-10, schedule=schedule),
-        GradientSubspace(3, tol=1e-10, schedule=schedule),
+        GradientSubspace(k=3, tol=1e-10, schedule=schedule),
     ]
     plain, references = _train(_sgd)
     watched, _ = _train(_sgd, probes, tmp_path / "run")
@@ -135,7 +135,7 @@ def test_gradient_subspace_fraction_is_exact():
     top = vectors[:, -2:]  # [P, 2]
     expected = float((top.T @ g).pow(2).sum() / (g @ g))
     ctx = _context(model, batch, torch.optim.SGD(model.parameters(), lr=0.1))
-    values = GradientSubspace(2, tol=1e-12).measure(ctx)
+    values = GradientSubspace(k=2, tol=1e-12).measure(ctx)
     assert float(values["grad_subspace/fraction"]) == pytest.approx(expected, rel=1e-8)
 
 
@@ -225,8 +225,10 @@ def test_adam_before_its_first_step_and_unknown_optimizers_warn_once():
 
 def test_warm_starts_spend_fewer_products(tmp_path):
     schedule = at_steps(*range(1, 8))
-    _train(_sgd, [HessianTop(3, tol=1e-6, schedule=schedule)], tmp_path / "warm")
-    _train(_sgd, [HessianTop(3, tol=1e-6, warm_start=False, schedule=schedule)], tmp_path / "cold")
+    _train(_sgd, [HessianTop(top=3, tol=1e-6, schedule=schedule)], tmp_path / "warm")
+    _train(
+        _sgd, [HessianTop(top=3, tol=1e-6, warm_start=False, schedule=schedule)], tmp_path / "cold"
+    )
     warm = Run(tmp_path / "warm").series("hessian/hvps").values[1:]
     cold = Run(tmp_path / "cold").series("hessian/hvps").values[1:]
     assert warm.mean() < cold.mean()
@@ -260,27 +262,9 @@ def test_fixed_data_and_dataset_batches():
     assert split["hessian/eig_0"] == pytest.approx(top, rel=1e-9)
 
 
-@pytest.mark.parametrize(
-    ("make", "error", "match"),
-    [
-        (lambda: HessianTop(0), ValueError, "need top \\+ bottom >= 1"),
-        (lambda: HessianTop(data=1, batches=[1]), ValueError, "pass data= or batches=, not both"),
-        (lambda: HessianTop(mode="test"), ValueError, "mode must be 'eval' or 'train'"),
-        (lambda: HessianTop(batches=iter([1])), TypeError, "one-shot iterator"),
-        (lambda: HessianTop(loss_fn=3), TypeError, "loss_fn must be callable"),
-        (lambda: HessianTrace(method="exact"), ValueError, "method must be 'hutch\\+\\+'"),
-        (lambda: GradientSubspace(0), ValueError, "k must be >= 1"),
-        (lambda: GradientSubspace(gradient="x"), ValueError, "gradient must be 'loss' or 'step'"),
-        (
-            lambda: trainprobe.watch(_model(), loss_fn=3),
-            TypeError,
-            "loss_fn=...\\) must be a callable",
-        ),
-    ],
-)
-def test_bad_arguments(make, error, match):
-    with pytest.raises(error, match=match):
-        make()
+def test_watch_refuses_a_loss_fn_that_is_not_callable():
+    with pytest.raises(TypeError, match=r"loss_fn=...\) must be a callable"):
+        trainprobe.watch(_model(), loss_fn=3)
 
 
 def test_hessian_forwards_do_not_reach_other_probes_hooks(tmp_path):
@@ -290,7 +274,7 @@ def test_hessian_forwards_do_not_reach_other_probes_hooks(tmp_path):
     alone = [trainprobe.ActivationStats(schedule=schedule)]
     together = [
         trainprobe.ActivationStats(schedule=schedule),
-        HessianTop(2, schedule=schedule),
+        HessianTop(top=2, schedule=schedule),
         Sharpness(schedule=schedule),
     ]
     _train(_sgd, alone, tmp_path / "alone")
@@ -305,8 +289,8 @@ def test_hessian_forwards_do_not_reach_other_probes_hooks(tmp_path):
 def test_two_instances_of_one_probe_record_side_by_side(tmp_path):
     schedule = at_steps(2, 5)
     probes = [
-        GradientSubspace(1, name="grad_subspace_top1", schedule=schedule),
-        GradientSubspace(10, name="grad_subspace_top10", schedule=schedule),
+        GradientSubspace(k=1, name="grad_subspace_top1", schedule=schedule),
+        GradientSubspace(k=10, name="grad_subspace_top10", schedule=schedule),
     ]
     _train(_sgd, probes, tmp_path / "run")
     run = Run(tmp_path / "run")

@@ -152,22 +152,6 @@ def test_subset_is_frozen_from_the_first_step_batch_until_reset():
     assert float(other["ntk/trace"]) == float(alone["ntk/trace"])
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"max_examples": 1}, ValueError, r"max_examples must be an integer in \[2, 256\]"),
-        ({"max_examples": 257}, ValueError, r"max_examples must be an integer in \[2, 256\]"),
-        ({"max_outputs": 0}, ValueError, "max_outputs must be an integer >= 1"),
-        ({"method": "jacfwd"}, ValueError, "method must be one of"),
-        ({"mode": "test"}, ValueError, "mode must be 'eval'"),
-        ({"data": torch.zeros(3, 2)}, ValueError, r"needs batches \(inputs, targets\)"),
-    ],
-)
-def test_bad_options_are_refused(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        NTKAlignment(**kwargs)
-
-
 def test_bad_inputs_are_refused():
     model, x, y = _mlp()
     with pytest.raises(ValueError, match="needs data: pass data"):

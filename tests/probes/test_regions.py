@@ -118,28 +118,6 @@ def test_training_is_bit_identical_and_keys_are_documented(tmp_path, model, opti
 
 
 @pytest.mark.parametrize(
-    ("make", "error", "match"),
-    [
-        (lambda: LocalComplexity(radius=0), ValueError, "radius must be a number > 0"),
-        (lambda: LocalComplexity(dim=0), ValueError, "dim must be an integer >= 1"),
-        (lambda: LocalComplexity(max_points=0), ValueError, "max_points must be an integer >= 1"),
-        (lambda: LocalComplexity(max_steps=0), ValueError, "max_steps must be an integer >= 1"),
-        (lambda: LocalComplexity(random=0), ValueError, "random must be an integer >= 1"),
-        (
-            lambda: LocalComplexity(train="x"),
-            TypeError,
-            r"train= must be a floating tensor \[N, \*shape\] or a batch",
-        ),
-        (lambda: LocalComplexity(test=torch.zeros(3)), TypeError, "test= must be a floating"),
-        (lambda: LocalComplexity(schedule=5), TypeError, "schedule must be a trainprobe schedule"),
-    ],
-)
-def test_bad_arguments(make, error, match):
-    with pytest.raises(error, match=match):
-        make()
-
-
-@pytest.mark.parametrize(
     ("probe", "model", "batch", "match"),
     [
         (LocalComplexity(), "mlp", None, "needs points: pass train= to the probe, or batch="),

@@ -130,25 +130,6 @@ def test_training_is_bit_identical_and_keys_are_documented(tmp_path, model):
 
 
 @pytest.mark.parametrize(
-    ("make", "match"),
-    [
-        (lambda: Robustness(eps=-1.0), "eps must be a finite number >= 0"),
-        (lambda: Robustness(eps=math.inf), "eps must be a finite number >= 0"),
-        (lambda: Robustness(steps=-1), "steps must be an integer >= 0"),
-        (lambda: Robustness(step_size=-0.1), "step_size must be a finite number >= 0 or None"),
-        (lambda: Robustness(max_points=0), "max_points must be an integer >= 1"),
-        (lambda: Robustness(bounds=(1.0, 0.0)), r"bounds must be a tuple \(low, high\)"),
-        (lambda: Robustness(data=torch.zeros(3, 2)), r"needs a batch \(inputs \[N, \*shape\]"),
-    ],
-)
-def test_bad_arguments(make, match):
-    with pytest.raises(ValueError, match=match):
-        make()
-    with pytest.raises(TypeError, match="schedule must be a trainprobe schedule"):
-        Robustness(schedule=3)
-
-
-@pytest.mark.parametrize(
     ("batch", "call", "match"),
     [
         (None, "probe", "Robustness needs data: pass data=.x, y. or batch= to mon.step"),

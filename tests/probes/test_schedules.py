@@ -1,6 +1,6 @@
 import pytest
 
-from trainprobe.probes import LayerNorms, at_steps, every, log_spaced
+from trainprobe.probes import at_steps, every, log_spaced
 
 
 def test_every_with_start():
@@ -36,8 +36,3 @@ def test_at_steps_and_union():
 def test_bad_schedules_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
-
-
-def test_a_probe_refuses_a_non_schedule():
-    with pytest.raises(TypeError, match=r"LayerNorms: schedule must be a trainprobe schedule"):
-        LayerNorms(schedule=10)

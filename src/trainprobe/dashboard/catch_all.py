@@ -6,7 +6,8 @@ the keys ``<parent>/<name>`` that share a parent (one line each, or a heatmap of
 steps when there are more than :data:`MAX_FAMILY_LINES`), or a probe's single keys
 together (one line each). So nothing a probe records is out of the dashboard's reach, and
 the page carries each series once, thinned for display only (:func:`thin`). The row's
-title line explains the chosen family (:data:`FAMILY_NOTES`).
+title line explains the chosen family with the meaning its probe declared for those keys
+(stored in the run's metadata: :func:`declared`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from trainprobe.analysis.findings import Finding
+from trainprobe.keys import Key, matching
 from trainprobe.store import Run, Series
 
 from .curves import _all_positive, _log_axis
@@ -34,131 +36,38 @@ MAX_POINTS = 2000
 """Most points per line in the catch-all row; longer series are thinned (:func:`thin`)."""
 OTHER_HEIGHT = 1.6
 
-FAMILY_NOTES: tuple[tuple[str, str], ...] = (
-    (
-        "activations/mean/*",
-        "Mean of each module's output; a mean drifting far from 0 with "
-        "depth is a shift that normalisation would absorb.",
-    ),
-    (
-        "updates/norm/*",
-        "‖Δw‖ of one optimizer step per tensor; the update-ratio row divides it by ‖w‖.",
-    ),
-    ("updates/…", "‖Δw‖ of one optimizer step over the whole model."),
-    (
-        "nonfinite/…",
-        "Index (into the model's parameter list) of the first tensor whose "
-        "gradient or value went NaN/Inf; −1 while none has.",
-    ),
-    (
-        "hessian/…",
-        "Lanczos bookkeeping: Hessian-vector products used, the residual "
-        "‖Hv − λv‖ of each eigenpair and whether it converged (1); large residuals mean rough "
-        "eigenvalues.",
-    ),
-    ("hessian_trace/…", "Hessian-vector products each trace estimate cost."),
-    ("hessian_density/…", "Hessian-vector products each density estimate cost."),
-    ("grad_subspace/…", "Hessian-vector products each top-eigenspace measurement cost."),
-    (
-        "sharpness/…",
-        "λ_max over the stability threshold (ratio; 1 is the edge of stability), "
-        "the learning rate behind the threshold, whether it is Adam's preconditioned "
-        "sharpness (1), and the Hessian-vector products used.",
-    ),
-    (
-        "conflict/…",
-        "Over all group pairs: the number of groups, the ids of the most "
-        "conflicting pair, the lowest magnitude similarity, and how far PCGrad would move the "
-        "update (0: no conflict).",
-    ),
-    (
-        "conflict/gms/*",
-        "Gradient-magnitude similarity of each pair, 2‖a‖‖b‖/(‖a‖²+‖b‖²): "
-        "near 0, one group's gradient dwarfs the other's.",
-    ),
-    (
-        "conflict/grad_share/*",
-        "Each group's projection share ⟨c_g, C⟩/‖C‖² of the update; "
-        "the shares sum to 1 and a negative one pulls against the rest.",
-    ),
-    (
-        "conflict/layer_cos/*",
-        "Mean cosine between the groups' gradients within each tensor: "
-        "where in the network they disagree.",
-    ),
-    (
-        "conflict/layer_min_cos/*",
-        "Worst cosine between two groups' gradients within each "
-        "tensor: where in the network they disagree most.",
-    ),
-    (
-        "grad_noise/snr/*",
-        "Each tensor's gradient signal over its noise at this batch size, "
-        "‖G‖²/(tr Σ/B): below 1, mostly noise.",
-    ),
-    ("grad_spectrum/sigma_*/*", "A top singular value of each weight matrix's gradient."),
-    (
-        "grad_spectrum/effective_rank/*",
-        "Effective rank (exp of the singular-value entropy) of "
-        "each gradient; falling: updates along fewer directions.",
-    ),
-    (
-        "grad_spectrum/energy_top_r/*",
-        "Share of each gradient's energy in its top r singular "
-        "directions; near 1, the update is low-rank.",
-    ),
-    (
-        "weight_spectrum/stable_rank/*",
-        "Stable rank ‖W‖_F²/σ_0² of each weight matrix; falling: a few directions dominate.",
-    ),
-    (
-        "weight_spectrum/residual/*",
-        "Residual of the power iteration behind each spectral norm: its accuracy.",
-    ),
-    ("weight_spectrum/sigma_*/*", "A top singular value of each weight matrix."),
-    (
-        "weight_spectrum/gate_*/*",
-        "Spectral norm of each gate block of the recurrent matrices: that gate's recurrent gain.",
-    ),
-    (
-        "weight_spectrum/…",
-        "Weight-spectrum keys of single tensors: stable rank, singular "
-        "values, power-iteration residual or a recurrent gate block's spectral norm.",
-    ),
-    (
-        "ntk/…",
-        "Trace of the empirical NTK on the probe's batch (alignment and drift are in the NTK row).",
-    ),
-    (
-        "ntk_response/…",
-        "Output response along each label-carrying eigendirection of the "
-        "initial NTK, over its label energy (Pezeshki et al. 2021); near 0, not learned.",
-    ),
-    (
-        "attribution/ablation/*",
-        "Loss rise when each feature group is ablated: how much the model relies on it.",
-    ),
-    (
-        "robustness/…",
-        "Clean accuracy of the robustness batch and the attack radius ε (the "
-        "adversarial accuracy is in the accuracy row).",
-    ),
-    (
-        "regions/*/layer/*",
-        "Local complexity per layer for that set of points: neurons whose state changes nearby.",
-    ),
-    ("regions/…", "Exact number of linear pieces along segments between points."),
-    ("heldout/…", "Held-out metrics from the probe's eval_fn."),
-)
-"""One line on what each family of the catch-all row shows, by ``fnmatch`` on its label.
-The only place the dashboard spells these families (until the probes declare their keys'
-meanings and this table can read them)."""
+
+def declared(run: Run) -> tuple[Key, ...]:
+    """The key patterns and meanings the run's probes declared (stored in its metadata by
+    the monitor); empty for a run written without them."""
+    out = []
+    for entry in run.meta.get("probes", []):
+        for pattern, meaning in entry.get("keys", []):
+            try:
+                out.append(Key(pattern, meaning))
+            except ValueError:  # a pattern this version cannot read: no note from it
+                continue
+    return tuple(out)
 
 
-def family_note(label: str) -> str:
-    """The :data:`FAMILY_NOTES` line for a family label, or a plain one naming the probe."""
-    note = next((text for pattern, text in FAMILY_NOTES if fnmatchcase(label, pattern)), None)
-    return note or f"Series the {label.split('/', 1)[0]} probe records."
+def family_note(label: str, members: Sequence[str], keys: tuple[Key, ...]) -> str:
+    """The title line for a family: the meaning its probe declared for the family's keys
+    (``parent/*``), or each member's meaning (a probe's singles, ``probe/…``); a plain
+    line naming the probe where nothing was declared."""
+    if label.endswith("/*"):
+        key = matching(keys, members[0])
+        if key is not None:
+            return _sentence(key.meaning)
+    else:
+        meanings = [(m, matching(keys, m)) for m in members]
+        parts = [f"{m.split('/', 1)[1]}: {k.meaning}" for m, k in meanings if k is not None]
+        if parts:
+            return _sentence("; ".join(parts))
+    return f"Series the {label.split('/', 1)[0]} probe records."
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 OTHER_SERIES_NEEDS = ("*",)
@@ -183,7 +92,8 @@ def other_series_panel(
     traces: list[go.BaseTraceType] = []
     menu: list[MenuItem] = []
     drawn: list[str] = []
-    for label, members in families(list(scalars)).items():
+    keys_declared = declared(run)
+    for label, members in families(list(scalars), keys_declared).items():
         family, y_title, y_axis = _family(label, [scalars[k] for k in members])
         if not family:  # nothing finite to draw: named below instead
             vectors += members
@@ -196,7 +106,7 @@ def other_series_panel(
                 tuple(range(start, len(traces))),
                 y_title,
                 y_axis,
-                family_note(label),
+                family_note(label, members, keys_declared),
             )
         )
         drawn += members
@@ -224,22 +134,23 @@ def other_series_panel(
     )
 
 
-def families(keys: Sequence[str]) -> dict[str, list[str]]:
+def families(keys: Sequence[str], declared: tuple[Key, ...] = ()) -> dict[str, list[str]]:
     """Menu label -> keys, in recording order.
 
     Keys sharing a parent (``conflict/norm/a``, ``conflict/norm/b``) form the family
-    ``conflict/norm/*``, as does a key alone under a parent that :data:`FAMILY_NOTES`
-    names (one module's ``regions/train/layer/*``); any other key alone under its parent
-    joins its probe's singles, ``<probe>/…`` (``sharpness/lr``, ``sharpness/hvps``).
+    ``conflict/norm/*``, as does a key alone under a parent whose declared pattern ends in
+    a placeholder (one module's ``regions/train/layer/*``, declared
+    ``regions/<set>/layer/<module>``); any other key alone under its parent joins its
+    probe's singles, ``<probe>/…`` (``sharpness/lr``, ``sharpness/hvps``).
     """
     children: dict[str, list[str]] = defaultdict(list)
     for key in keys:
         children[key.rpartition("/")[0]].append(key)
-    named = [p for p, _ in FAMILY_NOTES if p.endswith("/*")]
     out: dict[str, list[str]] = {}
     for key in keys:
         parent = key.rpartition("/")[0]
-        known = any(fnmatchcase(f"{parent}/*", p) for p in named)
+        key_of = matching(declared, key)
+        known = key_of is not None and key_of.pattern.rpartition("/")[2].startswith("<")
         if parent.count("/") >= 1 and (len(children[parent]) > 1 or known):
             label = f"{parent}/*"
         else:

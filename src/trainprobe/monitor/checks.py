@@ -46,6 +46,8 @@ def check_probes(probes: Iterable[object]) -> list[Probe]:
         owner = f"probes[{i}] ({type(probe).__name__})"
         check_name(probe.name, f"{owner} name")
         check_schedule(probe.schedule, owner)
+        if hasattr(probe, "due"):
+            check_schedule(probe.due, f"{owner} due")
         for optional in ("attach", "settings"):
             if hasattr(probe, optional) and not callable(getattr(probe, optional)):
                 raise TypeError(

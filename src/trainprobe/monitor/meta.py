@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..probes.base import probe_settings
+from ..probes.base import declared_keys, due_schedule, probe_settings
 
 
 def _jsonable(value: Any) -> Any:
@@ -63,9 +63,10 @@ def run_start(
             {
                 "name": p.name,
                 "class": type(p).__qualname__,
-                "schedule": p.schedule.describe(),
+                "schedule": due_schedule(p).describe(),
                 "needs": sorted(p.needs),
                 "settings": probe_settings(p),
+                "keys": [[k.pattern, k.meaning] for k in declared_keys(p)],
             }
             for p in probes
         ],

@@ -26,7 +26,15 @@ from torch import Tensor, nn
 
 from ..notices import warn_user
 from ..probes import default_probes
-from ..probes.base import OnHost, PerLayer, Probe, StepContext, Value, declared_keys
+from ..probes.base import (
+    OnHost,
+    PerLayer,
+    Probe,
+    StepContext,
+    Value,
+    declared_keys,
+    due_schedule,
+)
 from ..probes.updates import parameter_deltas
 from ..store import RunWriter
 from . import meta as _meta
@@ -65,6 +73,7 @@ class Monitor:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.probes = tuple(check_probes(default_probes() if probes is None else probes))
         self._declared = {p.name: declared_keys(p) for p in self.probes}
+        self._due = {p.name: due_schedule(p) for p in self.probes}
         self._keys_seen: set[tuple] = set()  # (probe, key[, PerLayer names]) checked already
         self.optimizer = check_optimizer(optimizer, "watch")
         self.loss_fn = check_loss_fn(loss_fn, "watch")
@@ -152,7 +161,9 @@ class Monitor:
         check_step(step, self._last_step)
         optimizer = check_optimizer(optimizer, "mon.step") or self.optimizer
         loss_fn = check_loss_fn(loss_fn, "mon.step") or self.loss_fn
-        due = tuple(p for p in self.probes if p.name not in self._disabled and p.schedule(step))
+        due = tuple(
+            p for p in self.probes if p.name not in self._disabled and self._due[p.name](step)
+        )
         return StepHandle(
             step,
             due,

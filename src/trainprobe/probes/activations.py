@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,8 +11,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..keys import Key
-from .base import PerLayer, StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import PerLayer, ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
 from .tensors import stack_scalars
 
 #: Modules whose outputs are >= 0 and exactly zero on a region of inputs (dead units).
@@ -95,7 +96,8 @@ class _Moments:
         return self.total / self.n, self.squares / self.n, zero_frac
 
 
-class ActivationStats:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ActivationStats(ProbeOptions):
     """Mean, standard deviation and zero fraction of module outputs on due steps.
 
     Forward hooks are attached only for due steps and removed when the step
@@ -115,11 +117,17 @@ class ActivationStats:
             identity and reshaping modules).
         max_elements: elements per output used for the statistics (whole rows, at
             least one); ``None`` uses every element.
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "activations"
+    name: str = "activations"
+    schedule: Schedule = every(10)
     keys = (
-        Key("activations/mean/<module>", "mean of the module's outputs"),
+        Key(
+            "activations/mean/<module>",
+            "mean of the module's outputs; drifting far from 0 with depth: a shift that "
+            "normalisation would absorb",
+        ),
         Key("activations/std/<module>", "standard deviation of the module's outputs"),
         Key(
             "activations/zero_frac/<module>",
@@ -128,30 +136,25 @@ class ActivationStats:
     )
     needs = frozenset({"activations"})
 
-    def __init__(
-        self,
-        *,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        modules: Iterable[str] | None = None,
-        max_elements: int | None = 65_536,
-    ) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "ActivationStats")
-        self.name = probe_name(self, name)
-        if isinstance(modules, str):
+    modules: Iterable[str] | None = None
+    max_elements: int | None = 65_536
+    _modules: tuple[str, ...] | None = field(default=None, init=False, repr=False)
+    _watched_cache: tuple[nn.Module, dict[str, nn.Module]] | None = field(
+        default=None, init=False, repr=False
+    )
+    _moments: dict[str, _Moments] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.modules, str):
             raise TypeError("ActivationStats(modules=...) takes a list of names, not one string")
-        if max_elements is not None and (
-            isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 1
-        ):
+        m = self.max_elements
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(
-                f"ActivationStats(max_elements=...) must be a positive int or None, "
-                f"got {max_elements!r}"
+                f"ActivationStats(max_elements=...) must be a positive int or None, got {m!r}"
             )
-        self.modules = None if modules is None else tuple(modules)
-        self.max_elements = max_elements
-        self._watched_cache: tuple[nn.Module, dict[str, nn.Module]] | None = None
-        self._moments: dict[str, _Moments] = {}
+        if self.modules is not None:
+            self._keep(_modules=tuple(self.modules))
 
     def _watched(self, model: nn.Module) -> dict[str, nn.Module]:
         """The modules to hook (checked once per model: the result is cached)."""
@@ -162,14 +165,14 @@ class ActivationStats:
                 "uncompiled module (model._orig_mod) or drop ActivationStats"
             )
         named = dict(model.named_modules())
-        if self.modules is not None:
-            missing = [m for m in self.modules if m not in named]
+        if self._modules is not None:
+            missing = [m for m in self._modules if m not in named]
             if missing:
                 raise ValueError(
                     f"ActivationStats: no module named {missing} in the model; "
                     f"choose from {[n for n in named if n][:20]}"
                 )
-            return {m: named[m] for m in self.modules}
+            return {m: named[m] for m in self._modules}
         return {
             name: module
             for name, module in named.items()
@@ -177,10 +180,10 @@ class ActivationStats:
         }
 
     def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        self._moments = {}
+        self._moments.clear()
         handles = []
         if self._watched_cache is None or self._watched_cache[0] is not model:
-            self._watched_cache = (model, self._watched(model))
+            self._keep(_watched_cache=(model, self._watched(model)))
         try:
             for name, module in self._watched_cache[1].items():
                 moments = _Moments(isinstance(module, RELU_FAMILY))
@@ -200,7 +203,7 @@ class ActivationStats:
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         called = {name: m.normalised() for name, m in self._moments.items() if m.n}
-        self._moments = {}
+        self._moments.clear()
         if not called:
             return {}
         names = tuple(called)
@@ -216,9 +219,3 @@ class ActivationStats:
                 tuple(n for n, _ in relus), stack_scalars([z for _, z in relus])
             )
         return out
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "modules": list(self.modules) if self.modules is not None else "leaf modules",
-            "max_elements": self.max_elements,
-        }

@@ -13,6 +13,9 @@ A probe is a small object with one job (DESIGN.md rule 3):
   :func:`declared_keys`); the monitor refuses any other key;
 - ``measure(ctx) -> {key: value}``: device tensors, floats, :class:`PerLayer` or
   :class:`OnHost`;
+- optional ``due``: a schedule of when the monitor runs the probe, when that differs
+  from when it records (a probe with a running state: ``GradSpectrum``'s EMA needs
+  every gradient); default ``schedule``;
 - optional ``attach(model) -> list[RemovableHandle]``: hooks for a due step;
 - optional ``settings() -> dict``: its options for the run metadata; a built-in probe's
   are its dataclass fields (:func:`probe_settings`).
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..keys import Key, check_name
-from .schedules import Schedule
+from .schedules import Schedule, check_schedule
 
 #: What a probe can ask for (the monitor calls ``attach`` for every due probe).
 #: ``grads``: ``.grad`` after the user's backward (the monitor warns once if none has
@@ -102,8 +105,8 @@ class StepContext:
 
 @runtime_checkable
 class Probe(Protocol):
-    """What the monitor calls; see the module docstring (``attach`` and ``settings`` are
-    optional)."""
+    """What the monitor calls; see the module docstring (``due``, ``attach`` and
+    ``settings`` are optional)."""
 
     name: str
     schedule: Schedule
@@ -123,8 +126,9 @@ class ProbeOptions:
     "norms"``, ``schedule: Schedule = every(10)``), declares ``keys`` and ``needs`` as
     class variables, checks its own options in ``__post_init__`` (calling this one first),
     and keeps run-time state (warm starts, fallbacks, frozen subsets) in private fields
-    declared with ``field(init=False, repr=False)`` and set by :meth:`_keep`. The
-    schedule is checked with the other probes by ``watch``.
+    declared with ``field(init=False, repr=False)`` and set by :meth:`_keep`. The name
+    and the schedule are checked here, for every built-in probe at once (``watch``
+    checks them again for any probe).
 
     Args:
         name: the first part of its keys (lower_snake; default the class's); give two
@@ -139,6 +143,7 @@ class ProbeOptions:
 
     def __post_init__(self) -> None:
         check_name(self.name, f"{type(self).__name__}(name=...)")
+        check_schedule(self.schedule, type(self).__name__)
 
     def _keep(self, **state: Any) -> None:
         """Set private run-time state (names starting with ``_``) on the frozen probe."""
@@ -228,7 +233,6 @@ def step_source(
     return loss_fn, batch
 
 
-def probe_name(probe: object, name: str | None) -> str:  # TEMPORARY during the options move
-    if name is None:
-        return type(probe).name  # type: ignore[attr-defined]
-    return check_name(name, f"{type(probe).__name__}(name=...)")
+def due_schedule(probe: Probe) -> Schedule:
+    """When the monitor runs ``probe``: its ``due`` if it has one, else its ``schedule``."""
+    return getattr(probe, "due", probe.schedule)

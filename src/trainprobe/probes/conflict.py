@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 
-from ..functional import LossFn, Objective, ParamSelection, check_mode
+from ..functional import Objective
 from ..gradients import (
     GroupGradients,
     cosines,
@@ -22,13 +22,15 @@ from ..gradients import (
     task_gradients,
 )
 from ..keys import Key, is_name
-from .base import PerLayer, StepContext, Value, probe_name, step_source
-from .schedules import Schedule, check_schedule, every
+from .base import PerLayer, StepContext, Value
+from .schedules import Schedule, every
+from .source import LossProbe
 
 _BY = ("class", "task", "microbatch")
 
 
-class GradConflict:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GradConflict(LossProbe):
     """Pairwise conflict and balance of group gradients (Yu et al. 2020, "Gradient Surgery
     for Multi-Task Learning"; per class: Francazi et al. 2023, "A Theoretical Analysis of
     the Learning Dynamics under Class Imbalance").
@@ -61,14 +63,14 @@ class GradConflict:
             and backward passes on the groups' sub-batches: 23 ms, about two batch
             gradients, for 10 classes of a batch of 64 on a small CPU CNN, so 1.23x the
             training step every 10 steps; ``benchmarks/gradients.py``).
-        data: a fixed batch (default: the step's ``batch=``).
-        loss_fn: ``loss(model, batch)`` (default: the one given to ``watch``).
-        params: which parameters (None: all trainable; a regex, names or a module).
-        mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or ``"train"``.
         max_memory: bytes per chunk of per-example gradients with ``method="persample"``.
+        data, loss_fn, params, mode: where the loss is taken, see
+            :class:`~.source.LossProbe`.
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "conflict"
+    name: str = "conflict"
+    schedule: Schedule = every(10)
     keys = (
         Key("conflict/groups", "G, the groups in the batch"),
         Key("conflict/norm/<group>", "‖g_g‖, the norm of the group's mean gradient"),
@@ -83,7 +85,8 @@ class GradConflict:
         Key("conflict/cos/<a>__<b>", "cos φ_ab of a pair of group gradients"),
         Key(
             "conflict/gms/<a>__<b>",
-            "gradient magnitude similarity 2‖g_a‖‖g_b‖ / (‖g_a‖² + ‖g_b‖²) of a pair",
+            "gradient magnitude similarity 2‖g_a‖‖g_b‖ / (‖g_a‖² + ‖g_b‖²) of a pair: near 0, one "
+            "group's gradient dwarfs the other's",
         ),
         Key("conflict/mean_cos", "the mean cosine over pairs"),
         Key("conflict/min_cos", "the minimum cosine over pairs"),
@@ -98,53 +101,42 @@ class GradConflict:
             "conflict/pcgrad_shift",
             "‖Σ c^PC − C‖ / ‖C‖, how far PCGrad's projections would move the update",
         ),
-        Key("conflict/layer_cos/<param>", "mean pairwise cosine within one parameter tensor"),
-        Key("conflict/layer_min_cos/<param>", "min pairwise cosine within one parameter tensor"),
+        Key(
+            "conflict/layer_cos/<param>",
+            "mean pairwise cosine of the groups' gradients within one parameter tensor: where in "
+            "the network they disagree",
+        ),
+        Key(
+            "conflict/layer_min_cos/<param>",
+            "worst pairwise cosine of the groups' gradients within one parameter tensor: where in "
+            "the network they disagree most",
+        ),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        by: str | Callable[[Any], Tensor] = "class",
-        *,
-        microbatches: int = 4,
-        method: str = "subset",
-        layers: bool = True,
-        max_pair_groups: int = 8,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        data: Any = None,
-        loss_fn: LossFn | None = None,
-        params: ParamSelection = None,
-        mode: str = "eval",
-        max_memory: int | None = None,
-    ) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "GradConflict")
-        self.name = probe_name(self, name)
-        if not (callable(by) or by in _BY):
+    by: str | Callable[[Any], Tensor] = "class"
+    microbatches: int = 4
+    method: str = "subset"
+    layers: bool = True
+    max_pair_groups: int = 8
+    max_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (callable(self.by) or self.by in _BY):
             raise ValueError(
                 f"GradConflict: by must be 'class', 'task', 'microbatch' or a callable "
-                f"batch -> [B] integer ids, got {by!r}"
+                f"batch -> [B] integer ids, got {self.by!r}"
             )
-        _check_int("microbatches", microbatches, 2)
-        _check_int("max_pair_groups", max_pair_groups, 0)
-        if method not in ("subset", "persample"):
+        _check_int("microbatches", self.microbatches, 2)
+        _check_int("max_pair_groups", self.max_pair_groups, 0)
+        if self.method not in ("subset", "persample"):
             raise ValueError(
-                f"GradConflict: method must be 'subset' or 'persample', got {method!r}"
+                f"GradConflict: method must be 'subset' or 'persample', got {self.method!r}"
             )
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError("GradConflict: loss_fn must be callable loss(model, batch)")
-        self.by, self.microbatches, self.method, self.layers = by, microbatches, method, layers
-        self.max_pair_groups, self.data, self.loss_fn = max_pair_groups, data, loss_fn
-        self.params, self.mode, self.max_memory = params, check_mode(mode), max_memory
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        loss_fn, batch = step_source(ctx, "GradConflict", self.loss_fn, self.data)
-        groups = self._gradients(ctx.model, loss_fn, batch)
+        objective, batch = self.objective(ctx)
+        groups = self._gradients(objective, batch)
         names, numbers = self._names(groups.ids)
         grams = layer_grams(groups.grads, groups.layout)  # [L, G, G]
         out = _group_values(self.name, groups, names, grams.sum(dim=0))
@@ -152,8 +144,7 @@ class GradConflict:
             out.update(self._pair_values(groups, names, numbers, grams))
         return out
 
-    def _gradients(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> GroupGradients:
-        objective = Objective(model, loss_fn, params=self.params, mode=self.mode)
+    def _gradients(self, objective: Objective, batch: Any) -> GroupGradients:
         if self.by == "task":
             return task_gradients(objective, batch)
         if self.by == "microbatch":
@@ -215,19 +206,6 @@ class GradConflict:
             out[f"{self.name}/layer_cos"] = PerLayer(groups.layout.names, per_layer.nanmean(dim=1))
             out[f"{self.name}/layer_min_cos"] = PerLayer(groups.layout.names, _nanmin(per_layer, 1))
         return out
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "by": self.by if isinstance(self.by, str) else "callable",
-            "microbatches": self.microbatches,
-            "method": self.method,
-            "layers": self.layers,
-            "max_pair_groups": self.max_pair_groups,
-            "mode": self.mode,
-            "max_memory": self.max_memory,
-            "data": "fixed batch" if self.data is not None else "step batch",
-            "params": self.params if isinstance(self.params, str | None) else repr(self.params),
-        }
 
 
 def _group_values(

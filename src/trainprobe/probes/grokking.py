@@ -6,23 +6,24 @@ Stability")."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.hooks import RemovableHandle
 
-from ..functional import Objective, check_mode
+from ..functional import Mode, Objective, check_mode
 from ..keys import Key
-from ._supervised import inputs_targets, observing
-from .base import StepContext, Value, probe_name
+from .base import ProbeOptions, StepContext, Value
+from .batches import inputs_targets, observing
 from .heldout import _is_class_target
-from .schedules import Schedule, check_schedule, every
+from .schedules import Schedule, every
 from .tensors import stacked_norms, total_norm
 
 
-class GrokSignals:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GrokSignals(ProbeOptions):
     """The cheap signals of a grokking delay: weight norm, Softmax Collapse and the
     alignment of the gradient with naive loss minimisation (Prieto et al. 2025).
 
@@ -63,9 +64,11 @@ class GrokSignals:
             the forward pass calls, found once, at the first measurement); exact when the
             logits are its output (or a bias-free linear map of it).
         mode: ``"eval"`` (default) or ``"train"`` semantics (restored, RNG forked).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "grok"
+    name: str = "grok"
+    schedule: Schedule = every(10)
     keys = (
         Key(
             "grok/param_norm",
@@ -74,30 +77,20 @@ class GrokSignals:
         Key("grok/softmax_collapse", "the collapsed fraction of the batch's examples"),
         Key("grok/nlm_cos", "cos(−∇_θ L, θ) for the output layer θ"),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        *,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        data: Any = None,
-        output: str | nn.Module | None = None,
-        mode: str = "eval",
-    ) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "GrokSignals")
-        self.name = probe_name(self, name)
-        if output is not None and not isinstance(output, str | nn.Module):
+    data: Any = field(default=None, repr=False)
+    output: str | nn.Module | None = field(default=None, repr=False)
+    mode: Mode = "eval"
+    _found: str | None = field(default=None, init=False, repr=False)  # the last Linear called
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.output is not None and not isinstance(self.output, str | nn.Module):
             raise TypeError(
                 f"GrokSignals: output must be a module name or an nn.Module, got "
-                f"{type(output).__name__}"
+                f"{type(self.output).__name__}"
             )
-        self.data, self.output, self.mode = data, output, check_mode(mode)
-        self._found: str | None = None  # the output layer called last, found once
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+        check_mode(self.mode)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         batch = self.data if self.data is not None else ctx.batch
@@ -107,7 +100,7 @@ class GrokSignals:
         output = self.output
         if output is None:
             if self._found is None:
-                self._found = last_called_linear(ctx.model, x, self.mode)
+                self._keep(_found=last_called_linear(ctx.model, x, self.mode))
             output = self._found
         head = output_params(ctx.model, output)
         collapsed, cos = _softmax_signals(ctx.model, x, y, head, self.mode)
@@ -116,14 +109,6 @@ class GrokSignals:
             f"{self.name}/param_norm": total_norm(weights),
             f"{self.name}/softmax_collapse": collapsed,
             f"{self.name}/nlm_cos": cos,
-        }
-
-    def settings(self) -> dict[str, Any]:
-        output = self.output if isinstance(self.output, str | None) else type(self.output).__name__
-        return {
-            "output": output,
-            "mode": self.mode,
-            "data": "fixed batch" if self.data is not None else "step batch",
         }
 
 

@@ -1,25 +1,27 @@
-"""Held-out evaluation: loss and accuracy on data training never sees."""
+"""Held-out evaluation: loss and accuracy on data training never sees (:class:`HeldOut`),
+and the check of the values a user's evaluation function returns (:func:`named_values`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.hooks import RemovableHandle
 
-from ..functional import as_scalar, check_mode
-from ..keys import Key
-from ._supervised import inputs_targets, named_values, observing
-from .base import StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from ..functional import Mode, as_scalar, check_mode
+from ..keys import Key, is_name
+from .base import ProbeOptions, StepContext, Value
+from .batches import inputs_targets, observing
+from .schedules import Schedule, every
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 
 
-class HeldOut:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HeldOut(ProbeOptions):
     """Loss and accuracy on held-out data, and on a fixed train batch measured alike.
 
     Every measurement runs the model on fixed batches in ``mode`` semantics (eval by
@@ -40,12 +42,14 @@ class HeldOut:
         eval_fn: instead of ``data``: ``eval_fn(model) -> {name: float | 0-d tensor}`` with
             lower_snake names, run under the same semantics, ``no_grad`` and RNG fork.
         train_data: a fixed train batch ``(x, y)`` or a list of them (with ``data``).
-        criterion: ``criterion(outputs, targets) -> scalar`` (default cross-entropy).
+        criterion: ``criterion(outputs, targets) -> scalar`` (default None: cross-entropy).
         schedule: when to measure (default every 50 steps).
         mode: ``"eval"`` (default) or ``"train"`` semantics.
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "heldout"
+    name: str = "heldout"
+    schedule: Schedule = every(50)
     keys = (
         Key("heldout/loss", "the loss on data"),
         Key("heldout/acc", "the accuracy on data"),
@@ -53,57 +57,43 @@ class HeldOut:
         Key("heldout/train_acc", "the accuracy on train_data"),
         Key("heldout/<name>", "with eval_fn, each value it returns"),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        data: Any = None,
-        *,
-        eval_fn: Callable[[nn.Module], Mapping[str, Any]] | None = None,
-        train_data: Any = None,
-        criterion: Criterion | None = None,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        mode: str = "eval",
-    ) -> None:
-        self.schedule = every(50) if schedule is None else schedule
-        check_schedule(self.schedule, "HeldOut")
-        self.name = probe_name(self, name)
-        if (data is None) == (eval_fn is None):
+    data: Any = field(default=None, repr=False)
+    eval_fn: Callable[[nn.Module], Mapping[str, Any]] | None = field(default=None, repr=False)
+    train_data: Any = field(default=None, repr=False)
+    criterion: Criterion | None = field(default=None, repr=False)
+    mode: Mode = "eval"
+    _data: list[tuple[Any, Tensor]] = field(default_factory=list, init=False, repr=False)
+    _train: list[tuple[Any, Tensor]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.data is None) == (self.eval_fn is None):
             raise ValueError(
                 "HeldOut needs exactly one of data=(x, y) (or a list of batches) and "
                 "eval_fn=lambda model: {name: value}"
             )
-        if eval_fn is not None and (not callable(eval_fn) or train_data is not None):
+        if self.eval_fn is not None and (not callable(self.eval_fn) or self.train_data is not None):
             raise TypeError(
                 "HeldOut: eval_fn must be callable eval_fn(model) -> {name: value}, without "
                 "train_data= (return train metrics from eval_fn instead)"
             )
-        if criterion is not None and not callable(criterion):
+        if self.criterion is not None and not callable(self.criterion):
             raise TypeError("HeldOut: criterion must be callable criterion(outputs, targets)")
-        self.eval_fn, self.mode = eval_fn, check_mode(mode)
-        self.criterion = F.cross_entropy if criterion is None else criterion
-        self._data, self._train = _batches(data, "data"), _batches(train_data, "train_data")
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+        check_mode(self.mode)
+        self._keep(
+            _data=_batches(self.data, "data"), _train=_batches(self.train_data, "train_data")
+        )
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         with observing(ctx.model, self.mode) as model, torch.no_grad():
             if self.eval_fn is not None:
                 return named_values(self.eval_fn(model), "HeldOut: eval_fn", f"{self.name}/")
-            out = _evaluate(model, self._data, self.criterion, f"{self.name}/")
+            criterion = F.cross_entropy if self.criterion is None else self.criterion
+            out = _evaluate(model, self._data, criterion, f"{self.name}/")
             if self._train:
-                out.update(_evaluate(model, self._train, self.criterion, f"{self.name}/train_"))
+                out.update(_evaluate(model, self._train, criterion, f"{self.name}/train_"))
         return out
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "data": "eval_fn" if self.eval_fn is not None else f"{len(self._data)} batches",
-            "train_data": f"{len(self._train)} batches",
-            "mode": self.mode,
-            "criterion": getattr(self.criterion, "__name__", type(self.criterion).__name__),
-        }
 
 
 def _batches(data: Any, what: str) -> list[tuple[Any, Tensor]]:
@@ -146,3 +136,27 @@ def _is_class_target(outputs: Any, y: Tensor) -> bool:
         and not y.is_floating_point()
         and tuple(y.shape) == tuple(outputs.shape[:-1])
     )
+
+
+def named_values(values: Any, owner: str, prefix: str) -> dict[str, Tensor | float]:
+    """``{prefix + name: value}`` from a user function's ``{name: float | 1-element tensor}``
+    with lower_snake names, or a ``ValueError`` naming ``owner``."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{owner} must return a dict {{name: value}}, got {type(values).__name__}")
+    out: dict[str, Tensor | float] = {}
+    for key, value in values.items():
+        if not is_name(key):
+            raise ValueError(
+                f"{owner} returned the name {key!r}; record keys need lower_snake names like "
+                "'loss' or 'top5_acc'"
+            )
+        if isinstance(value, Tensor) and value.numel() == 1:
+            out[prefix + key] = value.detach().reshape(())
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[prefix + key] = float(value)
+        else:
+            raise ValueError(
+                f"{owner}'s {key!r} must be a float or a one-element tensor, got "
+                f"{type(value).__name__}"
+            )
+    return out

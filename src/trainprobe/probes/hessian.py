@@ -44,8 +44,14 @@ class HessianTop(CurvatureProbe):
     keys = (
         Key("hessian/eig_<i>", "the i-th largest Hessian eigenvalue"),
         Key("hessian/bottom_<i>", "the i-th most negative Hessian eigenvalue"),
-        Key("hessian/residual_<i>", "||H y − θ y|| of the i-th largest eigenpair"),
-        Key("hessian/bottom_residual_<i>", "||H y − θ y|| of the i-th most negative eigenpair"),
+        Key(
+            "hessian/residual_<i>",
+            "‖H y − θ y‖ of the i-th largest eigenpair; large: a rough eigenvalue",
+        ),
+        Key(
+            "hessian/bottom_residual_<i>",
+            "‖H y − θ y‖ of the i-th most negative eigenpair; large: a rough eigenvalue",
+        ),
         Key("hessian/hvps", "Hessian-vector products spent"),
         Key("hessian/converged", "1 when Lanczos converged, else 0"),
         Key("hessian/eigvecs", "[P, top + bottom] float32 eigenvectors"),
@@ -93,7 +99,6 @@ class HessianTop(CurvatureProbe):
         return out
 
 
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class HessianTrace(CurvatureProbe):
     """``tr(H)``, the sum of all curvatures, by Hutch++ (or Hutchinson).
@@ -134,7 +139,6 @@ class HessianTrace(CurvatureProbe):
             f"{self.name}/stderr": estimate.stderr,
             f"{self.name}/hvps": float(op.matvecs),
         }
-
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -178,4 +182,3 @@ class HessianDensity(CurvatureProbe):
             f"{self.name}/density": density.density,  # [G]
             f"{self.name}/hvps": float(op.matvecs),
         }
-

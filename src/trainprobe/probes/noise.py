@@ -64,7 +64,8 @@ class GradNoise(LossProbe):
         Key("grad_noise/grad_sq", "|G|², the unbiased squared norm of the true gradient"),
         Key(
             "grad_noise/snr/<param>",
-            "|G_l|² / (S_l / B), tensor l's squared signal over its batch mean's noise",
+            "|G_l|² / (S_l / B), tensor l's squared signal over its batch mean's noise: below 1, "
+            "mostly noise",
         ),
         Key("grad_noise/batch_size", "B, the examples in the batch"),
     )
@@ -101,4 +102,3 @@ class GradNoise(LossProbe):
             f"{self.name}/snr": PerLayer(noise.names, noise.snr),
             f"{self.name}/batch_size": float(noise.batch_size),
         }
-

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..keys import Key
-from .base import OnHost, StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import OnHost, ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
 from .tensors import stacked_norms
 
 
-class NonFiniteGuard:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class NonFiniteGuard(ProbeOptions):
     """Counts parameter tensors whose gradient or value holds NaN/Inf, every step.
 
     A tensor is flagged when its L2 norm (accumulated in float32 or wider) is
@@ -30,25 +29,27 @@ class NonFiniteGuard:
 
     Args:
         schedule: when to check (default every step).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "nonfinite"
+    name: str = "nonfinite"
+    schedule: Schedule = every(1)
     keys = (
         Key("nonfinite/loss", "1.0 when the value logged as loss is NaN/Inf, else 0.0"),
         Key("nonfinite/grad", "how many parameter tensors have a non-finite gradient"),
         Key("nonfinite/param", "how many parameter tensors are non-finite"),
-        Key("nonfinite/first_grad", "index of the first tensor with a non-finite gradient"),
-        Key("nonfinite/first_param", "index of the first non-finite parameter tensor"),
+        Key(
+            "nonfinite/first_grad",
+            "index (into the model's parameter list) of the first tensor whose gradient went "
+            "NaN/Inf; −1 while none has",
+        ),
+        Key(
+            "nonfinite/first_param",
+            "index (into the model's parameter list) of the first tensor that went NaN/Inf; −1 "
+            "while none has",
+        ),
     )
     needs = frozenset({"grads", "logged"})
-
-    def __init__(self, *, schedule: Schedule | None = None, name: str | None = None) -> None:
-        self.schedule = every(1) if schedule is None else schedule
-        check_schedule(self.schedule, "NonFiniteGuard")
-        self.name = probe_name(self, name)
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         params = list(ctx.params.values())
@@ -71,9 +72,6 @@ class NonFiniteGuard:
             loss_float=None if on_device else loss,
         )
         return {f"{self.name}/check": OnHost(values, finish)}
-
-    def settings(self) -> dict[str, Any]:
-        return {}
 
 
 def _first(bad: np.ndarray, index: np.ndarray) -> float:

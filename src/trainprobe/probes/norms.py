@@ -28,9 +28,9 @@ class LayerNorms(ProbeOptions):
     name: str = "norms"
     schedule: Schedule = every(10)
     keys = (
-        Key("norms/weight/<param>", "||w||_2 of one parameter tensor"),
-        Key("norms/weight_total", "sqrt(sum ||w||^2) over all trainable parameters"),
-        Key("norms/grad/<param>", "||∇w||_2 of one parameter tensor's gradient"),
+        Key("norms/weight/<param>", "‖w‖_2 of one parameter tensor"),
+        Key("norms/weight_total", "sqrt(sum ‖w‖^2) over all trainable parameters"),
+        Key("norms/grad/<param>", "‖∇w‖_2 of one parameter tensor's gradient"),
         Key("norms/grad_total", "the global gradient norm, the quantity clip_grad_norm_ clips"),
     )
     needs = frozenset({"grads"})

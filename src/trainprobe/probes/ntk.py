@@ -5,22 +5,23 @@ far it has moved since the first measurement (Kumar, Bordelon, Gershman & Pehlev
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from ..functional import ParamSelection, check_mode, network
-from ..gradients import METHODS
-from ..gradients.ntk import centered_alignment, label_kernel, relative_change, tangent_kernel
+from ..gradients.ntk import centered_alignment, label_kernel, relative_change
 from ..keys import Key
-from ._supervised import FixedSubset, check_count, class_outputs, observing
-from .base import StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import StepContext, Value
+from .batches import observing
+from .labels import class_outputs
+from .output_source import OutputGradientProbe, check_count
+from .schedules import Schedule, every
 
 
-class NTKAlignment:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class NTKAlignment(OutputGradientProbe):
     """Centered kernel-target alignment, trace and drift of the empirical NTK.
 
     On a fixed subset ``X`` of ``n`` examples (``n <= max_examples``) with labels ``y``, the
@@ -51,70 +52,44 @@ class NTKAlignment:
     Args:
         schedule: when to measure (default every 100 steps; a measurement costs ``C`` (at
             most ``max_outputs``) per-example-gradient passes over ``n`` examples).
-        data: a fixed batch ``(x, y)``; its first ``max_examples`` examples are the subset.
-            Default: the first measured step's ``batch=``, frozen.
-        max_examples: ``n``, at most 256 (``K`` is ``[n, n]``).
         max_outputs: exact trace kernel up to this many outputs, else a sketch.
         seed: generator seed of the sketch's Rademacher columns.
-        params: which parameters (None: all trainable; a regex, names or a module).
-        mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or ``"train"``.
-        method: per-example gradients by ``"auto"`` (default), ``"vmap"`` or ``"loop"``.
-        max_memory: bytes per chunk of per-example gradients.
+        data, max_examples, params, mode, method, max_memory: the subset and its
+            per-example gradients, see :class:`~.output_source.OutputGradientProbe`.
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "ntk"
+    name: str = "ntk"
+    schedule: Schedule = every(100)
     keys = (
         Key(
             "ntk/alignment",
             "centered kernel-target alignment ⟨HKH, HTH⟩_F / (‖HKH‖_F ‖HTH‖_F), rising: rich",
         ),
-        Key("ntk/trace", "tr K = Σ_i Σ_j ‖J_j[i]‖²"),
+        Key(
+            "ntk/trace",
+            "tr K = Σ_i Σ_j ‖J_j[i]‖², the trace of the empirical NTK on the probe's batch",
+        ),
         Key(
             "ntk/change",
             "‖K_t − K_0‖_F / ‖K_0‖_F against the first measurement (small throughout: lazy)",
         ),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        *,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        data: Any = None,
-        max_examples: int = 256,
-        max_outputs: int = 16,
-        seed: int = 0,
-        params: ParamSelection = None,
-        mode: str = "eval",
-        method: str = "auto",
-        max_memory: int | None = None,
-    ) -> None:
-        self.schedule = every(100) if schedule is None else schedule
-        check_schedule(self.schedule, "NTKAlignment")
-        self.name = probe_name(self, name)
-        self.max_examples = check_count("NTKAlignment", "max_examples", max_examples, 2, 256)
-        self.max_outputs = check_count("NTKAlignment", "max_outputs", max_outputs, 1)
-        if method not in METHODS:
-            raise ValueError(f"NTKAlignment: method must be one of {METHODS}, got {method!r}")
-        self.seed, self.params, self.mode, self.method = seed, params, check_mode(mode), method
-        self.max_memory = max_memory
-        self._subset = FixedSubset(data, max_examples, "NTKAlignment")
-        self._initial: Tensor | None = None  # [n, n] K_0
+    max_outputs: int = 16
+    seed: int = 0
+    _initial: Tensor | None = field(default=None, init=False, repr=False)  # [n, n] K_0
 
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("NTKAlignment", "max_outputs", self.max_outputs, 1)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        inputs, targets = self._subset.get(ctx.batch)
+        inputs, targets = self.subset(ctx)
         projections = self.projections(_output_count(ctx.model, inputs, self.mode))  # [C, k]
-        outputs = network(ctx.model, params=self.params, mode=self.mode)
-        kernel, used = tangent_kernel(
-            outputs, inputs, projections, method=self.method, max_memory=self.max_memory
-        )
-        self.method = "loop" if used == "loop" else self.method
+        kernel = self.kernel(ctx.model, inputs, projections)  # [n, n]
         if self._initial is None or self._initial.shape != kernel.shape:
-            self._initial = kernel
+            self._keep(_initial=kernel)
         labels = label_kernel(targets.to(kernel.device))
         return {
             f"{self.name}/alignment": centered_alignment(kernel, labels),
@@ -132,20 +107,8 @@ class NTKAlignment:
 
     def reset(self) -> None:
         """Forget ``K_0`` (and a subset frozen from a step batch)."""
-        self._initial = None
-        self._subset.reset()
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "data": "fixed batch" if self._subset.given else "first step batch",
-            "max_examples": self.max_examples,
-            "max_outputs": self.max_outputs,
-            "seed": self.seed,
-            "mode": self.mode,
-            "method": self.method,
-            "params": self.params if isinstance(self.params, str | None) else repr(self.params),
-            "max_memory": self.max_memory,
-        }
+        self._keep(_initial=None)
+        super().reset()
 
 
 def _output_count(model: nn.Module, inputs: Any, mode: str) -> int:

@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from ..functional import ParamSelection, check_mode, network
-from ..gradients import METHODS
-from ..gradients.ntk import label_directions, tangent_kernel
+from ..gradients.ntk import label_directions
 from ..keys import Key
-from ._supervised import (
-    FixedSubset,
-    check_count,
-    class_outputs,
-    observing,
-    one_vs_rest,
-    signed_labels,
-)
-from .base import StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import StepContext, Value
+from .batches import observing
+from .labels import class_outputs, one_vs_rest, signed_labels
+from .output_source import OutputGradientProbe, check_count
+from .schedules import Schedule, every
 
 
-class NTKResponse:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class NTKResponse(OutputGradientProbe):
     """The network's output along the label-carrying eigendirections of its initial NTK,
     relative to the labels (Pezeshki et al. 2021, Figure 2).
 
@@ -57,70 +51,52 @@ class NTKResponse:
         schedule: when to measure (default every 10 steps; the first measurement costs one
             per-example-gradient pass and an ``n × n`` eigendecomposition, later ones a
             forward pass).
-        data: a fixed batch ``(x, y)``; its first ``max_examples`` examples are the subset.
-            Default: the first measured step's ``batch=``, frozen.
         directions: the most directions recorded.
         min_label_energy: ``e_k`` a direction needs to count as label-carrying.
         positive_class: the class ``c`` treated as ``+1``.
-        max_examples: ``n``, at most 256.
-        params, mode, method, max_memory: of the per-example gradients (see
-            :func:`trainprobe.gradients.per_sample_gradients`); ``mode`` also sets the
-            semantics of the forward passes.
+        data, max_examples, params, mode, method, max_memory: the subset and its
+            per-example gradients, see :class:`~.output_source.OutputGradientProbe`
+            (``mode`` also sets the semantics of the forward passes).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "ntk_response"
+    name: str = "ntk_response"
+    schedule: Schedule = every(10)
     keys = (
-        Key("ntk_response/dir_<k>", "r of the k-th direction of D"),
+        Key(
+            "ntk_response/dir_<k>",
+            "the output's response along the k-th label-carrying eigendirection of the initial "
+            "NTK, over its label energy (Pezeshki et al. 2021); near 0: not learned",
+        ),
         Key(
             "ntk_response/min_ratio",
             "min_k r_k / max_k r_k (NaN while max_k r_k <= 0); near 0, or negative: starvation",
         ),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        *,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        data: Any = None,
-        directions: int = 4,
-        min_label_energy: float = 0.02,
-        positive_class: int = 1,
-        max_examples: int = 256,
-        params: ParamSelection = None,
-        mode: str = "eval",
-        method: str = "auto",
-        max_memory: int | None = None,
-    ) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "NTKResponse")
-        self.name = probe_name(self, name)
-        self.directions = check_count("NTKResponse", "directions", directions, 1)
-        if not 0 < min_label_energy <= 1:
+    directions: int = 4
+    min_label_energy: float = 0.02
+    positive_class: int = 1
+    # u_k [n, k] and u_kᵀy [k] of the directions D, found at the first measurement
+    _basis: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count("NTKResponse", "directions", self.directions, 1)
+        if not 0 < self.min_label_energy <= 1:
             raise ValueError(
-                f"NTKResponse: min_label_energy must be in (0, 1], got {min_label_energy!r}"
+                f"NTKResponse: min_label_energy must be in (0, 1], got {self.min_label_energy!r}"
             )
-        if method not in METHODS:
-            raise ValueError(f"NTKResponse: method must be one of {METHODS}, got {method!r}")
-        self.min_label_energy, self.positive_class = min_label_energy, positive_class
-        self.max_examples = check_count("NTKResponse", "max_examples", max_examples, 2, 256)
-        self.params, self.mode, self.method = params, check_mode(mode), method
-        self.max_memory = max_memory
-        self._subset = FixedSubset(data, max_examples, "NTKResponse")
-        self._basis: tuple[Tensor, Tensor] | None = None  # [n, k] u_k, [k] u_kᵀy
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
-        x, y = self._subset.get(ctx.batch)
+        x, y = self.subset(ctx)
         with observing(ctx.model, self.mode) as model, torch.no_grad():
             outputs = class_outputs(model(x), y.shape[0], "NTKResponse")  # [n, C]
         v = one_vs_rest(outputs.shape[1], self.positive_class)  # [C]
         if self._basis is None:
-            self._basis = self._directions(ctx.model, x, signed_labels(y, self.positive_class), v)
-        basis, label_proj = self._basis
+            labels = signed_labels(y, self.positive_class)  # [n]
+            self._keep(_basis=self._directions(ctx.model, x, labels, v))
+        basis, label_proj = self._basis  # type: ignore[misc]
         f = outputs.double() @ v.to(outputs.device)  # [n]
         ratios = (basis.T @ f) / label_proj  # [k]
         top = ratios.max()
@@ -130,11 +106,7 @@ class NTKResponse:
 
     def _directions(self, model: nn.Module, x: Any, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """``u_k`` ``[n, k]`` and ``u_kᵀy`` ``[k]`` of the label-carrying directions ``D``."""
-        outputs = network(model, params=self.params, mode=self.mode)
-        kernel, used = tangent_kernel(
-            outputs, x, v[:, None], method=self.method, max_memory=self.max_memory
-        )
-        self.method = "loop" if used == "loop" else self.method
+        kernel = self.kernel(model, x, v[:, None])  # [n, n]
         found = label_directions(kernel, y, count=self.directions, min_energy=self.min_label_energy)
         if found is None:
             raise ValueError(
@@ -145,18 +117,5 @@ class NTKResponse:
 
     def reset(self) -> None:
         """Forget the directions (and a subset frozen from a step batch)."""
-        self._basis = None
-        self._subset.reset()
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "data": "fixed batch" if self._subset.given else "first step batch",
-            "directions": self.directions,
-            "min_label_energy": self.min_label_energy,
-            "positive_class": self.positive_class,
-            "max_examples": self.max_examples,
-            "mode": self.mode,
-            "method": self.method,
-            "max_memory": self.max_memory,
-            "params": self.params if isinstance(self.params, str | None) else repr(self.params),
-        }
+        self._keep(_basis=None)
+        super().reset()

@@ -3,37 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..keys import Key
-from .base import StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
 
 
-class LearningRate:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LearningRate(ProbeOptions):
     """The learning rate of each parameter group, as the optimizer holds it.
 
     Keys: see ``keys``.
 
     Args:
         schedule: when to read it (default every step; reading costs no sync).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "optim"
+    name: str = "optim"
+    schedule: Schedule = every(1)
     keys = (Key("optim/lr/<group>", "the learning rate of parameter group <group> (its index)"),)
     needs = frozenset({"optimizer"})
-
-    def __init__(self, *, schedule: Schedule | None = None, name: str | None = None) -> None:
-        self.schedule = every(1) if schedule is None else schedule
-        check_schedule(self.schedule, "LearningRate")
-        self.name = probe_name(self, name)
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         groups = ctx.optimizer.param_groups if ctx.optimizer is not None else []
@@ -42,9 +36,6 @@ class LearningRate:
             for i, group in enumerate(groups)
             if "lr" in group
         }
-
-    def settings(self) -> dict[str, Any]:
-        return {}
 
 
 def _snapshot(lr: Any) -> Any:

@@ -4,22 +4,23 @@ points (Humayun, Balestriero & Baraniuk 2024, "Deep Networks Always Grok and Her
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 
 from ..keys import Key
 from ..regions import local_complexity, random_frame, segment_pieces
 from ..regions.complexity import DEFAULT_DIM
-from .base import PerLayer, StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, log_spaced
+from .base import PerLayer, ProbeOptions, StepContext, Value
+from .schedules import Schedule, log_spaced
 
 Points = Tensor | tuple | list
 
 
-class LocalComplexity:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LocalComplexity(ProbeOptions):
     """Neurons whose state changes in a small cross-polytope around each point.
 
     Around each point ``x`` the neighbourhood is the cross-polytope of radius ``r`` with
@@ -58,65 +59,63 @@ class LocalComplexity:
         seed: the frame (``seed``) and random points (``seed + 1``) generators.
         schedule: when to measure (default ``log_spaced()``: the paper reads the
             complexity on a log-scaled step axis; ~10 measurements per decade of steps).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "regions"
+    name: str = "regions"
+    schedule: Schedule = log_spaced()
     keys = (
         Key(
             "regions/<set>/total",
-            "mean over the set's points of the neurons whose state changes in the "
-            "neighbourhood, summed over layers",
+            "mean over the set's points of the neurons whose state changes in the cross-polytope "
+            "around each point, summed over layers (Humayun et al. 2024)",
         ),
-        Key("regions/<set>/layer/<module>", "the same per watched module"),
+        Key(
+            "regions/<set>/layer/<module>",
+            "mean over the set's points of one module's neurons whose state changes around each "
+            "point",
+        ),
         Key(
             "regions/<set>/segment_pieces",
             "mean number of linear pieces along the segments between consecutive points",
         ),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        *,
-        train: Points | None = None,
-        test: Points | None = None,
-        random: Points | int | None = None,
-        radius: float = 0.1,
-        dim: int | None = None,
-        segments: bool = False,
-        max_points: int = 256,
-        max_steps: int = 10_000,
-        seed: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-    ) -> None:
-        self.schedule = log_spaced() if schedule is None else schedule
-        check_schedule(self.schedule, "LocalComplexity")
-        self.name = probe_name(self, name)
-        self.train, self.test = _points(train, "train"), _points(test, "test")
-        if isinstance(random, int) and not isinstance(random, bool):
-            _check_int("random", random, 1)
-            self.random: Tensor | int | None = random
+    train: Points | None = field(default=None, repr=False)
+    test: Points | None = field(default=None, repr=False)
+    random: Points | int | None = field(default=None, repr=False)
+    radius: float = 0.1
+    dim: int | None = None
+    segments: bool = False
+    max_points: int = 256
+    max_steps: int = 10_000
+    seed: int = 0
+    # the given point sets as [N, *shape] tensors (detached inputs of a batch)
+    _train: Tensor | None = field(default=None, init=False, repr=False)
+    _test: Tensor | None = field(default=None, init=False, repr=False)
+    _given_random: Tensor | None = field(default=None, init=False, repr=False)
+    _frames: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)  # [k, D]
+    _random: Tensor | None = field(default=None, init=False, repr=False)  # drawn, [n, *shape]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._keep(_train=_points(self.train, "train"), _test=_points(self.test, "test"))
+        if isinstance(self.random, int) and not isinstance(self.random, bool):
+            _check_int("random", self.random, 1)
         else:
-            self.random = _points(random, "random")
+            self._keep(_given_random=_points(self.random, "random"))
+        radius = self.radius
         if not (isinstance(radius, int | float) and not isinstance(radius, bool) and radius > 0):
             raise ValueError(f"LocalComplexity: radius must be a number > 0, got {radius!r}")
-        if dim is not None:
-            _check_int("dim", dim, 1)
-        _check_int("max_points", max_points, 1)
-        _check_int("max_steps", max_steps, 1)
-        self.radius, self.dim, self.segments = float(radius), dim, bool(segments)
-        self.max_points, self.max_steps, self.seed = max_points, max_steps, seed
-        self._frames: dict[int, Tensor] = {}  # [k, D] by D: fixed for the run
-        self._random: Tensor | None = None  # [n, *shape] drawn at the first measurement
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+        if self.dim is not None:
+            _check_int("dim", self.dim, 1)
+        _check_int("max_points", self.max_points, 1)
+        _check_int("max_steps", self.max_steps, 1)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         sets = self._sets(ctx)
         x = torch.cat(list(sets.values()))  # [N_total, *shape]
-        counts = local_complexity(ctx.model, x, radius=self.radius, frame=self._frame(x))
+        counts = local_complexity(ctx.model, x, radius=float(self.radius), frame=self._frame(x))
         out: dict[str, Value] = {}
         rows = counts.counts.float().split([len(p) for p in sets.values()])  # [N_set, L] each
         for (name, points), per_point in zip(sets.items(), rows, strict=True):
@@ -131,12 +130,12 @@ class LocalComplexity:
 
     def _sets(self, ctx: StepContext) -> dict[str, Tensor]:
         """The point sets on the model's device and dtype, ``max_points`` each."""
-        train = self.train if self.train is not None else _step_inputs(ctx.batch)
+        train = self._train if self._train is not None else _step_inputs(ctx.batch)
         like = next((p for p in ctx.model.parameters() if p.is_floating_point()), train)
-        sets = {"train": train, "test": self.test}
+        sets = {"train": train, "test": self._test}
         if self.random is not None:
             sets["random"] = (
-                self._random_points(train) if isinstance(self.random, int) else (self.random)
+                self._given_random if self._given_random is not None else self._random_points(train)
             )
         moved = {
             name: points[: self.max_points].to(device=like.device, dtype=like.dtype)
@@ -156,7 +155,7 @@ class LocalComplexity:
             noise = torch.randn(
                 (self.random, *train.shape[1:]), generator=generator, dtype=torch.float64
             )
-            self._random = mean + std * noise.to(mean.device)  # [n, *shape]
+            self._keep(_random=mean + std * noise.to(mean.device))  # [n, *shape]
         return self._random
 
     def _frame(self, x: Tensor) -> Tensor:
@@ -167,19 +166,6 @@ class LocalComplexity:
             frame = random_frame(dim, features, generator=generator, dtype=torch.float64)
             self._frames[features] = frame  # [k, D], cast to the points' dtype when used
         return self._frames[features]
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "radius": self.radius,
-            "dim": self.dim,
-            "segments": self.segments,
-            "max_points": self.max_points,
-            "max_steps": self.max_steps,
-            "seed": self.seed,
-            "train": "fixed points" if self.train is not None else "step batch",
-            "test": self.test is not None,
-            "random": self.random if isinstance(self.random, int | None) else "given points",
-        }
 
 
 def _points(value: object, what: str) -> Tensor | None:

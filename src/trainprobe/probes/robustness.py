@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 
 from ..keys import Key
 from ..regions import pgd_attack
-from .base import StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, log_spaced
+from .base import ProbeOptions, StepContext, Value
+from .schedules import Schedule, log_spaced
 
 
-class Robustness:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Robustness(ProbeOptions):
     """Clean and adversarial accuracy of a classifier on a fixed batch.
 
     The attack is L∞ projected gradient descent on the cross-entropy (Madry, Makelov,
@@ -48,9 +49,11 @@ class Robustness:
         schedule: when to measure (default ``log_spaced()``: delayed robustness shows on
             a log-scaled step axis; each measurement costs ``steps`` forward-backward
             passes of ``max_points`` examples).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "robustness"
+    name: str = "robustness"
+    schedule: Schedule = log_spaced()
     keys = (
         Key("robustness/clean_acc", "accuracy on the batch"),
         Key(
@@ -59,24 +62,18 @@ class Robustness:
         ),
         Key("robustness/eps", "the attack radius"),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        *,
-        eps: float = 8 / 255,
-        steps: int = 10,
-        step_size: float | None = None,
-        data: Any = None,
-        bounds: tuple[float, float] | None = None,
-        max_points: int = 256,
-        seed: int = 0,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-    ) -> None:
-        self.schedule = log_spaced() if schedule is None else schedule
-        check_schedule(self.schedule, "Robustness")
-        self.name = probe_name(self, name)
+    eps: float = 8 / 255
+    steps: int = 10
+    step_size: float | None = None
+    data: Any = field(default=None, repr=False)
+    bounds: tuple[float, float] | None = None
+    max_points: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        eps, steps, step_size, bounds = self.eps, self.steps, self.step_size, self.bounds
         if not _number(eps, 0):
             raise ValueError(f"Robustness: eps must be a finite number >= 0, got {eps!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -85,8 +82,9 @@ class Robustness:
             raise ValueError(
                 f"Robustness: step_size must be a finite number >= 0 or None, got {step_size!r}"
             )
-        if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
-            raise ValueError(f"Robustness: max_points must be an integer >= 1, got {max_points!r}")
+        m = self.max_points
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"Robustness: max_points must be an integer >= 1, got {m!r}")
         if bounds is not None and not (
             isinstance(bounds, tuple)
             and len(bounds) == 2
@@ -96,13 +94,8 @@ class Robustness:
             raise ValueError(
                 f"Robustness: bounds must be a tuple (low, high) with low < high, got {bounds!r}"
             )
-        if data is not None:
-            _examples(data)
-        self.eps, self.steps, self.step_size, self.data = float(eps), steps, step_size, data
-        self.bounds, self.max_points, self.seed = bounds, max_points, seed
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+        if self.data is not None:
+            _examples(self.data)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         if self.data is None and ctx.batch is None:
@@ -115,7 +108,7 @@ class Robustness:
             ctx.model,
             x,
             y,
-            eps=self.eps,
+            eps=float(self.eps),
             steps=self.steps,
             step_size=self.step_size,
             generator=torch.Generator().manual_seed(self.seed + ctx.step),
@@ -124,18 +117,7 @@ class Robustness:
         return {
             f"{self.name}/clean_acc": result.clean_acc,
             f"{self.name}/adv_acc": result.adv_acc,
-            f"{self.name}/eps": self.eps,
-        }
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "eps": self.eps,
-            "steps": self.steps,
-            "step_size": self.step_size,
-            "bounds": None if self.bounds is None else list(self.bounds),
-            "max_points": self.max_points,
-            "seed": self.seed,
-            "data": "fixed batch" if self.data is not None else "step batch",
+            f"{self.name}/eps": float(self.eps),
         }
 
 

@@ -167,8 +167,8 @@ class Sharpness(CurvatureProbe):
     keys = (
         Key("sharpness/lambda_max", "λ_max(H + wd I), or λ_max(P⁻¹(H + wd I)) for Adam"),
         Key("sharpness/threshold", "the optimizer's stability threshold for λ_max"),
-        Key("sharpness/ratio", "λ_max / threshold"),
-        Key("sharpness/lr", "the learning rate η read from the optimizer"),
+        Key("sharpness/ratio", "λ_max / threshold; 1 is the edge of stability"),
+        Key("sharpness/lr", "the learning rate η read from the optimizer, behind the threshold"),
         Key("sharpness/preconditioned", "1 for Adam's P⁻¹H, else 0"),
         Key("sharpness/hvps", "Hessian-vector products spent"),
     )
@@ -208,4 +208,3 @@ class Sharpness(CurvatureProbe):
         if note and note not in self._noted:
             self._noted.add(note)
             warn_user(f"Sharpness: λ_max only, no threshold: {note}", UserWarning)
-

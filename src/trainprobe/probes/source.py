@@ -35,14 +35,14 @@ class LossProbe(ProbeOptions):
         owner = type(self).__name__
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(
-                f"{owner}: loss_fn must be a callable loss(model, batch) -> scalar tensor, got "
+                f"{owner}: loss_fn must be callable loss(model, batch) -> scalar tensor, got "
                 f"{type(self.loss_fn).__name__}; e.g. "
                 "trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())"
             )
         if self.mode not in ("eval", "train"):
             raise ValueError(
-                f"{owner}: mode must be 'eval' (running statistics, no dropout) or 'train', "
-                f"got {self.mode!r}"
+                f"{owner}: mode must be 'eval' or 'train' ('eval': running statistics, no "
+                f"dropout), got {self.mode!r}"
             )
 
     def source(self, ctx: StepContext) -> tuple[LossFn, Any]:

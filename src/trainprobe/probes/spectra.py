@@ -5,20 +5,18 @@ kernels ``[out, in·Πk]``); biases and norm scales have none and are skipped.""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+from torch import Tensor
 
 from .. import spectra
 from ..keys import Key
 from ..spectra.matrix import check_int, compute_dtype
 from ..spectra.temporal import check_alpha
-from .base import PerLayer, StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import PerLayer, ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
 from .tensors import stack_scalars
 
 
@@ -35,7 +33,8 @@ class EveryStep:
         return f"every step (running state), records at {self.record.describe()}"
 
 
-class GradSpectrum:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GradSpectrum(ProbeOptions):
     """Singular values of each weight matrix's gradient, and its slow (EMA) share.
 
     A layer's gradient is far from full rank (a Linear layer's batch gradient has
@@ -58,14 +57,15 @@ class GradSpectrum:
     (0.0103 at α = 0.98; derivation in :func:`~trainprobe.spectra.slow_ratio`). It
     starts at 1 and forgets that start in about ``1/(1 − α)`` steps.
 
-    Schedule: with ``alpha`` set, ``self.schedule`` is :class:`EveryStep` (due every
-    step for one fused on-device ``ema += (1 − α)(g − ema)``, no sync) and ``measure``
-    returns ``{}`` except at the ``schedule=`` steps (``self.record``): one update per
-    ``mon.step`` block. The EMA restarts when a step does not follow the last one
-    seen (a new run) or a gradient changes shape or device. It costs one float32
-    (float64 for float64 weights) copy of every weight matrix on its device while
-    slow tracking is on (:meth:`reset` frees it). ``.grad`` is only read. On CUDA the
-    SVD synchronises once per matrix at record steps (``svdvals`` does); nothing else.
+    Schedule: ``schedule`` says when spectra are recorded; with ``alpha`` set the probe
+    is due every step (``due`` is :class:`EveryStep`) for one fused on-device
+    ``ema += (1 − α)(g − ema)``, no sync, and ``measure`` returns ``{}`` except at the
+    ``schedule`` steps: one update per ``mon.step`` block. The EMA restarts when a step
+    does not follow the last one seen (a new run) or a gradient changes shape or
+    device. It costs one float32 (float64 for float64 weights) copy of every weight
+    matrix on its device while slow tracking is on (:meth:`reset` frees it). ``.grad``
+    is only read. On CUDA the SVD synchronises once per matrix at record steps
+    (``svdvals`` does); nothing else.
 
     Keys: see ``keys`` (``sigma_<i>`` for ``i < k`` and ``i < min(rows, cols)``;
     ``slow_ratio`` with ``alpha``). NaN for an all-zero gradient; parameters without
@@ -82,45 +82,55 @@ class GradSpectrum:
         power_iters: randomized SVD power iterations ``q``.
         seed: randomized SVD draws from ``torch.Generator(device).manual_seed(seed +
             step)``, never from the global RNG.
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "grad_spectrum"
+    name: str = "grad_spectrum"
+    schedule: Schedule = every(10)
     keys = (
         Key("grad_spectrum/sigma_<i>/<param>", "the i-th largest singular value of the gradient"),
-        Key("grad_spectrum/stable_rank/<param>", "||G||_F² / σ_0²"),
-        Key("grad_spectrum/effective_rank/<param>", "exp(H(p)), the entropy effective rank"),
-        Key("grad_spectrum/energy_top_r/<param>", "Σ_{i<r} σ_i² / ||G||_F², r = energy_rank"),
+        Key("grad_spectrum/stable_rank/<param>", "‖G‖_F² / σ_0², the gradient's stable rank"),
+        Key(
+            "grad_spectrum/effective_rank/<param>",
+            "exp(H(p)), the gradient's entropy effective rank; falling: updates along fewer "
+            "directions",
+        ),
+        Key(
+            "grad_spectrum/energy_top_r/<param>",
+            "Σ_{i<r} σ_i² / ‖G‖_F², r = energy_rank: near 1, the update is low-rank",
+        ),
         Key("grad_spectrum/slow_ratio/<param>", "the slow (EMA) share of the gradient"),
     )
     needs = frozenset({"grads"})
 
-    def __init__(
-        self,
-        k: int = 3,
-        *,
-        energy_rank: int | None = None,
-        alpha: float | None = 0.98,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        exact_max: int = spectra.EXACT_MAX,
-        oversample: int = 10,
-        power_iters: int = 2,
-        seed: int = 0,
-    ) -> None:
-        self.record = every(10) if schedule is None else schedule
-        check_schedule(self.record, "GradSpectrum")
-        self.name = probe_name(self, name)
-        self.k = check_int("GradSpectrum: k", k, 1)
-        rank = k if energy_rank is None else energy_rank
-        self.energy_rank = check_int("GradSpectrum(energy_rank=...)", rank, 1)
-        self.alpha = None if alpha is None else check_alpha(alpha, "GradSpectrum")
-        self.exact_max = check_int("GradSpectrum(exact_max=...)", exact_max, 1)
-        self.oversample = check_int("GradSpectrum(oversample=...)", oversample, 0)
-        self.power_iters = check_int("GradSpectrum(power_iters=...)", power_iters, 0)
-        self.seed = check_int("GradSpectrum(seed=...)", seed, 0)
-        self.schedule = self.record if alpha is None else EveryStep(self.record)
-        self._ema: dict[str, Tensor] = {}
-        self._last_step: int | None = None
+    k: int = 3
+    energy_rank: int | None = None
+    alpha: float | None = 0.98
+    exact_max: int = spectra.EXACT_MAX
+    oversample: int = 10
+    power_iters: int = 2
+    seed: int = 0
+    _energy_rank: int = field(default=0, init=False, repr=False)  # energy_rank, or k
+    _ema: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _last_step: int | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("GradSpectrum: k", self.k, 1)
+        rank = self.k if self.energy_rank is None else self.energy_rank
+        self._keep(_energy_rank=check_int("GradSpectrum(energy_rank=...)", rank, 1))
+        if self.alpha is not None:
+            check_alpha(self.alpha, "GradSpectrum")
+        check_int("GradSpectrum(exact_max=...)", self.exact_max, 1)
+        check_int("GradSpectrum(oversample=...)", self.oversample, 0)
+        check_int("GradSpectrum(power_iters=...)", self.power_iters, 0)
+        check_int("GradSpectrum(seed=...)", self.seed, 0)
+
+    @property
+    def due(self) -> Schedule:
+        """When the monitor runs the probe: every step while slow tracking (``alpha``)
+        needs every gradient, else at ``schedule``."""
+        return self.schedule if self.alpha is None else EveryStep(self.schedule)
 
     @property
     def slow_gradients(self) -> Mapping[str, Tensor]:
@@ -130,10 +140,7 @@ class GradSpectrum:
     def reset(self) -> None:
         """Drop the EMA; the next step starts it again from that step's gradient."""
         self._ema.clear()
-        self._last_step = None
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+        self._keep(_last_step=None)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         grads = {
@@ -143,7 +150,7 @@ class GradSpectrum:
         }
         if self.alpha is not None:
             self._track(ctx.step, grads)
-        if not grads or not self.record(ctx.step):
+        if not grads or not self.schedule(ctx.step):
             return {}
         out = self._spectra(grads, ctx.step)
         if self.alpha is not None:
@@ -156,7 +163,7 @@ class GradSpectrum:
         """One EMA step for every matrix with a gradient (its first one starts it)."""
         if self._last_step is not None and step <= self._last_step:
             self._ema.clear()  # a new run
-        self._last_step = step
+        self._keep(_last_step=step)
         going = {
             n: g
             for n, g in grads.items()
@@ -168,7 +175,7 @@ class GradSpectrum:
 
     def _spectra(self, grads: dict[str, Tensor], step: int) -> dict[str, Value]:
         options = {
-            "top": max(self.k, self.energy_rank),
+            "top": max(self.k, self._energy_rank),
             "exact_max": self.exact_max,
             "oversample": self.oversample,
             "power_iters": self.power_iters,
@@ -178,29 +185,17 @@ class GradSpectrum:
             generator = torch.Generator(device=grad.device).manual_seed(self.seed + step)
             found[name] = spectra.spectrum(spectra.as_matrix(grad), generator=generator, **options)
         names, specs = tuple(found), list(found.values())
-        out = _sigmas("grad_spectrum", {n: s.sigma for n, s in found.items()}, self.k)
+        out = _sigmas(self.name, {n: s.sigma for n, s in found.items()}, self.k)
         for metric, values in (
             ("stable_rank", [spectra.stable_rank(s.frobenius, s.sigma[0]) for s in specs]),
             ("effective_rank", [spectra.effective_rank(s.sigma) for s in specs]),
             (
                 "energy_top_r",
-                [spectra.energy_fraction(s.sigma, s.frobenius, self.energy_rank) for s in specs],
+                [spectra.energy_fraction(s.sigma, s.frobenius, self._energy_rank) for s in specs],
             ),
         ):
             out[f"{self.name}/{metric}"] = PerLayer(names, stack_scalars(values))  # [L]
         return out
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "energy_rank": self.energy_rank,
-            "alpha": self.alpha,
-            "record": self.record.describe(),
-            "exact_max": self.exact_max,
-            "oversample": self.oversample,
-            "power_iters": self.power_iters,
-            "seed": self.seed,
-        }
 
 
 def _sigmas(probe: str, sigmas: Mapping[str, Tensor], k: int) -> dict[str, Value]:

@@ -9,32 +9,35 @@ does is *how the fit is shared*: between input feature groups (:class:`FeatureAt
 and between the label-carrying eigendirections of the initial NTK
 (:class:`NTKResponse`): starvation leaves one predictive part of the input, or one
 label-carrying direction, an order of magnitude behind the rest.
+
+This module holds :class:`FeatureAttribution` and its input feature groups
+(:data:`FeatureIndex`, :func:`check_features`, :func:`feature_groups`); :class:`NTKResponse`
+lives in :mod:`.ntk_response`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from ..functional import LossFn, as_scalar, check_mode
-from ..keys import Key
-from ._supervised import (
-    FeatureIndex,
-    check_features,
-    class_outputs,
-    feature_groups,
-    inputs_targets,
-    observing,
-)
-from .base import StepContext, Value, probe_name, step_source
-from .schedules import Schedule, check_schedule, every
+from ..functional import LossFn, Mode, as_scalar, check_mode
+from ..keys import Key, is_name
+from .base import ProbeOptions, StepContext, Value, step_source
+from .batches import inputs_targets, observing
+from .labels import class_outputs
+from .schedules import Schedule, every
+
+FeatureIndex = slice | Sequence[int] | Tensor
+"""Positions in the flattened per-example input ``x[i].reshape(-1)``."""
 
 
-class FeatureAttribution:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class FeatureAttribution(ProbeOptions):
     """How much of the output each input feature group carries, and what removing it costs.
 
     On a batch ``(x, y)`` (a fixed one via ``data=`` is best: then steps compare alike) of
@@ -67,38 +70,35 @@ class FeatureAttribution:
         loss_fn: ``loss(model, (x, y))`` for the ablation (default: the step's).
         mode: ``"eval"`` (default) or ``"train"`` semantics (modes restored, RNG forked;
             under ``"train"`` BatchNorm mixes the examples' gradients).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "attribution"
+    name: str = "attribution"
+    schedule: Schedule = every(50)
     keys = (
         Key("attribution/share/<group>", "share_g, summing to 1 over the groups"),
-        Key("attribution/ablation/<group>", "the loss rise when the group is set to its mean"),
+        Key(
+            "attribution/ablation/<group>",
+            "the loss rise when the group is set to its mean: how much the model relies on it",
+        ),
     )
-    needs: frozenset[str] = frozenset()
 
-    def __init__(
-        self,
-        features: Mapping[str, FeatureIndex] | None = None,
-        *,
-        schedule: Schedule | None = None,
-        name: str | None = None,
-        data: Any = None,
-        loss_fn: LossFn | None = None,
-        mode: str = "eval",
-    ) -> None:
-        self.schedule = every(50) if schedule is None else schedule
-        check_schedule(self.schedule, "FeatureAttribution")
-        self.name = probe_name(self, name)
-        if features is not None:
-            check_features(features)
-        if loss_fn is not None and not callable(loss_fn):
+    features: Mapping[str, FeatureIndex] | None = None
+    data: Any = field(default=None, repr=False)
+    loss_fn: LossFn | None = field(default=None, repr=False)
+    mode: Mode = "eval"
+    # the input size and device the groups were checked for, their names and [m_g] indices
+    _cache: tuple[tuple[int, torch.device], list[str], list[Tensor]] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.features is not None:
+            check_features(self.features)
+        if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError("FeatureAttribution: loss_fn must be callable loss(model, batch)")
-        self.features, self.data, self.loss_fn = features, data, loss_fn
-        self.mode = check_mode(mode)
-        self._cache: tuple[tuple[int, torch.device], list[str], list[Tensor]] | None = None
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+        check_mode(self.mode)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         loss_fn, batch = step_source(ctx, "FeatureAttribution", self.loss_fn, self.data)
@@ -121,16 +121,48 @@ class FeatureAttribution:
     def _groups(self, dim: int, device: torch.device) -> tuple[list[str], list[Tensor]]:
         """Names and ``[m_g]`` indices, checked once per input size (the check syncs)."""
         if self._cache is None or self._cache[0] != (dim, device):
-            self._cache = ((dim, device), *feature_groups(self.features, dim, device))
-        return self._cache[1], self._cache[2]
+            self._keep(_cache=((dim, device), *feature_groups(self.features, dim, device)))
+        return self._cache[1], self._cache[2]  # type: ignore[index]
 
-    def settings(self) -> dict[str, Any]:
-        groups = None if self.features is None else {k: repr(v) for k, v in self.features.items()}
-        return {
-            "features": groups,
-            "mode": self.mode,
-            "data": "fixed batch" if self.data is not None else "step batch",
-        }
+
+def check_features(features: object) -> None:
+    """A ``ValueError``/``TypeError`` unless ``features`` maps lower_snake names to indices."""
+    if not isinstance(features, Mapping) or not features:
+        raise TypeError(
+            "FeatureAttribution: features must be a non-empty dict {group: index}, e.g. "
+            f"{{'easy': slice(0, 1), 'hard': [1]}}, got {type(features).__name__}"
+        )
+    bad = [k for k in features if not is_name(k)]
+    if bad:
+        raise ValueError(
+            f"FeatureAttribution: group names {bad} are not lower_snake; record keys need "
+            "names like 'easy' or 'hard_1' (lowercase letters, digits, single '_')"
+        )
+
+
+def feature_groups(
+    features: Mapping[str, FeatureIndex] | None, dim: int, device: torch.device
+) -> tuple[list[str], list[Tensor]]:
+    """Group names and ``[m_g]`` index tensors into the ``d = dim`` flattened features
+    (default: at most 8 contiguous chunks, ``f<first>`` or ``f<first>_<last>``)."""
+    if features is None:
+        bounds = torch.linspace(0, dim, min(dim, 8) + 1).round().long().tolist()
+        spans = list(itertools.pairwise(bounds))
+        names = [f"f{a}" if b - a == 1 else f"f{a}_{b - 1}" for a, b in spans]
+        return names, [torch.arange(a, b, device=device) for a, b in spans]
+    positions = torch.arange(dim, device=device)  # [d]
+    groups = []
+    for name, index in features.items():
+        mask = isinstance(index, slice) or (isinstance(index, Tensor) and index.dtype == torch.bool)
+        chosen = positions[index] if mask else torch.as_tensor(index)  # type: ignore[index]
+        chosen = chosen.to(device=device, dtype=torch.long).reshape(-1)  # [m_g]
+        if chosen.numel() == 0 or chosen.min() < 0 or chosen.max() >= dim:
+            raise ValueError(
+                f"FeatureAttribution: group {name!r} selects no feature or one outside the "
+                f"{dim} input features per example; index x[i].reshape(-1) in [0, {dim - 1}]"
+            )
+        groups.append(chosen)
+    return list(features), groups
 
 
 def _scores(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ class GradientSubspace(CurvatureProbe):
 
     name: str = "grad_subspace"
     keys = (
-        Key("grad_subspace/fraction", "||V_kᵀ g||² / ||g||², in [0, 1] (NaN for a zero gradient)"),
+        Key("grad_subspace/fraction", "‖V_kᵀ g‖² / ‖g‖², in [0, 1] (NaN for a zero gradient)"),
         Key("grad_subspace/hvps", "Hessian-vector products spent"),
     )
 

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from ..keys import Key
-from .base import PerLayer, StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import PerLayer, ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
 from .tensors import stacked_norms, total_norm
 
 
-class UpdateNorms:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class UpdateNorms(ProbeOptions):
     """How far each parameter tensor moved in one optimizer step, absolutely and relatively.
 
     ``Δw = w_after − w_before`` where ``w_before`` is copied when a due step starts
@@ -33,24 +32,21 @@ class UpdateNorms:
 
     Args:
         schedule: when to measure (default every 10 steps).
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "updates"
+    name: str = "updates"
+    schedule: Schedule = every(10)
     keys = (
-        Key("updates/norm/<param>", "||Δw||_2 of one parameter tensor in one optimizer step"),
-        Key("updates/ratio/<param>", "||Δw|| / ||w|| of one tensor (NaN where w is zero)"),
-        Key("updates/norm_total", "the global ||Δw|| over all trainable parameters"),
-        Key("updates/ratio_total", "||Δw|| / ||w|| over all trainable parameters"),
+        Key(
+            "updates/norm/<param>",
+            "‖Δw‖_2 of one optimizer step per tensor; the update-ratio row divides it by ‖w‖",
+        ),
+        Key("updates/ratio/<param>", "‖Δw‖ / ‖w‖ of one tensor (NaN where w is zero)"),
+        Key("updates/norm_total", "the global ‖Δw‖ over all trainable parameters"),
+        Key("updates/ratio_total", "‖Δw‖ / ‖w‖ over all trainable parameters"),
     )
     needs = frozenset({"update"})
-
-    def __init__(self, *, schedule: Schedule | None = None, name: str | None = None) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "UpdateNorms")
-        self.name = probe_name(self, name)
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         if ctx.update is None or ctx.params_before is None:
@@ -66,9 +62,6 @@ class UpdateNorms:
             f"{self.name}/norm_total": deltas_total,
             f"{self.name}/ratio_total": _ratio(deltas_total, weights_total),
         }
-
-    def settings(self) -> dict[str, Any]:
-        return {}
 
 
 def _ratio(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from .. import spectra
 from ..keys import Key
 from ..spectra.matrix import check_int, compute_dtype
-from .base import PerLayer, StepContext, Value, probe_name
-from .schedules import Schedule, check_schedule, every
+from .base import PerLayer, ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
 from .spectra import _sigmas
 from .tensors import stack_scalars, stacked_norms
 
 
-class WeightSpectrum:
+@dataclass(frozen=True, kw_only=True, eq=False)
+class WeightSpectrum(ProbeOptions):
     """Spectral norm and stable rank of each weight matrix, by warm-started power iteration.
 
     Two signals. *Exploding recurrent dynamics* (Pascanu, Mikolov & Bengio 2013, "On
@@ -53,42 +53,41 @@ class WeightSpectrum:
         cold_iters: power iterations of a matrix's first measurement.
         schedule: when to measure (default every 10 steps).
         seed: first start vectors from ``torch.Generator(device).manual_seed(seed)``.
+        name: see :class:`~.base.ProbeOptions`.
     """
 
-    name = "weight_spectrum"
+    name: str = "weight_spectrum"
+    schedule: Schedule = every(10)
     keys = (
-        Key("weight_spectrum/spectral_norm/<param>", "σ̂_0, a lower bound of ||W||_2"),
-        Key("weight_spectrum/stable_rank/<param>", "||W||_F² / σ̂_0² (exact ||W||_F)"),
+        Key("weight_spectrum/spectral_norm/<param>", "σ̂_0, a lower bound of ‖W‖_2"),
+        Key(
+            "weight_spectrum/stable_rank/<param>",
+            "‖W‖_F² / σ̂_0² (exact ‖W‖_F); falling: a few directions dominate",
+        ),
         Key(
             "weight_spectrum/residual/<param>",
-            "||WᵀW v − σ̂_0² v|| / σ̂_0²: small when the power iteration converged",
+            "‖WᵀW v − σ̂_0² v‖ / σ̂_0²: small when the power iteration converged",
         ),
-        Key("weight_spectrum/gate_<gate>/<param>", "the spectral norm of a GRU/LSTM gate block"),
+        Key(
+            "weight_spectrum/gate_<gate>/<param>",
+            "the spectral norm of a GRU/LSTM gate block of the recurrent matrix: that gate's "
+            "recurrent gain",
+        ),
         Key("weight_spectrum/sigma_<i>/<param>", "the exact i-th largest singular value"),
     )
-    needs: frozenset[str] = frozenset()
+    k: int = 0
+    iters: int = 4
+    cold_iters: int = 30
+    seed: int = 0
+    # the last power iterate [cols] per matrix and gate block: the only state kept
+    _vectors: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
-    def __init__(
-        self,
-        k: int = 0,
-        *,
-        iters: int = 4,
-        cold_iters: int = 30,
-        schedule: Schedule | None = None,
-        seed: int = 0,
-        name: str | None = None,
-    ) -> None:
-        self.schedule = every(10) if schedule is None else schedule
-        check_schedule(self.schedule, "WeightSpectrum")
-        self.name = probe_name(self, name)
-        self.k = check_int("WeightSpectrum: k", k, 0)
-        self.iters = check_int("WeightSpectrum(iters=...)", iters, 1)
-        self.cold_iters = check_int("WeightSpectrum(cold_iters=...)", cold_iters, 1)
-        self.seed = check_int("WeightSpectrum(seed=...)", seed, 0)
-        self._vectors: dict[str, Tensor] = {}  # [cols] last power iterate per matrix
-
-    def attach(self, model: nn.Module) -> list[RemovableHandle]:
-        return []
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("WeightSpectrum: k", self.k, 0)
+        check_int("WeightSpectrum(iters=...)", self.iters, 1)
+        check_int("WeightSpectrum(cold_iters=...)", self.cold_iters, 1)
+        check_int("WeightSpectrum(seed=...)", self.seed, 0)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         mats = {
@@ -109,7 +108,7 @@ class WeightSpectrum:
         out.update(self._gates(ctx.model, mats))
         if self.k:
             exact = {n: torch.linalg.svdvals(m.to(compute_dtype(m))) for n, m in mats.items()}
-            out.update(_sigmas("weight_spectrum", exact, self.k))
+            out.update(_sigmas(self.name, exact, self.k))
         return out
 
     def _power(self, key: str, matrix: Tensor) -> spectra.SpectralNorm:
@@ -136,9 +135,6 @@ class WeightSpectrum:
             f"{self.name}/gate_{gate}": PerLayer(tuple(names), stack_scalars(values))
             for gate, (names, values) in per_gate.items()
         }
-
-    def settings(self) -> dict[str, Any]:
-        return {"k": self.k, "iters": self.iters, "cold_iters": self.cold_iters, "seed": self.seed}
 
 
 def recurrent_weights(model: nn.Module) -> dict[str, str]:
