@@ -282,3 +282,55 @@ def test_invalid_arguments_name_the_fix(tmp_path, kwargs, error, match):
     run = run_of(tmp_path, eos_ratio(0), healthy_loss(0))
     with pytest.raises(error, match=match):
         detect_edge_of_stability(run, **kwargs)
+
+
+def catapulting(loss: np.ndarray, at: tuple[int, ...]) -> np.ndarray:
+    """``loss`` with a catapult at each step of ``at``: 4x for two steps, back in ten."""
+    out = loss.copy()
+    for step in at:
+        out[step : step + 10] *= 1.0 + 3.0 * np.exp(-np.arange(10) / 2.0)
+    return out
+
+
+def test_catapults_at_the_edge_are_one_info_finding_not_an_instability(tmp_path):
+    """Gradient descent at the edge of stability spikes and comes back (Lewkowycz et al.
+    2020): with λ_max hovering at 2/η, recovered spikes and gradient jumps are catapults."""
+    loss = catapulting(healthy_loss(9), (1400, 2100, 2600))
+    norms = noisy(np.ones(STEPS.size), 10, 0.05)
+    for step in (1400, 2100, 2600):
+        norms[step : step + 2] *= 30.0  # the gradient jumps with the loss
+    run = write_run(
+        tmp_path / "r",
+        {
+            **sharpness(eos_ratio(9)),
+            "scalars/loss": (STEPS, loss),
+            "norms/grad_total": (STEPS, norms),
+        },
+    )
+    everything = analyze(run, fold=False)
+    assert {f.detector for f in everything if f.severity >= Severity.WARNING} == {
+        "loss_spike",
+        "exploding_gradients",
+    }  # the symptoms on their own
+    findings = analyze(run)
+    assert all(f.severity is Severity.INFO for f in findings), findings
+    (catapult,) = [f for f in findings if f.detector == "instability"]
+    assert "Catapults at the edge of stability" in catapult.message
+    assert catapult.start_step == 1400 and catapult.evidence["catapults"] >= 3
+
+
+def test_a_spike_that_does_not_recover_at_the_edge_is_still_an_instability(tmp_path):
+    loss = catapulting(healthy_loss(11), (1400,))
+    loss[2100:] *= 6.0  # jumps and stays up
+    norms = noisy(np.ones(STEPS.size), 12, 0.05)
+    norms[2100:2102] *= 30.0
+    run = write_run(
+        tmp_path / "r",
+        {
+            **sharpness(eos_ratio(11)),
+            "scalars/loss": (STEPS, loss),
+            "norms/grad_total": (STEPS, norms),
+        },
+    )
+    worst = analyze(run)[0]
+    assert worst.severity is Severity.CRITICAL and worst.start_step >= 2100

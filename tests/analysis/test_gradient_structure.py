@@ -142,6 +142,16 @@ def test_a_minority_loss_rising_while_the_batch_loss_falls(tmp_path):
     assert finding.keys == ("conflict/loss/class_1",)
 
 
+def test_class_losses_at_exactly_zero_are_not_losing_ground(tmp_path):
+    """A class fit to the float32 floor reads 0 at its minimum and after: 0 >= 0 is no rise,
+    and a batch loss of exactly 0 is not falling (a fit run, not a competition)."""
+    zero_after = np.where(np.arange(N) < 30, falling(0.69, 0.0), 0.0)
+    losses = {0: zero_after, 1: zero_after.copy()}
+    norms = {0: np.where(np.arange(N) < 30, 1.0, 1e-14), 1: np.where(np.arange(N) < 30, 1.0, 1e-14)}
+    run = write_run(tmp_path / "r", classes(losses, {0: 32, 1: 4}, norms))
+    assert detect_class_competition(run) == []
+
+
 def test_a_class_starved_of_gradient(tmp_path):
     losses = {0: falling(0.69, 0.1), 1: np.full(N, 0.7), 2: falling(0.69, 0.1)}
     norms = {0: falling(1.0, 0.3), 1: np.full(N, 0.002), 2: falling(1.0, 0.3)}

@@ -271,3 +271,18 @@ def test_vanishing_invalid_arguments(tmp_path, kwargs, match):
     run = write_run(tmp_path / "r", layer_norms(0, {}), meta=META)
     with pytest.raises(ValueError, match=match):
         detect_vanishing_gradients(run, **kwargs)
+
+
+def test_a_jump_below_the_level_the_run_held_is_not_an_explosion(tmp_path):
+    """Near convergence a norm of 0.015 that jumps to 1.4 (91x its trailing median) is
+    still below the level the run handled early on: a fit model's noise, not a blow-up."""
+    t = np.arange(N)
+    norms = np.exp(np.log(2.0) + (np.log(0.015) - np.log(2.0)) * t / N)  # 2 -> 0.015
+    norms = norms * np.exp(np.random.default_rng(3).normal(0, 0.05, N))
+    norms[N - 20] = 1.4
+    run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms)})
+    assert detect_exploding_gradients(run) == []
+    norms[N - 20] = 50.0  # 25x anything the run held: an explosion
+    run = write_run(tmp_path / "s", {"norms/grad_total": (STEPS, norms)})
+    (jump,) = detect_exploding_gradients(run)
+    assert jump.start_step == STEPS[N - 20] and jump.evidence["level_held"] > 1.5

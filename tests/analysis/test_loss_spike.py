@@ -287,3 +287,17 @@ def test_invalid_arguments_name_the_fix(tmp_path, kwargs, error, match):
     run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, decaying_loss(0))})
     with pytest.raises(error, match=match):
         detect_loss_spikes(run, **kwargs)
+
+
+def test_a_tiny_loss_doubling_near_the_float_floor_is_not_a_spike(tmp_path):
+    """A loss of 1e-3 that doubles late in training is 0.04% of its starting 2.3: noise of
+    a fit model, not a spike; a rise back to a quarter of the start is one."""
+    steps = np.arange(1000)
+    loss = 2.3 * np.exp(-steps / 120) + 1e-3 * (1 + 0.01 * np.sin(steps))
+    loss[900] = 2e-3
+    run = write_run(tmp_path / "r", {"scalars/loss": (steps, loss)})
+    assert detect_loss_spikes(run) == []
+    loss[900] = 0.6
+    run = write_run(tmp_path / "s", {"scalars/loss": (steps, loss)})
+    (spike,) = detect_loss_spikes(run)
+    assert spike.start_step == 900 and spike.evidence["min_level_share"] == 0.1

@@ -4,6 +4,7 @@ numpy/scipy only: nothing here imports torch, so a run can be analysed anywhere.
 """
 
 from .class_competition import detect_class_competition
+from .dead_units import detect_dead_units
 from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding, Severity
@@ -27,6 +28,7 @@ __all__ = [
     "Severity",
     "analyze",
     "detect_class_competition",
+    "detect_dead_units",
     "detect_edge_of_stability",
     "detect_exploding_gradients",
     "detect_gradient_conflict",

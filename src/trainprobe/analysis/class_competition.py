@@ -185,8 +185,10 @@ def _losing_ground(
     # the rise must matter next to the batch loss too: a learned class going from 0.001 to
     # 0.003 is a relative rise of 3x that nobody would call losing ground, and a class
     # oscillating at a large step size dips far below its level for one step
-    grew = (own >= (1 + rise) * low) & (own - low >= rise * total[at_low])
-    harm = grew & (batch <= (1 - fall) * total[at_low])
+    # (strict comparisons: a class loss and a batch loss sitting at exactly 0, the float32
+    # floor of a fit class, satisfy 0 >= 0 but neither rise nor fall)
+    grew = (own > (1 + rise) * low) & (own - low > rise * total[at_low])
+    harm = grew & (batch < (1 - fall) * total[at_low])
     stretch = _longest(harm, points)
     if stretch is None:
         return []

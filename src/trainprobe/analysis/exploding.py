@@ -24,13 +24,18 @@ def detect_exploding_gradients(
     *,
     window: int = 20,
     jump_factor: float = 10.0,
+    level_factor: float = 3.0,
     growth_decades: float = 2.0,
     max_jumps: int = 5,
 ) -> list[Finding]:
     """Jumps and sustained growth of the global gradient norm ``norms/grad_total``.
 
     *Jump*: ``g_i > jump_factor * med_i``, with ``med_i`` the median of the
-    ``window`` measurements before ``i`` (no look-ahead); consecutive jump points
+    ``window`` measurements before ``i`` (no look-ahead), and ``g_i > level_factor *
+    L_i``, ``L_i`` the highest trailing median the norm has held before ``i`` (usually
+    its early-training level): a norm of 0.015 near convergence that jumps to 1.4 is
+    91x its trailing median but below what the run handled early on, a fit model's
+    noise rather than an explosion. Consecutive jump points
     form a span, ``CRITICAL`` when the median of the next ``window`` points
     stays above ``jump_factor * med``. *Growth*: the rolling median of
     ``log10 g`` over ``window`` points climbs by ``>= growth_decades`` from its
@@ -45,6 +50,7 @@ def detect_exploding_gradients(
         window: measurements per median (default 20: 200 steps at every-10 scheduling).
         jump_factor: jump threshold over the trailing median (default 10; healthy
             gradient norms fluctuate by 2-3x between mini-batches).
+        level_factor: jump threshold over the highest level held before (default 3).
         growth_decades: orders of magnitude of sustained growth (default 2: the
             late-training drift of a healthy norm is a few x, not 100x).
         max_jumps: most jump findings returned (default 5).
@@ -59,13 +65,14 @@ def detect_exploding_gradients(
     check_window("window", window)
     check_count("max_jumps", max_jumps, minimum=1, what="jump findings")
     check_positive("jump_factor", jump_factor)
+    check_positive("level_factor", level_factor)
     check_positive("growth_decades", growth_decades)
     steps, norms = finite_series(run, TOTAL)
     keep = norms > 0
     steps, norms = steps[keep], norms[keep]
     if norms.shape[0] < 4:
         return []
-    jumps = _jumps(steps, norms, window, jump_factor)
+    jumps = _jumps(steps, norms, window, (jump_factor, level_factor))
     growth = _growth(steps, norms, window, growth_decades)
     findings = sorted(
         sorted(jumps, key=lambda f: -f.evidence["ratio"])[:max_jumps], key=lambda f: f.start_step
@@ -81,10 +88,14 @@ def _explains(jump: Finding, growth: Finding) -> bool:
     return overlaps and np.log10(jump.evidence["ratio"]) >= 0.5 * growth.evidence["decades"]
 
 
-def _jumps(steps: np.ndarray, norms: np.ndarray, window: int, factor: float) -> list[Finding]:
+def _jumps(
+    steps: np.ndarray, norms: np.ndarray, window: int, factors: tuple[float, float]
+) -> list[Finding]:
+    factor, level_factor = factors
     med, _ = trailing_median_mad(norms, window, min_periods=3)
+    level = np.maximum.accumulate(np.nan_to_num(med))  # [n]: highest level held so far
     with np.errstate(invalid="ignore"):
-        hit = norms > factor * med
+        hit = (norms > factor * med) & (norms > level_factor * level)
     findings = []
     spans = true_runs(hit)
     for first, last in spans:
@@ -110,6 +121,8 @@ def _jumps(steps: np.ndarray, norms: np.ndarray, window: int, factor: float) -> 
                     "trailing_median": float(med[first]),
                     "ratio": ratio,
                     "jump_factor": factor,
+                    "level_held": float(level[first]),
+                    "level_factor": level_factor,
                     "window": window,
                     "jumps_on_key": len(spans),
                     **({"median_after": post} if after.size else {}),

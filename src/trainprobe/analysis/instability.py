@@ -80,7 +80,72 @@ def detect_instability(
         )
     known = computed or {}
     found = [known[detect] if detect in known else detect(run) for _, detect in SYMPTOMS]
-    return episodes([f for symptoms in found for f in symptoms], gap)
+    flat = [f for symptoms in found for f in symptoms]
+    catapults, rest = at_the_edge(flat, gap)
+    return catapults + episodes(rest, gap)
+
+
+RECOVERABLE = (loss_spike.NAME, exploding.NAME)
+"""Symptoms that, as warnings (the run came back), can be catapults at the edge."""
+
+
+def at_the_edge(findings: Sequence[Finding], gap: int) -> tuple[list[Finding], list[Finding]]:
+    """Catapults: recovered loss spikes and gradient jumps (warnings of
+    :data:`RECOVERABLE`) inside an edge-of-stability span (its ``INFO`` finding: λ_max
+    hovering at the optimizer's threshold), with no other symptom among them. Gradient
+    descent at the edge of stability is non-monotone by nature: the loss jumps, the
+    sharpness drops, the loss comes back (Lewkowycz et al. 2020; Cohen et al. 2021).
+    Each such group becomes one ``INFO`` finding (whose span lets ``analyze`` fold the
+    spikes it explains); the findings left over are returned for :func:`episodes`."""
+    edges = [
+        f for f in findings if f.detector == edge_of_stability.NAME and f.severity is Severity.INFO
+    ]
+    symptoms = [f for f in findings if is_symptom(f)]
+    used: set[int] = set()
+    out = []
+    for edge in edges:
+        inside = [
+            f
+            for f in symptoms
+            if f.detector in RECOVERABLE
+            and f.severity is Severity.WARNING
+            and edge.start_step - gap <= f.start_step
+            and f.end_step <= edge.end_step + gap
+        ]
+        if not inside:
+            continue
+        start, end = min(f.start_step for f in inside), max(f.end_step for f in inside)
+        others = [
+            f
+            for f in symptoms
+            if f not in inside and f.start_step <= end + gap and f.end_step >= start - gap
+        ]
+        if others:  # something else went wrong there too: an ordinary episode
+            continue
+        used.update(id(f) for f in inside)
+        out.append(_catapult(edge, inside, start, end))
+    return out, [f for f in findings if id(f) not in used]
+
+
+def _catapult(edge: Finding, inside: list[Finding], start: int, end: int) -> Finding:
+    kinds = list(dict.fromkeys(LABELS[f.detector] for f in inside))
+    evidence: dict[str, float | int | str] = {"catapults": len(inside)}
+    for i, f in enumerate(inside):
+        evidence[f"symptom[{i}]"] = f"{f.detector} ({f.severity}) {f.start_step}-{f.end_step}"
+    evidence["edge_of_stability"] = f"{edge.start_step}-{edge.end_step}: {edge.message}"
+    return Finding(
+        NAME,
+        Severity.INFO,
+        start,
+        end,
+        f"Catapults at the edge of stability, steps {start}-{end}: {len(inside)} recovered "
+        f"{' and '.join(kinds)} while λ_max hovered at the optimizer's threshold "
+        f"(steps {edge.start_step}-{edge.end_step}); gradient descent there is non-monotone "
+        "by nature and comes back.",
+        "Nothing to fix; lower the learning rate only if the loss stops coming back.",
+        evidence,
+        tuple(dict.fromkeys(k for f in inside for k in f.keys)),
+    )
 
 
 def is_symptom(finding: Finding) -> bool:

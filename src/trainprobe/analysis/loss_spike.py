@@ -61,6 +61,7 @@ def detect_loss_spikes(
     window: int = 50,
     z_threshold: float = 6.0,
     min_rel_increase: float = 0.5,
+    min_level_share: float = 0.1,
     recovery_window: int = 50,
     recurrent_count: int = 5,
     max_per_key: int = 5,
@@ -77,10 +78,15 @@ def detect_loss_spikes(
     (linear space: ``y_i - med_i > min_rel_increase * max(|med_i|, s)``); the
     second test keeps tiny wiggles of a flat, near-noiseless loss (MAD ~ 0) from
     counting, and its floor ``s`` keeps a trailing median of exactly 0 from
-    making every positive point a spike. A non-negative loss with exact zeros (a
-    triplet or hinge loss whose margin is met, a KL term not yet switched on) is
-    scored on its non-zero points only (zeros are inactive steps), once a full
-    ``window`` of them precedes the point, in ``y = sqrt x`` with the margin
+    making every positive point a spike. A spike must also matter at the run's own
+    scale: ``x_i - ref_i >= min_level_share * L_i``, ``L_i`` the highest trailing
+    median the loss has held up to ``i`` (usually its starting level), so a loss of
+    1e-3 near the end of training that doubles, 0.04% of a starting 2.3, is noise of a
+    fit model, not a spike, while a spike back to a tenth of the starting loss is one.
+    A non-negative loss with exact zeros (a triplet or hinge loss whose margin is met,
+    a KL term not yet switched on) is scored on its non-zero points only (zeros are
+    inactive steps), once a full ``window`` of them precedes the point, in ``y = sqrt x``
+    with the margin
     ``(1 + min_rel_increase) * med_i^2``: its active values are skewed from zero
     (half-normal to exponential), which a square root makes nearly symmetric
     (an exponential becomes a Rayleigh variable), where ``log`` would stretch the
@@ -102,6 +108,8 @@ def detect_loss_spikes(
             6: about one false point in 10^9 under Gaussian noise).
         min_rel_increase: relative margin above the trailing median (default 0.5,
             i.e. 1.5x; ordinary mini-batch noise stays well inside it).
+        min_level_share: smallest rise, as a share of the highest level the loss has
+            held (default 0.1).
         recovery_window: points after a span whose median decides recovery.
         recurrent_count: spans on one key from which they are summarised as
             recurrent and critical (default 5).
@@ -121,10 +129,12 @@ def detect_loss_spikes(
     check_count("max_per_key", max_per_key, minimum=1, what="findings per loss key")
     check_positive("z_threshold", z_threshold)
     check_positive("min_rel_increase", min_rel_increase)
+    check_positive("min_level_share", min_level_share)
     thresholds = {
         "window": window,
         "z_threshold": z_threshold,
         "min_rel_increase": min_rel_increase,
+        "min_level_share": min_level_share,
         "recovery_window": recovery_window,
         "recurrent_count": recurrent_count,
     }
@@ -133,7 +143,10 @@ def detect_loss_spikes(
         scored = _score(run, key, window, min_rel_increase)
         if scored is None:
             continue
+        level = np.maximum.accumulate(np.abs(np.nan_to_num(scored.reference)))  # [n]
+        rise = scored.values - np.nan_to_num(scored.reference)
         hit = (scored.z > z_threshold) & (scored.values > scored.margin)
+        hit &= rise >= min_level_share * level
         spans = [_span(scored, span, recovery_window) for span in true_runs(hit)]
         if len(spans) >= recurrent_count:
             findings.append(_recurrent_finding(scored, spans, thresholds))

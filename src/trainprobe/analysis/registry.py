@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 from ..store import Run
 from . import (
     class_competition,
+    dead_units,
     edge_of_stability,
     exploding,
     gradient_conflict,
@@ -24,6 +25,7 @@ from . import (
     vanishing,
 )
 from .class_competition import detect_class_competition
+from .dead_units import detect_dead_units
 from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding
@@ -106,6 +108,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(exploding.NAME, detect_exploding_gradients, exploding.NEEDS),
     Detector(vanishing.NAME, detect_vanishing_gradients, vanishing.NEEDS),
     Detector(update_ratio.NAME, detect_update_ratio, update_ratio.NEEDS),
+    Detector(dead_units.NAME, detect_dead_units, dead_units.NEEDS),
     Detector(edge_of_stability.NAME, detect_edge_of_stability, edge_of_stability.NEEDS),
     Detector(gradient_conflict.NAME, detect_gradient_conflict, gradient_conflict.NEEDS),
     Detector(class_competition.NAME, detect_class_competition, class_competition.NEEDS),
