@@ -42,10 +42,11 @@ def detect_update_ratio(
     min_points: int = 5,
     high: float = 1e-1,
     critical: float = 1.0,
+    blowup: float = 10.0,
     low: float = 1e-6,
     min_weight_share: float = 0.05,
     skip_start: float = 0.05,
-    skip: tuple[str, ...] = ("*bias",),
+    skip: tuple[str, ...] = (),
     top: int = 5,
 ) -> list[Finding]:
     """Layers whose relative update ``||w_after - w_before|| / ||w_before||`` is far off 1e-3.
@@ -58,14 +59,22 @@ def detect_update_ratio(
     the layer barely moves, so its learning rate is too low or it is dead). One
     finding per direction lists the layers, most out of band first.
 
-    The too-large test ignores a tensor's initial transient. The probe writes
+    *Blow-up*: one measurement past the transient where the ratio is ``>= blowup``
+    (``CRITICAL``: one step moved the tensor ten times its own norm; a parameter blown up
+    within a few steps leaves no window to take a median of).
+
+    The too-large and blow-up tests ignore a tensor's initial transient. The probe writes
     ``||dw|| / (||w|| + 1e-12)``, so a zero- or tiny-initialised tensor (LayerScale
     gamma, LoRA B, zero-init BatchNorm gamma) starts near 1e9 and decays like
     ``1/t`` while ``||w||`` grows: healthy, and over by the time the tensor has a
     norm. With ``norms/weight/<param>`` recorded, measurements where ``||w||`` (the
     latest measured at or before the step) is below ``min_weight_share`` of that
     tensor's median weight norm over the run are skipped; without it, the first
-    ``skip_start`` of the series' steps are. Non-finite ratios (a non-finite
+    ``skip_start`` of the series' steps are. They also ignore a tensor that is small
+    by design, read from its norms rather than its name: its median ``||w||`` is below
+    ``min_weight_share`` of the median over the model's tensors (a zero-initialised
+    gate or bias that stays small moves by a large share of its own tiny norm while its
+    updates are ordinary in size). Non-finite ratios (a non-finite
     training step, reported by ``detect_nonfinite``) are dropped.
 
     Args:
@@ -76,14 +85,15 @@ def detect_update_ratio(
             all their points).
         high: warning level (default 1e-1, 100x the healthy 1e-3).
         critical: critical level (default 1: the update is as large as the weights).
+        blowup: single-measurement level of a blow-up (default 10).
         low: barely-moving level (default 1e-6, 1000x below healthy).
         min_weight_share: ``||w||`` share of its run median below which a tensor is
             still in its initial transient (default 0.05: the ratio there is at most
             20x its settled value).
         skip_start: share of the series' steps skipped when ``norms/weight`` is
             missing (default 0.05).
-        skip: fnmatch patterns of parameter names to ignore (default biases: they
-            start at zero, so their ratio is huge by construction).
+        skip: fnmatch patterns of parameter names to ignore (default none: small
+            tensors are recognised by their norms).
         top: layers named in the message and the evidence.
 
     Returns:
@@ -107,18 +117,23 @@ def detect_update_ratio(
         check_positive(name, value)
     check_below("low", low, "high", high)
     check_below("high", high, "critical", critical)
+    check_below("critical", critical, "blowup", blowup)
     check_fraction("min_weight_share", min_weight_share)
     check_fraction("skip_start", skip_start)
     large: list[_Layer] = []
     small: list[_Layer] = []
-    for layer in run.layers(PREFIX):
-        if any(fnmatchcase(layer, pattern) for pattern in skip):
-            continue
+    blown: list[_Layer] = []
+    layers = [layer for layer in run.layers(PREFIX) if not any(fnmatchcase(layer, p) for p in skip)]
+    tiny = _small_by_design(run, layers, min_weight_share)
+    for layer in layers:
         steps, ratios = finite_series(run, f"{PREFIX}/{layer}")
         if ratios.shape[0] < 3:
             continue
         small += _too_small(layer, steps, ratios, low)
+        if layer in tiny:
+            continue
         settled = _settled(run, layer, steps, min_weight_share, skip_start)
+        blown += _blown_up(layer, steps[settled], ratios[settled], blowup)
         if np.count_nonzero(settled) >= 3:
             large += _too_large(
                 layer, steps[settled], ratios[settled], (window_steps, min_points), high
@@ -128,10 +143,13 @@ def detect_update_ratio(
         "min_points": min_points,
         "high": high,
         "critical": critical,
+        "blowup": blowup,
         "low": low,
         "healthy": HEALTHY,
     }
     findings = []
+    if blown:
+        findings.append(_blowup_finding(blown, top, thresholds))
     if large:
         worst = max(layer.level for layer in large)
         findings.append(
@@ -153,6 +171,51 @@ def _settled(
         at = np.clip(np.searchsorted(weight_steps, steps, side="right") - 1, 0, None)  # [n]
         return weights[at] >= min_weight_share * float(np.median(weights))
     return steps >= steps[0] + skip_start * (steps[-1] - steps[0])
+
+
+def _small_by_design(run: Run, layers: list[str], share: float) -> set[str]:
+    """The tensors whose median ``||w||`` is below ``share`` of the median over tensors."""
+    medians = {}
+    for layer in layers:
+        _, weights = finite_series(run, f"{WEIGHTS}/{layer}")
+        if weights.size:
+            medians[layer] = float(np.median(weights))
+    if not medians:
+        return set()
+    model = float(np.median(list(medians.values())))
+    return {layer for layer, median in medians.items() if median < share * model}
+
+
+def _blown_up(name: str, steps: np.ndarray, ratios: np.ndarray, blowup: float) -> list[_Layer]:
+    over = np.flatnonzero(ratios >= blowup)
+    if not over.size:
+        return []
+    peak = float(ratios[over].max())
+    return [_Layer(name, peak, peak / blowup, int(steps[over[0]]), int(steps[over[-1]]))]
+
+
+def _blowup_finding(layers: list[_Layer], top: int, thresholds: dict) -> Finding:
+    layers = sorted(layers, key=lambda layer: -layer.level)
+    shown = ", ".join(
+        f"'{layer.name}' ({fmt(layer.level)} at step {layer.start_step})" for layer in layers[:top]
+    )
+    more = f" and {len(layers) - top} more" if len(layers) > top else ""
+    return Finding(
+        NAME,
+        Severity.CRITICAL,
+        min(layer.start_step for layer in layers),
+        max(layer.end_step for layer in layers),
+        f"Parameter blow-up: one optimizer step moved {_count(layers).replace('layer', 'tensor')} "
+        f"by {fmt(thresholds['blowup'])}x its norm or more: {shown}{more} (healthy ~1e-3)",
+        "Lower the learning rate (or warm it up), enable gradient clipping, and look for a "
+        f"bad batch at step {min(layer.start_step for layer in layers)}.",
+        {
+            "tensors": len(layers),
+            **thresholds,
+            **{f"peak[{layer.name}]": layer.level for layer in layers[:top]},
+        },
+        tuple(f"{PREFIX}/{layer.name}" for layer in layers),
+    )
 
 
 def _too_large(
