@@ -38,6 +38,8 @@ def test_grokked_with_the_delay(tmp_path):
     assert finding.severity is Severity.INFO and finding.message.startswith("Grokked")
     assert 200 <= finding.start_step <= 400 and 4000 <= finding.end_step <= 4700
     assert finding.evidence["delay_steps"] == finding.end_step - finding.start_step
+    # the climb's onset: the sigmoid centred at 4000 (width 200) leaves its plateau near 3600
+    assert 3400 <= finding.evidence["onset_step"] <= 3900 and "began near step" in finding.message
 
 
 def test_an_ordinary_run_whose_heldout_follows_is_quiet(tmp_path):
@@ -55,6 +57,16 @@ def test_memorising_then_under_way(tmp_path):
     (finding,) = detect_grokking(rising)
     assert finding.message.startswith("Grokking under way")
     assert finding.evidence["heldout_last"] > finding.evidence["heldout_at_plateau"] + 0.2
+
+
+def test_a_collapse_that_takes_over_only_at_the_end_stalls_grokking(tmp_path):
+    """Softmax collapse rising to 0.9 only in the last tenth of the run: where the run is
+    now, so the stall is reported (a median over the last quarter read 0.1)."""
+    collapse = np.where(np.arange(N) >= N - 8, 0.9, 0.1)
+    run = accuracies(tmp_path, TRAIN_FIT, np.full(N, 0.02), **{"grok/softmax_collapse": collapse})
+    (finding,) = detect_grokking(run)
+    assert finding.severity is Severity.WARNING and finding.message.startswith("Grokking stalled")
+    assert finding.evidence["softmax_collapse"] == pytest.approx(0.9)
 
 
 def test_stalled_by_softmax_collapse_not_by_nlm_alignment_alone(tmp_path):

@@ -120,7 +120,7 @@ def detect_grokking(
         gen_step = int(curves.steps[fit_at + general[0]])
         if gen_step - fit_step < wait:
             return []  # held-out followed the train accuracy: an ordinary run
-        return [_grokked(curves, fit_step, gen_step, settings)]
+        return [_grokked(curves, (fit_at, fit_step, wait), gen_step, settings)]
     return _not_yet(run, curves, fit_at, wait, settings, (collapse, nlm))
 
 
@@ -134,8 +134,31 @@ def _curves(run: Run, min_points: int) -> _Curves | None:
     return _Curves(steps, smooth[0], smooth[1])
 
 
-def _grokked(curves: _Curves, fit_step: int, gen_step: int, settings: dict) -> Finding:
+ONSET_SHARE = 0.25
+"""Share of the climb from the post-fit plateau to ``fit`` that marks the onset."""
+
+
+def onset(curves: _Curves, fit_at: int, wait: float, until: int) -> tuple[int, float]:
+    """Where the held-out climb began, and the plateau it left: ``plateau`` is the median
+    held-out accuracy over the ``wait`` steps after the fit (or up to ``until``), and the
+    onset the first measurement from which held-out accuracy stays above ``plateau +
+    ONSET_SHARE * (top - plateau)`` through ``until`` (``top`` its value there)."""
+    steps, heldout = curves.steps, curves.heldout
+    plateau_end = int(np.searchsorted(steps, steps[fit_at] + wait))
+    plateau_end = min(max(plateau_end, fit_at + 1), until + 1)
+    plateau = float(np.median(heldout[fit_at:plateau_end]))
+    level = plateau + ONSET_SHARE * (float(heldout[until]) - plateau)
+    below = np.flatnonzero(heldout[fit_at : until + 1] < level)
+    first = fit_at + (int(below[-1]) + 1 if below.size else 0)
+    return int(steps[min(first, until)]), plateau
+
+
+def _grokked(
+    curves: _Curves, fit: tuple[int, int, float], gen_step: int, settings: dict
+) -> Finding:
+    fit_at, fit_step, wait = fit
     lag = gen_step - fit_step
+    began, plateau = onset(curves, fit_at, wait, int(np.searchsorted(curves.steps, gen_step)))
     return Finding(
         NAME,
         Severity.INFO,
@@ -143,12 +166,14 @@ def _grokked(curves: _Curves, fit_step: int, gen_step: int, settings: dict) -> F
         gen_step,
         f"Grokked: train accuracy reached {fmt(settings['fit'])} at step {fit_step}, held-out "
         f"accuracy only at step {gen_step}, {lag} steps later ({fmt(lag / settings['fit_steps'])}x "
-        "the steps it took to fit)",
+        f"the steps it took to fit); its climb from {fmt(plateau)} began near step {began}",
         "Generalisation came late: regularisation (weight decay) and more training data "
         "shorten the delay; compare checkpoints before and after it to see what changed.",
         {
             **settings,
             "generalised_step": gen_step,
+            "onset_step": began,
+            "heldout_at_plateau": plateau,
             "delay_steps": lag,
             "final_heldout_acc": float(curves.heldout[-1]),
         },
@@ -174,6 +199,8 @@ def _not_yet(
     }
     end = int(steps[-1])
     if last - plateau >= settings["rise"]:
+        began, _ = onset(curves, fit_at, wait, steps.size - 1)
+        evidence["onset_step"] = began
         return [
             Finding(
                 NAME,
@@ -181,7 +208,7 @@ def _not_yet(
                 fit_step,
                 end,
                 f"Grokking under way: train fit since step {fit_step}, held-out accuracy rose "
-                f"from {fmt(plateau)} to {fmt(last)} long after it",
+                f"from {fmt(plateau)} to {fmt(last)} long after it, from near step {began}",
                 "Keep training: held-out accuracy is still climbing after the fit; the "
                 "grokking detector will report the delay once it arrives.",
                 evidence,
@@ -232,8 +259,9 @@ def _memorising(run: Run, fit_step: int, end: int, evidence: dict, stall: tuple)
 
 
 def _recent_level(run: Run, key: str, since: int) -> float | None:
-    """Median of ``key`` over the last quarter (at least 3) of its measurements since
-    ``since``, or None without any."""
+    """The level of ``key`` at the end of the run: the median of its last tenth (at least 3)
+    of measurements since ``since``, or None without any. A collapse that takes over only
+    late is where the run is now, which a median over the last quarter would dilute."""
     steps, values = finite_series(run, key)
     recent = values[steps >= since]
-    return float(np.median(recent[-max(3, recent.size // 4) :])) if recent.size else None
+    return float(np.median(recent[-max(3, recent.size // 10) :])) if recent.size else None
