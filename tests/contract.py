@@ -78,6 +78,7 @@ def gradient_probes() -> list:
         PROBES["grad_noise"](schedule=every(1)),
         PROBES["grad_spectrum"](schedule=every(1)),
         PROBES["weight_spectrum"](k=2, schedule=every(1)),
+        PROBES["grad_flow"](schedule=every(1)),
     ]
 
 
@@ -177,6 +178,11 @@ BAD_OPTIONS: dict[str, tuple[tuple[dict, type[Exception], str], ...]] = {
         ({"iters": 0}, ValueError, r"WeightSpectrum\(iters=...\) must be >= 1"),
         ({"cold_iters": 0}, ValueError, r"WeightSpectrum\(cold_iters=...\) must be >= 1"),
         ({"seed": -1}, ValueError, r"WeightSpectrum\(seed=...\) must be >= 0"),
+    ),
+    "grad_flow": (
+        ({"modules": "gru"}, TypeError, "takes a list of names, not one string"),
+        ({"time_dims": {"gru": "1"}}, TypeError, "must map module names to the axis"),
+        ({"profile_points": 1}, ValueError, "profile_points=...\\) must be an integer >= 2"),
     ),
     "regions": (
         ({"radius": 0}, ValueError, "radius must be a number > 0"),

@@ -163,6 +163,12 @@ def gradient_series(steps: np.ndarray = GRADIENT_STEPS, seed: int = 0) -> dict:
         series[f"grad_spectrum/stable_rank/{name}"] = (steps, rank)
         series[f"grad_spectrum/slow_ratio/{name}"] = (steps, np.full(n, 0.2 * (i + 1)))
         series[f"weight_spectrum/spectral_norm/{name}"] = (steps, 0.8 + 0.5 * i + steps / 300)
+    for i, module in enumerate(("encoder.0", "encoder.2", "head")):  # deeper: more gradient
+        series[f"grad_flow/norm/{module}"] = (steps, 10.0 ** (i - 2) * (1 + 0.1 * np.sin(steps)))
+    fading = 0.5 * np.exp(-steps / 60.0)  # a recurrent encoder losing its early positions
+    series["grad_flow/first/rnn"] = (steps, 0.02 * fading)
+    series["grad_flow/last/rnn"] = (steps, np.full(n, 0.02))
+    series["grad_flow/ratio/rnn"] = (steps, fading)
     return series
 
 

@@ -19,7 +19,13 @@ CONSUMERS = [*DETECTORS, *PANELS]
 
 CURVATURE_PREFIXES = ("sharpness/", "hessian", "grad_subspace/")
 """Keys of the curvature probes: not default (they cost Hessian-vector products)."""
-GRADIENT_PREFIXES = ("conflict/", "grad_noise/", "grad_spectrum/", "weight_spectrum/")
+GRADIENT_PREFIXES = (
+    "conflict/",
+    "grad_noise/",
+    "grad_spectrum/",
+    "weight_spectrum/",
+    "grad_flow/",
+)
 """Keys of the gradient-structure probes: not default (they cost extra backward passes)."""
 ANALYSIS_PREFIXES = (
     "heldout/",
@@ -95,9 +101,14 @@ def test_the_curvature_split_leaves_default_keys_alone(default_keys, curvature_k
 
 @pytest.fixture(scope="module")
 def gradient_keys(tmp_path_factory) -> list[str]:
-    run_dir = tmp_path_factory.mktemp("gradient_keys") / "run"
-    train("cnn", steps=2, probes=gradient_probes(), run_dir=run_dir)
-    return Run(run_dir).keys()
+    """The gradient probes' keys on a CNN and on a recurrent net (sequences: grad_flow's
+    through-time keys)."""
+    keys = []
+    for model in ("cnn", "rnn"):
+        run_dir = tmp_path_factory.mktemp(f"gradient_keys_{model}") / "run"
+        train(model, steps=2, probes=gradient_probes(), run_dir=run_dir)
+        keys += Run(run_dir).keys()
+    return sorted(set(keys))
 
 
 @pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")

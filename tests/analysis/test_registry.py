@@ -244,7 +244,8 @@ def test_registry_is_consistent():
     assert combining.name == "instability"
     assert combining.combines == tuple(func for _, func in instability.SYMPTOMS)
     assert combining.needs == (
-        "nonfinite/* | scalars/*loss* | norms/grad_total | norms/grad/* | sharpness/lambda_max",
+        "nonfinite/* | scalars/*loss* | norms/grad_total | norms/grad/* | grad_flow/ratio/* "
+        "| sharpness/lambda_max",
     )
 
 

@@ -22,9 +22,12 @@ NAME = "vanishing_gradients"
 TOTAL = "norms/grad_total"
 
 
-NEEDS = (f"{GRAD_NORMS}/*",)
-"""Record keys it needs: per-tensor gradient norms (``norms/grad_total`` and the loss
-are read when present, for the collapse test)."""
+THROUGH_TIME = "grad_flow/ratio"
+
+NEEDS = (f"{GRAD_NORMS}/* | {THROUGH_TIME}/*",)
+"""Record keys it needs: per-tensor gradient norms, or GradientFlow's first/last ratios of
+sequence modules (``norms/grad_total`` and the loss are read when present, for the
+collapse test)."""
 
 
 def detect_vanishing_gradients(
@@ -38,6 +41,12 @@ def detect_vanishing_gradients(
     converged_fraction: float = 0.5,
 ) -> list[Finding]:
     """Gradients that fade out before reaching the first layer, or stop altogether.
+
+    *Through time*: with ``GradientFlow`` keys, ``grad_flow/ratio/<module>`` is
+    ``||∂L/∂x_first|| / ||∂L/∂x_last||`` over a sequence module's input: the gradient
+    reaching the first position of the sequence against the last. A recurrent net can
+    lose it (1e-10) while its parameter gradients look normal (Bengio et al. 1994); a
+    span where more than ``min_fraction`` of a window is below ``low_ratio`` is reported.
 
     *Depth ratio*: ``r_t = ||g_first||_t / ||g_last||_t`` for the first and last
     parameter tensors in model order (``run.meta["model"]["params"]``, preferring
@@ -87,6 +96,55 @@ def detect_vanishing_gradients(
             findings += _ratio_spans(steps, ratio, pair, below, bound, window, min_fraction)
     if TOTAL in run and LOSS_KEY in run:
         findings += _collapse(run, window, collapse_ratio, converged_fraction)
+    for module in run.layers(THROUGH_TIME):
+        findings += _through_time(run, module, low_ratio, window, min_fraction)
+    return findings
+
+
+def _through_time(
+    run: Run, module: str, low_ratio: float, window: int, min_fraction: float
+) -> list[Finding]:
+    """Spans where more than ``min_fraction`` of a window of ``module``'s first/last input
+    gradient ratio is below ``low_ratio``."""
+    key = f"{THROUGH_TIME}/{module}"
+    steps, ratio = finite_series(run, key)  # 0: the first position's gradient underflowed
+    keep = ratio >= 0
+    steps, ratio = steps[keep], ratio[keep]
+    n = ratio.shape[0]
+    if n < 3:
+        return []
+    mask = ratio < low_ratio
+    width = min(window, n)
+    share = np.convolve(mask.astype(np.float64), np.ones(width) / width, mode="valid")
+    findings = []
+    for lo, hi in true_runs(window_cover(share > min_fraction, width, n)):
+        inside = lo + np.flatnonzero(mask[lo : hi + 1])
+        a, b = int(inside[0]), int(inside[-1])
+        median = float(np.median(ratio[a : b + 1]))
+        findings.append(
+            Finding(
+                NAME,
+                Severity.WARNING,
+                int(steps[a]),
+                int(steps[b]),
+                f"Gradients vanish through time in '{module}': the first position of its input "
+                f"sequence gets {fmt(median)} of the gradient the last one gets (median over "
+                f"{b - a + 1} measurements, below {fmt(low_ratio)}); what the early positions "
+                "carry is not learned",
+                "Shorten the path through time: a gated cell (LSTM/GRU) instead of a plain RNN, "
+                "orthogonal or identity initialisation of the recurrent weights, attention or "
+                "skip connections across time, or shorter sequences.",
+                {
+                    "median_ratio": median,
+                    "fraction_out_of_band": float(np.mean(mask[a : b + 1])),
+                    "module": module,
+                    "low_ratio": low_ratio,
+                    "window": width,
+                    "min_fraction": min_fraction,
+                },
+                (key,),
+            )
+        )
     return findings
 
 

@@ -17,6 +17,7 @@ from . import (
     curvature,
     curves,
     density,
+    flow,
     gradients,
     grokking,
     groups,
@@ -77,8 +78,16 @@ GRADIENT_PANELS: tuple[Panel, ...] = (
         gradients.weight_spectral_norm_panel,
         gradients.WEIGHT_SPECTRAL_NORM_NEEDS,
     ),
+    Panel("grad_flow", "Gradient reaching each module", flow.grad_flow_panel, flow.GRAD_FLOW_NEEDS),
+    Panel(
+        "grad_through_time",
+        "Gradient through time",
+        flow.grad_through_time_panel,
+        flow.GRAD_THROUGH_TIME_NEEDS,
+    ),
 )
-"""The gradient-structure rows (GradConflict, GradNoise, GradSpectrum, WeightSpectrum), in
+"""The gradient-structure rows (GradConflict, GradNoise, GradSpectrum, WeightSpectrum,
+GradientFlow), in
 order, after the per-tensor heatmaps."""
 
 ANALYSIS_PANELS: tuple[Panel, ...] = (

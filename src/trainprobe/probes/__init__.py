@@ -4,6 +4,7 @@ from ._curvature import CurvatureProbe
 from .activations import ActivationStats
 from .base import NEEDS, PerLayer, Probe, StepContext
 from .conflict import GradConflict
+from .flow import GradientFlow
 from .grokking import GrokSignals
 from .heldout import HeldOut
 from .hessian import HessianDensity, HessianTop, HessianTrace
@@ -39,6 +40,7 @@ PROBES = {
     "grad_noise": GradNoise,
     "grad_spectrum": GradSpectrum,
     "weight_spectrum": WeightSpectrum,
+    "grad_flow": GradientFlow,
     "regions": LocalComplexity,
     "robustness": Robustness,
     "heldout": HeldOut,
@@ -71,6 +73,7 @@ __all__ = [
     "GradConflict",
     "GradNoise",
     "GradSpectrum",
+    "GradientFlow",
     "GradientSubspace",
     "GrokSignals",
     "HeldOut",

@@ -1,0 +1,73 @@
+"""Gradient flow rows: the gradient reaching each module, and through time (GradientFlow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from trainprobe.analysis.findings import Finding
+from trainprobe.store import Run
+
+from .curves import _all_positive, _log_axis
+from .gradients import _REFERENCE, _layer_lines
+from .parts import PanelPart
+
+NORM = "grad_flow/norm"
+RATIO = "grad_flow/ratio"
+VANISHED = 1e-3
+"""The first/last ratio below which the vanishing detector reads a sequence as lost."""
+
+GRAD_FLOW_NEEDS = (f"{NORM}/*",)
+
+
+def grad_flow_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``grad_flow/norm/<module>``: ``‖∂L/∂y‖`` at each module's output, in model order."""
+    drawn = _layer_lines(run, NORM, np.median, "median", "‖∂L/∂y‖")
+    if drawn is None:
+        return None
+    traces, series, note = drawn
+    log = _all_positive(series)
+    return PanelPart(
+        traces,
+        "‖∂L/∂y‖",
+        "The gradient reaching each module's output from above. Decades between the last "
+        "modules and the first: the signal fades with depth before it reaches them." + note,
+        keys=tuple(s.key for s in series),
+        y_log=log,
+        y_axis=_log_axis(series) if log else {},
+    )
+
+
+GRAD_THROUGH_TIME_NEEDS = (f"{RATIO}/*",)
+
+
+def grad_through_time_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``grad_flow/ratio/<module>``: first over last position of each sequence module's
+    input gradient, with a dotted line where the vanishing detector reads it as lost."""
+    drawn = _layer_lines(run, RATIO, np.median, "median", "first/last")
+    if drawn is None:
+        return None
+    traces, series, note = drawn
+    lo = min(int(s.steps[0]) for s in series)
+    hi = max(int(s.steps[-1]) for s in series)
+    traces.append(
+        go.Scatter(
+            x=[lo, hi],
+            y=[VANISHED, VANISHED],
+            mode="lines",
+            name=f"first/last = {VANISHED:g}",
+            hoverinfo="skip",
+            line=_REFERENCE,
+        )
+    )
+    log = _all_positive(series)
+    return PanelPart(
+        traces,
+        "‖∂L/∂x_first‖ / ‖∂L/∂x_last‖",
+        "How much gradient reaches the first position of each sequence against the last. "
+        f"Below {VANISHED:g} (dotted) the gradient vanishes through time: what the early "
+        "positions carry is not learned." + note,
+        keys=tuple(s.key for s in series),
+        y_log=log,
+        y_axis=_log_axis(series) if log else {},
+    )

@@ -1,0 +1,248 @@
+"""Gradient flow through depth and time: the gradient reaching each module's output."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..keys import Key
+from .activations import SKIPPED, _first_tensor, _is_compiled
+from .base import PerLayer, ProbeOptions, StepContext, Value
+from .schedules import Schedule, every
+from .tensors import stack_scalars
+
+
+@dataclass
+class _Flow:
+    """What one module's output received in this step's backward passes (summed)."""
+
+    time_dim: int | None
+    squares: Tensor | None = None  # 0-d: ||dL/dy||² over the batch
+    positions: Tensor | None = None  # [T]: ||dL/dy_t||² per position, with a time_dim
+
+    def add(self, grad: Tensor) -> None:
+        g = grad.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        squares = g.pow(2).sum()
+        self.squares = squares if self.squares is None else self.squares + squares
+        if self.time_dim is None or g.ndim < 2:
+            return
+        per = g.movedim(self.time_dim, 0).reshape(g.shape[self.time_dim], -1).pow(2).sum(1)
+        if self.positions is None or self.positions.shape != per.shape:
+            self.positions = per  # [T] (a new length restarts the profile)
+        else:
+            self.positions = self.positions + per
+
+
+def _output_tensor(output: Any) -> Tensor | None:
+    """The tensor a module returned: an RNN's sequence output (not its last state), a
+    packed sequence's data ``[sum_T, H]``, else the first tensor of a tuple."""
+    head = output[0] if isinstance(output, tuple | list) and output else output
+    if isinstance(output, PackedSequence) or isinstance(head, PackedSequence):
+        return (output if isinstance(output, PackedSequence) else head).data
+    return _first_tensor(output)
+
+
+class _TensorHooks:
+    """The hooks put on this step's output tensors, removed with the module hooks."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GradientFlow(ProbeOptions):
+    """The norm of ``∂L/∂y`` for each watched module's output ``y`` (depth), and for a
+    module reading a sequence ``x`` ``[B, T, ...]`` the norm of ``∂L/∂x_t`` at each
+    position ``t`` (time).
+
+    Parameter gradients say how much each weight moves; they do not say how much signal
+    reaches a layer from above. A recurrent net can have ordinary parameter gradients
+    while ``∂L/∂h_1`` is 1e-10 of ``∂L/∂h_T``: the gradient vanishes through time
+    (Bengio, Simard & Frasconi 1994; Pascanu, Mikolov & Bengio 2013), and what the
+    first steps of a sequence carry is never learned. The recurrence is inside the
+    module, so time is read at its input: ``∂L/∂x_t = (∂h_t/∂x_t)ᵀ ∂L/∂h_t`` is what
+    reaches position ``t`` through the recurrence. A forward hook on each watched module
+    puts a hook on its output tensor (a pre-hook on its input sequence); during the
+    user's backward they add up ``||∂L/∂y||²`` (and ``||∂L/∂x_t||²`` per position, summed
+    over the batch and the features) on the device, without changing any gradient.
+    Several backward passes in one step block (gradient accumulation) add up.
+
+    Positions: a module reads a sequence when ``time_dims`` names it, and every
+    ``nn.RNN``/``nn.GRU``/``nn.LSTM`` does (axis 1 with ``batch_first``, else 0; a packed
+    sequence or integer ids have no positions to read). A floating input that does not
+    require a gradient (the data itself) is passed on as a leaf that does, with the same
+    values: parameter gradients are unchanged (bit for bit), at the cost of the input's
+    gradient. ``first``/``last`` are the first and last positions, ``ratio = first /
+    last``, and ``profile`` the norms at ``profile_points`` positions spread evenly from
+    the first to the last.
+
+    Keys: see ``keys``. It cannot hook a ``torch.compile``'d module (hooks there run
+    only while tracing): it is disabled with a warning there; watch ``model._orig_mod``.
+
+    Args:
+        modules: names of the modules to watch (default: every leaf module but dropout,
+            identity and reshaping ones, and every recurrent module).
+        time_dims: ``{module name: axis}`` of positions in other modules' inputs (e.g.
+            ``{"encoder": 1}`` for a ``[B, T, D]`` transformer block).
+        profile_points: positions kept in ``profile`` (default 16).
+        schedule: when to measure (default every 10 steps).
+        name: see :class:`~.base.ProbeOptions`.
+    """
+
+    name: str = "grad_flow"
+    schedule: Schedule = every(10)
+    keys = (
+        Key("grad_flow/norm/<module>", "‖∂L/∂y‖ of the module's output y over the batch"),
+        Key("grad_flow/first/<module>", "‖∂L/∂x_t‖ at the first position of the input sequence"),
+        Key("grad_flow/last/<module>", "‖∂L/∂x_t‖ at the last position of the input sequence"),
+        Key(
+            "grad_flow/ratio/<module>",
+            "first / last: under 1e-3, the gradient vanishes through time",
+        ),
+        Key(
+            "grad_flow/profile/<module>",
+            "[profile_points] ‖∂L/∂x_t‖ at positions spread evenly from the first to the last",
+        ),
+    )
+    needs = frozenset({"activations"})
+
+    modules: Iterable[str] | None = None
+    time_dims: Mapping[str, int] | None = None
+    profile_points: int = 16
+    _flows: dict[str, _Flow] = field(default_factory=dict, init=False, repr=False)
+    _inputs: dict[str, _Flow] = field(default_factory=dict, init=False, repr=False)
+    _watched_cache: tuple[nn.Module, dict[str, nn.Module]] | None = field(
+        default=None, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.modules, str):
+            raise TypeError("GradientFlow(modules=...) takes a list of names, not one string")
+        dims = self.time_dims
+        if dims is not None and (
+            not isinstance(dims, Mapping)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims.values())
+        ):
+            raise TypeError(
+                "GradientFlow(time_dims=...) must map module names to the axis of positions "
+                f"in their outputs, e.g. {{'encoder': 1}}, got {dims!r}"
+            )
+        p = self.profile_points
+        if isinstance(p, bool) or not isinstance(p, int) or p < 2:
+            raise ValueError(f"GradientFlow(profile_points=...) must be an integer >= 2, got {p!r}")
+
+    def _watched(self, model: nn.Module) -> dict[str, nn.Module]:
+        if _is_compiled(model):
+            raise RuntimeError(
+                "GradientFlow cannot hook a torch.compile'd module (hooks run only while "
+                "tracing); watch the uncompiled module (model._orig_mod) or drop GradientFlow"
+            )
+        named = dict(model.named_modules())
+        wanted = [*(self.modules or ()), *(self.time_dims or {})]
+        missing = [m for m in wanted if m not in named]
+        if missing:
+            raise ValueError(
+                f"GradientFlow: no module named {missing} in the model; "
+                f"choose from {[n for n in named if n][:20]}"
+            )
+        if self.modules is not None:
+            return {m: named[m] for m in self.modules}
+        return {
+            n: m
+            for n, m in named.items()
+            if n
+            and (isinstance(m, nn.RNNBase) or not any(m.children()))
+            and not isinstance(m, SKIPPED)
+        }
+
+    def _time_dim(self, name: str, module: nn.Module) -> int | None:
+        if self.time_dims is not None and name in self.time_dims:
+            return self.time_dims[name]
+        if isinstance(module, nn.RNNBase):
+            return 1 if module.batch_first else 0
+        return None
+
+    def attach(self, model: nn.Module) -> list[Any]:
+        self._flows.clear()
+        self._inputs.clear()
+        if self._watched_cache is None or self._watched_cache[0] is not model:
+            self._keep(_watched_cache=(model, self._watched(model)))
+        tensors = _TensorHooks()
+        handles: list[Any] = [tensors]
+        try:
+            for name, module in self._watched_cache[1].items():
+                handles += self._hook(name, module, tensors)
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return handles
+
+    def _hook(self, name: str, module: nn.Module, tensors: _TensorHooks) -> list[Any]:
+        """A forward hook adding up ``||∂L/∂y||²`` of the output; with a time axis, a
+        forward pre-hook adding up ``||∂L/∂x_t||²`` of the input sequence."""
+        out = self._flows[name] = _Flow(None)
+
+        def on_output(_m: nn.Module, _i: Any, output: Any) -> None:
+            tensor = _output_tensor(output)
+            if tensor is not None and tensor.requires_grad:
+                tensors.handles.append(tensor.register_hook(out.add))
+
+        handles = [module.register_forward_hook(on_output)]
+        time_dim = self._time_dim(name, module)
+        if time_dim is None:
+            return handles
+        seq = self._inputs[name] = _Flow(time_dim)
+
+        def on_input(_m: nn.Module, args: tuple) -> tuple | None:
+            x = args[0] if args else None
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                return None  # a packed sequence or token ids: no positions to read
+            if not torch.is_grad_enabled():
+                return None
+            replaced = None
+            if not x.requires_grad:  # raw data: a leaf that asks for its gradient, same values
+                x = x.detach().requires_grad_(True)
+                replaced = (x, *args[1:])
+            tensors.handles.append(x.register_hook(seq.add))
+            return replaced
+
+        handles.append(module.register_forward_pre_hook(on_input))
+        return handles
+
+    def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        flows = {n: f for n, f in self._flows.items() if f.squares is not None}
+        self._flows.clear()
+        if not flows:
+            return {}
+        names = tuple(flows)
+        out: dict[str, Value] = {
+            f"{self.name}/norm": PerLayer(
+                names, stack_scalars([f.squares for f in flows.values()]).sqrt()
+            ),
+        }
+        timed = {n: f.positions for n, f in self._inputs.items() if f.positions is not None}
+        self._inputs.clear()
+        if timed:
+            seq = tuple(timed)
+            first = stack_scalars([p[0] for p in timed.values()]).sqrt()  # [S]
+            last = stack_scalars([p[-1] for p in timed.values()]).sqrt()  # [S]
+            out[f"{self.name}/first"] = PerLayer(seq, first)
+            out[f"{self.name}/last"] = PerLayer(seq, last)
+            out[f"{self.name}/ratio"] = PerLayer(seq, first / last)
+            for name, positions in timed.items():
+                at = torch.linspace(0, positions.shape[0] - 1, self.profile_points)
+                index = at.round().long().unique().to(positions.device)
+                out[f"{self.name}/profile/{name}"] = positions[index].sqrt()  # [k]
+        return out
