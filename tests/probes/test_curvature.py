@@ -209,18 +209,92 @@ def _replay(model, opt, steps: int) -> None:
 
 
 def test_adam_before_its_first_step_and_unknown_optimizers_warn_once():
+    """One key, one quantity: before Adam's first step there is no preconditioner, so
+    nothing is recorded (not the plain Hessian's λ_max under the same key)."""
     model, batch = _model(), _batch(0)
     probe = Sharpness()
     with pytest.warns(UserWarning, match="Adam has not stepped yet"):
         values = probe.measure(_context(model, batch, torch.optim.Adam(model.parameters())))
-    assert "sharpness/threshold" not in values and values["sharpness/preconditioned"] == 0
+    assert values == {}
     with pytest.warns(UserWarning, match="no known threshold for RMSprop"):
         values = probe.measure(_context(model, batch, torch.optim.RMSprop(model.parameters())))
     assert "sharpness/ratio" not in values and values["sharpness/lr"] == 0.01
     groups = torch.optim.SGD(
         [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[2].parameters(), "lr": 0.2}]
     )
-    assert "differ" in stability_rule(groups, dict(model.named_parameters())).note
+    assert "differ in lr" in stability_rule(groups, dict(model.named_parameters())).note
+
+
+def _two_decay_groups(model, make, **options):
+    decayed = [p for p in model.parameters() if p.ndim == 2]
+    plain = [p for p in model.parameters() if p.ndim == 1]
+    return make(
+        [{"params": decayed, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
+        **options,
+    )
+
+
+def test_groups_differing_only_in_weight_decay_share_one_threshold():
+    """The usual AdamW setup (decay on matrices, none on biases and norms, one lr): its
+    decoupled decay is not in the Hessian; SGD's coupled decay enters as diag(wd)."""
+    model, batch = _model(), _batch(0)
+    params = dict(model.named_parameters())
+    adamw = _two_decay_groups(model, torch.optim.AdamW, lr=1e-3)
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    adamw.step()
+    rule = stability_rule(adamw, params)
+    assert rule.threshold == pytest.approx(38 / 1e-3) and rule.weight_decay == 0.0
+    sgd = _two_decay_groups(model, torch.optim.SGD, lr=0.1)
+    rule = stability_rule(sgd, params)
+    assert rule.threshold == pytest.approx(2 / 0.1)
+    wd = torch.cat(
+        [
+            torch.full((p.numel(),), 0.1 if p.ndim == 2 else 0.0, dtype=torch.float64)
+            for p in params.values()
+        ]
+    )
+    assert torch.equal(rule.weight_decay, wd)
+    values = Sharpness(tol=1e-12).measure(_context(model, batch, sgd))
+    dense = _dense(model, batch) + torch.diag(wd)
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    assert values["sharpness/lambda_max"] == pytest.approx(top, rel=1e-9)
+
+
+def test_a_loop_without_an_optimizer_gives_its_learning_rate_or_threshold():
+    model, batch = _model(), _batch(0)
+    top = float(torch.linalg.eigvalsh(_dense(model, batch))[-1])
+    values = Sharpness(lr=0.5, tol=1e-12).measure(_context(model, batch, None))
+    assert values["sharpness/threshold"] == 4.0 and values["sharpness/lr"] == 0.5
+    assert values["sharpness/ratio"] == pytest.approx(top / 4.0, rel=1e-9)
+    rms = torch.optim.RMSprop(model.parameters(), lr=0.01)
+    values = Sharpness(threshold=7.0, tol=1e-12).measure(_context(model, batch, rms))
+    assert values["sharpness/threshold"] == 7.0 and values["sharpness/lr"] == 0.01
+
+
+def test_one_nan_batch_skips_that_step_and_keeps_the_probe_on(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"probe 'sharpness' skipped step 2: the loss is nan"):
+        with trainprobe.watch(
+            model,
+            [Sharpness(schedule=at_steps(*range(5)))],
+            run_dir=tmp_path / "r",
+            optimizer=opt,
+            loss_fn=CE,
+        ) as mon:
+            for step in range(5):
+                x, y = _batch(step)
+                if step == 2:
+                    x[0, 0] = float("nan")
+                with mon.step(step, batch=(x, y)) as s:
+                    loss = F.cross_entropy(model(x), y)
+                    if torch.isfinite(loss):  # the loop skips the bad batch
+                        loss.backward()
+                    s.log(loss=loss)
+                opt.zero_grad()
+    run = Run(tmp_path / "r")
+    assert run.series("sharpness/lambda_max").steps.tolist() == [0, 1, 3, 4]
+    assert run.meta["skipped_steps"] == {"sharpness": [2]} and run.meta["disabled_probes"] == {}
 
 
 def test_warm_starts_spend_fewer_products(tmp_path):

@@ -44,6 +44,7 @@ from torch.func import grad, jvp, linearize, vmap
 from ..functional import (
     LossFn,
     Mode,
+    NonFiniteLoss,
     Objective,
     ParamLayout,
     ParamSelection,
@@ -228,9 +229,9 @@ def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:
 
 def _check_finite_loss(value: Tensor, index: int) -> None:
     if not bool(torch.isfinite(value)):  # deliberate sync, once per batch at construction
-        raise FloatingPointError(
-            f"the loss is {float(value)} on batch {index}: its Hessian is undefined; "
-            "fix the NaN/inf in the model or data first"
+        raise NonFiniteLoss(
+            f"the loss is {value.detach().item()} on batch {index}: its Hessian is undefined "
+            "there; fix the NaN/inf in the model or data if it recurs"
         )
 
 
@@ -303,7 +304,7 @@ def hessian_operator(
 
     Raises:
         ValueError: bad arguments, a random loss, unused parameters (see messages).
-        FloatingPointError: the loss is not finite.
+        NonFiniteLoss: the loss is not finite (a ``FloatingPointError``).
 
     Examples:
         ``L(w) = ½ Σ_i (w·x_i)²`` through a bias-free ``Linear`` has the Hessian

@@ -11,7 +11,15 @@ seen as examples (:mod:`.batch`) and the determinism check (:mod:`.determinism`)
 from .batch import SplitBatch, default_batch_size
 from .call import Slots, call, inner_name, unwrap
 from .determinism import check_deterministic
-from .loss import LossFn, Mode, as_scalar, check_loss_fn, check_mode, criterion_loss
+from .loss import (
+    LossFn,
+    Mode,
+    NonFiniteLoss,
+    as_scalar,
+    check_loss_fn,
+    check_mode,
+    criterion_loss,
+)
 from .objective import Objective, check_objective, network
 from .params import ParamLayout, ParamSelection, select_params
 from .scopes import (
@@ -24,6 +32,7 @@ from .scopes import (
 )
 
 __all__ = [
+    "NonFiniteLoss",
     "LossFn",
     "Mode",
     "Objective",

@@ -21,6 +21,12 @@ Mode = Literal["eval", "train"]
 running statistics) and dropout."""
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss evaluated for a measurement is NaN or infinite at this step (one bad batch):
+    the measurement is undefined there. The monitor skips that step for the probe and keeps
+    it on, where any other error disables it."""
+
+
 def check_mode(mode: object) -> Mode:
     """``mode`` if it is ``"eval"`` or ``"train"``, else a ``ValueError`` with the fix."""
     if mode not in ("eval", "train"):

@@ -23,7 +23,7 @@ only shrinks the weights and is left out.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,16 +43,20 @@ class StabilityRule:
     Attributes:
         threshold: the stability threshold for ``λ_max`` (None: unknown).
         lr: the learning rate η read from the optimizer (None: none found).
-        weight_decay: coupled L2 coefficient added to the Hessian.
+        weight_decay: coupled L2 coefficient added to the Hessian: one number, or ``[P]``
+            per parameter when the groups differ only in their decay.
         preconditioner: ``[P]`` diagonal of ``P`` (Adam), None for plain ``H``.
         note: why there is no threshold, when there is none.
+        pending: the quantity is not defined yet (Adam before its first step has no
+            preconditioner): nothing is measured, so that ``lambda_max`` stays one quantity.
     """
 
     threshold: float | None
     lr: float | None
-    weight_decay: float = 0.0
+    weight_decay: float | Tensor = 0.0
     preconditioner: Tensor | None = None
     note: str = ""
+    pending: bool = False
 
 
 def stability_rule(
@@ -71,17 +75,34 @@ def stability_rule(
     groups = [by_id.get(id(p)) for p in params.values()]
     if any(g is None for g in groups):
         return StabilityRule(None, None, note="some parameters are not in the optimizer")
-    keys = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
-    distinct = {tuple(_plain(g.get(k)) for k in keys) for g in groups}
-    if len(distinct) > 1:
-        return StabilityRule(None, None, note="parameter groups differ in lr or momentum")
+    differ = [k for k in _RULE_KEYS if len({_plain(g.get(k)) for g in groups}) > 1]  # type: ignore[union-attr]
+    if [k for k in differ if k != "weight_decay"]:
+        return StabilityRule(
+            None, None, note=f"parameter groups differ in {', '.join(differ)}: no one threshold"
+        )
     group = groups[0]
-    lr = float(group["lr"])
+    lr = float(group["lr"])  # type: ignore[index]
     if isinstance(optimizer, torch.optim.SGD):
-        return _sgd_rule(group, lr)
-    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        return _adam_rule(optimizer, group, lr, params)
-    return StabilityRule(None, lr, note=f"no known threshold for {type(optimizer).__name__}")
+        rule = _sgd_rule(group, lr)  # type: ignore[arg-type]
+    elif isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        rule = _adam_rule(optimizer, group, lr, params)  # type: ignore[arg-type]
+    else:
+        return StabilityRule(None, lr, note=f"no known threshold for {type(optimizer).__name__}")
+    if "weight_decay" in differ and not isinstance(optimizer, torch.optim.AdamW):
+        return replace(rule, weight_decay=_decay_vector(groups, params))  # type: ignore[arg-type]
+    return rule
+
+
+_RULE_KEYS = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
+
+
+def _decay_vector(groups: list[Mapping[str, Any]], params: Mapping[str, Tensor]) -> Tensor:
+    """``[P]`` float64: each parameter's group weight decay, in vector order."""
+    pieces = [
+        torch.full((p.numel(),), float(g.get("weight_decay", 0.0)), dtype=torch.float64)
+        for g, p in zip(groups, params.values(), strict=True)
+    ]
+    return torch.cat(pieces)
 
 
 def _plain(value: Any) -> Any:
@@ -110,13 +131,21 @@ def _adam_rule(
 ) -> StabilityRule:
     beta1, beta2 = (float(b) for b in group["betas"])
     eps = float(group["eps"])
+    # AdamW's decoupled decay shrinks the weights and is not in the Hessian: the usual two
+    # groups, one decayed and one not, share one threshold
     coupled = 0.0 if isinstance(optimizer, torch.optim.AdamW) else float(group["weight_decay"])
     pieces = []
     for p in params.values():
         state = optimizer.state.get(p, {})
         second = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
         if second is None or "step" not in state:
-            return StabilityRule(None, lr, note="Adam has not stepped yet: no preconditioner")
+            return StabilityRule(
+                None,
+                lr,
+                note="Adam has not stepped yet: its preconditioned sharpness is measured from "
+                "its first step on",
+                pending=True,
+            )
         t = float(state["step"])
         diag = (1 - beta1**t) * ((second / (1 - beta2**t)).sqrt() + eps)  # P, diagonal
         pieces.append(diag.detach().reshape(-1))
@@ -126,10 +155,13 @@ def _adam_rule(
 
 
 class _Preconditioned:
-    """``P^{-1/2} (H + wd I) P^{-1/2}``: symmetric, same eigenvalues as ``P⁻¹(H + wd I)``."""
+    """``P^{-1/2} (H + D) P^{-1/2}``, ``D = wd I`` (or ``diag(wd)`` per parameter): symmetric,
+    with the eigenvalues of ``P⁻¹(H + D)``."""
 
     def __init__(self, op: HessianOperator, rule: StabilityRule) -> None:
-        self.op, self.wd = op, rule.weight_decay
+        self.op = op
+        wd = rule.weight_decay
+        self.wd = wd.to(op.device, op.dtype)[:, None] if isinstance(wd, Tensor) else wd  # [P, 1]
         p = rule.preconditioner
         self.scale = None if p is None else p.to(op.device, op.dtype).rsqrt()  # [P]
         self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
@@ -152,13 +184,22 @@ class Sharpness(CurvatureProbe):
     Keys: see ``keys`` (``threshold`` and ``ratio`` when the optimizer's threshold is
     known). See the module doc for the thresholds.
 
-    An optimizer without a known threshold (or Adam before its first step) gets
-    ``λ_max`` of the plain Hessian only, with a one-time warning saying why.
+    One key, one quantity: with Adam/AdamW ``lambda_max`` is always the preconditioned
+    sharpness, so before Adam's first step (no preconditioner yet) nothing is recorded,
+    with a one-time note. Parameter groups that differ only in their weight decay share
+    one threshold: AdamW's decoupled decay is not in the Hessian, and coupled decay enters
+    as ``diag(wd)`` per parameter. An optimizer without a known threshold gets ``λ_max``
+    of the plain Hessian only, with a one-time warning saying why.
 
     Args:
         tol: Lanczos residual tolerance (relative), as :class:`~.hessian.HessianTop`.
         value_tol: eigenvalue-error tolerance (relative), as :class:`~.hessian.HessianTop`.
         warm_start: start from the last measurement's top eigenvector.
+        lr: the learning rate of a loop without an optimizer (hand-written updates
+            ``w -= lr * g``): the threshold is gradient descent's ``2 / lr``.
+        threshold: a stability threshold of your own (e.g. for an optimizer without a
+            known one); it replaces the optimizer's, and ``λ_max`` stays the plain (or,
+            with Adam, the preconditioned) sharpness.
         data, batches, loss_fn, params, mode, engine, dtype, seed, schedule, name: see
             :class:`~._curvature.CurvatureProbe`.
     """
@@ -176,12 +217,16 @@ class Sharpness(CurvatureProbe):
     tol: float = 1e-4
     value_tol: float | None = None
     warm_start: bool = True
+    lr: float | None = None
+    threshold: float | None = None
     _noted: set[str] = field(default_factory=set, init=False, repr=False)  # warnings given
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
-        rule = stability_rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
+        rule = self._rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
         self._note(rule.note)
+        if rule.pending:
+            return {}
         pairs = self.eigenpairs(
             _Preconditioned(op, rule),
             op.dim,
@@ -204,7 +249,23 @@ class Sharpness(CurvatureProbe):
             out[f"{self.name}/ratio"] = lam / rule.threshold
         return out
 
+    def _rule(
+        self, optimizer: torch.optim.Optimizer | None, params: Mapping[str, Tensor]
+    ) -> StabilityRule:
+        """The optimizer's rule; ``threshold=`` replaces its threshold, and without an
+        optimizer ``lr=`` gives gradient descent's ``2 / lr``."""
+        if optimizer is None and self.lr is not None and self.threshold is None:
+            return StabilityRule(2.0 / self.lr, self.lr)
+        rule = stability_rule(optimizer, params)
+        if self.threshold is None:
+            return rule
+        lr = self.lr if rule.lr is None else rule.lr
+        return replace(rule, threshold=self.threshold, lr=lr, note="")
+
     def _note(self, note: str) -> None:
         if note and note not in self._noted:
             self._noted.add(note)
-            warn_user(f"Sharpness: λ_max only, no threshold: {note}", UserWarning)
+            if "has not stepped yet" in note:
+                warn_user(f"Sharpness: {note}", UserWarning)
+            else:
+                warn_user(f"Sharpness: λ_max only, no threshold: {note}", UserWarning)
