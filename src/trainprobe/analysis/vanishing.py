@@ -110,16 +110,10 @@ def _through_time(
     steps, ratio = finite_series(run, key)  # 0: the first position's gradient underflowed
     keep = ratio >= 0
     steps, ratio = steps[keep], ratio[keep]
-    n = ratio.shape[0]
-    if n < 3:
-        return []
     mask = ratio < low_ratio
-    width = min(window, n)
-    share = np.convolve(mask.astype(np.float64), np.ones(width) / width, mode="valid")
+    width = min(window, ratio.shape[0])
     findings = []
-    for lo, hi in true_runs(window_cover(share > min_fraction, width, n)):
-        inside = lo + np.flatnonzero(mask[lo : hi + 1])
-        a, b = int(inside[0]), int(inside[-1])
+    for a, b in out_of_band(mask, window, min_fraction):
         median = float(np.median(ratio[a : b + 1]))
         findings.append(
             Finding(
@@ -181,6 +175,21 @@ def _depth_ratio(run: Run, first: str, last: str) -> tuple[np.ndarray, np.ndarra
     return steps[keep], num[keep] / den[keep]
 
 
+def out_of_band(mask: np.ndarray, window: int, min_fraction: float) -> list[tuple[int, int]]:
+    """``(first, last)`` indices of the flagged points of each stretch where more than
+    ``min_fraction`` of a ``window``-point window (fewer for a short series) is flagged."""
+    n = mask.shape[0]
+    if n < 3:
+        return []
+    width = min(window, n)
+    share = np.convolve(mask.astype(np.float64), np.ones(width) / width, mode="valid")  # [n-w+1]
+    spans = []
+    for lo, hi in true_runs(window_cover(share > min_fraction, width, n)):
+        inside = lo + np.flatnonzero(mask[lo : hi + 1])
+        spans.append((int(inside[0]), int(inside[-1])))
+    return spans
+
+
 def _ratio_spans(
     steps: np.ndarray,
     ratio: np.ndarray,
@@ -192,15 +201,9 @@ def _ratio_spans(
 ) -> list[Finding]:
     """Spans where more than ``min_fraction`` of a window is below (or above) ``bound``."""
     mask = ratio < bound if below else ratio > bound  # [n]
-    n = ratio.shape[0]
-    if n < 3:
-        return []
-    width = min(window, n)
-    share = np.convolve(mask.astype(np.float64), np.ones(width) / width, mode="valid")  # [n-w+1]
+    width = min(window, ratio.shape[0])
     findings = []
-    for lo, hi in true_runs(window_cover(share > min_fraction, width, n)):
-        inside = lo + np.flatnonzero(mask[lo : hi + 1])
-        a, b = int(inside[0]), int(inside[-1])
+    for a, b in out_of_band(mask, window, min_fraction):
         findings.append(
             _ratio_finding(
                 steps,

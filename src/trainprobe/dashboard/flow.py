@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import plotly.graph_objects as go
 
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
 from .curves import _all_positive, _log_axis
-from .gradients import _REFERENCE, _layer_lines
+from .gradients import _layer_lines, reference_line
 from .parts import PanelPart
 
 NORM = "grad_flow/norm"
@@ -48,18 +47,7 @@ def grad_through_time_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPar
     if drawn is None:
         return None
     traces, series, note = drawn
-    lo = min(int(s.steps[0]) for s in series)
-    hi = max(int(s.steps[-1]) for s in series)
-    traces.append(
-        go.Scatter(
-            x=[lo, hi],
-            y=[VANISHED, VANISHED],
-            mode="lines",
-            name=f"first/last = {VANISHED:g}",
-            hoverinfo="skip",
-            line=_REFERENCE,
-        )
-    )
+    traces.append(reference_line(series, VANISHED, f"first/last = {VANISHED:g}"))
     log = _all_positive(series)
     return PanelPart(
         traces,

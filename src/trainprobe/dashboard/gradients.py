@@ -121,6 +121,15 @@ def slow_ratio_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | Non
 WEIGHT_SPECTRAL_NORM_NEEDS = (f"{SPECTRAL_NORM}/*",)
 
 
+def reference_line(series: list[Series], y: float, name: str) -> go.Scatter:
+    """A dotted horizontal line at ``y`` across the steps of ``series``."""
+    lo = min(int(s.steps[0]) for s in series)
+    hi = max(int(s.steps[-1]) for s in series)
+    return go.Scatter(
+        x=[lo, hi], y=[y, y], mode="lines", name=name, hoverinfo="skip", line=_REFERENCE
+    )
+
+
 def weight_spectral_norm_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``weight_spectrum/spectral_norm/<param>`` per matrix with a dotted reference at 1.
 
@@ -130,18 +139,7 @@ def weight_spectral_norm_panel(run: Run, findings: tuple[Finding, ...]) -> Panel
     if drawn is None:
         return None
     traces, series, note = drawn
-    lo = min(int(s.steps[0]) for s in series)
-    hi = max(int(s.steps[-1]) for s in series)
-    traces.append(
-        go.Scatter(
-            x=[lo, hi],
-            y=[1.0, 1.0],
-            mode="lines",
-            name="σ_0 = 1",
-            hoverinfo="skip",
-            line=_REFERENCE,
-        )
-    )
+    traces.append(reference_line(series, 1.0, "σ_0 = 1"))
     log = _all_positive(series)
     return PanelPart(
         traces,
