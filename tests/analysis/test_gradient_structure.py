@@ -40,6 +40,21 @@ def test_aligned_tasks_and_isolated_negative_readings_are_quiet(tmp_path):
     assert detect_gradient_conflict(run) == []
 
 
+@pytest.mark.parametrize(("weak", "harmful"), [(1.0, False), (0.7, False), (0.05, True)])
+def test_mild_conflict_counts_only_when_the_sum_raises_the_weaker_task(tmp_path, weak, harmful):
+    """cos -0.2 with task b's gradient ``weak`` times task a's: the summed update changes
+    b's loss by -(|g_b|^2 + |g_a||g_b| cos), an increase only when cos < -|g_b|/|g_a|."""
+    series = {
+        "conflict/cos/task_a__task_b": (STEPS, noisy(-0.2, 5, 0.03)),
+        "conflict/norm/task_a": (STEPS, np.ones(N)),
+        "conflict/norm/task_b": (STEPS, np.full(N, weak)),
+    }
+    findings = detect_gradient_conflict(write_run(tmp_path / "r", series))
+    assert bool(findings) is harmful
+    if harmful:
+        assert findings[0].severity is Severity.WARNING
+
+
 def test_persistent_conflict_is_a_warning_with_its_span(tmp_path):
     cos = noisy(0.4, 2)
     cos[30:60] = noisy(-0.3, 3)[30:60]  # steps 300..590

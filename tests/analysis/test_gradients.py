@@ -286,3 +286,21 @@ def test_a_jump_below_the_level_the_run_held_is_not_an_explosion(tmp_path):
     run = write_run(tmp_path / "s", {"norms/grad_total": (STEPS, norms)})
     (jump,) = detect_exploding_gradients(run)
     assert jump.start_step == STEPS[N - 20] and jump.evidence["level_held"] > 1.5
+
+
+def test_gradients_exploding_from_the_first_step_then_falling_are_found(tmp_path):
+    """No baseline before the explosion but the first measurement: 0.13, then 8e4."""
+    norms = np.concatenate([[0.13], 8e4 * np.exp(-np.arange(N - 1) / 40.0) + 0.5])
+    run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms)})
+    findings = detect_exploding_gradients(run)
+    assert findings and findings[0].start_step == STEPS[1]
+    assert findings[0].evidence["trailing_median"] == pytest.approx(0.13)
+
+
+def test_growth_back_toward_the_level_held_at_the_float_floor_is_not_an_explosion(tmp_path):
+    """A fit model's gradient at the float32 floor wandering 1e-20 -> 1e-17 (2.4 decades),
+    after starting near 1: not growth toward anything the run has not held."""
+    t = np.arange(N)
+    norms = np.where(t < 50, np.exp(-t / 5.0), 5e-20 * 10 ** (2.4 * np.clip(t - 50, 0, None) / N))
+    run = write_run(tmp_path / "r", {"norms/grad_total": (STEPS, norms)})
+    assert not [f for f in detect_exploding_gradients(run) if "decades" in f.evidence]

@@ -290,3 +290,18 @@ def test_bfloat16_values_reach_the_store(tmp_path):
     expected = torch.linalg.vector_norm(model.weight.detach().float()).item()
     assert run.series("norms/weight/weight").values[0] == pytest.approx(expected, rel=1e-6)
     assert np.isfinite(run.series("scalars/loss").values[0])
+
+
+def test_activation_zero_fraction_counts_exact_zeros_not_nan(tmp_path):
+    """A NaN batch must not read as dead units (sign(NaN) is 0; NaN != 0)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    x = torch.randn(16, 4)
+    x[:8] = float("nan")
+    with trainprobe.watch(
+        model, [ActivationStats(schedule=every(1))], run_dir=tmp_path / "r"
+    ) as mon:
+        with mon.step(0):
+            out = model(x)
+    expected = float((out[8:] == 0).float().sum()) / out.numel()
+    zero = Run(tmp_path / "r").series("activations/zero_frac/1").values[0]
+    assert zero == pytest.approx(expected)

@@ -30,16 +30,19 @@ def detect_exploding_gradients(
 ) -> list[Finding]:
     """Jumps and sustained growth of the global gradient norm ``norms/grad_total``.
 
-    *Jump*: ``g_i > jump_factor * med_i``, with ``med_i`` the median of the
-    ``window`` measurements before ``i`` (no look-ahead), and ``g_i > level_factor *
+    *Jump*: ``g_i > jump_factor * med_i``, with ``med_i`` the median of the (up to)
+    ``window`` measurements before ``i`` (no look-ahead; from the second measurement, so
+    that gradients exploding at once are seen), and ``g_i > level_factor *
     L_i``, ``L_i`` the highest trailing median the norm has held before ``i`` (usually
     its early-training level): a norm of 0.015 near convergence that jumps to 1.4 is
     91x its trailing median but below what the run handled early on, a fit model's
-    noise rather than an explosion. Consecutive jump points
-    form a span, ``CRITICAL`` when the median of the next ``window`` points
-    stays above ``jump_factor * med``. *Growth*: the rolling median of
-    ``log10 g`` over ``window`` points climbs by ``>= growth_decades`` from its
-    lowest earlier value; ``CRITICAL`` from ``2 * growth_decades``. Growth is not
+    noise rather than an explosion. A jump span is ``CRITICAL`` when the median of the
+    next ``window`` points stays above both ``jump_factor * med`` and ``level_factor *
+    L`` (stuck above anything the run held), else ``WARNING``. Consecutive jump points
+    form a span. *Growth*: the rolling median of ``log10 g`` over ``window`` points
+    climbs by ``>= growth_decades`` from its lowest earlier value, to ``level_factor``
+    times the highest median it held before that low or more; ``CRITICAL`` from
+    ``2 * growth_decades``. Growth is not
     reported when a jump inside it accounts for half of the climb or more
     (``log10(ratio) >= climb / 2``): a step change is a jump, not a trend. At most
     ``max_jumps`` jump findings are returned, the largest ratios, in step order;
@@ -73,7 +76,7 @@ def detect_exploding_gradients(
     if norms.shape[0] < 4:
         return []
     jumps = _jumps(steps, norms, window, (jump_factor, level_factor))
-    growth = _growth(steps, norms, window, growth_decades)
+    growth = _growth(steps, norms, window, (growth_decades, level_factor))
     findings = sorted(
         sorted(jumps, key=lambda f: -f.evidence["ratio"])[:max_jumps], key=lambda f: f.start_step
     )
@@ -92,8 +95,13 @@ def _jumps(
     steps: np.ndarray, norms: np.ndarray, window: int, factors: tuple[float, float]
 ) -> list[Finding]:
     factor, level_factor = factors
-    med, _ = trailing_median_mad(norms, window, min_periods=3)
-    level = np.maximum.accumulate(np.nan_to_num(med))  # [n]: highest level held so far
+    # from the second measurement on: a run whose gradients explode at once has no other
+    # baseline than its first point (a norm of 0.13, then 8e4 ten steps later)
+    med, _ = trailing_median_mad(norms, window, min_periods=1)
+    # the highest level held so far, from medians of 3 or more points: one large first
+    # gradient (common) is not a level
+    held, _ = trailing_median_mad(norms, window, min_periods=3)
+    level = np.maximum.accumulate(np.nan_to_num(held))  # [n]
     with np.errstate(invalid="ignore"):
         hit = (norms > factor * med) & (norms > level_factor * level)
     findings = []
@@ -102,7 +110,10 @@ def _jumps(
         peak = first + int(np.argmax(norms[first : last + 1]))
         after = norms[last + 1 : last + 1 + window]
         post = float(np.median(after)) if after.size else float("nan")
-        stuck = after.size > 0 and post > factor * med[first]
+        # stuck: it stays far above where it was *and* above anything the run held before
+        # (a run settling at a new, ordinary level, as gradient descent reaching the edge of
+        # stability does, is not stuck)
+        stuck = after.size > 0 and post > max(factor * med[first], level_factor * level[first])
         ratio = float(norms[peak] / med[first])
         findings.append(
             Finding(
@@ -133,7 +144,10 @@ def _jumps(
     return findings
 
 
-def _growth(steps: np.ndarray, norms: np.ndarray, window: int, decades: float) -> Finding | None:
+def _growth(
+    steps: np.ndarray, norms: np.ndarray, window: int, levels: tuple[float, float]
+) -> Finding | None:
+    decades, level_factor = levels
     smooth = rolling_median(np.log10(norms), window)  # [n - window + 1]
     if smooth.shape[0] < 2:
         return None
@@ -142,6 +156,11 @@ def _growth(steps: np.ndarray, norms: np.ndarray, window: int, decades: float) -
     low = int(np.argmin(smooth[: top + 1]))
     climb = float(rise[top])
     if climb < decades:
+        return None
+    # growth that only climbs back toward the level the run held before its low (a norm
+    # at the float32 floor, 1e-20 -> 1e-17, after starting near 1) is not an explosion
+    held = float(smooth[: low + 1].max())
+    if smooth[top] < held + np.log10(level_factor):
         return None
     start, end = float(10 ** smooth[low]), float(10 ** smooth[top])
     return Finding(

@@ -13,6 +13,7 @@ from .findings import Finding, Severity
 
 NAME = "gradient_conflict"
 PREFIX = "conflict/cos"
+NORM = "conflict/norm"
 PCGRAD = "conflict/pcgrad_shift"
 NOT_TASKS = ("class_", "micro_")
 """Group-name prefixes this detector leaves alone. Per-class gradients are strongly
@@ -60,7 +61,14 @@ def detect_gradient_conflict(
     for Multi-Task Learning", who call it conflict). One noisy negative reading is not
     a finding: a pair's stretch of conflict is a run of measurements whose rolling
     median over ``window`` measurements is below ``conflict_cos``, lasting at least
-    ``min_points`` measurements.
+    ``min_points`` measurements, where the conflict harms: the summed update ``g_a +
+    g_b`` changes task ``a``'s loss by ``-(‖g_a‖² + ‖g_a‖‖g_b‖ cos)``, which is an
+    increase only when ``cos < -‖g_a‖/‖g_b‖``. So, with the groups' gradient norms
+    recorded (``conflict/norm/<group>``), a stretch counts where the rolling median of
+    ``cos + min/max`` of the two norms is below 0 (the weaker task loses ground: the
+    magnitude-plus-conflict case PCGrad addresses) or the cosine is at most
+    ``critical_cos`` (so opposed that the update all but cancels). Mildly negative
+    cosines of tasks of similar magnitude, which both still descend, are not conflict.
 
     Severity by magnitude and duration: ``CRITICAL`` when the stretch's median cosine
     is at most ``critical_cos`` and the stretch covers at least ``critical_share`` of
@@ -97,7 +105,10 @@ def detect_gradient_conflict(
         if len(pair) != 2 or any(g.startswith(NOT_TASKS) for g in pair):
             continue
         steps, cos = finite_series(run, f"{PREFIX}/{name}")
-        episode = _longest_conflict(pair, steps, cos, window, conflict_cos, min_points)
+        steps, cos, margin = _weaker_task_margin(run, pair, steps, cos)
+        episode = _longest_conflict(
+            pair, (steps, cos, margin), window, (conflict_cos, critical_cos), min_points
+        )
         if episode is not None:
             episodes.append(episode)
     critical = [e for e in episodes if e.median <= critical_cos and e.share >= critical_share]
@@ -116,20 +127,43 @@ def detect_gradient_conflict(
     ]
 
 
+def _weaker_task_margin(
+    run: Run, pair: tuple[str, str], steps: np.ndarray, cos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``cos + min(‖g_a‖, ‖g_b‖) / max(‖g_a‖, ‖g_b‖)`` at the steps both norms were
+    measured (``[n]``), or None without ``conflict/norm/<group>``: below 0, the summed
+    update raises the weaker task's loss to first order."""
+    a_steps, a = finite_series(run, f"{NORM}/{pair[0]}")
+    b_steps, b = finite_series(run, f"{NORM}/{pair[1]}")
+    if not a.size or not b.size:
+        return steps, cos, None
+    common, i, j = np.intersect1d(steps, a_steps, return_indices=True)
+    common, k, m = np.intersect1d(common, b_steps, return_indices=True)
+    lo, hi = np.minimum(a[j][k], b[m]), np.maximum(a[j][k], b[m])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(hi > 0, lo / hi, 1.0)
+    return common, cos[i][k], cos[i][k] + ratio
+
+
 def _longest_conflict(
     pair: tuple[str, str],
-    steps: np.ndarray,
-    cos: np.ndarray,
+    series: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     window: int,
-    below: float,
+    levels: tuple[float, float],
     min_points: int,
 ) -> _Episode | None:
-    """The pair's longest stretch whose rolling medians stay below ``below``."""
+    """The pair's longest stretch of conflict that harms: rolling medians of the cosine
+    below ``levels[0]``, and either below ``levels[1]`` (strong) or with the summed update
+    raising the weaker task's loss (``margin`` below 0; without norms, any)."""
+    steps, cos, margin = series
+    below, strong = levels
     if cos.size < max(window, min_points):
         return None
     medians = rolling_median(cos, window)  # [n - window + 1], window j = cos[j:j + window]
+    harms = medians <= strong
+    harms |= True if margin is None else rolling_median(margin, window) < 0
     best = None
-    for first, last in true_runs(medians < below):
+    for first, last in true_runs((medians < below) & harms):
         lo, hi = first, last + window - 1  # the measurements these windows cover
         if hi - lo + 1 >= min_points and (best is None or hi - lo > best[1] - best[0]):
             best = (lo, hi, float(medians[first : last + 1].min()))

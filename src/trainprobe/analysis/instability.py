@@ -85,13 +85,18 @@ def detect_instability(
     return catapults + episodes(rest, gap)
 
 
-RECOVERABLE = (loss_spike.NAME, exploding.NAME)
-"""Symptoms that, as warnings (the run came back), can be catapults at the edge."""
+def _recoverable(finding: Finding) -> bool:
+    """A symptom the edge of stability explains: a loss spike the loss came back from (a
+    warning), or a gradient-norm jump (at the edge the norm rises from the smooth-descent
+    level to that of the oscillation along the top eigendirection, and may stay there)."""
+    if finding.detector == loss_spike.NAME:
+        return finding.severity is Severity.WARNING
+    return finding.detector == exploding.NAME and "decades" not in finding.evidence  # a jump
 
 
 def at_the_edge(findings: Sequence[Finding], gap: int) -> tuple[list[Finding], list[Finding]]:
-    """Catapults: recovered loss spikes and gradient jumps (warnings of
-    :data:`RECOVERABLE`) inside an edge-of-stability span (its ``INFO`` finding: λ_max
+    """Catapults: recovered loss spikes and gradient jumps (:func:`_recoverable`) inside
+    an edge-of-stability span (its ``INFO`` finding: λ_max
     hovering at the optimizer's threshold), with no other symptom among them. Gradient
     descent at the edge of stability is non-monotone by nature: the loss jumps, the
     sharpness drops, the loss comes back (Lewkowycz et al. 2020; Cohen et al. 2021).
@@ -107,8 +112,7 @@ def at_the_edge(findings: Sequence[Finding], gap: int) -> tuple[list[Finding], l
         inside = [
             f
             for f in symptoms
-            if f.detector in RECOVERABLE
-            and f.severity is Severity.WARNING
+            if _recoverable(f)
             and edge.start_step - gap <= f.start_step
             and f.end_step <= edge.end_step + gap
         ]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 from ..store import Run
 from . import (
@@ -121,7 +123,11 @@ DETECTORS: tuple[Detector, ...] = (
 
 
 def analyze(
-    run: Run, *, detectors: Iterable[Detector] = DETECTORS, fold: bool = True
+    run: Run,
+    *,
+    detectors: Iterable[Detector] = DETECTORS,
+    fold: bool = True,
+    config: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Finding]:
     """Run every detector whose needed keys the run holds; skip the others silently.
 
@@ -133,14 +139,25 @@ def analyze(
         detectors: the detectors to try (default :data:`DETECTORS`).
         fold: leave out the symptom findings (warning or worse, of the detectors in
             :data:`~trainprobe.analysis.instability.SYMPTOMS`) that lie inside an
-            ``instability`` episode's span; the episode lists the symptoms its own
-            default-threshold detectors found. False keeps every finding.
+            ``instability`` episode's span; the episode lists the symptoms its
+            detectors found. False keeps every finding.
+        config: thresholds by detector name, e.g.
+            ``{"exploding_gradients": {"jump_factor": 20}}``: each entry is passed to the
+            detector's function as a keyword argument (its keyword-only parameters, see
+            :func:`detector_parameters`; CLI: ``trainprobe report --set
+            exploding_gradients.jump_factor=20``). Values are checked against the type of
+            the parameter's default (an int is accepted for a float; a comma-separated
+            string for a tuple of patterns). Detectors not named keep their defaults.
 
     Returns:
         The findings, most severe first, then by start step (stable otherwise).
 
     Raises:
-        TypeError: an entry of ``detectors`` is not a :class:`Detector`.
+        TypeError: an entry of ``detectors`` is not a :class:`Detector`, ``config`` or an
+            entry of it is not a mapping, or a value's type does not fit its parameter.
+        ValueError: ``config`` names an unknown detector (the message lists the known
+            ones) or a parameter the detector does not have (the message lists its
+            parameters).
 
     Examples:
         A run whose loss turns NaN at step 2, as :class:`~trainprobe.probes.NonFiniteGuard`
@@ -169,7 +186,8 @@ def analyze(
                 f"detectors must hold Detector objects, got {type(detector).__name__}; wrap a "
                 "function as Detector(name, func, needs=(...))"
             )
-    findings = [f for found in _run_each_once(run, detectors) for f in found]
+    settings = detector_settings(detectors, config or {})
+    findings = [f for found in _run_each_once(run, detectors, settings) for f in found]
     if fold:
         episodes = [e for e in findings if e.detector == instability.NAME]
         folded = [m for e in episodes for m in members(e, findings)]
@@ -177,11 +195,14 @@ def analyze(
     return sorted(findings, key=lambda f: (-int(f.severity), f.start_step))
 
 
-def _run_each_once(run: Run, detectors: tuple[Detector, ...]) -> list[list[Finding]]:
+def _run_each_once(
+    run: Run, detectors: tuple[Detector, ...], settings: Mapping[str, Mapping[str, Any]]
+) -> list[list[Finding]]:
     """Each applicable detector's findings, in the order of ``detectors``.
 
-    The plain detectors run first, each function once; then those that combine
-    others, given the findings already computed by the functions they combine.
+    The plain detectors run first, each function once, with the detector's ``settings``;
+    then those that combine others, given the findings already computed by the functions
+    they combine.
     """
     keys = run.keys()
     applies = [detector.applies_to(keys) for detector in detectors]
@@ -190,10 +211,77 @@ def _run_each_once(run: Run, detectors: tuple[Detector, ...]) -> list[list[Findi
     for i, detector in enumerate(detectors):
         if applies[i] and not detector.combines:
             if detector.func not in computed:
-                computed[detector.func] = detector.func(run)
+                computed[detector.func] = detector.func(run, **settings.get(detector.name, {}))
             found[i] = computed[detector.func]
     for i, detector in enumerate(detectors):
         if applies[i] and detector.combines:
             known = {func: computed[func] for func in detector.combines if func in computed}
-            found[i] = detector.func(run, computed=known)
+            found[i] = detector.func(run, computed=known, **settings.get(detector.name, {}))
     return found
+
+
+def detector_parameters(detector: Detector) -> dict[str, inspect.Parameter]:
+    """The settable thresholds of ``detector``: its function's keyword-only parameters
+    (all but ``computed``, which :func:`analyze` passes itself), with their defaults."""
+    params = inspect.signature(detector.func).parameters.values()
+    return {p.name: p for p in params if p.kind is p.KEYWORD_ONLY and p.name != "computed"}
+
+
+def detector_settings(
+    detectors: Iterable[Detector], config: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """``config`` checked against ``detectors`` and converted (see :func:`analyze`).
+
+    Raises:
+        TypeError: ``config`` or an entry is not a mapping, or a value has the wrong type.
+        ValueError: an unknown detector or parameter name.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"analyze(config=...) must be a dict by detector name such as "
+            f"{{'exploding_gradients': {{'jump_factor': 20}}}}, got {type(config).__name__}"
+        )
+    by_name = {d.name: d for d in detectors}
+    settings = {}
+    for name, params in config.items():
+        if name not in by_name:
+            raise ValueError(
+                f"config names an unknown detector {name!r}; the detectors are: "
+                f"{', '.join(by_name)}"
+            )
+        known = detector_parameters(by_name[name])
+        if not isinstance(params, Mapping):
+            raise TypeError(
+                f"config entry {name!r} must be a dict of parameters "
+                f"({', '.join(known)}), got {type(params).__name__}"
+            )
+        settings[name] = {key: _checked(name, key, value, known) for key, value in params.items()}
+    return settings
+
+
+def _checked(detector: str, key: str, value: Any, known: Mapping[str, inspect.Parameter]) -> Any:
+    """``value`` for ``detector``'s parameter ``key``, converted to its default's type."""
+    if key not in known:
+        raise ValueError(
+            f"detector {detector!r} has no parameter {key!r}; its parameters are: "
+            f"{', '.join(known) or '(none)'}"
+        )
+    default = known[key].default
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, tuple) and isinstance(value, str):
+        value = tuple(part.strip() for part in value.split(",") if part.strip())
+    for kind, fits, convert in (
+        (bool, isinstance(value, bool), bool),
+        (int, isinstance(value, int) and number, int),
+        (float, number, float),
+        (tuple, isinstance(value, tuple | list), tuple),
+        (str, isinstance(value, str), str),
+    ):
+        if isinstance(default, kind):
+            if not fits:
+                raise TypeError(
+                    f"detector {detector!r}: {key} takes a {kind.__name__} like its default "
+                    f"{default!r}, got {type(value).__name__} {value!r}"
+                )
+            return convert(value)
+    return value  # no default to compare with: the detector checks it

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 import numpy as np
@@ -62,6 +62,10 @@ def detect_update_ratio(
     *Blow-up*: one measurement past the transient where the ratio is ``>= blowup``
     (``CRITICAL``: one step moved the tensor ten times its own norm; a parameter blown up
     within a few steps leaves no window to take a median of).
+
+    A too-large finding is ``INFO`` when the run's sharpness sat at the edge of stability
+    over its span (``sharpness/ratio`` median in [0.85, 1.6]): the updates are the
+    oscillation gradient descent settles into there, not a learning rate to lower.
 
     The too-large and blow-up tests ignore a tensor's initial transient. The probe writes
     ``||dw|| / (||w|| + 1e-12)``, so a zero- or tiny-initialised tensor (LayerScale
@@ -152,11 +156,10 @@ def detect_update_ratio(
         findings.append(_blowup_finding(blown, top, thresholds))
     if large:
         worst = max(layer.level for layer in large)
-        findings.append(
-            _finding(
-                large, Severity.CRITICAL if worst > critical else Severity.WARNING, top, thresholds
-            )
+        finding = _finding(
+            large, Severity.CRITICAL if worst > critical else Severity.WARNING, top, thresholds
         )
+        findings.append(_at_the_edge(run, finding))
     if small:
         findings.append(_finding(small, Severity.INFO, top, thresholds))
     return findings
@@ -171,6 +174,33 @@ def _settled(
         at = np.clip(np.searchsorted(weight_steps, steps, side="right") - 1, 0, None)  # [n]
         return weights[at] >= min_weight_share * float(np.median(weights))
     return steps >= steps[0] + skip_start * (steps[-1] - steps[0])
+
+
+EDGE = "sharpness/ratio"
+EDGE_HIGH = 1.6
+"""Sharpness over the optimizer's threshold up to which the run is at (or near) the edge of
+stability, where the edge-of-stability detector reads it as stable."""
+
+
+def _at_the_edge(run: Run, finding: Finding) -> Finding:
+    """``finding`` as ``INFO`` when the run's sharpness (``sharpness/ratio``) sat at the
+    edge of stability over its span (median in [0.85, EDGE_HIGH]): there gradient descent
+    oscillates along the top Hessian direction, so each step moves the weights a lot
+    while they go back and forth (Cohen et al. 2021); the loss still falls."""
+    steps, ratio = finite_series(run, EDGE)
+    inside = ratio[(steps >= finding.start_step) & (steps <= finding.end_step)]
+    if inside.size < 3 or not 0.85 <= float(np.median(inside)) <= EDGE_HIGH:
+        return finding
+    return replace(
+        finding,
+        severity=Severity.INFO,
+        message="At the edge of stability: " + finding.message + f"; λ_max / threshold "
+        f"{fmt(float(np.median(inside)))} there, so the steps oscillate",
+        action="Nothing to fix while the loss falls: large per-step updates are the "
+        "oscillation along the sharpest direction at the edge of stability.",
+        evidence={**finding.evidence, "sharpness_ratio_median": float(np.median(inside))},
+        keys=(*finding.keys, EDGE),
+    )
 
 
 def _small_by_design(run: Run, layers: list[str], share: float) -> set[str]:

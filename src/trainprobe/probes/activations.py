@@ -80,8 +80,8 @@ class _Moments:
         if flat.dtype not in (torch.float32, torch.float64):
             flat = flat.float()  # half/bfloat16: accumulate in float32
         total, squares = flat.sum(), torch.dot(flat, flat)
-        # ReLU-family outputs are >= 0, so sign() is 1 on non-zeros and 0 on zeros
-        nonzero = flat.sign().sum() if self.count_zeros else None
+        # exact zeros only: a NaN (a broken batch) is not a dead unit
+        nonzero = torch.count_nonzero(flat).to(flat.dtype) if self.count_zeros else None
         if self.total is None:
             self.total, self.squares, self.nonzero = total, squares, nonzero
         else:
