@@ -314,9 +314,10 @@ def test_catapults_at_the_edge_are_one_info_finding_not_an_instability(tmp_path)
     }  # the symptoms on their own
     findings = analyze(run)
     assert all(f.severity is Severity.INFO for f in findings), findings
-    (catapult,) = [f for f in findings if f.detector == "instability"]
-    assert "Catapults at the edge of stability" in catapult.message
-    assert catapult.start_step == 1400 and catapult.evidence["catapults"] >= 3
+    catapults = [f for f in findings if f.detector == "instability"]
+    assert [f.start_step for f in catapults] == [1400, 2100, 2600]  # one per episode
+    assert all("Catapults at the edge of stability" in f.message for f in catapults)
+    assert all(f.evidence["sharpness_ratio_median"] > 0.85 for f in catapults)
 
 
 def test_a_spike_that_does_not_recover_at_the_edge_is_still_an_instability(tmp_path):
@@ -334,3 +335,28 @@ def test_a_spike_that_does_not_recover_at_the_edge_is_still_an_instability(tmp_p
     )
     worst = analyze(run)[0]
     assert worst.severity is Severity.CRITICAL and worst.start_step >= 2100
+
+
+def test_a_recovered_spike_past_the_threshold_is_a_catapult_without_an_edge_finding(tmp_path):
+    """Warmup to a large learning rate: sharpness 1.3x the threshold (above the hover band,
+    so no edge-of-stability finding), one loss spike the loss comes back from."""
+    loss = catapulting(healthy_loss(13), (1500,))
+    run = write_run(
+        tmp_path / "r",
+        {**sharpness(np.full(MEASURED.size, 1.3)), "scalars/loss": (STEPS, loss)},
+    )
+    findings = analyze(run)
+    assert all(f.severity is Severity.INFO for f in findings), findings
+    (catapult,) = [f for f in findings if f.detector == "instability"]
+    assert catapult.start_step == 1500 and catapult.evidence["sharpness_ratio_median"] == 1.3
+
+
+def test_a_spike_far_past_the_threshold_is_not_a_catapult(tmp_path):
+    """A learning-rate spike lifts λ_max / threshold to 12: past 4/η gradient descent
+    diverges rather than catapults (Lewkowycz et al. 2020), so it stays a warning."""
+    loss = catapulting(healthy_loss(14), (1500,))
+    ratio = np.where(measured_in(1450, 1600), 12.0, 0.5)
+    run = write_run(tmp_path / "r", {**sharpness(ratio), "scalars/loss": (STEPS, loss)})
+    findings = analyze(run)
+    assert [f.detector for f in findings if f.severity >= Severity.WARNING] == ["instability"]
+    assert not [f for f in findings if "Catapults" in f.message]

@@ -178,3 +178,43 @@ def test_vanishing_through_time_is_found_in_a_recurrent_net_and_not_in_its_contr
     control = _train_recurrent(tmp_path / "control", length=12, orthogonal=True)
     assert np.median(control.series("grad_flow/ratio/rnn").values) > 1e-3
     assert not [f for f in detect_vanishing_gradients(control) if "through time" in f.message]
+
+
+class Unrolled(nn.Module):
+    """A tanh RNN unrolled by hand with an ``nn.RNNCell`` (one call per time step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell = nn.RNNCell(3, 8)
+        self.head = nn.Linear(8, 2)
+        self.states: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 8)
+        self.states = []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            self.states.append(h)
+        return self.head(h)
+
+
+def test_a_cell_called_once_per_step_gives_the_hidden_state_gradients(tmp_path):
+    """||∂L/∂h_t|| of each call's output, against autograd on the kept states, over two
+    backward passes (the positions restart with each forward and add up)."""
+    torch.manual_seed(5)
+    model = Unrolled().double()
+    batches = [(torch.randn(4, 12, 3, dtype=F64), torch.randint(0, 2, (4,))) for _ in range(2)]
+    squares = torch.zeros(12, dtype=F64)
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, model.states)
+        squares += torch.stack([g.pow(2).sum() for g in grads])
+    expected = squares.sqrt()
+    run = _watched(tmp_path / "r", model, GradientFlow(schedule=every(1)), batches, accumulate=2)
+    assert run.series("grad_flow/first/cell").values[0] == pytest.approx(
+        expected[0].item(), rel=1e-12
+    )
+    assert run.series("grad_flow/last/cell").values[0] == pytest.approx(
+        expected[-1].item(), rel=1e-12
+    )
+    assert hook_count(model) == 0

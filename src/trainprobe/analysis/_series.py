@@ -176,3 +176,12 @@ def param_order(run: Run) -> list[str]:
 def fmt(value: float) -> str:
     """A number for a message: 4 significant digits, scientific when far from 1."""
     return f"{value:.4g}"
+
+
+def held_level(values: np.ndarray, window: int) -> np.ndarray:
+    """``[n]``: the highest trailing median of ``|values|`` (over up to ``window`` points
+    before each point, from the first point on) held so far: a loss's starting level, as a
+    rule. The scale against which a rise must matter: a loss of 1e-3 near the end of
+    training that doubles is a fit model's noise, not a spike."""
+    med, _ = trailing_median_mad(np.abs(values), window, min_periods=1)
+    return np.maximum.accumulate(np.nan_to_num(med))

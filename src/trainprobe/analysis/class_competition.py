@@ -67,9 +67,11 @@ def detect_class_competition(
       Dynamics under Class Imbalance": under imbalance the minority's loss rises early
       while the total falls): a class whose loss (rolling median over ``window``
       measurements) is ``rise`` above its lowest value so far, by at least ``rise``
-      times the batch loss ``Σ_c n_c L_c / Σ_c n_c`` of that moment (so a learned
-      class drifting from 0.001 to 0.003 does not count), while the batch loss has
-      fallen ``fall`` below that value, for ``min_points`` measurements or more. The
+      times the current batch loss ``Σ_c n_c L_c / Σ_c n_c`` (rolling median; so a
+      learned class drifting from 0.001 to 0.003 does not count), while the batch loss
+      has fallen ``fall`` below its value at the class's low, by at least ``fall`` times
+      the highest level it held (a converged run's wobble is not a fall), for
+      ``min_points`` measurements or more. The
       early rise is fast: measure every step or two over the first hundred steps,
       on a fixed batch (``GradConflict(data=...)``: a minority with a handful of
       examples per mini-batch gives a per-class loss too noisy to read).
@@ -182,13 +184,17 @@ def _losing_ground(
     own, batch = rolling_median(cls.loss, window), rolling_median(total, window)  # [m]
     low = np.minimum.accumulate(cls.loss)[window - 1 :]  # [m]: min over raw[: j + window]
     at_low = _last_minimum(cls.loss)[window - 1 :]  # [m] raw indices
-    # the rise must matter next to the batch loss too: a learned class going from 0.001 to
-    # 0.003 is a relative rise of 3x that nobody would call losing ground, and a class
-    # oscillating at a large step size dips far below its level for one step
-    # (strict comparisons: a class loss and a batch loss sitting at exactly 0, the float32
-    # floor of a fit class, satisfy 0 >= 0 but neither rise nor fall)
-    grew = (own > (1 + rise) * low) & (own - low > rise * total[at_low])
-    harm = grew & (batch < (1 - fall) * total[at_low])
+    # the rise must matter next to the batch loss now: a learned class going from 0.001 to
+    # 0.003 is a relative rise of 3x that nobody would call losing ground (against the
+    # batch loss at the class's low, the inflated loss at initialisation would hide the
+    # early minority rise); and the batch loss must fall by a share of the highest level
+    # it held, so a converged run's noisy per-class losses (1e-6 to 0.5 from step to
+    # step while the batch loss wobbles near 0.08) are not a competition. Comparisons are
+    # strict: losses sitting at exactly 0 (the float32 floor) neither rise nor fall.
+    held = np.maximum.accumulate(batch)  # [m]
+    grew = (own > (1 + rise) * low) & (own - low > rise * batch)
+    fell = (batch < (1 - fall) * total[at_low]) & (total[at_low] - batch > fall * held)
+    harm = grew & fell
     stretch = _longest(harm, points)
     if stretch is None:
         return []

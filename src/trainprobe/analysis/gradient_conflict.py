@@ -35,6 +35,7 @@ class _Episode:
     end_step: int
     points: int  # measurements in the stretch
     share: float  # of the pair's measured span, in steps
+    weaker_loses: bool  # the summed update raises the weaker task's loss (or norms unknown)
 
 
 NEEDS = (f"{PREFIX}/*",)
@@ -67,7 +68,8 @@ def detect_gradient_conflict(
     recorded (``conflict/norm/<group>``), a stretch counts where the rolling median of
     ``cos + min/max`` of the two norms is below 0 (the weaker task loses ground: the
     magnitude-plus-conflict case PCGrad addresses) or the cosine is at most
-    ``critical_cos`` (so opposed that the update all but cancels). Mildly negative
+    ``critical_cos`` (so opposed that the update all but cancels) over ``critical_share``
+    of the run. Mildly negative
     cosines of tasks of similar magnitude, which both still descend, are not conflict.
 
     Severity by magnitude and duration: ``CRITICAL`` when the stretch's median cosine
@@ -109,8 +111,9 @@ def detect_gradient_conflict(
         episode = _longest_conflict(
             pair, (steps, cos, margin), window, (conflict_cos, critical_cos), min_points
         )
-        if episode is not None:
-            episodes.append(episode)
+        lasting = episode is not None and episode.share >= critical_share
+        if episode is not None and (episode.weaker_loses or lasting):
+            episodes.append(episode)  # strong but short and harmless to the weaker: noise
     critical = [e for e in episodes if e.median <= critical_cos and e.share >= critical_share]
     warning = [e for e in episodes if e not in critical]
     thresholds = {
@@ -171,6 +174,7 @@ def _longest_conflict(
         return None
     lo, hi, worst = best
     span = max(int(steps[-1] - steps[0]), 1)
+    loses = margin is None or float(np.median(margin[lo : hi + 1])) < 0
     return _Episode(
         pair,
         float(np.median(cos[lo : hi + 1])),
@@ -179,6 +183,7 @@ def _longest_conflict(
         int(steps[hi]),
         hi - lo + 1,
         float(steps[hi] - steps[lo]) / span,
+        loses,
     )
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
+
 from ..store import Run
 from . import edge_of_stability, exploding, loss_divergence, loss_spike, nonfinite, vanishing
 from ._checks import check_count
+from ._series import finite_series, fmt
 from .edge_of_stability import detect_edge_of_stability
 from .exploding import detect_exploding_gradients
 from .findings import Finding, Severity
@@ -81,7 +84,7 @@ def detect_instability(
     known = computed or {}
     found = [known[detect] if detect in known else detect(run) for _, detect in SYMPTOMS]
     flat = [f for symptoms in found for f in symptoms]
-    catapults, rest = at_the_edge(flat, gap)
+    catapults, rest = at_the_edge(flat, gap, run)
     return catapults + episodes(rest, gap)
 
 
@@ -94,30 +97,44 @@ def _recoverable(finding: Finding) -> bool:
     return finding.detector == exploding.NAME and "decades" not in finding.evidence  # a jump
 
 
-def at_the_edge(findings: Sequence[Finding], gap: int) -> tuple[list[Finding], list[Finding]]:
-    """Catapults: recovered loss spikes and gradient jumps (:func:`_recoverable`) inside
-    an edge-of-stability span (its ``INFO`` finding: λ_max
-    hovering at the optimizer's threshold), with no other symptom among them. Gradient
-    descent at the edge of stability is non-monotone by nature: the loss jumps, the
-    sharpness drops, the loss comes back (Lewkowycz et al. 2020; Cohen et al. 2021).
-    Each such group becomes one ``INFO`` finding (whose span lets ``analyze`` fold the
-    spikes it explains); the findings left over are returned for :func:`episodes`."""
+SHARPNESS_RATIO = "sharpness/ratio"
+EDGE = 0.85
+"""``λ_max / threshold`` from which the run is at (or past) the edge of stability."""
+CATAPULT_END = 2.0
+"""``λ_max / threshold`` where the catapult phase ends: for ``2/η < λ < 4/η`` gradient
+descent spikes and comes back, beyond ``4/η`` it diverges (Lewkowycz et al. 2020)."""
+
+
+def at_the_edge(
+    findings: Sequence[Finding], gap: int, run: Run | None = None
+) -> tuple[list[Finding], list[Finding]]:
+    """Catapults: recovered loss spikes and gradient jumps (:func:`_recoverable`) where the
+    sharpness sat at or just past the optimizer's threshold: inside an edge-of-stability
+    span (its ``INFO`` finding), or with ``sharpness/ratio`` measured in ``[EDGE,
+    CATAPULT_END)`` around them (a learning-rate spike far past it is not a catapult).
+    Gradient descent there is non-monotone by nature: the loss jumps, the sharpness
+    drops, the loss comes back (Lewkowycz et al. 2020, the catapult phase; Cohen et al.
+    2021). Each group of them, with no other symptom among them, becomes one ``INFO``
+    finding (whose span lets ``analyze`` fold the symptoms it explains); the findings left
+    over are returned for :func:`episodes`."""
     edges = [
         f for f in findings if f.detector == edge_of_stability.NAME and f.severity is Severity.INFO
     ]
+    ratio = finite_series(run, SHARPNESS_RATIO) if run is not None else None
     symptoms = [f for f in findings if is_symptom(f)]
+    candidates = sorted(
+        (f for f in symptoms if _recoverable(f) and _sharp(f, edges, ratio, gap)),
+        key=lambda f: f.start_step,
+    )
+    groups: list[list[Finding]] = []
+    for f in candidates:
+        if groups and f.start_step <= max(g.end_step for g in groups[-1]) + gap:
+            groups[-1].append(f)
+        else:
+            groups.append([f])
     used: set[int] = set()
     out = []
-    for edge in edges:
-        inside = [
-            f
-            for f in symptoms
-            if _recoverable(f)
-            and edge.start_step - gap <= f.start_step
-            and f.end_step <= edge.end_step + gap
-        ]
-        if not inside:
-            continue
+    for inside in groups:
         start, end = min(f.start_step for f in inside), max(f.end_step for f in inside)
         others = [
             f
@@ -127,25 +144,57 @@ def at_the_edge(findings: Sequence[Finding], gap: int) -> tuple[list[Finding], l
         if others:  # something else went wrong there too: an ordinary episode
             continue
         used.update(id(f) for f in inside)
-        out.append(_catapult(edge, inside, start, end))
+        out.append(_catapult(edges, ratio, inside, start, end, gap))
     return out, [f for f in findings if id(f) not in used]
 
 
-def _catapult(edge: Finding, inside: list[Finding], start: int, end: int) -> Finding:
+def _sharp(f: Finding, edges: list[Finding], ratio: tuple | None, gap: int) -> bool:
+    """Whether the sharpness sat at the edge (or past it) around ``f``."""
+    if any(e.start_step - gap <= f.start_step and f.end_step <= e.end_step + gap for e in edges):
+        return True
+    level = _ratio_around(ratio, f.start_step, f.end_step, gap)
+    return level is not None and EDGE <= level < CATAPULT_END
+
+
+def _ratio_around(ratio: tuple | None, start: int, end: int, gap: int) -> float | None:
+    """Median ``sharpness/ratio`` over ``[start - gap, end + gap]`` (else the last one
+    measured before ``start``), or None without any."""
+    if ratio is None or not ratio[0].size:
+        return None
+    steps, values = ratio
+    near = values[(steps >= start - gap) & (steps <= end + gap)]
+    if near.size:
+        return float(np.median(near))
+    before = values[steps < start]
+    return float(before[-1]) if before.size else None
+
+
+def _catapult(
+    edges: list[Finding], ratio: tuple | None, inside: list[Finding], start: int, end: int, gap: int
+) -> Finding:
     kinds = list(dict.fromkeys(LABELS[f.detector] for f in inside))
     evidence: dict[str, float | int | str] = {"catapults": len(inside)}
     for i, f in enumerate(inside):
         evidence[f"symptom[{i}]"] = f"{f.detector} ({f.severity}) {f.start_step}-{f.end_step}"
-    evidence["edge_of_stability"] = f"{edge.start_step}-{edge.end_step}: {edge.message}"
+    level = _ratio_around(ratio, start, end, gap)
+    if level is not None:
+        evidence["sharpness_ratio_median"] = level
+    edge = next((e for e in edges if e.start_step - gap <= start and end <= e.end_step + gap), None)
+    if edge is not None:
+        evidence["edge_of_stability"] = f"{edge.start_step}-{edge.end_step}: {edge.message}"
+    where = (
+        f"steps {edge.start_step}-{edge.end_step}"
+        if edge is not None
+        else f"λ_max / threshold {fmt(level if level is not None else float('nan'))}"
+    )
     return Finding(
         NAME,
         Severity.INFO,
         start,
         end,
         f"Catapults at the edge of stability, steps {start}-{end}: {len(inside)} recovered "
-        f"{' and '.join(kinds)} while λ_max hovered at the optimizer's threshold "
-        f"(steps {edge.start_step}-{edge.end_step}); gradient descent there is non-monotone "
-        "by nature and comes back.",
+        f"{' and '.join(kinds)} while λ_max sat at or past the optimizer's threshold "
+        f"({where}); gradient descent there is non-monotone by nature and comes back.",
         "Nothing to fix; lower the learning rate only if the loss stops coming back.",
         evidence,
         tuple(dict.fromkeys(k for f in inside for k in f.keys)),

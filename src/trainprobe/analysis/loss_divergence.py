@@ -14,6 +14,7 @@ from ._series import (
     MAD_SCALE,
     finite_series,
     fmt,
+    held_level,
     loss_keys,
     rolling_median,
     true_runs,
@@ -64,7 +65,8 @@ def detect_loss_divergence(
     *diverged* when ``m_j >= factor * b_j`` (positive losses: on the log scale;
     signed losses: ``m_j - b_j >= (factor - 1) * max(|b_j|, s)``, ``s`` the
     median ``|x|``) and the rise ``m_j - b_j`` is at least ``min_rise`` times the
-    first window's median (a loss that reached 1e-4 and wanders to 5e-4 has not
+    highest level the loss held (the highest trailing median of its values: its
+    starting level, as a rule) (a loss that reached 1e-4 and wanders to 5e-4 has not
     diverged). Diverged windows must follow one another for ``window`` more points
     (the rise is sustained, not a burst). ``CRITICAL`` when the last window is
     still diverged (no recovery by the end of the run), else ``WARNING``. As for
@@ -100,7 +102,7 @@ def detect_loss_divergence(
         window: points per rolling median (default 50, fewer on short series:
             a quarter of the points, at least 5).
         factor: how far above its best the median must be (default 3).
-        min_rise: the rise as a share of the first window's median (default 0.1).
+        min_rise: the rise as a share of the highest level the loss held (default 0.1).
 
     Returns:
         At most one finding per loss key.
@@ -146,7 +148,11 @@ def _curve(run: Run, key: str, window: int, factor: float, min_rise: float) -> _
     else:
         scale = float(np.median(np.abs(values[values != 0])))
         far = rise >= (factor - 1.0) * np.maximum(np.abs(best), scale)
-    material = rise >= min_rise * abs(float(median[0]))
+    # the rise must matter at the run's scale: a share of the highest level the loss held
+    # before (its start, as a rule), not of a first window that may already be low: a
+    # learning-rate restart lifting a fit loss from 0.007 to 0.03 is not a divergence
+    held = held_level(values, window)[width - 1 :]  # [n - width + 1], at each window's end
+    material = rise >= min_rise * held
     return _Curve(key, steps, y, width, smooth, median, best, far & material)
 
 

@@ -13,6 +13,7 @@ from ._series import (
     MAD_SCALE,
     finite_series,
     fmt,
+    held_level,
     loss_keys,
     trailing_median_mad,
     true_runs,
@@ -143,7 +144,7 @@ def detect_loss_spikes(
         scored = _score(run, key, window, min_rel_increase)
         if scored is None:
             continue
-        level = _held(scored.values, window)  # [n]: the highest level the loss has held
+        level = held_level(scored.values, window)  # [n]
         rise = scored.values - np.nan_to_num(scored.reference)
         hit = (scored.z > z_threshold) & (scored.values > scored.margin)
         hit &= rise >= min_level_share * level
@@ -157,15 +158,6 @@ def detect_loss_spikes(
             for sp in sorted(worst, key=lambda sp: sp.first)
         ]
     return findings
-
-
-def _held(values: np.ndarray, window: int) -> np.ndarray:
-    """``[n]``: the highest trailing median (of up to ``window`` points, from the first
-    point on) the loss has held before each point: its starting level, as a rule. Read
-    from the values themselves, not the scoring reference, which may start only once a
-    loss already at its float floor has a full window of non-zero points."""
-    med, _ = trailing_median_mad(np.abs(values), window, min_periods=1)
-    return np.maximum.accumulate(np.nan_to_num(med))
 
 
 def _score(run: Run, key: str, window: int, rel: float) -> _Scored | None:

@@ -38,6 +38,36 @@ class _Flow:
             self.positions = self.positions + per
 
 
+@dataclass
+class _Calls:
+    """A recurrent cell's outputs, one per call (one per time step): ``||∂L/∂h_t||²`` at
+    call ``t`` of each forward pass, summed over the passes of the step."""
+
+    count: int = 0  # calls in the current forward pass
+    squares: list[Tensor | None] = field(default_factory=list)
+
+    def hook(self) -> Any:
+        t = self.count
+        self.count += 1
+        if t == len(self.squares):
+            self.squares.append(None)
+
+        def add(grad: Tensor) -> None:
+            g = grad.detach()
+            sq = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32).pow(2).sum()
+            self.squares[t] = sq if self.squares[t] is None else self.squares[t] + sq
+
+        return add
+
+    def positions(self) -> Tensor | None:
+        """``[T]`` per-call squares (a call whose output got no gradient reads 0)."""
+        got = [s for s in self.squares if s is not None]
+        if len(self.squares) < 2 or not got:
+            return None
+        zero = torch.zeros_like(got[0])
+        return torch.stack([zero if s is None else s for s in self.squares])
+
+
 def _output_tensor(output: Any) -> Tensor | None:
     """The tensor a module returned: an RNN's sequence output (not its last state), a
     packed sequence's data ``[sum_T, H]``, else the first tensor of a tuple."""
@@ -76,6 +106,10 @@ class GradientFlow(ProbeOptions):
     user's backward they add up ``||∂L/∂y||²`` (and ``||∂L/∂x_t||²`` per position, summed
     over the batch and the features) on the device, without changing any gradient.
     Several backward passes in one step block (gradient accumulation) add up.
+
+    A recurrent cell (``nn.RNNCell``/``nn.GRUCell``/``nn.LSTMCell``, called once per time
+    step by a hand-written loop) gets its positions from its calls: ``||∂L/∂h_t||`` of the
+    output of call ``t`` (the hidden state, with all it passes on to later steps).
 
     Positions: a module reads a sequence when ``time_dims`` names it, and every
     ``nn.RNN``/``nn.GRU``/``nn.LSTM`` does (axis 1 with ``batch_first``, else 0; a packed
@@ -121,6 +155,7 @@ class GradientFlow(ProbeOptions):
     profile_points: int = 16
     _flows: dict[str, _Flow] = field(default_factory=dict, init=False, repr=False)
     _inputs: dict[str, _Flow] = field(default_factory=dict, init=False, repr=False)
+    _calls: dict[str, _Calls] = field(default_factory=dict, init=False, repr=False)
     _watched_cache: tuple[nn.Module, dict[str, nn.Module]] | None = field(
         default=None, init=False, repr=False
     )
@@ -157,8 +192,9 @@ class GradientFlow(ProbeOptions):
                 f"choose from {[n for n in named if n][:20]}"
             )
         if self.modules is not None:
-            return {m: named[m] for m in self.modules}
-        return {
+            return {m: named[m] for m in (*self.modules, *(self.time_dims or {}))}
+        timed = {m: named[m] for m in self.time_dims or {}}
+        return timed | {
             n: m
             for n, m in named.items()
             if n
@@ -176,10 +212,16 @@ class GradientFlow(ProbeOptions):
     def attach(self, model: nn.Module) -> list[Any]:
         self._flows.clear()
         self._inputs.clear()
+        self._calls.clear()
         if self._watched_cache is None or self._watched_cache[0] is not model:
             self._keep(_watched_cache=(model, self._watched(model)))
         tensors = _TensorHooks()
-        handles: list[Any] = [tensors]
+
+        def new_pass(_m: nn.Module, _args: Any) -> None:  # time restarts at each forward
+            for calls in self._calls.values():
+                calls.count = 0
+
+        handles: list[Any] = [tensors, model.register_forward_pre_hook(new_pass)]
         try:
             for name, module in self._watched_cache[1].items():
                 handles += self._hook(name, module, tensors)
@@ -200,6 +242,15 @@ class GradientFlow(ProbeOptions):
                 tensors.handles.append(tensor.register_hook(out.add))
 
         handles = [module.register_forward_hook(on_output)]
+        if isinstance(module, nn.RNNCellBase):  # called once per time step
+            calls = self._calls[name] = _Calls()
+
+            def on_call(_m: nn.Module, _i: Any, output: Any) -> None:
+                tensor = _output_tensor(output)
+                if tensor is not None and tensor.requires_grad:
+                    tensors.handles.append(tensor.register_hook(calls.hook()))
+
+            handles.append(module.register_forward_hook(on_call))
         time_dim = self._time_dim(name, module)
         if time_dim is None:
             return handles
@@ -233,7 +284,12 @@ class GradientFlow(ProbeOptions):
             ),
         }
         timed = {n: f.positions for n, f in self._inputs.items() if f.positions is not None}
+        for name, calls in self._calls.items():
+            positions = calls.positions()
+            if positions is not None:
+                timed[name] = positions  # [T]: ||∂L/∂h_t||² of the cell's calls
         self._inputs.clear()
+        self._calls.clear()
         if timed:
             seq = tuple(timed)
             first = stack_scalars([p[0] for p in timed.values()]).sqrt()  # [S]
