@@ -167,6 +167,17 @@ def test_class_losses_at_exactly_zero_are_not_losing_ground(tmp_path):
     assert detect_class_competition(run) == []
 
 
+def test_a_balanced_class_wobbling_against_its_peers_is_not_losing_ground(tmp_path):
+    """The minority rise of Francazi et al. needs a minority: the same rising curve on a
+    class with a quarter of the examples (4 balanced classes) is peers trading places."""
+    rise = 0.69 + 0.4 * np.sin(np.pi * np.minimum(np.arange(N), 40) / 80)
+    losses = {c: falling(0.69, 0.05) for c in range(3)}
+    losses[3] = np.maximum(rise - 0.01 * np.maximum(np.arange(N) - 40, 0), 0.2)
+    norms = {c: np.ones(N) for c in range(4)}
+    run = write_run(tmp_path / "r", classes(losses, dict.fromkeys(range(4), 16), norms))
+    assert detect_class_competition(run) == []
+
+
 def test_a_class_starved_of_gradient(tmp_path):
     losses = {0: falling(0.69, 0.1), 1: np.full(N, 0.7), 2: falling(0.69, 0.1)}
     norms = {0: falling(1.0, 0.3), 1: np.full(N, 0.002), 2: falling(1.0, 0.3)}

@@ -103,3 +103,19 @@ def test_infinities_are_not_printed_as_nan(tmp_path):
     run = write_run(tmp_path / "r", {"scalars/loss": ([0, 1, 2], [np.inf, 1.0, -np.inf])})
     (line,) = [row for row in format_summary(run).splitlines() if row.startswith("scalars/loss")]
     assert line.split()[-4:] == ["inf", "-inf", "1", "1"]
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_folded_groups_and_pairs_are_not_called_layers(tmp_path, declared):
+    from tests.synth import declared_meta
+
+    steps = np.arange(5)
+    groups = ["cat", "dog", "bird", "fish"]
+    series = {f"conflict/loss/{g}": (steps, np.ones(5)) for g in groups}
+    series |= {f"conflict/cos/{a}__{b}": (steps, np.ones(5)) for a in groups for b in groups[:1]}
+    series |= {f"norms/grad/l{i}.weight": (steps, np.ones(5)) for i in range(4)}
+    meta = declared_meta("conflict", "norms") if declared else None
+    text = format_summary(write_run(tmp_path / "r", series, meta=meta))
+    assert "4 groups; first/last: median over groups" in text
+    assert "4 pairs; first/last: median over pairs" in text
+    assert "4 layers; first/last: median over layers" in text

@@ -273,13 +273,61 @@ def test_optimizer_state_is_loaded_when_given(tmp_path):
     assert "c.pt: the optimizer state does not fit" in bad.skipped["c.pt"]
 
 
-def test_a_step_that_fails_is_reported(trained, tmp_path):
+def test_a_step_that_fails_after_one_was_measured_is_reported(trained, tmp_path):
+    calls = []
+
+    def fails_after_the_first(model, batch):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("boom")
+        return criterion_loss(nn.CrossEntropyLoss())(model, batch)
+
+    result = quiet_scan(
+        trained[0], probes=[LayerNorms()], run_dir=tmp_path / "s", loss_fn=fails_after_the_first
+    )
+    assert result.scanned == (0,) and result.failed == 4
+    assert "measuring step 5 failed: RuntimeError: boom" in result.skipped["step_000005.pt"]
+
+
+def test_a_loss_failing_before_any_checkpoint_is_measured_stops_the_scan(trained, tmp_path):
+    calls = []
+
     def bad_loss(model, batch):
+        calls.append(1)
         raise RuntimeError("boom")
 
-    result = quiet_scan(trained[0], probes=[LayerNorms()], run_dir=tmp_path / "s", loss_fn=bad_loss)
-    assert result.failed == 5
-    assert "measuring step 0 failed: RuntimeError: boom" in result.skipped["step_000000.pt"]
+    with pytest.raises(
+        ValueError,
+        match=r"step_000000.pt: measuring step 0 failed: RuntimeError: boom; the scan stopped "
+        r"here, before measuring any checkpoint: .* same for all 5",
+    ):
+        quiet_scan(trained[0], probes=[LayerNorms()], run_dir=tmp_path / "s", loss_fn=bad_loss)
+    assert len(calls) == 1  # not once per checkpoint
+
+
+def test_checkpoints_that_all_misfit_the_model_stop_at_the_second(trained, tmp_path):
+    def wider():
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    with pytest.raises(
+        ValueError,
+        match=r"step_000000.pt: does not fit the model .*; step_000005.pt failed the same way, "
+        r"so the scan stopped instead of listing this for each of the 5 checkpoints: check that "
+        r"--model builds",
+    ):
+        quiet_scan(trained[0], model_fn=wider, probes=[LayerNorms()], run_dir=tmp_path / "s")
+
+
+def test_cli_scan_exits_2_and_names_a_repeating_failure_once(trained, tmp_path, capsys):
+    user = tmp_path / "user_scan_losses.py"
+    user.write_text(textwrap.dedent(USER_MODULE) + "\ndef loss(model, batch):\n    1 / 0\n")
+    argv = [str(trained[0]), "--probes", "norms", "--out", str(tmp_path / "run")]
+    for option, name in (("--model", "build_model"), ("--data", "batches"), ("--loss", "loss")):
+        argv += [option, f"{user}:{name}"]
+    assert cli_scan.run(parse(*argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("ZeroDivisionError") == 1
+    assert "trainprobe scan: error: step_000000.pt: measuring step 0 failed" in err
 
 
 def test_scan_arguments_are_checked(trained, tmp_path):
@@ -310,6 +358,43 @@ def test_first_batch():
         first_batch(None)
     with pytest.raises(ValueError, match=r"returned an empty iterable"):
         first_batch(iter([]))
+    y = torch.ones(2)
+    assert first_batch([(x, y), (y, x)]) == (x, y)  # a list of batches: the first
+    assert first_batch([{"x": x}, {"x": y}]) == {"x": x}
+    assert first_batch([[x, y], [y, x]]) == [x, y]
+    assert first_batch([(x, x), y]) == [(x, x), y]  # not all batches: one batch
+    with pytest.raises(ValueError, match=r"returned an empty list; return a batch or a list"):
+        first_batch([])
+
+
+def test_data_as_a_list_of_batches(trained, tmp_path):
+    def batches():
+        x, y = make_batch()
+        return [(x, y), (x[:5] * 100, y[:5])]
+
+    listed = quiet_scan(trained[0], probes=[LayerNorms()], run_dir=tmp_path / "a", data_fn=batches)
+    single = quiet_scan(trained[0], probes=[LayerNorms()], run_dir=tmp_path / "b")
+    assert listed.ok and listed.scanned == (0, 5, 10, 15, 20)
+    with trainprobe.Run(listed.run_dir) as a, trainprobe.Run(single.run_dir) as b:
+        assert a.series("scalars/loss").values.tolist() == b.series("scalars/loss").values.tolist()
+
+
+def test_cli_scan_imports_a_module_of_the_current_directory(trained, tmp_path, monkeypatch):
+    (tmp_path / "here_scan_models.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.chdir(tmp_path)  # a console script's sys.path holds its bin folder, not this
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    args = parse(
+        str(trained[0]),
+        "--model",
+        "here_scan_models:build_model",
+        "--data",
+        "here_scan_models:batches",
+        "--probes",
+        "norms",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert cli_scan.run(args) == 0
 
 
 USER_MODULE = """

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-import selectors
-import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.store.helpers import APPEND_SCRIPT, TRAIN_SCRIPT, Child
 from trainprobe.store import Record, Run, RunError, RunWriter
 
 #: Scalars that must come back bit for bit (NaN travels as SQL NULL).
@@ -199,12 +197,15 @@ def test_meta_round_trips_as_json(tmp_path):
     writer.set_meta({"seed": 4})  # insert or replace per key
     writer.close()
     with Run(tmp_path / "r") as run:
+        writer = run.meta.pop("writer")
         assert run.meta == {
             "format": "trainprobe-run",
             "schema_version": 1,
+            "status": "finished",  # the writer's own: running while open, finished at close
             "config": meta["config"],
             "seed": 4,
         }
+        assert writer["pid"] == os.getpid() and set(writer) == {"pid", "host", "started"}
 
 
 def test_to_pandas_is_wide_over_scalar_keys(tmp_path):
@@ -411,100 +412,6 @@ def test_unknown_key_lists_close_matches(tmp_path):
 
 
 # -- crash safety and live reading (real processes) -----------------------------------------
-
-TRAIN_SCRIPT = """
-import sys
-import torch
-from torch import nn
-from torch.nn import functional as F
-import trainprobe
-
-torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
-with trainprobe.watch(model, trainprobe.default_probes(every_n=3), run_dir=sys.argv[1],
-                      optimizer=opt, flush_seconds=0) as mon:
-    for step in range(1_000_000):
-        with mon.step(step, batch=(x, y)) as s:
-            if step > 0:  # flush_seconds=0: step - 1 was committed when this block began
-                print(step - 1, flush=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            s.log(loss=loss)
-        opt.step()
-        opt.zero_grad()
-"""
-
-APPEND_SCRIPT = """
-import sys, time
-import numpy as np
-from trainprobe.store import Record, RunWriter
-
-steps, pause = int(sys.argv[2]), float(sys.argv[3])
-writer = RunWriter(sys.argv[1])
-for step in range(steps):
-    values = {f"k/{i:02d}": step + i / 100 for i in range(40)}
-    values["arr"] = np.full(64, step, dtype=np.int64)
-    writer.append([Record(step, values)])
-    print(step, flush=True)
-    time.sleep(pause)
-writer.close()
-"""
-
-
-class Child:
-    """A Python subprocess whose stdout lines are read with a deadline (never hangs)."""
-
-    def __init__(self, tmp_path: Path, script: str, *args: object) -> None:
-        path = tmp_path / ("train.py" if script is TRAIN_SCRIPT else "append.py")
-        if not path.exists():  # children of one test share it; never rewrite a running one
-            path.write_text(script)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(path), *map(str, args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        self.lines: list[str] = []
-        self._partial = b""
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self.proc.stdout, selectors.EVENT_READ)
-
-    def read_until(self, count: int, timeout: float = 30.0) -> list[int]:
-        """Steps reported so far, reading until at least ``count`` lines (or EOF)."""
-        deadline = time.monotonic() + timeout
-        while len(self.lines) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                pytest.fail(f"child reported {len(self.lines)} steps, wanted {count}")
-            if not self._selector.select(left):
-                continue
-            chunk = os.read(self.proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            *done, self._partial = (self._partial + chunk).split(b"\n")
-            self.lines.extend(line.decode() for line in done)
-        return [int(line) for line in self.lines]
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def finish(self, timeout: float = 30.0) -> list[int]:
-        steps = self.read_until(sys.maxsize, timeout)
-        err = self.proc.stderr.read().decode()
-        assert self.proc.wait(timeout=10) == 0, err
-        return steps
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.kill()
-        self._selector.close()
-        self.proc.stdout.close()
-        self.proc.stderr.close()
 
 
 def _assert_contiguous_run(run_dir: Path, reported: list[int], keys: list[str]) -> int:

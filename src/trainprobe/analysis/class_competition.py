@@ -49,6 +49,7 @@ def detect_class_competition(
     *,
     window: int = 3,
     rise: float = 0.5,
+    minority: float = 0.5,
     fall: float = 0.1,
     min_points: int = 3,
     starve_ratio: float = 0.1,
@@ -65,16 +66,20 @@ def detect_class_competition(
 
     - *Losing ground* (Francazi et al. 2023, "A Theoretical Analysis of the Learning
       Dynamics under Class Imbalance": under imbalance the minority's loss rises early
-      while the total falls): a class whose loss (rolling median over ``window``
-      measurements) is ``rise`` above its lowest value so far, by at least ``rise``
-      times the current batch loss ``Σ_c n_c L_c / Σ_c n_c`` (rolling median; so a
-      learned class drifting from 0.001 to 0.003 does not count), while the batch loss
-      has fallen ``fall`` below its value at the class's low, by at least ``fall`` times
-      the highest level it held (a converged run's wobble is not a fall), for
-      ``min_points`` measurements or more. The
-      early rise is fast: measure every step or two over the first hundred steps,
-      on a fixed batch (``GradConflict(data=...)``: a minority with a handful of
-      examples per mini-batch gives a per-class loss too noisy to read).
+      while the total falls, the majority dominating the gradient): a minority class
+      (its share of the examples below ``minority / C`` for ``C`` classes; in a
+      balanced run a class's loss wobbling against its peers is not this mechanism)
+      whose loss (rolling median over ``window`` measurements) is ``rise`` above its
+      lowest value so far, by at least ``rise`` times the current batch loss
+      ``Σ_c n_c L_c / Σ_c n_c`` (rolling median; so a learned class drifting from
+      0.001 to 0.003 does not count), while the batch loss has fallen ``fall`` below
+      its value at the class's low; both the rise and the fall must be at least
+      ``fall`` times the highest level the batch loss held (its start, as a rule: a
+      converged run's class losses wobbling 0.003 -> 0.07 are not a competition), for
+      ``min_points`` measurements or more. The early rise is fast: measure every step
+      or two over the first hundred steps, on a fixed batch (``GradConflict(data=...)``:
+      a minority with a handful of examples per mini-batch gives a per-class loss too
+      noisy to read).
     - *Starved of gradient*: a class whose share of the gradient's magnitude
       ``n_c ‖g_c‖ / Σ_j n_j ‖g_j‖`` stays below ``starve_ratio`` times its share of the
       loss ``n_c L_c / Σ_j n_j L_j`` while that loss share is at least
@@ -88,6 +93,8 @@ def detect_class_competition(
     Args:
         run: the run to read.
         window: measurements per rolling median (default 3).
+        minority: a class counts as a minority below this share of the average class
+            count (default 0.5).
         rise: rise of a class loss over its minimum so far, relative to that minimum and
             to the batch loss then (default 0.5: an oscillating class dips and recovers
             by less).
@@ -111,6 +118,7 @@ def detect_class_competition(
         check_positive(name, value)
     check_fraction("min_loss_share", min_loss_share)
     check_fraction("fall", fall)
+    check_positive("minority", minority)
     classes = _read(run)
     if len(classes) < 2:
         return []
@@ -120,7 +128,8 @@ def detect_class_competition(
         at = np.searchsorted(total_steps, cls.steps)  # cls.steps is a subset of total_steps
         present = counts[at] > 0  # a class recorded with a count of 0 everywhere: no share
         share = float(np.mean(cls.count[present] / counts[at][present])) if present.any() else 0.0
-        harms += _losing_ground(cls, total[at], share, window, (rise, fall), min_points)
+        if share < minority / len(classes):  # the imbalance mechanism: minorities lose ground
+            harms += _losing_ground(cls, total[at], share, window, (rise, fall), min_points)
         harms += _starved(cls, classes, window, starve_ratio, min_loss_share, min_points)
     settings = {
         "window": window,
@@ -129,6 +138,7 @@ def detect_class_competition(
         "min_points": min_points,
         "starve_ratio": starve_ratio,
         "min_loss_share": min_loss_share,
+        "minority": minority,
     }
     return [
         _finding(found, top, settings)
@@ -192,7 +202,7 @@ def _losing_ground(
     # step while the batch loss wobbles near 0.08) are not a competition. Comparisons are
     # strict: losses sitting at exactly 0 (the float32 floor) neither rise nor fall.
     held = np.maximum.accumulate(batch)  # [m]
-    grew = (own > (1 + rise) * low) & (own - low > rise * batch)
+    grew = (own > (1 + rise) * low) & (own - low > rise * batch) & (own - low > fall * held)
     fell = (batch < (1 - fall) * total[at_low]) & (total[at_low] - batch > fall * held)
     harm = grew & fell
     stretch = _longest(harm, points)

@@ -47,7 +47,13 @@ def run(args: argparse.Namespace) -> int:
         0 on success; 2 when Parquet is asked for and pyarrow is missing. A missing or
         unreadable run raises (``trainprobe``'s ``main`` prints it and exits 2).
     """
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"series.{args.format}"
+    if args.out:
+        out = Path(args.out)
+    else:
+        from ..store import Run  # here: `trainprobe --help` builds this parser
+
+        with Run(args.run_dir) as run:  # RUN_DIR, or its run.db
+            out = run.run_dir / f"series.{args.format}"
     try:
         rows, keys, skipped = export(args.run_dir, out, args.format, prefix=args.prefix)
     except ImportError as err:

@@ -1,27 +1,32 @@
 """The ``trainprobe`` command: demo, report, dashboard, export, scan. Glue only.
 
 Building the parser imports the standard library only (the command modules' top levels,
-``export``, ``scan`` and ``serve``, do too); each command imports what it needs in its
-handler. So ``--help`` is quick, and only ``demo`` and ``scan`` import torch
+``export``, ``report_cli``, ``scan`` and ``serve``, do too); each command imports what it
+needs in its handler. So ``--help`` is quick, and only ``demo`` and ``scan`` import torch
 (tests/test_startup.py checks; benchmarks/startup.py times it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from .._version import __version__
 from .export import add_parser as add_export_parser
+from .report_cli import add_parser as add_report_parser
 from .scan import add_parser as add_scan_parser
 from .serve import add_arguments as serve_arguments
 
 EPILOG = """examples:
   trainprobe demo                       train a small CNN, print findings, write the dashboard
-  trainprobe report runs/exp1           findings table; exit 1 if any is critical
+  trainprobe report runs/exp1           findings; exit 1 critical, 3 run failed, 4 abandoned
+  trainprobe report runs/exp1 --set exploding_gradients.jump_factor=20
   trainprobe dashboard runs/exp1 -o exp1.html
   trainprobe dashboard runs/exp1 --serve  live page on localhost, follows a run in progress
   trainprobe export runs/exp1 --format csv
@@ -52,11 +57,19 @@ def _free_run_dir(out: Path) -> Path:
     return candidate
 
 
-def _write_dashboard(run, findings, output: Path) -> Path:
+def _write_dashboard(run, findings, output: Path, hint: str = "pass -o PATH") -> Path:
+    """Write the page; an ``OSError`` that names the file, the reason and ``hint``."""
     from ..dashboard import build, extra_figures, to_html
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(to_html(build(run, findings), *extra_figures(run)), encoding="utf-8")
+    html = to_html(build(run, findings), *extra_figures(run))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(html, encoding="utf-8")
+    except OSError as err:
+        raise OSError(
+            f"cannot write the dashboard to {output}: {err.strerror or err}; {hint} to write "
+            "it elsewhere"
+        ) from err
     return output
 
 
@@ -94,38 +107,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..analysis import analyze
+    from ..analysis.registry import DETECTORS, detector_settings
     from ..store import Run
+    from .detector_config import parse_settings
     from .report import exit_code
 
+    config = parse_settings(args.set)
+    try:
+        detector_settings(DETECTORS, config)  # before the run is read: a usage error, exit 2
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--set: {err}") from err
     with Run(args.run_dir) as run, run.reading_once():
-        findings = analyze(run)
-        _print_report(run, findings, args)
-    return exit_code(findings)
+        state = run.state()
+        findings = analyze(run, config=config)
+        _print_report(run, findings, state, args)
+        _report_dashboard(run, findings, args)
+    return exit_code(findings, state)
 
 
-def _print_report(run, findings, args: argparse.Namespace) -> None:
+def _print_report(run, findings, state, args: argparse.Namespace) -> None:
     from .report import format_findings, format_summary, summary_dict
 
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "run_dir": str(run.run_dir),
-                    "last_step": run.last_step(),
-                    "status": run.meta.get("status"),
-                    "findings": [f.to_dict() for f in findings],
-                    "series": summary_dict(run),
-                },
-                indent=2,
-            )
-        )
+        payload = {
+            "run_dir": str(run.run_dir),
+            "last_step": run.last_step(),
+            "status": state.status,
+            "state": state.name,
+            "writer": state.writer,
+            "findings": [f.to_dict() for f in findings],
+            "series": summary_dict(run),
+        }
+        print(json.dumps(payload, indent=2))
     else:
-        print(format_findings(run, findings))
+        print(format_findings(run, findings, state))
         print("\n" + format_summary(run))
-    if not args.no_dashboard:
-        html = _write_dashboard(run, findings, Path(args.run_dir) / "dashboard.html")
-        if not args.json:
-            print(f"\ndashboard: {html}")
+
+
+def _report_dashboard(run, findings, args: argparse.Namespace) -> None:
+    """Refresh the run's dashboard (or write ``--dashboard-out``): where the run directory
+    cannot be written, a one-line note on stderr instead; an unwritable ``--dashboard-out``
+    is an error (exit 2)."""
+    if args.no_dashboard:
+        return
+    hint = "pass --dashboard-out PATH (or --no-dashboard)"
+    if args.dashboard_out:
+        html = _write_dashboard(run, findings, Path(args.dashboard_out), hint)
+    else:
+        try:
+            html = _write_dashboard(run, findings, run.run_dir / "dashboard.html", hint)
+        except OSError as err:
+            print(f"trainprobe report: dashboard not written: {err}", file=sys.stderr)
+            return
+    if not args.json:
+        print(f"\ndashboard: {html}")
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -137,8 +172,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
         return serve(args.run_dir, args.port, refresh_seconds=args.refresh)
 
-    output = Path(args.output) if args.output else Path(args.run_dir) / "dashboard.html"
     with Run(args.run_dir) as run, run.reading_once():
+        output = Path(args.output) if args.output else run.run_dir / "dashboard.html"
         print(f"dashboard: {_write_dashboard(run, analyze(run), output)}")
     return 0
 
@@ -181,19 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser(
-        "report",
-        help="print the findings of a run; exit 1 if critical",
-        description="Analyse a run directory, print its findings (most "
-        "severe first) and refresh RUN_DIR/dashboard.html. Exit code 1 "
-        "when a critical finding exists, so it can gate CI.",
-    )
-    report.add_argument("run_dir", metavar="RUN_DIR")
-    report.add_argument("--json", action="store_true", help="print findings as JSON")
-    report.add_argument(
-        "--no-dashboard", action="store_true", help="do not rewrite RUN_DIR/dashboard.html"
-    )
-    report.set_defaults(func=cmd_report)
+    add_report_parser(sub, cmd_report)
 
     dash = sub.add_parser(
         "dashboard",
@@ -213,13 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # the reader went away (`| head`): end quietly, as Unix tools do
+        with contextlib.suppress(OSError, ValueError):  # what is still buffered goes nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (OSError, ValueError) as err:  # FileNotFound, FileExists, Permission, RunError...
         print(f"trainprobe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: not 1, which means a critical finding
+        traceback.print_exc()
+        print(
+            f"trainprobe {args.command}: internal error (exit 70); please report it with the "
+            "traceback above",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """``trainprobe scan``: the live probes on a directory of checkpoints. Glue only.
 
 ``--model``, ``--data``, ``--loss`` and ``--optimizer`` name a function as
-``package.module:function`` (imported like ``import package.module``, so the package
-must be importable, e.g. installed or under the current directory) or as
-``path/to/file.py:function`` (the file is run as a module named after its stem).
+``package.module:function`` (imported like ``import package.module``: installed, or
+under the current directory, which the command puts on ``sys.path`` as ``python -m``
+does) or as ``path/to/file.py:function`` (the file is run as a module named after its
+stem).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,9 @@ DESCRIPTION = """Run trainprobe's probes on a directory of saved checkpoints (.p
 .safetensors) into a run directory that `trainprobe report` and `trainprobe dashboard`
 read. A second scan of the same directory measures only checkpoints added since.
 Exit code 0: every checkpoint measured; 1: some were skipped (listed with the reason);
-2: bad arguments."""
+2: bad arguments, or a failure that would repeat at every checkpoint (the model or the
+loss raising before any checkpoint was measured, or two checkpoints failing the same
+way), named once."""
 
 EPILOG = """examples:
   trainprobe scan ckpts/ --model mypkg.models:build_model --data mypkg.data:val_batch
@@ -48,8 +52,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="MODULE:FUNCTION",
-        help="the batch to evaluate on, e.g. (inputs, targets), or an "
-        "iterable whose first item is used",
+        help="FUNCTION() gives the batch to evaluate on, e.g. (inputs, targets), or "
+        "batches: a list of them, a DataLoader or another iterable (the first batch is "
+        "used at every checkpoint)",
     )
     parser.add_argument(
         "--loss",
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..scan import scan
 
+    _current_directory_importable()
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -164,11 +170,20 @@ def run(args: argparse.Namespace) -> int:
             trust_checkpoints=args.trust_checkpoints,
             train_mode=args.train_mode,
         )
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError) as err:  # FileNotFound, Permission, RunInUse...
         print(f"trainprobe scan: error: {err}", file=sys.stderr)
         return 2
     print(_summary(result))
     return 0 if result.ok else 1
+
+
+def _current_directory_importable() -> None:
+    """Put the current directory first on ``sys.path``, as ``python -m`` does: a console
+    script's ``sys.path`` starts with its own folder, so ``--model mymodule:build`` for a
+    ``mymodule.py`` here would not import otherwise."""
+    here = os.getcwd()
+    if not any(entry in ("", here) for entry in sys.path):
+        sys.path.insert(0, here)
 
 
 def _summary(result: Any) -> str:

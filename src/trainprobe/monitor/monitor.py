@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..functional import NonFiniteLoss
 from ..notices import warn_user
 from ..probes import default_probes
 from ..probes.base import (
@@ -37,6 +38,7 @@ from ..probes.base import (
 )
 from ..probes.updates import parameter_deltas
 from ..store import RunWriter
+from ..store.writer import check_open_options
 from . import meta as _meta
 from .checks import (
     check_logged,
@@ -68,6 +70,8 @@ class Monitor:
         flush_seconds: float,
         on_probe_error: str,
         meta: Mapping[str, Any] | None,
+        resume_from: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.model = check_model(model)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -79,7 +83,8 @@ class Monitor:
         self.loss_fn = check_loss_fn(loss_fn, "watch")
         self.run_dir = Path(run_dir)
         self.flush_seconds, self.on_probe_error = check_options(flush_seconds, on_probe_error)
-        self._resume = resume
+        check_open_options(resume=resume, resume_from=resume_from, overwrite=overwrite)
+        self._open_options = {"resume": resume, "resume_from": resume_from, "overwrite": overwrite}
         self._user_meta = dict(meta or {})
         self._writer: RunWriter | None = None
         self._last_step: int | None = None
@@ -91,12 +96,14 @@ class Monitor:
         self._buffer: list[tuple[int, dict[str, Value]]] = []
         self._last_flush = time.monotonic()
         self._disabled: dict[str, str] = {}
+        #: steps each probe skipped, its loss non-finite there (functional.NonFiniteLoss)
+        self._skipped: dict[str, list[int]] = {}
         self._optimizer_logged = False
         self._warned_no_grads = False
 
     # -- context management ------------------------------------------------------------
     def __enter__(self) -> Monitor:
-        self._writer = RunWriter(self.run_dir, resume=self._resume)
+        self._writer = RunWriter(self.run_dir, **self._open_options)
         self._last_step = self._writer.last_step
         self._writer.set_meta(
             _meta.run_start(self.model, list(self.params), self.probes, self._user_meta)
@@ -129,6 +136,7 @@ class Monitor:
                         "status": "finished" if failure is None else f"failed: {failure}",
                         "ended": _meta.now(),
                         "disabled_probes": self._disabled,
+                        "skipped_steps": self._skipped,
                     }
                 )
                 writer.close()
@@ -275,6 +283,9 @@ class Monitor:
             return
         try:
             measured = probe.measure(ctx)
+        except NonFiniteLoss as err:  # one bad batch: this step only, the probe stays on
+            self._skip(probe, ctx.step, err)
+            return
         except Exception as err:
             if self.on_probe_error == "raise":
                 raise
@@ -302,6 +313,16 @@ class Monitor:
                 check_written_key(name, declared, key)
             self._keys_seen.add(seen)
         return out
+
+    def _skip(self, probe: Probe, step: int, err: Exception) -> None:
+        """Record that ``probe`` measured nothing at ``step`` (warned once per probe)."""
+        steps = self._skipped.setdefault(probe.name, [])
+        if not steps:
+            warn_user(
+                f"trainprobe: probe {probe.name!r} skipped step {step}: {err}; it stays on "
+                "(the run metadata lists the steps it skipped)"
+            )
+        steps.append(step)
 
     def _disable(self, probe: Probe, reason: str) -> None:
         self._disabled[probe.name] = reason

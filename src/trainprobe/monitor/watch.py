@@ -22,6 +22,8 @@ def watch(
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     resume: bool = False,
+    resume_from: int | None = None,
+    overwrite: bool = False,
     flush_seconds: float = 2.0,
     on_probe_error: str = "warn",
     meta: Mapping[str, Any] | None = None,
@@ -36,7 +38,16 @@ def watch(
         loss_fn: ``loss(model, batch) -> scalar``, for probes that evaluate the loss
             themselves (Hessian, sharpness): e.g.
             ``trainprobe.curvature.criterion_loss(nn.CrossEntropyLoss())``.
-        resume: append to an existing run in ``run_dir`` (steps must go on past it).
+        resume: append to the run already in ``run_dir`` (steps must go on past its last
+            stored step, or pass ``resume_from``). Refused while another live process
+            still writes that run (:class:`~trainprobe.store.RunInUseError` names it).
+        resume_from: with ``resume=True``, the step the resumed job continues at, e.g. a
+            preempted job restarted from its step-500 checkpoint passes 500: every value
+            stored at step 500 or later (what the job recorded past its checkpoint before
+            it stopped) is deleted when the monitor opens, in one transaction, and logged
+            in the run's metadata as ``truncated``; so no step holds two values of a key.
+        overwrite: delete the run already in ``run_dir`` and start a new one there (the
+            run's database only; other files in the directory stay).
         flush_seconds: values are buffered on the device and committed when a step ends
             (or, for a step with an update probe due, when the next step begins) once this
             long has passed since the last commit; 0 commits every step as it ends. A
@@ -47,8 +58,12 @@ def watch(
 
     Raises:
         TypeError: ``model`` is not a module, a probe is a class or not a probe.
-        ValueError: no trainable parameters, duplicate probe names, bad options.
-        FileExistsError: ``run_dir`` already holds a run and ``resume`` is false.
+        ValueError: no trainable parameters, duplicate probe names, bad options
+            (``resume_from`` without ``resume``, ``resume`` with ``overwrite``).
+        FileExistsError: on entering, ``run_dir`` already holds a run and neither
+            ``resume`` nor ``overwrite`` is set.
+        RunInUseError: on entering, another live process writes ``run_dir``.
+        PermissionError: on entering, ``run_dir`` cannot be written.
 
     Examples:
         Two steps of gradient descent on ``L(w) = w²`` from ``w = 1`` with ``lr = 0.25``:
@@ -87,6 +102,8 @@ def watch(
         optimizer=optimizer,
         loss_fn=loss_fn,
         resume=resume,
+        resume_from=resume_from,
+        overwrite=overwrite,
         flush_seconds=flush_seconds,
         on_probe_error=on_probe_error,
         meta=meta,

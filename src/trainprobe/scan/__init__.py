@@ -8,7 +8,8 @@ from .checkpoints import (
     load_checkpoint,
 )
 from .probes import DEFAULT_SCAN_PROBES, default_scan_probes, probes_from_names
-from .scan import ScanResult, first_batch, scan
+from .scan import ScanResult, scan
+from .setup import first_batch
 from .update import CheckpointUpdate
 
 __all__ = [

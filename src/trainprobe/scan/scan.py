@@ -30,6 +30,7 @@ from .checkpoints import (
     load_checkpoint,
 )
 from .probes import default_scan_probes, probes_from_names, split_probes
+from .setup import first_batch, stop_if_repeating
 from .update import CheckpointUpdate
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -86,8 +87,16 @@ def scan(
     block the loss on the scan's batch is computed and back-propagated (so gradient
     probes see ``.grad``, and ``scalars/loss`` is recorded), exactly where a training
     loop would. The batch is the first one ``data_fn()`` gives (``data_fn()`` may
-    return one batch, or an iterable of batches such as a DataLoader): the same fixed
-    batch at every checkpoint, so the measurements differ only by the weights.
+    return one batch, a list of batches, or an iterable of batches such as a DataLoader;
+    see :func:`first_batch`): the same fixed batch at every checkpoint, so the
+    measurements differ only by the weights.
+
+    A checkpoint that cannot be read or does not fit the model is skipped with its
+    reason. But while nothing has been measured yet, a failure that would repeat at
+    every checkpoint stops the scan with a ``ValueError`` naming it once: the model or
+    the loss raising on the first checkpoint (the batch, model and loss are the same
+    for every one; only the weights change), or two checkpoints failing with the same
+    reason (e.g. neither fits the model ``model_fn`` builds).
 
     The change of the weights between consecutive checkpoints is recorded as
     ``scan/update_*`` (:class:`~trainprobe.scan.update.CheckpointUpdate`); probes that
@@ -117,7 +126,8 @@ def scan(
 
     Raises:
         FileNotFoundError: ``ckpt_dir`` is not a directory.
-        ValueError: no checkpoint files, unknown probe names, or ``data_fn`` gives no batch.
+        ValueError: no checkpoint files, unknown probe names, ``data_fn`` gives no batch,
+            or the scan stopped at a failure that would repeat at every checkpoint.
         TypeError: ``model_fn``/``data_fn``/``loss_fn``/``optimizer_fn`` is not
             callable, or ``model_fn()`` is not an ``nn.Module``.
     """
@@ -165,40 +175,20 @@ def scan(
         if already:
             _seed_update(mon, model, already[-1][1], trust_checkpoints)
         with _bar(len(pending), progress) as bar:
+            first_failure: tuple[str, str] | None = None
             for i, (step, path) in enumerate(pending):
                 bar.update(i, path.name)
-                reason = _scan_one(mon, model, optimizer, step, path, batch, trust_checkpoints)
-                if reason is None:
+                failure = _scan_one(mon, model, optimizer, step, path, batch, trust_checkpoints)
+                if failure is None:
                     scanned.append(step)
-                else:
-                    skipped[path.name] = reason
+                    continue
+                skipped[path.name] = failure[0]
+                if not scanned:
+                    first_failure = stop_if_repeating(failure, path, first_failure, len(pending))
             bar.update(len(pending), "done")
     with Run(run_dir) as run:
         left_out.update(run.meta.get("disabled_probes") or {})
     return ScanResult(run_dir, tuple(scanned), tuple(s for s, _ in already), skipped, left_out)
-
-
-def first_batch(data: Any) -> Any:
-    """``data`` itself when it is a batch, else the first item of the iterable it is.
-
-    A tensor, tuple, list or dict is a batch; anything else iterable (a DataLoader, a
-    generator) gives its first item.
-
-    Raises:
-        ValueError: ``data`` is None or an empty iterable.
-    """
-    if data is None:
-        raise ValueError("data_fn() returned None; return a batch, e.g. (inputs, targets)")
-    if isinstance(data, Tensor | tuple | list | dict):
-        return data
-    try:
-        return next(iter(data))
-    except TypeError:
-        return data  # not iterable: a custom batch object
-    except StopIteration:
-        raise ValueError(
-            "data_fn() returned an empty iterable; return a batch, e.g. (inputs, targets)"
-        ) from None
 
 
 def _resolve(probes: Sequence[Probe | str] | None) -> list[Probe]:
@@ -249,8 +239,9 @@ def _scan_one(
     path: Path,
     batch: Any,
     trust: bool,
-) -> str | None:
-    """Load ``path`` and observe one step; the reason it was skipped, or None."""
+) -> tuple[str, bool] | None:
+    """Load ``path`` and observe one step; None, or why it was skipped and whether the
+    measuring itself failed (the model or the loss raised) rather than the file."""
     try:
         ckpt = load_checkpoint(path, trust=trust)
         check_weights(path, ckpt.weights, model)
@@ -266,7 +257,7 @@ def _scan_one(
                 ) from err
             step_optimizer = optimizer
     except CheckpointError as err:
-        return str(err)
+        return str(err), False
     try:
         with mon.step(step, batch=batch, optimizer=step_optimizer) as s:
             model.zero_grad(set_to_none=True)
@@ -274,7 +265,7 @@ def _scan_one(
             loss.backward()
             s.log(loss=loss)
     except Exception as err:  # the user's model or loss failed on this checkpoint
-        return f"{path.name}: measuring step {step} failed: {type(err).__name__}: {err}"
+        return f"{path.name}: measuring step {step} failed: {type(err).__name__}: {err}", True
     finally:
         model.zero_grad(set_to_none=True)
     return None

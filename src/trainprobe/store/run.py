@@ -13,11 +13,26 @@ from typing import Any
 import numpy as np
 
 from .codec import decode_array
+from .lifecycle import RunState, run_state
 from .schema import DB_NAME, FORMAT
 
 
 class RunError(ValueError):
     """A run directory exists but cannot be read as a trainprobe run."""
+
+
+def _open_error(db: Path, err: Exception) -> RunError:
+    """The :class:`RunError` to raise for ``err`` (SQLite's or JSON's), met opening ``db``."""
+    if "unable to open" in str(err):
+        return RunError(
+            f"cannot open {db} ({err}): check that you may read it, and for a run still in "
+            "WAL mode (run.db-wal beside it) that its directory is readable; or copy the run "
+            "directory somewhere you may write and pass the copy"
+        )
+    return RunError(
+        f"{db} cannot be read as a trainprobe run ({err}); the file is corrupt or not a "
+        "run database: re-create the run, or restore run.db from a copy"
+    )
 
 
 @dataclass(frozen=True)
@@ -46,16 +61,25 @@ class Run:
     training process is writing sees each step as soon as it is committed.
 
     Args:
-        run_dir: the directory given to ``trainprobe.watch(run_dir=...)``.
+        run_dir: the directory given to ``trainprobe.watch(run_dir=...)``, or its
+            ``run.db`` file.
 
     Raises:
         FileNotFoundError: the directory or its ``run.db`` does not exist.
-        RunError: ``run.db`` is not a readable trainprobe database.
+        RunError: ``run.db`` is not a readable trainprobe database, or ``run_dir`` is a
+            file other than a ``run.db``.
     """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self._memo: dict[str, Series] | None = None
+        if self.run_dir.name == DB_NAME and self.run_dir.is_file():
+            self.run_dir = self.run_dir.parent  # RUN/run.db: the run is its directory
+        elif self.run_dir.is_file():
+            raise RunError(
+                f"{self.run_dir} is a file, not a run directory; pass the directory that "
+                f"holds {DB_NAME}"
+            )
         db = self.run_dir / DB_NAME
         if not self.run_dir.is_dir():
             raise FileNotFoundError(
@@ -67,8 +91,9 @@ class Run:
                 f"{self.run_dir} is not a trainprobe run: {DB_NAME} is missing; pass the "
                 "directory that trainprobe.watch(run_dir=...) or `trainprobe demo --out` wrote"
             )
-        self._conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+        self._conn: sqlite3.Connection | None = None
         try:
+            self._conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
             rows = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
             if rows.get("format") != json.dumps(FORMAT):
                 raise RunError(
@@ -77,14 +102,21 @@ class Run:
                 )
             meta = {key: json.loads(value) for key, value in rows.items()}
         except (sqlite3.DatabaseError, ValueError) as err:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
             if isinstance(err, RunError):
                 raise
-            raise RunError(
-                f"{db} cannot be read as a trainprobe run ({err}); the file is corrupt or not a "
-                "run database: re-create the run, or restore run.db from a copy"
-            ) from err
+            raise _open_error(db, err) from err
         self.meta: dict[str, Any] = meta
+
+    def state(self) -> RunState:
+        """Whether the run finished, failed, is still written by a live process, or was
+        abandoned by one that died; read now (see :mod:`~trainprobe.store.lifecycle`)."""
+        return run_state(self.run_dir, self._meta_now)
+
+    def _meta_now(self, key: str) -> Any:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else None
 
     def __repr__(self) -> str:
         return f"Run({str(self.run_dir)!r})"

@@ -7,7 +7,12 @@ One SQLite file, ``run.db``, inside the run directory:
 - ``scalars(key_id, step, value)``: one row per (key, step), ``REAL``.
 - ``arrays(key_id, step, dtype, shape, data)``: typed blobs (see :mod:`.codec`).
 
-Rows are only ever inserted (append-only); a transaction holds whole steps.
+Rows are only ever inserted (append-only); a transaction holds whole steps. The one
+exception is explicit: ``RunWriter(resume=True, resume_from=step)`` deletes the rows at
+``step`` and later (a preempted job's steps past its checkpoint) in one transaction and
+logs it in ``meta`` as ``truncated``. ``meta`` also holds ``status`` (``running``,
+``finished``, ``failed: ...``) and ``writer`` (pid, host, start of the last writer); see
+:mod:`.lifecycle`.
 """
 
 from __future__ import annotations
