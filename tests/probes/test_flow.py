@@ -218,3 +218,29 @@ def test_a_cell_called_once_per_step_gives_the_hidden_state_gradients(tmp_path):
         expected[-1].item(), rel=1e-12
     )
     assert hook_count(model) == 0
+
+
+class InPlace(nn.Module):
+    """A block that writes into its input in place (a position offset added with +=)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential()
+        self.proj = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x += 1.0  # in place on the input: legal on data, and on what the probe passes on
+        return self.proj(x).mean(1)
+
+
+def test_a_module_writing_into_its_raw_input_still_trains_the_same(tmp_path):
+    torch.manual_seed(6)
+    model = InPlace()
+    x, y = torch.randn(4, 5, 3), torch.randint(0, 2, (4,))
+    reference = InPlace()
+    reference.load_state_dict(model.state_dict())
+    F.cross_entropy(reference(x.clone()), y).backward()
+    probe = GradientFlow(schedule=every(1), time_dims={"": 1})
+    run = _watched(tmp_path / "r", model, probe, [(x.clone(), y)])
+    assert torch.equal(model.proj.weight.grad, reference.proj.weight.grad)
+    assert run.series("grad_flow/profile/model").values.shape == (1, 5)

@@ -77,6 +77,11 @@ def _output_tensor(output: Any) -> Tensor | None:
     return _first_tensor(output)
 
 
+def _label(name: str) -> str:
+    """A module's name in the keys: the watched model itself (``""``) is ``model``."""
+    return name or "model"
+
+
 class _TensorHooks:
     """The hooks put on this step's output tensors, removed with the module hooks."""
 
@@ -127,7 +132,8 @@ class GradientFlow(ProbeOptions):
         modules: names of the modules to watch (default: every leaf module but dropout,
             identity and reshaping ones, and every recurrent module).
         time_dims: ``{module name: axis}`` of positions in other modules' inputs (e.g.
-            ``{"encoder": 1}`` for a ``[B, T, D]`` transformer block).
+            ``{"encoder": 1}`` for a ``[B, T, D]`` transformer block; ``""`` is the
+            watched model itself, ``model`` in the keys).
         profile_points: positions kept in ``profile`` (default 16).
         schedule: when to measure (default every 10 steps).
         name: see :class:`~.base.ProbeOptions`.
@@ -262,12 +268,14 @@ class GradientFlow(ProbeOptions):
                 return None  # a packed sequence or token ids: no positions to read
             if not torch.is_grad_enabled():
                 return None
-            replaced = None
-            if not x.requires_grad:  # raw data: a leaf that asks for its gradient, same values
-                x = x.detach().requires_grad_(True)
-                replaced = (x, *args[1:])
-            tensors.handles.append(x.register_hook(seq.add))
-            return replaced
+            if x.requires_grad:
+                tensors.handles.append(x.register_hook(seq.add))
+                return None
+            # raw data: a leaf that asks for its gradient (same values), passed on as a
+            # copy, so that a module writing into its input in place still can
+            leaf = x.detach().requires_grad_(True)
+            tensors.handles.append(leaf.register_hook(seq.add))
+            return (leaf.clone(), *args[1:])
 
         handles.append(module.register_forward_pre_hook(on_input))
         return handles
@@ -277,7 +285,7 @@ class GradientFlow(ProbeOptions):
         self._flows.clear()
         if not flows:
             return {}
-        names = tuple(flows)
+        names = tuple(map(_label, flows))
         out: dict[str, Value] = {
             f"{self.name}/norm": PerLayer(
                 names, stack_scalars([f.squares for f in flows.values()]).sqrt()
@@ -291,7 +299,7 @@ class GradientFlow(ProbeOptions):
         self._inputs.clear()
         self._calls.clear()
         if timed:
-            seq = tuple(timed)
+            seq = tuple(map(_label, timed))
             first = stack_scalars([p[0] for p in timed.values()]).sqrt()  # [S]
             last = stack_scalars([p[-1] for p in timed.values()]).sqrt()  # [S]
             out[f"{self.name}/first"] = PerLayer(seq, first)
@@ -300,5 +308,5 @@ class GradientFlow(ProbeOptions):
             for name, positions in timed.items():
                 at = torch.linspace(0, positions.shape[0] - 1, self.profile_points)
                 index = at.round().long().unique().to(positions.device)
-                out[f"{self.name}/profile/{name}"] = positions[index].sqrt()  # [k]
+                out[f"{self.name}/profile/{_label(name)}"] = positions[index].sqrt()  # [k]
         return out
