@@ -34,6 +34,34 @@ class _Ratio:
     threshold: np.ndarray
 
 
+RATIO = "sharpness/ratio"
+AT_EDGE = 0.85
+"""``λ_max / threshold`` from which a run is at (or past) the edge of stability (the
+hover band's lower end, ``band_low``)."""
+CATAPULT_END = 2.0
+"""``λ_max / threshold`` where the catapult phase ends: for ``2/η < λ < 4/η`` gradient
+descent spikes and comes back, beyond ``4/η`` it diverges (Lewkowycz et al. 2020)."""
+
+
+def ratio_around(
+    ratio: tuple[np.ndarray, np.ndarray], start: int, end: int, *, min_points: int = 1
+) -> float | None:
+    """Median of the ``(steps, λ_max / threshold)`` measurements in ``[start, end]`` when
+    there are ``min_points`` or more; with none there and ``min_points == 1``, the last
+    one measured before ``start``; else None."""
+    steps, values = ratio
+    inside = values[(steps >= start) & (steps <= end)]
+    if inside.size >= min_points:
+        return float(np.median(inside))
+    before = values[steps < start]
+    return float(before[-1]) if min_points == 1 and before.size else None
+
+
+def at_edge(level: float | None) -> bool:
+    """Whether ``λ_max / threshold`` is at the edge or in the catapult phase past it."""
+    return level is not None and AT_EDGE <= level < CATAPULT_END
+
+
 NEEDS = (LAMBDA, THRESHOLD)
 """Record keys it needs: the sharpness and its threshold (the loss, the learning rate and
 ``sharpness/preconditioned`` are read when present)."""

@@ -85,6 +85,11 @@ def detect_exploding_gradients(
     return findings
 
 
+def is_jump(finding: Finding) -> bool:
+    """Whether a finding of this detector is a jump (not sustained growth)."""
+    return finding.detector == NAME and "ratio" in finding.evidence
+
+
 def _explains(jump: Finding, growth: Finding) -> bool:
     """Whether ``jump`` overlaps ``growth`` and makes up half of its climb or more."""
     overlaps = jump.start_step <= growth.end_step and jump.end_step >= growth.start_step
@@ -98,10 +103,9 @@ def _jumps(
     # from the second measurement on: a run whose gradients explode at once has no other
     # baseline than its first point (a norm of 0.13, then 8e4 ten steps later)
     med, _ = trailing_median_mad(norms, window, min_periods=1)
-    # the highest level held so far, from medians of 3 or more points: one large first
-    # gradient (common) is not a level
-    held, _ = trailing_median_mad(norms, window, min_periods=3)
-    level = np.maximum.accumulate(np.nan_to_num(held))  # [n]
+    # the highest level held so far, from medians of 3 or more points (from the fourth
+    # point on): one large first gradient (common) is not a level
+    level = np.maximum.accumulate(np.concatenate([np.zeros(min(3, med.size)), med[3:]]))
     with np.errstate(invalid="ignore"):
         hit = (norms > factor * med) & (norms > level_factor * level)
     findings = []

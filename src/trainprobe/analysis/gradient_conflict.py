@@ -163,8 +163,8 @@ def _longest_conflict(
     if cos.size < max(window, min_points):
         return None
     medians = rolling_median(cos, window)  # [n - window + 1], window j = cos[j:j + window]
-    harms = medians <= strong
-    harms |= True if margin is None else rolling_median(margin, window) < 0
+    weaker_loses = True if margin is None else rolling_median(margin, window) < 0
+    harms = (medians <= strong) | weaker_loses
     best = None
     for first, last in true_runs((medians < below) & harms):
         lo, hi = first, last + window - 1  # the measurements these windows cover

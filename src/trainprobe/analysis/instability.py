@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
-
 from ..store import Run
 from . import edge_of_stability, exploding, loss_divergence, loss_spike, nonfinite, vanishing
 from ._checks import check_count
 from ._series import finite_series, fmt
-from .edge_of_stability import detect_edge_of_stability
+from .edge_of_stability import at_edge, detect_edge_of_stability, ratio_around
 from .exploding import detect_exploding_gradients
 from .findings import Finding, Severity
 from .loss_divergence import detect_loss_divergence
@@ -94,15 +92,7 @@ def _recoverable(finding: Finding) -> bool:
     level to that of the oscillation along the top eigendirection, and may stay there)."""
     if finding.detector == loss_spike.NAME:
         return finding.severity is Severity.WARNING
-    return finding.detector == exploding.NAME and "decades" not in finding.evidence  # a jump
-
-
-SHARPNESS_RATIO = "sharpness/ratio"
-EDGE = 0.85
-"""``λ_max / threshold`` from which the run is at (or past) the edge of stability."""
-CATAPULT_END = 2.0
-"""``λ_max / threshold`` where the catapult phase ends: for ``2/η < λ < 4/η`` gradient
-descent spikes and comes back, beyond ``4/η`` it diverges (Lewkowycz et al. 2020)."""
+    return finding.detector == exploding.NAME and exploding.is_jump(finding)
 
 
 def at_the_edge(
@@ -110,8 +100,9 @@ def at_the_edge(
 ) -> tuple[list[Finding], list[Finding]]:
     """Catapults: recovered loss spikes and gradient jumps (:func:`_recoverable`) where the
     sharpness sat at or just past the optimizer's threshold: inside an edge-of-stability
-    span (its ``INFO`` finding), or with ``sharpness/ratio`` measured in ``[EDGE,
-    CATAPULT_END)`` around them (a learning-rate spike far past it is not a catapult).
+    span (its ``INFO`` finding), or with ``sharpness/ratio`` measured in ``[AT_EDGE,
+    CATAPULT_END)`` around them (:func:`~.edge_of_stability.at_edge`; a learning-rate
+    spike far past it is not a catapult).
     Gradient descent there is non-monotone by nature: the loss jumps, the sharpness
     drops, the loss comes back (Lewkowycz et al. 2020, the catapult phase; Cohen et al.
     2021). Each group of them, with no other symptom among them, becomes one ``INFO``
@@ -120,7 +111,7 @@ def at_the_edge(
     edges = [
         f for f in findings if f.detector == edge_of_stability.NAME and f.severity is Severity.INFO
     ]
-    ratio = finite_series(run, SHARPNESS_RATIO) if run is not None else None
+    ratio = finite_series(run, edge_of_stability.RATIO) if run is not None else None
     symptoms = [f for f in findings if is_symptom(f)]
     candidates = sorted(
         (f for f in symptoms if _recoverable(f) and _sharp(f, edges, ratio, gap)),
@@ -149,24 +140,10 @@ def at_the_edge(
 
 
 def _sharp(f: Finding, edges: list[Finding], ratio: tuple | None, gap: int) -> bool:
-    """Whether the sharpness sat at the edge (or past it) around ``f``."""
+    """Whether the sharpness sat at the edge (or in the catapult phase) around ``f``."""
     if any(e.start_step - gap <= f.start_step and f.end_step <= e.end_step + gap for e in edges):
         return True
-    level = _ratio_around(ratio, f.start_step, f.end_step, gap)
-    return level is not None and EDGE <= level < CATAPULT_END
-
-
-def _ratio_around(ratio: tuple | None, start: int, end: int, gap: int) -> float | None:
-    """Median ``sharpness/ratio`` over ``[start - gap, end + gap]`` (else the last one
-    measured before ``start``), or None without any."""
-    if ratio is None or not ratio[0].size:
-        return None
-    steps, values = ratio
-    near = values[(steps >= start - gap) & (steps <= end + gap)]
-    if near.size:
-        return float(np.median(near))
-    before = values[steps < start]
-    return float(before[-1]) if before.size else None
+    return ratio is not None and at_edge(ratio_around(ratio, f.start_step - gap, f.end_step + gap))
 
 
 def _catapult(
@@ -176,7 +153,7 @@ def _catapult(
     evidence: dict[str, float | int | str] = {"catapults": len(inside)}
     for i, f in enumerate(inside):
         evidence[f"symptom[{i}]"] = f"{f.detector} ({f.severity}) {f.start_step}-{f.end_step}"
-    level = _ratio_around(ratio, start, end, gap)
+    level = None if ratio is None else ratio_around(ratio, start - gap, end + gap)
     if level is not None:
         evidence["sharpness_ratio_median"] = level
     edge = next((e for e in edges if e.start_step - gap <= start and end <= e.end_step + gap), None)

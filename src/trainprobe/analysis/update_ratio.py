@@ -10,6 +10,7 @@ import numpy as np
 from ..store import Run
 from ._checks import check_below, check_count, check_fraction, check_positive, check_window
 from ._series import finite_series, fmt, step_windows, window_medians
+from .edge_of_stability import RATIO, at_edge, ratio_around
 from .findings import Finding, Severity
 
 NAME = "update_ratio"
@@ -64,8 +65,9 @@ def detect_update_ratio(
     within a few steps leaves no window to take a median of).
 
     A too-large finding is ``INFO`` when the run's sharpness sat at the edge of stability
-    over its span (``sharpness/ratio`` median in [0.85, 1.6]): the updates are the
-    oscillation gradient descent settles into there, not a learning rate to lower.
+    over its span (``sharpness/ratio`` median in [0.85, 2), the edge and the catapult
+    phase past it): the updates are the oscillation gradient descent settles into there,
+    not a learning rate to lower.
 
     The too-large and blow-up tests ignore a tensor's initial transient. The probe writes
     ``||dw|| / (||w|| + 1e-12)``, so a zero- or tiny-initialised tensor (LayerScale
@@ -176,30 +178,26 @@ def _settled(
     return steps >= steps[0] + skip_start * (steps[-1] - steps[0])
 
 
-EDGE = "sharpness/ratio"
-EDGE_HIGH = 1.6
-"""Sharpness over the optimizer's threshold up to which the run is at (or near) the edge of
-stability, where the edge-of-stability detector reads it as stable."""
-
-
 def _at_the_edge(run: Run, finding: Finding) -> Finding:
-    """``finding`` as ``INFO`` when the run's sharpness (``sharpness/ratio``) sat at the
-    edge of stability over its span (median in [0.85, EDGE_HIGH]): there gradient descent
-    oscillates along the top Hessian direction, so each step moves the weights a lot
-    while they go back and forth (Cohen et al. 2021); the loss still falls."""
-    steps, ratio = finite_series(run, EDGE)
-    inside = ratio[(steps >= finding.start_step) & (steps <= finding.end_step)]
-    if inside.size < 3 or not 0.85 <= float(np.median(inside)) <= EDGE_HIGH:
+    """``finding`` as ``INFO`` when the run's sharpness (``sharpness/ratio``, 3
+    measurements or more) sat at the edge of stability over its span, or in the catapult
+    phase past it (:func:`~.edge_of_stability.at_edge`): there gradient descent oscillates
+    along the top Hessian direction, so each step moves the weights a lot while they go
+    back and forth (Cohen et al. 2021); the loss still falls."""
+    level = ratio_around(
+        finite_series(run, RATIO), finding.start_step, finding.end_step, min_points=3
+    )
+    if not at_edge(level):
         return finding
     return replace(
         finding,
         severity=Severity.INFO,
         message="At the edge of stability: " + finding.message + f"; λ_max / threshold "
-        f"{fmt(float(np.median(inside)))} there, so the steps oscillate",
+        f"{fmt(level)} there, so the steps oscillate",
         action="Nothing to fix while the loss falls: large per-step updates are the "
         "oscillation along the sharpest direction at the edge of stability.",
-        evidence={**finding.evidence, "sharpness_ratio_median": float(np.median(inside))},
-        keys=(*finding.keys, EDGE),
+        evidence={**finding.evidence, "sharpness_ratio_median": level},
+        keys=(*finding.keys, RATIO),
     )
 
 

@@ -17,6 +17,11 @@ from .schedules import Schedule, every
 from .tensors import stack_scalars
 
 
+def _wide(grad: Tensor) -> Tensor:
+    """``grad`` detached, in float32 at least (float64 stays), for sums of squares."""
+    return grad.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+
+
 @dataclass
 class _Flow:
     """What one module's output received in this step's backward passes (summed)."""
@@ -26,7 +31,7 @@ class _Flow:
     positions: Tensor | None = None  # [T]: ||dL/dy_t||² per position, with a time_dim
 
     def add(self, grad: Tensor) -> None:
-        g = grad.detach().to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+        g = _wide(grad)
         squares = g.pow(2).sum()
         self.squares = squares if self.squares is None else self.squares + squares
         if self.time_dim is None or g.ndim < 2:
@@ -53,8 +58,7 @@ class _Calls:
             self.squares.append(None)
 
         def add(grad: Tensor) -> None:
-            g = grad.detach()
-            sq = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32).pow(2).sum()
+            sq = _wide(grad).pow(2).sum()
             self.squares[t] = sq if self.squares[t] is None else self.squares[t] + sq
 
         return add

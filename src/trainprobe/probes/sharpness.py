@@ -224,7 +224,7 @@ class Sharpness(CurvatureProbe):
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
         rule = self._rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
-        self._note(rule.note)
+        self._note(rule)
         if rule.pending:
             return {}
         pairs = self.eigenpairs(
@@ -262,10 +262,9 @@ class Sharpness(CurvatureProbe):
         lr = self.lr if rule.lr is None else rule.lr
         return replace(rule, threshold=self.threshold, lr=lr, note="")
 
-    def _note(self, note: str) -> None:
-        if note and note not in self._noted:
-            self._noted.add(note)
-            if "has not stepped yet" in note:
-                warn_user(f"Sharpness: {note}", UserWarning)
-            else:
-                warn_user(f"Sharpness: λ_max only, no threshold: {note}", UserWarning)
+    def _note(self, rule: StabilityRule) -> None:
+        """Say once why nothing (pending) or only λ_max (no threshold) is recorded."""
+        if rule.note and rule.note not in self._noted:
+            self._noted.add(rule.note)
+            why = rule.note if rule.pending else f"λ_max only, no threshold: {rule.note}"
+            warn_user(f"Sharpness: {why}", UserWarning)
