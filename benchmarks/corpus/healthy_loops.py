@@ -217,6 +217,14 @@ CASES = (
         "PCGrad's projected sum (Yu et al. 2020), task cosines every 5 steps",
     ),
     Case(
+        "pcgrad_strong_conflict",
+        "healthy",
+        partial(multitask, angle=0.2, head_angle=2.5, frozen_heads=True, pcgrad=True),
+        note="two tasks read through fixed heads 143° apart (task cosine about -0.8 all "
+        "run), the optimizer stepping on PCGrad's projection: both losses fall 35-55x; "
+        "the conflict is real and already resolved (an info finding, no advice to project)",
+    ),
+    Case(
         "normalised_fixed_step",
         "healthy",
         normalised,

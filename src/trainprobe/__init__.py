@@ -57,6 +57,7 @@ _PUBLIC: dict[str, str] = {
     # stored runs and their analysis (no torch)
     "Run": "trainprobe.store",
     "RunError": "trainprobe.store",
+    "RunInUseError": "trainprobe.store",
     "Finding": "trainprobe.analysis",
     "Severity": "trainprobe.analysis",
     "analyze": "trainprobe.analysis",
@@ -109,6 +110,7 @@ __all__ = [
     # stored runs
     "Run",
     "RunError",
+    "RunInUseError",
     # analysis
     "Finding",
     "Severity",
@@ -148,7 +150,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
         every,
         log_spaced,
     )
-    from .store import Run, RunError
+    from .store import Run, RunError, RunInUseError
 
 
 def __getattr__(name: str) -> Any:

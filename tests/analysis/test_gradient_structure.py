@@ -89,6 +89,39 @@ def test_strong_lasting_conflict_is_critical_and_short_strong_conflict_is_not(tm
     assert findings[Severity.WARNING].keys == ("conflict/cos/a__c",)
 
 
+@pytest.mark.parametrize(
+    ("update", "severity"),
+    [
+        ("pcgrad", Severity.INFO),  # the loop projects: nothing to advise
+        ("sum", Severity.CRITICAL),  # the plain sum: offset 0, the weaker task loses
+        ("reweighted_but_harmful", Severity.CRITICAL),  # moved, yet a task still loses
+        ("unrecorded", Severity.CRITICAL),  # no .grad (scan, evaluation): as before
+    ],
+)
+def test_conflict_the_update_already_resolves_is_information(tmp_path, update, severity):
+    """A PCGrad step has cos >= 0 with every task and moves C by PCGrad's own shift."""
+    series = {
+        "conflict/cos/depth__seg": (STEPS, noisy(-0.7, 8)),
+        "conflict/pcgrad_shift": (STEPS, noisy(0.6, 9, 0.02)),
+    }
+    applied = {
+        "pcgrad": (noisy(0.3, 10), noisy(0.002, 11, 0.001), noisy(0.6, 12, 0.02)),
+        "sum": (noisy(0.4, 10), noisy(-0.3, 11), np.zeros(N)),
+        "reweighted_but_harmful": (noisy(0.4, 10), noisy(-0.2, 11), noisy(0.5, 12, 0.02)),
+    }.get(update)
+    if applied is not None:
+        series["conflict/applied_cos/depth"] = (STEPS, applied[0])
+        series["conflict/applied_cos/seg"] = (STEPS, applied[1])
+        series["conflict/applied_offset"] = (STEPS, applied[2])
+    (finding,) = detect_gradient_conflict(write_run(tmp_path / "r", series))
+    assert finding.severity is severity
+    if severity is Severity.INFO:
+        assert "already resolves" in finding.message and "Nothing to project" in finding.action
+        assert finding.evidence["median_applied_min_cos[depth__seg]"] >= 0
+    else:
+        assert "PCGrad" in finding.action
+
+
 def test_class_and_microbatch_pairs_are_left_to_other_detectors(tmp_path):
     """Per-class gradients near -0.9 are normal in healthy balanced classification."""
     run = write_run(
@@ -109,6 +142,8 @@ def test_class_and_microbatch_pairs_are_left_to_other_detectors(tmp_path):
         ({"critical_cos": -0.05}, r"critical_cos \(-0.05\) must be smaller than conflict_cos"),
         ({"critical_share": 1.0}, r"critical_share must be a fraction in \[0, 1\)"),
         ({"top": 0}, "top must be at least 1"),
+        ({"resolved_cos": -2}, r"resolved_cos must be a cosine in \[-1, 1\]"),
+        ({"resolved_offset": 0}, r"resolved_offset must be in \(0, 1\]"),
     ],
 )
 def test_conflict_arguments_are_checked(tmp_path, kwargs, match):

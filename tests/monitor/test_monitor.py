@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 import trainprobe
 from tests.cases import hook_count
+from trainprobe.cli.report import format_findings, probe_notes
 from trainprobe.keys import Key
 from trainprobe.probes import ActivationStats, LayerNorms, LearningRate, UpdateNorms, every
 from trainprobe.probes.base import OnHost, PerLayer, StepContext
@@ -466,6 +469,67 @@ def test_a_warning_when_gradient_probes_see_no_gradient(tmp_path):
                     opt.step()
                     opt.zero_grad()  # inside the block: the probe sees no gradient
     assert "norms/grad_total" not in Run(tmp_path / "r")
+
+
+def test_an_evaluation_step_runs_only_what_needs_no_training(tmp_path):
+    """Training steps, then an evaluation-only last step (no backward, no optimizer step):
+    no warning, nothing gradient- or update-based recorded for it, activations still."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probes = [
+        LayerNorms(schedule=every(1)),
+        UpdateNorms(schedule=every(1)),
+        ActivationStats(schedule=every(1)),
+        LearningRate(),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with trainprobe.watch(model, probes, run_dir=tmp_path / "r", optimizer=opt) as mon:
+            for step in range(2):
+                with mon.step(step):
+                    model(torch.ones(2, 3)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            with mon.step(2, evaluation=True) as s, torch.no_grad():
+                s.log(val_loss=model(torch.ones(2, 3)).sum())
+    run = Run(tmp_path / "r")
+    assert run.series("norms/grad_total").steps.tolist() == [0, 1]
+    assert run.series("norms/weight_total").steps.tolist() == [0, 1]  # LayerNorms needs grads
+    assert run.series("updates/ratio_total").steps.tolist() == [0, 1]
+    assert run.series("optim/lr/0").steps.tolist() == [0, 1]
+    assert 2 in run.series("scalars/val_loss").steps.tolist()
+    assert 2 in run.series(run.keys("activations")[0]).steps.tolist()
+    with pytest.raises(TypeError, match=r"evaluation=...\) takes True or False"):
+        with trainprobe.watch(model, run_dir=tmp_path / "r2") as mon:
+            mon.step(0, evaluation="yes")
+
+
+def test_default_probes_without_an_optimizer_stay_quiet_and_say_so_in_the_report(tmp_path):
+    """A hand-written update (no optimizer) that steps on p.grad: the defaults' learning
+    rate has nothing to read; no warning, one line in the run's metadata and report."""
+    model = _model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with trainprobe.watch(model, run_dir=tmp_path / "r") as mon:
+            for step in range(12):
+                with mon.step(step):
+                    model(torch.ones(2, 3)).sum().backward()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= 0.1 * p.grad
+                        p.grad = None
+    run = Run(tmp_path / "r")
+    assert "optim" in run.meta["idle_probes"] and not run.meta["disabled_probes"]
+    assert "norms/grad_total" in run and "updates/ratio_total" in run
+    notes = probe_notes(run)
+    assert notes == [
+        f"probe 'optim' recorded nothing at some steps: {run.meta['idle_probes']['optim']}"
+    ]
+    assert notes[0] in " ".join(format_findings(run, []).split())  # wrapped at 100
+    with pytest.warns(RuntimeWarning, match=r"probe 'optim' disabled.*needs an optimizer"):
+        with trainprobe.watch(model, [LearningRate()], run_dir=tmp_path / "chosen") as mon:
+            with mon.step(0):
+                pass  # a probe the user asked for by name: told at once
 
 
 def test_two_named_instances_of_one_probe_record_side_by_side(tmp_path):

@@ -76,6 +76,36 @@ def test_two_linear_tasks_at_a_chosen_angle(degrees):
     )
 
 
+@pytest.mark.parametrize("update", ["sum", "pcgrad", "none"])
+def test_the_applied_gradient_against_each_task(update):
+    model = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    v1 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    v2 = 3 * torch.tensor([math.cos(2.5), math.sin(2.5)], dtype=torch.float64)  # 143°
+    dot = float(v1 @ v2)
+    applied = {
+        "sum": v1 + v2,  # the weaker task (first) loses: cos(v1, v1 + v2) < 0
+        "pcgrad": (v1 - dot / 9 * v2) + (v2 - dot * v1),
+        "none": None,
+    }[update]
+    model.weight.grad = None if applied is None else applied.reshape(1, 2).clone()
+    got = _measure(GradConflict(by="task"), model, torch.stack([v1, v2]), _two_tasks)
+    if applied is None:  # an evaluation step or a checkpoint: nothing to compare
+        assert not any("applied" in key for key in got)
+        return
+    for name, v in (("first", v1), ("second", v2)):
+        expected = float(v @ applied / (v.norm() * applied.norm()))
+        assert got[f"conflict/applied_cos/{name}"] == pytest.approx(expected, abs=1e-12)
+    offset = float((applied - v1 - v2).norm() / (v1 + v2).norm())
+    assert got["conflict/applied_offset"] == pytest.approx(offset, abs=1e-12)
+    if update == "sum":
+        assert got["conflict/applied_offset"] == 0 and got["conflict/applied_cos/first"] < -0.1
+    else:  # projection: no task's loss rises; the step moved by PCGrad's own shift
+        assert min(got["conflict/applied_cos/first"], got["conflict/applied_cos/second"]) >= 0
+        assert got["conflict/applied_offset"] == pytest.approx(got["conflict/pcgrad_shift"])
+
+
 def _imbalanced():
     torch.manual_seed(3)
     model = nn.Linear(3, 3).double()

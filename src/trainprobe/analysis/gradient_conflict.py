@@ -15,6 +15,8 @@ NAME = "gradient_conflict"
 PREFIX = "conflict/cos"
 NORM = "conflict/norm"
 PCGRAD = "conflict/pcgrad_shift"
+APPLIED_COS = "conflict/applied_cos"
+APPLIED_OFFSET = "conflict/applied_offset"
 NOT_TASKS = ("class_", "micro_")
 """Group-name prefixes this detector leaves alone. Per-class gradients are strongly
 anti-aligned in healthy classification (each class pushes its own logit up and the
@@ -39,8 +41,8 @@ class _Episode:
 
 
 NEEDS = (f"{PREFIX}/*",)
-"""Record keys it needs: the pairwise gradient cosines (``conflict/pcgrad_shift`` is read
-when present)."""
+"""Record keys it needs: the pairwise gradient cosines (``conflict/norm/*``,
+``conflict/pcgrad_shift`` and ``conflict/applied_*`` are read when present)."""
 
 
 def detect_gradient_conflict(
@@ -52,6 +54,8 @@ def detect_gradient_conflict(
     min_points: int = 5,
     critical_share: float = 0.5,
     top: int = 3,
+    resolved_cos: float = -0.01,
+    resolved_offset: float = 0.5,
 ) -> list[Finding]:
     """Tasks (or user groups) whose gradients point against each other for a long stretch.
 
@@ -78,6 +82,16 @@ def detect_gradient_conflict(
     ``WARNING``. One finding per severity lists its pairs, most negative first, with
     PCGrad's shift of the update (``conflict/pcgrad_shift``) when recorded.
 
+    A conflict the training loop already resolves is ``INFO``, not advice to do what the
+    loop does: with the gradient handed to the optimizer recorded
+    (``conflict/applied_cos/<group>``, ``conflict/applied_offset``), a stretch is resolved
+    when, over its measurements, the median of the lower of the two groups' cosines with
+    that gradient is at least ``resolved_cos`` (no task's loss rises under the step taken)
+    and the median distance of that gradient from the plain sum is at least
+    ``resolved_offset`` times PCGrad's median shift (the update is not the plain sum: it
+    was projected or reweighted). A PCGrad step meets both exactly (its cosines are >= 0,
+    its offset equals the shift); a summed update has offset 0.
+
     Args:
         run: the run to read.
         window: measurements per rolling median (default 5).
@@ -86,14 +100,19 @@ def detect_gradient_conflict(
         min_points: fewest measurements in a stretch (default 5).
         critical_share: share of the pair's measured steps a critical stretch covers.
         top: pairs named in the message.
+        resolved_cos: least median cosine of the step taken with each group, for a
+            resolved stretch.
+        resolved_offset: least median offset of the step taken from the plain sum, as a
+            fraction of PCGrad's median shift, for a resolved stretch.
 
     Returns:
-        Up to two findings (critical, warning).
+        Up to three findings (critical, warning, info for resolved conflict).
 
     Raises:
         ValueError: ``window`` or ``min_points`` below 3, ``top < 1``,
-            ``critical_cos >= conflict_cos``, ``conflict_cos >= 0`` or a share outside
-            ``[0, 1)``.
+            ``critical_cos >= conflict_cos``, ``conflict_cos >= 0``, a share outside
+            ``[0, 1)``, ``resolved_cos`` outside ``[-1, 1]`` or ``resolved_offset`` outside
+            ``(0, 1]``.
     """
     check_window("window", window)
     check_window("min_points", min_points)
@@ -101,6 +120,10 @@ def detect_gradient_conflict(
     check_below("critical_cos", critical_cos, "conflict_cos", conflict_cos)
     check_below("conflict_cos", conflict_cos, "0", 0.0)
     check_fraction("critical_share", critical_share)
+    if not -1.0 <= resolved_cos <= 1.0:
+        raise ValueError(f"resolved_cos must be a cosine in [-1, 1], got {resolved_cos!r}")
+    if not 0.0 < resolved_offset <= 1.0:
+        raise ValueError(f"resolved_offset must be in (0, 1], got {resolved_offset!r}")
     episodes = []
     for name in run.layers(PREFIX):
         pair = tuple(name.split("__", 1))
@@ -114,6 +137,8 @@ def detect_gradient_conflict(
         lasting = episode is not None and episode.share >= critical_share
         if episode is not None and (episode.weaker_loses or lasting):
             episodes.append(episode)  # strong but short and harmless to the weaker: noise
+    resolved = [e for e in episodes if _resolved(run, e, resolved_cos, resolved_offset)]
+    episodes = [e for e in episodes if e not in resolved]
     critical = [e for e in episodes if e.median <= critical_cos and e.share >= critical_share]
     warning = [e for e in episodes if e not in critical]
     thresholds = {
@@ -123,11 +148,43 @@ def detect_gradient_conflict(
         "min_points": min_points,
         "critical_share": critical_share,
     }
-    return [
-        _finding(run, group, severity, top, thresholds)
-        for group, severity in ((critical, Severity.CRITICAL), (warning, Severity.WARNING))
-        if group
-    ]
+    levels = ((critical, Severity.CRITICAL), (warning, Severity.WARNING))
+    out = [_finding(run, group, severity, top, thresholds) for group, severity in levels if group]
+    if resolved:
+        thresholds |= {"resolved_cos": resolved_cos, "resolved_offset": resolved_offset}
+        out.append(_finding(run, resolved, Severity.INFO, top, thresholds))
+    return out
+
+
+def _in_span(run: Run, key: str, episode: _Episode) -> np.ndarray:
+    """``key``'s finite values at the episode's steps (``[m]``, empty when absent)."""
+    steps, values = finite_series(run, key)
+    return values[(steps >= episode.start_step) & (steps <= episode.end_step)]
+
+
+def _applied(run: Run, episode: _Episode) -> tuple[float, float] | None:
+    """The medians, over the episode, of the lower of the two groups' cosines with the
+    gradient handed to the optimizer and of that gradient's offset from the plain sum;
+    None when not recorded."""
+    a_steps, a = finite_series(run, f"{APPLIED_COS}/{episode.pair[0]}")
+    b_steps, b = finite_series(run, f"{APPLIED_COS}/{episode.pair[1]}")
+    common, i, j = np.intersect1d(a_steps, b_steps, return_indices=True)
+    inside = (common >= episode.start_step) & (common <= episode.end_step)
+    offset = _in_span(run, APPLIED_OFFSET, episode)
+    if not inside.any() or not offset.size:
+        return None
+    return float(np.median(np.minimum(a[i], b[j])[inside])), float(np.median(offset))
+
+
+def _resolved(run: Run, episode: _Episode, least_cos: float, least_offset: float) -> bool:
+    """Whether the loop's own update already resolves the episode's conflict (see
+    :func:`detect_gradient_conflict`)."""
+    applied = _applied(run, episode)
+    shift = _in_span(run, PCGRAD, episode)
+    if applied is None or not shift.size:
+        return False
+    cos, offset = applied
+    return cos >= least_cos and offset >= least_offset * float(np.median(shift)) > 0
 
 
 def _weaker_task_margin(
@@ -210,6 +267,26 @@ def _finding(
     inside = shift[(shift_steps >= start) & (shift_steps <= end)]
     if inside.size:
         evidence["median_pcgrad_shift"] = float(np.median(inside))
+    for e in episodes[:top]:
+        applied = _applied(run, e)
+        if applied is not None:
+            label = "__".join(e.pair)
+            evidence[f"median_applied_min_cos[{label}]"] = applied[0]
+            evidence[f"median_applied_offset[{label}]"] = applied[1]
+    if severity is Severity.INFO:
+        return Finding(
+            NAME,
+            severity,
+            start,
+            end,
+            f"Gradient conflict the update already resolves: {shown}{more}; the gradient "
+            "handed to the optimizer is not their plain sum and no task's loss rises under "
+            "it to first order",
+            "Nothing to project: the update already does (PCGrad or a reweighting); if a task "
+            "still stalls, give the tasks separate capacity (task-specific heads or layers).",
+            evidence,
+            tuple(f"{PREFIX}/{'__'.join(e.pair)}" for e in episodes),
+        )
     strength = "Strong, lasting" if severity is Severity.CRITICAL else "Persistent"
     return Finding(
         NAME,

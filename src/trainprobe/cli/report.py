@@ -20,6 +20,7 @@ __all__ = [
     "exit_code",
     "format_findings",
     "format_summary",
+    "probe_notes",
     "summary_dict",
 ]
 
@@ -47,6 +48,8 @@ def format_findings(run: Run, findings: Sequence[Finding], state: RunState | Non
         )
         return "\n".join(lines)
     lines.append(f"last step {last}, status: {state.describe()}")
+    for note in probe_notes(run):
+        lines.extend(textwrap.wrap(note, WIDTH, subsequent_indent=_INDENT))
     if not findings:
         lines.append("No findings: no detector saw a problem in the recorded series.")
         return "\n".join(lines)
@@ -68,6 +71,27 @@ def format_findings(run: Run, findings: Sequence[Finding], state: RunState | Non
             )
         )
     return "\n".join(lines)
+
+
+def probe_notes(run: Run) -> list[str]:
+    """What the run's metadata says probes did not measure: probes disabled (and why),
+    steps skipped on a non-finite loss, default probes with nothing to read."""
+    meta = run.meta
+    notes = [
+        f"probe {name!r} disabled: {reason}"
+        for name, reason in (meta.get("disabled_probes") or {}).items()
+    ]
+    for name, steps in (meta.get("skipped_steps") or {}).items():
+        plural = "s" if len(steps) != 1 else ""
+        notes.append(
+            f"probe {name!r} skipped {len(steps)} step{plural} on a non-finite loss "
+            f"(first: step {steps[0]})"
+        )
+    notes.extend(
+        f"probe {name!r} recorded nothing at some steps: {reason}"
+        for name, reason in (meta.get("idle_probes") or {}).items()
+    )
+    return notes
 
 
 def exit_code(findings: Sequence[Finding], state: RunState | None = None) -> int:

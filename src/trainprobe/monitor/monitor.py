@@ -54,6 +54,11 @@ from .checks import (
 from .step import StepHandle
 from .transfer import to_host
 
+TRAINING_NEEDS = frozenset({"grads", "update", "optimizer"})
+"""What a probe reads that an evaluation step (``mon.step(..., evaluation=True)``) lacks."""
+
+NO_OPTIMIZER = "pass optimizer= to watch() or mon.step()"
+
 
 class Monitor:
     """Runs probes on their schedules and writes one record per step; see :func:`watch`."""
@@ -76,6 +81,7 @@ class Monitor:
         self.model = check_model(model)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.probes = tuple(check_probes(default_probes() if probes is None else probes))
+        self._chosen = probes is not None  # the user named the probes (else the defaults)
         self._declared = {p.name: declared_keys(p) for p in self.probes}
         self._due = {p.name: due_schedule(p) for p in self.probes}
         self._keys_seen: set[tuple] = set()  # (probe, key[, PerLayer names]) checked already
@@ -98,6 +104,8 @@ class Monitor:
         self._disabled: dict[str, str] = {}
         #: steps each probe skipped, its loss non-finite there (functional.NonFiniteLoss)
         self._skipped: dict[str, list[int]] = {}
+        #: default probes that had nothing to read at some step (no optimizer), and why
+        self._idle: dict[str, str] = {}
         self._optimizer_logged = False
         self._warned_no_grads = False
 
@@ -137,6 +145,7 @@ class Monitor:
                         "ended": _meta.now(),
                         "disabled_probes": self._disabled,
                         "skipped_steps": self._skipped,
+                        "idle_probes": self._idle,
                     }
                 )
                 writer.close()
@@ -149,6 +158,7 @@ class Monitor:
         batch: Any = None,
         optimizer: torch.optim.Optimizer | None = None,
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        evaluation: bool = False,
     ) -> StepHandle:
         """Observe training step ``step`` (use as ``with mon.step(...) as s:``).
 
@@ -157,6 +167,10 @@ class Monitor:
             batch: the step's input, for probes that evaluate on it.
             optimizer: overrides the optimizer given to :func:`watch` for this step.
             loss_fn: overrides the loss closure given to :func:`watch` for this step.
+            evaluation: the step trains nothing (an evaluation pass, a last step
+                after training): only the probes that read neither gradients, the
+                update nor the optimizer run (activations, held-out data, curvature),
+                and no warning says that no parameter had a gradient.
 
         Raises:
             ValueError: ``step`` does not increase, or the monitor is not entered.
@@ -169,8 +183,16 @@ class Monitor:
         check_step(step, self._last_step)
         optimizer = check_optimizer(optimizer, "mon.step") or self.optimizer
         loss_fn = check_loss_fn(loss_fn, "mon.step") or self.loss_fn
+        if not isinstance(evaluation, bool):
+            raise TypeError(
+                f"mon.step(evaluation=...) takes True or False, got {type(evaluation).__name__}"
+            )
         due = tuple(
-            p for p in self.probes if p.name not in self._disabled and self._due[p.name](step)
+            p
+            for p in self.probes
+            if p.name not in self._disabled
+            and self._due[p.name](step)
+            and not (evaluation and p.needs & TRAINING_NEEDS)
         )
         return StepHandle(
             step,
@@ -233,7 +255,9 @@ class Monitor:
             warn_user(
                 f"trainprobe: no parameter had a gradient when step {handle.step} ended, so "
                 "gradient probes recorded nothing; call loss.backward() inside the "
-                "`with mon.step(...)` block and optimizer.zero_grad() after it"
+                "`with mon.step(...)` block and optimizer.zero_grad() after it (a hand-written "
+                "update can step on p.grad as well), or mark a step that trains nothing "
+                "with mon.step(step, evaluation=True)"
             )
 
     def _finish_previous(self) -> None:
@@ -279,7 +303,12 @@ class Monitor:
         if probe.name in self._disabled:
             return
         if "optimizer" in probe.needs and ctx.optimizer is None:
-            self._disable(probe, "needs an optimizer: pass optimizer= to watch() or mon.step()")
+            if self._chosen:
+                self._disable(probe, f"needs an optimizer: {NO_OPTIMIZER}")
+            else:  # a default probe in a loop without one (a hand-written update): no noise
+                self._idle.setdefault(
+                    probe.name, f"no optimizer at step {ctx.step}: {NO_OPTIMIZER}"
+                )
             return
         try:
             measured = probe.measure(ctx)

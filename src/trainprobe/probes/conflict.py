@@ -102,6 +102,17 @@ class GradConflict(LossProbe):
             "‖Σ c^PC − C‖ / ‖C‖, how far PCGrad's projections would move the update",
         ),
         Key(
+            "conflict/applied_cos/<group>",
+            "cos of the gradient handed to the optimizer (.grad) with g_g: negative, the step "
+            "taken raises the group's loss to first order",
+        ),
+        Key(
+            "conflict/applied_offset",
+            "‖.grad − C‖ / ‖C‖, how far the gradient handed to the optimizer is from the "
+            "plain batch gradient: 0 when the losses are summed, about pcgrad_shift when "
+            "the update is PCGrad's",
+        ),
+        Key(
             "conflict/layer_cos/<param>",
             "mean pairwise cosine of the groups' gradients within one parameter tensor: where in "
             "the network they disagree",
@@ -142,6 +153,9 @@ class GradConflict(LossProbe):
         out = _group_values(self.name, groups, names, grams.sum(dim=0))
         if len(names) >= 2:
             out.update(self._pair_values(groups, names, numbers, grams))
+            applied = _applied_gradient(ctx, groups)
+            if applied is not None:
+                out.update(_applied_values(self.name, groups, names, applied))
         return out
 
     def _gradients(self, objective: Objective, batch: Any) -> GroupGradients:
@@ -224,6 +238,37 @@ def _group_values(
             names, projection_shares(weights[:, None] * gram * weights[None, :])
         ),
         f"{probe}/loss_share": PerLayer(names, weighted_loss / weighted_loss.sum()),
+    }
+
+
+def _applied_gradient(ctx: StepContext, groups: GroupGradients) -> Tensor | None:
+    """``[P]`` the gradient the optimizer will step on (``.grad`` of the groups'
+    parameters, laid out like ``groups.grads``), or None when one of them has none (a
+    checkpoint scan, an evaluation step, a hand-written update that bypasses ``.grad``)."""
+    grads = {}
+    for name in groups.layout.names:
+        param = ctx.params.get(name)
+        if param is None or param.grad is None:
+            return None
+        grads[name] = param.grad.detach()
+    return groups.layout.flatten(grads).to(device=groups.grads.device, dtype=torch.float64)
+
+
+def _applied_values(
+    probe: str, groups: GroupGradients, names: tuple[str, ...], applied: Tensor
+) -> dict[str, Value]:
+    """How the step actually taken treats each group: the cosine of ``applied [P]`` with
+    each ``g_g`` (NaN where either is zero), and its distance from the plain batch
+    gradient ``C``, relative to ``‖C‖``. A PCGrad step has ``⟨.grad, g_g⟩ >= 0`` for every
+    group (Yu et al. 2020, for two tasks exactly): no group's loss rises to first order,
+    which is what projection is for."""
+    grads = groups.grads.to(torch.float64)  # [G, P]
+    dots = grads @ applied  # [G]
+    cos = dots / (grads.norm(dim=1) * applied.norm())  # [G]
+    total = groups.total.to(torch.float64)  # [P]
+    return {
+        f"{probe}/applied_cos": PerLayer(names, cos),
+        f"{probe}/applied_offset": (applied - total).norm() / total.norm(),
     }
 
 
