@@ -117,8 +117,16 @@ _CURVATURE = (
     ({"batches": iter([1])}, TypeError, "one-shot iterator"),
 )
 _OUTPUTS = (  # the NTK probes' shared options
-    ({"max_examples": 1}, ValueError, r"max_examples must be an integer in \[2, 256\]"),
-    ({"max_examples": 257}, ValueError, r"max_examples must be an integer in \[2, 256\]"),
+    ({"max_examples": 1}, ValueError, "max_examples must be an integer >= 2, got 1"),
+    ({"max_examples": 300.0}, ValueError, "max_examples must be an integer >= 2, got 300.0"),
+    ({"max_memory": 0}, ValueError, "max_memory must be None or a positive integer"),
+    ({"max_memory": "1GB"}, ValueError, "max_memory must be None or a positive integer"),
+    (
+        {"max_examples": 1024, "max_memory": 2**20},
+        ValueError,
+        r"max_memory=1048576 bytes cannot hold the \[n, n\] float64 kernel of n=1024 "
+        r"examples \(8388608 bytes\).*pass a larger max_memory= or a smaller max_examples=",
+    ),
     ({"method": "jacfwd"}, ValueError, "method must be one of"),
     ({"mode": "test"}, ValueError, "mode must be 'eval'"),
     ({"data": torch.zeros(3, 2)}, ValueError, r"needs batches \(inputs, targets\)"),
@@ -192,6 +200,39 @@ BAD_OPTIONS: dict[str, tuple[tuple[dict, type[Exception], str], ...]] = {
         ({"random": 0}, ValueError, "random must be an integer >= 1"),
         ({"train": "x"}, TypeError, r"train= must be a floating tensor \[N, \*shape\] or a batch"),
         ({"test": torch.zeros(3)}, TypeError, "test= must be a floating"),
+        (
+            {"directions": [[1.0, 0.0]]},
+            TypeError,
+            r"directions= must be a floating tensor \[k, D\]",
+        ),
+        ({"directions": torch.ones(2, 3, dtype=torch.long)}, TypeError, "got torch.int64 tensor"),
+        (
+            {"directions": torch.ones(3)},
+            ValueError,
+            r"directions= must be \[k, D\] with k >= 1 .* got shape \(3,\); flatten each",
+        ),
+        ({"directions": torch.zeros(0, 3)}, ValueError, r"got shape \(0, 3\)"),
+        (
+            {"directions": torch.tensor([[1.0, 0.0], [math.inf, 1.0]])},
+            ValueError,
+            r"directions= has NaN or infinite entries in rows \[1\]; pass finite directions",
+        ),
+        (
+            {"directions": torch.tensor([[0.0, 0.0], [0.0, 1.0]])},
+            ValueError,
+            r"directions= rows \[0\] are zero .*; drop them or pass nonzero directions",
+        ),
+        (
+            {"directions": torch.eye(2), "dim": 2},
+            ValueError,
+            r"pass directions= \(explicit directions\) or dim= .*, not both",
+        ),
+        (
+            {"directions": torch.eye(2), "test": torch.zeros(4, 1, 3)},
+            ValueError,
+            r"directions= are \[k, 2\] but the test points have 3 features per example "
+            r"\(shape \(1, 3\)\); pass directions of shape \[k, 3\]",
+        ),
     ),
     "robustness": (
         ({"eps": -1.0}, ValueError, "eps must be a finite number >= 0"),

@@ -10,6 +10,7 @@ from torch import nn
 
 from tests.cases import MODELS, batch
 from tests.contract import watched_run
+from tests.gradients.test_ntk import brute_force_kernel, budget, points, tiny
 from trainprobe.functional import network
 from trainprobe.gradients.ntk import (
     centered_alignment,
@@ -21,6 +22,7 @@ from trainprobe.gradients.ntk import (
 )
 from trainprobe.probes import StepContext, at_steps, every
 from trainprobe.probes.ntk import NTKAlignment
+from trainprobe.probes.ntk_response import NTKResponse
 
 
 def _mlp(size: int = 6):
@@ -186,6 +188,48 @@ def test_in_training_bit_identical_rng_untouched_keys_documented(tmp_path, model
     change = run.series("ntk/change").values.ravel()
     assert change[0] == 0 and change[1] > 1e-3
     assert np.all(np.abs(run.series("ntk/alignment").values) <= 1)
+
+
+@pytest.mark.parametrize("n", [300, 600])
+def test_probes_above_256_examples_by_blocks_match_per_example_autograd(n):
+    """Past the old cap, with a budget that forces blocks of rows: the records are those of
+    the brute-force kernel (1e-10 relative)."""
+    model, x = tiny(), points(n)
+    y = (x[:, 0] + 0.3 * x[:, 1] > 0).long()  # two classes
+    tight = budget(n, held=n // 5, streamed=16)
+    got = NTKAlignment(data=(x, y), max_examples=n, max_memory=tight).measure(_ctx(model))
+    kernel = brute_force_kernel(model, x, torch.eye(2, dtype=torch.float64))
+    alignment = float(centered_alignment(kernel, label_kernel(y)))
+    assert float(got["ntk/alignment"]) == pytest.approx(alignment, rel=1e-10)
+    assert float(got["ntk/trace"]) == pytest.approx(float(torch.trace(kernel)), rel=1e-10)
+    response = NTKResponse(data=(x, y), max_examples=n, max_memory=tight)
+    ratios = response.measure(_ctx(model))
+    v = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)  # f = z_1 − z_0
+    labels = 2.0 * y.double() - 1
+    vectors, proj = label_directions(
+        brute_force_kernel(model, x, v), labels, count=4, min_energy=0.02
+    )
+    with torch.no_grad():
+        expected = (vectors.T @ (model(x) @ v)[:, 0]) / proj  # [k]
+    assert len(expected) >= 2
+    for k, r in enumerate(expected):
+        assert float(ratios[f"ntk_response/dir_{k}"]) == pytest.approx(float(r), rel=1e-10)
+
+
+def test_a_max_memory_too_small_for_the_kernel_is_refused():
+    with pytest.raises(ValueError, match=r"NTKAlignment: max_memory=2000000 bytes cannot hold"):
+        NTKAlignment(max_examples=600, max_memory=2_000_000)
+    model, x = tiny(), points(600)
+    y = (x[:, 0] > 0).long()
+    need = budget(600, 1, 1)
+    probe = NTKResponse(data=(x, y), max_examples=600, max_memory=need - 1)
+    message = (
+        rf"NTKResponse: the NTK of n=600 examples needs at least {need} bytes.*"
+        rf"max_memory={need - 1}; pass max_memory={need} or more, fewer examples "
+        r"\(max_examples=\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        probe.measure(_ctx(model))
 
 
 def test_default_schedule():

@@ -12,6 +12,7 @@ from torch import nn
 from tests.cases import MODELS, hook_count
 from tests.contract import watched_run
 from trainprobe.probes import PerLayer, StepContext, every
+from trainprobe.probes.base import probe_settings
 from trainprobe.probes.regions import LocalComplexity
 from trainprobe.regions import local_complexity, random_frame, segment_pieces
 
@@ -69,6 +70,34 @@ def test_values_are_the_core_counts_on_each_set():
         assert got[f"regions/{name}/segment_pieces"] == pytest.approx(float(pieces))
     assert got["regions/train/total"] > 0 and got["regions/train/segment_pieces"] > 1
     assert not [k for k in got if k.startswith("regions/random")]
+
+
+def test_given_directions_record_exactly_what_the_function_returns():
+    """Explicit directions (neither unit nor orthogonal, used as given) at every measurement,
+    on every set, described (not stored) in the run metadata."""
+    model, train_x, test_x = _model(), _points(40, 5), _points(25, 6)
+    directions = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, -0.5, 2.0]], dtype=F64)
+    probe = LocalComplexity(
+        train=train_x, test=test_x, random=30, directions=directions, radius=0.3, seed=4
+    )
+    directions.zero_()  # the probe keeps its own copy
+    given = torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, -0.5, 2.0]], dtype=F64)
+    for step in (0, 1):
+        got = _measure(probe, model, step=step)
+        sets = {"train": train_x, "test": test_x, "random": probe._random}
+        for name, x in sets.items():
+            counts = local_complexity(model, x, radius=0.3, frame=given)
+            assert got[f"regions/{name}/total"] == float(counts.total.float().mean())
+            for i, layer in enumerate(counts.layers):
+                expected = float(counts.counts[:, i].float().mean())
+                assert got[f"regions/{name}/layer/{layer}"] == expected
+        assert got["regions/train/total"] > 0
+        with torch.no_grad():  # a changed model: the same directions measure it
+            model[0].weight.mul_(-1.5)
+    frame = local_complexity(model, train_x, radius=0.3, frame=torch.eye(3, dtype=F64))
+    again = _measure(probe, model)["regions/train/total"]
+    assert again != float(frame.total.float().mean())  # not a frame of its own
+    assert probe_settings(probe)["directions"] == "tensor (3, 3) float64"
 
 
 def test_random_points_match_the_train_moments_and_stay_fixed():
@@ -132,6 +161,13 @@ def test_training_is_bit_identical_and_keys_are_documented(tmp_path, model, opti
             "mlp",
             (torch.zeros(3, 8), None),
             "point sets differ in shape",
+        ),
+        (
+            LocalComplexity(directions=torch.eye(3)),
+            "mlp",
+            (torch.zeros(3, 8), None),
+            r"directions= are \[k, 3\] but the points have 8 features per example \(shape "
+            r"\(8,\)\); pass directions of shape \[k, 8\]",
         ),
         (
             LocalComplexity(dim=9),

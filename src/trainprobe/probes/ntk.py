@@ -51,7 +51,9 @@ class NTKAlignment(OutputGradientProbe):
 
     Args:
         schedule: when to measure (default every 100 steps; a measurement costs ``C`` (at
-            most ``max_outputs``) per-example-gradient passes over ``n`` examples).
+            most ``max_outputs``) per-example-gradient passes over ``n`` examples, more
+            when ``max_memory`` cannot hold the ``[n, P]`` Jacobian and it is taken in
+            blocks).
         max_outputs: exact trace kernel up to this many outputs, else a sketch.
         seed: generator seed of the sketch's Rademacher columns.
         data, max_examples, params, mode, method, max_memory: the subset and its

@@ -49,8 +49,9 @@ class NTKResponse(OutputGradientProbe):
 
     Args:
         schedule: when to measure (default every 10 steps; the first measurement costs one
-            per-example-gradient pass and an ``n × n`` eigendecomposition, later ones a
-            forward pass).
+            per-example-gradient pass (more when ``max_memory`` cannot hold the ``[n, P]``
+            Jacobian: see :class:`~.output_source.OutputGradientProbe`) and an ``n × n``
+            eigendecomposition, later ones a forward pass).
         directions: the most directions recorded.
         min_label_energy: ``e_k`` a direction needs to count as label-carrying.
         positive_class: the class ``c`` treated as ``+1``.

@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..functional import Mode, ParamSelection, check_mode, network
+from ..functional import Mode, ParamSelection, SplitBatch, check_mode, network
 from ..gradients import METHODS
-from ..gradients.ntk import tangent_kernel
+from ..gradients.ntk import kernel_blocks, tangent_kernel
 from .base import ProbeOptions, StepContext
 from .batches import FixedSubset
 
@@ -35,14 +35,22 @@ class OutputGradientProbe(ProbeOptions):
     Args:
         data: a fixed batch ``(x, y)``; its first ``max_examples`` examples are the subset.
             Default: the first measured step's ``batch=``, frozen.
-        max_examples: ``n``, at most 256 (the kernel is ``[n, n]``).
+        max_examples: ``n >= 2`` (default 256), bounded by ``max_memory``: the kernel is
+            ``[n, n]`` float64 (``8 n²`` bytes: 2 MiB at ``n = 512``, 8 MiB at 1024).
         params: which parameters (None: all trainable; a regex, names or a module).
         mode: ``"eval"`` (default: BatchNorm running statistics, no dropout) or ``"train"``
             semantics, of the gradients and of the forward passes.
         method: per-example gradients by ``"auto"`` (default: vmap, falling back once, for
             good, to one backward per example where vmap cannot batch the model),
             ``"vmap"`` or ``"loop"``; see :func:`trainprobe.gradients.per_sample_gradients`.
-        max_memory: bytes per chunk of per-example gradients.
+        max_memory: bytes for the ``[n, n]`` float64 kernel and the per-example gradient
+            rows held at once (default 256 MiB,
+            :data:`~trainprobe.gradients.DEFAULT_MAX_MEMORY`; activations come on top). When
+            the ``[n, P]`` Jacobian does not fit beside the kernel, it is taken in blocks of
+            rows (later rows' gradients retaken once per block: slower, same kernel); see
+            :func:`trainprobe.gradients.ntk.kernel_blocks`. Refused when it cannot hold even
+            the kernel of ``max_examples`` examples (at construction) or the kernel and two
+            gradient rows of the selected parameters (at the first measurement).
 
     State: the subset (frozen from the first measured step's batch without ``data``;
     :meth:`reset` forgets it) and the per-example method after a fallback.
@@ -60,7 +68,8 @@ class OutputGradientProbe(ProbeOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = type(self).__name__
-        check_count(owner, "max_examples", self.max_examples, 2, 256)
+        check_count(owner, "max_examples", self.max_examples, 2)
+        _check_memory(owner, self.max_examples, self.max_memory)
         if self.method not in METHODS:
             raise ValueError(f"{owner}: method must be one of {METHODS}, got {self.method!r}")
         check_mode(self.mode)
@@ -74,6 +83,11 @@ class OutputGradientProbe(ProbeOptions):
         """``K = Σ_j J_j J_jᵀ`` ``[n, n]`` of the outputs ``V``'s columns select (``V``
         ``[C, k]``, see :func:`trainprobe.gradients.ntk.tangent_kernel`) on ``inputs``."""
         outputs = network(model, params=self.params, mode=self.mode)
+        examples = SplitBatch.of(inputs).size
+        try:  # refused before any gradient is taken, under the probe's name
+            kernel_blocks(examples, outputs.layout.size, outputs.dtype, self.max_memory)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
         kernel, used = tangent_kernel(
             outputs,
             inputs,
@@ -88,3 +102,20 @@ class OutputGradientProbe(ProbeOptions):
     def reset(self) -> None:
         """Forget a subset frozen from a step batch (a given ``data`` is kept)."""
         self._subset.reset()  # type: ignore[union-attr]
+
+
+def _check_memory(owner: str, examples: int, max_memory: object) -> None:
+    """``max_memory`` None or a positive integer that holds the ``[n, n]`` float64 kernel."""
+    if max_memory is None:
+        return
+    if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
+        raise ValueError(
+            f"{owner}: max_memory must be None or a positive integer (bytes), got {max_memory!r}"
+        )
+    kernel = 8 * examples**2
+    if kernel >= max_memory:
+        raise ValueError(
+            f"{owner}: max_memory={max_memory} bytes cannot hold the [n, n] float64 kernel of "
+            f"n={examples} examples ({kernel} bytes) and its gradient rows; pass a larger "
+            "max_memory= or a smaller max_examples="
+        )

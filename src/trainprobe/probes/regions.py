@@ -3,6 +3,7 @@ points (Humayun, Balestriero & Baraniuk 2024, "Deep Networks Always Grok and Her
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,8 @@ class LocalComplexity(ProbeOptions):
 
     Around each point ``x`` the neighbourhood is the cross-polytope of radius ``r`` with
     vertices ``x ± r u_i`` along an orthonormal frame of ``dim`` input directions (drawn
-    once from ``seed`` and kept, so successive measurements differ only by the model).
+    once from ``seed`` and kept, so successive measurements differ only by the model), or
+    along the ``directions`` given.
     All vertices of all points go through the model in one forward (eval semantics:
     BatchNorm running statistics, no dropout); a neuron counts when its state differs
     among the vertices: the pre-activation sign at the input of an ``nn.ReLU``,
@@ -52,11 +54,19 @@ class LocalComplexity(ProbeOptions):
         radius: ``r``, in input units (default 0.1; the paper: 0.005 on standardised
             CIFAR-10); a small fraction of the distance between points.
         dim: frame directions ``k`` (default ``min(20, D)``: the paper's 40 vertices).
+        directions: ``[k, D]`` explicit directions ``u_i`` over the ``D = prod(shape)``
+            flattened input features (e.g. toward other classes, or along a data
+            manifold), used at every measurement instead of a random frame: exactly
+            :func:`trainprobe.regions.local_complexity` with ``frame=directions``. Taken
+            as given: a row's norm scales its radius (unit rows, e.g. the ``Q`` of
+            ``torch.linalg.qr``, keep every vertex at distance ``r``). Finite, no zero
+            row, not with ``dim``; the run metadata records its shape and dtype.
         segments: also record ``segment_pieces`` (one forward per piece crossed: off by
             default, since long segments cross many regions).
         max_points: the first points of each set used.
         max_steps: the segment walk's step limit (see ``segment_pieces``).
-        seed: the frame (``seed``) and random points (``seed + 1``) generators.
+        seed: the frame (``seed``, unused with ``directions``) and random points
+            (``seed + 1``) generators.
         schedule: when to measure (default ``log_spaced()``: the paper reads the
             complexity on a log-scaled step axis; ~10 measurements per decade of steps).
         name: see :class:`~.base.ProbeOptions`.
@@ -86,6 +96,7 @@ class LocalComplexity(ProbeOptions):
     random: Points | int | None = field(default=None, repr=False)
     radius: float = 0.1
     dim: int | None = None
+    directions: Tensor | None = field(default=None, repr=False)
     segments: bool = False
     max_points: int = 256
     max_steps: int = 10_000
@@ -94,6 +105,7 @@ class LocalComplexity(ProbeOptions):
     _train: Tensor | None = field(default=None, init=False, repr=False)
     _test: Tensor | None = field(default=None, init=False, repr=False)
     _given_random: Tensor | None = field(default=None, init=False, repr=False)
+    _directions: Tensor | None = field(default=None, init=False, repr=False)  # given, [k, D]
     _frames: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)  # [k, D]
     _random: Tensor | None = field(default=None, init=False, repr=False)  # drawn, [n, *shape]
 
@@ -111,6 +123,22 @@ class LocalComplexity(ProbeOptions):
             _check_int("dim", self.dim, 1)
         _check_int("max_points", self.max_points, 1)
         _check_int("max_steps", self.max_steps, 1)
+        if self.directions is not None:
+            self._keep_directions()
+
+    def _keep_directions(self) -> None:
+        """Check ``directions`` against ``dim`` and the point sets given; keep a copy."""
+        if self.dim is not None:
+            raise ValueError(
+                "LocalComplexity: pass directions= (explicit directions) or dim= (the size of "
+                "a random frame), not both"
+            )
+        directions = _checked_directions(self.directions)
+        given = {"train": self._train, "test": self._test, "random": self._given_random}
+        for name, points in given.items():
+            if points is not None:
+                _match_directions(directions, points, f"the {name} points")
+        self._keep(_directions=directions)
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         sets = self._sets(ctx)
@@ -159,6 +187,8 @@ class LocalComplexity(ProbeOptions):
         return self._random
 
     def _frame(self, x: Tensor) -> Tensor:
+        if self._directions is not None:
+            return _match_directions(self._directions, x, "the points")
         features = x[0].numel()
         if features not in self._frames:
             dim = min(DEFAULT_DIM, features) if self.dim is None else self.dim
@@ -179,6 +209,48 @@ def _points(value: object, what: str) -> Tensor | None:
             f"(inputs, targets), got {type(value).__name__}"
         )
     return inputs.detach()
+
+
+def _checked_directions(value: object) -> Tensor:
+    """``directions`` ``[k, D]`` detached, once checked: floating, finite, no zero row."""
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        what = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(
+            f"LocalComplexity: directions= must be a floating tensor [k, D] (k directions over "
+            f"the D flattened input features), got {what}"
+        )
+    if value.ndim != 2 or 0 in value.shape:
+        raise ValueError(
+            f"LocalComplexity: directions= must be [k, D] with k >= 1 directions over the D "
+            f"flattened input features, got shape {tuple(value.shape)}; flatten each "
+            "direction, e.g. directions.reshape(k, -1)"
+        )
+    rows = value.detach().to("cpu", torch.float64)  # deliberate: read once, when built
+    bad = (~torch.isfinite(rows).all(dim=1)).nonzero()[:, 0].tolist()
+    if bad:
+        raise ValueError(
+            f"LocalComplexity: directions= has NaN or infinite entries in rows {bad[:8]}; "
+            "pass finite directions"
+        )
+    zero = (rows.abs().amax(dim=1) == 0).nonzero()[:, 0].tolist()
+    if zero:
+        raise ValueError(
+            f"LocalComplexity: directions= rows {zero[:8]} are zero (both their vertices "
+            "would be the point itself); drop them or pass nonzero directions"
+        )
+    return value.detach().clone()
+
+
+def _match_directions(directions: Tensor, points: Tensor, what: str) -> Tensor:
+    """``directions`` if its ``D`` is the points' features per example, else a ValueError."""
+    features = math.prod(points.shape[1:])
+    if directions.shape[1] != features:
+        raise ValueError(
+            f"LocalComplexity: directions= are [k, {directions.shape[1]}] but {what} have "
+            f"{features} features per example (shape {tuple(points.shape[1:])}); pass "
+            f"directions of shape [k, {features}]"
+        )
+    return directions
 
 
 def _step_inputs(batch: Any) -> Tensor:
