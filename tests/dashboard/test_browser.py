@@ -16,6 +16,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.chromium import BROWSER_FLAGS, find_chromium, missing_reason
@@ -279,3 +280,61 @@ def test_the_fallback_path_is_found_off_path(monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: str(path) == "/usr/bin/chromium")
     monkeypatch.setattr(os.path, "isfile", lambda path: str(path) == "/usr/bin/chromium")
     assert chromium_or_skip() == "/usr/bin/chromium"
+
+
+MEASURE = """<script>
+window.addEventListener("load", function () { setTimeout(function () {
+  var gd = document.getElementById("trainprobe-dashboard");
+  function boxes(root, selector) {
+    return Array.from(root.querySelectorAll(selector)).filter(function (e) {
+      return e.textContent.trim(); }).map(function (e) {
+      var r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; });
+  }
+  var out = {rows: {}, captions: boxes(gd, "g.annotation text"),
+             menus: boxes(gd, ".updatemenu-header-group")};
+  gd.querySelectorAll("g.subplot").forEach(function (plot) {
+    out.rows[plot.classList[1]] = {x: boxes(plot, ".xaxislayer-above text"),
+                                   y: boxes(plot, ".yaxislayer-above text")};
+  });
+  var pre = document.createElement("pre"); pre.id = "tp-result";
+  pre.textContent = JSON.stringify(out); document.body.appendChild(pre);
+}, 200); });
+</script>"""
+
+
+def test_drawn_rows_are_labelled_and_nothing_covers_a_title_line(tmp_path):
+    """In the drawn page: every row numbers its steps, every log row shows three or more
+    y labels (a loss within one decade too), and no step number or menu overlaps a row's
+    title line (boxes of the drawn text, as the browser lays it out)."""
+    browser = chromium_or_skip()
+    series = full_series()
+    steps = np.arange(400)
+    series["scalars/loss"] = (steps, 0.9 - 0.6 * steps / 399)  # within one decade
+    series["norms/grad_total"] = (steps, 1.5 + 0.2 * np.sin(steps / 10))  # within a few %
+    run = write_run(tmp_path / "run", series)
+    fig = build(run)
+    page = tmp_path / "dashboard.html"
+    page.write_text(to_html(fig).replace("</body>", MEASURE + "</body>"), encoding="utf-8")
+    dom, console = render(browser, page, tmp_path / "profile")
+    assert console == [], "\n".join(console)
+    found = re.search(r'<pre id="tp-result">(.*?)</pre>', dom, flags=re.S)
+    assert found, "the measuring script did not finish"
+    out = json.loads(html.unescape(found.group(1)))
+    y_names = [k for k in fig.layout if k.startswith("yaxis")]
+    plots = {f"x{k[5:]}y{k[5:]}": k for k in y_names}
+    assert set(out["rows"]) == set(plots)
+    assert [p for p, row in out["rows"].items() if not row["x"]] == []  # steps on every row
+    logs = [p for p, k in plots.items() if fig.layout[k].type == "log"]
+    assert "xy" in logs and len(logs) >= 3  # the loss row and the global norms at least
+    few = {p: len(out["rows"][p]["y"]) for p in logs if len(out["rows"][p]["y"]) < 3}
+    assert few == {}
+
+    def overlap(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    ticks = [box for row in out["rows"].values() for box in row["x"]]
+    assert len(out["captions"]) == len(plots) and len(out["menus"]) == 1
+    for caption in out["captions"]:
+        assert [t for t in ticks if overlap(t, caption)] == [], caption
+        assert [m for m in out["menus"] if overlap(m, caption)] == [], caption
+    assert [t for t in ticks for m in out["menus"] if overlap(t, m)] == []

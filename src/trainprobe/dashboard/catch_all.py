@@ -218,8 +218,8 @@ def _family(label: str, series: list[Series]) -> tuple[list[go.BaseTraceType], s
         )
     log = _all_positive(series) and _spans_decades(series)
     y_axis = {"type": "log", **_log_axis(series)} if log else {"type": "linear"}
-    y_axis.update(autorange=True, tickmode="auto", showgrid=True)
-    return traces, "value", y_axis
+    # a log family's own ticks (tickmode "array") win over the default
+    return traces, "value", {"autorange": True, "tickmode": "auto", "showgrid": True, **y_axis}
 
 
 def _spans_decades(series: Sequence[Series]) -> bool:

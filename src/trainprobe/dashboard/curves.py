@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run, Series
 
-from .grid import real_label
+from .grid import axis_log_ticks, real_label
 from .parts import FRACTION, HEALTHY_UPDATE_RATIO, PanelPart
 
 SCALARS = "scalars"
@@ -77,13 +77,16 @@ def _all_positive(series: Sequence[Series]) -> bool:
 
 
 def _log_axis(series: Sequence[Series]) -> dict:
-    """Log y-axis labels: whole decades only when the data spans two or more."""
+    """Log y-axis settings that label the axis whatever the data's range: plotly's own
+    decade labels where the data hold three powers of ten or more, else ticks chosen from
+    the data's range, each labelled with its value (:func:`.grid.axis_log_ticks`)."""
     values = _finite(series)
     values = values[values > 0]
-    wide = values.size > 0 and values.max() >= 100 * values.min()
-    if wide:
+    ticks = axis_log_ticks(float(values.min()), float(values.max())) if values.size else None
+    if ticks is None:
         return {"exponentformat": "power", "minorloglabels": "none"}
-    return {"exponentformat": "power", "dtick": "D2"}
+    tickvals, ticktext = ticks
+    return {"tickmode": "array", "tickvals": tickvals, "ticktext": ticktext}
 
 
 def _fraction_floor(series: Sequence[Series]) -> float:

@@ -13,14 +13,13 @@ from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
 from .conflict import cosine_matrix_figure
+from .geometry import MARGIN, MENU_PAD_PX, TICK_FONT_PX, menu_y, plot_px, row_domains, top_margin
 from .heatmaps import trace_steps
 from .links import DIV_ID, EXTRA_ID, META_KEY, findings_block, findings_meta
 from .marks import draw_spans, title_marker
 from .panels import PANELS
-from .parts import ROW_PX, Panel, PanelPart
+from .parts import Panel, PanelPart
 
-GAP_PX = 58  # between rows: room for a row's title line
-MARGIN = {"l": 70, "r": 150, "t": 100, "b": 60}
 _CONFIG = {
     "displaylogo": False,
     "responsive": True,
@@ -49,22 +48,24 @@ def build(run: Run, findings: Iterable[Finding] = (), *, title: str | None = Non
     rows = [(panel, part) for panel in PANELS if (part := panel.draw(run, found)) is not None]
     if not rows:
         return _empty(run, title)
-    height = sum(part.height for _, part in rows) * ROW_PX + GAP_PX * (len(rows) - 1)
+    parts = [part for _, part in rows]
     fig = make_subplots(
         rows=len(rows),
         cols=1,
         shared_xaxes=True,
-        row_heights=[p.height for _, p in rows],
-        vertical_spacing=GAP_PX / height,
+        row_heights=[p.height for p in parts],
+        vertical_spacing=0.0,  # the gaps are set by _set_domains
         subplot_titles=[_row_title(panel, part, found) for panel, part in rows],
     )
+    _set_domains(fig, row_domains(parts))
     for row, (panel, part) in enumerate(rows, start=1):
         _place(fig, row, part, panel.name)
         if part.menu:
             titles = [_row_title(panel, part, found, item.description) for item in part.menu]
-            _add_menu(fig, row, part, titles)
-    draw_spans(fig, found, _extent(fig), [part for _, part in rows])
-    _style(fig, title, int(height) + MARGIN["t"] + MARGIN["b"], rows=len(rows))
+            _add_menu(fig, row, part, titles, plot_px(parts))
+    draw_spans(fig, found, _extent(fig), parts)
+    margin = {**MARGIN, "t": top_margin(parts)}
+    _style(fig, title, plot_px(parts) + margin["t"] + margin["b"], rows=len(rows), margin=margin)
     axes = [fig.get_subplot(row, 1).yaxis.plotly_name for row in range(1, len(rows) + 1)]
     placed = [(panel, part, axis) for (panel, part), axis in zip(rows, axes, strict=True)]
     fig.update_layout(meta={META_KEY: findings_meta(placed, found)}, uirevision="trainprobe")
@@ -144,6 +145,14 @@ def _row_title(
     )
 
 
+def _set_domains(fig: go.Figure, domains: list[tuple[float, float]]) -> None:
+    """Give each row its y domain (:func:`.geometry.row_domains`) and stand its title line
+    (the row's annotation, made by ``make_subplots``) on the row's top edge."""
+    for row, (lo, hi) in enumerate(domains, start=1):
+        fig.update_yaxes(domain=[lo, hi], row=row, col=1)
+        fig.layout.annotations[row - 1].update(y=hi, yanchor="bottom")
+
+
 def _place(fig: go.Figure, row: int, part: PanelPart, name: str) -> None:
     """Add a row's traces; its legend and colourbars go beside the row itself. Each trace
     gets the ``uid`` ``<panel>-<index>`` (plotly puts it in CSS selectors), stable while
@@ -185,10 +194,14 @@ def _place(fig: go.Figure, row: int, part: PanelPart, name: str) -> None:
     fig.update_yaxes(axis, row=row, col=1)
 
 
-def _add_menu(fig: go.Figure, row: int, part: PanelPart, titles: list[str]) -> None:
-    """A drop-down over the row's right end (the row's traces are the figure's last); each
-    choice shows its traces, hides the row's others, sets the row's y-axis (settings
-    another choice made are reset) and its title line to ``titles[i]``."""
+def _add_menu(
+    fig: go.Figure, row: int, part: PanelPart, titles: list[str], total_px: float
+) -> None:
+    """A drop-down at the row's right end, in the band above its title line (the row's
+    traces are the figure's last; ``total_px``: the plot area's height, for the band's
+    place, :func:`.geometry.menu_y`). Each choice shows its traces, hides the row's
+    others, sets the row's y-axis (settings another choice made are reset) and its title
+    line to ``titles[i]``."""
     y_name = fig.get_subplot(row, 1).yaxis.plotly_name  # "yaxis7"
     top = fig.get_subplot(row, 1).yaxis.domain[1]
     first = len(fig.data) - len(part.traces)
@@ -217,9 +230,9 @@ def _add_menu(fig: go.Figure, row: int, part: PanelPart, titles: list[str]) -> N
         "active": 0,
         "x": 1.0,
         "xanchor": "right",
-        "y": top,
+        "y": menu_y(top, total_px),
         "yanchor": "bottom",
-        "pad": {"b": 4},
+        "pad": {"b": MENU_PAD_PX},
         "font": {"size": 11},
         "name": f"row {row}",
     }
@@ -233,7 +246,9 @@ def _extent(fig: go.Figure) -> tuple[float, float]:
     return float(np.nanmin(xs)), float(np.nanmax(xs))
 
 
-def _style(fig: go.Figure, title: str, height: int, *, rows: int) -> None:
+def _style(fig: go.Figure, title: str, height: int, *, rows: int, margin: dict) -> None:
+    """Title lines, the shared step axis (numbered under every row: a tall page is read a
+    screen at a time), the page's size and look."""
     for note in fig.layout.annotations:  # row titles: left-aligned above each row
         note.update(x=0, xanchor="left", font={"size": 13})
     fig.update_xaxes(
@@ -243,12 +258,14 @@ def _style(fig: go.Figure, title: str, height: int, *, rows: int) -> None:
         spikethickness=1,
         spikecolor="#999",
         spikedash="solid",
+        showticklabels=True,
+        tickfont={"size": TICK_FONT_PX},
     )
     fig.update_xaxes(title_text="training step", row=rows, col=1)
     fig.update_layout(
         title={"text": html.escape(title), "x": 0.01},
         height=height,
-        margin=MARGIN,
+        margin=margin,
         template="plotly_white",
         hovermode="x unified",
         font={"size": 12},

@@ -121,6 +121,71 @@ def log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]]:
     return vals, [real_label(v) for v in vals]
 
 
+AXIS_TICKS = 3
+"""The fewest labelled ticks a log y-axis is given (:func:`axis_log_ticks`)."""
+
+
+def axis_log_ticks(lo: float, hi: float) -> tuple[list[float], list[str]] | None:
+    """Labelled ticks for a log y-axis over positive data in ``[lo, hi]``, or ``None``
+    where plotly's own ticks label it well.
+
+    Plotly labels a log axis at powers of ten only (its ``D`` modes add bare leading
+    digits, a small "5" for 0.5, that do not read as values), so a row whose data hold
+    fewer than :data:`AXIS_TICKS` powers of ten shows one label or none (a loss going from
+    0.9 to 0.3). Such a row keeps its log scale, so that a curve's shape reads the same on
+    every row (equal ratios, equal heights), and gets ticks chosen here, all inside
+    ``[lo, hi]``, so each is on screen whatever margin autorange adds:
+
+    1. ``None`` when :data:`AXIS_TICKS` or more powers of ten lie in ``[lo, hi]``:
+       plotly's decade labels, which also follow the user's zoom;
+    2. else the 1-2-5 sequence (``0.05, 0.1, 0.2, 0.5``) when it gives that many;
+    3. else round numbers evenly spaced, the step a 1-2-5 multiple of a power of ten,
+       three to eight of them (``0.4, 0.6, 0.8`` for 0.3 to 0.9; ``1.62 ... 1.68`` for a
+       range of a few percent).
+
+    A constant (``lo == hi``) gets the decade either side of it, the range plotly's
+    autorange gives it. The labels are the tick values, short (:func:`number_label`).
+
+    Raises:
+        ValueError: ``lo`` or ``hi`` is not finite and positive, or ``lo > hi``.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        raise ValueError(f"log axis ticks need finite 0 < lo <= hi, got lo={lo}, hi={hi}")
+    if hi - lo <= hi * 1e-9:  # a constant, to float precision
+        lo, hi = lo / 10, hi * 10
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    inside = [v for v in (float(f"1e{d}") for d in decades) if _within(v, lo, hi)]
+    if len(inside) >= AXIS_TICKS:
+        return None
+    vals = [v for d in decades for m in (1, 2, 5) if _within(v := float(f"{m}e{d}"), lo, hi)]
+    if len(vals) < AXIS_TICKS:
+        vals = _even_ticks(lo, hi)
+    return vals, [number_label(v) for v in vals]
+
+
+def _within(value: float, lo: float, hi: float) -> bool:
+    return lo * (1 - 1e-9) <= value <= hi * (1 + 1e-9)
+
+
+def _even_ticks(lo: float, hi: float) -> list[float]:
+    """Multiples of the largest 1-2-5 step at most a third of ``hi - lo``, in ``[lo, hi]``:
+    at least three (a third of the range fits three times), at most eight."""
+    most = (hi - lo) / AXIS_TICKS * (1 + 1e-9)  # the largest step (float noise allowed)
+    exponent = math.floor(math.log10(most))
+    digit = next(m for m in (5, 2, 1) if m * 10.0**exponent <= most)
+    first = math.ceil(lo / (digit * 10.0**exponent) * (1 - 1e-9))
+    vals = (float(f"{k * digit}e{exponent}") for k in range(first, first + 10))
+    return [v for v in vals if _within(v, lo, hi)]
+
+
+def number_label(value: float) -> str:
+    """A tick value in few characters, exactly: ``0.4``, ``1500``, ``2.5e-5`` (positional
+    from 0.01 to 9999, as :func:`real_label`; scientific outside)."""
+    if value != 0 and not 1e-2 <= abs(value) < 1e4:
+        return np.format_float_scientific(value, trim="-", exp_digits=1).replace("e+", "e")
+    return np.format_float_positional(value, trim="-")
+
+
 def real_label(log_value: float) -> str:
     """The real value of a log10 number, short: ``-3 -> "1e-3"``, ``-1 -> "0.1"``."""
     value = float(f"{10.0**log_value:.1e}")
