@@ -1,7 +1,7 @@
 """The detector corpus: train every generated run, analyse it, score it against its
 ground truth, and report true positives, false alarms and misses per detector.
 
-    python benchmarks/detectors.py [--only NAME_SUBSTR] [--fast] [--json PATH]
+    python benchmarks/detectors.py [--only NAME_SUBSTR] [--fast | --holdout] [--json PATH]
                                    [--workers N] [--keep DIR]
 
 Healthy runs (``benchmarks/corpus/healthy_*.py``) must get no warning or critical
@@ -9,6 +9,9 @@ finding; sick runs (``sick_*.py``) must get their expected detector's finding wi
 its span. Each case trains on one CPU thread; ``--workers`` cases run at once (default
 2). Writes the results as JSON (default ``benchmarks/results/detectors.json``) and the
 per-detector table as markdown beside it (``detectors.md``), and prints both.
+
+``--holdout`` runs and scores the holdout cases instead (``benchmarks/corpus/holdout.py``:
+runs the thresholds were never revised on), into ``detectors_holdout.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -34,10 +37,15 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.corpus` impor
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.corpus import BY_NAME, CASES, FAST  # noqa: E402
+from benchmarks.corpus.holdout import HOLDOUT, HOLDOUT_BY_NAME  # noqa: E402
 from benchmarks.corpus.scoring import score, table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHOWN_EVIDENCE = 8
+ANY_CASE = {**BY_NAME, **HOLDOUT_BY_NAME}
+"""The corpus and the holdout by name (their names are distinct), for the workers."""
+if len(ANY_CASE) != len(BY_NAME) + len(HOLDOUT_BY_NAME):
+    raise ValueError(f"holdout names repeat corpus names: {set(BY_NAME) & set(HOLDOUT_BY_NAME)}")
 
 
 def _init_worker() -> None:
@@ -54,7 +62,7 @@ def run_case(name: str, keep: str | None = None) -> dict[str, Any]:
     import trainprobe
 
     torch.set_num_threads(1)
-    case = BY_NAME[name]
+    case = ANY_CASE[name]
     out: dict[str, Any] = {"case": name, "kind": case.kind, "note": case.note}
     with contextlib.ExitStack() as stack:
         if keep is None:
@@ -167,8 +175,9 @@ def markdown(results: Sequence[dict[str, Any]], rows: dict[str, dict], info: dic
     """The per-detector table, the targets' summary and every failing case."""
     detected = len(info["sick_detected"])
     lines = [
-        f"Detector corpus: {info['healthy']} healthy and {info['sick']} sick runs "
-        f"(`python benchmarks/detectors.py`, {info.get('wall_seconds', 0):.0f} s with "
+        f"{info.get('title', 'Detector corpus')}: {info['healthy']} healthy and {info['sick']} "
+        f"sick runs (`{info.get('command', 'python benchmarks/detectors.py')}`, "
+        f"{info.get('wall_seconds', 0):.0f} s with "
         f"{info.get('workers', 1)} workers, trainprobe {info.get('commit', '?')}).",
         "",
         f"- healthy runs with a warning or critical finding: "
@@ -255,8 +264,8 @@ def _commit() -> str:
     return head + ("+local changes in src" if dirty else "")
 
 
-def select(only: Sequence[str], fast: bool) -> list[str]:
-    names = [c.name for c in CASES if not fast or c.name in FAST]
+def select(only: Sequence[str], fast: bool, holdout: bool = False) -> list[str]:
+    names = [c.name for c in (HOLDOUT if holdout else CASES) if not fast or c.name in FAST]
     if only:
         names = [n for n in names if any(part in n for part in only)]
     return names
@@ -272,15 +281,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="run the cases whose name contains this (repeatable)",
     )
     parser.add_argument("--fast", action="store_true", help="only the fast subset")
-    parser.add_argument("--json", type=Path, default=RESULTS / "detectors.json")
+    parser.add_argument(
+        "--holdout",
+        action="store_true",
+        help="run the holdout cases (benchmarks/corpus/holdout.py) instead of the corpus",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="results path (default benchmarks/results/detectors.json; with --holdout "
+        "detectors_holdout.json)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--keep", type=Path, default=None, help="keep the run directories under this folder"
     )
     args = parser.parse_args(argv)
-    names = select(args.only, args.fast)
+    if args.holdout and args.fast:
+        parser.error("--fast selects corpus cases; it does not combine with --holdout")
+    if args.json is None:
+        args.json = RESULTS / ("detectors_holdout.json" if args.holdout else "detectors.json")
+    names = select(args.only, args.fast, args.holdout)
     if not names:
-        parser.error(f"no case matches {args.only}; names are {[c.name for c in CASES]}")
+        known = [c.name for c in (HOLDOUT if args.holdout else CASES)]
+        parser.error(f"no case matches {args.only}; names are {known}")
     keep = None if args.keep is None else str(args.keep)
     start = time.perf_counter()
     results = []
@@ -302,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "workers": args.workers,
         "commit": _commit(),
     }
+    if args.holdout:
+        info |= {"title": "Holdout", "command": "python benchmarks/detectors.py --holdout"}
     text = markdown(results, rows, info)
     print()
     print(report(results, rows))
