@@ -14,6 +14,7 @@ from . import (
     healthy_controls,
     healthy_edge,
     healthy_loops,
+    regions_cases,
     sick_flow,
     sick_instability,
     sick_structure,
@@ -28,6 +29,7 @@ CASES: tuple[Case, ...] = (
     *sick_instability.CASES,
     *sick_flow.CASES,
     *sick_structure.CASES,
+    *regions_cases.CASES,
 )
 """Every case, healthy first."""
 
