@@ -50,6 +50,7 @@ from ..functional import (
     ParamSelection,
     check_loss_fn,
     default_batch_size,
+    forward_ad_losses,
     full_float32,
 )
 from ..notices import warn_user
@@ -75,12 +76,20 @@ class HessianOperator:
         gradient: ``∇L(w)`` ``[P]``.
         point: ``w`` ``[P]`` (a detached copy).
         matvecs: Hessian-vector products applied so far (a ``matmat`` of ``k`` counts ``k``).
+        reduce: what combines the loss, gradient and every product over processes (see
+            :func:`hessian_operator`), or None.
     """
 
     def __init__(
-        self, objective: Objective, pieces: list[tuple[Any, float]], *, engine: str
+        self,
+        objective: Objective,
+        pieces: list[tuple[Any, float]],
+        *,
+        engine: str,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.objective = objective
+        self.reduce = reduce
         self.layout, self.dim = objective.layout, objective.layout.size
         self.device, self.dtype = objective.device, objective.dtype
         self.mode, self.engine = objective.mode, engine
@@ -106,7 +115,8 @@ class HessianOperator:
             parts = self.layout.unflatten(w)
             with torch.enable_grad(), self.objective.scope():
                 value = weight * self.objective(parts, batch)
-                _check_finite_loss(value, index)
+                if self.reduce is None:  # else checked once combined, the same on every rank
+                    _check_finite_loss(value, index)
                 per_param = torch.autograd.grad(
                     value,
                     list(parts.values()),
@@ -128,6 +138,10 @@ class HessianOperator:
         _check_used(self.layout, used)
         self.loss = torch.stack(losses).sum()
         self.gradient = torch.stack(grads).sum(dim=0)  # [P]
+        if self.reduce is not None:  # one collective for both
+            both = self.reduce(torch.cat([self.loss.reshape(1), self.gradient]))  # [1 + P]
+            self.loss, self.gradient = both[0], both[1:]
+            _check_finite_loss(self.loss, None)
         self._w = w
         self._graphs = graphs if self.engine == "graph" else []
         self._linear = []
@@ -139,7 +153,7 @@ class HessianOperator:
 
     def _linearize(self, batch: Any, weight: float) -> Callable[[Tensor], Tensor]:
         gradient = grad(lambda w: self._loss_at(w, batch, weight))
-        with self.objective.scope(), warnings.catch_warnings():
+        with self.objective.scope(), forward_ad_losses(), warnings.catch_warnings():
             # torch.fx constant folding inside linearize is chatty about get_attr nodes
             warnings.filterwarnings("ignore", "Attempted to insert a get_attr", UserWarning)
             _, linear = linearize(gradient, self.point)
@@ -187,6 +201,8 @@ class HessianOperator:
                     )
         except RuntimeError as err:
             raise _engine_error(self.engine, err) from err
+        if self.reduce is not None:
+            out = self.reduce(out)
         self.matvecs += vs.shape[1]
         if not bool(torch.isfinite(out).all()):  # deliberate sync: a NaN must not go unnoticed
             raise FloatingPointError(
@@ -210,7 +226,7 @@ class HessianOperator:
                 def product(v: Tensor, g: Callable = gradient) -> Tensor:
                     return jvp(g, (self.point,), (v,))[1]
 
-                with self.objective.scope():
+                with self.objective.scope(), forward_ad_losses():
                     yield vmap(product, in_dims=1, out_dims=1)(vs)
 
 
@@ -227,10 +243,16 @@ def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:
     return torch.zeros_like(vs) if out is None else out.T
 
 
-def _check_finite_loss(value: Tensor, index: int) -> None:
+def _check_finite_loss(value: Tensor, index: int | None) -> None:
+    """``index``: the batch; None for the loss combined over processes (``reduce``)."""
     if not bool(torch.isfinite(value)):  # deliberate sync, once per batch at construction
+        where = (
+            f"on batch {index}"
+            if index is not None
+            else "combined over processes (at least one process's batch gives it)"
+        )
         raise NonFiniteLoss(
-            f"the loss is {value.detach().item()} on batch {index}: its Hessian is undefined "
+            f"the loss is {value.detach().item()} {where}: its Hessian is undefined "
             "there; fix the NaN/inf in the model or data if it recurs"
         )
 
@@ -276,6 +298,7 @@ def hessian_operator(
     dtype: torch.dtype | None = None,
     reduction: Literal["mean", "sum"] = "mean",
     batch_size: Callable[[Any], int] = default_batch_size,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> HessianOperator:
     """The Hessian of ``loss_fn`` at ``model``'s current parameters, as an operator.
 
@@ -301,6 +324,12 @@ def hessian_operator(
         reduction: how ``loss_fn`` reduces over examples, for the batch weights.
         batch_size: ``batch -> number of examples`` (default: the first tensor's
             leading size).
+        reduce: combines a tensor over processes, e.g. the mean over data-parallel ranks
+            whose batches are equal shares of the global batch (the global loss is the
+            mean of theirs, and so are its gradient and Hessian): applied to the loss and
+            gradient (one call) and to every product, so every rank holds the global
+            batch's operator. Every rank must then make the same calls (the same
+            Lanczos, seeded alike). A non-finite loss on any rank raises on all.
 
     Raises:
         ValueError: bad arguments, a random loss, unused parameters (see messages).
@@ -335,7 +364,7 @@ def hessian_operator(
     if engine == "auto":
         engine = "graph" if len(pieces) <= MAX_CACHED_BATCHES else "jvp"
     try:
-        return HessianOperator(objective, pieces, engine=engine)
+        return HessianOperator(objective, pieces, engine=engine, reduce=reduce)
     except UnusedParameters as err:
         if params is not None or not err.used:
             raise
@@ -343,4 +372,4 @@ def hessian_operator(
     # The default selection is what training moves: parameters the loss uses (an unused
     # one gets no .grad either). Named explicitly, an unused parameter is an error.
     objective = Objective(model, loss_fn, params=used, mode=mode, dtype=dtype)
-    return HessianOperator(objective, pieces, engine=engine)
+    return HessianOperator(objective, pieces, engine=engine, reduce=reduce)

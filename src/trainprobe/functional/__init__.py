@@ -25,6 +25,7 @@ from .params import ParamLayout, ParamSelection, select_params
 from .scopes import (
     differentiable_attention,
     evaluation,
+    forward_ad_losses,
     full_float32,
     model_device,
     rng_fork,
@@ -50,6 +51,7 @@ __all__ = [
     "default_batch_size",
     "differentiable_attention",
     "evaluation",
+    "forward_ad_losses",
     "full_float32",
     "inner_name",
     "model_device",

@@ -4,7 +4,8 @@
 puts them back in ``finally``; :func:`rng_fork` forks the global RNG so nothing here
 consumes it; :func:`differentiable_attention` pins scaled-dot-product attention to its
 math kernel; :func:`full_float32` turns TensorFloat-32 off on CUDA; :func:`evaluation`
-is the four together.
+is the four together. :func:`forward_ad_losses` is added by the forward-over-reverse
+HVP engines.
 """
 
 from __future__ import annotations
@@ -81,6 +82,44 @@ def full_float32(device: torch.device) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+_MSE_LOSS = torch.nn.functional.mse_loss
+
+
+def _mse_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.mse_loss`` with the plain mean written as ``square(input - target).mean()``
+    (the same value; other reductions and the legacy arguments go to torch's own)."""
+    if reduction != "mean" or size_average is not None or reduce is not None or weight is not None:
+        kwargs = {"weight": weight} if weight is not None else {}
+        return _MSE_LOSS(input, target, size_average, reduce, reduction, **kwargs)
+    if input.shape != target.shape:  # torch's warning about broadcasting, kept
+        return _MSE_LOSS(input, target)
+    return torch.square(input - target).mean()
+
+
+@contextmanager
+def forward_ad_losses() -> Iterator[None]:
+    """``torch.nn.functional.mse_loss`` (``reduction="mean"``, which ``nn.MSELoss`` calls)
+    as its composite for the duration: under forward-over-reverse its fused kernel raises
+    "ZeroTensors are immutable" in ``jvp(grad(f))`` and crashes the process with a
+    segmentation fault in ``linearize(grad(f))`` (torch 2.13). The composite has every
+    derivative; ``reduction="sum"``, ``"none"`` and the other losses are unaffected.
+    Code that imported ``mse_loss`` by name before the scope keeps torch's kernel."""
+    functional = torch.nn.functional
+    saved = functional.mse_loss
+    functional.mse_loss = _mse_loss
+    try:
+        yield
+    finally:
+        functional.mse_loss = saved
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +52,16 @@ from .checks import (
     check_written_key,
     checked_finish,
 )
+from .distributed import (
+    FAILED,
+    OK,
+    SKIPPED,
+    Exchange,
+    NullWriter,
+    check_across_ranks,
+    detect_ranks,
+    unwrap,
+)
 from .step import StepHandle
 from .transfer import to_host
 
@@ -79,8 +90,15 @@ class Monitor:
         overwrite: bool = False,
     ) -> None:
         self.model = check_model(model)
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        #: under torch.distributed (two ranks or more), this rank's place; else None
+        self.ranks = detect_ranks()
+        self._exchange = Exchange(self.ranks) if self.ranks is not None else None
+        #: what probes see: DDP's wrapped module (hooks fire inside DDP's forward)
+        self.inner = unwrap(self.model)
+        self.params = {n: p for n, p in self.inner.named_parameters() if p.requires_grad}
         self.probes = tuple(check_probes(default_probes() if probes is None else probes))
+        if self.ranks is not None:
+            check_across_ranks(self.probes, self.ranks)
         self._chosen = probes is not None  # the user named the probes (else the defaults)
         self._declared = {p.name: declared_keys(p) for p in self.probes}
         self._due = {p.name: due_schedule(p) for p in self.probes}
@@ -108,16 +126,47 @@ class Monitor:
         self._idle: dict[str, str] = {}
         self._optimizer_logged = False
         self._warned_no_grads = False
+        #: under ranks: statuses of update probes measured as this step began, decided at
+        #: its end together with the step's own (one collective)
+        self._pending: dict[str, tuple[float, Exception | None]] = {}
 
     # -- context management ------------------------------------------------------------
     def __enter__(self) -> Monitor:
-        self._writer = RunWriter(self.run_dir, **self._open_options)
-        self._last_step = self._writer.last_step
+        if self.ranks is None:
+            self._writer = RunWriter(self.run_dir, **self._open_options)
+            self._last_step = self._writer.last_step
+        else:
+            self._writer, self._last_step = self._open_on_ranks()
         self._writer.set_meta(
-            _meta.run_start(self.model, list(self.params), self.probes, self._user_meta)
+            _meta.run_start(self.inner, list(self.params), self.probes, self._user_meta)
         )
+        if self.ranks is not None:
+            self._writer.set_meta({"ranks": {"world": self.ranks.world, "writer": 0}})
         self._log_optimizer(self.optimizer)
         return self
+
+    def _open_on_ranks(self) -> tuple[RunWriter | NullWriter, int | None]:
+        """Rank 0 opens the store; every rank learns its last step, or its error (one
+        collective, so that a rank 0 that cannot open leaves no rank waiting)."""
+        writer, said = NullWriter(), None
+        if self.ranks.writer:
+            try:
+                writer = RunWriter(self.run_dir, **self._open_options)
+                said = ("ok", writer.last_step)
+            except Exception as err:
+                said = ("error", f"{type(err).__name__}: {err}")
+                self._exchange_open(said)
+                raise
+        answer = self._exchange_open(said)
+        if answer[0] == "error":
+            raise RuntimeError(
+                f"trainprobe: rank 0 could not open the run directory {self.run_dir} "
+                f"({answer[1]}); this rank stops too"
+            )
+        return writer, answer[1]
+
+    def _exchange_open(self, said: tuple[str, Any] | None) -> tuple[str, Any]:
+        return self.ranks.gather_objects(said)[0]
 
     def __exit__(
         self,
@@ -138,7 +187,7 @@ class Monitor:
             raise
         finally:
             writer, self._writer = self._writer, None
-            if writer is not None:
+            if writer is not None and not isinstance(writer, NullWriter):
                 writer.set_meta(
                     {
                         "status": "finished" if failure is None else f"failed: {failure}",
@@ -219,13 +268,16 @@ class Monitor:
             if any("update" in p.needs for p in handle.due):
                 handle.keep_params(self.params)
             for probe in handle.due:  # the probes with hooks attach them now
-                handle.attach(self.model, probe, self._attach_failed)
+                handle.attach(self.inner, probe, self._attach_failed)
         except BaseException:
             handle.remove_hooks()
             self._open = None
             raise
 
     def _attach_failed(self, probe: Probe, err: Exception) -> None:
+        if self.ranks is not None:  # decided with the other ranks at the step's end
+            self._pending[probe.name] = (FAILED, err)
+            return
         if self.on_probe_error == "raise":
             raise err
         self._disable(probe, f"attach raised {type(err).__name__}: {err}")
@@ -242,6 +294,8 @@ class Monitor:
             for probe in handle.due:
                 if "update" not in probe.needs:
                     self._measure(probe, ctx, values)
+        if self._exchange is not None:
+            self._decide_on_ranks(handle, values)
         self._previous, self._committed = (handle, values), set()
         self._buffer.append((handle.step, values))  # what the step measured, buffered now
         self._flush_if_due()
@@ -290,12 +344,13 @@ class Monitor:
     def _context(self, handle: StepHandle, **extra: Any) -> StepContext:
         return StepContext(
             step=handle.step,
-            model=self.model,
+            model=self.inner,
             params=self.params,
             batch=handle.batch,
             optimizer=handle.optimizer,
             logged=handle.logged,
             loss_fn=handle.loss_fn,
+            ranks=self.ranks,
             **extra,
         )
 
@@ -313,14 +368,54 @@ class Monitor:
         try:
             measured = probe.measure(ctx)
         except NonFiniteLoss as err:  # one bad batch: this step only, the probe stays on
+            if self.ranks is not None:  # decided with the other ranks at the step's end
+                self._pending[probe.name] = (SKIPPED, err)
+                return
             self._skip(probe, ctx.step, err)
             return
         except Exception as err:
+            if self.ranks is not None:
+                self._pending[probe.name] = (FAILED, err)
+                return
             if self.on_probe_error == "raise":
                 raise
             self._disable(probe, f"raised {type(err).__name__}: {err}")
             return
         values.update(self._checked_keys(probe.name, measured))
+
+    def _decide_on_ranks(self, handle: StepHandle, values: dict[str, Value]) -> None:
+        """Under ranks, at a step's end: combine the local values and decide every
+        failure or skip for all ranks alike (one collective; see ``distributed``)."""
+        previous = self._previous[0] if self._previous is not None else None
+        names = [p.name for p in handle.due if "update" not in p.needs]
+        if previous is not None and previous.step != handle.step:
+            names += [f"{p.name}@update" for p in previous.due if "update" in p.needs]
+        if not names:
+            return
+        pending, self._pending = self._pending, {}
+        status = {}
+        for name in names:
+            probe_name = name.removesuffix("@update")
+            if probe_name in pending:
+                status[name] = pending[probe_name][0]
+        verdict = self._exchange.combine(names, status, values)
+        for name, (worst, rank) in verdict.items():
+            probe_name = name.removesuffix("@update")
+            probe = next(p for p in self.probes if p.name == probe_name)
+            if worst == OK:
+                continue
+            for key in [k for k in values if k.startswith(f"{probe_name}/")]:
+                del values[key]  # measured here, not everywhere: not the global value
+            err = pending.get(probe_name, (OK, None))[1]
+            told = f"{type(err).__name__}: {err}" if err is not None else "see that rank's warning"
+            if worst == SKIPPED:
+                self._skip(probe, handle.step, f"on rank {rank}: {told}")
+            elif self.on_probe_error == "raise":
+                if err is not None:
+                    raise err
+                raise RuntimeError(f"trainprobe: probe {probe_name!r} raised on rank {rank}")
+            elif probe_name not in self._disabled:
+                self._disable(probe, f"raised on rank {rank}: {told}")
 
     def _checked_keys(self, name: str, measured: Mapping[str, Value]) -> dict[str, Value]:
         """``measured``, each key checked against the probe's declared patterns (once per
@@ -330,7 +425,7 @@ class Monitor:
         for key, value in measured.items():
             if isinstance(value, OnHost):
                 finish = partial(checked_finish, value.finish, name, declared)
-                out[key] = OnHost(value.values, finish)
+                out[key] = replace(value, finish=finish)
                 continue
             seen = (name, key, value.names) if isinstance(value, PerLayer) else (name, key)
             if seen in self._keys_seen:
@@ -343,7 +438,7 @@ class Monitor:
             self._keys_seen.add(seen)
         return out
 
-    def _skip(self, probe: Probe, step: int, err: Exception) -> None:
+    def _skip(self, probe: Probe, step: int, err: Exception | str) -> None:
         """Record that ``probe`` measured nothing at ``step`` (warned once per probe)."""
         steps = self._skipped.setdefault(probe.name, [])
         if not steps:
@@ -384,7 +479,9 @@ class Monitor:
 
     def flush(self) -> None:
         """Move buffered values to the host (one transfer) and commit them in one transaction."""
-        if self._writer is not None:
+        if isinstance(self._writer, NullWriter):  # under ranks, rank 0 writes
+            self._buffer = []
+        elif self._writer is not None:
             pending = [(step, values) for step, values in self._buffer if values]
             if pending:
                 self._writer.append(to_host(pending, self._expansion_failed))
@@ -400,6 +497,9 @@ class Monitor:
         probe = next((p for p in self.probes if key.startswith(f"{p.name}/")), None)
         if self.on_probe_error == "raise" or probe is None:
             raise err
+        if self.ranks is not None:  # only rank 0 flushes: disabling here would split the ranks
+            warn_user(f"trainprobe: value {key!r} dropped: {type(err).__name__}: {err}")
+            return
         if probe.name not in self._disabled:
             self._disable(
                 probe, f"its value {key!r} failed on the host: {type(err).__name__}: {err}"

@@ -46,6 +46,7 @@ class CurvatureProbe(LossProbe):
     """
 
     schedule: Schedule = every(100)
+    across_ranks = "combined"  # on the step's batch, products averaged over ranks
     batches: Iterable[Any] | None = field(default=None, repr=False)
     engine: Engine = "auto"
     dtype: torch.dtype | None = None
@@ -74,6 +75,9 @@ class CurvatureProbe(LossProbe):
             "mode": self.mode,
             "engine": self.engine,
             "dtype": self.dtype,
+            # the step's batch is this rank's share: products averaged over ranks are the
+            # global batch's (data= and batches= are the same on every rank already)
+            "reduce": ctx.ranks.mean if ctx.ranks is not None and own is None else None,
         }
         if self.batches is not None:
             return hessian_operator(ctx.model, loss_fn, batches=self.batches, **common)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..keys import Key
-from .base import PerLayer, ProbeOptions, StepContext, Value
+from .base import OnHost, PerLayer, ProbeOptions, StepContext, Value
 from .schedules import Schedule, every
 from .tensors import stack_scalars
 
@@ -121,6 +123,7 @@ class ActivationStats(ProbeOptions):
     """
 
     name: str = "activations"
+    across_ranks = "combined"
     schedule: Schedule = every(10)
     keys = (
         Key(
@@ -202,6 +205,8 @@ class ActivationStats(ProbeOptions):
         return handles
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
+        if ctx.ranks is not None:  # each rank saw its own batch: combine the sums
+            return self._sums()
         called = {name: m.normalised() for name, m in self._moments.items() if m.n}
         self._moments.clear()
         if not called:
@@ -219,3 +224,36 @@ class ActivationStats(ProbeOptions):
                 tuple(n for n, _ in relus), stack_scalars([z for _, z in relus])
             )
         return out
+
+    def _sums(self) -> dict[str, Value]:
+        """The running sums ``[M, 4]`` (count, Σx, Σx², non-zeros) as one value the
+        monitor sums over ranks, finished on the host into the same keys as in one
+        process (the pooled statistics of every rank's elements)."""
+        called = {name: m for name, m in self._moments.items() if m.n}
+        self._moments.clear()
+        if not called:
+            return {}
+        rows = []
+        for m in called.values():
+            zero = torch.zeros((), dtype=m.total.dtype, device=m.total.device)
+            nonzero = m.nonzero if m.nonzero is not None else zero
+            count = torch.full((), float(m.n), dtype=m.total.dtype, device=m.total.device)
+            rows.append(torch.stack([count, m.total, m.squares, nonzero]))
+        relus = tuple(m.nonzero is not None for m in called.values())
+        finish = partial(_pooled, probe=self.name, names=tuple(called), relus=relus)
+        return {f"{self.name}/moments": OnHost(torch.stack(rows), finish, reduce="sum")}
+
+
+def _pooled(
+    sums: np.ndarray, *, probe: str, names: tuple[str, ...], relus: tuple[bool, ...]
+) -> dict[str, float]:
+    """Mean, standard deviation and zero fraction per module from summed moments."""
+    sums = np.asarray(sums, dtype=np.float64).reshape(len(names), 4)
+    out = {}
+    for (count, total, squares, nonzero), name, relu in zip(sums, names, relus, strict=True):
+        mean = total / count
+        out[f"{probe}/mean/{name}"] = float(mean)
+        out[f"{probe}/std/{name}"] = float(np.sqrt(max(squares / count - mean**2, 0.0)))
+        if relu:
+            out[f"{probe}/zero_frac/{name}"] = float(1 - nonzero / count)
+    return out

@@ -66,13 +66,30 @@ class OnHost:
     more small device ops than the measurement itself: the probe hands over one
     tensor and a pure function, and the monitor calls it on the host copy. The
     keys it returns must start with the probe's name.
+
+    ``reduce="sum"`` marks ``values`` as sufficient statistics of the rank's own batch
+    (sums, sums of squares, counts; NaN and inf propagate): under ``torch.distributed``
+    the monitor sums them over ranks before ``finish`` (see
+    :mod:`trainprobe.monitor.distributed`). In one process it changes nothing.
     """
 
     values: Tensor  # [n]
     finish: Callable[[np.ndarray], Mapping[str, float]]
+    reduce: str | None = None
 
 
 Value = Tensor | float | int | PerLayer | OnHost
+
+
+class Ranks(Protocol):
+    """What a probe may use of the process group (implemented by the monitor)."""
+
+    rank: int
+    world: int
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        """``tensor``'s mean over ranks (a collective every rank must make)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,8 @@ class StepContext:
         params_before: ``{name: w_before}`` (detached copies) with ``update``, else None.
         loss_fn: ``loss(model, batch) -> scalar`` given to ``watch`` or ``step`` (for
             probes that evaluate the loss themselves, e.g. Hessian probes), else None.
+        ranks: under ``torch.distributed``, this process's place in the group
+            (``rank``, ``world`` and ``mean(tensor)``, an all-reduce); None in one process.
     """
 
     step: int
@@ -101,6 +120,7 @@ class StepContext:
     update: Mapping[str, Tensor] | None = None
     params_before: Mapping[str, Tensor] | None = None
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
+    ranks: Ranks | None = None
 
 
 @runtime_checkable
@@ -114,6 +134,19 @@ class Probe(Protocol):
     keys: tuple[Key, ...]
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]: ...
+
+
+ACROSS_RANKS = {
+    "same": "the same on every rank (replicated parameters, all-reduced gradients, the "
+    "probe's own fixed data): rank 0's value is stored",
+    "combined": "each rank measures its own batch and the ranks' values are combined into "
+    "the global batch's (summed sufficient statistics, or products averaged by a collective)",
+    "own_data": "the same on every rank with the probe's own fixed data; on the step's batch "
+    "only this rank's share, so refused under a process group until data is given",
+    "local": "this rank's own forward and backward, with no rule yet to combine ranks: refused "
+    "under a process group",
+}
+"""The values of :attr:`ProbeOptions.across_ranks` and what each means."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -140,6 +173,10 @@ class ProbeOptions:
     schedule: Schedule
     needs: ClassVar[frozenset[str]] = frozenset()
     keys: ClassVar[tuple[Key, ...]] = ()
+    #: how its values relate across data-parallel ranks (see ACROSS_RANKS)
+    across_ranks: ClassVar[str] = "same"
+    #: the option holding the probe's own fixed data (None there: the step's batch)
+    own_data: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         check_name(self.name, f"{type(self).__name__}(name=...)")

@@ -144,6 +144,7 @@ class GradientFlow(ProbeOptions):
     """
 
     name: str = "grad_flow"
+    across_ranks = "local"
     schedule: Schedule = every(10)
     keys = (
         Key("grad_flow/norm/<module>", "‖∂L/∂y‖ of the module's output y over the batch"),

@@ -68,6 +68,8 @@ class GrokSignals(ProbeOptions):
     """
 
     name: str = "grok"
+    across_ranks = "own_data"
+    own_data = "data"
     schedule: Schedule = every(10)
     keys = (
         Key(

@@ -33,6 +33,7 @@ class NonFiniteGuard(ProbeOptions):
     """
 
     name: str = "nonfinite"
+    across_ranks = "combined"
     schedule: Schedule = every(1)
     keys = (
         Key("nonfinite/loss", "1.0 when the value logged as loss is NaN/Inf, else 0.0"),
@@ -71,7 +72,7 @@ class NonFiniteGuard(ProbeOptions):
             loss_tensor=on_device,
             loss_float=None if on_device else loss,
         )
-        return {f"{self.name}/check": OnHost(values, finish)}
+        return {f"{self.name}/check": OnHost(values, finish, reduce="sum")}
 
 
 def _first(bad: np.ndarray, index: np.ndarray) -> float:

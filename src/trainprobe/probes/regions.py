@@ -73,6 +73,8 @@ class LocalComplexity(ProbeOptions):
     """
 
     name: str = "regions"
+    across_ranks = "own_data"
+    own_data = "train"
     schedule: Schedule = log_spaced()
     keys = (
         Key(

@@ -53,6 +53,8 @@ class Robustness(ProbeOptions):
     """
 
     name: str = "robustness"
+    across_ranks = "own_data"
+    own_data = "data"
     schedule: Schedule = log_spaced()
     keys = (
         Key("robustness/clean_acc", "accuracy on the batch"),

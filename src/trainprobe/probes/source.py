@@ -25,6 +25,8 @@ class LossProbe(ProbeOptions):
             ``"train"`` forward semantics.
     """
 
+    across_ranks = "own_data"
+    own_data = "data"
     data: Any = field(default=None, repr=False)
     loss_fn: LossFn | None = field(default=None, repr=False)
     params: ParamSelection = None

@@ -74,6 +74,8 @@ class FeatureAttribution(ProbeOptions):
     """
 
     name: str = "attribution"
+    across_ranks = "own_data"
+    own_data = "data"
     schedule: Schedule = every(50)
     keys = (
         Key("attribution/share/<group>", "share_g, summing to 1 over the groups"),

@@ -1,0 +1,236 @@
+"""The monitor under torch.distributed: DDP on 2 and 4 CPU ranks (gloo, 127.0.0.1).
+
+Each rank trains a DDP replica on its share of a global batch; the stored series must
+equal a single process training on the whole global batch (float64), rank 0 alone must
+write, one collective must carry a measured step, and a probe that fails or skips on
+one rank must fail or skip on all without a hang.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import trainprobe
+from tests.monitor.ranks import report, reports, spawn
+from trainprobe.curvature import criterion_loss
+from trainprobe.keys import Key
+from trainprobe.probes import (
+    ActivationStats,
+    GradientFlow,
+    GradNoise,
+    HessianTop,
+    LayerNorms,
+    LearningRate,
+    NonFiniteGuard,
+    Sharpness,
+    UpdateNorms,
+    every,
+)
+from trainprobe.store import Run
+
+GLOBAL_BATCH = 16
+STEPS = 6
+MSE = criterion_loss(nn.MSELoss())
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(GLOBAL_BATCH, 5, generator=gen, dtype=torch.float64)
+    return x, x[:, :1].sin() + 0.1 * torch.randn(GLOBAL_BATCH, 1, generator=gen)
+
+
+def _probes() -> list:
+    return [
+        LayerNorms(schedule=every(1)),
+        UpdateNorms(schedule=every(1)),
+        ActivationStats(schedule=every(2)),
+        NonFiniteGuard(),
+        LearningRate(),
+        Sharpness(schedule=every(3), tol=1e-10),
+        HessianTop(top=2, schedule=every(3), tol=1e-10),
+    ]
+
+
+def _train(model: nn.Module, run_dir, shard=lambda batch: batch, probes=None) -> nn.Module:
+    """SGD with momentum on ``_data``; ``shard`` picks this process's rows."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with trainprobe.watch(
+        model, probes or _probes(), run_dir=run_dir, optimizer=opt, loss_fn=MSE
+    ) as mon:
+        for step in range(STEPS):
+            x, y = shard(_data(step))
+            with mon.step(step, batch=(x, y)) as s:
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                s.log(loss=loss)
+            opt.step()
+            opt.zero_grad()
+    return mon
+
+
+def _shard(rank: int, world: int, batch):
+    x, y = batch
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    return x[rows], y[rows]
+
+
+def _ddp_worker(rank: int, world: int, tmp_path) -> None:
+    model = DDP(_model().double())
+    mon = _train(model, tmp_path / "run", partial(_shard, rank, world))
+    report(tmp_path, rank, {"collectives": mon._exchange.collectives})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ddp_series_equal_the_single_process_run_on_the_global_batch(tmp_path, world):
+    spawn(_ddp_worker, world, tmp_path)
+    _train(_model().double(), tmp_path / "single")
+    ranks, single = Run(tmp_path / "run"), Run(tmp_path / "single")
+    recorded, expected = ranks.keys(), single.keys()  # Run has no __iter__
+    keys = [k for k in expected if not k.startswith("scalars/")]
+    assert sorted(k for k in recorded if not k.startswith("scalars/")) == sorted(keys)
+    for key in keys:
+        got, want = ranks.series(key), single.series(key)
+        assert got.steps.tolist() == want.steps.tolist(), key
+        tol = 1e-8 if key.startswith(("sharpness/", "hessian/")) else 1e-12
+        np.testing.assert_allclose(got.values, want.values, rtol=tol, atol=1e-14, err_msg=key)
+    assert ranks.meta["ranks"] == {"world": world, "writer": 0}
+    # one collective per measured step (every step has probes due here), plus one
+    # agreement (all_gather_object) the first time each set of due probes is seen
+    counts = [r["collectives"] for r in reports(tmp_path, world)]
+    assert counts == [counts[0]] * world
+    # step 0: every-step probes, activations, curvature (no update yet); 1 and 5: every-step
+    # probes and the update of the step before; 2 and 4: + activations; 3: + curvature
+    due_sets = 4
+    assert counts[0] == STEPS + due_sets
+
+
+def _batchnorm_worker(rank: int, world: int, tmp_path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    model = DDP(net.double())
+    probes = [
+        Sharpness(schedule=every(2), engine="jvp"),
+        HessianTop(top=2, schedule=every(2), engine="jvp", mode="train"),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no probe disabled, nothing skipped
+        mon = _train(model, tmp_path / "run", partial(_shard, rank, world), probes=probes)
+    report(tmp_path, rank, {"disabled": mon._disabled})
+
+
+def test_batchnorm_under_ddp_with_the_jvp_engine(tmp_path):
+    """DDP broadcasts BatchNorm buffers in its forward; the probes evaluate the wrapped
+    module with cloned buffers, so the forward-over-reverse engine runs (it used to stop
+    on functorch's in-place copy error) in both BatchNorm modes."""
+    spawn(_batchnorm_worker, 2, tmp_path)
+    assert reports(tmp_path, 2) == [{"disabled": {}}] * 2
+    run = Run(tmp_path / "run")
+    for key in ("sharpness/lambda_max", "hessian/eig_0", "hessian/eig_1"):
+        values = run.series(key).values
+        assert values.size == 3 and np.isfinite(values).all(), key
+
+
+def _same_dir_worker(rank: int, world: int, tmp_path) -> None:
+    model = DDP(_model().double())
+    _train(model, tmp_path / "run", partial(_shard, rank, world), probes=[LayerNorms()])
+
+
+def test_every_rank_may_pass_the_same_run_dir_and_rank_0_alone_writes(tmp_path):
+    spawn(_same_dir_worker, 2, tmp_path)
+    run = Run(tmp_path / "run")
+    assert run.state().name == "finished"
+    steps = run.series("norms/grad_total").steps
+    assert steps.tolist() == sorted(set(steps.tolist()))  # no step written twice
+    assert run.series("scalars/loss").steps.tolist() == list(range(STEPS))
+
+
+class _FailsOnRank1:
+    """A probe that raises on rank 1 only (at step 2)."""
+
+    name = "flaky"
+    schedule = every(1)
+    needs = frozenset()
+    keys = (Key("flaky/value", "1.0 while it works"),)
+
+    def measure(self, ctx):
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1 and ctx.step == 2:
+            raise RuntimeError("injected fault on rank 1")
+        return {"flaky/value": 1.0}
+
+
+def _nan_on_rank_1(rank, world, batch):
+    x, y = _shard(rank, world, batch)
+    if rank == 1:
+        x = x.clone()
+        x[0, 0] = float("nan")
+    return x, y
+
+
+def _fault_worker(rank: int, world: int, tmp_path, kind: str) -> None:
+    model = DDP(_model().double())
+    if kind == "raise":
+        probes = [_FailsOnRank1(), Sharpness(schedule=every(1))]
+        shard = partial(_shard, rank, world)
+    else:  # a NaN in rank 1's batch at every step: curvature's loss is NaN there only
+        probes = [Sharpness(schedule=every(1)), LayerNorms(schedule=every(1))]
+        shard = partial(_nan_on_rank_1, rank, world)
+    words = r"raised on rank 1" if kind == "raise" else r"combined over processes"
+    with pytest.warns(RuntimeWarning, match=words):
+        mon = _train(model, tmp_path / "run", shard, probes=probes)
+    report(tmp_path, rank, {"disabled": sorted(mon._disabled), "skipped": mon._skipped})
+
+
+def test_a_probe_failing_on_one_rank_is_disabled_on_all_without_a_hang(tmp_path):
+    spawn(_fault_worker, 2, tmp_path, "raise", deadline=90)
+    seen = reports(tmp_path, 2)
+    assert seen[0]["disabled"] == seen[1]["disabled"] == ["flaky"]
+    run = Run(tmp_path / "run")
+    assert run.series("flaky/value").steps.tolist() == [0, 1]  # nothing from step 2 on
+    assert run.series("sharpness/lambda_max").steps.tolist() == list(range(STEPS))
+    assert "rank 1" in run.meta["disabled_probes"]["flaky"]
+
+
+def test_a_nan_loss_on_one_rank_skips_curvature_on_all_ranks(tmp_path):
+    spawn(_fault_worker, 2, tmp_path, "nan", deadline=90)
+    seen = reports(tmp_path, 2)
+    assert seen[0]["skipped"] == seen[1]["skipped"] == {"sharpness": list(range(STEPS))}
+    run = Run(tmp_path / "run")
+    assert "sharpness/lambda_max" not in run
+    assert run.meta["disabled_probes"] == {}
+
+
+def _refusal_worker(rank: int, world: int, tmp_path) -> None:
+    model = DDP(_model().double())
+    for probe, words in (
+        (GradNoise(), "give it a fixed batch with data="),
+        (GradientFlow(), "no rule yet to combine ranks"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            trainprobe.watch(model, [probe], run_dir=tmp_path / f"r{rank}")
+    report(tmp_path, rank, "ok")
+
+
+def test_probes_that_would_log_one_ranks_share_are_refused_with_the_fix(tmp_path):
+    spawn(_refusal_worker, 2, tmp_path)
+    assert reports(tmp_path, 2) == ["ok", "ok"]
+
+
+def test_a_single_process_sees_no_ranks(tmp_path):
+    mon = _train(_model().double(), tmp_path / "r", probes=[LayerNorms()])
+    assert mon.ranks is None and mon._exchange is None
+    assert math.isfinite(Run(tmp_path / "r").series("norms/grad_total").values[-1])
