@@ -137,6 +137,7 @@ BAD_OPTIONS: dict[str, tuple[tuple[dict, type[Exception], str], ...]] = {
     "updates": (),
     "nonfinite": (),
     "optim": (),
+    "amp": (),
     "activations": (
         ({"max_elements": 0}, ValueError, r"max_elements=...\) must be a positive int or None"),
         ({"modules": "0"}, TypeError, "takes a list of names, not one string"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import runpy
 import sys
 
@@ -109,3 +110,19 @@ def test_gradient_starvation_example_fires_on_the_toy_and_not_on_its_control(tmp
     assert not results["control"]
     control = Run(tmp_path / "control")
     assert control.series("attribution/share/hard").values[-1] > 0.5
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"), [("lightning_trainer", "lightning"), ("hf_trainer", "transformers")]
+)
+def test_integration_example_runs(name, extra, tmp_path):
+    pytest.importorskip(extra)
+    sys.path.insert(0, "examples")
+    try:
+        example = importlib.import_module(name)
+    finally:
+        sys.path.remove("examples")
+    run = example.main(tmp_path / name, steps=100)
+    loss = run.series("scalars/loss").values
+    assert run.meta["status"] == "finished" and loss[-1] < 0.5 * loss[0]
+    assert run.series("norms/grad_total").steps.tolist() == list(range(0, 100, 10))

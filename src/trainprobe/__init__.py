@@ -35,6 +35,7 @@ _PUBLIC: dict[str, str] = {
     "HessianTrace": "trainprobe.probes",
     "LayerNorms": "trainprobe.probes",
     "LearningRate": "trainprobe.probes",
+    "LossScale": "trainprobe.probes",
     "LocalComplexity": "trainprobe.probes",
     "NonFiniteGuard": "trainprobe.probes",
     "NTKAlignment": "trainprobe.probes",
@@ -75,6 +76,7 @@ __all__ = [
     "ActivationStats",
     "LayerNorms",
     "LearningRate",
+    "LossScale",
     "NonFiniteGuard",
     "UpdateNorms",
     # curvature probes and the curvature core
@@ -138,6 +140,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
         LayerNorms,
         LearningRate,
         LocalComplexity,
+        LossScale,
         NonFiniteGuard,
         NTKAlignment,
         NTKResponse,

@@ -122,7 +122,9 @@ def test_descent_ascent_and_second_descent(tmp_path):
     (finding,) = detect_region_migration(regions(tmp_path, count))
     ev = finding.evidence
     assert ev["minimum_step"] < ev["peak_step"] < ev["descent_step"]
-    assert 2400 <= ev["peak_step"] <= 3200 and ev["after_descent"] <= (1 - ev["descent"]) * ev["peak"]
+    assert (
+        2400 <= ev["peak_step"] <= 3200 and ev["after_descent"] <= (1 - ev["descent"]) * ev["peak"]
+    )
     assert "early descent" in finding.message and finding.severity is Severity.INFO
 
 

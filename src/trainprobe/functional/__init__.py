@@ -28,6 +28,7 @@ from .scopes import (
     forward_ad_losses,
     full_float32,
     model_device,
+    no_autocast,
     rng_fork,
     semantics,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "full_float32",
     "inner_name",
     "model_device",
+    "no_autocast",
     "network",
     "rng_fork",
     "select_params",

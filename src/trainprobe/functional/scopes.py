@@ -3,9 +3,9 @@
 :func:`semantics` sets module modes and BatchNorm flags for the duration of a call and
 puts them back in ``finally``; :func:`rng_fork` forks the global RNG so nothing here
 consumes it; :func:`differentiable_attention` pins scaled-dot-product attention to its
-math kernel; :func:`full_float32` turns TensorFloat-32 off on CUDA; :func:`evaluation`
-is the four together. :func:`forward_ad_losses` is added by the forward-over-reverse
-HVP engines.
+math kernel; :func:`full_float32` turns TensorFloat-32 off on CUDA; :func:`no_autocast`
+turns the user's autocast off; :func:`evaluation` is the five together.
+:func:`forward_ad_losses` is added by the forward-over-reverse HVP engines.
 """
 
 from __future__ import annotations
@@ -122,6 +122,16 @@ def forward_ad_losses() -> Iterator[None]:
         functional.mse_loss = saved
 
 
+def no_autocast(device: torch.device) -> AbstractContextManager:
+    """Autocast off on ``device``: a probe measuring inside the user's ``torch.autocast``
+    block computes in its own dtype (the parameters', or the probe's ``dtype=``), not in
+    bf16/fp16 (a Hessian-vector product in bf16 has 3 significant digits)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know: nothing to turn off
+        return nullcontext()
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for an empty model)."""
     for tensor in (*model.parameters(), *model.buffers()):
@@ -137,6 +147,7 @@ def evaluation(model: nn.Module, mode: Mode, device: torch.device | None = None)
     device = model_device(model) if device is None else device
     with ExitStack() as stack:
         stack.enter_context(rng_fork(device))
+        stack.enter_context(no_autocast(device))
         stack.enter_context(full_float32(device))
         stack.enter_context(semantics(model, mode))
         stack.enter_context(differentiable_attention())

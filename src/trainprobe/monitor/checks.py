@@ -181,3 +181,14 @@ def check_logged(values: Mapping[str, object]) -> dict[str, Tensor | float]:
                 f"got {type(value).__name__}"
             )
     return out
+
+
+def check_scaler(scaler: Any) -> Any:
+    """``scaler`` if it is an AMP ``GradScaler`` (or None), else a ``TypeError``."""
+    if scaler is None:
+        return None
+    if not all(hasattr(scaler, a) for a in ("scale", "unscale_", "step", "update", "is_enabled")):
+        raise TypeError(
+            f"watch(scaler=...): expected a torch.amp.GradScaler, got {type(scaler).__name__}"
+        )
+    return scaler

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -25,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import NonFiniteLoss
+from ..functional import NonFiniteLoss, no_autocast
 from ..notices import warn_user
 from ..probes import default_probes
+from ..probes.amp import LossScale
 from ..probes.base import (
     OnHost,
     PerLayer,
@@ -48,6 +50,7 @@ from .checks import (
     check_optimizer,
     check_options,
     check_probes,
+    check_scaler,
     check_step,
     check_written_key,
     checked_finish,
@@ -88,15 +91,20 @@ class Monitor:
         meta: Mapping[str, Any] | None,
         resume_from: int | None = None,
         overwrite: bool = False,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.model = check_model(model)
+        self.scaler = check_scaler(scaler)
         #: under torch.distributed (two ranks or more), this rank's place; else None
         self.ranks = detect_ranks()
         self._exchange = Exchange(self.ranks) if self.ranks is not None else None
         #: what probes see: DDP's wrapped module (hooks fire inside DDP's forward)
         self.inner = unwrap(self.model)
         self.params = {n: p for n, p in self.inner.named_parameters() if p.requires_grad}
-        self.probes = tuple(check_probes(default_probes() if probes is None else probes))
+        chosen = list(default_probes() if probes is None else probes)
+        if self.scaler is not None and not any(isinstance(p, LossScale) for p in chosen):
+            chosen.append(LossScale())  # the scale and the skipped steps, with any probe set
+        self.probes = tuple(check_probes(chosen))
         if self.ranks is not None:
             check_across_ranks(self.probes, self.ranks)
         self._chosen = probes is not None  # the user named the probes (else the defaults)
@@ -285,15 +293,17 @@ class Monitor:
     def _end(self, handle: StepHandle, failed: bool) -> None:
         handle.remove_hooks()
         self._open = None
+        handle.loss_scale = self._loss_scale()  # before scaler.update(): the step's own
         values: dict[str, Value] = {f"scalars/{k}": v for k, v in handle.logged.items()}
         if failed:  # keep what was logged; measuring a half-done step would mislead
             handle.take_params()
         else:
             self._check_grads(handle)
-            ctx = self._context(handle)
-            for probe in handle.due:
-                if "update" not in probe.needs:
-                    self._measure(probe, ctx, values)
+            ctx = self._context(handle, grad_scale=self._grad_scale(handle))
+            with self._no_autocast():  # a block left inside autocast: probes keep their dtype
+                for probe in handle.due:
+                    if "update" not in probe.needs:
+                        self._measure(probe, ctx, values)
         if self._exchange is not None:
             self._decide_on_ranks(handle, values)
         self._previous, self._committed = (handle, values), set()
@@ -322,12 +332,17 @@ class Monitor:
         before = handle.take_params()  # released by the handle
         if before is None:
             return
+        used, now = handle.loss_scale, self._loss_scale()
         ctx = self._context(
-            handle, update=parameter_deltas(self.params, before), params_before=before
+            handle,
+            update=parameter_deltas(self.params, before),
+            params_before=before,
+            loss_scale=None if used is None or now is None else (used, now),
         )
-        for probe in handle.due:
-            if "update" in probe.needs:
-                self._measure(probe, ctx, self._record_of(handle, values))
+        with self._no_autocast():
+            for probe in handle.due:
+                if "update" in probe.needs:
+                    self._measure(probe, ctx, self._record_of(handle, values))
 
     def _record_of(self, handle: StepHandle, values: dict[str, Value]) -> dict[str, Value]:
         """The buffered record of ``handle``'s step to add values to: ``values`` while it is
@@ -340,6 +355,30 @@ class Monitor:
         self._buffer.append((handle.step, extra))
         self._previous = (handle, extra)
         return extra
+
+    def _no_autocast(self) -> ExitStack:
+        """Autocast off on the CPU and the parameters' devices while probes measure."""
+        stack = ExitStack()
+        kinds = {"cpu"} | {p.device.type for p in self.params.values()}
+        for kind in sorted(kinds):
+            stack.enter_context(no_autocast(torch.device(kind)))
+        return stack
+
+    def _loss_scale(self) -> Tensor | None:
+        """The scaler's current scale (a copy of its device tensor; no sync), or None."""
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        return None if scale is None or not self.scaler.is_enabled() else scale.detach().clone()
+
+    def _grad_scale(self, handle: StepHandle) -> Tensor | None:
+        """``1 / scale`` while the gradients of ``handle``'s optimizer are still scaled."""
+        if handle.loss_scale is None:
+            return None
+        optimizer = handle.optimizer
+        states = getattr(self.scaler, "_per_optimizer_states", {})
+        stage = states.get(id(optimizer), {}).get("stage") if optimizer is not None else None
+        if getattr(stage, "name", None) == "UNSCALED":  # the user called scaler.unscale_()
+            return None
+        return handle.loss_scale.double().reciprocal().reshape(())
 
     def _context(self, handle: StepHandle, **extra: Any) -> StepContext:
         return StepContext(
@@ -356,6 +395,9 @@ class Monitor:
 
     def _measure(self, probe: Probe, ctx: StepContext, values: dict[str, Value]) -> None:
         if probe.name in self._disabled:
+            return
+        if "scaler" in probe.needs and self.scaler is None:
+            self._disable(probe, "needs an AMP GradScaler: pass scaler= to watch()")
             return
         if "optimizer" in probe.needs and ctx.optimizer is None:
             if self._chosen:

@@ -52,6 +52,8 @@ class StepHandle:
         self._on_enter, self._on_exit = on_enter, on_exit
         self._hooks: list[RemovableHandle] = []
         self._before: dict[str, Tensor] | None = None
+        #: the AMP loss scale when the block ended (set by the monitor), else None
+        self.loss_scale: Tensor | None = None
 
     def log(self, **values: Tensor | float) -> None:
         """Record scalars for this step as ``scalars/<name>`` (e.g. ``loss=loss``).

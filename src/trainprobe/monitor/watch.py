@@ -27,6 +27,7 @@ def watch(
     flush_seconds: float = 2.0,
     on_probe_error: str = "warn",
     meta: Mapping[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Monitor:
     """Watch ``model`` while it trains; use as ``with watch(model, ...) as mon:``.
 
@@ -55,6 +56,10 @@ def watch(
         on_probe_error: ``"warn"`` disables a probe that raises (training goes on);
             ``"raise"`` propagates the error.
         meta: extra JSON-serialisable metadata stored with the run (config, seed, ...).
+        scaler: the ``torch.amp.GradScaler`` of fp16 training. Gradient probes then read
+            the true gradient (``.grad`` times ``1 / scale`` until ``scaler.unscale_``; no
+            sync), and :class:`~trainprobe.probes.LossScale` records the scale and the
+            steps the scaler skipped (added when the probes do not include one).
 
     Raises:
         TypeError: ``model`` is not a module, a probe is a class or not a probe.
@@ -107,4 +112,5 @@ def watch(
         flush_seconds=flush_seconds,
         on_probe_error=on_probe_error,
         meta=meta,
+        scaler=scaler,
     )

@@ -2,6 +2,7 @@
 
 from ._curvature import CurvatureProbe
 from .activations import ActivationStats
+from .amp import LossScale
 from .base import NEEDS, PerLayer, Probe, StepContext
 from .conflict import GradConflict
 from .flow import GradientFlow
@@ -31,6 +32,7 @@ PROBES = {
     "activations": ActivationStats,
     "nonfinite": NonFiniteGuard,
     "optim": LearningRate,
+    "amp": LossScale,
     "hessian": HessianTop,
     "hessian_trace": HessianTrace,
     "hessian_density": HessianDensity,
@@ -85,6 +87,7 @@ __all__ = [
     "Every",
     "LayerNorms",
     "LearningRate",
+    "LossScale",
     "LocalComplexity",
     "LogSpaced",
     "NTKAlignment",

@@ -44,7 +44,7 @@ from .schedules import Schedule, check_schedule
 #: ``ctx.update`` = parameters after the optimizer step minus before (measured when
 #: the next step starts); ``optimizer``: ``ctx.optimizer`` not None (else the probe is
 #: disabled with a warning); ``logged``: the values given to ``StepHandle.log``.
-NEEDS = frozenset({"grads", "activations", "update", "optimizer", "logged"})
+NEEDS = frozenset({"grads", "activations", "update", "optimizer", "logged", "scaler"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,11 @@ class StepContext:
             probes that evaluate the loss themselves, e.g. Hessian probes), else None.
         ranks: under ``torch.distributed``, this process's place in the group
             (``rank``, ``world`` and ``mean(tensor)``, an all-reduce); None in one process.
+        grad_scale: while an AMP ``GradScaler`` has not unscaled the gradients yet, the
+            0-d device tensor ``1 / scale`` that turns ``.grad`` (and any gradient of the
+            scaled loss a hook sees) into the true gradient; None when ``.grad`` is it.
+        loss_scale: for update probes under a ``GradScaler``: the scale the step used
+            and the scale after ``scaler.update()`` (0-d device tensors), else None.
     """
 
     step: int
@@ -121,6 +126,14 @@ class StepContext:
     params_before: Mapping[str, Tensor] | None = None
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
     ranks: Ranks | None = None
+    grad_scale: Tensor | None = None
+    loss_scale: tuple[Tensor, Tensor] | None = None
+
+    def unscaled(self, grad: Tensor) -> Tensor:
+        """``grad`` of the scaled loss as the true gradient (``grad`` itself without AMP)."""
+        if self.grad_scale is None:
+            return grad
+        return grad * self.grad_scale.to(grad.device, grad.dtype)
 
 
 @runtime_checkable

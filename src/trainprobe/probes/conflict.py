@@ -251,7 +251,8 @@ def _applied_gradient(ctx: StepContext, groups: GroupGradients) -> Tensor | None
         if param is None or param.grad is None:
             return None
         grads[name] = param.grad.detach()
-    return groups.layout.flatten(grads).to(device=groups.grads.device, dtype=torch.float64)
+    flat = groups.layout.flatten(grads).to(device=groups.grads.device, dtype=torch.float64)
+    return ctx.unscaled(flat)
 
 
 def _applied_values(

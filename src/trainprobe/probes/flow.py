@@ -292,8 +292,8 @@ class GradientFlow(ProbeOptions):
             return {}
         names = tuple(map(_label, flows))
         out: dict[str, Value] = {
-            f"{self.name}/norm": PerLayer(
-                names, stack_scalars([f.squares for f in flows.values()]).sqrt()
+            f"{self.name}/norm": PerLayer(  # hooks saw the AMP-scaled loss's gradients
+                names, ctx.unscaled(stack_scalars([f.squares for f in flows.values()]).sqrt())
             ),
         }
         timed = {n: f.positions for n, f in self._inputs.items() if f.positions is not None}
@@ -305,13 +305,14 @@ class GradientFlow(ProbeOptions):
         self._calls.clear()
         if timed:
             seq = tuple(map(_label, timed))
-            first = stack_scalars([p[0] for p in timed.values()]).sqrt()  # [S]
-            last = stack_scalars([p[-1] for p in timed.values()]).sqrt()  # [S]
+            first = ctx.unscaled(stack_scalars([p[0] for p in timed.values()]).sqrt())  # [S]
+            last = ctx.unscaled(stack_scalars([p[-1] for p in timed.values()]).sqrt())  # [S]
             out[f"{self.name}/first"] = PerLayer(seq, first)
             out[f"{self.name}/last"] = PerLayer(seq, last)
             out[f"{self.name}/ratio"] = PerLayer(seq, first / last)
             for name, positions in timed.items():
                 at = torch.linspace(0, positions.shape[0] - 1, self.profile_points)
                 index = at.round().long().unique().to(positions.device)
-                out[f"{self.name}/profile/{_label(name)}"] = positions[index].sqrt()  # [k]
+                profile = ctx.unscaled(positions[index].sqrt())  # [k]
+                out[f"{self.name}/profile/{_label(name)}"] = profile
         return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
+
 from ..keys import Key
 from .base import PerLayer, ProbeOptions, StepContext, Value
 from .schedules import Schedule, every
@@ -44,7 +46,9 @@ class LayerNorms(ProbeOptions):
         }
         with_grad = [(n, p.grad) for n, p in ctx.params.items() if p.grad is not None]
         if with_grad:
-            grads = stacked_norms([g.detach() for _, g in with_grad])  # [L']
+            # under an AMP scale the squares of .grad may overflow float32: widen
+            wide = None if ctx.grad_scale is None else torch.float64
+            grads = ctx.unscaled(stacked_norms([g.detach() for _, g in with_grad], wide=wide))
             out[f"{self.name}/grad"] = PerLayer(tuple(n for n, _ in with_grad), grads)
             out[f"{self.name}/grad_total"] = total_norm(grads)
         return out

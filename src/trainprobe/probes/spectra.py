@@ -144,7 +144,7 @@ class GradSpectrum(ProbeOptions):
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         grads = {
-            n: p.grad.detach()
+            n: ctx.unscaled(p.grad.detach())
             for n, p in ctx.params.items()
             if p.grad is not None and spectra.is_matrix(p)
         }

@@ -24,16 +24,18 @@ def stack_scalars(values: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(values))  # [L]
 
 
-def stacked_norms(tensors: Sequence[Tensor]) -> Tensor:
+def stacked_norms(tensors: Sequence[Tensor], *, wide: torch.dtype | None = None) -> Tensor:
     """L2 norm of each tensor, ``[L]``, in one fused call (``torch._foreach_norm``).
 
-    Accumulated in float32 at least (float64 when an input is float64), so the
-    norm of a half-precision tensor does not overflow at 65504. The result is on
-    the first tensor's device.
+    Accumulated in float32 at least (float64 when an input is float64, or ``wide``), so
+    the norm of a half-precision tensor does not overflow at 65504; ``wide=float64`` for
+    tensors multiplied by a large factor (an AMP loss scale) whose squares would
+    overflow float32. The result is on the first tensor's device.
     """
     if not tensors:
         raise ValueError("stacked_norms needs at least one tensor")
-    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if wide is None:
+        wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     try:
         norms = torch._foreach_norm(list(tensors), 2, dtype=wide)  # one kernel per group
     except (TypeError, RuntimeError):  # torch without the dtype argument
