@@ -65,7 +65,7 @@ from .distributed import (
     detect_ranks,
     unwrap,
 )
-from .step import StepHandle
+from .step import MicroStep, StepHandle
 from .transfer import to_host
 
 TRAINING_NEEDS = frozenset({"grads", "update", "optimizer"})
@@ -121,6 +121,8 @@ class Monitor:
         self._writer: RunWriter | None = None
         self._last_step: int | None = None
         self._open: StepHandle | None = None
+        #: the optimizer step whose micro-batches are being accumulated (see step())
+        self._accumulating: StepHandle | None = None
         #: the step that ended last and its record (buffered as it ended); its update
         #: probes are measured when the next step begins, when the optimizer has stepped
         self._previous: tuple[StepHandle, dict[str, Value]] | None = None
@@ -216,7 +218,8 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         evaluation: bool = False,
-    ) -> StepHandle:
+        accumulate: bool = False,
+    ) -> StepHandle | MicroStep:
         """Observe training step ``step`` (use as ``with mon.step(...) as s:``).
 
         Args:
@@ -228,21 +231,40 @@ class Monitor:
                 after training): only the probes that read neither gradients, the
                 update nor the optimizer run (activations, held-out data, curvature),
                 and no warning says that no parameter had a gradient.
+            accumulate: gradient accumulation: this block is a micro-batch after which
+                the optimizer does not step; the next block, with the same ``step``,
+                continues the optimizer step (``accumulate=False`` on the block after
+                which it steps). Hooks stay on across the micro-batches, values logged
+                with ``s.log`` are averaged over them, the gradient probes measure the
+                accumulated gradient once (after the last), the update probes one
+                optimizer step, and the curvature probes on the step's batch take every
+                micro-batch (their Hessian, weighted by size); other probes that evaluate
+                the step's batch see its first micro-batch. Usual loop:
+                ``mon.step(i // k, batch=b, accumulate=(i + 1) % k != 0)``.
 
         Raises:
-            ValueError: ``step`` does not increase, or the monitor is not entered.
+            ValueError: ``step`` does not increase (or changes while a step still
+                accumulates), or the monitor is not entered.
         """
         if self._writer is None:
             raise ValueError(
                 "mon.step() used outside `with trainprobe.watch(...) as mon:`; "
                 "enter the monitor first"
             )
+        for flag, value in (("evaluation", evaluation), ("accumulate", accumulate)):
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"mon.step({flag}=...) takes True or False, got {type(value).__name__}"
+                )
+        if self._accumulating is not None:  # a micro-batch of the open optimizer step
+            return self._next_micro(step, batch, last=not accumulate)
         check_step(step, self._last_step)
         optimizer = check_optimizer(optimizer, "mon.step") or self.optimizer
         loss_fn = check_loss_fn(loss_fn, "mon.step") or self.loss_fn
-        if not isinstance(evaluation, bool):
-            raise TypeError(
-                f"mon.step(evaluation=...) takes True or False, got {type(evaluation).__name__}"
+        if evaluation and accumulate:
+            raise ValueError(
+                "mon.step(evaluation=True, accumulate=True): an evaluation step trains "
+                "nothing, so it has no gradient to accumulate; pass one of them"
             )
         due = tuple(
             p
@@ -251,7 +273,7 @@ class Monitor:
             and self._due[p.name](step)
             and not (evaluation and p.needs & TRAINING_NEEDS)
         )
-        return StepHandle(
+        handle = StepHandle(
             step,
             due,
             batch=batch,
@@ -260,6 +282,23 @@ class Monitor:
             on_enter=self._begin,
             on_exit=self._end,
         )
+        if not accumulate:
+            return handle
+        self._accumulating = handle
+        return MicroStep(handle, batch, first=True, last=False, on_close=self._close_micro)
+
+    def _next_micro(self, step: int, batch: Any, *, last: bool) -> MicroStep:
+        handle = self._accumulating
+        if step != handle.step:
+            raise ValueError(
+                f"mon.step({step}) while optimizer step {handle.step} still accumulates (its "
+                "last block had accumulate=True); pass accumulate=False on the micro-batch "
+                "after which the optimizer steps"
+            )
+        return MicroStep(handle, batch, first=False, last=last, on_close=self._close_micro)
+
+    def _close_micro(self) -> None:
+        self._accumulating = None
 
     def _begin(self, handle: StepHandle) -> None:
         if self._open is not None:
@@ -390,6 +429,7 @@ class Monitor:
             logged=handle.logged,
             loss_fn=handle.loss_fn,
             ranks=self.ranks,
+            batches=handle.batches if len(handle.batches) > 1 else None,
             **extra,
         )
 
@@ -518,6 +558,30 @@ class Monitor:
                 "name once per step, or raise flush_seconds"
             )
         record.update({k: v for k, v in logged.items() if k not in self._committed})
+
+    def log_clip(self, total_norm: Tensor | float, max_norm: float) -> None:
+        """Record the gradient clipping of the step that just ended, from what
+        ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` returned (no extra pass):
+        ``scalars/grad_norm_preclip`` (its ``total_norm``) and ``scalars/clip_coef``, the
+        factor the gradient was multiplied by, ``min(1, max_norm / (total_norm + 1e-6))``
+        (torch's formula). Device tensors stay on the device.
+
+        The gradient probes measure when the step block ends: clip after the block and
+        they read the pre-clip gradient; clip inside it and they read the clipped one
+        (this records the pre-clip norm either way).
+
+        Raises:
+            ValueError: ``max_norm`` is not a positive finite number, or no step ended yet.
+        """
+        if isinstance(max_norm, bool) or not isinstance(max_norm, int | float):
+            raise ValueError(f"mon.log_clip: max_norm must be a number, got {max_norm!r}")
+        if not 0 < float(max_norm) < float("inf"):
+            raise ValueError(f"mon.log_clip: max_norm must be positive and finite, got {max_norm}")
+        if isinstance(total_norm, Tensor):
+            coef = torch.clamp(float(max_norm) / (total_norm.detach() + 1e-6), max=1.0)
+        else:
+            coef = min(1.0, float(max_norm) / (float(total_norm) + 1e-6))
+        self.log(grad_norm_preclip=total_norm, clip_coef=coef)
 
     def flush(self) -> None:
         """Move buffered values to the host (one transfer) and commit them in one transaction."""

@@ -54,6 +54,18 @@ class StepHandle:
         self._before: dict[str, Tensor] | None = None
         #: the AMP loss scale when the block ended (set by the monitor), else None
         self.loss_scale: Tensor | None = None
+        #: the micro-batches of an accumulated optimizer step (see :class:`MicroStep`)
+        self.batches: list[Any] = [] if batch is None else [batch]
+        self._sums: dict[str, Tensor | float] = {}
+        self._counts: dict[str, int] = {}
+
+    def log_micro(self, values: Mapping[str, Tensor | float]) -> None:
+        """Values logged in one micro-batch: ``logged`` holds each name's mean so far."""
+        for name, value in check_logged(values).items():
+            total = self._sums.get(name)
+            self._sums[name] = value if total is None else total + value
+            self._counts[name] = self._counts.get(name, 0) + 1
+            self.logged[name] = self._sums[name] / self._counts[name]
 
     def log(self, **values: Tensor | float) -> None:
         """Record scalars for this step as ``scalars/<name>`` (e.g. ``loss=loss``).
@@ -113,3 +125,47 @@ class StepHandle:
         tb: TracebackType | None,
     ) -> None:
         self._on_exit(self, exc_type is not None)
+
+
+class MicroStep:
+    """One micro-batch of an accumulated optimizer step (``mon.step(..., accumulate=...)``).
+
+    The first micro-batch enters the shared :class:`StepHandle` (hooks attached, the
+    parameters copied for update probes); the last leaves it (hooks removed, probes
+    measure the accumulated gradient). A micro-batch that raises leaves it as failed.
+    ``log`` averages each name over the micro-batches that log it.
+    """
+
+    def __init__(
+        self,
+        handle: StepHandle,
+        batch: Any,
+        *,
+        first: bool,
+        last: bool,
+        on_close: Callable[[], None],
+    ) -> None:
+        self.handle, self.first, self.last = handle, first, last
+        self.step = handle.step
+        self._batch, self._on_close = batch, on_close
+
+    def log(self, **values: Tensor | float) -> None:
+        """Record scalars for the optimizer step, averaged over its micro-batches."""
+        self.handle.log_micro(values)
+
+    def __enter__(self) -> MicroStep:
+        if self.first:
+            self.handle.__enter__()
+        elif self._batch is not None:
+            self.handle.batches.append(self._batch)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None or self.last:
+            self._on_close()
+            self.handle.__exit__(exc_type, exc, tb)

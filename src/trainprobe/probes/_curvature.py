@@ -81,6 +81,8 @@ class CurvatureProbe(LossProbe):
         }
         if self.batches is not None:
             return hessian_operator(ctx.model, loss_fn, batches=self.batches, **common)
+        if own is None and ctx.batches is not None:  # every micro-batch of the step
+            return hessian_operator(ctx.model, loss_fn, batches=list(ctx.batches), **common)
         return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
 
     def generator(self, step: int) -> torch.Generator:

@@ -114,6 +114,8 @@ class StepContext:
             scaled loss a hook sees) into the true gradient; None when ``.grad`` is it.
         loss_scale: for update probes under a ``GradScaler``: the scale the step used
             and the scale after ``scaler.update()`` (0-d device tensors), else None.
+        batches: the micro-batches of an accumulated optimizer step (``batch`` is the
+            first), or None for a step of one batch.
     """
 
     step: int
@@ -128,6 +130,7 @@ class StepContext:
     ranks: Ranks | None = None
     grad_scale: Tensor | None = None
     loss_scale: tuple[Tensor, Tensor] | None = None
+    batches: tuple[Any, ...] | list[Any] | None = None
 
     def unscaled(self, grad: Tensor) -> Tensor:
         """``grad`` of the scaled loss as the true gradient (``grad`` itself without AMP)."""
