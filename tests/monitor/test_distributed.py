@@ -24,7 +24,7 @@ from trainprobe.curvature import criterion_loss
 from trainprobe.keys import Key
 from trainprobe.probes import (
     ActivationStats,
-    GradientFlow,
+    GradConflict,
     GradNoise,
     HessianTop,
     LayerNorms,
@@ -115,6 +115,36 @@ def test_ddp_series_equal_the_single_process_run_on_the_global_batch(tmp_path, w
     # probes and the update of the step before; 2 and 4: + activations; 3: + curvature
     due_sets = 4
     assert counts[0] == STEPS + due_sets
+
+
+def _noise_probes(micro: int) -> list:
+    return [
+        GradNoise(loss_fn=MSE, schedule=every(2)),
+        GradNoise(loss_fn=MSE, microbatches=micro, schedule=every(2), name="noise_micro"),
+    ]
+
+
+def _noise_worker(rank: int, world: int, tmp_path) -> None:
+    model = DDP(_model().double())
+    _train(model, tmp_path / "run", partial(_shard, rank, world), probes=_noise_probes(2))
+
+
+def test_the_gradient_noise_scale_pools_every_ranks_examples(tmp_path):
+    """Per-example and micro-batch estimators over the global batch: each rank's sums of
+    squares, sizes and b-weighted mean gradient summed in one all-reduce equal one process
+    holding every example (2 micro-batches per rank = 4 of the whole batch)."""
+    spawn(_noise_worker, 2, tmp_path)
+    _train(_model().double(), tmp_path / "single", probes=_noise_probes(4))
+    ranks, single = Run(tmp_path / "run"), Run(tmp_path / "single")
+    prefixes = ("grad_noise/", "noise_micro/")
+    names, recorded = single.keys(), ranks.keys()  # Run has no __iter__
+    keys = [k for k in names if k.startswith(prefixes)]
+    assert sorted(keys) == sorted(k for k in recorded if k.startswith(prefixes))
+    for key in keys:
+        np.testing.assert_allclose(
+            ranks.series(key).values, single.series(key).values, rtol=1e-10, err_msg=key
+        )
+    assert ranks.series("grad_noise/batch_size").values.tolist() == [GLOBAL_BATCH] * 3
 
 
 def _batchnorm_worker(rank: int, world: int, tmp_path) -> None:
@@ -214,11 +244,24 @@ def test_a_nan_loss_on_one_rank_skips_curvature_on_all_ranks(tmp_path):
     assert run.meta["disabled_probes"] == {}
 
 
+class _LocalOnly:
+    """A user probe that declares its values this rank's own, with no combination rule."""
+
+    name = "local_only"
+    schedule = every(1)
+    needs = frozenset()
+    keys = (Key("local_only/value", "a rank's own number"),)
+    across_ranks = "local"
+
+    def measure(self, ctx):
+        return {"local_only/value": 1.0}
+
+
 def _refusal_worker(rank: int, world: int, tmp_path) -> None:
     model = DDP(_model().double())
     for probe, words in (
-        (GradNoise(), "give it a fixed batch with data="),
-        (GradientFlow(), "no rule yet to combine ranks"),
+        (GradConflict(by="microbatch"), "give it a fixed batch with data="),
+        (_LocalOnly(), "no rule yet to combine ranks"),
     ):
         with pytest.raises(ValueError, match=words):
             trainprobe.watch(model, [probe], run_dir=tmp_path / f"r{rank}")

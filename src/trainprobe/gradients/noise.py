@@ -28,6 +28,7 @@ and traces add over disjoint coordinates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,12 +105,49 @@ def noise_scale(
             f"batch_sq {tuple(batch_sq.shape)}, {len(names)} names; expected [K], [L], L"
         )
     sizes = sizes.to(device=piece_sq.device, dtype=torch.float64)
-    total = sizes.sum()
-    spread = (1 / sizes).mean() - 1 / total  # mean_k(1/b_k) − 1/B > 0 for K >= 2
-    trace_cov = (piece_sq.to(torch.float64).mean(dim=0) - batch_sq) / spread  # [L]
+    return _estimate(
+        piece_sq.to(torch.float64).mean(dim=0), (1 / sizes).mean(), sizes.sum(), batch_sq, names
+    )
+
+
+def _estimate(
+    mean_sq: Tensor, mean_inverse: Tensor, total: Tensor, batch_sq: Tensor, names: tuple[str, ...]
+) -> NoiseScale:
+    """The estimators from ``mean_k ‖g_{k,l}‖²`` ``[L]``, ``mean_k 1/b_k``, ``B`` and
+    ``‖g_{B,l}‖²`` ``[L]``."""
+    spread = mean_inverse - 1 / total  # mean_k(1/b_k) − 1/B > 0 for K >= 2
+    trace_cov = (mean_sq - batch_sq.to(torch.float64)) / spread  # [L]
     grad_sq = batch_sq.to(torch.float64) - trace_cov / total  # [L]
-    batch_size = round(float(total))  # deliberate sync: [K] sizes, once per call
+    batch_size = round(float(total))  # deliberate sync: the example count, once per call
     return NoiseScale(names, trace_cov, grad_sq, batch_size)
+
+
+def _pooled(
+    piece_sq: Tensor,
+    sizes: Tensor,
+    weighted: Tensor,
+    layout: ParamLayout,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> NoiseScale:
+    """The estimate over the pieces of every process: ``piece_sq [K, L]``, ``sizes [K]``
+    and ``weighted [P] = Σ_k b_k g_k`` are this process's; ``reduce`` sums a tensor over
+    processes (one call), or None for this process alone."""
+    sizes = sizes.to(device=piece_sq.device, dtype=torch.float64)
+    layers = piece_sq.shape[1]
+    local = torch.cat(
+        [
+            piece_sq.to(torch.float64).sum(dim=0),  # [L] Σ_k ‖g_k‖²
+            weighted.to(torch.float64),  # [P] Σ_k b_k g_k
+            torch.stack([(1 / sizes).sum(), sizes.sum(), torch.ones_like(sizes).sum()]),
+        ]
+    )
+    pooled = local if reduce is None else reduce(local)
+    sum_sq, weighted, (inverse, total, count) = pooled[:layers], pooled[layers:-3], pooled[-3:]
+    if reduce is None and piece_sq.shape[0] < 2:
+        raise ValueError("one piece carries no noise estimate; split the batch into more")
+    mean = weighted / total  # [P] the (global) batch gradient
+    batch_sq = layer_sq_norms(mean[None], layout)[0]  # [L]
+    return _estimate(sum_sq / count, inverse / count, total, batch_sq, layout.names)
 
 
 def per_sample_noise(
@@ -118,12 +156,17 @@ def per_sample_noise(
     *,
     method: Method = "vmap",
     max_memory: int | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[NoiseScale, str]:
     """:class:`NoiseScale` from per-example gradients, never holding ``[B, P]``.
 
     Chunks of per-example gradients (see :func:`~.persample.per_sample_gradients` for
     the arguments) are reduced to ``[B, L]`` squared norms and a running ``[P]`` sum.
     Returns the estimate and the per-example method that ran (``"vmap"`` or ``"loop"``).
+
+    ``reduce``: sums a tensor over processes (data-parallel ranks, each with its share of
+    the global batch): the estimate is then the global batch's, exactly as one process
+    holding every example would compute it (one call of ``P + L + 3`` floats).
     """
     fl = check_objective(objective)
     split = SplitBatch.of(batch)
@@ -131,22 +174,26 @@ def per_sample_noise(
     squares = torch.empty(split.size, layers, dtype=torch.float64, device=fl.device)  # [B, L]
     total = torch.zeros(fl.layout.size, dtype=torch.float64, device=fl.device)  # [P]
 
-    def reduce(start: int, grads: Tensor, values: Tensor) -> None:
+    def accumulate(start: int, grads: Tensor, values: Tensor) -> None:
         squares[start : start + grads.shape[0]] = layer_sq_norms(grads, fl.layout)
         total.add_(grads.sum(dim=0, dtype=torch.float64))
 
     used, _ = for_each_chunk(
-        fl, split, reduce, method=method, chunk_size=None, max_memory=max_memory
+        fl, split, accumulate, method=method, chunk_size=None, max_memory=max_memory
     )
-    mean = total / split.size  # [P] the batch gradient ḡ
     sizes = torch.ones(split.size, dtype=torch.float64)
-    batch_sq = layer_sq_norms(mean[None], fl.layout)[0]  # [L]
-    return noise_scale(squares, sizes, batch_sq, names=fl.layout.names), used
+    return _pooled(squares, sizes, total, fl.layout, reduce), used
 
 
-def microbatch_noise(objective: Objective, batch: Any, microbatches: int) -> NoiseScale:
+def microbatch_noise(
+    objective: Objective,
+    batch: Any,
+    microbatches: int,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> NoiseScale:
     """:class:`NoiseScale` from ``microbatches`` consecutive micro-batch gradients
-    (:func:`~.groups.microbatch_gradients`): ``m`` backward passes, any model."""
+    (:func:`~.groups.microbatch_gradients`): ``m`` backward passes, any model.
+    ``reduce``: as in :func:`per_sample_noise` (every process's micro-batches pooled)."""
     groups = microbatch_gradients(objective, batch, microbatches)
     if len(groups.ids) < 2:
         raise ValueError(
@@ -154,5 +201,6 @@ def microbatch_noise(objective: Objective, batch: Any, microbatches: int) -> Noi
             "pass microbatches >= 2"
         )
     piece_sq = layer_sq_norms(groups.grads, groups.layout)  # [m, L]
-    batch_sq = layer_sq_norms(groups.total[None], groups.layout)[0]  # [L]
-    return noise_scale(piece_sq, groups.counts, batch_sq, names=groups.layout.names)
+    counts = groups.counts.to(groups.grads.device, torch.float64)
+    weighted = counts @ groups.grads.to(torch.float64)  # [P] Σ_k b_k g_k
+    return _pooled(piece_sq, counts, weighted, groups.layout, reduce)

@@ -91,6 +91,10 @@ class Ranks(Protocol):
         """``tensor``'s mean over ranks (a collective every rank must make)."""
         ...
 
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor``'s sum over ranks (a collective every rank must make)."""
+        ...
+
 
 @dataclass(frozen=True)
 class StepContext:

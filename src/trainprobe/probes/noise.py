@@ -55,6 +55,7 @@ class GradNoise(LossProbe):
 
     name: str = "grad_noise"
     schedule: Schedule = every(10)
+    across_ranks = "combined"  # on the step's batch: every rank's examples pooled
     keys = (
         Key(
             "grad_noise/b_simple",
@@ -87,14 +88,20 @@ class GradNoise(LossProbe):
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         objective, batch = self.objective(ctx)
+        # under ranks, on the step's batch: every rank's examples pooled (one all-reduce)
+        reduce = ctx.ranks.sum if ctx.ranks is not None and self.data is None else None
         if self.microbatches is None:
             noise, used = per_sample_noise(
-                objective, batch, method=self._method or self.method, max_memory=self.max_memory
+                objective,
+                batch,
+                method=self._method or self.method,
+                max_memory=self.max_memory,
+                reduce=reduce,
             )
             if used == "loop":  # "auto" fell back once (with a warning): for good
                 self._keep(_method="loop")
         else:
-            noise = microbatch_noise(objective, batch, self.microbatches)
+            noise = microbatch_noise(objective, batch, self.microbatches, reduce=reduce)
         return {
             f"{self.name}/b_simple": noise.b_simple,
             f"{self.name}/trace_cov": noise.trace_cov.sum(),
