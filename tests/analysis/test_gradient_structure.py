@@ -213,6 +213,51 @@ def test_a_balanced_class_wobbling_against_its_peers_is_not_losing_ground(tmp_pa
     assert detect_class_competition(run) == []
 
 
+def relabelled(counts: dict[int, float], changed: list[int], *, wobble: bool = False) -> dict:
+    """Classes learned together to 0.2 by step ~500; from step 500 the classes in
+    ``changed`` climb to 5.2 (their labels now contradict what was learned) while the rest
+    stay put; ``wobble``: a learned class instead rises to 0.6 for four measurements."""
+    i = np.arange(N)
+    base = falling(0.69, 0.2)
+    climb = np.where(i >= 50, 5.0 * (1 - np.exp(-(i - 50) / 10)), 0.0)
+    losses = {c: base + (climb if c in changed else 0.0) for c in counts}
+    if wobble:
+        losses[0] = np.where((i >= 60) & (i < 64), 0.6, base)
+    return classes(losses, counts, losses)  # gradient norms follow the losses
+
+
+@pytest.mark.parametrize(
+    "counts", [{0: 60, 1: 60, 2: 60, 3: 60, 4: 10}, dict.fromkeys(range(4), 16)]
+)
+def test_a_class_unlearned_while_the_others_hold_steady(tmp_path, counts):
+    """Holdout ``ho_minority_relabelled``: after convergence one class's labels change and
+    its loss climbs 0.9 -> 5.3 while the batch loss rises only 0.26 -> 0.39 (by the
+    class's share): no fall of the batch loss, yet a class-specific deterioration, for a
+    minority and for a balanced class alike."""
+    changed = max(counts, key=lambda c: (counts[c] < 60, c))  # the minority, or the last
+    run = write_run(tmp_path / "r", relabelled(counts, [changed]))
+    (finding,) = detect_class_competition(run)
+    assert finding.severity is Severity.WARNING and f"class_{changed}" in finding.message
+    assert "holds steady" in finding.message and 500 <= finding.start_step <= 510
+    assert finding.end_step == STEPS[-1]
+    assert finding.evidence[f"loss_peak[class_{changed}]"] > 5.0
+    assert abs(finding.evidence[f"others_loss_at_peak[class_{changed}]"] - 0.2) < 0.02
+    assert finding.keys == (f"conflict/loss/class_{changed}",)
+
+
+def test_every_class_rising_or_a_short_wobble_is_not_class_specific(tmp_path):
+    """All classes climbing together is a global deterioration (the instability detectors'
+    business); a learned class's loss up for four measurements (30 steps) is noise."""
+    counts = dict.fromkeys(range(4), 16)
+    assert (
+        detect_class_competition(write_run(tmp_path / "a", relabelled(counts, [0, 1, 2, 3]))) == []
+    )
+    assert (
+        detect_class_competition(write_run(tmp_path / "b", relabelled(counts, [], wobble=True)))
+        == []
+    )
+
+
 def test_a_class_starved_of_gradient(tmp_path):
     losses = {0: falling(0.69, 0.1), 1: np.full(N, 0.7), 2: falling(0.69, 0.1)}
     norms = {0: falling(1.0, 0.3), 1: np.full(N, 0.002), 2: falling(1.0, 0.3)}
@@ -229,6 +274,10 @@ def test_class_competition_arguments_are_checked(tmp_path):
         detect_class_competition(run, rise=0.0)
     with pytest.raises(ValueError, match=r"min_loss_share must be a fraction in \[0, 1\)"):
         detect_class_competition(run, min_loss_share=1.5)
+    with pytest.raises(ValueError, match="steady must be a finite number > 0"):
+        detect_class_competition(run, steady=0.0)
+    with pytest.raises(ValueError, match=r"lasting must be at least 1 \(the number of steps"):
+        detect_class_competition(run, lasting=0)
     assert detect_class_competition(run) == []  # one class: nothing to compete with
 
 

@@ -281,6 +281,7 @@ def test_short_series_give_nothing(tmp_path, n):
         ({"max_per_key": 0}, ValueError, "max_per_key must be at least 1"),
         ({"z_threshold": 0.0}, ValueError, "z_threshold must be a finite number > 0"),
         ({"min_rel_increase": float("nan")}, ValueError, "min_rel_increase must be a finite"),
+        ({"start_factor": 1.0}, ValueError, r"start_factor must be a finite factor > 1 .*=4"),
     ],
 )
 def test_invalid_arguments_name_the_fix(tmp_path, kwargs, error, match):
@@ -301,3 +302,43 @@ def test_a_tiny_loss_doubling_near_the_float_floor_is_not_a_spike(tmp_path):
     run = write_run(tmp_path / "s", {"scalars/loss": (steps, loss)})
     (spike,) = detect_loss_spikes(run)
     assert spike.start_step == 900 and spike.evidence["min_level_share"] == 0.1
+
+
+def unstable_from_the_start(seed: int) -> np.ndarray:
+    """Weights 20x the default: the loss 3.7e3 at step 0 and 3.5e4 at step 1, down to ~2 by
+    step 60 and swinging 10x between batches from there on (log-normal, sigma 1): no calm
+    stretch for the trailing reference to learn the noise from."""
+    rng = np.random.default_rng(seed)
+    steps = np.arange(300)
+    level = 2.0 + 3.7e3 * np.exp(-steps / 8)  # [300]
+    loss = level * np.exp(rng.normal(0.0, 1.0, steps.size))
+    loss[0], loss[1] = 3.7e3, 3.5e4
+    return loss
+
+
+def test_a_loss_that_jumps_at_the_first_update_is_a_spike_at_the_start(tmp_path):
+    """Holdout ``ho_init_weights_x20``: the trailing test needs 10 points before it judges,
+    and after them the loss swings so much that nothing stands out; the first update's
+    9.5x jump, judged against the first value, does."""
+    loss = unstable_from_the_start(0)
+    run = write_run(tmp_path / "r", {"scalars/loss": (np.arange(300), loss)})
+    (finding,) = detect_loss_spikes(run)
+    assert (finding.start_step, finding.end_step, finding.severity) == (1, 1, Severity.WARNING)
+    assert finding.message.startswith("At the start of training, scalars/loss spiked to 3.5e+04")
+    assert "9.459x the first value 3700" in finding.message
+    assert finding.evidence["first_loss"] == 3.7e3 and finding.evidence["start_factor"] == 4.0
+    assert 1.0 < finding.evidence["settled_level"] < 5.0
+    assert "z_score" not in finding.evidence  # no spread to score against at step 1
+    assert detect_loss_spikes(run, start_factor=10.0) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_first_points_of_healthy_runs_are_not_spikes(tmp_path, seed):
+    """At initialisation the per-example losses are alike, so the first points move little:
+    an RMSprop-like first update that doubles the loss, and a loss term climbing from
+    near zero and staying up (a VAE's KL leaving the prior), are not spikes at the start."""
+    loss = decaying_loss(seed)
+    loss[1] = 2.1 * loss[0]  # the largest healthy overshoot measured (holdout, RMSprop)
+    kl = 30.0 * (1.0 - np.exp(-STEPS / 3.0)) + 0.01  # 0.01 -> 30 within ten steps
+    run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss), "scalars/kl_loss": (STEPS, kl)})
+    assert detect_loss_spikes(run) == []

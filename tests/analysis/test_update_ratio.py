@@ -94,6 +94,47 @@ def test_weight_norms_decide_the_transient(tmp_path):
     assert finding.start_step == 0
 
 
+def growing_bias(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """An output bias starting at ||w|| = 0.3 and updated by ~0.05 per step (SGD on tiny
+    batches): its ``norms/weight`` and ``updates/ratio``. ``"grows"``: after 250 steps its
+    norm climbs 13x, to 4, while the updates keep their size (the ratio falls from 0.17
+    to 0.0125); ``"flat"``: its norm stays at 0.3 (it oscillates); ``"blows_up"``: its
+    norm climbs the same 13x with the updates growing alongside (the ratio stays 0.17)."""
+    rng = np.random.default_rng(7)
+    norm = np.full(N, 0.3)
+    if kind != "flat":
+        norm = 0.3 * np.exp(np.log(4.0 / 0.3) * np.clip((STEPS - 250) / 750, 0.0, 1.0))
+    update = 0.05 * np.exp(rng.normal(0.0, 0.3, N))  # [N]
+    if kind == "blows_up":
+        update *= norm / 0.3
+    return norm, update / norm
+
+
+@pytest.mark.parametrize(
+    ("kind", "flagged"), [("grows", False), ("flat", True), ("blows_up", True)]
+)
+def test_a_small_tensor_growing_into_its_scale_is_not_a_learning_rate_too_high(
+    tmp_path, kind, flagged
+):
+    """Holdout ``ho_tiny_batches_label_noise``: the output bias starts at 0.136 and grows
+    to 1.2, and its ratio is high (200-step median 0.18) only while it is small. Judged
+    against the norm it grows into it is in band; the same updates on a tensor that does
+    not grow, or that grows because its updates grow with it, are too fast."""
+    norm, ratio = growing_bias(kind)
+    assert np.median(ratio[:20]) > 0.1  # what the first window's median shows, every kind
+    series = ratios(0, {})
+    series |= {f"norms/weight/{k}": (STEPS, np.full(N, v)) for k, v in WEIGHT_NORMS.items()}
+    series["updates/ratio/head.bias"] = (STEPS, ratio)
+    series["norms/weight/head.bias"] = (STEPS, norm)
+    findings = detect_update_ratio(write_run(tmp_path / "r", series))
+    if not flagged:
+        assert findings == []
+        return
+    (finding,) = findings
+    assert finding.keys == ("updates/ratio/head.bias",) and finding.start_step == 0
+    assert finding.evidence["growth"] == 4.0
+
+
 @pytest.mark.parametrize("every", [1, 10])
 def test_window_is_a_span_of_steps(tmp_path, every):
     steps = np.arange(0, 3000, every)
@@ -206,6 +247,7 @@ def test_series_shorter_than_the_window_use_all_points(tmp_path):
         ({"blowup": 0.5}, r"critical \(1.0\) must be smaller than blowup"),
         ({"min_weight_share": 1.0}, r"min_weight_share must be a fraction in \[0, 1\)"),
         ({"skip_start": -0.1}, r"skip_start must be a fraction in \[0, 1\)"),
+        ({"growth": 1.0}, r"growth must be a finite factor > 1 .* got 1.0; pass growth=4"),
     ],
 )
 def test_invalid_arguments(tmp_path, kwargs, match):

@@ -1,8 +1,9 @@
 """What a logged loss did over a span of steps: spikes, oscillation, divergence, NaN/Inf.
 
 Evidence for the ``edge_of_stability`` detector: sharpness above the stability
-threshold is only an instability when the loss shows it. The spike test is the one
-``detect_loss_spikes`` uses (robust z-score over a trailing window, and a relative rise).
+threshold is only an instability when the loss shows it. The spike test is the trailing
+one ``detect_loss_spikes`` uses (robust z-score over a trailing window, and a relative
+rise); its test of the first points, which have no trailing spread, is not applied here.
 """
 
 from __future__ import annotations

