@@ -23,7 +23,7 @@ says so in the one collective and the ranks agree afresh.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..probes.base import OnHost, Value
+from ..probes.tensors import any_sharded
 
 #: a probe's status in the exchange
 OK, FAILED, SKIPPED = 0.0, 1.0, 2.0
@@ -64,6 +65,14 @@ class Ranks:
         out = tensor.detach().to(self.device, copy=True)
         dist.all_reduce(out, group=self.group)
         return (out / self.world).to(tensor.device)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over ranks (an all-reduce; the same bits on every rank)."""
+        import torch.distributed as dist
+
+        out = tensor.detach().to(self.device, copy=True)
+        dist.all_reduce(out, group=self.group)
+        return out.to(tensor.device)
 
     def gather(self, vector: Tensor) -> Tensor:
         """``[world, n]``: every rank's ``vector [n]`` (an all-gather)."""
@@ -119,7 +128,8 @@ def detect_ranks(group: Any = None) -> Ranks | None:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module that holds the parameters: DDP's ``.module`` (its forward hooks and
-    buffer broadcasts are the training step's business, not a probe's)."""
+    buffer broadcasts are the training step's business, not a probe's). FSDP2
+    (``fully_shard``) wraps nothing: the module is its own, with ``DTensor`` parameters."""
     from torch.nn.parallel import DistributedDataParallel
 
     while isinstance(model, DistributedDataParallel):
@@ -226,18 +236,79 @@ class Exchange:
                 )
 
 
-def check_across_ranks(probes: Sequence[Any], ranks: Ranks) -> None:
+_WHOLE_MODEL = (
+    "evaluates the model as a function of all its parameters (torch.func), and under FSDP2 "
+    "each rank holds only its shard of each: the values would be wrong or it would fail"
+)
+_WHOLE_MATRIX = (
+    "takes singular values of whole weight or gradient matrices, and under FSDP2 each rank "
+    "holds only some rows of each"
+)
+
+
+def _under_fsdp2() -> tuple[tuple[type, str], ...]:
+    """The probe classes refused under FSDP2 and why, the most specific first (a literal
+    registry: a probe class not here, or its subclass, runs)."""
+    from ..probes import (
+        CurvatureProbe,
+        FeatureAttribution,
+        GradSpectrum,
+        GrokSignals,
+        LocalComplexity,
+        Robustness,
+        WeightSpectrum,
+    )
+    from ..probes.output_source import OutputGradientProbe
+    from ..probes.source import LossProbe
+
+    return (
+        (
+            CurvatureProbe,
+            "needs Hessian-vector products of the whole model, and its exact engines "
+            "evaluate the model as one function of all its parameters, of which FSDP2 "
+            "leaves each rank one shard (a finite-difference engine, which could run on the "
+            "sharded model, is not there yet)",
+        ),
+        (LossProbe, _WHOLE_MODEL),
+        (OutputGradientProbe, _WHOLE_MODEL),
+        (GrokSignals, _WHOLE_MODEL),
+        (Robustness, _WHOLE_MODEL),
+        (LocalComplexity, _WHOLE_MODEL),
+        (FeatureAttribution, _WHOLE_MODEL),
+        (GradSpectrum, _WHOLE_MATRIX),
+        (WeightSpectrum, _WHOLE_MATRIX),
+    )
+
+
+def check_across_ranks(
+    probes: Sequence[Any], ranks: Ranks, *, params: Iterable[Tensor] = ()
+) -> None:
     """Refuse, before training, the probes whose values would be one rank's share of the
-    batch logged as the global batch's (see :data:`~trainprobe.probes.base.ACROSS_RANKS`).
+    batch logged as the global batch's (see :data:`~trainprobe.probes.base.ACROSS_RANKS`),
+    and, when ``params`` holds ``DTensor`` shards (FSDP2, ``fully_shard``), the probes
+    that need the whole model on every rank.
+
+    Args:
+        probes: the monitor's probes.
+        ranks: this process's place in the group.
+        params: the watched trainable parameters (FSDP2 is told by their ``DTensor`` type).
 
     Raises:
         ValueError: naming each such probe and what makes it measurable.
     """
     problems = []
+    sharded = any_sharded(params)
+    refused = _under_fsdp2() if sharded else ()
     for probe in probes:
         rule = getattr(probe, "across_ranks", "same")
         field_name = getattr(probe, "own_data", None)
-        if rule == "local":
+        why = next((why for kind, why in refused if isinstance(probe, kind)), None)
+        if why is not None:
+            problems.append(
+                f"{type(probe).__name__} ('{probe.name}') {why}; leave it out under FSDP2, or "
+                "measure saved checkpoints in one process (trainprobe scan)"
+            )
+        elif rule == "local":
             problems.append(
                 f"{type(probe).__name__} ('{probe.name}') reads each rank's own forward and "
                 "backward and has no rule yet to combine ranks; leave it out under "
@@ -251,6 +322,8 @@ def check_across_ranks(probes: Sequence[Any], ranks: Ranks) -> None:
                 "same thing"
             )
     if problems:
+        where = "FSDP2, " if sharded else ""
         raise ValueError(
-            f"trainprobe under torch.distributed ({ranks.world} ranks): " + "; ".join(problems)
+            f"trainprobe under torch.distributed ({where}{ranks.world} ranks): "
+            + "; ".join(problems)
         )

@@ -65,6 +65,7 @@ from .distributed import (
     detect_ranks,
     unwrap,
 )
+from .mirror import Mirrors
 from .step import MicroStep, StepHandle
 from .transfer import to_host
 
@@ -92,6 +93,7 @@ class Monitor:
         resume_from: int | None = None,
         overwrite: bool = False,
         scaler: torch.amp.GradScaler | None = None,
+        mirror: Any = None,
     ) -> None:
         self.model = check_model(model)
         self.scaler = check_scaler(scaler)
@@ -101,12 +103,12 @@ class Monitor:
         #: what probes see: DDP's wrapped module (hooks fire inside DDP's forward)
         self.inner = unwrap(self.model)
         self.params = {n: p for n, p in self.inner.named_parameters() if p.requires_grad}
-        chosen = list(default_probes() if probes is None else probes)
+        chosen = check_probes(default_probes() if probes is None else probes)
         if self.scaler is not None and not any(isinstance(p, LossScale) for p in chosen):
-            chosen.append(LossScale())  # the scale and the skipped steps, with any probe set
-        self.probes = tuple(check_probes(chosen))
+            chosen = check_probes([*chosen, LossScale()])  # the scale and the skipped steps
+        self.probes = tuple(chosen)
         if self.ranks is not None:
-            check_across_ranks(self.probes, self.ranks)
+            check_across_ranks(self.probes, self.ranks, params=self.params.values())
         self._chosen = probes is not None  # the user named the probes (else the defaults)
         self._declared = {p.name: declared_keys(p) for p in self.probes}
         self._due = {p.name: due_schedule(p) for p in self.probes}
@@ -139,6 +141,8 @@ class Monitor:
         #: under ranks: statuses of update probes measured as this step began, decided at
         #: its end together with the step's own (one collective)
         self._pending: dict[str, tuple[float, Exception | None]] = {}
+        #: trackers that get each committed value too and, at close, the run's findings
+        self._mirror = Mirrors(mirror)
 
     # -- context management ------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -190,6 +194,8 @@ class Monitor:
                 if self._open is not None:  # the step block never closed (generator abandoned)
                     self._end(self._open, failed=True)
                 self._finish_previous()
+                if self._exchange is not None and self._previous is not None:
+                    self._decide_last_update(exc_type is None)
             finally:
                 self.flush()  # whatever was measured is written, even if finishing failed
         except BaseException as err:
@@ -208,6 +214,7 @@ class Monitor:
                     }
                 )
                 writer.close()
+                self._mirror.close(self.run_dir)  # the findings, to the trackers
 
     # -- the training step ---------------------------------------------------------------
     def step(
@@ -308,7 +315,8 @@ class Monitor:
             )
         self._last_step = handle.step
         self._finish_previous()
-        self._flush_if_due()
+        if self._exchange is None:  # under ranks the update sums wait for this step's end
+            self._flush_if_due()
         self._log_optimizer(handle.optimizer)
         self._open = handle
         try:
@@ -467,11 +475,33 @@ class Monitor:
 
     def _decide_on_ranks(self, handle: StepHandle, values: dict[str, Value]) -> None:
         """Under ranks, at a step's end: combine the local values and decide every
-        failure or skip for all ranks alike (one collective; see ``distributed``)."""
-        previous = self._previous[0] if self._previous is not None else None
+        failure or skip for all ranks alike (one collective; see ``distributed``). The
+        update probes of the step before, measured as this one began, are decided and
+        combined in the same collective, in that step's record."""
         names = [p.name for p in handle.due if "update" not in p.needs]
-        if previous is not None and previous.step != handle.step:
+        carried: dict[str, Value] = {}
+        if self._previous is not None and self._previous[0].step != handle.step:
+            previous, carried = self._previous
             names += [f"{p.name}@update" for p in previous.due if "update" in p.needs]
+        self._combine_on_ranks(handle.step, names, values, carried)
+
+    def _decide_last_update(self, clean: bool) -> None:
+        """At close, under ranks: the last step's update probes, measured just now, decided
+        and combined like a step's (one collective, made by every rank as it closes);
+        after an exception their sums are dropped rather than stored as one rank's."""
+        handle, record = self._previous
+        if not clean:
+            for key in [k for k, v in record.items() if _summed(v)]:
+                del record[key]
+            return
+        names = [f"{p.name}@update" for p in handle.due if "update" in p.needs]
+        self._combine_on_ranks(handle.step, names, {}, record)
+
+    def _combine_on_ranks(
+        self, step: int, names: list[str], values: dict[str, Value], carried: dict[str, Value]
+    ) -> None:
+        """Combine ``values`` (this step's) and the sums waiting in ``carried`` (the record
+        the update probes wrote to) over ranks, in place, and act on the verdicts."""
         if not names:
             return
         pending, self._pending = self._pending, {}
@@ -480,18 +510,27 @@ class Monitor:
             probe_name = name.removesuffix("@update")
             if probe_name in pending:
                 status[name] = pending[probe_name][0]
-        verdict = self._exchange.combine(names, status, values)
+        sums = {k: v for k, v in carried.items() if _summed(v)}
+        both = {**values, **sums}
+        verdict = self._exchange.combine(names, status, both)
+        for key in sums:  # back to the update probes' record, combined (or dropped)
+            del carried[key]
+            if key in both:
+                carried[key] = both.pop(key)
+        values.clear()
+        values.update(both)
         for name, (worst, rank) in verdict.items():
             probe_name = name.removesuffix("@update")
             probe = next(p for p in self.probes if p.name == probe_name)
             if worst == OK:
                 continue
-            for key in [k for k in values if k.startswith(f"{probe_name}/")]:
-                del values[key]  # measured here, not everywhere: not the global value
+            record = carried if name.endswith("@update") else values
+            for key in [k for k in record if k.startswith(f"{probe_name}/")]:
+                del record[key]  # measured here, not everywhere: not the global value
             err = pending.get(probe_name, (OK, None))[1]
             told = f"{type(err).__name__}: {err}" if err is not None else "see that rank's warning"
             if worst == SKIPPED:
-                self._skip(probe, handle.step, f"on rank {rank}: {told}")
+                self._skip(probe, step, f"on rank {rank}: {told}")
             elif self.on_probe_error == "raise":
                 if err is not None:
                     raise err
@@ -590,7 +629,9 @@ class Monitor:
         elif self._writer is not None:
             pending = [(step, values) for step, values in self._buffer if values]
             if pending:
-                self._writer.append(to_host(pending, self._expansion_failed))
+                records = to_host(pending, self._expansion_failed)
+                self._writer.append(records)
+                self._mirror.write(records)  # committed: the trackers get the same values
             self._buffer = []  # only once committed: a failed write is retried at the next flush
         self._last_flush = time.monotonic()
 
@@ -610,3 +651,8 @@ class Monitor:
             self._disable(
                 probe, f"its value {key!r} failed on the host: {type(err).__name__}: {err}"
             )
+
+
+def _summed(value: Value) -> bool:
+    """Whether ``value`` waits to be summed over ranks (``OnHost(reduce="sum")``)."""
+    return isinstance(value, OnHost) and value.reduce == "sum"

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..probes.base import Probe
+from ..probes.updates import kept_params
 from .checks import check_logged
 
 
@@ -95,8 +96,7 @@ class StepHandle:
 
     def keep_params(self, params: Mapping[str, Tensor]) -> None:
         """Copy ``params`` now (one fused copy), for the update measured after the step."""
-        copies = torch._foreach_mul([p.detach() for p in params.values()], 1.0)
-        self._before = dict(zip(params, copies, strict=True))
+        self._before = kept_params(params)  # DTensor shards (FSDP2) and others apart
 
     @property
     def holds_params(self) -> bool:

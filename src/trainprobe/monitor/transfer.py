@@ -43,7 +43,10 @@ def _to_numpy(items: list, device: torch.device) -> list[np.ndarray]:
 
 def _expand(key: str, value: Value, host: np.ndarray | None) -> dict[str, float | np.ndarray]:
     if isinstance(value, OnHost):
-        finished = {k: float(v) for k, v in value.finish(host).items()}
+        finished = {
+            k: float(v) if np.ndim(v) == 0 else np.asarray(v, dtype=np.float64)
+            for k, v in value.finish(host).items()
+        }
         prefix = key.split("/", 1)[0] + "/"
         stray = [k for k in finished if not k.startswith(prefix)]
         if stray:

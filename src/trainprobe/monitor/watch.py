@@ -28,6 +28,7 @@ def watch(
     on_probe_error: str = "warn",
     meta: Mapping[str, Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    mirror: Any = None,
 ) -> Monitor:
     """Watch ``model`` while it trains; use as ``with watch(model, ...) as mon:``.
 
@@ -60,9 +61,21 @@ def watch(
             the true gradient (``.grad`` times ``1 / scale`` until ``scaler.unscale_``; no
             sync), and :class:`~trainprobe.probes.LossScale` records the scale and the
             steps the scaler skipped (added when the probes do not include one).
+        mirror: trackers that get a copy of every value committed to the store (probe
+            values and ``scalars/*``, at each flush, from the host values already moved:
+            no extra sync) and, when the monitor closes, the findings of
+            :func:`trainprobe.analyze`: a ``torch.utils.tensorboard.SummaryWriter``
+            (``add_scalar``; arrays as histograms; findings as ``add_text``), a W&B run
+            (``log``; findings in its ``summary``), a Lightning logger (``log_metrics``;
+            findings by ``log_hyperparams``), an object with ``write(step, values)``
+            (:class:`~trainprobe.monitor.mirror.Mirror`), or a list of these. The store
+            stays the record: a tracker that raises is warned about once and left out,
+            and training goes on. Under ``torch.distributed``, rank 0 mirrors. The
+            trackers stay open (closing them is the caller's).
 
     Raises:
-        TypeError: ``model`` is not a module, a probe is a class or not a probe.
+        TypeError: ``model`` is not a module, a probe is a class or not a probe, or
+            ``mirror`` is none of the trackers above.
         ValueError: no trainable parameters, duplicate probe names, bad options
             (``resume_from`` without ``resume``, ``resume`` with ``overwrite``).
         FileExistsError: on entering, ``run_dir`` already holds a run and neither
@@ -113,4 +126,5 @@ def watch(
         on_probe_error=on_probe_error,
         meta=meta,
         scaler=scaler,
+        mirror=mirror,
     )

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..keys import Key
 from .activations import SKIPPED, _first_tensor, _is_compiled
-from .base import PerLayer, ProbeOptions, StepContext, Value
+from .base import OnHost, PerLayer, ProbeOptions, StepContext, Value
 from .schedules import Schedule, every
 from .tensors import stack_scalars
 
@@ -81,6 +83,12 @@ def _output_tensor(output: Any) -> Tensor | None:
     return _first_tensor(output)
 
 
+def _profile_index(length: int, points: int) -> Tensor:
+    """``[k]`` positions (on the CPU) spread evenly from the first to the last of
+    ``length``, ``points`` of them less repeats."""
+    return torch.linspace(0, length - 1, points).round().long().unique()
+
+
 def _label(name: str) -> str:
     """A module's name in the keys: the watched model itself (``""``) is ``model``."""
     return name or "model"
@@ -129,6 +137,12 @@ class GradientFlow(ProbeOptions):
     last``, and ``profile`` the norms at ``profile_points`` positions spread evenly from
     the first to the last.
 
+    Under ``torch.distributed`` (DDP, FSDP2) each rank's hooks see ``∂L_r/∂y_r`` of its
+    own mean loss ``L_r``, and the gradient the ranks apply is that of their mean ``L =
+    (1/W) Σ_r L_r``, so ``||∂L/∂y||² = Σ_r ||∂L_r/∂y_r||² / W²`` (the same per position):
+    each rank sends its squares divided by ``W²`` (:class:`~.base.OnHost`, summed by the
+    monitor) and the keys are those of one process on the global batch.
+
     Keys: see ``keys``. It cannot hook a ``torch.compile``'d module (hooks there run
     only while tracing): it is disabled with a warning there; watch ``model._orig_mod``.
 
@@ -144,7 +158,7 @@ class GradientFlow(ProbeOptions):
     """
 
     name: str = "grad_flow"
-    across_ranks = "local"
+    across_ranks = "combined"  # squares / W² summed over ranks
     schedule: Schedule = every(10)
     keys = (
         Key("grad_flow/norm/<module>", "‖∂L/∂y‖ of the module's output y over the batch"),
@@ -290,12 +304,6 @@ class GradientFlow(ProbeOptions):
         self._flows.clear()
         if not flows:
             return {}
-        names = tuple(map(_label, flows))
-        out: dict[str, Value] = {
-            f"{self.name}/norm": PerLayer(  # hooks saw the AMP-scaled loss's gradients
-                names, ctx.unscaled(stack_scalars([f.squares for f in flows.values()]).sqrt())
-            ),
-        }
         timed = {n: f.positions for n, f in self._inputs.items() if f.positions is not None}
         for name, calls in self._calls.items():
             positions = calls.positions()
@@ -303,6 +311,14 @@ class GradientFlow(ProbeOptions):
                 timed[name] = positions  # [T]: ||∂L/∂h_t||² of the cell's calls
         self._inputs.clear()
         self._calls.clear()
+        if ctx.ranks is not None:
+            return self._squares(ctx, flows, timed)
+        names = tuple(map(_label, flows))
+        out: dict[str, Value] = {
+            f"{self.name}/norm": PerLayer(  # hooks saw the AMP-scaled loss's gradients
+                names, ctx.unscaled(stack_scalars([f.squares for f in flows.values()]).sqrt())
+            ),
+        }
         if timed:
             seq = tuple(map(_label, timed))
             first = ctx.unscaled(stack_scalars([p[0] for p in timed.values()]).sqrt())  # [S]
@@ -311,8 +327,58 @@ class GradientFlow(ProbeOptions):
             out[f"{self.name}/last"] = PerLayer(seq, last)
             out[f"{self.name}/ratio"] = PerLayer(seq, first / last)
             for name, positions in timed.items():
-                at = torch.linspace(0, positions.shape[0] - 1, self.profile_points)
-                index = at.round().long().unique().to(positions.device)
-                profile = ctx.unscaled(positions[index].sqrt())  # [k]
+                index = _profile_index(positions.shape[0], self.profile_points)
+                profile = ctx.unscaled(positions[index.to(positions.device)].sqrt())  # [k]
                 out[f"{self.name}/profile/{_label(name)}"] = profile
         return out
+
+    def _squares(
+        self, ctx: StepContext, flows: dict[str, _Flow], timed: dict[str, Tensor]
+    ) -> dict[str, Value]:
+        """Under ranks: this rank's squares times ``(1 / (W · loss scale))²`` (see the class
+        doc), as values the monitor sums over ranks and finishes on the host: the norms,
+        first and last positions in one, each module's profile in its own (its length is
+        that module's)."""
+        rows = [f.squares for f in flows.values()]
+        rows += [p[0] for p in timed.values()] + [p[-1] for p in timed.values()]
+        squares = stack_scalars(rows).double()  # [M + 2S]
+        factor = torch.full((), 1.0 / ctx.ranks.world, dtype=torch.float64, device=squares.device)
+        factor = ctx.unscaled(factor).square()  # (1 / (W · loss scale))²
+        finish = partial(
+            _flow_norms,
+            probe=self.name,
+            names=tuple(map(_label, flows)),
+            timed=tuple(map(_label, timed)),
+        )
+        out: dict[str, Value] = {
+            f"{self.name}/squares": OnHost(squares * factor, finish, reduce="sum")
+        }
+        for name, positions in timed.items():
+            index = _profile_index(positions.shape[0], self.profile_points)
+            picked = positions[index.to(positions.device)].double() * factor.to(positions.device)
+            key = f"{self.name}/profile/{_label(name)}"
+            out[f"{self.name}/profile_squares/{_label(name)}"] = OnHost(
+                picked, partial(_profile, key=key), reduce="sum"
+            )  # [k]
+        return out
+
+
+def _flow_norms(
+    squares: np.ndarray, *, probe: str, names: tuple[str, ...], timed: tuple[str, ...]
+) -> dict[str, float]:
+    """``norm``, ``first``, ``last`` and ``ratio`` from ``[M + 2S]`` squares summed over ranks."""
+    norms = np.sqrt(np.asarray(squares, dtype=np.float64).reshape(-1))  # [M + 2S]
+    m, s = len(names), len(timed)
+    out = {f"{probe}/norm/{n}": float(v) for n, v in zip(names, norms[:m], strict=True)}
+    first, last = norms[m : m + s], norms[m + s :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = first / last  # inf or NaN where the last position got nothing, as in torch
+    for label, a, b, r in zip(timed, first, last, ratio, strict=True):
+        out.update({f"{probe}/first/{label}": float(a), f"{probe}/last/{label}": float(b)})
+        out[f"{probe}/ratio/{label}"] = float(r)
+    return out
+
+
+def _profile(squares: np.ndarray, *, key: str) -> dict[str, np.ndarray]:
+    """``{key: [k] norms}`` from a profile's squares summed over ranks."""
+    return {key: np.sqrt(np.asarray(squares, dtype=np.float64).reshape(-1))}

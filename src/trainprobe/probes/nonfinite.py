@@ -12,7 +12,7 @@ import torch
 from ..keys import Key
 from .base import OnHost, ProbeOptions, StepContext, Value
 from .schedules import Schedule, every
-from .tensors import stacked_norms
+from .tensors import local_part, stacked_norms
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -23,6 +23,10 @@ class NonFiniteGuard(ProbeOptions):
     not finite: any NaN or Inf element makes the norm non-finite. On the device
     a step costs one fused norm call and one stack; the counting happens on the
     host when the monitor flushes (:class:`~trainprobe.probes.base.OnHost`).
+
+    Under ``torch.distributed`` the norms are summed over ranks before the count (a
+    NaN/Inf on any rank is one everywhere); under FSDP2 (``fully_shard``) each rank
+    takes the norms of its own ``DTensor`` shards, so a NaN in any shard flags the tensor.
 
     Keys: see ``keys`` (``nonfinite/loss`` only when a loss is logged; the first
     offenders index the run's ``meta["model"]["params"]``, -1 when none).
@@ -56,7 +60,7 @@ class NonFiniteGuard(ProbeOptions):
         params = list(ctx.params.values())
         grad_index = tuple(i for i, p in enumerate(params) if p.grad is not None)
         tensors = [p.detach() for p in params] + [params[i].grad.detach() for i in grad_index]
-        values = stacked_norms(tensors)  # [L + L']
+        values = stacked_norms([local_part(t) for t in tensors])  # [L + L']
         loss = ctx.logged.get("loss")  # a device tensor, a float, or None
         on_device = isinstance(loss, torch.Tensor)
         if on_device:

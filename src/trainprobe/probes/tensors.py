@@ -1,9 +1,11 @@
-"""Small tensor kernels shared by probes: fused norms, stacking 0-d tensors."""
+"""Small tensor kernels shared by probes: fused norms, stacking 0-d tensors, and the
+shares of squared norms that ranks sum under FSDP2 (sharded ``DTensor`` parameters)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,3 +48,80 @@ def stacked_norms(tensors: Sequence[Tensor], *, wide: torch.dtype | None = None)
 def total_norm(norms: Tensor) -> Tensor:
     """Global L2 norm from per-tensor norms: ``sqrt(sum_i ||t_i||^2)``."""
     return torch.linalg.vector_norm(norms)
+
+
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters), or None where
+    this torch build has no distributed package."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without torch.distributed
+        return None
+    return DTensor
+
+
+def any_sharded(tensors: Iterable[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a ``DTensor`` (a parameter or gradient under FSDP2)."""
+    kind = dtensor_type()
+    return kind is not None and any(isinstance(t, kind) for t in tensors)
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this process holds: a ``DTensor``'s local shard (no
+    collective), any other tensor itself."""
+    kind = dtensor_type()
+    return tensor.to_local() if kind is not None and isinstance(tensor, kind) else tensor
+
+
+def _holders(tensor: Tensor, world: int) -> float:
+    """How many of the ``world`` ranks hold each element of ``tensor``'s local part: a
+    plain tensor is on every rank (replicated), a ``DTensor`` on the ranks that are not
+    told apart by a ``Shard`` placement of its mesh."""
+    kind = dtensor_type()
+    if kind is None or not isinstance(tensor, kind):
+        return float(world)
+    shards = 1
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"a DTensor of shape {tuple(tensor.shape)} is Partial (a reduction still "
+                "pending) on its mesh, so no rank holds its value yet; measure it after the "
+                "reduction (FSDP2 reduce-scatters gradients at the end of the backward)"
+            )
+        if placement.is_shard():
+            shards *= tensor.device_mesh.size(dim)
+    return world / shards
+
+
+def shared_squares(
+    tensors: Sequence[Tensor],
+    world: int,
+    *,
+    wide: torch.dtype | None = None,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """``[L]`` float64: this rank's share of each tensor's squared L2 norm, so that the
+    sum over the ``world`` ranks is ``||t||^2`` of the whole tensor.
+
+    ``s_r = ||local_r||^2 / h``, with ``local_r`` the rank's part (a ``DTensor``'s local
+    shard, another tensor itself) and ``h`` the number of ranks holding that part
+    (``world`` for a replicated tensor, 1 for a shard of a 1-D FSDP2 mesh), so that
+    ``Σ_r s_r = ||t||^2`` without gathering any tensor. ``wide`` as in
+    :func:`stacked_norms`; ``scale`` (a 0-d tensor, e.g. ``1 / loss scale``) multiplies
+    every tensor before squaring.
+    """
+    holders = [_holders(t, world) for t in tensors]
+    norms = stacked_norms([local_part(t) for t in tensors], wide=wide)  # [L]
+    if scale is not None:
+        norms = norms * scale.to(norms.device, norms.dtype)
+    count = torch.tensor(holders, dtype=torch.float64).to(norms.device, non_blocking=True)
+    return norms.double().square() / count  # [L]
+
+
+def norms_from_squares(squares: np.ndarray, names: Sequence[str], prefix: str) -> dict[str, float]:
+    """``{prefix/name: sqrt(squares[i])}`` and ``{prefix_total: sqrt(Σ squares)}`` on the
+    host (the keys :class:`~.base.PerLayer` and :func:`total_norm` give in one process)."""
+    squares = np.asarray(squares, dtype=np.float64).reshape(len(names))
+    out = {f"{prefix}/{n}": float(np.sqrt(s)) for n, s in zip(names, squares, strict=True)}
+    out[f"{prefix}_total"] = float(np.sqrt(squares.sum()))
+    return out

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
+import numpy as np
 import torch
 
 from ..keys import Key
-from .base import PerLayer, ProbeOptions, StepContext, Value
+from .base import OnHost, PerLayer, ProbeOptions, StepContext, Value
 from .schedules import Schedule, every
-from .tensors import stacked_norms, total_norm
+from .tensors import (
+    any_sharded,
+    dtensor_type,
+    local_part,
+    norms_from_squares,
+    shared_squares,
+    stacked_norms,
+    total_norm,
+)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -28,6 +38,11 @@ class UpdateNorms(ProbeOptions):
     tensor that is exactly zero before the step (zero-initialised biases, LoRA B,
     LayerScale at 0): the probe writes NaN there rather than a huge number.
 
+    Under FSDP2 (``fully_shard``) the copy and ``Δw`` are ``DTensor`` shards like the
+    parameters (each rank copies its own shard); each rank sends its shards' squared
+    norms, summed over ranks by the monitor (one :class:`~.base.OnHost`, nothing
+    gathered) into the keys of one process.
+
     Keys: see ``keys``.
 
     Args:
@@ -36,6 +51,7 @@ class UpdateNorms(ProbeOptions):
     """
 
     name: str = "updates"
+    across_ranks = "combined"  # FSDP2 shards: squares summed over ranks (DDP: the same)
     schedule: Schedule = every(10)
     keys = (
         Key(
@@ -52,8 +68,10 @@ class UpdateNorms(ProbeOptions):
         if ctx.update is None or ctx.params_before is None:
             raise ValueError("UpdateNorms needs ctx.update; declare needs={'update'}")
         names = tuple(ctx.update)
-        deltas = stacked_norms(list(ctx.update.values()))  # [L]
-        weights = stacked_norms([ctx.params_before[n] for n in names])  # [L]
+        if ctx.ranks is not None and any_sharded(ctx.update.values()):
+            return self._shares(ctx, names, ctx.ranks.world)
+        deltas = stacked_norms([local_part(d) for d in ctx.update.values()])  # [L]
+        weights = stacked_norms([local_part(ctx.params_before[n]) for n in names])  # [L]
         weights_total = total_norm(weights)
         deltas_total = total_norm(deltas)
         return {
@@ -63,16 +81,74 @@ class UpdateNorms(ProbeOptions):
             f"{self.name}/ratio_total": _ratio(deltas_total, weights_total),
         }
 
+    def _shares(self, ctx: StepContext, names: tuple[str, ...], world: int) -> dict[str, Value]:
+        """``[2L]`` this rank's shares of ``||Δw||²`` and ``||w||²``, summed over ranks by
+        the monitor and finished on the host into the keys of one process."""
+        deltas = shared_squares(list(ctx.update.values()), world)  # [L]
+        weights = shared_squares([ctx.params_before[n] for n in names], world)  # [L]
+        squares = torch.cat([deltas, weights.to(deltas.device)])  # [2L]
+        finish = partial(_updates, probe=self.name, names=names)
+        return {f"{self.name}/squares": OnHost(squares, finish, reduce="sum")}
+
+
+def _updates(squares: np.ndarray, *, probe: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Update norms and ratios from ``[2L]`` squares (``Δw`` then ``w``) summed over ranks."""
+    squares = np.asarray(squares, dtype=np.float64).reshape(2, len(names))
+    out = norms_from_squares(squares[0], names, f"{probe}/norm")
+    norms = np.sqrt(squares)  # [2, L]
+    totals = np.sqrt(squares.sum(axis=1))  # [2]
+    for name, delta, weight in zip(names, norms[0], norms[1], strict=True):
+        out[f"{probe}/ratio/{name}"] = _host_ratio(delta, weight)
+    out[f"{probe}/ratio_total"] = _host_ratio(totals[0], totals[1])
+    return out
+
+
+def _host_ratio(delta: float, weight: float) -> float:
+    """``delta / weight``, NaN where ``weight`` is not positive (as :func:`_ratio`)."""
+    return float(delta / weight) if weight > 0 else float("nan")
+
 
 def _ratio(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``deltas / weights``, NaN where ``weights == 0`` (the ratio is undefined there)."""
     return torch.where(weights > 0, deltas / weights, torch.full_like(deltas, float("nan")))
 
 
+def kept_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{name: a detached copy of params[name]}``, with one fused copy per kind of tensor
+    (see :func:`_fused`), for the update measured after the step."""
+    names = list(params)
+    copies = _fused(lambda ts: torch._foreach_mul(ts, 1.0), [params[n].detach() for n in names])
+    return dict(zip(names, copies, strict=True))
+
+
 def parameter_deltas(
     params: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """``{name: params[name] - before[name]}`` with one fused subtraction."""
+    """``{name: params[name] - before[name]}`` with one fused subtraction per kind of
+    tensor (see :func:`_fused`; ``DTensor`` shards subtract shard by shard, without a
+    collective)."""
     names = list(before)
-    diffs = torch._foreach_sub([params[n].detach() for n in names], [before[n] for n in names])
+    now = [params[n].detach() for n in names]
+    diffs = _fused(torch._foreach_sub, now, [before[n] for n in names])
     return dict(zip(names, diffs, strict=True))
+
+
+def _fused(
+    op: Callable[..., Sequence[torch.Tensor]], *columns: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``op(*columns)`` (a ``torch._foreach_*`` op), called once for the ``DTensor``s (FSDP2's
+    shards) and once for the other tensors: a fused op refuses a list mixing the two (a
+    parameter FSDP2 leaves replicated, ``fully_shard(..., ignored_params=...)``). The
+    results come in the order of the inputs."""
+    kind = dtensor_type()
+    first = columns[0]
+    sharded = [kind is not None and isinstance(t, kind) for t in first]
+    if all(sharded) or not any(sharded):
+        return list(op(*columns))
+    out: list[torch.Tensor] = list(first)
+    for flag in (True, False):
+        index = [i for i, s in enumerate(sharded) if s == flag]
+        results = op(*[[column[i] for i in index] for column in columns])
+        for i, result in zip(index, results, strict=True):
+            out[i] = result
+    return out
