@@ -107,16 +107,14 @@ def test_ddp_series_equal_the_single_process_run_on_the_global_batch(tmp_path, w
         tol = 1e-8 if key.startswith(("sharpness/", "hessian/")) else 1e-12
         np.testing.assert_allclose(got.values, want.values, rtol=tol, atol=1e-14, err_msg=key)
     assert ranks.meta["ranks"] == {"world": world, "writer": 0}
-    # one collective per measured step (every step has probes due here), plus one
-    # agreement (all_gather_object) the first time each set of due probes is seen
+    # one collective per step where a probe that combines ranks is due (activations at
+    # 0, 2, 4; curvature on the step's batch at 0, 3), plus one agreement the first time
+    # each set of them is seen ({activations, sharpness, hessian}, {activations},
+    # {sharpness, hessian}); norms, updates, the non-finite guard and the learning rate
+    # read replicated parameters and all-reduced gradients: no collective
     counts = [r["collectives"] for r in reports(tmp_path, world)]
     assert counts == [counts[0]] * world
-    # step 0: every-step probes, activations, curvature (no update yet); 1 and 5: every-step
-    # probes and the update of the step before; 2 and 4: + activations; 3: + curvature
-    due_sets = 4
-    # and at close: the last step's update, decided and combined (a collective and, for
-    # its new set of due probes, an agreement)
-    assert counts[0] == STEPS + due_sets + 2
+    assert counts[0] == 4 + 3
 
 
 def _noise_probes(micro: int) -> list:
@@ -190,19 +188,29 @@ def test_every_rank_may_pass_the_same_run_dir_and_rank_0_alone_writes(tmp_path):
 
 
 class _FailsOnRank1:
-    """A probe that raises on rank 1 only (at step 2)."""
+    """A probe combining the ranks' batches that raises on rank 1 only (at step 2)."""
 
     name = "flaky"
     schedule = every(1)
     needs = frozenset()
     keys = (Key("flaky/value", "1.0 while it works"),)
+    across_ranks = "combined"
 
     def measure(self, ctx):
         import torch.distributed as dist
 
         if dist.get_rank() == 1 and ctx.step == 2:
             raise RuntimeError("injected fault on rank 1")
-        return {"flaky/value": 1.0}
+        return {f"{self.name}/value": 1.0}
+
+
+class _SameFailsOnRank1(_FailsOnRank1):
+    """The same fault in a probe whose values are the same on every rank: rank 1 drops it
+    alone, rank 0 (the writer) goes on, and no collective is involved."""
+
+    name = "replicated"
+    keys = (Key("replicated/value", "1.0 while it works"),)
+    across_ranks = "same"
 
 
 def _nan_on_rank_1(rank, world, batch):
@@ -216,7 +224,7 @@ def _nan_on_rank_1(rank, world, batch):
 def _fault_worker(rank: int, world: int, tmp_path, kind: str) -> None:
     model = DDP(_model().double())
     if kind == "raise":
-        probes = [_FailsOnRank1(), Sharpness(schedule=every(1))]
+        probes = [_FailsOnRank1(), _SameFailsOnRank1(), Sharpness(schedule=every(1))]
         shard = partial(_shard, rank, world)
     else:  # a NaN in rank 1's batch at every step: curvature's loss is NaN there only
         probes = [Sharpness(schedule=every(1)), LayerNorms(schedule=every(1))]
@@ -230,9 +238,10 @@ def _fault_worker(rank: int, world: int, tmp_path, kind: str) -> None:
 def test_a_probe_failing_on_one_rank_is_disabled_on_all_without_a_hang(tmp_path):
     spawn(_fault_worker, 2, tmp_path, "raise", deadline=90)
     seen = reports(tmp_path, 2)
-    assert seen[0]["disabled"] == seen[1]["disabled"] == ["flaky"]
+    assert seen[0]["disabled"] == ["flaky"] and seen[1]["disabled"] == ["flaky", "replicated"]
     run = Run(tmp_path / "run")
     assert run.series("flaky/value").steps.tolist() == [0, 1]  # nothing from step 2 on
+    assert run.series("replicated/value").steps.tolist() == list(range(STEPS))
     assert run.series("sharpness/lambda_max").steps.tolist() == list(range(STEPS))
     assert "rank 1" in run.meta["disabled_probes"]["flaky"]
 

@@ -280,6 +280,23 @@ def _under_fsdp2() -> tuple[tuple[type, str], ...]:
     )
 
 
+def coordinated(probe: Any, *, sharded: bool) -> bool:
+    """Whether ``probe`` needs the step's exchange under ranks: its values combine the
+    ranks' own batches (sums, or collectives inside its measurement, whose failure must
+    be decided alike everywhere), or are shard statistics under FSDP2. The others
+    (replicated parameters, all-reduced gradients, the probe's own fixed data) are the
+    same on every rank: rank 0 measures and decides alone, and a step with only those
+    due makes no collective."""
+    rule = getattr(probe, "across_ranks", "same")
+    if rule == "sharded":
+        return sharded
+    if rule != "combined":
+        return False
+    own = getattr(probe, "own_data", None)
+    has_own = own is not None and getattr(probe, own, None) is not None
+    return not (has_own or getattr(probe, "batches", None) is not None)
+
+
 def check_across_ranks(
     probes: Sequence[Any], ranks: Ranks, *, params: Iterable[Tensor] = ()
 ) -> None:

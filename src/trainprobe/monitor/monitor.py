@@ -61,7 +61,9 @@ from .distributed import (
     SKIPPED,
     Exchange,
     NullWriter,
+    any_sharded,
     check_across_ranks,
+    coordinated,
     detect_ranks,
     unwrap,
 )
@@ -107,8 +109,14 @@ class Monitor:
         if self.scaler is not None and not any(isinstance(p, LossScale) for p in chosen):
             chosen = check_probes([*chosen, LossScale()])  # the scale and the skipped steps
         self.probes = tuple(chosen)
+        #: under ranks, the probes the step's one collective is for (see coordinated())
+        self._coordinated: frozenset[str] = frozenset()
         if self.ranks is not None:
             check_across_ranks(self.probes, self.ranks, params=self.params.values())
+            sharded = any_sharded(self.params.values())
+            self._coordinated = frozenset(
+                p.name for p in self.probes if coordinated(p, sharded=sharded)
+            )
         self._chosen = probes is not None  # the user named the probes (else the defaults)
         self._declared = {p.name: declared_keys(p) for p in self.probes}
         self._due = {p.name: due_schedule(p) for p in self.probes}
@@ -330,7 +338,7 @@ class Monitor:
             raise
 
     def _attach_failed(self, probe: Probe, err: Exception) -> None:
-        if self.ranks is not None:  # decided with the other ranks at the step's end
+        if probe.name in self._coordinated:  # decided with the other ranks at the step's end
             self._pending[probe.name] = (FAILED, err)
             return
         if self.on_probe_error == "raise":
@@ -458,13 +466,13 @@ class Monitor:
         try:
             measured = probe.measure(ctx)
         except NonFiniteLoss as err:  # one bad batch: this step only, the probe stays on
-            if self.ranks is not None:  # decided with the other ranks at the step's end
+            if probe.name in self._coordinated:  # decided with the other ranks at the end
                 self._pending[probe.name] = (SKIPPED, err)
                 return
             self._skip(probe, ctx.step, err)
             return
         except Exception as err:
-            if self.ranks is not None:
+            if probe.name in self._coordinated:
                 self._pending[probe.name] = (FAILED, err)
                 return
             if self.on_probe_error == "raise":
@@ -478,11 +486,14 @@ class Monitor:
         failure or skip for all ranks alike (one collective; see ``distributed``). The
         update probes of the step before, measured as this one began, are decided and
         combined in the same collective, in that step's record."""
-        names = [p.name for p in handle.due if "update" not in p.needs]
+        mine = self._coordinated
+        names = [p.name for p in handle.due if "update" not in p.needs and p.name in mine]
         carried: dict[str, Value] = {}
         if self._previous is not None and self._previous[0].step != handle.step:
             previous, carried = self._previous
-            names += [f"{p.name}@update" for p in previous.due if "update" in p.needs]
+            names += [
+                f"{p.name}@update" for p in previous.due if "update" in p.needs and p.name in mine
+            ]
         self._combine_on_ranks(handle.step, names, values, carried)
 
     def _decide_last_update(self, clean: bool) -> None:
@@ -494,7 +505,11 @@ class Monitor:
             for key in [k for k, v in record.items() if _summed(v)]:
                 del record[key]
             return
-        names = [f"{p.name}@update" for p in handle.due if "update" in p.needs]
+        names = [
+            f"{p.name}@update"
+            for p in handle.due
+            if "update" in p.needs and p.name in self._coordinated
+        ]
         self._combine_on_ranks(handle.step, names, {}, record)
 
     def _combine_on_ranks(
@@ -510,14 +525,17 @@ class Monitor:
             probe_name = name.removesuffix("@update")
             if probe_name in pending:
                 status[name] = pending[probe_name][0]
-        sums = {k: v for k, v in carried.items() if _summed(v)}
-        both = {**values, **sums}
+        mine = self._coordinated  # the sums of the others stay rank 0's (the same)
+        sums = {k: v for k, v in carried.items() if _summed(v) and k.split("/")[0] in mine}
+        own = {k: v for k, v in values.items() if k.split("/")[0] in mine}
+        both = {**own, **sums}
         verdict = self._exchange.combine(names, status, both)
         for key in sums:  # back to the update probes' record, combined (or dropped)
             del carried[key]
             if key in both:
                 carried[key] = both.pop(key)
-        values.clear()
+        for key in own:
+            del values[key]
         values.update(both)
         for name, (worst, rank) in verdict.items():
             probe_name = name.removesuffix("@update")

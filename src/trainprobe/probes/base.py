@@ -161,6 +161,8 @@ ACROSS_RANKS = {
     "probe's own fixed data): rank 0's value is stored",
     "combined": "each rank measures its own batch and the ranks' values are combined into "
     "the global batch's (summed sufficient statistics, or products averaged by a collective)",
+    "sharded": "the same on every rank under DDP (replicated parameters, all-reduced "
+    "gradients: no collective); under FSDP2 each rank's shard statistics are combined",
     "own_data": "the same on every rank with the probe's own fixed data; on the step's batch "
     "only this rank's share, so refused under a process group until data is given",
     "local": "this rank's own forward and backward, with no rule yet to combine ranks: refused "

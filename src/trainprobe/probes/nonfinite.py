@@ -37,7 +37,7 @@ class NonFiniteGuard(ProbeOptions):
     """
 
     name: str = "nonfinite"
-    across_ranks = "combined"
+    across_ranks = "sharded"  # FSDP2: shard squares summed over ranks; DDP: replicated
     schedule: Schedule = every(1)
     keys = (
         Key("nonfinite/loss", "1.0 when the value logged as loss is NaN/Inf, else 0.0"),

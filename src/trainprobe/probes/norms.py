@@ -43,7 +43,7 @@ class LayerNorms(ProbeOptions):
     """
 
     name: str = "norms"
-    across_ranks = "combined"  # FSDP2 shards: squares summed over ranks (DDP: the same)
+    across_ranks = "sharded"  # FSDP2: shard squares summed over ranks; DDP: replicated
     schedule: Schedule = every(10)
     keys = (
         Key("norms/weight/<param>", "‖w‖_2 of one parameter tensor"),

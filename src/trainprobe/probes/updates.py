@@ -51,7 +51,7 @@ class UpdateNorms(ProbeOptions):
     """
 
     name: str = "updates"
-    across_ranks = "combined"  # FSDP2 shards: squares summed over ranks (DDP: the same)
+    across_ranks = "sharded"  # FSDP2: shard squares summed over ranks; DDP: replicated
     schedule: Schedule = every(10)
     keys = (
         Key(
