@@ -26,6 +26,7 @@ from trainprobe.probes import (
     ActivationStats,
     GradConflict,
     GradNoise,
+    GrokSignals,
     HessianTop,
     LayerNorms,
     LearningRate,
@@ -93,7 +94,7 @@ def _ddp_worker(rank: int, world: int, tmp_path) -> None:
     report(tmp_path, rank, {"collectives": mon._exchange.collectives})
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ddp_series_equal_the_single_process_run_on_the_global_batch(tmp_path, world):
     spawn(_ddp_worker, world, tmp_path)
     _train(_model().double(), tmp_path / "single")
@@ -145,6 +146,61 @@ def test_the_gradient_noise_scale_pools_every_ranks_examples(tmp_path):
             ranks.series(key).values, single.series(key).values, rtol=1e-10, err_msg=key
         )
     assert ranks.series("grad_noise/batch_size").values.tolist() == [GLOBAL_BATCH] * 3
+
+
+def _conflict_probes(micro: int) -> list:
+    ce = criterion_loss(nn.CrossEntropyLoss())
+
+    def tasks(model, batch):
+        out = model(batch[0])
+        return {"ce": nn.functional.cross_entropy(out, batch[1]), "small": out.pow(2).mean()}
+
+    return [
+        GradConflict(loss_fn=ce, schedule=every(2)),
+        GradConflict(by="task", loss_fn=tasks, schedule=every(2), name="tasks"),
+        GradConflict(
+            by="microbatch", microbatches=micro, loss_fn=ce, schedule=every(2), name="micro"
+        ),
+    ]
+
+
+def _classify(run_dir, shard=lambda batch: batch, micro: int = 4) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model = DDP(model) if torch.distributed.is_initialized() else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with trainprobe.watch(model, _conflict_probes(micro), run_dir=run_dir, optimizer=opt) as mon:
+        for step in range(4):
+            x, _ = _data(step)
+            # rank 0's share has no example of class 2 at step 0: the union of ids matters
+            y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long() * (step > 0)
+            x, y = shard((x, y))
+            with mon.step(step, batch=(x, y)):
+                nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+
+def _conflict_worker(rank: int, world: int, tmp_path) -> None:
+    _classify(tmp_path / "run", partial(_shard, rank, world), micro=2)
+
+
+def test_group_gradients_pool_every_ranks_share(tmp_path):
+    """Per-class (the union of the ranks' classes), per-task (batch-size weighted) and
+    per-micro-batch groups (every rank's, in rank order) of the global batch: equal to one
+    process holding it (float64)."""
+    spawn(_conflict_worker, 2, tmp_path)
+    _classify(tmp_path / "single")
+    ranks, single = Run(tmp_path / "run"), Run(tmp_path / "single")
+    prefixes = ("conflict/", "tasks/", "micro/")
+    names, recorded = single.keys(), ranks.keys()  # Run has no __iter__
+    keys = [k for k in names if k.startswith(prefixes)]
+    assert sorted(keys) == sorted(k for k in recorded if k.startswith(prefixes))
+    for key in keys:
+        np.testing.assert_allclose(
+            ranks.series(key).values, single.series(key).values, rtol=1e-10, atol=1e-13, err_msg=key
+        )
+    assert ranks.series("conflict/groups").values.tolist() == [2.0, 3.0]
 
 
 def _batchnorm_worker(rank: int, world: int, tmp_path) -> None:
@@ -271,7 +327,7 @@ class _LocalOnly:
 def _refusal_worker(rank: int, world: int, tmp_path) -> None:
     model = DDP(_model().double())
     for probe, words in (
-        (GradConflict(by="microbatch"), "give it a fixed batch with data="),
+        (GrokSignals(), "give it a fixed batch with data="),
         (_LocalOnly(), "no rule yet to combine ranks"),
     ):
         with pytest.raises(ValueError, match=words):

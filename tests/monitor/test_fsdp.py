@@ -132,7 +132,7 @@ def _refusal_worker(rank: int, world: int, tmp_path) -> None:
     report(tmp_path, rank, refusals)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_fsdp2_series_equal_the_single_process_run_on_the_global_batch(tmp_path, world):
     spawn(_fsdp_worker, world, tmp_path, deadline=150)
     _train(_Net().double(), tmp_path / "single")

@@ -95,6 +95,14 @@ class Ranks(Protocol):
         """``tensor``'s sum over ranks (a collective every rank must make)."""
         ...
 
+    def gather(self, vector: Tensor) -> Tensor:
+        """``[world, n]``: every rank's ``vector [n]`` (a collective)."""
+        ...
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's picklable ``value`` (a collective between this job's ranks)."""
+        ...
+
 
 @dataclass(frozen=True)
 class StepContext:

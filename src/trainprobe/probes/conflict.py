@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -71,6 +71,7 @@ class GradConflict(LossProbe):
 
     name: str = "conflict"
     schedule: Schedule = every(10)
+    across_ranks = "combined"  # on the step's batch: every rank's groups pooled
     keys = (
         Key("conflict/groups", "G, the groups in the batch"),
         Key("conflict/norm/<group>", "‖g_g‖, the norm of the group's mean gradient"),
@@ -148,6 +149,8 @@ class GradConflict(LossProbe):
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         objective, batch = self.objective(ctx)
         groups = self._gradients(objective, batch)
+        if ctx.ranks is not None and self.data is None:  # each rank holds its share
+            groups = pooled_groups(groups, ctx.ranks, by=self.by)
         names, numbers = self._names(groups.ids)
         grams = layer_grams(groups.grads, groups.layout)  # [L, G, G]
         out = _group_values(self.name, groups, names, grams.sum(dim=0))
@@ -271,6 +274,72 @@ def _applied_values(
         f"{probe}/applied_cos": PerLayer(names, cos),
         f"{probe}/applied_offset": (applied - total).norm() / total.norm(),
     }
+
+
+def pooled_groups(groups: GroupGradients, ranks: Any, *, by: Any) -> GroupGradients:
+    """The groups of the global batch from every rank's share (data parallel).
+
+    Classes and ids: the union of the ranks' ids (one ``gather_objects``), then one
+    all-reduce of each group's example-weighted gradient and loss sums and its count, so a
+    group's gradient is its mean over all its examples wherever they were. Tasks: each
+    rank's task gradients are means over its batch; the global one weights them by batch
+    size. Micro-batches: every rank's micro-batches are groups of the global batch (rank
+    ``r``'s ``k``-th is number ``r·m + k``), gathered.
+    """
+    if by == "microbatch":
+        flat = torch.cat(
+            [
+                groups.grads.reshape(-1),
+                groups.losses.to(groups.grads),
+                groups.counts.to(groups.grads),
+            ]
+        )
+        every_rank = ranks.gather(flat).to(groups.grads.device)  # [W, m·P + 2m]
+        count, size = groups.grads.shape
+        grads = every_rank[:, : count * size].reshape(-1, size)  # [W·m, P]
+        losses = every_rank[:, count * size : count * size + count].reshape(-1)
+        counts = every_rank[:, count * size + count :].reshape(-1)
+        return replace(
+            groups,
+            ids=tuple(range(grads.shape[0])),
+            grads=grads.to(groups.grads.dtype),
+            losses=losses,
+            counts=counts,
+            weights=counts / counts.sum(),
+        )
+    if by == "task":
+        size = groups.counts[:1].to(groups.grads)  # the local batch size (every task's)
+        local = torch.cat(
+            [size * groups.grads.reshape(-1), size * groups.losses.to(groups.grads), size]
+        )
+        total = ranks.sum(local)
+        n = total[-1]
+        count, width = groups.grads.shape
+        return replace(
+            groups,
+            grads=(total[: count * width] / n).reshape(count, width),
+            losses=total[count * width : -1] / n,
+            counts=torch.full_like(groups.counts.to(groups.grads), 1.0) * n,
+        )
+    union = sorted({i for ids in ranks.gather_objects(list(groups.ids)) for i in ids})
+    index = {i: k for k, i in enumerate(union)}
+    rows = torch.tensor([index[i] for i in groups.ids], device=groups.grads.device)
+    width = groups.grads.shape[1]
+    counts = groups.counts.to(groups.grads)
+    sums = torch.zeros(len(union), width + 2, dtype=groups.grads.dtype, device=groups.grads.device)
+    sums[rows, :width] = counts[:, None] * groups.grads
+    sums[rows, width] = counts * groups.losses.to(groups.grads)
+    sums[rows, width + 1] = counts
+    total = ranks.sum(sums)  # [G, P + 2]
+    n = total[:, width + 1]
+    return replace(
+        groups,
+        ids=tuple(union),
+        grads=total[:, :width] / n[:, None],
+        losses=total[:, width] / n,
+        counts=n,
+        weights=n / n.sum(),
+    )
 
 
 def _nanmin(values: Tensor, dim: int) -> Tensor:
