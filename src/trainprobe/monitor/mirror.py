@@ -39,7 +39,9 @@ severe first, as :func:`~trainprobe.analysis.analyze` returns them.
 from __future__ import annotations
 
 import inspect
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,20 +284,38 @@ class Mirrors:
         many = isinstance(mirror, list | tuple)
         targets = [] if mirror is None else list(mirror) if many else [mirror]
         self.targets: list[tuple[str, Any]] = [adapt(t) for t in targets]
+        self._queue: queue.SimpleQueue[list[Record] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def __bool__(self) -> bool:
         return bool(self.targets)
 
     def write(self, records: Iterable[Record]) -> None:
-        """Send each committed record to every tracker still on."""
+        """Hand the committed records to the mirroring thread (the training thread only
+        queues them: a tracker's own cost, e.g. TensorBoard's event checksums, runs
+        beside training), which sends each to every tracker still on, in order."""
         if not self.targets:
             return
-        for record in records:
-            self._each(lambda adapter, r=record: adapter.write(int(r.step), r.values))
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._drain, name="trainprobe-mirror", daemon=True
+            )
+            self._thread.start()
+        self._queue.put(list(records))
+
+    def _drain(self) -> None:
+        while (records := self._queue.get()) is not None:
+            for record in records:
+                self._each(lambda adapter, r=record: adapter.write(int(r.step), r.values))
 
     def close(self, run_dir: str | Path) -> None:
-        """Analyse the run in ``run_dir`` and send its findings to every tracker still on;
-        an analysis that fails is warned about (training is over; the store is intact)."""
+        """Wait until every queued record is sent, then analyse the run in ``run_dir`` and
+        send its findings to every tracker still on; an analysis that fails is warned
+        about (training is over; the store is intact)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         if not self.targets:
             return
         try:
