@@ -14,7 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainprobe.curvature import ParamLayout, lanczos
 from trainprobe.curvature.blocks import block_lanczos, diagonal_block_eigenpairs
-from trainprobe.curvature.hvp import ENGINES, hessian_operator
+from trainprobe.curvature.hvp import EXACT_ENGINES as ENGINES
+from trainprobe.curvature.hvp import hessian_operator
 from trainprobe.functional import criterion_loss
 
 CE = criterion_loss(nn.CrossEntropyLoss())
@@ -467,3 +468,47 @@ def test_full_float32_turns_tf32_off_for_cuda_and_restores_the_flags():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# -- finite differences ----------------------------------------------------------------
+
+
+def _once_net(dtype: torch.dtype) -> tuple[nn.Module, nn.Module, tuple]:
+    """An MLP whose activation has no double backward, and the same net with nn.Tanh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), _OnceAct(), nn.Linear(16, 3)).to(dtype)
+    exact = nn.Sequential(model[0], nn.Tanh(), model[2])
+    gen = torch.Generator().manual_seed(1)
+    xy = (torch.randn(64, 6, generator=gen).to(dtype), torch.randint(0, 3, (64,), generator=gen))
+    return model, exact, xy
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-4), (torch.float64, 1e-8)])
+def test_finite_differences_through_a_layer_without_double_backward(dtype, tol):
+    """Central differences of first-order gradients against the exact engine on the same
+    function (nn.Tanh in place of the once-differentiable tanh)."""
+    model, exact, xy = _once_net(dtype)
+    loss = criterion_loss(nn.CrossEntropyLoss())
+    fd = hessian_operator(model, loss, batch=xy, engine="fd")
+    want = hessian_operator(exact, loss, batch=xy, engine="graph", dtype=torch.float64)
+    vs = torch.randn(fd.dim, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    got = fd.matmat(vs.to(dtype)).double()
+    error = _rel(got, want.matmat(vs))
+    assert error < tol
+    assert fd.engine == "fd" and 0 < fd.fd_error < 10 * tol  # its own estimate, same scale
+    assert fd.matvecs == 6
+    # Lanczos on it: the top eigenvalue within 1e-3 (float32) of the exact one
+    top = lanczos(fd, fd.dim, top=1, tol=1e-6).values[0]
+    exact_top = lanczos(want, want.dim, top=1, tol=1e-10).values[0]
+    assert abs(float(top) - float(exact_top)) <= 1e-3 * abs(float(exact_top))
+
+
+def test_auto_falls_back_to_finite_differences_with_a_warning():
+    model, exact, xy = _once_net(torch.float32)
+    loss = criterion_loss(nn.CrossEntropyLoss())
+    with pytest.warns(RuntimeWarning, match=r"_OnceTanh.*engine='fd'.*estimated relative error"):
+        op = hessian_operator(model, loss, batch=xy)
+    assert op.engine == "fd" and op.fd_error is not None
+    assert hessian_operator(exact, loss, batch=xy).engine == "graph"  # no fallback needed
+    with pytest.raises(RuntimeError, match="no double backward"):  # asked for by name
+        hessian_operator(model, loss, batch=xy, engine="graph")

@@ -20,6 +20,7 @@ from trainprobe.probes import (
     HessianTrace,
     Sharpness,
     at_steps,
+    every,
     stability_rule,
 )
 from trainprobe.store import Run
@@ -375,3 +376,51 @@ def test_two_instances_of_one_probe_record_side_by_side(tmp_path):
     assert top1.shape == top10.shape == (2,)
     assert (top1 <= top10 + 1e-9).all()  # a larger eigenspace holds at least as much
     assert [p["name"] for p in run.meta["probes"]] == ["grad_subspace_top1", "grad_subspace_top10"]
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh whose backward is marked once_differentiable, as fused kernels often are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _Once(nn.Module):
+    def forward(self, x):
+        return _OnceTanh.apply(x)
+
+
+def test_curvature_probes_fall_back_to_finite_differences_and_say_so(tmp_path):
+    """A layer without a double backward: the probes' "auto" engine runs finite
+    differences, records their estimated error, and λ_max agrees with the exact value of
+    the same function (nn.Tanh in its place) to 1e-3 in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), _Once(), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    loss = criterion_loss(nn.CrossEntropyLoss())
+    probes = [Sharpness(schedule=every(1), lr=0.1, tol=1e-6), HessianTop(top=2, schedule=every(1))]
+    with pytest.warns(RuntimeWarning, match=r"engine='fd'"):
+        with trainprobe.watch(model, probes, run_dir=tmp_path / "r", loss_fn=loss) as mon:
+            with mon.step(0, batch=(x, y)):
+                pass
+    run = Run(tmp_path / "r")
+    assert 0 < run.series("sharpness/fd_error").values[0] < 1e-4
+    assert "hessian/fd_error" in run and not run.meta["disabled_probes"]
+    exact = nn.Sequential(model[0], nn.Tanh(), model[2])
+    with trainprobe.watch(exact, probes[:1], run_dir=tmp_path / "exact", loss_fn=loss) as mon:
+        with mon.step(0, batch=(x, y)):
+            pass
+    got = run.series("sharpness/lambda_max").values[0]
+    want = Run(tmp_path / "exact").series("sharpness/lambda_max").values[0]
+    assert abs(got - want) <= 1e-3 * abs(want)
+    assert "sharpness/fd_error" not in Run(tmp_path / "exact")

@@ -31,6 +31,10 @@ MISSING = frozenset(
 )
 
 
+class NoDoubleBackward(RuntimeError):
+    """The gradient graph has a node without a double backward (see the module doc)."""
+
+
 def _nodes(root: Any) -> list[Any]:
     """Every autograd node reachable from ``root`` (iterative, each once)."""
     seen, stack, out = set(), [root], []
@@ -45,7 +49,8 @@ def _nodes(root: Any) -> list[Any]:
 
 
 def check_double_backward(gradient: Tensor, objective: Objective, batch: Any) -> None:
-    """``RuntimeError`` if the gradient graph ``gradient`` ``[P]`` has a node without a
+    """:class:`NoDoubleBackward` (a ``RuntimeError``) if the gradient graph ``gradient``
+    ``[P]`` has a node without a
     double backward; the message names the custom ``autograd.Function`` and the module
     whose output it makes, found in one more forward pass (only on failure).
 
@@ -65,7 +70,7 @@ def check_double_backward(gradient: Tensor, objective: Objective, batch: Any) ->
         if culprits
         else f"an operation whose double backward autograd lacks ({', '.join(missing)})"
     )
-    raise RuntimeError(
+    raise NoDoubleBackward(
         f"the 'graph' HVP engine cannot differentiate this model twice: {where} has no "
         "double backward (a backward marked @once_differentiable, as fused kernels often "
         "are), so its Hessian-vector products would silently be wrong. Use a "

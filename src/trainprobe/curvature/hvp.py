@@ -18,9 +18,19 @@ Three engines, all over one :class:`trainprobe.functional.Objective` on a flat `
   the vectors: nothing cached, a fresh forward and backward each call.
 - ``"linearize"``: ``torch.func.linearize(grad(L), w)`` once, then the recorded
   linear map is replayed (vmapped) per call.
+- ``"fd"``: central finite differences of first-order gradients,
+  ``Hv ≈ (∇L(w + hv) − ∇L(w − hv)) / 2h``: two gradients per product through any
+  kernel that has a backward at all (fused or custom ``autograd.Function`` layers marked
+  ``@once_differentiable``, which the exact engines refuse). The step is
+  ``h = ε^(1/3) (1 + ‖w‖) / ‖v‖`` for the compute dtype's ``ε`` (the balance of the
+  ``O(h²)`` truncation and ``O(ε/h)`` rounding errors); the operator estimates its
+  relative error once, from the same product at ``h`` and ``2h`` (Richardson: the error
+  of a central difference is ``|D(h) − D(2h)| / 3``), in ``operator.fd_error``.
 
 ``"auto"`` picks ``"graph"`` while at most :data:`MAX_CACHED_BATCHES` batches must be
-cached, else ``"jvp"``; the choice is in ``operator.engine``. No engine returns a
+cached, else ``"jvp"``; where the graph engine finds a layer without a double backward,
+``"auto"`` falls back to ``"fd"`` with a warning that names the layer and the error
+estimate. The choice is in ``operator.engine``. No engine returns a
 product through an operation without the derivative it needs: ``"jvp"`` and
 ``"linearize"`` raise where forward AD is missing, and ``"graph"`` checks the gradient
 graph when the operator is made (:mod:`.differentiability`: a custom
@@ -54,11 +64,13 @@ from ..functional import (
     full_float32,
 )
 from ..notices import warn_user
-from .differentiability import check_double_backward
+from .differentiability import NoDoubleBackward, check_double_backward
 from .pieces import _pieces
 
-Engine = Literal["auto", "graph", "jvp", "linearize"]
-ENGINES = ("graph", "jvp", "linearize")
+Engine = Literal["auto", "graph", "jvp", "linearize", "fd"]
+EXACT_ENGINES = ("graph", "jvp", "linearize")
+"""The engines whose products are exact up to rounding."""
+ENGINES = (*EXACT_ENGINES, "fd")
 MAX_CACHED_BATCHES = 16
 """``engine="auto"`` caches gradient graphs for at most this many batches."""
 
@@ -76,6 +88,8 @@ class HessianOperator:
         gradient: ``∇L(w)`` ``[P]``.
         point: ``w`` ``[P]`` (a detached copy).
         matvecs: Hessian-vector products applied so far (a ``matmat`` of ``k`` counts ``k``).
+        fd_error: with ``engine="fd"``, the estimated relative error of a product (see the
+            module doc), else None.
         reduce: what combines the loss, gradient and every product over processes (see
             :func:`hessian_operator`), or None.
     """
@@ -99,6 +113,7 @@ class HessianOperator:
         self.batched = self.device.type != "cpu" or engine == "jvp"
         self._pieces = pieces
         self.point = objective.flat_point()  # [P]
+        self.fd_error: float | None = None
         objective.check_deterministic(pieces[0][0])
         self._prepare()
 
@@ -144,12 +159,67 @@ class HessianOperator:
             _check_finite_loss(self.loss, None)
         self._w = w
         self._graphs = graphs if self.engine == "graph" else []
+        if self.engine == "fd":
+            self.fd_error = self._estimate_fd_error()
         self._linear = []
         if self.engine == "linearize":
             try:
                 self._linear = [self._linearize(b, wt) for b, wt in self._pieces]
             except RuntimeError as err:
                 raise _engine_error(self.engine, err) from err
+
+    # -- finite differences ------------------------------------------------------------
+    def _gradient_at(self, w: Tensor) -> Tensor:
+        """``∇L(w)`` ``[P]`` summed over the batches, by first-order autograd only."""
+        total = torch.zeros_like(w)
+        for batch, weight in self._pieces:
+            leaf = w.detach().requires_grad_(True)
+            parts = self.layout.unflatten(leaf)
+            with torch.enable_grad(), self.objective.scope():
+                value = weight * self.objective(parts, batch)
+                grads = torch.autograd.grad(value, list(parts.values()), allow_unused=True)
+            total += self.layout.flatten(
+                {
+                    n: torch.zeros_like(p) if g is None else g
+                    for (n, p), g in zip(parts.items(), grads, strict=True)
+                }
+            )
+        return total
+
+    def _fd_step(self, v: Tensor) -> Tensor:
+        """``h`` for the direction ``v`` (0-d): ``ε^(1/3) (1 + ‖w‖) / ‖v‖``."""
+        eps = torch.finfo(self.dtype).eps
+        return (
+            eps ** (1 / 3)
+            * (1 + self.point.norm())
+            / v.norm().clamp_min(torch.finfo(self.dtype).tiny)
+        )
+
+    def _central(self, v: Tensor, h: Tensor) -> Tensor:
+        """``(∇L(w + hv) − ∇L(w − hv)) / 2h`` ``[P]``."""
+        return (self._gradient_at(self.point + h * v) - self._gradient_at(self.point - h * v)) / (
+            2 * h
+        )
+
+    def _fd_products(self, vs: Tensor) -> Tensor:
+        """``[P, k]``: one central difference per column (zero columns give zero)."""
+        out = torch.zeros_like(vs)
+        for i in range(vs.shape[1]):
+            v = vs[:, i]
+            if bool(v.any()):  # deliberate sync per column: a zero vector has no step
+                out[:, i] = self._central(v, self._fd_step(v))
+        return out
+
+    def _estimate_fd_error(self) -> float:
+        """The relative error of a product on a fixed random direction, from the central
+        differences at ``h`` and ``2h`` (Richardson); one number per operator."""
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(self.point)
+        v = v / v.norm()
+        h = self._fd_step(v)
+        near, far = self._central(v, h), self._central(v, 2 * h)
+        scale = near.norm().clamp_min(torch.finfo(self.dtype).tiny)
+        return float((near - far).norm() / (3 * scale))  # deliberate sync, once
 
     def _linearize(self, batch: Any, weight: float) -> Callable[[Tensor], Tensor]:
         gradient = grad(lambda w: self._loss_at(w, batch, weight))
@@ -193,7 +263,9 @@ class HessianOperator:
         vs = vs.detach().to(device=self.device, dtype=self.dtype)
         try:
             with full_float32(self.device):  # the cached graph's double backward too
-                if self.batched or vs.shape[1] == 1:
+                if self.engine == "fd":
+                    out = self._fd_products(vs)
+                elif self.batched or vs.shape[1] == 1:
                     out = sum(self._products(vs))  # [P, k]
                 else:
                     out = torch.cat(
@@ -318,7 +390,7 @@ def hessian_operator(
         mode: ``"eval"`` (default; BatchNorm running statistics, no dropout) or
             ``"train"`` (BatchNorm batch statistics, running statistics untouched).
             Randomness in the loss raises a ``ValueError`` naming the module.
-        engine: ``"auto"``, ``"graph"``, ``"jvp"`` or ``"linearize"`` (module doc).
+        engine: ``"auto"``, ``"graph"``, ``"jvp"``, ``"linearize"`` or ``"fd"`` (module doc).
         dtype: compute dtype (default: the parameters'); ``torch.float64`` gives exact
             references. Floating tensors of the batches are cast to it.
         reduction: how ``loss_fn`` reduces over examples, for the batch weights.
@@ -361,10 +433,11 @@ def hessian_operator(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     objective = Objective(model, loss_fn, params=params, mode=mode, dtype=dtype)
     pieces = _pieces(batch, batches, reduction, batch_size, objective.device, objective.dtype)
-    if engine == "auto":
+    chose = engine == "auto"
+    if chose:
         engine = "graph" if len(pieces) <= MAX_CACHED_BATCHES else "jvp"
     try:
-        return HessianOperator(objective, pieces, engine=engine, reduce=reduce)
+        return _operator(objective, pieces, engine, reduce, fallback=chose)
     except UnusedParameters as err:
         if params is not None or not err.used:
             raise
@@ -372,4 +445,28 @@ def hessian_operator(
     # The default selection is what training moves: parameters the loss uses (an unused
     # one gets no .grad either). Named explicitly, an unused parameter is an error.
     objective = Objective(model, loss_fn, params=used, mode=mode, dtype=dtype)
-    return HessianOperator(objective, pieces, engine=engine, reduce=reduce)
+    return _operator(objective, pieces, engine, reduce, fallback=chose)
+
+
+def _operator(
+    objective: Objective,
+    pieces: list[tuple[Any, float]],
+    engine: str,
+    reduce: Callable[[Tensor], Tensor] | None,
+    *,
+    fallback: bool,
+) -> HessianOperator:
+    """The operator on ``engine``; with ``fallback`` (``engine="auto"``), finite
+    differences where the graph engine finds a layer without a double backward."""
+    try:
+        return HessianOperator(objective, pieces, engine=engine, reduce=reduce)
+    except NoDoubleBackward as err:
+        if not fallback:
+            raise
+        operator = HessianOperator(objective, pieces, engine="fd", reduce=reduce)
+        warn_user(
+            f"trainprobe: {str(err).split('. Use ')[0]}; engine='auto' uses finite "
+            "differences of gradients instead (engine='fd': two gradients per product, "
+            f"estimated relative error {operator.fd_error:.1e})"
+        )
+        return operator

@@ -85,6 +85,13 @@ class CurvatureProbe(LossProbe):
             return hessian_operator(ctx.model, loss_fn, batches=list(ctx.batches), **common)
         return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
 
+    def engine_record(self, op: HessianOperator) -> dict[str, float]:
+        """``{"<name>/fd_error": estimate}`` when ``op`` ran on finite differences (the
+        ``"auto"`` engine's fallback for a layer without a double backward), else ``{}``."""
+        if op.fd_error is None:
+            return {}
+        return {f"{self.name}/fd_error": op.fd_error}
+
     def generator(self, step: int) -> torch.Generator:
         """This measurement's own generator (``seed + step``)."""
         return torch.Generator().manual_seed(self.seed + step)

@@ -53,6 +53,11 @@ class HessianTop(CurvatureProbe):
             "‖H y − θ y‖ of the i-th most negative eigenpair; large: a rough eigenvalue",
         ),
         Key("hessian/hvps", "Hessian-vector products spent"),
+        Key(
+            "hessian/fd_error",
+            "the estimated relative error of the products when the finite-difference engine ran "
+            "(a layer without a double backward); absent for the exact engines",
+        ),
         Key("hessian/converged", "1 when Lanczos converged, else 0"),
         Key("hessian/eigvecs", "[P, top + bottom] float32 eigenvectors"),
     )
@@ -86,6 +91,7 @@ class HessianTop(CurvatureProbe):
         )
         out: dict[str, Value] = {
             f"{self.name}/hvps": float(op.matvecs),
+            **self.engine_record(op),
             f"{self.name}/converged": float(pairs.converged),
         }
         values, residuals = pairs.values.tolist(), pairs.residuals.tolist()
@@ -118,6 +124,11 @@ class HessianTrace(CurvatureProbe):
         Key("hessian_trace/trace", "the estimate of tr(H)"),
         Key("hessian_trace/stderr", "the standard error of the estimate"),
         Key("hessian_trace/hvps", "Hessian-vector products spent"),
+        Key(
+            "hessian_trace/fd_error",
+            "the estimated relative error of the products when the finite-difference engine ran "
+            "(a layer without a double backward); absent for the exact engines",
+        ),
     )
 
     matvecs: int = 100
@@ -138,6 +149,7 @@ class HessianTrace(CurvatureProbe):
             f"{self.name}/trace": estimate.value,
             f"{self.name}/stderr": estimate.stderr,
             f"{self.name}/hvps": float(op.matvecs),
+            **self.engine_record(op),
         }
 
 
@@ -161,6 +173,11 @@ class HessianDensity(CurvatureProbe):
         Key("hessian_density/grid", "[points] eigenvalues λ where the density is evaluated"),
         Key("hessian_density/density", "[points] density φ(λ), integrating to 1"),
         Key("hessian_density/hvps", "Hessian-vector products spent"),
+        Key(
+            "hessian_density/fd_error",
+            "the estimated relative error of the products when the finite-difference engine ran "
+            "(a layer without a double backward); absent for the exact engines",
+        ),
     )
 
     probes: int = 4
@@ -181,4 +198,5 @@ class HessianDensity(CurvatureProbe):
             f"{self.name}/grid": density.grid,  # [G] float64 on the CPU
             f"{self.name}/density": density.density,  # [G]
             f"{self.name}/hvps": float(op.matvecs),
+            **self.engine_record(op),
         }

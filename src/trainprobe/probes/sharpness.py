@@ -212,6 +212,11 @@ class Sharpness(CurvatureProbe):
         Key("sharpness/lr", "the learning rate η read from the optimizer, behind the threshold"),
         Key("sharpness/preconditioned", "1 for Adam's P⁻¹H, else 0"),
         Key("sharpness/hvps", "Hessian-vector products spent"),
+        Key(
+            "sharpness/fd_error",
+            "the estimated relative error of the products when the finite-difference engine ran "
+            "(a layer without a double backward); absent for the exact engines",
+        ),
     )
 
     tol: float = 1e-4
@@ -241,6 +246,7 @@ class Sharpness(CurvatureProbe):
             f"{self.name}/lambda_max": lam,
             f"{self.name}/preconditioned": float(rule.preconditioner is not None),
             f"{self.name}/hvps": float(op.matvecs),
+            **self.engine_record(op),
         }
         if rule.lr is not None:
             out[f"{self.name}/lr"] = rule.lr

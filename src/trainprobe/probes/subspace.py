@@ -40,6 +40,11 @@ class GradientSubspace(CurvatureProbe):
     keys = (
         Key("grad_subspace/fraction", "‖V_kᵀ g‖² / ‖g‖², in [0, 1] (NaN for a zero gradient)"),
         Key("grad_subspace/hvps", "Hessian-vector products spent"),
+        Key(
+            "grad_subspace/fd_error",
+            "the estimated relative error of the products when the finite-difference engine ran "
+            "(a layer without a double backward); absent for the exact engines",
+        ),
     )
 
     k: int = 10
@@ -67,7 +72,11 @@ class GradientSubspace(CurvatureProbe):
         g = g.to(device=pairs.vectors.device, dtype=torch.float64)  # [P]
         inside = pairs.vectors.T @ g  # [k]
         fraction = (inside @ inside) / (g @ g)  # NaN for g = 0
-        return {f"{self.name}/fraction": fraction, f"{self.name}/hvps": float(op.matvecs)}
+        return {
+            f"{self.name}/fraction": fraction,
+            f"{self.name}/hvps": float(op.matvecs),
+            **self.engine_record(op),
+        }
 
 
 def _step_gradient(ctx: StepContext, layout: ParamLayout) -> Tensor:
