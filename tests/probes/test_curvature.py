@@ -50,6 +50,30 @@ def _dense(model: nn.Module, batch) -> torch.Tensor:
     )
 
 
+def _dense_gradient(model: nn.Module, batch) -> torch.Tensor:
+    layout = ParamLayout.trainable(model)
+    w = layout.flatten(dict(model.named_parameters())).detach()
+    x, y = batch
+    return torch.func.grad(
+        lambda v: F.cross_entropy(functional_call(model, layout.unflatten(v), (x,)), y)
+    )(w)
+
+
+def _states(make_opt, steps: int = 8) -> dict[int, nn.Module]:
+    """Copies of the unwatched model at each measured step (before its update)."""
+    model = _model()
+    opt = make_opt(model.parameters())
+    states = {}
+    for step in range(steps):
+        batch = _batch(step)
+        if step in MEASURED:
+            states[step] = copy.deepcopy(model)
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        opt.step()
+        opt.zero_grad()
+    return states
+
+
 def _train(make_opt, probes=None, run_dir=None, steps: int = 8):
     """Seeded loop; returns the model and the dense Hessians (and Adam states) at MEASURED."""
     model = _model()
@@ -97,6 +121,7 @@ def test_probes_on_train_bit_identically_and_match_the_dense_hessian(tmp_path):
     ]
     plain, references = _train(_sgd)
     watched, _ = _train(_sgd, probes, tmp_path / "run")
+    watched_states = _states(_sgd)  # the parameters at each measured step
     for a, b in zip(plain.parameters(), watched.parameters(), strict=True):
         assert torch.equal(a, b)
     run = Run(tmp_path / "run")
@@ -112,6 +137,10 @@ def test_probes_on_train_bit_identically_and_match_the_dense_hessian(tmp_path):
             float(exact[-1]), rel=1e-8
         )
         assert run.series("sharpness/threshold").values[i] == pytest.approx(2 / 0.5)
+        g = _dense_gradient(watched_states[step], _batch(step))  # [P] at that step
+        along = float(g @ references[step][0] @ g / (g @ g))
+        assert run.series("sharpness/directional").values[i] == pytest.approx(along, rel=1e-8)
+        assert along <= float(exact[-1]) * (1 + 1e-12)
         trace, stderr = (
             run.series("hessian_trace/trace").values[i],
             run.series("hessian_trace/stderr").values[i],

@@ -211,6 +211,12 @@ class Sharpness(CurvatureProbe):
         Key("sharpness/ratio", "λ_max / threshold; 1 is the edge of stability"),
         Key("sharpness/lr", "the learning rate η read from the optimizer, behind the threshold"),
         Key("sharpness/preconditioned", "1 for Adam's P⁻¹H, else 0"),
+        Key(
+            "sharpness/directional",
+            "gᵀHg / gᵀg, the curvature of the plain Hessian along the loss gradient (one "
+            "product): a cheap lower bound of the plain λ_max, close to it when the gradient "
+            "lies in the top eigenspace (NaN for a zero gradient)",
+        ),
         Key("sharpness/hvps", "Hessian-vector products spent"),
         Key(
             "sharpness/fd_error",
@@ -242,8 +248,11 @@ class Sharpness(CurvatureProbe):
             value_tol=self.value_tol,
         )
         lam = float(pairs.values[0])
+        g = op.gradient  # [P]
+        directional = (g @ op.matvec(g)) / (g @ g)  # 0-d; NaN for g = 0
         out: dict[str, Value] = {
             f"{self.name}/lambda_max": lam,
+            f"{self.name}/directional": directional,
             f"{self.name}/preconditioned": float(rule.preconditioner is not None),
             f"{self.name}/hvps": float(op.matvecs),
             **self.engine_record(op),
