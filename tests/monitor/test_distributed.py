@@ -91,7 +91,7 @@ def _shard(rank: int, world: int, batch):
 def _ddp_worker(rank: int, world: int, tmp_path) -> None:
     model = DDP(_model().double())
     mon = _train(model, tmp_path / "run", partial(_shard, rank, world))
-    report(tmp_path, rank, {"collectives": mon._exchange.collectives})
+    report(tmp_path, rank, {"collectives": mon._ranks.exchange.collectives})
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
@@ -342,5 +342,5 @@ def test_probes_that_would_log_one_ranks_share_are_refused_with_the_fix(tmp_path
 
 def test_a_single_process_sees_no_ranks(tmp_path):
     mon = _train(_model().double(), tmp_path / "r", probes=[LayerNorms()])
-    assert mon.ranks is None and mon._exchange is None
+    assert mon.ranks is None and mon._ranks is None
     assert math.isfinite(Run(tmp_path / "r").series("norms/grad_total").values[-1])

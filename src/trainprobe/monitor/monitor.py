@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import NonFiniteLoss, no_autocast
+from ..functional import NonFiniteLoss
 from ..notices import warn_user
 from ..probes import default_probes
 from ..probes.amp import LossScale
@@ -43,6 +42,7 @@ from ..probes.updates import parameter_deltas
 from ..store import RunWriter
 from ..store.writer import check_open_options
 from . import meta as _meta
+from .amp import current_scale, measuring, unscaling_factor
 from .checks import (
     check_logged,
     check_loss_fn,
@@ -55,18 +55,8 @@ from .checks import (
     check_written_key,
     checked_finish,
 )
-from .distributed import (
-    FAILED,
-    OK,
-    SKIPPED,
-    Exchange,
-    NullWriter,
-    any_sharded,
-    check_across_ranks,
-    coordinated,
-    detect_ranks,
-    unwrap,
-)
+from .coordination import RankCoordinator
+from .distributed import NullWriter, detect_ranks, unwrap
 from .mirror import Mirrors
 from .step import MicroStep, StepHandle
 from .transfer import to_host
@@ -101,7 +91,6 @@ class Monitor:
         self.scaler = check_scaler(scaler)
         #: under torch.distributed (two ranks or more), this rank's place; else None
         self.ranks = detect_ranks()
-        self._exchange = Exchange(self.ranks) if self.ranks is not None else None
         #: what probes see: DDP's wrapped module (hooks fire inside DDP's forward)
         self.inner = unwrap(self.model)
         self.params = {n: p for n, p in self.inner.named_parameters() if p.requires_grad}
@@ -109,14 +98,6 @@ class Monitor:
         if self.scaler is not None and not any(isinstance(p, LossScale) for p in chosen):
             chosen = check_probes([*chosen, LossScale()])  # the scale and the skipped steps
         self.probes = tuple(chosen)
-        #: under ranks, the probes the step's one collective is for (see coordinated())
-        self._coordinated: frozenset[str] = frozenset()
-        if self.ranks is not None:
-            check_across_ranks(self.probes, self.ranks, params=self.params.values())
-            sharded = any_sharded(self.params.values())
-            self._coordinated = frozenset(
-                p.name for p in self.probes if coordinated(p, sharded=sharded)
-            )
         self._chosen = probes is not None  # the user named the probes (else the defaults)
         self._declared = {p.name: declared_keys(p) for p in self.probes}
         self._due = {p.name: due_schedule(p) for p in self.probes}
@@ -125,6 +106,19 @@ class Monitor:
         self.loss_fn = check_loss_fn(loss_fn, "watch")
         self.run_dir = Path(run_dir)
         self.flush_seconds, self.on_probe_error = check_options(flush_seconds, on_probe_error)
+        #: under ranks, who opens the store and how failures are decided (else None)
+        self._ranks = (
+            None
+            if self.ranks is None
+            else RankCoordinator(
+                self.ranks,
+                self.probes,
+                self.params,
+                on_probe_error=self.on_probe_error,
+                skip=self._skip,
+                disable=self._disable_once,
+            )
+        )
         check_open_options(resume=resume, resume_from=resume_from, overwrite=overwrite)
         self._open_options = {"resume": resume, "resume_from": resume_from, "overwrite": overwrite}
         self._user_meta = dict(meta or {})
@@ -146,19 +140,16 @@ class Monitor:
         self._idle: dict[str, str] = {}
         self._optimizer_logged = False
         self._warned_no_grads = False
-        #: under ranks: statuses of update probes measured as this step began, decided at
-        #: its end together with the step's own (one collective)
-        self._pending: dict[str, tuple[float, Exception | None]] = {}
         #: trackers that get each committed value too and, at close, the run's findings
         self._mirror = Mirrors(mirror)
 
     # -- context management ------------------------------------------------------------
     def __enter__(self) -> Monitor:
-        if self.ranks is None:
+        if self._ranks is None:
             self._writer = RunWriter(self.run_dir, **self._open_options)
             self._last_step = self._writer.last_step
         else:
-            self._writer, self._last_step = self._open_on_ranks()
+            self._writer, self._last_step = self._ranks.open_store(self.run_dir, self._open_options)
         self._writer.set_meta(
             _meta.run_start(self.inner, list(self.params), self.probes, self._user_meta)
         )
@@ -166,29 +157,6 @@ class Monitor:
             self._writer.set_meta({"ranks": {"world": self.ranks.world, "writer": 0}})
         self._log_optimizer(self.optimizer)
         return self
-
-    def _open_on_ranks(self) -> tuple[RunWriter | NullWriter, int | None]:
-        """Rank 0 opens the store; every rank learns its last step, or its error (one
-        collective, so that a rank 0 that cannot open leaves no rank waiting)."""
-        writer, said = NullWriter(), None
-        if self.ranks.writer:
-            try:
-                writer = RunWriter(self.run_dir, **self._open_options)
-                said = ("ok", writer.last_step)
-            except Exception as err:
-                said = ("error", f"{type(err).__name__}: {err}")
-                self._exchange_open(said)
-                raise
-        answer = self._exchange_open(said)
-        if answer[0] == "error":
-            raise RuntimeError(
-                f"trainprobe: rank 0 could not open the run directory {self.run_dir} "
-                f"({answer[1]}); this rank stops too"
-            )
-        return writer, answer[1]
-
-    def _exchange_open(self, said: tuple[str, Any] | None) -> tuple[str, Any]:
-        return self.ranks.gather_objects(said)[0]
 
     def __exit__(
         self,
@@ -202,8 +170,8 @@ class Monitor:
                 if self._open is not None:  # the step block never closed (generator abandoned)
                     self._end(self._open, failed=True)
                 self._finish_previous()
-                if self._exchange is not None and self._previous is not None:
-                    self._decide_last_update(exc_type is None)
+                if self._ranks is not None and self._previous is not None:
+                    self._ranks.closing(self._previous, clean=exc_type is None)
             finally:
                 self.flush()  # whatever was measured is written, even if finishing failed
         except BaseException as err:
@@ -323,7 +291,7 @@ class Monitor:
             )
         self._last_step = handle.step
         self._finish_previous()
-        if self._exchange is None:  # under ranks the update sums wait for this step's end
+        if self._ranks is None:  # under ranks the update sums wait for this step's end
             self._flush_if_due()
         self._log_optimizer(handle.optimizer)
         self._open = handle
@@ -338,8 +306,7 @@ class Monitor:
             raise
 
     def _attach_failed(self, probe: Probe, err: Exception) -> None:
-        if probe.name in self._coordinated:  # decided with the other ranks at the step's end
-            self._pending[probe.name] = (FAILED, err)
+        if self._ranks is not None and self._ranks.hold(probe, err):  # decided at the end
             return
         if self.on_probe_error == "raise":
             raise err
@@ -348,19 +315,22 @@ class Monitor:
     def _end(self, handle: StepHandle, failed: bool) -> None:
         handle.remove_hooks()
         self._open = None
-        handle.loss_scale = self._loss_scale()  # before scaler.update(): the step's own
+        handle.loss_scale = current_scale(self.scaler)  # before scaler.update(): the step's own
         values: dict[str, Value] = {f"scalars/{k}": v for k, v in handle.logged.items()}
         if failed:  # keep what was logged; measuring a half-done step would mislead
             handle.take_params()
         else:
             self._check_grads(handle)
-            ctx = self._context(handle, grad_scale=self._grad_scale(handle))
-            with self._no_autocast():  # a block left inside autocast: probes keep their dtype
+            unscale = unscaling_factor(self.scaler, handle.loss_scale, handle.optimizer)
+            ctx = self._context(handle, grad_scale=unscale)
+            with measuring(
+                self.params.values()
+            ):  # a block left inside autocast: probes keep their dtype
                 for probe in handle.due:
                     if "update" not in probe.needs:
                         self._measure(probe, ctx, values)
-        if self._exchange is not None:
-            self._decide_on_ranks(handle, values)
+        if self._ranks is not None:
+            self._ranks.step_ended(handle, values, self._previous)
         self._previous, self._committed = (handle, values), set()
         self._buffer.append((handle.step, values))  # what the step measured, buffered now
         self._flush_if_due()
@@ -387,14 +357,14 @@ class Monitor:
         before = handle.take_params()  # released by the handle
         if before is None:
             return
-        used, now = handle.loss_scale, self._loss_scale()
+        used, now = handle.loss_scale, current_scale(self.scaler)
         ctx = self._context(
             handle,
             update=parameter_deltas(self.params, before),
             params_before=before,
             loss_scale=None if used is None or now is None else (used, now),
         )
-        with self._no_autocast():
+        with measuring(self.params.values()):
             for probe in handle.due:
                 if "update" in probe.needs:
                     self._measure(probe, ctx, self._record_of(handle, values))
@@ -410,30 +380,6 @@ class Monitor:
         self._buffer.append((handle.step, extra))
         self._previous = (handle, extra)
         return extra
-
-    def _no_autocast(self) -> ExitStack:
-        """Autocast off on the CPU and the parameters' devices while probes measure."""
-        stack = ExitStack()
-        kinds = {"cpu"} | {p.device.type for p in self.params.values()}
-        for kind in sorted(kinds):
-            stack.enter_context(no_autocast(torch.device(kind)))
-        return stack
-
-    def _loss_scale(self) -> Tensor | None:
-        """The scaler's current scale (a copy of its device tensor; no sync), or None."""
-        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
-        return None if scale is None or not self.scaler.is_enabled() else scale.detach().clone()
-
-    def _grad_scale(self, handle: StepHandle) -> Tensor | None:
-        """``1 / scale`` while the gradients of ``handle``'s optimizer are still scaled."""
-        if handle.loss_scale is None:
-            return None
-        optimizer = handle.optimizer
-        states = getattr(self.scaler, "_per_optimizer_states", {})
-        stage = states.get(id(optimizer), {}).get("stage") if optimizer is not None else None
-        if getattr(stage, "name", None) == "UNSCALED":  # the user called scaler.unscale_()
-            return None
-        return handle.loss_scale.double().reciprocal().reshape(())
 
     def _context(self, handle: StepHandle, **extra: Any) -> StepContext:
         return StepContext(
@@ -466,95 +412,17 @@ class Monitor:
         try:
             measured = probe.measure(ctx)
         except NonFiniteLoss as err:  # one bad batch: this step only, the probe stays on
-            if probe.name in self._coordinated:  # decided with the other ranks at the end
-                self._pending[probe.name] = (SKIPPED, err)
-                return
-            self._skip(probe, ctx.step, err)
+            if self._ranks is None or not self._ranks.hold(probe, err, skipped=True):
+                self._skip(probe, ctx.step, err)
             return
         except Exception as err:
-            if probe.name in self._coordinated:
-                self._pending[probe.name] = (FAILED, err)
+            if self._ranks is not None and self._ranks.hold(probe, err):  # decided at the end
                 return
             if self.on_probe_error == "raise":
                 raise
             self._disable(probe, f"raised {type(err).__name__}: {err}")
             return
         values.update(self._checked_keys(probe.name, measured))
-
-    def _decide_on_ranks(self, handle: StepHandle, values: dict[str, Value]) -> None:
-        """Under ranks, at a step's end: combine the local values and decide every
-        failure or skip for all ranks alike (one collective; see ``distributed``). The
-        update probes of the step before, measured as this one began, are decided and
-        combined in the same collective, in that step's record."""
-        mine = self._coordinated
-        names = [p.name for p in handle.due if "update" not in p.needs and p.name in mine]
-        carried: dict[str, Value] = {}
-        if self._previous is not None and self._previous[0].step != handle.step:
-            previous, carried = self._previous
-            names += [
-                f"{p.name}@update" for p in previous.due if "update" in p.needs and p.name in mine
-            ]
-        self._combine_on_ranks(handle.step, names, values, carried)
-
-    def _decide_last_update(self, clean: bool) -> None:
-        """At close, under ranks: the last step's update probes, measured just now, decided
-        and combined like a step's (one collective, made by every rank as it closes);
-        after an exception their sums are dropped rather than stored as one rank's."""
-        handle, record = self._previous
-        if not clean:
-            for key in [k for k, v in record.items() if _summed(v)]:
-                del record[key]
-            return
-        names = [
-            f"{p.name}@update"
-            for p in handle.due
-            if "update" in p.needs and p.name in self._coordinated
-        ]
-        self._combine_on_ranks(handle.step, names, {}, record)
-
-    def _combine_on_ranks(
-        self, step: int, names: list[str], values: dict[str, Value], carried: dict[str, Value]
-    ) -> None:
-        """Combine ``values`` (this step's) and the sums waiting in ``carried`` (the record
-        the update probes wrote to) over ranks, in place, and act on the verdicts."""
-        if not names:
-            return
-        pending, self._pending = self._pending, {}
-        status = {}
-        for name in names:
-            probe_name = name.removesuffix("@update")
-            if probe_name in pending:
-                status[name] = pending[probe_name][0]
-        mine = self._coordinated  # the sums of the others stay rank 0's (the same)
-        sums = {k: v for k, v in carried.items() if _summed(v) and k.split("/")[0] in mine}
-        own = {k: v for k, v in values.items() if k.split("/")[0] in mine}
-        both = {**own, **sums}
-        verdict = self._exchange.combine(names, status, both)
-        for key in sums:  # back to the update probes' record, combined (or dropped)
-            del carried[key]
-            if key in both:
-                carried[key] = both.pop(key)
-        for key in own:
-            del values[key]
-        values.update(both)
-        for name, (worst, rank) in verdict.items():
-            probe_name = name.removesuffix("@update")
-            probe = next(p for p in self.probes if p.name == probe_name)
-            if worst == OK:
-                continue
-            record = carried if name.endswith("@update") else values
-            for key in [k for k in record if k.startswith(f"{probe_name}/")]:
-                del record[key]  # measured here, not everywhere: not the global value
-            err = pending.get(probe_name, (OK, None))[1]
-            told = f"{type(err).__name__}: {err}" if err is not None else "see that rank's warning"
-            if worst == SKIPPED:
-                self._skip(probe, step, f"on rank {rank}: {told}")
-            elif self.on_probe_error == "raise":
-                if err is not None:
-                    raise err
-                raise RuntimeError(f"trainprobe: probe {probe_name!r} raised on rank {rank}")
-            elif probe_name not in self._disabled:
-                self._disable(probe, f"raised on rank {rank}: {told}")
 
     def _checked_keys(self, name: str, measured: Mapping[str, Value]) -> dict[str, Value]:
         """``measured``, each key checked against the probe's declared patterns (once per
@@ -586,6 +454,10 @@ class Monitor:
                 "(the run metadata lists the steps it skipped)"
             )
         steps.append(step)
+
+    def _disable_once(self, probe: Probe, reason: str) -> None:
+        if probe.name not in self._disabled:
+            self._disable(probe, reason)
 
     def _disable(self, probe: Probe, reason: str) -> None:
         self._disabled[probe.name] = reason
@@ -669,8 +541,3 @@ class Monitor:
             self._disable(
                 probe, f"its value {key!r} failed on the host: {type(err).__name__}: {err}"
             )
-
-
-def _summed(value: Value) -> bool:
-    """Whether ``value`` waits to be summed over ranks (``OnHost(reduce="sum")``)."""
-    return isinstance(value, OnHost) and value.reduce == "sum"
