@@ -512,3 +512,20 @@ def test_auto_falls_back_to_finite_differences_with_a_warning():
     assert hessian_operator(exact, loss, batch=xy).engine == "graph"  # no fallback needed
     with pytest.raises(RuntimeError, match="no double backward"):  # asked for by name
         hessian_operator(model, loss, batch=xy, engine="graph")
+
+
+def test_half_precision_parameters_get_float32_products_unless_asked():
+    """A bf16 model's Hessian in float32 by default (bf16 products: ~3 digits)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(1)
+    xy = (torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen))
+    loss = criterion_loss(nn.CrossEntropyLoss())
+    want = hessian_operator(copy.deepcopy(model).to(torch.bfloat16).double(), loss, batch=xy)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    op = hessian_operator(half, loss, batch=xy)
+    assert op.dtype == torch.float32
+    v = torch.randn(op.dim, generator=gen, dtype=torch.float64)
+    assert _rel(op.matvec(v.float()).double()[:, None], want.matvec(v)[:, None]) < 1e-5
+    assert hessian_operator(half, loss, batch=xy, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # the model untouched

@@ -391,7 +391,9 @@ def hessian_operator(
             ``"train"`` (BatchNorm batch statistics, running statistics untouched).
             Randomness in the loss raises a ``ValueError`` naming the module.
         engine: ``"auto"``, ``"graph"``, ``"jvp"``, ``"linearize"`` or ``"fd"`` (module doc).
-        dtype: compute dtype (default: the parameters'); ``torch.float64`` gives exact
+        dtype: compute dtype (default: the parameters', float32 for bfloat16 and float16
+            parameters: a half-precision product has three significant digits; pass
+            ``dtype=torch.bfloat16`` to take that); ``torch.float64`` gives exact
             references. Floating tensors of the batches are cast to it.
         reduction: how ``loss_fn`` reduces over examples, for the batch weights.
         batch_size: ``batch -> number of examples`` (default: the first tensor's
@@ -432,6 +434,9 @@ def hessian_operator(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     objective = Objective(model, loss_fn, params=params, mode=mode, dtype=dtype)
+    if dtype is None and objective.dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32  # a half-precision HVP has 3 significant digits
+        objective = Objective(model, loss_fn, params=params, mode=mode, dtype=dtype)
     pieces = _pieces(batch, batches, reduction, batch_size, objective.device, objective.dtype)
     chose = engine == "auto"
     if chose:

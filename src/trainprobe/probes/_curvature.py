@@ -34,7 +34,7 @@ class CurvatureProbe(LossProbe):
             DataLoader or a list, not a one-shot generator): the dataset Hessian, each
             batch weighted by its size, re-read at every measurement.
         engine: the HVP engine (``"auto"``, ``"graph"``, ``"jvp"``, ``"linearize"``).
-        dtype: compute dtype (default: the parameters').
+        dtype: compute dtype (default: the parameters', float32 for half-precision ones).
         seed: randomness (Lanczos start vectors, trace and density probes) comes from
             ``torch.Generator().manual_seed(seed + step)``; the global RNG is never used.
         name: see :class:`~trainprobe.probes.base.ProbeOptions`.
