@@ -126,6 +126,30 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+class OnceTanh(torch.autograd.Function):
+    """tanh whose backward is marked once_differentiable, as fused kernels often are: a
+    layer without a double backward (the exact reference is nn.Tanh in its place)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class OnceAct(nn.Module):
+    """:class:`OnceTanh` as a module."""
+
+    def forward(self, x):
+        return OnceTanh.apply(x)
+
+
 def batch(name: str, step: int, *, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """A deterministic batch for ``step`` (its own generator: no global RNG use)."""
     gen = torch.Generator().manual_seed(1000 + step)

@@ -12,6 +12,7 @@ from torch.func import functional_call, hessian
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tests.cases import OnceAct
 from trainprobe.curvature import ParamLayout, lanczos
 from trainprobe.curvature.blocks import block_lanczos, diagonal_block_eigenpairs
 from trainprobe.curvature.hvp import EXACT_ENGINES as ENGINES
@@ -413,33 +414,12 @@ def test_linearize_on_conv_after_conv_falls_back_to_exact_columns():
         assert _rel(op.matmat(vs), dense @ vs) < 1e-10
 
 
-class _OnceTanh(torch.autograd.Function):
-    """tanh with a backward marked once_differentiable (as fused kernels often are)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-class _OnceAct(nn.Module):
-    def forward(self, x):
-        return _OnceTanh.apply(x)
-
-
 def test_graph_engine_refuses_a_layer_without_double_backward_and_names_it():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), _OnceAct(), nn.Linear(8, 3)).double()
+    model = nn.Sequential(nn.Linear(4, 8), OnceAct(), nn.Linear(8, 3)).double()
     xy = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
     loss = criterion_loss(nn.CrossEntropyLoss())
-    with pytest.raises(RuntimeError, match=r"Function _OnceTanh \(the output of module '1'"):
+    with pytest.raises(RuntimeError, match=r"Function OnceTanh \(the output of module '1'"):
         hessian_operator(model, loss, batch=xy, engine="graph")
     for engine in ("jvp", "linearize"):  # no forward AD: these raise on their own
         with pytest.raises(RuntimeError):
@@ -476,7 +456,7 @@ def test_full_float32_turns_tf32_off_for_cuda_and_restores_the_flags():
 def _once_net(dtype: torch.dtype) -> tuple[nn.Module, nn.Module, tuple]:
     """An MLP whose activation has no double backward, and the same net with nn.Tanh."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), _OnceAct(), nn.Linear(16, 3)).to(dtype)
+    model = nn.Sequential(nn.Linear(6, 16), OnceAct(), nn.Linear(16, 3)).to(dtype)
     exact = nn.Sequential(model[0], nn.Tanh(), model[2])
     gen = torch.Generator().manual_seed(1)
     xy = (torch.randn(64, 6, generator=gen).to(dtype), torch.randint(0, 3, (64,), generator=gen))
@@ -506,7 +486,7 @@ def test_finite_differences_through_a_layer_without_double_backward(dtype, tol):
 def test_auto_falls_back_to_finite_differences_with_a_warning():
     model, exact, xy = _once_net(torch.float32)
     loss = criterion_loss(nn.CrossEntropyLoss())
-    with pytest.warns(RuntimeWarning, match=r"_OnceTanh.*engine='fd'.*estimated relative error"):
+    with pytest.warns(RuntimeWarning, match=r"OnceTanh.*engine='fd'.*estimated relative error"):
         op = hessian_operator(model, loss, batch=xy)
     assert op.engine == "fd" and op.fd_error is not None
     assert hessian_operator(exact, loss, batch=xy).engine == "graph"  # no fallback needed

@@ -42,6 +42,7 @@ def _entry(rank: int, fn: Callable, world: int, port: int, tmp_path: Path, args:
     )
     try:
         fn(rank, world, tmp_path, *args)
+        dist.barrier()  # every rank done before any tears the group down
     except BaseException:
         (tmp_path / f"error_{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -64,9 +65,9 @@ def spawn(fn: Callable, world: int, tmp_path: Path, *args: Any, deadline: float 
         while not context.join(timeout=max(end - time.monotonic(), 0.01)):
             if time.monotonic() >= end:
                 raise TimeoutError(f"{world} ranks still running after {deadline} s: a hang")
-    except mp.ProcessRaisedException as err:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
         errors = sorted(tmp_path.glob("error_*.txt"))
-        detail = errors[0].read_text() if errors else str(err)
+        detail = errors[0].read_text() if errors else f"{type(err).__name__}: {err}"
         raise AssertionError(f"a rank failed:\n{detail}") from None
     finally:
         for process in context.processes:

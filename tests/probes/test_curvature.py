@@ -12,6 +12,7 @@ from torch.func import functional_call, hessian
 from torch.nn import functional as F
 
 import trainprobe
+from tests.cases import OnceAct
 from trainprobe.curvature import ParamLayout, criterion_loss
 from trainprobe.probes import (
     GradientSubspace,
@@ -407,33 +408,12 @@ def test_two_instances_of_one_probe_record_side_by_side(tmp_path):
     assert [p["name"] for p in run.meta["probes"]] == ["grad_subspace_top1", "grad_subspace_top10"]
 
 
-class _OnceTanh(torch.autograd.Function):
-    """tanh whose backward is marked once_differentiable, as fused kernels often are."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = torch.tanh(x)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
-class _Once(nn.Module):
-    def forward(self, x):
-        return _OnceTanh.apply(x)
-
-
 def test_curvature_probes_fall_back_to_finite_differences_and_say_so(tmp_path):
     """A layer without a double backward: the probes' "auto" engine runs finite
     differences, records their estimated error, and λ_max agrees with the exact value of
     the same function (nn.Tanh in its place) to 1e-3 in float32."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), _Once(), nn.Linear(16, 3))
+    model = nn.Sequential(nn.Linear(6, 16), OnceAct(), nn.Linear(16, 3))
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 3, (64,), generator=gen)
     loss = criterion_loss(nn.CrossEntropyLoss())

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..monitor import Monitor, StepHandle, watch
+from ..monitor.amp import still_scaled
 from ..probes.base import Probe
 
 
@@ -74,17 +75,13 @@ def gradient_problem(
     """
     if not any("grads" in probe.needs for probe in handle.due):
         return None
-    if scaler is not None and scaler.is_enabled() and optimizer is not None:
-        # GradScaler has no public query; its per-optimizer stage is what unscale_() and
-        # step() consult. Fused optimizers skip unscale_() and unscale inside step().
-        stage = scaler._per_optimizer_states.get(id(optimizer), {}).get("stage")
-        if getattr(stage, "name", None) != "UNSCALED":
-            return (
-                f"the gradients at {event} of step {handle.step} are still multiplied by the "
-                f"fp16 loss scale ({type(optimizer).__name__} unscales inside its step(), e.g. a "
-                "fused optimizer), so gradient probes would read scaled values; use an optimizer "
-                "without fused=True, or bf16 (no GradScaler), or drop the gradient probes"
-            )
+    if still_scaled(scaler, optimizer):  # fused optimizers unscale inside step()
+        return (
+            f"the gradients at {event} of step {handle.step} are still multiplied by the "
+            f"fp16 loss scale ({type(optimizer).__name__} unscales inside its step(), e.g. a "
+            "fused optimizer), so gradient probes would read scaled values; use an optimizer "
+            "without fused=True, or bf16 (no GradScaler), or drop the gradient probes"
+        )
     if not seen_grads and all(p.grad is None for p in params.values()):
         return (
             f"no parameter holds a .grad at {event} of step {handle.step}: the gradients live "

@@ -25,16 +25,22 @@ def unscaling_factor(
     scaler: Any, scale: Tensor | None, optimizer: torch.optim.Optimizer | None
 ) -> Tensor | None:
     """``1 / scale`` (0-d) while the gradients of ``optimizer`` are still multiplied by the
-    loss scale, None once the user called ``scaler.unscale_(optimizer)`` (or without a
-    scale). ``GradScaler`` has no public query: its per-optimizer stage is what
-    ``unscale_`` and ``step`` consult."""
-    if scale is None:
-        return None
-    states = getattr(scaler, "_per_optimizer_states", {})
-    stage = states.get(id(optimizer), {}).get("stage") if optimizer is not None else None
-    if getattr(stage, "name", None) == "UNSCALED":
+    loss scale (:func:`still_scaled`), None once the user called
+    ``scaler.unscale_(optimizer)`` (or without a scale)."""
+    if scale is None or not still_scaled(scaler, optimizer):
         return None
     return scale.double().reciprocal().reshape(())
+
+
+def still_scaled(scaler: Any, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``optimizer``'s gradients are still multiplied by ``scaler``'s loss scale
+    (``scaler.unscale_(optimizer)`` not called since its last update; fused optimizers
+    unscale inside their own ``step``). ``GradScaler`` has no public query: its
+    per-optimizer stage is what ``unscale_`` and ``step`` consult."""
+    if scaler is None or not scaler.is_enabled() or optimizer is None:
+        return False
+    stage = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {}).get("stage")
+    return getattr(stage, "name", None) != "UNSCALED"
 
 
 def measuring(params: Iterable[Tensor]) -> ExitStack:
