@@ -436,17 +436,25 @@ def dense_hessian(model: nn.Module, batch: tuple[Tensor, Tensor], how: str) -> T
 
 
 def engine_errors(
-    model: nn.Module, batch: Any, engine: str, vs: Tensor, ref: Tensor, flat: Tensor
+    model: nn.Module, batch: Any, engine: str, vs: Tensor, ref: Tensor, flat: Tensor, norm: float
 ) -> dict:
-    """Relative errors of one engine's ``matvec`` and ``matmat`` against ``ref = H vs``."""
+    """Relative errors of one engine's ``matvec`` and ``matmat`` against ``ref = H vs``,
+    and the largest ``‖Hv − ref‖ / (‖H‖₂ ‖v‖)`` of the ``matmat`` (``norm = ‖H‖₂``): the
+    scale the fd engine's own estimate is taken against."""
     op = hessian_operator(model, CE, batch=batch, engine=engine)
     if op.dim != vs.shape[0] or not torch.equal(op.point.double(), flat.to(op.point.device)):
         raise ValueError("the operator's parameter vector is not named_parameters order")
     row: dict[str, Any] = {"engine": op.engine}
     row["matvec"] = attempt(lambda: rel_err(op.matvec(vs[:, 0].to(op.dtype)), ref[:, 0]))
-    row["matmat"] = attempt(lambda: rel_err(op.matmat(vs.to(op.dtype)), ref))
+    products = attempt(lambda: op.matmat(vs.to(op.dtype)).double())
+    row["matmat"] = products if isinstance(products, dict) else rel_err(products, ref)
+    if not isinstance(products, dict):
+        row["vs_norm"] = float(((products - ref).norm(dim=0) / (norm * vs.norm(dim=0))).max())
     numbers = [v for v in (row["matvec"], row["matmat"]) if isinstance(v, float)]
     row["max_rel_err"] = max(numbers) if numbers else None
+    row["fd_error"] = op.fd_error  # the engine's own estimate (fd only)
+    if not numbers and isinstance(row["matvec"], dict):
+        row["error"] = row["matvec"]["error"]
     return row
 
 
@@ -468,6 +476,7 @@ def hvp_case(model32: nn.Module, batch32: tuple[Tensor, Tensor], cfg: Config) ->
     gen = torch.Generator().manual_seed(cfg.seed)
     vs = torch.randn(p, 4, generator=gen, dtype=torch.float64).to(cfg.device)  # [P, 4]
     ref = dense @ vs  # [P, 4]
+    norm = float(torch.linalg.eigvalsh(dense).abs().max())  # ‖H‖₂
     flat = torch.cat([q.detach().reshape(-1) for q in model64.parameters()])  # [P]
     variants = [("float64", model64, batch64), ("float32", model32, batch32)]
     if cfg.device.type == "cuda":
@@ -475,7 +484,7 @@ def hvp_case(model32: nn.Module, batch32: tuple[Tensor, Tensor], cfg: Config) ->
     for label, model, batch in variants:
         for engine in ENGINES:
             with without_tf32() if label.endswith("no_tf32") else contextlib.nullcontext():
-                row = attempt(lambda: engine_errors(model, batch, engine, vs, ref, flat))  # noqa: B023
+                row = attempt(lambda: engine_errors(model, batch, engine, vs, ref, flat, norm))  # noqa: B023
             out[f"{label}/{engine}"] = row
             log(f"    {label:<16} {engine:<10} max rel err {row.get('max_rel_err')}")
     return out
@@ -550,7 +559,9 @@ def engine_row(
     row["hvp_per_grad"] = row["hvp_ms"] / 1e3 / grad_s
     row["matmat4_per_hvp_ms"] = timed(lambda: op.matmat(vs), dev, reps=max(reps // 4, 1)) * 250
     row["hvp_peak_mib"] = peak_mib(lambda: op.matvec(v), dev)
-    return row | lanczos_run(op, cfg, tol=1e-4)
+    row |= lanczos_run(op, cfg, tol=1e-4)
+    row["fd_error"] = op.fd_error  # the engine's own estimate (fd only)
+    return row
 
 
 def section_lanczos(cfg: Config) -> dict:
@@ -769,6 +780,8 @@ def section_monitor(cfg: Config) -> dict:
                 trainers[name].seconds.append(
                     trainers[name].run(batches, s.train_steps, cfg.device) / s.train_steps
                 )
+        if cfg.device.type == "cuda":  # every trainer, so that the finals stay comparable
+            out["syncs"] = attempt(lambda: count_syncs(trainers, batches, cfg.device))
         stack.close()  # flush and close the monitors inside the temporary directory
         finals = {name: state(t) for name, t in trainers.items()}
         out["reps_done"] = len(trainers["unwatched"].seconds)
@@ -776,6 +789,31 @@ def section_monitor(cfg: Config) -> dict:
         out["rows"] = _monitor_rows(trainers, finals)
     out["unwatched_runs_identical"] = identical(finals["unwatched"], finals["unwatched_again"])
     out["watched_identical"] = all(r["identical"] for r in out["rows"].values())
+    return out
+
+
+SYNC_STEPS = 20
+
+
+def count_syncs(trainers: dict[str, Trainer], batches: list, device: torch.device) -> dict:
+    """Host-device synchronisations per step of each trainer over ``SYNC_STEPS`` steps
+    (``torch.cuda.set_sync_debug_mode``), with the five commonest places they come from."""
+    out = {}
+    for name, trainer in trainers.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                trainer.run(batches, SYNC_STEPS, device)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        where: dict[str, int] = {}
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                place = f"{Path(w.filename).name}:{w.lineno}"
+                where[place] = where.get(place, 0) + 1
+        top = dict(sorted(where.items(), key=lambda kv: -kv[1])[:5])
+        out[name] = {"per_step": sum(where.values()) / SYNC_STEPS, "where": top}
     return out
 
 
@@ -1115,8 +1153,14 @@ def fmt(value: Any, spec: str = ".3g") -> str:
     if isinstance(value, int | float):
         return format(value, spec)
     if isinstance(value, dict) and "error" in value:
-        return "error"
+        return refused_or_error(value)
     return str(value)
+
+
+def refused_or_error(row: dict) -> str:
+    """``"refused"`` for the fd engine's refusal (its estimate over tolerance), else
+    ``"error"``."""
+    return "refused" if str(row["error"]).startswith("FiniteDifferenceError") else "error"
 
 
 def cell(row: Any, key: str, spec: str = ".3g") -> str:
@@ -1124,8 +1168,18 @@ def cell(row: Any, key: str, spec: str = ".3g") -> str:
     if not isinstance(row, dict):
         return "-"
     if "error" in row or "skipped" in row:
-        return "error" if "error" in row else "skipped"
+        return refused_or_error(row) if "error" in row else "skipped"
     return fmt(row.get(key), spec)
+
+
+def with_estimate(row: Any, text: str) -> str:
+    """``text`` and the fd engine's own error estimate, where it has one (after the error
+    against ``‖H‖``, its scale, where measured)."""
+    estimate = row.get("fd_error") if isinstance(row, dict) else None
+    if estimate is None or "error" in row:
+        return text
+    against = f"vs ‖H‖ {row['vs_norm']:.0e}, " if "vs_norm" in row else ""
+    return f"{text} ({against}est. {estimate:.0e})"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -1162,7 +1216,12 @@ def md_hvp(sec: dict) -> list[str]:
             key=["float64", "float32", "float32_no_tf32"].index,
         )
         for label in labels:
-            cells = [cell(data[f"{label}/{e}"], "max_rel_err", ".1e") for e in ENGINES]
+            cells = [
+                with_estimate(
+                    data[f"{label}/{e}"], cell(data[f"{label}/{e}"], "max_rel_err", ".1e")
+                )
+                for e in ENGINES
+            ]
             rows.append([f"{case} (P={data['params']})", label, *cells])
         if "error" in data:
             rows.append([case, "error", *["-"] * len(ENGINES)])
@@ -1170,7 +1229,9 @@ def md_hvp(sec: dict) -> list[str]:
     note = [
         f"Dense references: `torch.func.hessian` vs `jacrev(jacrev)` agree to "
         f"{fmt(sec.get('mlp', {}).get('reference_fwdrev_vs_revrev'), '.1e')} (MLP), "
-        f"{fmt(sec.get('cnn_bn_eval', {}).get('reference_fwdrev_vs_revrev'), '.1e')} (CNN)."
+        f"{fmt(sec.get('cnn_bn_eval', {}).get('reference_fwdrev_vs_revrev'), '.1e')} (CNN). "
+        "`fd`: the error relative to ‖H‖₂‖v‖ and the engine's own estimate (of the same); "
+        "`refused`: its estimate stayed over `fd_tol` (a ReLU kink within the step)."
     ]
     return [*table(head, rows), "", *note, ""]
 
@@ -1193,7 +1254,7 @@ def md_lanczos(sec: dict) -> list[str]:
                 cell(r, "hvps"),
                 cell(r, "wall_s", ".2f"),
                 values,
-                cell(r, "rel_diff_to_reference", ".1e"),
+                with_estimate(r, cell(r, "rel_diff_to_reference", ".1e")),
                 f"{cell(r, 'hvp_peak_mib', '.0f')} / {fmt(sec.get('grad_peak_mib'), '.0f')}",
             ]
         )
@@ -1215,7 +1276,8 @@ def md_lanczos(sec: dict) -> list[str]:
         f"tokens, float32; gradient {sec['grad_ms']:.2f} ms ({sec['grad_math_attention_ms']:.2f}"
         f" ms with the math attention kernel the HVPs use). Reference: {ref.get('dtype')} "
         f"`graph`, {fmt(ref.get('hvps'))} HVPs, {fmt(ref.get('wall_s'), '.1f')} s: "
-        f"{ref_values}. float32 runs: `tol=1e-4`."
+        f"{ref_values}. float32 runs: `tol=1e-4`. (est.): the `fd` engine's own "
+        "estimate, the largest of its products' (relative to the largest ‖Hv‖/‖v‖ seen)."
     ]
     return [*table(head, rows), "", *note, ""]
 
@@ -1223,6 +1285,9 @@ def md_lanczos(sec: dict) -> list[str]:
 def md_monitor(sec: dict) -> list[str]:
     if "rows" not in sec:
         return []
+    syncs = sec.get("syncs") if isinstance(sec.get("syncs"), dict) else {}
+    syncs = {k: v for k, v in syncs.items() if isinstance(v, dict)}
+    places = sorted({p for v in syncs.values() for p in v.get("where", {})})
     rows = [
         [
             name,
@@ -1230,15 +1295,29 @@ def md_monitor(sec: dict) -> list[str]:
             fmt(r["ratio"], ".3f"),
             fmt(r["overhead_ms"], "+.3f"),
             fmt(r["identical"]),
+            fmt(syncs.get(name, {}).get("per_step"), ".2f"),
         ]
         for name, r in sec["rows"].items()
     ]
-    head = ["monitor config", "ms/step (median)", "ratio", "Δ ms/step", "bit-identical"]
+    head = [
+        "monitor config",
+        "ms/step (median)",
+        "ratio",
+        "Δ ms/step",
+        "bit-identical",
+        "host syncs/step",
+    ]
     note = [
         f"CNN, {sec['params']:,} parameters, batch {sec['batch']} of {sec['image']}x"
         f"{sec['image']}, {sec['optimizer']}, deterministic algorithms; {sec['reps_done']} "
         f"interleaved reps, {sec['steps_each']} steps per config. Two unwatched runs "
         f"identical: {fmt(sec['unwatched_runs_identical'])}."
+        + (
+            f" Host syncs: `torch.cuda.set_sync_debug_mode` over {SYNC_STEPS} more steps"
+            + (f", from {', '.join(f'`{p}`' for p in places)}." if places else ".")
+            if syncs
+            else ""
+        )
     ]
     return [*table(head, rows), "", *note, ""]
 

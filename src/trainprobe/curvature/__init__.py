@@ -3,6 +3,7 @@
 from ..functional import LossFn, ParamLayout, criterion_loss, select_params
 from .blocks import block_lanczos, diagonal_block_eigenpairs
 from .density import SpectralDensity, spectral_density
+from .fd import FiniteDifferenceError
 from .hvp import ENGINES, HessianOperator, hessian_operator
 from .lanczos import Eigenpairs, lanczos
 from .operator import MatmatOperator, Operator, as_matmat, as_matvec
@@ -12,6 +13,7 @@ from .trace import TraceEstimate, diagonal, hutch_plus_plus, hutchinson, trace
 __all__ = [
     # operators
     "ENGINES",
+    "FiniteDifferenceError",
     "HessianOperator",
     "LossFn",
     "MatmatOperator",

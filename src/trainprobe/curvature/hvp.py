@@ -19,13 +19,13 @@ Three engines, all over one :class:`trainprobe.functional.Objective` on a flat `
 - ``"linearize"``: ``torch.func.linearize(grad(L), w)`` once, then the recorded
   linear map is replayed (vmapped) per call.
 - ``"fd"``: central finite differences of first-order gradients,
-  ``Hv ≈ (∇L(w + hv) − ∇L(w − hv)) / 2h``: two gradients per product through any
-  kernel that has a backward at all (fused or custom ``autograd.Function`` layers marked
-  ``@once_differentiable``, which the exact engines refuse). The step is
-  ``h = ε^(1/3) (1 + ‖w‖) / ‖v‖`` for the compute dtype's ``ε`` (the balance of the
-  ``O(h²)`` truncation and ``O(ε/h)`` rounding errors); the operator estimates its
-  relative error once, from the same product at ``h`` and ``2h`` (Richardson: the error
-  of a central difference is ``|D(h) − D(2h)| / 3``), in ``operator.fd_error``.
+  ``Hv ≈ (∇L(w + hv) − ∇L(w − hv)) / 2h``, through any kernel that has a backward at all
+  (fused or custom ``autograd.Function`` layers marked ``@once_differentiable``, which
+  the exact engines refuse). Four gradients per product: each one is also taken at
+  ``2h`` for its own error estimate, and one over ``fd_tol`` is retried at smaller steps,
+  then refused with :class:`.fd.FiniteDifferenceError` (the step rule, the estimate and
+  why every product needs its own: :mod:`.fd`). ``operator.fd_error`` is the largest
+  estimate so far.
 
 ``"auto"`` picks ``"graph"`` while at most :data:`MAX_CACHED_BATCHES` batches must be
 cached, else ``"jvp"``; where the graph engine finds a layer without a double backward,
@@ -65,6 +65,7 @@ from ..functional import (
 )
 from ..notices import warn_user
 from .differentiability import NoDoubleBackward, check_double_backward
+from .fd import FD_TOL, CentralDifferences
 from .pieces import _pieces
 
 Engine = Literal["auto", "graph", "jvp", "linearize", "fd"]
@@ -82,14 +83,14 @@ class HessianOperator:
         layout: the parameters the Hessian is taken in (``P = layout.size``).
         dim: ``P``.
         dtype, device: of the vectors ``matvec``/``matmat`` take and return.
-        engine: the engine in use (``"graph"``, ``"jvp"`` or ``"linearize"``).
+        engine: the engine in use (``"graph"``, ``"jvp"``, ``"linearize"`` or ``"fd"``).
         mode: ``"eval"`` or ``"train"`` forward semantics.
         loss: the (dataset) loss at ``w``, a 0-d tensor.
         gradient: ``∇L(w)`` ``[P]``.
         point: ``w`` ``[P]`` (a detached copy).
         matvecs: Hessian-vector products applied so far (a ``matmat`` of ``k`` counts ``k``).
-        fd_error: with ``engine="fd"``, the estimated relative error of a product (see the
-            module doc), else None.
+        fd_error: with ``engine="fd"``, the largest estimated relative error of any
+            product so far (:mod:`.fd`), else None.
         reduce: what combines the loss, gradient and every product over processes (see
             :func:`hessian_operator`), or None.
     """
@@ -101,9 +102,10 @@ class HessianOperator:
         *,
         engine: str,
         reduce: Callable[[Tensor], Tensor] | None = None,
+        fd_tol: float = FD_TOL,
     ) -> None:
         self.objective = objective
-        self.reduce = reduce
+        self.reduce, self.fd_tol = reduce, fd_tol
         self.layout, self.dim = objective.layout, objective.layout.size
         self.device, self.dtype = objective.device, objective.dtype
         self.mode, self.engine = objective.mode, engine
@@ -160,7 +162,11 @@ class HessianOperator:
         self._w = w
         self._graphs = graphs if self.engine == "graph" else []
         if self.engine == "fd":
-            self.fd_error = self._estimate_fd_error()
+            self._fd = CentralDifferences(
+                self._gradient_at, self.point, tol=self.fd_tol, reduce=self.reduce
+            )
+            self._fd.calibrate(_probe_direction(self.dim, self.point))
+            self.fd_error = self._fd.error
         self._linear = []
         if self.engine == "linearize":
             try:
@@ -185,41 +191,6 @@ class HessianOperator:
                 }
             )
         return total
-
-    def _fd_step(self, v: Tensor) -> Tensor:
-        """``h`` for the direction ``v`` (0-d): ``ε^(1/3) (1 + ‖w‖) / ‖v‖``."""
-        eps = torch.finfo(self.dtype).eps
-        return (
-            eps ** (1 / 3)
-            * (1 + self.point.norm())
-            / v.norm().clamp_min(torch.finfo(self.dtype).tiny)
-        )
-
-    def _central(self, v: Tensor, h: Tensor) -> Tensor:
-        """``(∇L(w + hv) − ∇L(w − hv)) / 2h`` ``[P]``."""
-        return (self._gradient_at(self.point + h * v) - self._gradient_at(self.point - h * v)) / (
-            2 * h
-        )
-
-    def _fd_products(self, vs: Tensor) -> Tensor:
-        """``[P, k]``: one central difference per column (zero columns give zero)."""
-        out = torch.zeros_like(vs)
-        for i in range(vs.shape[1]):
-            v = vs[:, i]
-            if bool(v.any()):  # deliberate sync per column: a zero vector has no step
-                out[:, i] = self._central(v, self._fd_step(v))
-        return out
-
-    def _estimate_fd_error(self) -> float:
-        """The relative error of a product on a fixed random direction, from the central
-        differences at ``h`` and ``2h`` (Richardson); one number per operator."""
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(self.point)
-        v = v / v.norm()
-        h = self._fd_step(v)
-        near, far = self._central(v, h), self._central(v, 2 * h)
-        scale = near.norm().clamp_min(torch.finfo(self.dtype).tiny)
-        return float((near - far).norm() / (3 * scale))  # deliberate sync, once
 
     def _linearize(self, batch: Any, weight: float) -> Callable[[Tensor], Tensor]:
         gradient = grad(lambda w: self._loss_at(w, batch, weight))
@@ -263,8 +234,9 @@ class HessianOperator:
         vs = vs.detach().to(device=self.device, dtype=self.dtype)
         try:
             with full_float32(self.device):  # the cached graph's double backward too
-                if self.engine == "fd":
-                    out = self._fd_products(vs)
+                if self.engine == "fd":  # combined over processes inside
+                    out = self._fd.products(vs)
+                    self.fd_error = self._fd.error
                 elif self.batched or vs.shape[1] == 1:
                     out = sum(self._products(vs))  # [P, k]
                 else:
@@ -273,7 +245,7 @@ class HessianOperator:
                     )
         except RuntimeError as err:
             raise _engine_error(self.engine, err) from err
-        if self.reduce is not None:
+        if self.reduce is not None and self.engine != "fd":
             out = self.reduce(out)
         self.matvecs += vs.shape[1]
         if not bool(torch.isfinite(out).all()):  # deliberate sync: a NaN must not go unnoticed
@@ -313,6 +285,13 @@ def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:
         flat, w, vs.T.contiguous(), retain_graph=True, allow_unused=True, is_grads_batched=True
     )  # [k, P]
     return torch.zeros_like(vs) if out is None else out.T
+
+
+def _probe_direction(dim: int, like: Tensor) -> Tensor:
+    """``[P]``: a fixed random unit vector (the same on every rank)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(dim, generator=gen, dtype=torch.float64)
+    return (v / v.norm()).to(like)
 
 
 def _check_finite_loss(value: Tensor, index: int | None) -> None:
@@ -371,6 +350,7 @@ def hessian_operator(
     reduction: Literal["mean", "sum"] = "mean",
     batch_size: Callable[[Any], int] = default_batch_size,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    fd_tol: float = FD_TOL,
 ) -> HessianOperator:
     """The Hessian of ``loss_fn`` at ``model``'s current parameters, as an operator.
 
@@ -404,9 +384,12 @@ def hessian_operator(
             gradient (one call) and to every product, so every rank holds the global
             batch's operator. Every rank must then make the same calls (the same
             Lanczos, seeded alike). A non-finite loss on any rank raises on all.
+        fd_tol: with the ``"fd"`` engine, the largest estimated relative error a product
+            may have (:mod:`.fd`); also where ``"auto"`` falls back to it.
 
     Raises:
         ValueError: bad arguments, a random loss, unused parameters (see messages).
+        FiniteDifferenceError: an ``"fd"`` product over ``fd_tol`` (a ``FloatingPointError``).
         NonFiniteLoss: the loss is not finite (a ``FloatingPointError``).
 
     Examples:
@@ -442,7 +425,7 @@ def hessian_operator(
     if chose:
         engine = "graph" if len(pieces) <= MAX_CACHED_BATCHES else "jvp"
     try:
-        return _operator(objective, pieces, engine, reduce, fallback=chose)
+        return _operator(objective, pieces, engine, reduce, fd_tol, fallback=chose)
     except UnusedParameters as err:
         if params is not None or not err.used:
             raise
@@ -450,7 +433,7 @@ def hessian_operator(
     # The default selection is what training moves: parameters the loss uses (an unused
     # one gets no .grad either). Named explicitly, an unused parameter is an error.
     objective = Objective(model, loss_fn, params=used, mode=mode, dtype=dtype)
-    return _operator(objective, pieces, engine, reduce, fallback=chose)
+    return _operator(objective, pieces, engine, reduce, fd_tol, fallback=chose)
 
 
 def _operator(
@@ -458,20 +441,21 @@ def _operator(
     pieces: list[tuple[Any, float]],
     engine: str,
     reduce: Callable[[Tensor], Tensor] | None,
+    fd_tol: float,
     *,
     fallback: bool,
 ) -> HessianOperator:
     """The operator on ``engine``; with ``fallback`` (``engine="auto"``), finite
     differences where the graph engine finds a layer without a double backward."""
     try:
-        return HessianOperator(objective, pieces, engine=engine, reduce=reduce)
+        return HessianOperator(objective, pieces, engine=engine, reduce=reduce, fd_tol=fd_tol)
     except NoDoubleBackward as err:
         if not fallback:
             raise
-        operator = HessianOperator(objective, pieces, engine="fd", reduce=reduce)
+        operator = HessianOperator(objective, pieces, engine="fd", reduce=reduce, fd_tol=fd_tol)
         warn_user(
             f"trainprobe: {str(err).split('. Use ')[0]}; engine='auto' uses finite "
-            "differences of gradients instead (engine='fd': two gradients per product, "
-            f"estimated relative error {operator.fd_error:.1e})"
+            "differences of gradients instead (engine='fd': four gradients per product, each "
+            f"one checked; estimated relative error {operator.fd_error:.1e} so far)"
         )
         return operator

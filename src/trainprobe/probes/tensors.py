@@ -3,6 +3,7 @@ shares of squared norms that ranks sum under FSDP2 (sharded ``DTensor`` paramete
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -50,6 +51,7 @@ def total_norm(norms: Tensor) -> Tensor:
     return torch.linalg.vector_norm(norms)
 
 
+@functools.cache
 def dtensor_type() -> type | None:
     """``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters), or None where
     this torch build has no distributed package."""
@@ -69,8 +71,13 @@ def any_sharded(tensors: Iterable[Tensor]) -> bool:
 def local_part(tensor: Tensor) -> Tensor:
     """The part of ``tensor`` this process holds: a ``DTensor``'s local shard (no
     collective), any other tensor itself."""
+    if type(tensor) in _PLAIN:  # the common case, without the isinstance walk
+        return tensor
     kind = dtensor_type()
     return tensor.to_local() if kind is not None and isinstance(tensor, kind) else tensor
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _holders(tensor: Tensor, world: int) -> float:
