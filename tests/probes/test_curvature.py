@@ -433,3 +433,33 @@ def test_curvature_probes_fall_back_to_finite_differences_and_say_so(tmp_path):
     want = Run(tmp_path / "exact").series("sharpness/lambda_max").values[0]
     assert abs(got - want) <= 1e-3 * abs(want)
     assert "sharpness/fd_error" not in Run(tmp_path / "exact")
+
+
+def test_a_refused_finite_difference_disables_the_probe_and_names_why(tmp_path):
+    """A layer without a double backward feeding a ReLU that sits on its kink (zero
+    inputs, zero bias): every finite-difference product is off by O(1), so the probe
+    records nothing, is disabled with the refusal's text, and training goes on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16), OnceAct(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)
+    )
+    nn.init.zeros_(model[2].bias)
+    nn.init.zeros_(model[0].bias)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    x[::2] = 0  # tanh(0) = 0 then a bias-free layer: pre-activations exactly on the kink
+    batch = (x, torch.arange(32) % 3)
+    loss = criterion_loss(nn.CrossEntropyLoss())
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning):
+        with trainprobe.watch(
+            model, [Sharpness(schedule=every(1))], run_dir=tmp_path, loss_fn=loss
+        ) as mon:
+            for step in range(2):
+                with mon.step(step, batch=batch):
+                    loss(model, batch).backward()
+    run = Run(tmp_path)
+    assert "sharpness/lambda_max" not in run
+    (reason,) = run.meta["disabled_probes"].values()
+    assert "FiniteDifferenceError" in reason or "finite-difference" in reason
+    assert "ReLU" in reason and "dtype=torch.float64" in reason
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))

@@ -55,8 +55,9 @@ class HessianTop(CurvatureProbe):
         Key("hessian/hvps", "Hessian-vector products spent"),
         Key(
             "hessian/fd_error",
-            "the estimated relative error of the products when the finite-difference engine ran "
-            "(a layer without a double backward); absent for the exact engines",
+            "the largest estimated relative error of the products when the finite-difference "
+            "engine ran (a layer without a double backward; each product is checked and refused "
+            "over 1e-2); absent for the exact engines",
         ),
         Key("hessian/converged", "1 when Lanczos converged, else 0"),
         Key("hessian/eigvecs", "[P, top + bottom] float32 eigenvectors"),
@@ -126,8 +127,9 @@ class HessianTrace(CurvatureProbe):
         Key("hessian_trace/hvps", "Hessian-vector products spent"),
         Key(
             "hessian_trace/fd_error",
-            "the estimated relative error of the products when the finite-difference engine ran "
-            "(a layer without a double backward); absent for the exact engines",
+            "the largest estimated relative error of the products when the finite-difference "
+            "engine ran (a layer without a double backward; each product is checked and refused "
+            "over 1e-2); absent for the exact engines",
         ),
     )
 
@@ -175,8 +177,9 @@ class HessianDensity(CurvatureProbe):
         Key("hessian_density/hvps", "Hessian-vector products spent"),
         Key(
             "hessian_density/fd_error",
-            "the estimated relative error of the products when the finite-difference engine ran "
-            "(a layer without a double backward); absent for the exact engines",
+            "the largest estimated relative error of the products when the finite-difference "
+            "engine ran (a layer without a double backward; each product is checked and refused "
+            "over 1e-2); absent for the exact engines",
         ),
     )
 
