@@ -33,6 +33,11 @@ Usage::
     python benchmarks/distributed.py                 # about 2 minutes on 2 cores
     python benchmarks/distributed.py --quick         # about 1 minute
     python benchmarks/distributed.py --worlds 2 --reps 40 --json out.json
+    python benchmarks/distributed.py --fsdp --worlds 2 4   # FSDP2 instead of DDP
+
+Under ``--fsdp`` the replicas are ``fully_shard``'ed (each linear layer and the root) and
+the MLP uses GELU; ``Sharpness`` then runs finite differences through the sharded model
+(four gradients a product, each all-gathered: ``trainprobe.curvature.sharded``).
 """
 
 from __future__ import annotations
@@ -74,15 +79,29 @@ CONFIGS: dict[str, Callable[[], list] | None] = {
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
 
 
-def mlp() -> nn.Module:
-    """``[B, 128] -> [B, 10]``: two hidden layers of 256 with ReLU (101,386 parameters)."""
+def mlp(act: type[nn.Module] = nn.ReLU) -> nn.Module:
+    """``[B, 128] -> [B, 10]``: two hidden layers of 256 (101,386 parameters); ReLU, or
+    GELU under ``--fsdp`` (finite differences need a smooth loss: a ReLU kink inside the
+    step gets the products refused)."""
     return nn.Sequential(
         nn.Linear(FEATURES, HIDDEN),
-        nn.ReLU(),
+        act(),
         nn.Linear(HIDDEN, HIDDEN),
-        nn.ReLU(),
+        act(),
         nn.Linear(HIDDEN, CLASSES),
     )
+
+
+def wrapped(net: nn.Module, fsdp: bool) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` on each linear layer and the root)."""
+    if not fsdp:
+        return DDP(net)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(net)
 
 
 class Traffic:
@@ -149,13 +168,15 @@ class Replica:
         return time.perf_counter() - start
 
 
-def open_replicas(stack: contextlib.ExitStack, root: Path, init: dict) -> dict[str, Replica]:
+def open_replicas(
+    stack: contextlib.ExitStack, root: Path, init: dict, fsdp: bool
+) -> dict[str, Replica]:
     replicas = {}
     loss_fn = criterion_loss(nn.CrossEntropyLoss())
     for name, probes in CONFIGS.items():
-        net = mlp()
+        net = mlp(nn.GELU if fsdp else nn.ReLU)
         net.load_state_dict(init)  # the same initial weights in every configuration
-        model = DDP(net)
+        model = wrapped(net, fsdp)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         mon = None
         if probes is not None:
@@ -197,11 +218,12 @@ def measure_on_rank(rank: int, world: int, settings: dict) -> dict:
     torch.manual_seed(0)
     init = mlp().state_dict()
     batches = make_batches(rank, settings["batch"])
+    fsdp = settings.get("fsdp", False) and world > 1
     traffic = Traffic(world)
     traffic.install()
     order, shuffler = list(CONFIGS), random.Random(0)  # the same order on every rank
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        replicas = open_replicas(stack, Path(tmp), init)
+        replicas = open_replicas(stack, Path(tmp), init, fsdp)
         for replica in replicas.values():  # warm-up: HVP engine choice, layout agreement
             replica.train(batches, settings["warmup"])
         for _ in range(settings["reps"]):
@@ -209,14 +231,22 @@ def measure_on_rank(rank: int, world: int, settings: dict) -> dict:
             for name in order:
                 replica = replicas[name]
                 replica.seconds.append(timed_block(replica, batches, settings["block"], traffic))
+        disabled = {n: dict(r.mon._disabled) for n, r in replicas.items() if r.mon is not None}
         stack.close()  # the monitors flush and close inside the temporary directory
-    final = {n: r.model.module.state_dict() for n, r in replicas.items()}
+    final = {n: _local_state(r.model) for n, r in replicas.items()}
     identical = all(torch.equal(final["none"][k], s[k]) for s in final.values() for k in s)
     base = np.array(replicas["none"].seconds)
     return {
         "configs": {n: summary(r, base, traffic) for n, r in replicas.items()},
         "bit_identical": identical,
+        "disabled": {n: d for n, d in disabled.items() if d},
     }
+
+
+def _local_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's parameters and buffers (a DTensor's local shard)."""
+    state = getattr(model, "module", model).state_dict()
+    return {k: getattr(v, "to_local", lambda v=v: v)() for k, v in state.items()}
 
 
 def summary(replica: Replica, base: np.ndarray, traffic: Traffic) -> dict:
@@ -306,6 +336,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per config")
     parser.add_argument("--batch", type=int, default=32, help="batch per process")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument(
+        "--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP, GELU MLP"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args(argv)
     if args.block <= 0 or args.block % 10:
@@ -317,10 +350,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    settings = {"reps": args.reps, "block": args.block, "warmup": args.warmup, "batch": args.batch}
+    settings = {
+        "reps": args.reps,
+        "block": args.block,
+        "warmup": args.warmup,
+        "batch": args.batch,
+        "fsdp": args.fsdp,
+    }
     results = {
         "settings": settings,
-        "model": f"MLP {FEATURES}-{HIDDEN}-{HIDDEN}-{CLASSES} (101,386 parameters), SGD momentum",
+        "model": f"MLP {FEATURES}-{HIDDEN}-{HIDDEN}-{CLASSES} (101,386 parameters, "
+        + ("GELU, FSDP2" if args.fsdp else "ReLU, DDP")
+        + "), SGD momentum",
         "platform": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -336,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(results))
     for world, result in results["worlds"].items():
-        print(f"world {world}: {result['wall_s']:.0f} s, bit-identical: {result['bit_identical']}")
+        print(
+            f"world {world}: {result['wall_s']:.0f} s, bit-identical: {result['bit_identical']}"
+            + (f", disabled: {result['disabled']}" if result.get("disabled") else "")
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")

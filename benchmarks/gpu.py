@@ -29,6 +29,9 @@ exception is recorded with its text in the results and the next section runs.
    run (seen on the CPU with torch 2.13: once a probe has called the compiled module inside
    a ``torch.func`` transform, dynamo gives up on its frame and the later steps of every
    run ran eagerly, 1 ulp away from the compiled ones). Run last, after section 7.
+8. ``fsdp2``: a small GELU transformer ``fully_shard``'ed in a process group of one
+   (NCCL on CUDA): watched training bit-identical to unwatched, and the curvature probes'
+   finite differences through the sharded model against the exact engine unsharded.
 7. ``per_sample``: ``trainprobe.gradients.per_sample_gradients`` with every method in
    ``METHODS`` at batch 256: time, and max relative error against a loop of one-example
    gradients.
@@ -1031,6 +1034,99 @@ def _per_sample_row(
 
 # -- driver ------------------------------------------------------------------------------
 
+# -- 8. FSDP2 (one rank) ------------------------------------------------------------------
+
+
+def section_fsdp2(cfg: Config) -> dict:
+    """A small GELU transformer ``fully_shard``'ed in a process group of one (NCCL on CUDA,
+    gloo on the CPU) trains 4 AdamW steps watched by the default probes every step,
+    ``HessianTop(top=2)`` and ``Sharpness`` every 2 steps (finite differences through the
+    sharded model), and 4 steps unwatched from the same weights: bit-identical, and the
+    step-0 eigenvalues against the exact ``graph`` engine on the unsharded model."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from trainprobe import HessianTop
+
+    dev = cfg.device
+    vocab, d, heads, layers, seq, bsz = 128, 64, 4, 2, 32, 32
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    out: dict[str, Any] = {"backend": backend, "warnings": []}
+    try:
+        torch.manual_seed(cfg.seed)
+        base = TinyGPT(vocab, d, heads, layers, seq).to(dev)
+        gen = torch.Generator().manual_seed(cfg.seed + 5)
+        batches = []
+        for _ in range(4):
+            tokens = torch.randint(0, vocab, (bsz, seq + 1), generator=gen).to(dev)
+            batches.append((tokens[:, :-1], tokens[:, 1:]))
+        loss_fn = criterion_loss(token_ce)
+        exact = hessian_operator(base, loss_fn, batch=batches[0], engine="graph")
+        out["exact_top2"] = lanczos(exact, exact.dim, top=2, tol=1e-8).values.tolist()
+        out["params"] = exact.dim
+
+        def sharded() -> nn.Module:
+            model = copy.deepcopy(base)
+            for block in model.blocks:
+                fully_shard(block)
+            return fully_shard(model)
+
+        def train(model: nn.Module, probes: list | None, run_dir: Path | None) -> list[float]:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            mon = (
+                trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt, loss_fn=loss_fn)
+                if probes is not None
+                else None
+            )
+            seconds = []
+            with mon if mon is not None else contextlib.nullcontext():
+                for step, batch in enumerate(batches):
+                    sync(dev)
+                    begin = time.perf_counter()
+                    with mon.step(step, batch=batch) if mon else contextlib.nullcontext():
+                        loss_fn(model, batch).backward()
+                    sync(dev)
+                    seconds.append(time.perf_counter() - begin)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if mon is not None:
+                out["disabled"] = dict(mon._disabled)
+            return seconds
+
+        with tempfile.TemporaryDirectory() as tmp, recorded_warnings(out["warnings"]):
+            watched, plain = sharded(), sharded()
+            probes = [
+                *default_probes(every_n=1),
+                HessianTop(top=2, schedule=every(2), tol=1e-6),
+                Sharpness(schedule=every(2), tol=1e-6),
+            ]
+            seconds = train(watched, probes, Path(tmp) / "run")
+            train(plain, None, None)
+            out["identical"] = all(
+                torch.equal(a.to_local(), b.to_local())
+                for a, b in zip(watched.parameters(), plain.parameters(), strict=True)
+            )
+            out["measured_step_s"] = seconds[0]
+            with trainprobe.Run(Path(tmp) / "run") as run:
+                out["fsdp_top2"] = [float(run.series(f"hessian/eig_{i}").values[0]) for i in (0, 1)]
+                out["fd_error"] = float(run.series("hessian/fd_error").values[0])
+                out["hvps"] = float(run.series("hessian/hvps").values[0])
+                out["sharpness"] = run.series("sharpness/lambda_max").values.tolist()
+                out["keys"] = len(run.keys())
+        out["rel_diff"] = max(
+            abs(a - b) / abs(b) for a, b in zip(out["fsdp_top2"], out["exact_top2"], strict=True)
+        )
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
 SECTIONS: dict[str, Callable[[Config], dict]] = {
     "environment": section_environment,
     "hvp_accuracy": section_hvp_accuracy,
@@ -1039,6 +1135,7 @@ SECTIONS: dict[str, Callable[[Config], dict]] = {
     "mixed_precision": section_mixed_precision,
     "per_sample": section_per_sample,  # before compile: the one whose warm-up may run long
     "compile": section_compile,
+    "fsdp2": section_fsdp2,
 }
 
 
@@ -1391,6 +1488,40 @@ def md_per_sample(sec: dict) -> list[str]:
     return [*table(head, rows), "", *note, ""]
 
 
+def md_fsdp2(sec: dict) -> list[str]:
+    if "rel_diff" not in sec:
+        return []
+    rows = [
+        [
+            f"{sec['backend']}, 1 rank",
+            f"{sec['params']:,}",
+            ", ".join(f"{v:.5g}" for v in sec["fsdp_top2"]),
+            ", ".join(f"{v:.5g}" for v in sec["exact_top2"]),
+            f"{sec['rel_diff']:.1e} (est. {sec['fd_error']:.0e})",
+            fmt(sec["hvps"], ".0f"),
+            fmt(sec["measured_step_s"], ".2f"),
+            fmt(sec["identical"]),
+            fmt(not sec.get("disabled")),
+        ]
+    ]
+    head = [
+        "FSDP2",
+        "params",
+        "λ1, λ2 (sharded fd)",
+        "λ1, λ2 (exact, unsharded)",
+        "rel. diff",
+        "HVPs",
+        "measured step s",
+        "training bit-identical",
+        "no probe disabled",
+    ]
+    note = [
+        "GELU transformer `fully_shard`'ed per block and at the root, AdamW, 4 steps watched "
+        "by `default_probes(every_n=1)`, `HessianTop(top=2)` and `Sharpness` every 2 steps."
+    ]
+    return [*table(head, rows), "", *note, ""]
+
+
 MARKDOWN = {
     "environment": md_environment,
     "hvp_accuracy": md_hvp,
@@ -1399,6 +1530,7 @@ MARKDOWN = {
     "mixed_precision": md_amp,
     "per_sample": md_per_sample,
     "compile": md_compile,
+    "fsdp2": md_fsdp2,
 }
 
 

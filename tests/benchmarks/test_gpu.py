@@ -21,6 +21,7 @@ SECTIONS = (
     "mixed_precision",
     "per_sample",
     "compile",
+    "fsdp2",
 )
 
 
@@ -103,3 +104,8 @@ def test_quick_cpu_run_fills_every_section(tmp_path):
 
     per_sample = sections["per_sample"]
     assert all(per_sample[m]["max_rel_err"] < 1e-5 for m in ("vmap", "loop", "auto"))
+
+    fsdp2 = sections["fsdp2"]  # gloo, one rank, on the CPU
+    assert fsdp2["identical"] is True and not fsdp2["disabled"]
+    assert fsdp2["rel_diff"] < 1e-4 and fsdp2["fd_error"] < 1e-2
+    assert "| gloo, 1 rank |" in markdown

@@ -166,3 +166,28 @@ def test_non_finite_gradients_are_refused():
 def test_fd_tol_must_be_positive():
     with pytest.raises(ValueError, match="fd_tol"):
         CentralDifferences(lambda w: w, torch.ones(2), tol=0.0)
+
+
+def test_sharded_curvature_refuses_placements_other_than_dim_0_over_every_rank():
+    """HSDP's 2-D mesh or a Shard(1) placement would put the shards' rows in another
+    order than the flat layout assumes: refused, naming the parameter and placement."""
+    pytest.importorskip("torch.distributed.tensor")
+    from torch.distributed.tensor import Replicate, Shard
+
+    from trainprobe.curvature.sharded import _check_placement
+
+    class _Mesh:
+        def __init__(self, shape):
+            self.shape, self.ndim = shape, len(shape)
+
+        def size(self):
+            return int(torch.tensor(self.shape).prod())
+
+    class _Param:
+        def __init__(self, shape, placements):
+            self.device_mesh, self.placements = _Mesh(shape), placements
+
+    _check_placement("w", _Param((2,), (Shard(0),)), 2)  # fully_shard's default: fine
+    for param in (_Param((2, 2), (Replicate(), Shard(0))), _Param((2,), (Shard(1),))):
+        with pytest.raises(ValueError, match=r"dim 0.*'w' has placements"):
+            _check_placement("w", param, 4 if len(param.device_mesh.shape) == 2 else 2)

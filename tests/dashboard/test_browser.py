@@ -109,7 +109,14 @@ window.addEventListener("load", function () { setTimeout(function () {
     var link = document.querySelector("#tp-findings a[data-row]");
     out.link = link ? link.textContent : null;
     if (link) { link.click(); }
-    return new Promise(function (done) { setTimeout(done, 500); });
+    // the link scrolls smoothly: wait until it has moved (up to 5 s; a loaded CI machine
+    // gave the animation less than the 500 ms this once waited)
+    return new Promise(function (done) {
+      var tries = 0;
+      (function poll() {
+        if (window.scrollY > 0 || ++tries > 50) { done(); } else { setTimeout(poll, 100); }
+      })();
+    });
   }).then(function () {
     out.range = gd._fullLayout.xaxis.range;
     out.scrolled = window.scrollY;

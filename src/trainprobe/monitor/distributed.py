@@ -248,7 +248,8 @@ _WHOLE_MATRIX = (
 
 def _under_fsdp2() -> tuple[tuple[type, str], ...]:
     """The probe classes refused under FSDP2 and why, the most specific first (a literal
-    registry: a probe class not here, or its subclass, runs)."""
+    registry: a probe class not here, or its subclass, runs; so does one whose reason is
+    None, ahead of a refused base class)."""
     from ..probes import (
         CurvatureProbe,
         FeatureAttribution,
@@ -262,13 +263,7 @@ def _under_fsdp2() -> tuple[tuple[type, str], ...]:
     from ..probes.source import LossProbe
 
     return (
-        (
-            CurvatureProbe,
-            "needs Hessian-vector products of the whole model, and its exact engines "
-            "evaluate the model as one function of all its parameters, of which FSDP2 "
-            "leaves each rank one shard (a finite-difference engine, which could run on the "
-            "sharded model, is not there yet)",
-        ),
+        (CurvatureProbe, None),  # runs: finite differences through the sharded model
         (LossProbe, _WHOLE_MODEL),
         (OutputGradientProbe, _WHOLE_MODEL),
         (GrokSignals, _WHOLE_MODEL),
@@ -286,7 +281,11 @@ def coordinated(probe: Any, *, sharded: bool) -> bool:
     be decided alike everywhere), or are shard statistics under FSDP2. The others
     (replicated parameters, all-reduced gradients, the probe's own fixed data) are the
     same on every rank: rank 0 measures and decides alone, and a step with only those
-    due makes no collective."""
+    due makes no collective. Under FSDP2 a probe that runs the model
+    (``forward_through_shards``, the curvature probes) runs on every rank, whatever its
+    data: the sharded forward and backward are collectives."""
+    if sharded and getattr(probe, "forward_through_shards", False):
+        return True  # every rank takes part in the sharded model's forward and backward
     rule = getattr(probe, "across_ranks", "same")
     if rule == "sharded":
         return sharded

@@ -15,9 +15,11 @@ from torch import Tensor
 from ..curvature.hvp import Engine, HessianOperator, hessian_operator
 from ..curvature.lanczos import Eigenpairs, lanczos
 from ..curvature.operator import Operator
+from ..curvature.sharded import OneRank, ShardedHessian, sharded_hessian_operator
 from .base import StepContext, step_source
 from .schedules import Schedule, every
 from .source import LossProbe
+from .tensors import any_sharded
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -47,6 +49,7 @@ class CurvatureProbe(LossProbe):
 
     schedule: Schedule = every(100)
     across_ranks = "combined"  # on the step's batch, products averaged over ranks
+    forward_through_shards = True  # under FSDP2: every rank runs the sharded model
     batches: Iterable[Any] | None = field(default=None, repr=False)
     engine: Engine = "auto"
     dtype: torch.dtype | None = None
@@ -65,11 +68,15 @@ class CurvatureProbe(LossProbe):
             )
 
     def operator(self, ctx: StepContext) -> HessianOperator:
-        """The Hessian at this step's parameters, on the probe's data and loss."""
+        """The Hessian at this step's parameters, on the probe's data and loss (under
+        FSDP2 by finite differences through the sharded model, see
+        :mod:`~trainprobe.curvature.sharded`)."""
         own = self.data if self.batches is None else self.batches
         loss_fn, batch = step_source(
             ctx, type(self).__name__, self.loss_fn, own, data_hint="data= (or batches=)"
         )
+        if any_sharded(ctx.params.values()):  # FSDP2, at any world size
+            return self._sharded(ctx, loss_fn, batch, own)  # type: ignore[return-value]
         common = {
             "params": self.params,
             "mode": self.mode,
@@ -84,6 +91,25 @@ class CurvatureProbe(LossProbe):
         if own is None and ctx.batches is not None:  # every micro-batch of the step
             return hessian_operator(ctx.model, loss_fn, batches=list(ctx.batches), **common)
         return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
+
+    def _sharded(self, ctx: StepContext, loss_fn: Any, batch: Any, own: Any) -> ShardedHessian:
+        owner = type(self).__name__
+        if self.engine not in ("auto", "fd") or self.params is not None or self.dtype is not None:
+            raise ValueError(
+                f"{owner} under FSDP2 runs finite differences in every trainable parameter, "
+                f"in their dtype: leave engine= (or pass 'fd'), params= and dtype= unset"
+            )
+        data = (
+            {"batches": list(self.batches)}
+            if self.batches is not None
+            else {"batches": list(ctx.batches)}
+            if own is None and ctx.batches is not None
+            else {"batch": batch}
+        )
+        ranks = OneRank() if ctx.ranks is None else ctx.ranks  # world 1: no group seen
+        return sharded_hessian_operator(
+            ctx.model, loss_fn, ctx.params, ranks, mode=self.mode, **data
+        )
 
     def engine_record(self, op: HessianOperator) -> dict[str, float]:
         """``{"<name>/fd_error": estimate}`` when ``op`` ran on finite differences (the

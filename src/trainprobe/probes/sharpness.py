@@ -22,7 +22,7 @@ only shrinks the weights and is left out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,7 +60,9 @@ class StabilityRule:
 
 
 def stability_rule(
-    optimizer: torch.optim.Optimizer | None, params: Mapping[str, Tensor]
+    optimizer: torch.optim.Optimizer | None,
+    params: Mapping[str, Tensor],
+    flatten: Flatten | None = None,
 ) -> StabilityRule:
     """The rule for the live ``optimizer`` over ``params`` (see the module doc).
 
@@ -68,7 +70,10 @@ def stability_rule(
         optimizer: the optimizer training ``params`` (None: no threshold).
         params: the parameters the Hessian is taken in, in vector order; Adam's
             preconditioner ``[P]`` is laid out in this order (float64, on their device).
+        flatten: ``{name: tensor shaped like the parameter} -> [P]`` in the operator's
+            order (its ``layout.flatten``: FSDP2 shards are gathered); default: concatenated.
     """
+    flatten = _concatenated if flatten is None else flatten
     if optimizer is None:
         return StabilityRule(None, None, note="no optimizer given to watch() or mon.step()")
     by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -85,24 +90,34 @@ def stability_rule(
     if isinstance(optimizer, torch.optim.SGD):
         rule = _sgd_rule(group, lr)  # type: ignore[arg-type]
     elif isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
-        rule = _adam_rule(optimizer, group, lr, params)  # type: ignore[arg-type]
+        rule = _adam_rule(optimizer, group, lr, params, flatten)  # type: ignore[arg-type]
     else:
         return StabilityRule(None, lr, note=f"no known threshold for {type(optimizer).__name__}")
     if "weight_decay" in differ and not isinstance(optimizer, torch.optim.AdamW):
-        return replace(rule, weight_decay=_decay_vector(groups, params))  # type: ignore[arg-type]
+        return replace(rule, weight_decay=_decay_vector(groups, params, flatten))  # type: ignore[arg-type]
     return rule
 
 
 _RULE_KEYS = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "weight_decay")
 
 
-def _decay_vector(groups: list[Mapping[str, Any]], params: Mapping[str, Tensor]) -> Tensor:
+Flatten = Callable[[Mapping[str, Tensor]], Tensor]
+
+
+def _concatenated(tensors: Mapping[str, Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors.values()])
+
+
+def _decay_vector(
+    groups: list[Mapping[str, Any]], params: Mapping[str, Tensor], flatten: Flatten
+) -> Tensor:
     """``[P]`` float64: each parameter's group weight decay, in vector order."""
-    pieces = [
-        torch.full((p.numel(),), float(g.get("weight_decay", 0.0)), dtype=torch.float64)
-        for g, p in zip(groups, params.values(), strict=True)
-    ]
-    return torch.cat(pieces)
+    return flatten(
+        {
+            name: torch.full_like(p, float(g.get("weight_decay", 0.0)), dtype=torch.float64)
+            for g, (name, p) in zip(groups, params.items(), strict=True)
+        }
+    ).cpu()
 
 
 def _plain(value: Any) -> Any:
@@ -128,14 +143,15 @@ def _adam_rule(
     group: Mapping[str, Any],
     lr: float,
     params: Mapping[str, Tensor],
+    flatten: Flatten,
 ) -> StabilityRule:
     beta1, beta2 = (float(b) for b in group["betas"])
     eps = float(group["eps"])
     # AdamW's decoupled decay shrinks the weights and is not in the Hessian: the usual two
     # groups, one decayed and one not, share one threshold
     coupled = 0.0 if isinstance(optimizer, torch.optim.AdamW) else float(group["weight_decay"])
-    pieces = []
-    for p in params.values():
+    pieces = {}
+    for name, p in params.items():
         state = optimizer.state.get(p, {})
         second = state.get("max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq")
         if second is None or "step" not in state:
@@ -148,8 +164,8 @@ def _adam_rule(
             )
         t = float(state["step"])
         diag = (1 - beta1**t) * ((second / (1 - beta2**t)).sqrt() + eps)  # P, diagonal
-        pieces.append(diag.detach().reshape(-1))
-    p_diag = torch.cat(pieces).to(torch.float64)  # [P]
+        pieces[name] = diag.detach()
+    p_diag = flatten(pieces).to(torch.float64)  # [P]
     threshold = (2 + 2 * beta1) / ((1 - beta1) * lr)
     return StabilityRule(threshold, lr, weight_decay=coupled, preconditioner=p_diag)
 
@@ -235,7 +251,9 @@ class Sharpness(CurvatureProbe):
 
     def measure(self, ctx: StepContext) -> Mapping[str, Value]:
         op = self.operator(ctx)
-        rule = self._rule(ctx.optimizer, {n: ctx.params[n] for n in op.layout.names})
+        rule = self._rule(
+            ctx.optimizer, {n: ctx.params[n] for n in op.layout.names}, op.layout.flatten
+        )
         self._note(rule)
         if rule.pending:
             return {}
@@ -266,13 +284,16 @@ class Sharpness(CurvatureProbe):
         return out
 
     def _rule(
-        self, optimizer: torch.optim.Optimizer | None, params: Mapping[str, Tensor]
+        self,
+        optimizer: torch.optim.Optimizer | None,
+        params: Mapping[str, Tensor],
+        flatten: Flatten | None = None,
     ) -> StabilityRule:
         """The optimizer's rule; ``threshold=`` replaces its threshold, and without an
         optimizer ``lr=`` gives gradient descent's ``2 / lr``."""
         if optimizer is None and self.lr is not None and self.threshold is None:
             return StabilityRule(2.0 / self.lr, self.lr)
-        rule = stability_rule(optimizer, params)
+        rule = stability_rule(optimizer, params, flatten)
         if self.threshold is None:
             return rule
         lr = self.lr if rule.lr is None else rule.lr
