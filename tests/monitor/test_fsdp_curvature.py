@@ -144,3 +144,30 @@ def test_fsdp2_curvature_equals_the_exact_single_process_run(tmp_path, world):
     got, want = (run.arrays("hessian/eigvecs")[1][-1] for run in (sharded, single))  # step 2
     signs = np.sign((got * want).sum(axis=0))
     np.testing.assert_allclose(got * signs, want, atol=1e-5)  # float32 storage
+
+
+def _nan_worker(rank: int, world: int, tmp_path) -> None:
+    """A NaN in rank 1's rows at step 1: every rank skips that measurement alike (no rank
+    left waiting in a collective), the probe stays on and measures step 2."""
+    model = _sharded()
+    probes = [Sharpness(schedule=every(1), tol=1e-6)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watched = trainprobe.watch(model, probes, run_dir=tmp_path / "run", optimizer=opt, loss_fn=MSE)
+    with watched as mon:
+        for step in range(3):
+            x, y = _shard(rank, world, _data(step))
+            if step == 1 and rank == 1:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            with mon.step(step, batch=(x, y)):
+                nn.functional.mse_loss(model(x), y).backward()
+                dist.all_reduce(model.gain.grad)
+                model.gain.grad /= world
+            opt.zero_grad()  # no update: the NaN gradient must not reach the weights
+    report(tmp_path, rank, {"disabled": mon._disabled})
+
+
+def test_fsdp2_curvature_skips_a_nan_batch_on_every_rank(tmp_path):
+    spawn(_nan_worker, 2, tmp_path, deadline=120)
+    assert all(r["disabled"] == {} for r in reports(tmp_path, 2))
+    assert Run(tmp_path / "run").series("sharpness/lambda_max").steps.tolist() == [0, 2]

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..functional import LossFn, Mode, check_loss_fn, default_batch_size
+from ..functional import LossFn, Mode, NonFiniteLoss, check_loss_fn, default_batch_size
 from ..functional.scopes import evaluation
 from .fd import FD_TOL, CentralDifferences
 from .pieces import _pieces
@@ -176,7 +176,13 @@ class ShardedHessian:
         self.point = self.layout.gather([t.reshape(-1) for t in self._saved])  # [P]
         self.matvecs = 0
         loss, self.gradient = self._evaluate(self.point)
-        self.loss = ranks.mean(loss)  # 0-d, the global batch's
+        self.loss = ranks.mean(loss)  # 0-d, the global batch's: the same on every rank
+        if not bool(torch.isfinite(self.loss)):  # deliberate sync, once; every rank alike
+            raise NonFiniteLoss(
+                f"the loss combined over the ranks is {float(self.loss)} (at least one rank's "
+                "batch gives it): its Hessian is undefined there; fix the NaN/inf in the model "
+                "or data if it recurs"
+            )
         self._fd = CentralDifferences(lambda w: self._evaluate(w)[1], self.point, tol=fd_tol)
         gen = torch.Generator(device="cpu").manual_seed(0)
         probe = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(self.point)
