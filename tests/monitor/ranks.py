@@ -81,3 +81,11 @@ def report(tmp_path: Path, rank: int, obj: Any) -> None:
 
 def reports(tmp_path: Path, world: int) -> list[Any]:
     return [json.loads((tmp_path / f"report_{r}.json").read_text()) for r in range(world)]
+
+
+def rank_share(rank: int, world: int, batch):
+    """Rank ``rank``'s rows of a global ``(x, y)`` batch split evenly over ``world`` ranks."""
+    x, y = batch
+    size = x.shape[0]
+    rows = slice(rank * size // world, (rank + 1) * size // world)
+    return x[rows], y[rows]

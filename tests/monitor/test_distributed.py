@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import trainprobe
-from tests.monitor.ranks import report, reports, spawn
+from tests.monitor.ranks import rank_share, report, reports, spawn
 from trainprobe.curvature import criterion_loss
 from trainprobe.keys import Key
 from trainprobe.probes import (
@@ -82,15 +82,9 @@ def _train(model: nn.Module, run_dir, shard=lambda batch: batch, probes=None) ->
     return mon
 
 
-def _shard(rank: int, world: int, batch):
-    x, y = batch
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    return x[rows], y[rows]
-
-
 def _ddp_worker(rank: int, world: int, tmp_path) -> None:
     model = DDP(_model().double())
-    mon = _train(model, tmp_path / "run", partial(_shard, rank, world))
+    mon = _train(model, tmp_path / "run", partial(rank_share, rank, world))
     report(tmp_path, rank, {"collectives": mon._ranks.exchange.collectives})
 
 
@@ -127,7 +121,7 @@ def _noise_probes(micro: int) -> list:
 
 def _noise_worker(rank: int, world: int, tmp_path) -> None:
     model = DDP(_model().double())
-    _train(model, tmp_path / "run", partial(_shard, rank, world), probes=_noise_probes(2))
+    _train(model, tmp_path / "run", partial(rank_share, rank, world), probes=_noise_probes(2))
 
 
 def test_the_gradient_noise_scale_pools_every_ranks_examples(tmp_path):
@@ -182,7 +176,7 @@ def _classify(run_dir, shard=lambda batch: batch, micro: int = 4) -> None:
 
 
 def _conflict_worker(rank: int, world: int, tmp_path) -> None:
-    _classify(tmp_path / "run", partial(_shard, rank, world), micro=2)
+    _classify(tmp_path / "run", partial(rank_share, rank, world), micro=2)
 
 
 def test_group_gradients_pool_every_ranks_share(tmp_path):
@@ -213,7 +207,7 @@ def _batchnorm_worker(rank: int, world: int, tmp_path) -> None:
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no probe disabled, nothing skipped
-        mon = _train(model, tmp_path / "run", partial(_shard, rank, world), probes=probes)
+        mon = _train(model, tmp_path / "run", partial(rank_share, rank, world), probes=probes)
     report(tmp_path, rank, {"disabled": mon._disabled})
 
 
@@ -231,7 +225,7 @@ def test_batchnorm_under_ddp_with_the_jvp_engine(tmp_path):
 
 def _same_dir_worker(rank: int, world: int, tmp_path) -> None:
     model = DDP(_model().double())
-    _train(model, tmp_path / "run", partial(_shard, rank, world), probes=[LayerNorms()])
+    _train(model, tmp_path / "run", partial(rank_share, rank, world), probes=[LayerNorms()])
 
 
 def test_every_rank_may_pass_the_same_run_dir_and_rank_0_alone_writes(tmp_path):
@@ -270,7 +264,7 @@ class _SameFailsOnRank1(_FailsOnRank1):
 
 
 def _nan_on_rank_1(rank, world, batch):
-    x, y = _shard(rank, world, batch)
+    x, y = rank_share(rank, world, batch)
     if rank == 1:
         x = x.clone()
         x[0, 0] = float("nan")
@@ -281,7 +275,7 @@ def _fault_worker(rank: int, world: int, tmp_path, kind: str) -> None:
     model = DDP(_model().double())
     if kind == "raise":
         probes = [_FailsOnRank1(), _SameFailsOnRank1(), Sharpness(schedule=every(1))]
-        shard = partial(_shard, rank, world)
+        shard = partial(rank_share, rank, world)
     else:  # a NaN in rank 1's batch at every step: curvature's loss is NaN there only
         probes = [Sharpness(schedule=every(1)), LayerNorms(schedule=every(1))]
         shard = partial(_nan_on_rank_1, rank, world)

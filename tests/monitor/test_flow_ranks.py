@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import trainprobe
-from tests.monitor.ranks import report, reports, spawn
+from tests.monitor.ranks import rank_share, report, reports, spawn
 from trainprobe.probes import GradientFlow, every
 from trainprobe.store import Run
 
@@ -92,17 +92,11 @@ def _train(model: nn.Module, kind: str, run_dir, shard=lambda b: b, scale: float
     return mon
 
 
-def _shard(rank: int, world: int, batch):
-    x, y = batch
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    return x[rows], y[rows]
-
-
 def _ddp_worker(rank: int, world: int, tmp_path, scale: float | None) -> None:
     disabled = {}
     for kind in MODELS:
         model = DDP(_model(kind))
-        mon = _train(model, kind, tmp_path / kind, partial(_shard, rank, world), scale)
+        mon = _train(model, kind, tmp_path / kind, partial(rank_share, rank, world), scale)
         disabled[kind] = mon._disabled
     report(tmp_path, rank, disabled)
 

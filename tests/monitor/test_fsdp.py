@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 import trainprobe
-from tests.monitor.ranks import report, reports, spawn
+from tests.monitor.ranks import rank_share, report, reports, spawn
 from trainprobe.curvature import criterion_loss
 from trainprobe.probes import (
     ActivationStats,
@@ -76,12 +76,6 @@ def _probes() -> list:
     ]
 
 
-def _shard(rank: int, world: int, batch):
-    x, y = batch
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    return x[rows], y[rows]
-
-
 def _train(model: _Net, run_dir, shard=lambda batch: batch, world: int = 1):
     """SGD with momentum on ``_data``; ``shard`` picks this process's rows. The replicated
     ``gain``'s gradient is averaged over ranks by hand (FSDP2 leaves it alone)."""
@@ -118,7 +112,7 @@ def _sharded() -> tuple[_Net, list[int]]:
 
 def _fsdp_worker(rank: int, world: int, tmp_path) -> None:
     model, rows = _sharded()
-    mon = _train(model, tmp_path / "run", partial(_shard, rank, world), world)
+    mon = _train(model, tmp_path / "run", partial(rank_share, rank, world), world)
     report(tmp_path, rank, {"rows": rows, "disabled": mon._disabled})
 
 

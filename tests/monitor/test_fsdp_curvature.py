@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 import trainprobe
-from tests.monitor.ranks import report, reports, spawn
+from tests.monitor.ranks import rank_share, report, reports, spawn
 from trainprobe.curvature import criterion_loss
 from trainprobe.probes import (
     GradientSubspace,
@@ -83,12 +83,6 @@ def _train(model, run_dir, probes, shard=lambda batch: batch, world: int = 1):
     return mon
 
 
-def _shard(rank: int, world: int, batch):
-    x, y = batch
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    return x[rows], y[rows]
-
-
 def _sharded() -> _Smooth:
     from torch.distributed.fsdp import fully_shard
 
@@ -101,7 +95,7 @@ def _sharded() -> _Smooth:
 
 
 def _worker(rank: int, world: int, tmp_path) -> None:
-    shard = partial(_shard, rank, world)
+    shard = partial(rank_share, rank, world)
     watched = _sharded()
     mon = _train(watched, tmp_path / "run", _probes(), shard, world)
     plain = _sharded()
@@ -155,7 +149,7 @@ def _nan_worker(rank: int, world: int, tmp_path) -> None:
     watched = trainprobe.watch(model, probes, run_dir=tmp_path / "run", optimizer=opt, loss_fn=MSE)
     with watched as mon:
         for step in range(3):
-            x, y = _shard(rank, world, _data(step))
+            x, y = rank_share(rank, world, _data(step))
             if step == 1 and rank == 1:
                 x = x.clone()
                 x[0, 0] = float("nan")
