@@ -17,7 +17,9 @@ model (as users run them), against exact float64 references:
   the largest relative error.
 - **trace** at a 100-HVP budget: Hutchinson and Hutch++ of every library, median and
   max relative error over seeds.
-- **engines**: one HVP against one gradient for each ``trainprobe`` engine, and the
+- **engines**: the operator's build against one gradient (the first with a new loss
+  closure, and again with the same one, as a probe's next measurement: the determinism
+  check is remembered), one HVP against one gradient for each ``trainprobe`` engine, and the
   speed-up of one ``matmat`` of k = 8, 16 columns over k single ``matvec`` calls.
 - **targets** of the issue, printed as PASS/MISS lines from the measurements.
 
@@ -891,11 +893,13 @@ def _engine_timings(
 ) -> None:
     """Fill ``out`` with the round's timings (see :func:`engine_round`)."""
     try:
+        loss_fn = criterion_loss(criterion())  # a new closure: its first build is checked
         start = time.perf_counter()
-        op = hessian_operator(
-            case.model, criterion_loss(criterion()), batch=case.batch, engine=engine
-        )
+        op = hessian_operator(case.model, loss_fn, batch=case.batch, engine=engine)
         out["build"] = time.perf_counter() - start
+        start = time.perf_counter()  # the same model and closure again, as a probe's next
+        hessian_operator(case.model, loss_fn, batch=case.batch, engine=engine)
+        out["rebuild"] = time.perf_counter() - start
         op.batched = True  # time the vmapped matmat itself (the CPU default loops: see hvp.py)
         for k in (1, *widths):
             vs = torch.randn(op.dim, k, generator=gen)
@@ -919,6 +923,8 @@ def engine_row(rounds: list[dict], grad: float, widths: tuple[int, ...]) -> dict
             row[key] = "; ".join(seen)
     if "build" in med:
         row["build_per_gradient"] = med["build"] / grad
+    if "rebuild" in med:
+        row["rebuild_per_gradient"] = med["rebuild"] / grad
     if "matvec" in med:
         row["hvp_per_gradient"] = med["matvec"] / grad
         for k in widths:
@@ -1113,7 +1119,7 @@ def print_engines(result: dict) -> None:
         f"{result['auto']!r}; {result['reps']} interleaved rounds, medians)"
     )
     print(
-        f"  {'engine':<10} {'build/grad':>10} {'HVP/grad':>9} {'HVP ms':>8} "
+        f"  {'engine':<10} {'build/grad':>10} {'again/grad':>10} {'HVP/grad':>9} {'HVP ms':>8} "
         f"{'matmat8 speed-up':>17} {'matmat16 speed-up':>18}"
     )
 
@@ -1124,6 +1130,7 @@ def print_engines(result: dict) -> None:
         hvp_ms = {"ms": row["median_s"]["matvec"] * 1e3} if "matvec" in row["median_s"] else {}
         print(
             f"  {engine:<10} {cell(row, 'build_per_gradient', 10)} "
+            f"{cell(row, 'rebuild_per_gradient', 10)} "
             f"{cell(row, 'hvp_per_gradient', 9)} {cell(hvp_ms, 'ms', 8)} "
             f"{cell(row, 'speedup_k8', 16, 'x')} {cell(row, 'speedup_k16', 17, 'x')}"
             + (f"  failed: {row['error']}" if "error" in row else "")

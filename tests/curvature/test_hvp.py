@@ -306,6 +306,48 @@ def test_a_random_loss_closure_is_refused():
         hessian_operator(model, noisy, batch=(x, y))
 
 
+def _forwards(model: nn.Module) -> list[int]:
+    """A counter of ``model``'s forward calls (one hook on the root)."""
+    count = [0]
+    model.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def test_a_passed_determinism_check_is_remembered_for_the_model_and_closure():
+    """The check's two forwards are paid once per model, loss closure and mode: the graph
+    engine's build is then one forward. A model with a random module (dropout, even off
+    in eval mode) is checked every time, and so is another closure."""
+    model, (x, y) = _mlp(), _data()
+    count = _forwards(model)
+    hessian_operator(model, CE, batch=(x, y), engine="graph")
+    assert count[0] == 3  # two checking forwards, one for the gradient graph
+    hessian_operator(model, CE, batch=(x, y), engine="graph")
+    assert count[0] == 4
+    hessian_operator(model, CE, batch=(x, y), engine="graph", mode="train")
+    assert count[0] == 7  # another mode: checked
+    other = criterion_loss(nn.CrossEntropyLoss())
+    hessian_operator(model, other, batch=(x, y), engine="graph")
+    assert count[0] == 10  # another closure: checked
+
+    torch.manual_seed(0)
+    dropped = nn.Sequential(nn.Linear(5, 6), nn.Dropout(0.5), nn.Linear(6, 3)).double()
+    count = _forwards(dropped)
+    for _ in range(2):
+        hessian_operator(dropped, CE, batch=(x, y), engine="graph")
+    assert count[0] == 6  # checked both times
+
+
+def test_a_random_closure_is_refused_every_time():
+    model, (x, y) = _mlp(), _data()
+
+    def noisy(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1]) + 1e-3 * torch.rand(())
+
+    for _ in range(2):
+        with pytest.raises(ValueError, match="loss closure draws randomness"):
+            hessian_operator(model, noisy, batch=(x, y))
+
+
 def test_roundoff_between_two_evaluations_is_not_randomness():
     """A CPU reduction split over threads may add in another order from call to call:
     differences of a few ulps pass, a relative 1e-9 in float64 (dropout-sized noise

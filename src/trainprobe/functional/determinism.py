@@ -7,6 +7,7 @@ changed.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,22 +17,36 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .loss import Mode
 
+_PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""``{model: {loss closure: {modes}}}`` that passed, for models without random modules."""
 
-def check_deterministic(model: nn.Module, evaluate: Callable[[], Tensor], mode: Mode) -> None:
+
+def check_deterministic(
+    model: nn.Module, evaluate: Callable[[], Tensor], mode: Mode, *, loss_fn: Any = None
+) -> None:
     """Raise if two evaluations of the loss on the same batch differ (dropout, noise).
 
     A Hessian of a random function is not defined. Two plain evaluations decide; only
     when they differ are two more run with every leaf module's output recorded, so the
     error can name the first module whose output changed (or the loss closure itself).
+    With ``loss_fn`` (the closure ``evaluate`` calls), a pass is remembered for this
+    model, closure and mode while the model holds no random module (dropout, RReLU):
+    the probes build an operator at every measurement, and the two forwards were a third
+    of the build's cost. A random closure fails its first check, so is never remembered.
 
     Args:
         model: the module whose leaf modules are watched.
         evaluate: ``() -> loss`` (run under the RNG fork the caller sets up).
         mode: the semantics, for the message.
+        loss_fn: the loss closure, to remember a pass by (None: never remembered).
     """
+    if loss_fn is not None and _passed(model, loss_fn, mode):
+        return
     with torch.no_grad():
         first, second = evaluate().detach(), evaluate().detach()
     if not _differ(first, second):
+        if loss_fn is not None:
+            _remember(model, loss_fn, mode)
         return
     passes: list[list[tuple[str, Tensor]]] = [[], []]
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
@@ -44,6 +59,31 @@ def check_deterministic(model: nn.Module, evaluate: Callable[[], Tensor], mode: 
             for handle in handles:
                 handle.remove()
     raise ValueError(_randomness_message(dict(leaves), passes, mode))
+
+
+def has_random_modules(model: nn.Module) -> bool:
+    """Whether any module of ``model`` draws random numbers in training (dropout with
+    ``p > 0``, RReLU), in whatever mode it is now."""
+    return any(
+        (isinstance(m, _DropoutNd) and m.p > 0) or isinstance(m, nn.RReLU) for m in model.modules()
+    )
+
+
+def _passed(model: nn.Module, loss_fn: Any, mode: Mode) -> bool:
+    try:
+        return mode in _PASSED.get(model, {}).get(loss_fn, ()) and not has_random_modules(model)
+    except TypeError:  # a closure that cannot be weakly referenced
+        return False
+
+
+def _remember(model: nn.Module, loss_fn: Any, mode: Mode) -> None:
+    if has_random_modules(model):
+        return
+    try:
+        closures = _PASSED.setdefault(model, weakref.WeakKeyDictionary())
+        closures.setdefault(loss_fn, set()).add(mode)
+    except TypeError:  # not weakly referenceable: checked every time
+        pass
 
 
 ROUNDING = 100

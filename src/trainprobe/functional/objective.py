@@ -148,9 +148,13 @@ class Objective:
 
     def check_deterministic(self, batch: Any) -> None:
         """``ValueError`` naming the module if two evaluations at ``w`` on ``batch`` differ
-        (dropout under ``mode="train"``, noise layers, a random loss closure)."""
+        (dropout under ``mode="train"``, noise layers, a random loss closure); a pass is
+        remembered for this model, loss closure and mode while the model has no random
+        module (:func:`.determinism.check_deterministic`)."""
         with self.scope():  # both passes inside one fork: a random loss differs
-            check_deterministic(self.model, lambda: self(self.point, batch), self.mode)
+            check_deterministic(
+                self.model, lambda: self(self.point, batch), self.mode, loss_fn=self.loss_fn
+            )
 
 
 def network(
