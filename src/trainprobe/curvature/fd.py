@@ -23,12 +23,15 @@ kink remedy) up to twice; one still over it raises :class:`FiniteDifferenceError
 names the estimate and the ways out. ``D(h)`` is returned, and ``error`` holds the
 largest estimate of any returned product.
 
-The step, ``h ‖v‖ = ε^(1/3) (rms(w) + ‖w ⊙ v/‖v‖‖)``, balances truncation and rounding at
-the size of the weights that ``v`` moves: a direction spread over all ``P`` weights moves
-each by about ``ε^(1/3) rms(w) / √P``, one concentrated on a few weights moves those by
-about ``ε^(1/3)`` of their size. (``ε^(1/3) (1 + ‖w‖)``, the textbook rule for a few
-variables, moved one weight of an 11M-parameter transformer by 3,000 times its size
-along a Lanczos vector: 70% error in λ1, on the GPU check of ``benchmarks/gpu.py``.)
+The step, ``h ‖v‖ = c ε^(1/3) (rms(w) + ‖w ⊙ v/‖v‖‖)``, starts from the size of the
+weights that ``v`` moves: a direction spread over all ``P`` weights moves each by about
+``ε^(1/3) rms(w) / √P``, one concentrated on a few weights moves those by about
+``ε^(1/3)`` of their size. (``ε^(1/3) (1 + ‖w‖)``, the textbook rule for a few
+variables, moved single weights of an 11M-parameter transformer by thousands of times
+their size along Lanczos vectors: λ1 71% off, on the GPU check of ``benchmarks/gpu.py``.)
+The power of two ``c`` (``2⁻²..2⁴``) is calibrated once per operator where the estimate
+is least (:meth:`CentralDifferences.calibrate`, 22 gradients): the weights' size says
+nothing of how far the loss stays quadratic.
 """
 
 from __future__ import annotations
