@@ -29,12 +29,12 @@ exception is recorded with its text in the results and the next section runs.
    run (seen on the CPU with torch 2.13: once a probe has called the compiled module inside
    a ``torch.func`` transform, dynamo gives up on its frame and the later steps of every
    run ran eagerly, 1 ulp away from the compiled ones). Run last, after section 7.
-8. ``fsdp2``: a small GELU transformer ``fully_shard``'ed in a process group of one
-   (NCCL on CUDA): watched training bit-identical to unwatched, and the curvature probes'
-   finite differences through the sharded model against the exact engine unsharded.
 7. ``per_sample``: ``trainprobe.gradients.per_sample_gradients`` with every method in
    ``METHODS`` at batch 256: time, and max relative error against a loop of one-example
    gradients.
+8. ``fsdp2``: a small GELU transformer ``fully_shard``'ed in a process group of one
+   (NCCL on CUDA): watched training bit-identical to unwatched, and the curvature probes'
+   finite differences through the sharded model against the exact engine unsharded.
 
 Usage (from the repository root; trainprobe need not be installed)::
 
@@ -1095,8 +1095,6 @@ def section_fsdp2(cfg: Config) -> dict:
                     seconds.append(time.perf_counter() - begin)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-            if mon is not None:
-                out["disabled"] = dict(mon._disabled)
             return seconds
 
         with tempfile.TemporaryDirectory() as tmp, recorded_warnings(out["warnings"]):
@@ -1119,6 +1117,7 @@ def section_fsdp2(cfg: Config) -> dict:
                 out["hvps"] = float(run.series("hessian/hvps").values[0])
                 out["sharpness"] = run.series("sharpness/lambda_max").values.tolist()
                 out["keys"] = len(run.keys())
+                out["disabled"] = dict(run.meta.get("disabled_probes", {}))
         out["rel_diff"] = max(
             abs(a - b) / abs(b) for a, b in zip(out["fsdp_top2"], out["exact_top2"], strict=True)
         )
