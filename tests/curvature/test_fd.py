@@ -137,8 +137,9 @@ def test_a_product_over_tolerance_is_retried_at_smaller_steps_then_refused():
 
 
 def test_zero_columns_cost_nothing_and_reduce_is_called_once_per_try():
-    """Two ranks simulated by a reduce that averages a copy of the products with itself:
-    one collective for the calibration's products and one per matmat."""
+    """A reduce that records its calls (and returns its input, as a mean over identical
+    ranks would): one collective for both differences of every try, [P, 2k] for the k
+    non-zero columns, and the same products as without it."""
     model, batch = _lm_case()
     reduced = []
 

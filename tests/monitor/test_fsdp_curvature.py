@@ -165,3 +165,19 @@ def test_fsdp2_curvature_skips_a_nan_batch_on_every_rank(tmp_path):
     spawn(_nan_worker, 2, tmp_path, deadline=120)
     assert all(r["disabled"] == {} for r in reports(tmp_path, 2))
     assert Run(tmp_path / "run").series("sharpness/lambda_max").steps.tolist() == [0, 2]
+
+
+def _engine_worker(rank: int, world: int, tmp_path) -> None:
+    model = _sharded()
+    probes = [HessianTop(engine="graph", schedule=every(1))]
+    with trainprobe.watch(model, probes, run_dir=tmp_path / "run", loss_fn=MSE) as mon:
+        x, y = _data(0)
+        with mon.step(0, batch=(x, y)):
+            nn.functional.mse_loss(model(x), y).backward()
+    report(tmp_path, rank, {"disabled": mon._disabled})
+
+
+def test_fsdp2_curvature_with_an_exact_engine_asked_for_is_disabled_with_the_way_out(tmp_path):
+    spawn(_engine_worker, 1, tmp_path, deadline=60)
+    (reason,) = reports(tmp_path, 1)[0]["disabled"].values()
+    assert "under FSDP2 runs finite differences" in reason and "engine=" in reason

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..functional import LossFn, Mode, NonFiniteLoss, check_loss_fn, default_batch_size
 from ..functional.scopes import evaluation
+from ..functional.shards import dtensor_type, local_part
 from .fd import FD_TOL, CentralDifferences
 from .pieces import _pieces
 
@@ -62,27 +63,19 @@ class OneRank:
         return [value]
 
 
-def _dtensor() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
-
-
 class ShardLayout:
     """The flat order of FSDP2 parameters: ``names``, ``size`` (``P``), and ``flatten``
     of tensors shaped like the parameters (``DTensor`` shards or replicated) to ``[P]``."""
 
     def __init__(self, params: Mapping[str, Tensor], ranks: Collectives) -> None:
-        kind = _dtensor()
+        kind = dtensor_type()
         self.names = tuple(params)
         self.ranks = ranks
         self.sharded = [kind is not None and isinstance(p, kind) for p in params.values()]
         for name, p, sharded in zip(self.names, params.values(), self.sharded, strict=True):
             if sharded:
                 _check_placement(name, p, ranks.world)
-        local = [_local(p).numel() for p in params.values()]
+        local = [local_part(p).numel() for p in params.values()]
         #: [world][param] elements each rank holds of each sharded parameter
         self.counts = [list(c) for c in ranks.gather_objects(local)]
         self.numels = [
@@ -133,7 +126,7 @@ class ShardLayout:
 
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
         """``[P]`` from tensors shaped like the parameters (e.g. Adam's second moments)."""
-        return self.gather([_local(tensors[n]).detach().reshape(-1) for n in self.names])
+        return self.gather([local_part(tensors[n]).detach().reshape(-1) for n in self.names])
 
 
 class ShardedHessian:
@@ -165,7 +158,7 @@ class ShardedHessian:
         self.layout = ShardLayout(params, ranks)
         self.dim = self.layout.size
         with torch.no_grad():  # views of the shards' storage, written in place
-            self.locals = [_local(p) for p in self.params]
+            self.locals = [local_part(p) for p in self.params]
         self.dtype, self.device = self.locals[0].dtype, self.locals[0].device
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(
@@ -173,6 +166,7 @@ class ShardedHessian:
                 "finite differences in half precision have no significant digits left"
             )
         self._saved = [t.detach().clone() for t in self.locals]
+        self._buffers = [b.detach().clone() for b in model.buffers()]  # put back after each
         self.point = self.layout.gather([t.reshape(-1) for t in self._saved])  # [P]
         self.matvecs = 0
         loss, self.gradient = self._evaluate(self.point)
@@ -193,7 +187,6 @@ class ShardedHessian:
         """This rank's loss (0-d) and the gradient ``[P]`` at ``w [P]``, through the
         sharded model; shards, ``.grad`` and buffers are put back as they were."""
         grads = [p.grad for p in self.params]
-        buffers = [b.detach().clone() for b in self.model.buffers()]
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         try:
             with torch.no_grad():
@@ -209,13 +202,13 @@ class ShardedHessian:
             parts = []
             triples = zip(self.params, self.locals, self.layout.sharded, strict=True)
             for p, local, sharded in triples:
-                g = torch.zeros_like(local) if p.grad is None else _local(p.grad).detach()
+                g = torch.zeros_like(local) if p.grad is None else local_part(p.grad).detach()
                 parts.append((g if sharded else self.ranks.mean(g)).reshape(-1))
         finally:
             with torch.no_grad():
                 for local, saved in zip(self.locals, self._saved, strict=True):
                     local.copy_(saved)
-                for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                for b, saved in zip(self.model.buffers(), self._buffers, strict=True):
                     b.copy_(saved)
             for p, g in zip(self.params, grads, strict=True):
                 p.grad = g
@@ -266,14 +259,9 @@ def sharded_hessian_operator(
     check_loss_fn(loss_fn)
     if not params:
         raise ValueError("no parameters to take the Hessian in")
-    first = _local(next(iter(params.values())))
+    first = local_part(next(iter(params.values())))
     pieces = _pieces(batch, batches, reduction, batch_size, first.device, first.dtype)
     return ShardedHessian(model, loss_fn, params, pieces, ranks, mode=mode, fd_tol=fd_tol)
-
-
-def _local(tensor: Tensor) -> Tensor:
-    kind = _dtensor()
-    return tensor.to_local() if kind is not None and isinstance(tensor, kind) else tensor
 
 
 def _check_placement(name: str, param: Any, world: int) -> None:

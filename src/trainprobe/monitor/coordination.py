@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..functional.shards import any_sharded
 from ..probes.base import OnHost, Probe, Value
 from ..store import RunWriter
 from .distributed import (
@@ -19,7 +20,6 @@ from .distributed import (
     Exchange,
     NullWriter,
     Ranks,
-    any_sharded,
     check_across_ranks,
     coordinated,
 )

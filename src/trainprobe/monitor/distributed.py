@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..functional.shards import any_sharded
 from ..probes.base import OnHost, Value
-from ..probes.tensors import any_sharded
 
 #: a probe's status in the exchange
 OK, FAILED, SKIPPED = 0.0, 1.0, 2.0

@@ -16,10 +16,10 @@ from ..curvature.hvp import Engine, HessianOperator, hessian_operator
 from ..curvature.lanczos import Eigenpairs, lanczos
 from ..curvature.operator import Operator
 from ..curvature.sharded import OneRank, ShardedHessian, sharded_hessian_operator
+from ..functional.shards import any_sharded
 from .base import StepContext, step_source
 from .schedules import Schedule, every
 from .source import LossProbe
-from .tensors import any_sharded
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -75,37 +75,34 @@ class CurvatureProbe(LossProbe):
         loss_fn, batch = step_source(
             ctx, type(self).__name__, self.loss_fn, own, data_hint="data= (or batches=)"
         )
+        data: dict[str, Any]
+        if self.batches is not None:
+            data = {"batches": self.batches}
+        elif own is None and ctx.batches is not None:  # every micro-batch of the step
+            data = {"batches": list(ctx.batches)}
+        else:
+            data = {"batch": batch}
         if any_sharded(ctx.params.values()):  # FSDP2, at any world size
-            return self._sharded(ctx, loss_fn, batch, own)  # type: ignore[return-value]
-        common = {
-            "params": self.params,
-            "mode": self.mode,
-            "engine": self.engine,
-            "dtype": self.dtype,
+            return self._sharded(ctx, loss_fn, data)  # type: ignore[return-value]
+        return hessian_operator(
+            ctx.model,
+            loss_fn,
+            params=self.params,
+            mode=self.mode,
+            engine=self.engine,
+            dtype=self.dtype,
             # the step's batch is this rank's share: products averaged over ranks are the
             # global batch's (data= and batches= are the same on every rank already)
-            "reduce": ctx.ranks.mean if ctx.ranks is not None and own is None else None,
-        }
-        if self.batches is not None:
-            return hessian_operator(ctx.model, loss_fn, batches=self.batches, **common)
-        if own is None and ctx.batches is not None:  # every micro-batch of the step
-            return hessian_operator(ctx.model, loss_fn, batches=list(ctx.batches), **common)
-        return hessian_operator(ctx.model, loss_fn, batch=batch, **common)
+            reduce=ctx.ranks.mean if ctx.ranks is not None and own is None else None,
+            **data,
+        )
 
-    def _sharded(self, ctx: StepContext, loss_fn: Any, batch: Any, own: Any) -> ShardedHessian:
-        owner = type(self).__name__
+    def _sharded(self, ctx: StepContext, loss_fn: Any, data: dict[str, Any]) -> ShardedHessian:
         if self.engine not in ("auto", "fd") or self.params is not None or self.dtype is not None:
             raise ValueError(
-                f"{owner} under FSDP2 runs finite differences in every trainable parameter, "
-                f"in their dtype: leave engine= (or pass 'fd'), params= and dtype= unset"
+                f"{type(self).__name__} under FSDP2 runs finite differences in every trainable "
+                "parameter, in their dtype: leave engine= (or pass 'fd'), params= and dtype= unset"
             )
-        data = (
-            {"batches": list(self.batches)}
-            if self.batches is not None
-            else {"batches": list(ctx.batches)}
-            if own is None and ctx.batches is not None
-            else {"batch": batch}
-        )
         ranks = OneRank() if ctx.ranks is None else ctx.ranks  # world 1: no group seen
         return sharded_hessian_operator(
             ctx.model, loss_fn, ctx.params, ranks, mode=self.mode, **data

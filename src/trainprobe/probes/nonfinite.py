@@ -9,10 +9,11 @@ from functools import partial
 import numpy as np
 import torch
 
+from ..functional.shards import local_part
 from ..keys import Key
 from .base import OnHost, ProbeOptions, StepContext, Value
 from .schedules import Schedule, every
-from .tensors import local_part, stacked_norms
+from .tensors import stacked_norms
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -9,12 +9,11 @@ from functools import partial
 import numpy as np
 import torch
 
+from ..functional.shards import any_sharded, local_part
 from ..keys import Key
 from .base import OnHost, PerLayer, ProbeOptions, StepContext, Value
 from .schedules import Schedule, every
 from .tensors import (
-    any_sharded,
-    local_part,
     norms_from_squares,
     shared_squares,
     stacked_norms,

@@ -3,12 +3,13 @@ shares of squared norms that ranks sum under FSDP2 (sharded ``DTensor`` paramete
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..functional.shards import dtensor_type, local_part
 
 
 def stack_scalars(values: Sequence[Tensor]) -> Tensor:
@@ -49,35 +50,6 @@ def stacked_norms(tensors: Sequence[Tensor], *, wide: torch.dtype | None = None)
 def total_norm(norms: Tensor) -> Tensor:
     """Global L2 norm from per-tensor norms: ``sqrt(sum_i ||t_i||^2)``."""
     return torch.linalg.vector_norm(norms)
-
-
-@functools.cache
-def dtensor_type() -> type | None:
-    """``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters), or None where
-    this torch build has no distributed package."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without torch.distributed
-        return None
-    return DTensor
-
-
-def any_sharded(tensors: Iterable[Tensor]) -> bool:
-    """Whether any of ``tensors`` is a ``DTensor`` (a parameter or gradient under FSDP2)."""
-    kind = dtensor_type()
-    return kind is not None and any(isinstance(t, kind) for t in tensors)
-
-
-def local_part(tensor: Tensor) -> Tensor:
-    """The part of ``tensor`` this process holds: a ``DTensor``'s local shard (no
-    collective), any other tensor itself."""
-    if type(tensor) in _PLAIN:  # the common case, without the isinstance walk
-        return tensor
-    kind = dtensor_type()
-    return tensor.to_local() if kind is not None and isinstance(tensor, kind) else tensor
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _holders(tensor: Tensor, world: int) -> float:
