@@ -537,13 +537,13 @@ def curvlinops_top(model: nn.Module, batch: Batch, k: int, **knob: Any):
 
 def trainprobe_top(model: nn.Module, batch: Batch, k: int, **knob: Any):
     """``trainprobe`` Lanczos on ``hessian_operator(engine="auto")`` (knob: ``value_tol``,
-    the eigenvalue-error estimate relative to λ_max; default None, the residual test
-    ``tol=1e-8`` alone). HVPs: ``op.matvecs``."""
+    the eigenvalue tolerance relative to each eigenvalue; default 1e-6). HVPs:
+    ``pairs.matvecs`` (a float64 refinement's products included)."""
     op = hessian_operator(model, criterion_loss(criterion()), batch=batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # unconverged: the error column shows it
         pairs = lanczos(op, op.dim, top=k, generator=torch.Generator().manual_seed(0), **knob)
-    return pairs.values.numpy(), op.matvecs
+    return pairs.values.numpy(), pairs.matvecs
 
 
 @dataclass(frozen=True)
@@ -602,7 +602,7 @@ METHODS: dict[str, EigenMethod] = {
     "trainprobe lanczos": EigenMethod(
         "trainprobe",
         trainprobe_top,
-        "value_tol (default None: residual tol=1e-8 only)",
+        "value_tol (default 1e-6, relative to each eigenvalue)",
         lambda k, quick: [{"value_tol": t} for t in _tols(1e-8, 1e-3, quick)],
     ),
 }
@@ -912,6 +912,26 @@ def _engine_timings(
         out["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:160]
 
 
+def bookkeeping_round(case: Case, k: int) -> dict[str, float]:
+    """One default top-``k`` Lanczos on a built operator: its wall time and the time
+    spent inside the operator's products (the rest is the Lanczos bookkeeping)."""
+    op = hessian_operator(case.model, criterion_loss(criterion()), batch=case.batch)
+    inside = [0.0]
+    matmat = op.matmat
+
+    def timed_matmat(vs: Tensor) -> Tensor:
+        start = time.perf_counter()
+        out = matmat(vs)
+        inside[0] += time.perf_counter() - start
+        return out
+
+    op.matmat = timed_matmat  # matvec goes through matmat
+    start = time.perf_counter()
+    pairs = lanczos(op, op.dim, top=k, generator=torch.Generator().manual_seed(0))
+    total = time.perf_counter() - start
+    return {"total": total, "products": inside[0], "hvps": float(pairs.matvecs)}
+
+
 def engine_row(rounds: list[dict], grad: float, widths: tuple[int, ...]) -> dict:
     """Medians over rounds and the ratios (those whose timings exist)."""
     keys = [key for key in rounds[0] if key not in ("error", "warning")]
@@ -952,63 +972,82 @@ def engine_task(case: Case, args: argparse.Namespace) -> dict:
     grad = float(np.median([s["gradient"] for s in samples["gradient"]]))
     auto = hessian_operator(case.model, criterion_loss(criterion()), batch=case.batch).engine
     rows = {engine: engine_row(samples[engine], grad, widths) for engine in ENGINES}
-    return {"gradient_s": grad, "auto": auto, "engines": rows, "reps": args.engine_reps}
+    books = [bookkeeping_round(case, max(TOPS)) for _ in range(args.engine_reps)]
+    share = [(b["total"] - b["products"]) / b["products"] for b in books]
+    bookkeeping = {
+        "k": max(TOPS),
+        "share_of_products": float(np.median(share)),
+        "ms_per_step": float(np.median([(b["total"] - b["products"]) / b["hvps"] for b in books]))
+        * 1e3,
+        "product_ms": float(np.median([b["products"] / b["hvps"] for b in books])) * 1e3,
+    }
+    return {
+        "gradient_s": grad,
+        "auto": auto,
+        "engines": rows,
+        "reps": args.engine_reps,
+        "bookkeeping": bookkeeping,
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # targets
 
 
-def tuned_row(task: dict, method: str) -> dict:
-    """The row timed as ``method``'s tuned setting (possibly its defaults)."""
-    return next(
-        (
-            r
-            for r in task["rows"]
-            if r["method"] == method and r["setting"] in ("tuned", "defaults=tuned")
-        ),
-        {},
-    )
+def defaults_row(task: dict, method: str) -> dict:
+    """The row timed as ``method``'s defaults."""
+    settings = ("defaults", "defaults=tuned")
+    return next((r for r in task["rows"] if r["method"] == method and r["setting"] in settings), {})
 
 
 def case_targets(name: str, result: dict) -> list[dict]:
-    """The issue's targets for one case, from its measurements."""
+    """The issue's targets for one case, from its measurements (``trainprobe`` at its
+    defaults; each peer at its fastest setting that reaches ``TARGET_REL``)."""
     out = []
     cap5 = 30 if name == "mlp" else 55
     for task in result["eigen"]:
         k = task["k"]
-        ours = tuned_row(task, "trainprobe lanczos")
+        ours = defaults_row(task, "trainprobe lanczos")
         cap = 10 if k == 1 else cap5
         out.append(_target(f"{name} top-{k} HVPs <= {cap}", ours.get("hvps"), cap))
         out.append(
             _target(
-                f"{name} top-{k} max rel error <= {TARGET_REL:g}",
+                f"{name} top-{k} max rel error <= {TARGET_REL:g} (defaults)",
                 ours.get("max_rel_error"),
                 TARGET_REL,
             )
         )
-    five = next(t for t in result["eigen"] if t["k"] == max(TOPS))
-    ours = tuned_row(five, "trainprobe lanczos").get("median_s")
-    accurate = [
-        r
-        for r in five["rows"]
-        if not r["method"].startswith("trainprobe")
-        and r.get("max_rel_error", math.inf) <= TARGET_REL
-    ]
-    best = min(accurate, key=lambda r: r["median_s"], default=None)
-    ratio = None if best is None or ours is None else ours / best["median_s"]
-    peers_ran = any(not r["method"].startswith("trainprobe") and "hvps" in r for r in five["rows"])
-    label = (
-        f"{best['method']} ({best['setting']})"
-        if best is not None
-        else "no peer reached 1e-6"
-        if peers_ran
-        else "no peer ran"
-    )
-    out.append(_target(f"{name} top-5 time <= 0.5x fastest accurate peer [{label}]", ratio, 0.5))
+        accurate = [
+            r
+            for r in task["rows"]
+            if not r["method"].startswith("trainprobe")
+            and r.get("max_rel_error", math.inf) <= TARGET_REL
+        ]
+        best = min(accurate, key=lambda r: r["median_s"], default=None)
+        mine = ours.get("median_s")
+        ratio = None if best is None or mine is None else mine / best["median_s"]
+        ran = any(not r["method"].startswith("trainprobe") and "hvps" in r for r in task["rows"])
+        label = (
+            f"{best['method']} ({best['setting']})"
+            if best is not None
+            else "no peer reached 1e-6"
+            if ran
+            else "no peer ran"
+        )
+        out.append(
+            _target(f"{name} top-{k} time <= 0.5x fastest accurate peer [{label}]", ratio, 0.5)
+        )
     engines = result["engines"]
     auto = engines["engines"][engines["auto"]].get("hvp_per_gradient")
     out.append(_target(f"{name} one HVP <= 2x one gradient (auto = {engines['auto']!r})", auto, 2))
+    books = engines.get("bookkeeping", {})
+    out.append(
+        _target(
+            f"{name} Lanczos bookkeeping <= 10% of the products' time (top-{books.get('k')})",
+            books.get("share_of_products"),
+            0.10,
+        )
+    )
     pp = next((r for r in result["trace"] if r["method"] == "trainprobe hutch++"), {})
     out.append(
         _target(
@@ -1137,6 +1176,13 @@ def print_engines(result: dict) -> None:
         )
         if "warning" in row:
             print(f"  {'':<10} warned: {row['warning']}")
+    books = result.get("bookkeeping")
+    if books:
+        print(
+            f"  Lanczos top-{books['k']} (defaults): bookkeeping {books['ms_per_step']:.3f} ms a "
+            f"step against {books['product_ms']:.3f} ms a product: "
+            f"{100 * books['share_of_products']:.1f}% of the products' time"
+        )
 
 
 def print_report(result: dict, cases: list[Case]) -> None:

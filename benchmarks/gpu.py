@@ -1,9 +1,10 @@
 """GPU check and benchmark of trainprobe: accuracy, cost and non-interference on CUDA.
 
-One prepared script for a scarce GPU lease (about 2-3 minutes on one H200, compile
-warm-up included; sections stop early, and later ones are skipped, once ``--budget``
-seconds after the imports are spent). Each section is measured, never assumed, and wrapped: an
-exception is recorded with its text in the results and the next section runs.
+One prepared script for a scarce GPU lease (about 6-7 minutes on one H200, compile
+warm-up included, of which up to 4 in section 9; sections stop early, and later ones are
+skipped, once ``--budget`` seconds after the imports are spent). Each section is
+measured, never assumed, and wrapped: an exception is recorded with its text in the
+results and the next section runs.
 
 1. ``environment``: torch, CUDA and cuDNN versions, the device and its memory.
 2. ``hvp_accuracy``: ``hessian_operator`` products of every engine in
@@ -35,10 +36,22 @@ exception is recorded with its text in the results and the next section runs.
 8. ``fsdp2``: a small GELU transformer ``fully_shard``'ed in a process group of one
    (NCCL on CUDA): watched training bit-identical to unwatched, and the curvature probes'
    finite differences through the sharded model against the exact engine unsharded.
+9. ``krylov`` (at most ``KRYLOV_S`` = 240 s; parts stop or are skipped, with the reason,
+   when time or memory runs out): per engine, one ``matmat`` of 8 columns against 8
+   ``matvec`` calls on the ``lanczos`` transformer (speed-up, and the columns' agreement);
+   a GPT-2-size decoder (124M parameters, 4 x 1024 random tokens, forward under bf16
+   autocast) through ``hessian_operator`` (engine ``"auto"``): top-1 ``lanczos(tol=1e-3)``
+   cold, warm from the cold run's vectors and guard vectors after one AdamW step, and of
+   Adam's preconditioned Hessian ``P^{-1/2} H P^{-1/2}`` (``stability_rule``) after three:
+   λ, HVPs, wall time, peak memory, relative residual; and a 1.01B-parameter one (1 x 1024
+   tokens; the first of ``graph`` under autocast, ``jvp``, ``fd`` that takes a product):
+   top-5 with the basis in float32, in bfloat16 and offloaded to host memory, each within
+   the device memory left (``max_memory``): values, HVPs, time, peak memory, restarts,
+   floor, and the largest relative difference of the others' values from float32's.
 
 Usage (from the repository root; trainprobe need not be installed)::
 
-    PYTHONPATH=src python3 benchmarks/gpu.py --out results/   # CUDA, 2-3 min on an H200
+    PYTHONPATH=src python3 benchmarks/gpu.py --out results/   # CUDA, 6-7 min on an H200
     PYTHONPATH=src python3 benchmarks/gpu.py --device cpu --quick   # tiny sizes, seconds
 
 Writes ``gpu.json`` (every number) and ``gpu.md`` (tables for ``benchmarks/README.md``)
@@ -78,8 +91,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import trainprobe
 from trainprobe import GradConflict, GradNoise, Sharpness, default_probes, every
 from trainprobe.curvature import ENGINES, criterion_loss, hessian_operator, lanczos
+from trainprobe.curvature.lanczos import basis_bytes
 from trainprobe.functional import Objective, full_float32
 from trainprobe.gradients import METHODS, per_sample_gradients
+from trainprobe.probes import StabilityRule, stability_rule
 
 CE = criterion_loss(nn.CrossEntropyLoss())
 START = time.perf_counter()
@@ -112,6 +127,8 @@ class Sizes:
     compile_steps: int  # section 6
     ps_width: int  # section 7: CNN width on cnn_image images, batch
     ps_batch: int
+    gpt: tuple[int, int, int, int, int, int]  # section 9: GPT-style decoder (as lm)
+    gpt_big: tuple[int, int, int, int, int, int]  # section 9: its ~1B-parameter sibling
 
 
 PRESETS = {
@@ -132,6 +149,8 @@ PRESETS = {
         compile_steps=30,
         ps_width=16,
         ps_batch=256,
+        gpt=(50304, 768, 12, 12, 1024, 4),  # 124M parameters
+        gpt_big=(50304, 2048, 16, 18, 1024, 1),  # 1.11B parameters
     ),
     "small": Sizes(
         hvp_batch=64,
@@ -150,6 +169,8 @@ PRESETS = {
         compile_steps=20,
         ps_width=8,
         ps_batch=64,
+        gpt=(64, 16, 2, 2, 32, 4),
+        gpt_big=(64, 32, 4, 2, 32, 1),
     ),
     "tiny": Sizes(
         hvp_batch=16,
@@ -168,6 +189,8 @@ PRESETS = {
         compile_steps=10,
         ps_width=4,
         ps_batch=16,
+        gpt=(16, 8, 2, 1, 8, 2),
+        gpt_big=(16, 16, 2, 1, 8, 1),
     ),
 }
 
@@ -251,14 +274,19 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """A GPT-style language model: ``[B, T]`` tokens -> ``[B, T, vocab]`` logits."""
+    """A GPT-style language model: ``[B, T]`` tokens -> ``[B, T, vocab]`` logits
+    (``tied``: the output layer shares the token embedding's weight, as GPT-2's)."""
 
-    def __init__(self, vocab: int, d: int, heads: int, layers: int, seq: int) -> None:
+    def __init__(
+        self, vocab: int, d: int, heads: int, layers: int, seq: int, tied: bool = False
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
         self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
 
     def forward(self, idx: Tensor) -> Tensor:
         h = self.tok(idx) + self.pos[: idx.shape[1]]  # [B, T, d]
@@ -1126,6 +1154,481 @@ def section_fsdp2(cfg: Config) -> dict:
     return out
 
 
+# -- 9. Krylov: batched products, warm starts and a ~1B-parameter top-5 ----------------
+
+KRYLOV_S = 240.0
+"""Seconds the ``krylov`` section may take: its parts stop early or are skipped beyond."""
+KRYLOV_SHARES = {"products": (0.0, 0.15), "gpt": (0.1, 0.45), "gpt_big": (0.3, 1.0)}
+"""Per part of the section, as shares of its budget: the least time left to start it, and
+where it must end."""
+K = 8  # columns of the batched product
+TOL = 1e-3  # Lanczos residual tolerance, relative to max |θ|
+ADAM_LR, ADAM_STEPS = 1e-4, 3  # the small AdamW steps before the warm and Adam's runs
+BIG_TOP = 5
+OFFLOAD_PROBE_BASIS = 10  # vectors of the offloaded basis whose streaming rate is measured
+BIG_ENGINES = (("graph", True), ("jvp", False), ("fd", False))
+"""At ~1B the first that builds and takes a product: (engine, bf16 autocast on CUDA).
+Forward AD does not run under autocast ("expected m1 and m2 to have the same dtype"),
+and finite differences of a bf16 forward are refused (estimated error 0.8): those two
+take the float32 forward."""
+
+
+def decoder(cfg: Config, shape: tuple[int, ...], seed: int) -> tuple[nn.Module, tuple]:
+    """A tied-embedding ``TinyGPT`` made on the device (eval mode) and a batch of random
+    next-token pairs ``([B, T], [B, T])``."""
+    vocab, d, heads, layers, seq, bsz = shape
+    torch.manual_seed(seed)
+    with cfg.device:  # made in place: a 1B model is not built on the host first
+        model = TinyGPT(vocab, d, heads, layers, seq, tied=True).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, vocab, (bsz, seq + 1), generator=gen).to(cfg.device)
+    return model, (tokens[:, :-1], tokens[:, 1:])
+
+
+def decoder_loss(device: torch.device, amp: bool = True) -> Callable[[nn.Module, Any], Tensor]:
+    """Next-token cross-entropy, the forward under bf16 autocast on CUDA (``amp``) as in
+    mixed-precision training: the operator's products differentiate that forward."""
+
+    def loss(model: nn.Module, batch: Any) -> Tensor:
+        x, y = batch
+        on = amp and device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext():
+            return token_ce(model(x), y)
+
+    return loss
+
+
+def randn(dim: int, cfg: Config, seed: int, k: int | None = None) -> Tensor:
+    """``[dim]`` (or ``[dim, k]``) standard normal made on the device (a host-side 1B
+    draw takes seconds)."""
+    gen = torch.Generator(device=cfg.device).manual_seed(seed)
+    shape = (dim,) if k is None else (dim, k)
+    return torch.randn(shape, generator=gen, device=cfg.device)
+
+
+class Preconditioned:
+    """``P^{-1/2} (H + wd I) P^{-1/2}`` for a rule of ``trainprobe.probes.stability_rule``:
+    the symmetric form of ``P⁻¹(H + wd I)``, whose ``λ_max`` the ``Sharpness`` probe
+    records for Adam (its own wrapper is private; this one does the same products)."""
+
+    def __init__(self, op: Any, rule: StabilityRule) -> None:
+        if rule.preconditioner is None:
+            raise ValueError(f"no preconditioner: {rule.note or 'not an Adam optimizer'}")
+        self.op, self.dim, self.dtype, self.device = op, op.dim, op.dtype, op.device
+        wd = rule.weight_decay
+        self.wd = wd.to(op.device, op.dtype)[:, None] if isinstance(wd, Tensor) else wd
+        self.scale = rule.preconditioner.to(op.device, op.dtype).rsqrt()[:, None]  # [P, 1]
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        scaled = vs.to(self.dtype) * self.scale  # [P, k]
+        return (self.op.matmat(scaled) + self.wd * scaled) * self.scale
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+
+def krylov_run(op: Any, cfg: Config, **kwargs: Any) -> tuple[dict, Any]:
+    """``lanczos(op, op.dim, tol=TOL, refine=False, **kwargs)`` timed, with the peak CUDA
+    memory it allocated above what was allocated before: the row and the pairs."""
+    dev = cfg.device
+    sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    begin = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "not converged" is in the row
+        pairs = lanczos(
+            op,
+            op.dim,
+            tol=TOL,
+            refine=False,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            **kwargs,
+        )
+    sync(dev)
+    wall = time.perf_counter() - begin
+    values = pairs.values
+    row = {
+        "values": values.tolist(),
+        "hvps": pairs.matvecs,
+        "wall_s": wall,
+        "peak_mib": (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+        if dev.type == "cuda"
+        else None,
+        "converged": pairs.converged,
+        # the residual test's quantity: ‖A y − θ y‖ / max |θ|
+        "rel_residual": float(pairs.residuals.max() / values.abs().max()),
+        "rel_error_estimate": float((pairs.errors / values.abs()).max()),
+        "floor": pairs.floor,
+        "storage": str(pairs.storage).removeprefix("torch."),
+        "restarts": pairs.restarts,
+        "max_iter": kwargs.get("max_iter"),
+    }
+    log(
+        f"    {row['hvps']} HVPs, {wall:.2f} s, λ {values[0]:.5g}, storage {row['storage']}, "
+        f"{row['restarts']} restarts"
+    )
+    return row, pairs
+
+
+def steps_within(seconds: float, per_step: Callable[[int], float], least: int) -> int | None:
+    """The most Lanczos steps (at most 100) whose estimated time ``per_step(steps)``
+    (seconds for that many) fits ``seconds``; None when fewer than ``least`` do."""
+    fit = max((s for s in range(1, 101) if 1.3 * per_step(s) <= seconds), default=0)
+    return fit if fit >= least else None
+
+
+def out_of_memory(fn: Callable[[], dict], device: torch.device) -> dict:
+    """``fn()``; where CUDA memory runs out, ``{"skipped": "out of memory: ..."}`` after
+    freeing what the failed call held (other errors as ``attempt``)."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError as err:
+        text = f"out of memory: {str(err).splitlines()[0][:300]}"
+    except Exception as err:
+        log(f"  error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+        return {"error": f"{type(err).__name__}: {err}"[:2000]}
+    _free(device)  # outside the except block: its traceback held the failed call's tensors
+    log(f"  {text}")
+    return {"skipped": text}
+
+
+def section_krylov(cfg: Config) -> dict:
+    begin = time.perf_counter()
+    budget = min(KRYLOV_S, cfg.left())
+    until = {part: begin + end * budget for part, (_, end) in KRYLOV_SHARES.items()}
+    out: dict[str, Any] = {"budget_s": budget, "tol": TOL, "warnings": []}
+    with recorded_warnings(out["warnings"]):
+        log("  batched products")
+        out["products"] = attempt(lambda: _products(cfg, until["products"]))
+        _free(cfg.device)
+        for part, fn in (("gpt", _gpt), ("gpt_big", _gpt_big)):
+            if until[part] - time.perf_counter() < KRYLOV_SHARES[part][0] * budget:
+                out[part] = {"skipped": f"time budget spent ({budget:.0f} s for the section)"}
+                continue
+            log(f"  {part}")
+            out[part] = out_of_memory(lambda: fn(cfg, until[part]), cfg.device)  # noqa: B023
+            _free(cfg.device)
+    return out
+
+
+def _products(cfg: Config, until: float) -> dict:
+    """One ``matmat`` of ``K`` columns against ``K`` ``matvec`` calls, per engine, on the
+    ``lm`` transformer (float32)."""
+    dev, (vocab, d, heads, layers, seq, bsz) = cfg.device, cfg.sizes.lm
+    torch.manual_seed(cfg.seed)
+    model = TinyGPT(vocab, d, heads, layers, seq).to(dev).eval()
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    tokens = torch.randint(0, vocab, (bsz, seq + 1), generator=gen).to(dev)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    out: dict[str, Any] = {"params": count(model), "batch": bsz, "seq": seq, "k": K}
+    vs = randn(out["params"], cfg, cfg.seed + 9, K)  # [P, K]
+    reps = max(cfg.sizes.reps // 2, 2)
+    for engine in ENGINES:
+        if time.perf_counter() > until:
+            out[engine] = {"skipped": "time budget spent"}
+            continue
+        out[engine] = attempt(lambda: _product_row(model, batch, engine, vs, cfg, reps))  # noqa: B023
+        log(f"    {engine}: {_brief(out[engine], 'matvecs_ms', 'matmat_ms', 'speedup')}")
+        _free(dev)
+    return out
+
+
+def _product_row(
+    model: nn.Module, batch: Any, engine: str, vs: Tensor, cfg: Config, reps: int
+) -> dict:
+    op = hessian_operator(model, criterion_loss(token_ce), batch=batch, engine=engine)
+    cols = [vs[:, i].contiguous() for i in range(vs.shape[1])]
+    one_by_one = timed(lambda: [op.matvec(c) for c in cols], cfg.device, reps=reps)
+    batched = timed(lambda: op.matmat(vs), cfg.device, reps=reps)
+    singles = torch.stack([op.matvec(c) for c in cols], 1)  # [P, K]
+    return {
+        "engine": op.engine,
+        "matvecs_ms": one_by_one * 1e3,
+        "matmat_ms": batched * 1e3,
+        "speedup": one_by_one / batched,
+        "max_rel_diff": rel_err(op.matmat(vs), singles),  # matmat's columns vs matvec's
+        "fd_error": op.fd_error,
+    }
+
+
+def _gpt(cfg: Config, until: float) -> dict:
+    """Top-1 Lanczos of the decoder cold, warm after one AdamW step, and of Adam's
+    preconditioned Hessian after ``ADAM_STEPS``."""
+    dev = cfg.device
+    model, batch = decoder(cfg, cfg.sizes.gpt, cfg.seed + 11)
+    loss_fn = decoder_loss(dev)
+    vocab, d, heads, layers, seq, bsz = cfg.sizes.gpt
+    out: dict[str, Any] = {
+        "params": count(model),
+        "shape": {"vocab": vocab, "d_model": d, "heads": heads, "layers": layers},
+        "seq": seq,
+        "batch": bsz,
+        "autocast": "bfloat16" if dev.type == "cuda" else None,
+    }
+    op = hessian_operator(model, loss_fn, batch=batch)  # engine "auto"
+    out["engine"] = op.engine
+    v = randn(op.dim, cfg, cfg.seed + 12)
+    hvp_s = timed(lambda: op.matvec(v), dev, reps=2)
+    out["hvp_ms"] = hvp_s * 1e3
+    log(f"    {out['params']:,} parameters, engine {op.engine}, HVP {out['hvp_ms']:.1f} ms")
+
+    def budgeted(runs_left: int, least: int) -> int | None:
+        seconds = (until - time.perf_counter()) / runs_left
+        return steps_within(seconds, lambda s: s * hvp_s, least)
+
+    steps = budgeted(3, 20)
+    if steps is None:
+        return out | {"cold": {"skipped": "time budget spent"}}
+    out["cold"], pairs = krylov_run(op, cfg, top=1, max_iter=steps)
+    start = pairs.vectors
+    if pairs.guard_vectors is not None:
+        start = torch.cat([pairs.vectors, pairs.guard_vectors], 1)  # [P, 2]
+    del pairs
+    opt = torch.optim.AdamW(model.parameters(), lr=ADAM_LR)
+    adam_steps(model, loss_fn, batch, opt, 1)
+    op = None
+    _free(dev)
+    steps = budgeted(2, 5)
+    if steps is None:
+        out["warm"] = {"skipped": "time budget spent"}
+    else:
+        op = hessian_operator(model, loss_fn, batch=batch)
+        out["warm"] = attempt(lambda: krylov_run(op, cfg, top=1, start=start, max_iter=steps)[0])
+        if "values" in out["warm"]:
+            out["warm"]["lambda_moved"] = abs(
+                out["warm"]["values"][0] / out["cold"]["values"][0] - 1
+            )
+    start = None
+    adam_steps(model, loss_fn, batch, opt, ADAM_STEPS - 1)
+    op = None
+    _free(dev)
+    steps = budgeted(1, 20)
+    if steps is None:
+        out["preconditioned"] = {"skipped": "time budget spent"}
+        return out
+    out["preconditioned"] = attempt(lambda: _adam_sharpness(model, loss_fn, batch, opt, cfg, steps))
+    return out
+
+
+def adam_steps(
+    model: nn.Module, loss_fn: Callable, batch: Any, opt: torch.optim.Optimizer, n: int
+) -> None:
+    for _ in range(n):
+        loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _adam_sharpness(
+    model: nn.Module,
+    loss_fn: Callable,
+    batch: Any,
+    opt: torch.optim.Optimizer,
+    cfg: Config,
+    steps: int,
+) -> dict:
+    """``λ_max(P⁻¹H)`` of Adam's preconditioner ``P`` as ``stability_rule`` reads it."""
+    op = hessian_operator(model, loss_fn, batch=batch)
+    params = dict(model.named_parameters())
+    rule = stability_rule(opt, {n: params[n] for n in op.layout.names}, op.layout.flatten)
+    row, _ = krylov_run(Preconditioned(op, rule), cfg, top=1, max_iter=steps)
+    row |= {"adamw_steps": ADAM_STEPS, "lr": rule.lr, "threshold": rule.threshold}
+    if rule.threshold:
+        row["ratio"] = row["values"][0] / rule.threshold
+    return row
+
+
+def _gpt_big(cfg: Config, until: float) -> dict:
+    """Top-5 Lanczos of the ~1B decoder with the basis in float32, bfloat16 and offloaded."""
+    dev = cfg.device
+    model, batch = decoder(cfg, cfg.sizes.gpt_big, cfg.seed + 13)
+    vocab, d, heads, layers, seq, bsz = cfg.sizes.gpt_big
+    out: dict[str, Any] = {
+        "params": count(model),
+        "shape": {"vocab": vocab, "d_model": d, "heads": heads, "layers": layers},
+        "seq": seq,
+        "batch": bsz,
+        "top": BIG_TOP,
+    }
+    log(f"    {out['params']:,} parameters")
+    op, hvp_s, hvp_bytes = _big_operator(model, batch, cfg, out)
+    dim = op.dim
+    # each run draws its start vector on the host (a CPU generator): measured, scaled
+    begin = time.perf_counter()
+    torch.randn(min(dim, 1 << 24), generator=torch.Generator().manual_seed(0))
+    start_s = (time.perf_counter() - begin) * dim / min(dim, 1 << 24)
+    out["start_vector_s"] = start_s
+    _free(dev)
+    ritz = dim * (BIG_TOP + 1) * 4  # the Ritz vectors returned (wanted and guard), float32
+    room = _room(dev) - ritz - hvp_bytes
+    if dev.type == "cuda":
+        room -= 2 * 2**30 + torch.cuda.get_device_properties(dev).total_memory // 20  # margin
+    out["room_gib"] = room / 2**30  # what max_memory is given: free, less the above
+    host = _host_free()
+    out["host_free_gib"] = None if host is None else host / 2**30
+    host_basis = 100 if host is None else int(0.5 * host // (dim * 4))  # offloaded, float32
+    variants = {
+        "float32": {"storage": torch.float32, "max_memory": room},
+        "bfloat16": {"storage": torch.bfloat16, "max_memory": room},
+        "offloaded": {"offload": True, "max_memory": room, "max_basis": min(host_basis, 100)},
+    }
+    for i, (name, kwargs) in enumerate(variants.items()):
+        seconds = (until - time.perf_counter()) / (len(variants) - i)
+        if name == "offloaded":
+            out["offload_rate"] = attempt(lambda: offload_rate(min(dim, 1 << 26), cfg))
+            rate = out["offload_rate"].get("bytes_per_s")
+            basis = kwargs["max_basis"]
+            if rate is None or basis < BIG_TOP + 5:
+                why = "no streaming rate measured" if rate is None else "host memory"
+                out[name] = {"skipped": f"{why}: {basis} vectors fit in half the free host memory"}
+                continue
+            # what the probe paid once, scaled to this basis (allocation ∝ its bytes)
+            fixed = out["offload_rate"]["fixed_s"] * dim / out["offload_rate"]["dim"]
+            fixed *= max(1.0, basis / OFFLOAD_PROBE_BASIS)
+            per_step = lambda s: (  # noqa: E731
+                start_s + fixed + s * hvp_s + offload_seconds(s, basis, dim, rate)  # noqa: B023
+            )
+        else:
+            least = basis_bytes(dim, BIG_TOP + 5, kwargs["storage"])  # lanczos's own least
+            if least > room:
+                out[name] = {
+                    "skipped": f"device memory: {room / 2**30:.1f} GiB left for the basis, "
+                    f"{BIG_TOP + 5} vectors in {kwargs['storage']} need {least / 2**30:.1f}"
+                }
+                log(f"    {name}: {out[name]['skipped']}")
+                continue
+            per_step = lambda s: start_s + s * hvp_s  # noqa: E731
+        steps = steps_within(seconds, per_step, 40 if name == "offloaded" else 20)
+        if steps is None:
+            estimate = per_step(40)
+            out[name] = {
+                "skipped": f"time budget: 40 steps estimated at {estimate:.0f} s, "
+                f"{seconds:.0f} s left for it"
+            }
+            log(f"    {name}: {out[name]['skipped']}")
+            continue
+        log(f"    basis {name}")
+        row = out_of_memory(
+            lambda: krylov_run(op, cfg, top=BIG_TOP, max_iter=steps, **kwargs)[0],  # noqa: B023
+            dev,
+        )
+        row |= {"max_memory_gib": room / 2**30}
+        if "storage" in kwargs:
+            b = kwargs["storage"].itemsize
+            vectors = min(steps, max(0, (room // dim - 12) // b))
+            row["basis_vectors"] = vectors
+            row["basis_gib"] = basis_bytes(dim, vectors, kwargs["storage"]) / 2**30
+        else:
+            row["basis_vectors"] = min(steps, kwargs["max_basis"])
+            row["host_gib"] = row["basis_vectors"] * dim * 4 / 2**30
+        out[name] = row
+        _free(dev)
+    ref = out["float32"].get("values")
+    for name in ("bfloat16", "offloaded"):
+        values = out[name].get("values")
+        if ref is not None and values is not None:
+            diffs = [abs(a - b) / abs(b) for a, b in zip(values, ref, strict=True)]
+            out[name]["rel_diff_to_float32"] = max(diffs)
+    return out
+
+
+def _big_operator(model: nn.Module, batch: Any, cfg: Config, out: dict) -> tuple[Any, float, int]:
+    """The first of ``BIG_ENGINES`` that builds and takes a product: the operator, the
+    seconds of one product and the bytes it allocated at its peak (recorded in ``out``)."""
+    dev, tried = cfg.device, {}
+    out["engines_tried"] = tried
+    for engine, amp in BIG_ENGINES:
+        op = v = None
+        try:
+            loss_fn = decoder_loss(dev, amp)
+            op = hessian_operator(model, loss_fn, batch=batch, engine=engine)
+            v = randn(op.dim, cfg, cfg.seed + 14)
+            seconds = timed(lambda: op.matvec(v), dev, reps=1)  # noqa: B023
+            peak = peak_mib(lambda: op.matvec(v), dev) or 0.0  # noqa: B023
+        except Exception as err:  # out of memory, or the engine cannot run this forward
+            tried[engine] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        else:
+            out |= {
+                "engine": op.engine,
+                "autocast": "bfloat16" if amp and dev.type == "cuda" else None,
+                "hvp_ms": seconds * 1e3,
+                "hvp_peak_mib": peak if dev.type == "cuda" else None,
+            }
+            if dev.type == "cuda":
+                out["operator_gib"] = torch.cuda.memory_allocated(dev) / 2**30
+            tried[engine] = "used"
+            log(f"    engine {op.engine}: HVP {seconds * 1e3:.0f} ms, peak {peak:.0f} MiB")
+            return op, seconds, int(peak * 2**20)
+        op = v = None
+        _free(dev)
+        log(f"    engine {engine}: {tried[engine]}")
+    raise RuntimeError(f"no engine took a product: {tried}")
+
+
+def _room(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: CUDA's free memory and what the caching
+    allocator holds unused; on the CPU the free host memory (or 2**40)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    host = _host_free()
+    return 2**40 if host is None else host
+
+
+def _host_free() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that says
+        return None
+
+
+def offload_seconds(steps: int, vectors: int, dim: int, rate: float) -> float:
+    """Estimated seconds an offloaded float32 basis of at most ``vectors`` streams in
+    ``steps`` steps at ``rate`` bytes/s: each step projects onto the basis and subtracts
+    (two passes over it), the pinned allocation and the Ritz vectors one more."""
+    passes = sum(2 * min(j, vectors) for j in range(1, steps + 1)) + vectors
+    return passes * dim * 4 / rate
+
+
+def offload_rate(dim: int, cfg: Config) -> dict:
+    """The bytes per second an offloaded basis streams at: ``lanczos(offload=True)`` over
+    a diagonal operator of ``dim`` (its products are negligible) stopped after 2 and after
+    8 steps, the difference in time against the difference in passes over the basis
+    (``offload_seconds``), so that what every run pays once (the pinned allocation, the
+    start vector, the Ritz vectors) cancels; that is ``fixed_s``."""
+    diag = torch.linspace(1.0, 2.0, dim, device=cfg.device)
+    walls, passes = [], []
+    for steps in (2, 8):
+        sync(cfg.device)
+        begin = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # stopped early on purpose
+            pairs = lanczos(
+                lambda v: v * diag,
+                dim,
+                top=1,
+                tol=1e-12,
+                max_iter=steps,
+                offload=True,
+                max_basis=OFFLOAD_PROBE_BASIS,
+                dtype=torch.float32,
+                device=cfg.device,
+                refine=False,
+                generator=torch.Generator().manual_seed(cfg.seed),
+            )
+        sync(cfg.device)
+        walls.append(time.perf_counter() - begin)
+        basis = min(OFFLOAD_PROBE_BASIS, steps)  # what it allocated
+        passes.append(offload_seconds(pairs.matvecs, basis, dim, 1.0))
+        del pairs
+    rate = (passes[1] - passes[0]) / max(walls[1] - walls[0], 1e-9)
+    fixed = max(walls[0] - passes[0] / rate, 0.0)
+    log(f"    offloaded basis streams at {rate / 2**30:.1f} GiB/s, {fixed:.2f} s fixed ({dim:,})")
+    return {"dim": dim, "wall_s": walls, "bytes_per_s": rate, "fixed_s": fixed}
+
+
 SECTIONS: dict[str, Callable[[Config], dict]] = {
     "environment": section_environment,
     "hvp_accuracy": section_hvp_accuracy,
@@ -1135,6 +1638,7 @@ SECTIONS: dict[str, Callable[[Config], dict]] = {
     "per_sample": section_per_sample,  # before compile: the one whose warm-up may run long
     "compile": section_compile,
     "fsdp2": section_fsdp2,
+    "krylov": section_krylov,
 }
 
 
@@ -1175,7 +1679,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget",
         type=float,
-        default=195.0,
+        default=435.0,
         help="seconds after the imports; sections stop early or are skipped beyond it",
     )
     parser.add_argument(
@@ -1521,6 +2025,132 @@ def md_fsdp2(sec: dict) -> list[str]:
     return [*table(head, rows), "", *note, ""]
 
 
+def md_krylov(sec: dict) -> list[str]:
+    lines: list[str] = []
+    products = sec.get("products", {})
+    if "params" in products:
+        rows = [
+            [
+                f"`{e}`",
+                cell(products.get(e), "matvecs_ms", ".2f"),
+                cell(products.get(e), "matmat_ms", ".2f"),
+                cell(products.get(e), "speedup", ".2f"),
+                cell(products.get(e), "max_rel_diff", ".1e"),
+            ]
+            for e in ENGINES
+        ]
+        head = [
+            f"engine (k = {products['k']})",
+            f"{products['k']} × `matvec` ms",
+            "`matmat` ms",
+            "speed-up",
+            "rel. diff",
+        ]
+        lines += table(head, rows)
+        lines += [
+            "",
+            f"Transformer `lm`, {products['params']:,} parameters, batch {products['batch']} x "
+            f"{products['seq']} tokens, float32: one `matmat` of k columns against k `matvec` "
+            "calls (target: speed-up ≥ 3 on the GPU); rel. diff: the `matmat` columns against "
+            "the `matvec` products.",
+            "",
+        ]
+    elif "error" in products:
+        lines += [f"products: **error** `{products['error'].splitlines()[0][:300]}`", ""]
+    rows = []
+    labels = {
+        ("gpt", "cold"): "top 1, cold",
+        ("gpt", "warm"): "top 1, warm, after 1 AdamW step",
+        ("gpt", "preconditioned"): f"top 1 of P⁻¹H, after {ADAM_STEPS} AdamW steps",
+        ("gpt_big", "float32"): f"top {BIG_TOP}, float32 basis",
+        ("gpt_big", "bfloat16"): f"top {BIG_TOP}, bfloat16 basis",
+        ("gpt_big", "offloaded"): f"top {BIG_TOP}, float32 basis offloaded",
+    }
+    for (part, run), label in labels.items():
+        model = sec.get(part)
+        if not isinstance(model, dict):
+            continue
+        if "params" not in model:  # the part failed or was skipped as a whole
+            if run in ("cold", "float32"):
+                rows.append(["-", "-", f"{part}: {cell(model, 'params')}", *["-"] * 9])
+            continue
+        r = model.get(run, {"skipped": "-"})
+        values = ", ".join(f"{v:.4g}" for v in r.get("values", []))
+        rows.append(
+            [
+                f"{model['params']:,}",
+                str(model.get("engine", "-")),
+                label,
+                values or cell(r, "values"),
+                cell(r, "hvps"),
+                cell(r, "wall_s", ".2f"),
+                cell(r, "peak_mib", ".0f"),
+                cell(r, "rel_residual", ".1e"),
+                cell(r, "restarts"),
+                cell(r, "floor", ".1e"),
+                cell(r, "rel_diff_to_float32", ".1e") if run in ("bfloat16", "offloaded") else "",
+                cell(r, "converged"),
+            ]
+        )
+    head = [
+        "params",
+        "engine",
+        "Lanczos",
+        "λ",
+        "HVPs",
+        "s",
+        "peak MiB",
+        "rel. residual",
+        "restarts",
+        "floor",
+        "rel. diff to float32",
+        "converged",
+    ]
+    lines += table(head, rows)
+    gpt = sec.get("gpt") if isinstance(sec.get("gpt"), dict) else {}
+    amp = gpt.get("autocast")
+    notes = [
+        "GPT-style decoders (pre-LayerNorm, causal SDPA, GELU MLP, tied embeddings), random "
+        f"tokens, {f'forward under {amp} autocast' if amp else 'float32 forward'}; "
+        f"`lanczos(tol={sec.get('tol')}, refine=False)`, rel. residual ‖Hy − θy‖ / max |θ|. "
+        "Targets: cold ≤ 20 HVPs, warm ≤ 5, top-5 ≤ 40. Warm: started from the cold run's "
+        "vectors and guard vectors, the model one AdamW step on. P⁻¹H: P^{-1/2} H P^{-1/2} "
+        "with `stability_rule`'s preconditioner"
+        + (
+            f" (λ / threshold {gpt['preconditioned']['ratio']:.3g})."
+            if "ratio" in gpt.get("preconditioned", {})
+            else "."
+        )
+    ]
+    big = sec.get("gpt_big", {})
+    if isinstance(big, dict) and "engines_tried" in big:
+        tried = "; ".join(f"`{e}`: {why}" for e, why in big["engines_tried"].items())
+        notes.append(
+            f"{fmt(big.get('params'), ',')} parameters: {big.get('batch')} x {big.get('seq')} "
+            f"tokens, autocast {big.get('autocast')}, engines tried: {tried}; HVP "
+            f"{fmt(big.get('hvp_ms'), '.0f')} ms; `max_memory` "
+            f"{fmt(big.get('room_gib'), '.1f')} GiB (the free device memory less the Ritz "
+            "vectors, one HVP's peak and a margin)."
+        )
+        rate = big.get("offload_rate", {})
+        if isinstance(rate, dict) and "bytes_per_s" in rate:
+            notes.append(
+                f"Offloaded basis streamed at {rate['bytes_per_s'] / 2**30:.1f} GiB/s, "
+                f"{rate['fixed_s']:.2f} s fixed (two short runs over {rate['dim']:,} "
+                "elements)."
+            )
+    skipped = [f"- Skipped: {why[:300]}" for why in skips_in(sec)[:6]]
+    return [*lines, "", *notes, "", *skipped, *([""] if skipped else [])]
+
+
+def skips_in(value: Any, path: str = "") -> list[str]:
+    """``path: reason`` of every part skipped below a section."""
+    if not isinstance(value, dict):
+        return []
+    found = [f"{path or '.'}: {value['skipped']}"] if "skipped" in value else []
+    return found + [s for k, v in value.items() for s in skips_in(v, f"{path}/{k}")]
+
+
 MARKDOWN = {
     "environment": md_environment,
     "hvp_accuracy": md_hvp,
@@ -1530,6 +2160,7 @@ MARKDOWN = {
     "per_sample": md_per_sample,
     "compile": md_compile,
     "fsdp2": md_fsdp2,
+    "krylov": md_krylov,
 }
 
 

@@ -7,6 +7,7 @@ settings (deterministic algorithms, threads, dynamo caches) stay out of this tes
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ SECTIONS = (
     "per_sample",
     "compile",
     "fsdp2",
+    "krylov",
 )
 
 
@@ -109,3 +111,28 @@ def test_quick_cpu_run_fills_every_section(tmp_path):
     assert fsdp2["identical"] is True and not fsdp2["disabled"]
     assert fsdp2["rel_diff"] < 1e-4 and fsdp2["fd_error"] < 1e-2
     assert "| gloo, 1 rank |" in markdown
+
+    krylov = sections["krylov"]  # tiny decoders on the CPU: every part runs
+    products = krylov["products"]
+    for engine in ("graph", "jvp", "linearize", "fd"):
+        assert math.isfinite(products[engine]["speedup"]) and products[engine]["speedup"] > 0
+        assert products[engine]["max_rel_diff"] < (1e-2 if engine == "fd" else 1e-5)
+    gpt = krylov["gpt"]
+    assert gpt["engine"] == "graph" and gpt["autocast"] is None
+    for run in ("cold", "warm", "preconditioned"):
+        assert gpt[run]["converged"] is True and gpt[run]["hvps"] > 0
+        assert math.isfinite(gpt[run]["values"][0]) and gpt[run]["values"][0] > 0
+        assert gpt[run]["rel_residual"] <= 1e-3
+    assert gpt["warm"]["hvps"] < gpt["cold"]["hvps"]  # the warm start saves products
+    assert gpt["preconditioned"]["threshold"] > 0 and gpt["preconditioned"]["ratio"] > 0
+    big = krylov["gpt_big"]
+    assert big["engine"] == "graph" and big["engines_tried"] == {"graph": "used"}
+    for basis in ("float32", "bfloat16", "offloaded"):
+        row = big[basis]
+        assert len(row["values"]) == 5 and all(math.isfinite(v) for v in row["values"])
+        assert row["converged"] is True and 0 < row["hvps"] <= 100
+        assert row["rel_residual"] <= 1e-3
+    assert big["bfloat16"]["storage"] == "bfloat16" and big["offloaded"]["storage"] == "float32"
+    assert big["bfloat16"]["rel_diff_to_float32"] < 1e-2
+    assert big["offloaded"]["rel_diff_to_float32"] < 1e-6  # the same arithmetic, elsewhere
+    assert "| top 1, cold |" in markdown and "| top 5, bfloat16 basis |" in markdown

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, linearize, vmap
+from torch.utils._pytree import tree_map
 
 from ..functional import (
     LossFn,
@@ -116,8 +117,30 @@ class HessianOperator:
         self._pieces = pieces
         self.point = objective.flat_point()  # [P]
         self.fd_error: float | None = None
+        self._refinement: HessianOperator | None = None
         objective.check_deterministic(pieces[0][0])
         self._prepare()
+
+    @property
+    def refinable(self) -> bool:
+        """Whether :meth:`refinement` gives a float64 operator."""
+        return self.dtype != torch.float64 and self.engine != "fd"
+
+    def refinement(self) -> HessianOperator | None:
+        """The same Hessian at the same point in float64 (made on the first call, then
+        kept), for :func:`~.lanczos.lanczos`'s refinement where float32 products leave
+        an eigenvalue under their rounding floor; None when this operator is float64
+        already or runs on finite differences (whose error is the step's, not the
+        dtype's). Its products count in its own ``matvecs``."""
+        if not self.refinable:
+            return None
+        if self._refinement is None:
+            objective = self.objective.astype(torch.float64)
+            pieces = [(_cast_floats(b, torch.float64), wt) for b, wt in self._pieces]
+            self._refinement = HessianOperator(
+                objective, pieces, engine=self.engine, reduce=self.reduce, fd_tol=self.fd_tol
+            )
+        return self._refinement
 
     # -- evaluation --------------------------------------------------------------------
     def _loss_at(self, w: Tensor, batch: Any, weight: float) -> Tensor:
@@ -272,6 +295,13 @@ class HessianOperator:
 
                 with self.objective.scope(), forward_ad_losses():
                     yield vmap(product, in_dims=1, out_dims=1)(vs)
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    """``batch`` with its floating tensors in ``dtype`` (the rest as they are)."""
+    return tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, batch
+    )
 
 
 def _double_backward(flat: Tensor, w: Tensor, vs: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ under which semantics is decided once, here.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -104,6 +105,16 @@ class Objective:
         """The same model, parameters, mode and dtype with another loss closure."""
         params = list(self.layout.names)
         return Objective(self.model, loss_fn, params=params, mode=self.mode, dtype=self.dtype)
+
+    def astype(self, dtype: torch.dtype) -> Objective:
+        """The same function at the same ``w`` (this objective's snapshot, not the
+        model's parameters now), evaluated in ``dtype``: a float64 twin of a float32
+        objective gives exact references at the point the float32 one was taken."""
+        twin = copy.copy(self)
+        twin.dtype = dtype
+        twin.point = {n: twin._cast(p) for n, p in self.point.items()}
+        twin._constants = {k: twin._cast(t) for k, t in self._constants.items()}
+        return twin
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t

@@ -71,7 +71,7 @@ class GradientSubspace(CurvatureProbe):
         pairs = self.eigenpairs(op, op.dim, ctx.step, top=min(self.k, op.dim), tol=self.tol)
         g = op.gradient if self.gradient == "loss" else _step_gradient(ctx, op.layout)
         g = g.to(device=pairs.vectors.device, dtype=torch.float64)  # [P]
-        inside = pairs.vectors.T @ g  # [k]
+        inside = pairs.vectors.double().T @ g  # [k] (vectors: float32 for a float32 model)
         fraction = (inside @ inside) / (g @ g)  # NaN for g = 0
         return {
             f"{self.name}/fraction": fraction,
