@@ -1185,6 +1185,17 @@ def decoder(cfg: Config, shape: tuple[int, ...], seed: int) -> tuple[nn.Module, 
     return model, (tokens[:, :-1], tokens[:, 1:])
 
 
+def decoder_info(model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The row's description of a decoder: parameters, shape, sequence and batch."""
+    vocab, d, heads, layers, seq, bsz = shape
+    return {
+        "params": count(model),
+        "shape": {"vocab": vocab, "d_model": d, "heads": heads, "layers": layers},
+        "seq": seq,
+        "batch": bsz,
+    }
+
+
 def decoder_loss(device: torch.device, amp: bool = True) -> Callable[[nn.Module, Any], Tensor]:
     """Next-token cross-entropy, the forward under bf16 autocast on CUDA (``amp``) as in
     mixed-precision training: the operator's products differentiate that forward."""
@@ -1359,14 +1370,8 @@ def _gpt(cfg: Config, until: float) -> dict:
     dev = cfg.device
     model, batch = decoder(cfg, cfg.sizes.gpt, cfg.seed + 11)
     loss_fn = decoder_loss(dev)
-    vocab, d, heads, layers, seq, bsz = cfg.sizes.gpt
-    out: dict[str, Any] = {
-        "params": count(model),
-        "shape": {"vocab": vocab, "d_model": d, "heads": heads, "layers": layers},
-        "seq": seq,
-        "batch": bsz,
-        "autocast": "bfloat16" if dev.type == "cuda" else None,
-    }
+    out = decoder_info(model, cfg.sizes.gpt)
+    out["autocast"] = "bfloat16" if dev.type == "cuda" else None
     op = hessian_operator(model, loss_fn, batch=batch)  # engine "auto"
     out["engine"] = op.engine
     v = randn(op.dim, cfg, cfg.seed + 12)
@@ -1444,14 +1449,8 @@ def _gpt_big(cfg: Config, until: float) -> dict:
     """Top-5 Lanczos of the ~1B decoder with the basis in float32, bfloat16 and offloaded."""
     dev = cfg.device
     model, batch = decoder(cfg, cfg.sizes.gpt_big, cfg.seed + 13)
-    vocab, d, heads, layers, seq, bsz = cfg.sizes.gpt_big
-    out: dict[str, Any] = {
-        "params": count(model),
-        "shape": {"vocab": vocab, "d_model": d, "heads": heads, "layers": layers},
-        "seq": seq,
-        "batch": bsz,
-        "top": BIG_TOP,
-    }
+    out = decoder_info(model, cfg.sizes.gpt_big)
+    out["top"] = BIG_TOP
     log(f"    {out['params']:,} parameters")
     op, hvp_s, hvp_bytes = _big_operator(model, batch, cfg, out)
     dim = op.dim

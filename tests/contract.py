@@ -96,6 +96,11 @@ def analysis_probes(model: str = "cnn") -> list:
 
 PROBE_SETS = {
     "default": lambda model: default_probes(every_n=1),
+    "optimizer": lambda model: [PROBES["adam"](schedule=every(1))],
+    "transformer": lambda model: [
+        PROBES["logits"](schedule=every(1)),
+        *([PROBES["attention"](schedule=every(1))] if model == "transformer" else []),
+    ],
     "curvature": lambda model: curvature_probes(),
     "gradient": lambda model: gradient_probes(),
     "analysis": analysis_probes,
@@ -137,6 +142,13 @@ BAD_OPTIONS: dict[str, tuple[tuple[dict, type[Exception], str], ...]] = {
     "updates": (),
     "nonfinite": (),
     "optim": (),
+    "attention": (
+        ({"max_sequences": 0}, ValueError, r"max_sequences=...\) must be a positive int"),
+    ),
+    "logits": (({"max_rows": 0}, ValueError, r"max_rows=...\) must be a positive int"),),
+    "adam": (
+        ({"max_elements": 0}, ValueError, r"max_elements=...\) must be a positive int or None"),
+    ),
     "amp": (),
     "activations": (
         ({"max_elements": 0}, ValueError, r"max_elements=...\) must be a positive int or None"),

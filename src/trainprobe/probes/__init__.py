@@ -2,6 +2,7 @@
 
 from ._curvature import CurvatureProbe
 from .activations import ActivationStats
+from .adam import AdamHealth
 from .amp import LossScale
 from .base import NEEDS, PerLayer, Probe, StepContext
 from .conflict import GradConflict
@@ -22,6 +23,7 @@ from .sharpness import Sharpness, StabilityRule, stability_rule
 from .spectra import GradSpectrum
 from .starvation import FeatureAttribution
 from .subspace import GradientSubspace
+from .transformer import AttentionStats, OutputLogits
 from .updates import UpdateNorms
 from .weight_spectrum import WeightSpectrum
 
@@ -32,6 +34,9 @@ PROBES = {
     "activations": ActivationStats,
     "nonfinite": NonFiniteGuard,
     "optim": LearningRate,
+    "adam": AdamHealth,
+    "attention": AttentionStats,
+    "logits": OutputLogits,
     "amp": LossScale,
     "hessian": HessianTop,
     "hessian_trace": HessianTrace,
@@ -70,6 +75,8 @@ __all__ = [
     "NEEDS",
     "PROBES",
     "ActivationStats",
+    "AdamHealth",
+    "AttentionStats",
     "CurvatureProbe",
     "FeatureAttribution",
     "GradConflict",
@@ -93,6 +100,7 @@ __all__ = [
     "NTKAlignment",
     "NTKResponse",
     "NonFiniteGuard",
+    "OutputLogits",
     "PerLayer",
     "Probe",
     "Robustness",
