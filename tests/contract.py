@@ -94,13 +94,18 @@ def analysis_probes(model: str = "cnn") -> list:
     return probes
 
 
+def transformer_probes(model: str = "transformer") -> list:
+    """The transformer-signal probes (attention statistics only where there is attention)."""
+    return [
+        PROBES["logits"](schedule=every(1)),
+        PROBES["adam"](schedule=every(1)),
+        *([PROBES["attention"](schedule=every(1))] if model == "transformer" else []),
+    ]
+
+
 PROBE_SETS = {
     "default": lambda model: default_probes(every_n=1),
-    "optimizer": lambda model: [PROBES["adam"](schedule=every(1))],
-    "transformer": lambda model: [
-        PROBES["logits"](schedule=every(1)),
-        *([PROBES["attention"](schedule=every(1))] if model == "transformer" else []),
-    ],
+    "transformer": transformer_probes,
     "curvature": lambda model: curvature_probes(),
     "gradient": lambda model: gradient_probes(),
     "analysis": analysis_probes,

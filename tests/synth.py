@@ -169,6 +169,13 @@ def gradient_series(steps: np.ndarray = GRADIENT_STEPS, seed: int = 0) -> dict:
     series["grad_flow/first/rnn"] = (steps, 0.02 * fading)
     series["grad_flow/last/rnn"] = (steps, np.full(n, 0.02))
     series["grad_flow/ratio/rnn"] = (steps, fading)
+    for i, layer in enumerate(("blocks.0", "blocks.1")):  # blocks.1's logits grow past 1e3
+        series[f"attention/max_logit/{layer}"] = (steps, 3.0 * (1 + i * steps / 10))
+        series[f"attention/entropy/{layer}"] = (steps, 2.0 * np.exp(-i * steps / 100))
+    for key, level in (("log_z_mean", 3.0), ("log_z_max", 5.0), ("log_z_rms", 3.2), ("max", 9.0)):
+        series[f"logits/{key}"] = (steps, level + steps / 100)
+    for i, name in enumerate(GRADIENT_PARAMS):
+        series[f"adam/grad_to_v/{name}"] = (steps, 1.0 + i * (steps > steps[-1] // 2))
     return series
 
 

@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 import pytest
 
 from tests.cases import train
-from tests.contract import analysis_probes, curvature_probes, gradient_probes
+from tests.contract import analysis_probes, curvature_probes, gradient_probes, transformer_probes
 from trainprobe.analysis import DETECTORS
 from trainprobe.analysis.registry import alternatives
 from trainprobe.dashboard import PANELS
@@ -37,6 +37,8 @@ ANALYSIS_PREFIXES = (
     "robustness/",
 )
 """Keys of the grokking, starvation and region probes: not default (they need data)."""
+TRANSFORMER_PREFIXES = ("attention/", "logits/", "adam/")
+"""Keys of the transformer-signal probes: not default (they read attention, outputs, Adam)."""
 
 
 def is_curvature(pattern: str) -> bool:
@@ -49,6 +51,10 @@ def is_gradient(pattern: str) -> bool:
 
 def is_analysis(pattern: str) -> bool:
     return pattern.startswith(ANALYSIS_PREFIXES)
+
+
+def is_transformer(pattern: str) -> bool:
+    return pattern.startswith(TRANSFORMER_PREFIXES)
 
 
 def choices(consumer) -> list[str]:
@@ -66,8 +72,8 @@ def default_keys(tmp_path_factory) -> list[str]:
 @pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
 def test_default_probes_produce_every_key_a_consumer_needs(default_keys, consumer):
     for pattern in choices(consumer):
-        if is_curvature(pattern) or is_gradient(pattern) or is_analysis(pattern):
-            continue  # checked against the curvature, gradient or analysis probes below
+        if any(f(pattern) for f in (is_curvature, is_gradient, is_analysis, is_transformer)):
+            continue  # checked against the curvature, gradient, analysis or transformer probes
         if pattern.startswith("scan/"):
             continue  # only a scan writes them: tests/scan/test_scan.py checks them on one
         assert any(fnmatchcase(k, pattern) for k in default_keys), (
@@ -146,11 +152,35 @@ def test_the_analysis_split_leaves_default_keys_alone(default_keys, analysis_key
     assert any(is_analysis(p) for c in CONSUMERS for p in choices(c))
 
 
-PROBE_RUNS = {
-    "default": lambda: default_probes(every_n=1),
-    "curvature": curvature_probes,
-    "gradient": gradient_probes,
-    "analysis": lambda: analysis_probes("cnn"),
+@pytest.fixture(scope="module")
+def transformer_keys(tmp_path_factory) -> list[str]:
+    run_dir = tmp_path_factory.mktemp("transformer_keys") / "run"
+    train("transformer", steps=2, probes=transformer_probes(), run_dir=run_dir)
+    return Run(run_dir).keys()
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS, ids=lambda c: f"{type(c).__name__}:{c.name}")
+def test_transformer_probes_produce_every_transformer_key_a_consumer_needs(
+    transformer_keys, consumer
+):
+    for pattern in filter(is_transformer, choices(consumer)):
+        assert any(fnmatchcase(k, pattern) for k in transformer_keys), (
+            f"{consumer.name} needs {pattern!r}, which the transformer probes do not write"
+        )
+
+
+def test_the_transformer_split_leaves_default_keys_alone(default_keys, transformer_keys):
+    assert not [k for k in default_keys if is_transformer(k)]
+    assert all(is_transformer(k) for k in transformer_keys if not k.startswith("scalars/"))
+    assert any(is_transformer(p) for c in CONSUMERS for p in choices(c))
+
+
+PROBE_RUNS = {  # probe set: (case model, probes)
+    "default": ("cnn", lambda: default_probes(every_n=1)),
+    "curvature": ("cnn", curvature_probes),
+    "gradient": ("cnn", gradient_probes),
+    "analysis": ("cnn", lambda: analysis_probes("cnn")),
+    "transformer": ("transformer", transformer_probes),
 }
 CATCH_ALL = "other_series"
 
@@ -159,9 +189,9 @@ CATCH_ALL = "other_series"
 def drawn_rows(tmp_path_factory) -> dict[str, tuple[Run, dict]]:
     """Per probe set: its run, and the keys each dashboard row draws from it."""
     out = {}
-    for name, probes in PROBE_RUNS.items():
+    for name, (model, probes) in PROBE_RUNS.items():
         run_dir = tmp_path_factory.mktemp(f"drawn_{name}") / "run"
-        train("cnn", steps=3, probes=probes(), run_dir=run_dir)
+        train(model, steps=3, probes=probes(), run_dir=run_dir)
         run = Run(run_dir)
         parts = {panel.name: panel.draw(run, ()) for panel in PANELS}
         out[name] = (run, {n: part for n, part in parts.items() if part is not None})

@@ -81,6 +81,28 @@ def test_edge_of_stability_example_fires_on_gd_and_not_on_the_control(tmp_path):
     assert (tmp_path / f"eta_{large}" / "dashboard.html").is_file()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_transformer_instability_example_fires_on_the_high_rate_only(tmp_path, seed):
+    """Attention-logit growth at lr 0.1: the detector fires and the loss plateaus; the
+    same rate with QK-layernorm and a 3e-3 control get no warning at all."""
+    sys.path.insert(0, "examples")
+    try:
+        import transformer_instability as example
+    finally:
+        sys.path.remove("examples")
+    for name, (lr, qk_norm) in example.SETTINGS.items():
+        run = example.train(tmp_path / name, lr=lr, qk_norm=qk_norm, seed=seed)
+        serious = [f for f in analyze(run) if f.severity >= Severity.WARNING]
+        final = float(run.series("scalars/loss").values[-20:].mean())
+        if name == "high_lr":
+            assert "attention_logit_growth" in {f.detector for f in serious}, serious
+            assert final > 2.2  # the plateau
+        else:
+            assert serious == [], (name, serious)
+            assert final < 1.8
+            assert run.series("attention/max_logit_max").values.max() < 100
+
+
 def test_grokking_example_reports_the_delay_and_not_on_the_control(tmp_path):
     sys.path.insert(0, "examples")
     try:

@@ -18,6 +18,7 @@ from . import (
     sick_flow,
     sick_instability,
     sick_structure,
+    transformer_cases,
 )
 from .base import Case, Expected
 
@@ -30,6 +31,7 @@ CASES: tuple[Case, ...] = (
     *sick_flow.CASES,
     *sick_structure.CASES,
     *regions_cases.CASES,
+    *transformer_cases.CASES,
 )
 """Every case, healthy first."""
 

@@ -95,6 +95,8 @@ def nasty_run(tmp_path: Path):
     sharp = 40.0 * np.minimum(0.2 + measured / 400, 1.0) * np.exp(rng.normal(0.0, 0.03, n))
     sharp[[3, 40]], threshold = [np.nan, np.inf], np.full(n, 40.0)
     threshold[[7, 50]] = [0.0, np.nan]
+    attention = np.where(measured < 100, 2.0, 5e3)  # grows past the saturation limit
+    attention[[12, 20]] = [np.nan, np.inf]
     return write_run(
         tmp_path / "nasty",
         {
@@ -108,6 +110,7 @@ def nasty_run(tmp_path: Path):
             "norms/grad_total": (measured, total),
             **{f"norms/grad/{p}": (measured, g) for p, g in grad.items()},
             "updates/ratio/gamma": (measured, ratio),
+            "attention/max_logit_max": (measured, attention),
             "norms/weight/gamma": (measured, norm),
             "updates/ratio/fc1.weight": (measured, np.full(n, 0.5)),
             "activations/zero_frac/fc1": (measured, np.where(measured < 100, 0.5, 1.0)),
@@ -230,6 +233,7 @@ def test_registry_is_consistent():
         "grokking",
         "region_migration",
         "gradient_starvation",
+        "attention_logit_growth",
         "instability",
     ]
     for detector in DETECTORS:

@@ -298,3 +298,16 @@ def test_the_page_carries_the_cosine_matrix_under_the_rows(grad_run, tmp_path):
     assert extra_figures(no_pairs) == []
     with pytest.raises(TypeError, match=r"needs a plotly go\.Figure"):
         to_html(build(grad_run), {"data": []})
+
+
+def test_attention_rows_draw_each_layer_and_the_detectors_limit(grad_run):
+    from trainprobe.analysis.attention_logits import LIMIT
+    from trainprobe.dashboard.attention import attention_entropy_panel, attention_logits_panel
+
+    part = attention_logits_panel(grad_run, ())
+    lines = [t for t in part.traces if t.name.startswith("q·k/√d")]
+    assert len(lines) == 2 and part.y_log
+    np.testing.assert_allclose(lines[1].y, stored(grad_run, "attention/max_logit/blocks.1"))
+    assert any(f"{LIMIT:g}" in (t.name or "") for t in part.traces)  # the dotted limit
+    part = attention_entropy_panel(grad_run, ())
+    assert set(part.keys) == {"attention/entropy/blocks.0", "attention/entropy/blocks.1"}

@@ -3,6 +3,7 @@
 numpy/scipy only: nothing here imports torch, so a run can be analysed anywhere.
 """
 
+from .attention_logits import detect_attention_logit_growth
 from .class_competition import detect_class_competition
 from .dead_units import detect_dead_units
 from .edge_of_stability import detect_edge_of_stability
@@ -32,6 +33,7 @@ __all__ = [
     "detect_edge_of_stability",
     "detect_exploding_gradients",
     "detect_gradient_conflict",
+    "detect_attention_logit_growth",
     "detect_gradient_starvation",
     "detect_grokking",
     "detect_instability",

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..store import Run
 from . import (
+    attention_logits,
     class_competition,
     dead_units,
     edge_of_stability,
@@ -26,6 +27,7 @@ from . import (
     update_ratio,
     vanishing,
 )
+from .attention_logits import detect_attention_logit_growth
 from .class_competition import detect_class_competition
 from .dead_units import detect_dead_units
 from .edge_of_stability import detect_edge_of_stability
@@ -118,6 +120,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(grokking.NAME, detect_grokking, grokking.NEEDS),
     Detector(region_migration.NAME, detect_region_migration, region_migration.NEEDS),
     Detector(gradient_starvation.NAME, detect_gradient_starvation, gradient_starvation.NEEDS),
+    Detector(attention_logits.NAME, detect_attention_logit_growth, attention_logits.NEEDS),
     Detector(instability.NAME, detect_instability, instability.NEEDS, instability.COMBINES),
 )
 

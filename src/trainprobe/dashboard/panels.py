@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 from . import (
+    attention,
     catch_all,
     checkpoints,
     conflict,
@@ -79,6 +80,27 @@ GRADIENT_PANELS: tuple[Panel, ...] = (
         gradients.WEIGHT_SPECTRAL_NORM_NEEDS,
     ),
     Panel("grad_flow", "Gradient reaching each module", flow.grad_flow_panel, flow.GRAD_FLOW_NEEDS),
+    Panel(
+        "attention_logits",
+        "Largest attention logit per layer",
+        attention.attention_logits_panel,
+        attention.ATTENTION_LOGITS_NEEDS,
+    ),
+    Panel(
+        "attention_entropy",
+        "Attention entropy per layer",
+        attention.attention_entropy_panel,
+        attention.ATTENTION_ENTROPY_NEEDS,
+    ),
+    Panel(
+        "output_logits",
+        "Output logits: log Z",
+        attention.output_logits_panel,
+        attention.OUTPUT_LOGITS_NEEDS,
+    ),
+    Panel(
+        "adam", "Adam: gradient² against second moment", attention.adam_panel, attention.ADAM_NEEDS
+    ),
     Panel(
         "grad_through_time",
         "Gradient through time",
