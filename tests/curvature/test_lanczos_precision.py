@@ -73,6 +73,17 @@ def test_without_a_float64_operator_the_floor_is_reported_not_hidden():
     assert (pairs.errors >= pairs.floor).all()
 
 
+def test_a_refinement_that_fails_leaves_the_float32_values_and_says_why():
+    a32 = _steep().float()
+
+    def broken(v: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("expected scalar type Double but found Float")
+
+    with pytest.warns(RuntimeWarning, match=r"the float64 refinement failed: expected scalar"):
+        pairs = lanczos(lambda v: a32 @ v, 300, top=5, dtype=torch.float32, refine=broken)
+    assert not pairs.refined and pairs.values.shape == (5,)
+
+
 def test_a_float32_hessian_refines_to_1e9_through_its_float64_twin():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
