@@ -52,7 +52,7 @@ def _direct(opt, p, group) -> dict[str, float]:
     m_hat = state["exp_avg"] / (1 - beta1**t)
     root = v_hat.sqrt()
     return {
-        "eps_share": float((root <= eps).double().mean()),
+        "eps_share": float(((root > 0) & (root <= eps)).double().sum() / (root > 0).sum()),
         "grad_to_v": float(p.grad.square().mean() / v_hat.mean()),
         "update_rms": float((m_hat / (root + eps)).square().mean().sqrt()),
     }
@@ -101,3 +101,18 @@ def test_max_elements_reads_the_leading_elements_only(tmp_path):
             model(x).sum().backward()
             opt.step()
     assert Run(tmp_path / "r").series("adam/eps_share/weight").values[0] == 0.0  # all read: |g| 3
+
+
+def test_elements_that_never_had_a_gradient_are_not_counted_as_eps_dominated(tmp_path):
+    """An embedding table whose unused rows never get a gradient: v̂ = 0 there, and those
+    rows do not move at all, so they are left out of the ε-dominated share."""
+    model = nn.Embedding(10, 4).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-8)
+    probe = AdamHealth(schedule=every(1))
+    with trainprobe.watch(
+        model, [probe], run_dir=tmp_path / "r", optimizer=opt, on_probe_error="raise"
+    ) as mon:
+        with mon.step(0):
+            model(torch.tensor([1, 2])).sum().backward()  # rows 1 and 2 only
+            opt.step()
+    assert Run(tmp_path / "r").series("adam/eps_share/weight").values[0] == 0.0

@@ -65,10 +65,11 @@ class AdamHealth(ProbeOptions):
     keys = (
         Key(
             "adam/eps_share/<param>",
-            "share of the tensor's elements with √v̂ <= ε: there Adam's step is about "
-            "m̂/ε, not normalised (Everett et al. 2024)",
+            "share of the tensor's elements with 0 < √v̂ <= ε (of those with v̂ > 0: an "
+            "element whose gradient was always zero, an unused embedding row, does not "
+            "count): there Adam's step is about m̂/ε, not normalised (Everett et al. 2024)",
         ),
-        Key("adam/eps_share_total", "the same over every tensor's elements read"),
+        Key("adam/eps_share_total", "the same over every tensor's elements read (NaN: none)"),
         Key(
             "adam/grad_to_v/<param>",
             "mean g² / mean v̂: about 1 in steady training; far above, the gradient grew "
@@ -114,7 +115,8 @@ class AdamHealth(ProbeOptions):
         }
 
     def _stats(self, ctx: StepContext, p: Tensor, state: dict, group: dict) -> Tensor:
-        """``[5]`` float32: ε-dominated count, count, mean g², mean v̂, RMS of the step."""
+        """``[5]`` float32: ε-dominated count and count of the elements with ``v̂ > 0``,
+        mean g², mean v̂, RMS of the step."""
         beta1, beta2 = group["betas"]
         eps = group["eps"]
         m, v = (self._lead(local_part(state[k].detach())) for k in ("exp_avg", "exp_avg_sq"))
@@ -125,10 +127,11 @@ class AdamHealth(ProbeOptions):
         v_hat = v.float() / correction2
         root = v_hat.sqrt()
         update = (m.float() / correction1) / (root + eps)
+        seen = root > 0  # elements whose gradient was never non-zero do not move at all
         return torch.stack(
             [
-                (root <= eps).sum().float(),
-                torch.tensor(float(root.numel()), device=root.device),
+                (seen & (root <= eps)).sum().float(),
+                seen.sum().float(),
                 g.float().square().mean(),
                 v_hat.mean(),
                 update.square().mean().sqrt(),
