@@ -245,6 +245,7 @@ class _Krylov:
         storage: torch.dtype | None = None,
         capacity: int | None = None,
         offload: bool = False,
+        refinable: bool = False,
     ):
         storage = storage if storage is not None else torch.float64
         self.steps = steps  # products allowed
@@ -267,7 +268,8 @@ class _Krylov:
         self.tol, self.value_tol = tol, value_tol
         self.noise = [0.0, 0]  # sum of squares and count of q_iᵀ A q_j − T_ij
         self.beta = 0.0
-        self.refinable = False  # whether a float64 refinement follows (see _small)
+        self.refinable = refinable  # a float64 refinement follows: go past the floor
+        self._mask = np.zeros(0, dtype=bool)  # see _returned_mask
         self.finished = self.converged = False
 
     @property
@@ -401,7 +403,7 @@ class _Krylov:
         """``[kept]`` bool: which kept pairs are returned (cached: it only depends on
         how many Ritz pairs there are, which stops changing after the first steps)."""
         count = len(self.theta)
-        if getattr(self, "_mask", np.zeros(0)).shape[0] != count:
+        if self._mask.shape[0] != count:
             self._mask = np.zeros(count, dtype=bool)
             self._mask[self._returned()] = True
         return self._mask
@@ -721,9 +723,9 @@ def lanczos(
         storage=kind,
         capacity=capacity,
         offload=offload,
+        refinable=value_tol is not None and _can_refine(operator, refine),
     )
     del first
-    krylov.refinable = value_tol is not None and _can_refine(operator, refine)
     while not krylov.finished:
         krylov.absorb(matvec(krylov.vector.to(in_dtype)).reshape(-1))  # [n]
     pairs = krylov.result()

@@ -9,8 +9,8 @@ from trainprobe.analysis.attention_logits import LIMIT
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
-from .curves import _all_positive, _line, _log_axis, _read
-from .gradients import _layer_lines, reference_line
+from .curves import _line, _read
+from .gradients import _layer_lines, log_lines_part
 from .parts import PanelPart
 
 MAX_LOGIT = "attention/max_logit"
@@ -29,18 +29,14 @@ def attention_logits_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart
     overall = _read(run, [MAX_OVER_LAYERS] if MAX_OVER_LAYERS in run else [])
     for line in overall:  # what the detector reads
         traces.append(_line(line, "max over layers", dash="dash"))
-    series = [*series, *overall]
-    traces.append(reference_line(series, LIMIT, f"saturated: {LIMIT:g}"))
-    log = _all_positive(series)
-    return PanelPart(
+    return log_lines_part(
         traces,
+        [*series, *overall],
         "max q·k/√d",
         "The largest attention logit of each layer. One-hot heads need 10–40; logits "
         f"growing past {LIMIT:g} (dotted) saturate the softmax and stop its gradient "
         "(attention-logit growth: QK-layernorm, a lower peak rate or a longer warmup)." + note,
-        keys=tuple(s.key for s in series),
-        y_log=log,
-        y_axis=_log_axis(series) if log else {},
+        reference=(LIMIT, f"saturated: {LIMIT:g}"),
     )
 
 
@@ -99,15 +95,12 @@ def adam_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     if drawn is None:
         return None
     traces, series, note = drawn
-    traces.append(reference_line(series, 1.0, "g²/v̂ = 1"))
-    log = _all_positive(series)
-    return PanelPart(
+    return log_lines_part(
         traces,
+        series,
         "mean g² / mean v̂",
         "Each tensor's squared gradient against Adam's second moment: about 1 in steady "
         "training; far above it the gradient grew faster than v̂ follows, where loss "
         "spikes start." + note,
-        keys=tuple(s.key for s in series),
-        y_log=log,
-        y_axis=_log_axis(series) if log else {},
+        reference=(1.0, "g²/v̂ = 1"),
     )

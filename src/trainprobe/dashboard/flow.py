@@ -7,8 +7,7 @@ import numpy as np
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
-from .curves import _all_positive, _log_axis
-from .gradients import _layer_lines, reference_line
+from .gradients import _layer_lines, log_lines_part
 from .parts import PanelPart
 
 NORM = "grad_flow/norm"
@@ -25,15 +24,12 @@ def grad_flow_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None
     if drawn is None:
         return None
     traces, series, note = drawn
-    log = _all_positive(series)
-    return PanelPart(
+    return log_lines_part(
         traces,
+        series,
         "‖∂L/∂y‖",
         "The gradient reaching each module's output from above. Decades between the last "
         "modules and the first: the signal fades with depth before it reaches them." + note,
-        keys=tuple(s.key for s in series),
-        y_log=log,
-        y_axis=_log_axis(series) if log else {},
     )
 
 
@@ -47,15 +43,12 @@ def grad_through_time_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPar
     if drawn is None:
         return None
     traces, series, note = drawn
-    traces.append(reference_line(series, VANISHED, f"first/last = {VANISHED:g}"))
-    log = _all_positive(series)
-    return PanelPart(
+    return log_lines_part(
         traces,
+        series,
         "‖∂L/∂x_first‖ / ‖∂L/∂x_last‖",
         "How much gradient reaches the first position of each sequence against the last. "
         f"Below {VANISHED:g} (dotted) the gradient vanishes through time: what the early "
         "positions carry is not learned." + note,
-        keys=tuple(s.key for s in series),
-        y_log=log,
-        y_axis=_log_axis(series) if log else {},
+        reference=(VANISHED, f"first/last = {VANISHED:g}"),
     )

@@ -130,6 +130,29 @@ def reference_line(series: list[Series], y: float, name: str) -> go.Scatter:
     )
 
 
+def log_lines_part(
+    traces: list[go.Scatter],
+    series: list[Series],
+    y_title: str,
+    description: str,
+    *,
+    reference: tuple[float, str] | None = None,
+) -> PanelPart:
+    """Per-layer lines (and a dotted ``(level, label)`` reference) on a log axis when every
+    value drawn is positive: the row of :func:`_layer_lines`' output."""
+    if reference is not None:
+        traces = [*traces, reference_line(series, *reference)]
+    log = _all_positive(series)
+    return PanelPart(
+        traces,
+        y_title,
+        description,
+        keys=tuple(s.key for s in series),
+        y_log=log,
+        y_axis=_log_axis(series) if log else {},
+    )
+
+
 def weight_spectral_norm_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``weight_spectrum/spectral_norm/<param>`` per matrix with a dotted reference at 1.
 
@@ -139,16 +162,13 @@ def weight_spectral_norm_panel(run: Run, findings: tuple[Finding, ...]) -> Panel
     if drawn is None:
         return None
     traces, series, note = drawn
-    traces.append(reference_line(series, 1.0, "σ_0 = 1"))
-    log = _all_positive(series)
-    return PanelPart(
+    return log_lines_part(
         traces,
+        series,
         "spectral norm",
         "Largest singular value per weight matrix. A recurrent one growing far past 1 can "
         "make gradients explode (Pascanu et al. 2013)." + note,
-        keys=tuple(s.key for s in series),
-        y_log=log,
-        y_axis=_log_axis(series) if log else {},
+        reference=(1.0, "σ_0 = 1"),
     )
 
 
