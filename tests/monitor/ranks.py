@@ -45,9 +45,13 @@ def _entry(rank: int, fn: Callable, world: int, port: int, tmp_path: Path, args:
         dist.barrier()  # every rank done before any tears the group down
     except BaseException:
         (tmp_path / f"error_{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # Done: leave without tearing gloo down. Its destructors at interpreter exit sometimes
+    # abort a rank ("terminate called without an active exception", SIGABRT) once the
+    # peer has closed its sockets: seen in 3 of ~250 spawned runs on 2 cores, after every
+    # collective had completed. Nothing is left to flush: reports are files, written.
+    os._exit(0)
 
 
 def spawn(fn: Callable, world: int, tmp_path: Path, *args: Any, deadline: float = 120) -> None:
