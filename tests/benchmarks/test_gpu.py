@@ -6,12 +6,22 @@ settings (deterministic algorithms, threads, dynamo caches) stay out of this tes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+
+import pytest
+import torch
+
+import trainprobe
+import trainprobe.probes.transformer as transformer_module
+from benchmarks import gpu
+from trainprobe.probes import AttentionStats, every
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = (
@@ -20,6 +30,7 @@ SECTIONS = (
     "lanczos",
     "monitor",
     "mixed_precision",
+    "probe_overhead",
     "per_sample",
     "compile",
     "fsdp2",
@@ -104,6 +115,23 @@ def test_quick_cpu_run_fills_every_section(tmp_path):
     assert compiled["grad_noise"]["probe_recorded"] is True
     assert compiled["sharpness"]["probe_recorded"] is True
 
+    overhead = sections["probe_overhead"]  # tiny on the CPU: its ratios mean little
+    assert overhead["sync_check"] == "CUDA only" and overhead["sync_free"] is None
+    assert overhead["rounds_done"] >= 3 and overhead["steps_each"] >= 40
+    rows = overhead["rows"]
+    assert list(rows) == list(gpu.OVERHEAD_CONFIGS)
+    assert rows["unwatched"]["ratio"] == 1.0 and "verdict" not in rows["unwatched"]
+    for name, row in rows.items():
+        assert row["ms_per_step"] > 0 and math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["ratio_with_flush"] >= row["ratio"]
+        if name != "unwatched":
+            assert row["verdict"] == ("pass" if row["ratio"] <= 1.05 else "fail")
+            assert row["flush_ms"] > 0
+    assert {"attention", "logits", "adam"} <= set(rows["transformer_every_1"]["families"])
+    assert "attention" not in rows["default_every_1"]["families"]
+    assert overhead["meets_target"] == rows["default_every_1"]["meets_target"]
+    assert "| `transformer_every_10` |" in markdown
+
     per_sample = sections["per_sample"]
     assert all(per_sample[m]["max_rel_err"] < 1e-5 for m in ("vmap", "loop", "auto"))
 
@@ -136,3 +164,85 @@ def test_quick_cpu_run_fills_every_section(tmp_path):
     assert big["bfloat16"]["rel_diff_to_float32"] < 1e-2
     assert big["offloaded"]["rel_diff_to_float32"] < 1e-6  # the same arithmetic, elsewhere
     assert "| top 1, cold |" in markdown and "| top 5, bfloat16 basis |" in markdown
+
+
+def test_a_sync_under_the_debug_mode_is_recorded_and_training_goes_on(monkeypatch, tmp_path):
+    """The CUDA path of ``probe_overhead`` on the CPU: the sync debug mode faked, and a
+    trainprobe probe's ``torch.full`` raising as a host sync does under mode "error"."""
+    mode = {"value": 0}
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["value"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.update(value=m))
+
+    class Syncing:  # the probes' torch, whose torch.full syncs under mode "error"
+        def __getattr__(self, name: str) -> object:
+            return getattr(torch, name)
+
+        def full(self, *args: object, **kwargs: object) -> torch.Tensor:
+            if mode["value"] == "error":
+                raise RuntimeError("called a synchronizing CUDA operation")
+            return torch.full(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_module, "torch", Syncing())
+    threads = torch.get_num_threads()  # tiny ops: threads only wait for each other
+    torch.set_num_threads(1)
+    try:
+        _strict_blocks(mode, tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _strict_blocks(mode: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), types.SimpleNamespace(type="cuda")
+    cfg = gpu.Config(cpu, gpu.PRESETS["tiny"], "tiny", 60.0, "aot_eager")
+    base, _ = gpu.decoder(cfg, cfg.sizes.probe_gpt, 0)
+    vocab, _, _, _, seq, bsz = cfg.sizes.probe_gpt
+    tokens = torch.randint(0, vocab, (bsz, seq + 1), generator=torch.Generator().manual_seed(0))
+    batches = [(tokens[:, :-1], tokens[:, 1:].reshape(-1))]
+    configs = {
+        "unwatched": None,
+        "logits": lambda: gpu.transformer_probes(1),  # OutputLogits' forward hook syncs
+        "attention": lambda: [AttentionStats(schedule=every(1))],  # its measure syncs
+        "outside": lambda: gpu.default_probes(every_n=1),  # the loop syncs once, not these
+    }
+    synced: dict = {}
+    with contextlib.ExitStack() as stack:
+        trainers = {
+            name: gpu._overhead_trainer(name, base, stack, tmp_path, make)
+            for name, make in configs.items()
+        }
+        strict = []  # the outside configuration's forwards under the mode
+
+        def forward(x: torch.Tensor, inner=trainers["outside"].forward) -> torch.Tensor:
+            if mode["value"] == "error":
+                strict.append(x)
+                if len(strict) == 1:
+                    raise RuntimeError("called a synchronizing CUDA operation")
+            return inner(x)
+
+        trainers["outside"].forward = forward
+        for t in trainers.values():
+            run = t.run
+            monkeypatch.setattr(t, "run", lambda b, n, _d, run=run: run(b, n, cpu))
+            for _ in range(2):
+                assert gpu._strict_block(t, batches, cuda, synced) > 0
+                assert mode["value"] == 0  # restored
+        stack.close()
+    block = gpu.OVERHEAD_BLOCK
+    assert synced["unwatched"] == []
+    logits, attention = synced["logits"], synced["attention"]
+    assert len(logits) == len(attention) == 1  # a sync from trainprobe: no more checks
+    assert logits[0]["step"] == 0 and trainers["logits"].step == 2 * block + 1
+    assert logits[0]["trainprobe_frame"].startswith("trainprobe/probes/transformer.py:")
+    assert logits[0]["trainprobe_frame"].endswith("(_logit_sums)")
+    assert attention[0]["trainprobe_frame"].endswith("(measure)")
+    assert "torch.full" in attention[0]["code"]
+    outside = synced["outside"]  # one sync from elsewhere: the next block is checked too
+    assert len(outside) == 1 and outside[0]["trainprobe_frame"] is None
+    assert outside[0]["last_frame"].startswith("test_gpu.py:")
+    assert len(strict) == 1 + block and gpu.still_checked(outside)
+    assert gpu.first_sync(outside) is outside[0] and gpu.first_sync([]) is None
+    for name in ("logits", "attention", "outside"):  # the step that synced is lost, no more
+        with trainprobe.Run(tmp_path / name) as run:
+            steps = run.series("scalars/loss").steps.tolist()
+        assert steps == list(range(1, 2 * block + 1))
+    assert "attention" in gpu.recorded_keys(trainers["attention"])["families"]

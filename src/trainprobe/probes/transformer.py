@@ -293,7 +293,9 @@ class AttentionStats(ProbeOptions):
             tops.append(top.max())
             means.append(entropy.mean())
             mins.append(entropy.min())
-            heads.append(torch.tensor(float(entropy.numel()), device=entropy.device))
+            # torch.full, not torch.tensor(..., device=...): a host value copied to an
+            # accelerator by torch.tensor is a blocking copy that waits for the stream
+            heads.append(torch.full((), float(entropy.numel()), device=entropy.device))
         top = stack_scalars(tops)
         return {
             f"{self.name}/max_logit": PerLayer(layers, top),
@@ -427,5 +429,5 @@ def _logit_sums(logits: Tensor, max_rows: int) -> Tensor:
     ``max_rows`` rows of ``logits`` flattened to ``[rows, classes]``."""
     x = logits.detach().reshape(-1, logits.shape[-1])[:max_rows].float()
     log_z = torch.logsumexp(x, dim=-1)  # [rows]
-    count = torch.tensor(float(x.shape[0]), device=x.device)
+    count = torch.full((), float(x.shape[0]), device=x.device)  # no host copy (no sync)
     return torch.stack([count, log_z.sum(), log_z.square().sum(), log_z.max(), x.max()])
