@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 import trainprobe
 from trainprobe.analysis import Severity
-from trainprobe.probes import AttentionStats, OutputLogits, default_probes, every
+from trainprobe.probes import AdamHealth, AttentionStats, OutputLogits, default_probes, every
 
 VOCAB, SEQ = 32, 32
 SETTINGS = {  # name: (learning rate, QK-layernorm)
@@ -99,26 +99,35 @@ def next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def train(
-    run_dir: Path, *, lr: float, qk_norm: bool, seed: int = 0, steps: int = 400
+    run_dir: Path,
+    *,
+    lr: float,
+    qk_norm: bool,
+    seed: int = 0,
+    steps: int = 400,
+    eps: float = 1e-8,
+    loss_scale: float = 1.0,
 ) -> trainprobe.Run:
-    """AdamW (no weight decay, constant rate) on batches of 32 sequences, watched by the
-    default probes, ``AttentionStats`` and ``OutputLogits`` every 10 steps."""
+    """AdamW (no weight decay, constant rate, ``eps``) on batches of 32 sequences, the
+    loss multiplied by ``loss_scale`` before the backward pass, watched by the default
+    probes, ``AttentionStats``, ``OutputLogits`` and ``AdamHealth`` every 10 steps."""
     gen = torch.Generator().manual_seed(seed)
     data = markov_sequences(4096, gen)
     torch.manual_seed(seed)
     model = Decoder(qk_norm=qk_norm)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, eps=eps)
     probes = [
         *default_probes(every_n=10),
         AttentionStats(schedule=every(10)),
         OutputLogits(schedule=every(10)),
+        AdamHealth(schedule=every(10)),
     ]
     with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt) as mon:
         for step in range(steps):
             batch = data[torch.randint(0, len(data), (32,), generator=gen)]
             with mon.step(step) as s:
                 loss = next_token_loss(model, batch)
-                loss.backward()
+                (loss * loss_scale if loss_scale != 1.0 else loss).backward()
                 s.log(loss=loss)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -11,13 +11,14 @@ the variant of each mishap.
 
 from __future__ import annotations
 
-from . import holdout_healthy, holdout_sick, holdout_transformer
+from . import holdout_adam, holdout_healthy, holdout_sick, holdout_transformer
 from .base import Case
 
 HOLDOUT: tuple[Case, ...] = (
     *holdout_healthy.CASES,
     *holdout_sick.CASES,
     *holdout_transformer.CASES,
+    *holdout_adam.CASES,
 )
 """Every holdout case, healthy first."""
 

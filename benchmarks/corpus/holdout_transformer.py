@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import trainprobe
-from trainprobe.probes import AttentionStats, default_probes, every
+from trainprobe.probes import AdamHealth, AttentionStats, default_probes, every
 
 from .base import Case, Expected
 
@@ -45,12 +45,23 @@ class CopyEncoder(nn.Module):
         return self.head(self.encoder(x, mask=self.mask[:t, :t], is_causal=True))
 
 
-def copy_run(run_dir: Path, *, lr: float, seed: int, warmup: int = 0, adamw: bool = False) -> None:
+def copy_run(
+    run_dir: Path,
+    *,
+    lr: float,
+    seed: int,
+    warmup: int = 0,
+    adamw: bool = False,
+    eps: float = 1e-8,
+    loss_scale: float = 1.0,
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = CopyEncoder()
-    opt = (torch.optim.AdamW if adamw else torch.optim.Adam)(model.parameters(), lr=lr)
+    opt = (torch.optim.AdamW if adamw else torch.optim.Adam)(model.parameters(), lr=lr, eps=eps)
     probes = [*default_probes(every_n=10), AttentionStats(schedule=every(10))]
+    if eps != 1e-8 or loss_scale != 1.0:  # the ε-domination runs, written after its limit
+        probes.append(AdamHealth(schedule=every(10)))
     with trainprobe.watch(model, probes, run_dir=run_dir, optimizer=opt) as mon:
         for step in range(STEPS):
             for group in opt.param_groups:
@@ -60,7 +71,7 @@ def copy_run(run_dir: Path, *, lr: float, seed: int, warmup: int = 0, adamw: boo
             with mon.step(step) as s:
                 logits = model(seqs[:, :-1])[:, HALF - 1 :]  # predicting the copied half
                 loss = F.cross_entropy(logits.reshape(-1, VOCAB), seqs[:, HALF:].reshape(-1))
-                loss.backward()
+                (loss * loss_scale).backward()
                 s.log(loss=loss)
             opt.step()
             opt.zero_grad(set_to_none=True)

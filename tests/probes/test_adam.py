@@ -51,16 +51,22 @@ def _direct(opt, p, group) -> dict[str, float]:
     v_hat = state["exp_avg_sq"] / (1 - beta2**t)
     m_hat = state["exp_avg"] / (1 - beta1**t)
     root = v_hat.sqrt()
+    seen = root > 0
     return {
         "eps_share": float(((root > 0) & (root <= eps)).double().sum() / (root > 0).sum()),
         "grad_to_v": float(p.grad.square().mean() / v_hat.mean()),
         "update_rms": float((m_hat / (root + eps)).square().mean().sqrt()),
+        "eps_shrink": float(
+            (
+                (m_hat / (root + eps))[seen].square().sum() / (m_hat / root)[seen].square().sum()
+            ).sqrt()
+        ),
     }
 
 
 def test_adam_health_equals_a_direct_computation_from_the_state(tmp_path):
     run, expected = _train(tmp_path, torch.optim.AdamW, 5, lr=1e-2, eps=0.1)
-    assert len(expected) == 3 * 4
+    assert len(expected) == 4 * 4
     for key, values in expected.items():
         np.testing.assert_allclose(run.series(key).values, values, rtol=1e-6, err_msg=key)
     shares = np.array([expected[k] for k in expected if "/eps_share/" in k])
@@ -79,8 +85,30 @@ def test_after_the_first_step_the_closed_forms_hold(tmp_path):
         assert run.series(key).values[0] == pytest.approx(1.0, rel=1e-6)
     for key in [k for k in keys if "/update_rms/" in k]:
         assert run.series(key).values[0] == pytest.approx(1.0, rel=1e-6)
+    for key in [k for k in keys if "/eps_shrink/" in k]:
+        assert run.series(key).values[0] == pytest.approx(1.0, rel=1e-6)
     run, _ = _train(tmp_path / "b", torch.optim.Adam, 1, lr=1e-3, eps=1e3)
     assert run.series("adam/eps_share_total").values[0] == 1.0
+
+
+def test_eps_shrink_is_the_closed_form_for_a_constant_gradient(tmp_path):
+    """A gradient of 3 in every element: after one step m̂ = g, √v̂ = |g|, so the step with
+    ε is 3 / (3 + ε) and without it 1; with ε = 6 the shrink is exactly 1/3."""
+    model = nn.Linear(4, 1, bias=False).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=6.0)
+    with trainprobe.watch(
+        model,
+        [AdamHealth(schedule=every(1))],
+        run_dir=tmp_path / "r",
+        optimizer=opt,
+        on_probe_error="raise",
+    ) as mon:
+        with mon.step(0):
+            model(torch.full((1, 4), 3.0, dtype=torch.float64)).sum().backward()
+            opt.step()
+    run = Run(tmp_path / "r")
+    assert run.series("adam/eps_shrink/weight").values[0] == pytest.approx(1 / 3, rel=1e-6)
+    assert run.series("adam/eps_shrink_total").values[0] == pytest.approx(1 / 3, rel=1e-6)
 
 
 def test_an_optimizer_without_adam_state_records_nothing(tmp_path):

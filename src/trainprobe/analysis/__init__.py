@@ -3,6 +3,7 @@
 numpy/scipy only: nothing here imports torch, so a run can be analysed anywhere.
 """
 
+from .adam_eps import detect_adam_eps_domination
 from .attention_logits import detect_attention_logit_growth
 from .class_competition import detect_class_competition
 from .dead_units import detect_dead_units
@@ -33,6 +34,7 @@ __all__ = [
     "detect_edge_of_stability",
     "detect_exploding_gradients",
     "detect_gradient_conflict",
+    "detect_adam_eps_domination",
     "detect_attention_logit_growth",
     "detect_gradient_starvation",
     "detect_grokking",

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..store import Run
 from . import (
+    adam_eps,
     attention_logits,
     class_competition,
     dead_units,
@@ -27,6 +28,7 @@ from . import (
     update_ratio,
     vanishing,
 )
+from .adam_eps import detect_adam_eps_domination
 from .attention_logits import detect_attention_logit_growth
 from .class_competition import detect_class_competition
 from .dead_units import detect_dead_units
@@ -121,6 +123,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(region_migration.NAME, detect_region_migration, region_migration.NEEDS),
     Detector(gradient_starvation.NAME, detect_gradient_starvation, gradient_starvation.NEEDS),
     Detector(attention_logits.NAME, detect_attention_logit_growth, attention_logits.NEEDS),
+    Detector(adam_eps.NAME, detect_adam_eps_domination, adam_eps.NEEDS),
     Detector(instability.NAME, detect_instability, instability.NEEDS, instability.COMBINES),
 )
 

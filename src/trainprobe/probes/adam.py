@@ -77,6 +77,13 @@ class AdamHealth(ProbeOptions):
         ),
         Key("adam/grad_to_v_max", "the largest grad_to_v over the tensors"),
         Key(
+            "adam/eps_shrink/<param>",
+            "RMS of m̂ / (√v̂ + ε) over RMS of m̂ / √v̂ (elements with v̂ > 0): the factor ε "
+            "shrinks Adam's step by; 1: ε is negligible, 0.1: steps 10× smaller than lr "
+            "intends",
+        ),
+        Key("adam/eps_shrink_total", "the same over every tensor's elements read (NaN: none)"),
+        Key(
             "adam/update_rms/<param>",
             "RMS of m̂ / (√v̂ + ε), Adam's step before the learning rate (1 for a "
             "sign-coherent gradient)",
@@ -103,20 +110,24 @@ class AdamHealth(ProbeOptions):
         if not rows:
             return {}
         tensors = tuple(n for n, _ in rows)
-        stats = torch.stack([s for _, s in rows])  # [L, 5]
+        stats = torch.stack([s for _, s in rows])  # [L, 7]
         eps_count, count = stats[:, 0], stats[:, 1]
         ratio = stats[:, 2] / stats[:, 3]  # mean g² / mean v̂
+        with_eps, without = stats[:, 5], stats[:, 6]  # Σ over v̂ > 0 of the squared steps
         return {
             f"{self.name}/eps_share": PerLayer(tensors, eps_count / count),
             f"{self.name}/eps_share_total": eps_count.sum() / count.sum(),
+            f"{self.name}/eps_shrink": PerLayer(tensors, (with_eps / without).sqrt()),
+            f"{self.name}/eps_shrink_total": (with_eps.sum() / without.sum()).sqrt(),
             f"{self.name}/grad_to_v": PerLayer(tensors, ratio),
             f"{self.name}/grad_to_v_max": ratio.max(),
             f"{self.name}/update_rms": PerLayer(tensors, stats[:, 4]),
         }
 
     def _stats(self, ctx: StepContext, p: Tensor, state: dict, group: dict) -> Tensor:
-        """``[5]`` float32: ε-dominated count and count of the elements with ``v̂ > 0``,
-        mean g², mean v̂, RMS of the step."""
+        """``[7]`` float32: ε-dominated count and count of the elements with ``v̂ > 0``,
+        mean g², mean v̂, RMS of the step, and over the elements with ``v̂ > 0`` the sums of
+        the squared step with ε and without it."""
         beta1, beta2 = group["betas"]
         eps = group["eps"]
         m, v = (self._lead(local_part(state[k].detach())) for k in ("exp_avg", "exp_avg_sq"))
@@ -126,8 +137,10 @@ class AdamHealth(ProbeOptions):
         correction2 = 1 - beta2 ** _as_float(step)
         v_hat = v.float() / correction2
         root = v_hat.sqrt()
-        update = (m.float() / correction1) / (root + eps)
+        m_hat = m.float() / correction1
+        update = m_hat / (root + eps)
         seen = root > 0  # elements whose gradient was never non-zero do not move at all
+        bare = torch.where(seen, m_hat / torch.where(seen, root, 1.0), 0.0)  # no ε
         return torch.stack(
             [
                 (seen & (root <= eps)).sum().float(),
@@ -135,6 +148,8 @@ class AdamHealth(ProbeOptions):
                 g.float().square().mean(),
                 v_hat.mean(),
                 update.square().mean().sqrt(),
+                torch.where(seen, update, 0.0).square().sum(),
+                bare.square().sum(),
             ]
         ).to(torch.float32)
 
