@@ -97,6 +97,8 @@ def nasty_run(tmp_path: Path):
     threshold[[7, 50]] = [0.0, np.nan]
     attention = np.where(measured < 100, 2.0, 5e3)  # grows past the saturation limit
     attention[[12, 20]] = [np.nan, np.inf]
+    shrink = np.where(measured < 100, 0.9, 0.01)  # ε dominates from step 100
+    shrink[[14, 25]] = [np.nan, np.inf]
     return write_run(
         tmp_path / "nasty",
         {
@@ -111,6 +113,9 @@ def nasty_run(tmp_path: Path):
             **{f"norms/grad/{p}": (measured, g) for p, g in grad.items()},
             "updates/ratio/gamma": (measured, ratio),
             "attention/max_logit_max": (measured, attention),
+            "adam/eps_shrink_total": (measured, shrink),
+            "adam/eps_shrink/fc1.weight": (measured, shrink),
+            "adam/eps_share_total": (measured, np.where(measured < 100, np.nan, 1.0)),
             "norms/weight/gamma": (measured, norm),
             "updates/ratio/fc1.weight": (measured, np.full(n, 0.5)),
             "activations/zero_frac/fc1": (measured, np.where(measured < 100, 0.5, 1.0)),
@@ -234,6 +239,7 @@ def test_registry_is_consistent():
         "region_migration",
         "gradient_starvation",
         "attention_logit_growth",
+        "adam_eps_domination",
         "instability",
     ]
     for detector in DETECTORS:
