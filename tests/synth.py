@@ -176,6 +176,10 @@ def gradient_series(steps: np.ndarray = GRADIENT_STEPS, seed: int = 0) -> dict:
         series[f"logits/{key}"] = (steps, level + steps / 100)
     for i, name in enumerate(GRADIENT_PARAMS):
         series[f"adam/grad_to_v/{name}"] = (steps, 1.0 + i * (steps > steps[-1] // 2))
+        series[f"adam/eps_shrink/{name}"] = (
+            steps,
+            np.where(steps > steps[-1] // 2, 0.9 / (1 + i), 1.0),
+        )
     return series
 
 

@@ -311,3 +311,14 @@ def test_attention_rows_draw_each_layer_and_the_detectors_limit(grad_run):
     assert any(f"{LIMIT:g}" in (t.name or "") for t in part.traces)  # the dotted limit
     part = attention_entropy_panel(grad_run, ())
     assert set(part.keys) == {"attention/entropy/blocks.0", "attention/entropy/blocks.1"}
+
+
+def test_adam_eps_row_draws_each_tensor_and_the_detectors_limit(grad_run):
+    from trainprobe.analysis.adam_eps import LIMIT
+    from trainprobe.dashboard.attention import adam_eps_panel
+
+    part = adam_eps_panel(grad_run, ())
+    assert all(k.startswith("adam/eps_shrink/") for k in part.keys) and part.keys
+    line = next(t for t in part.traces if t.name and t.name.endswith(part.keys[0].split("/")[-1]))
+    np.testing.assert_allclose(line.y, stored(grad_run, part.keys[0]))
+    assert any(f"{LIMIT:g}" in (t.name or "") for t in part.traces)  # the dotted limit

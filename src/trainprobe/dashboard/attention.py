@@ -1,10 +1,12 @@
 """Transformer rows: attention logits and entropy per layer (AttentionStats), the output
-logits' normaliser (OutputLogits) and Adam's second moment (AdamHealth)."""
+logits' normaliser (OutputLogits), Adam's second moment and the step ε leaves
+(AdamHealth)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from trainprobe.analysis.adam_eps import LIMIT as EPS_LIMIT
 from trainprobe.analysis.attention_logits import LIMIT
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
@@ -103,4 +105,26 @@ def adam_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
         "training; far above it the gradient grew faster than v̂ follows, where loss "
         "spikes start." + note,
         reference=(1.0, "g²/v̂ = 1"),
+    )
+
+
+EPS_SHRINK = "adam/eps_shrink"
+ADAM_EPS_NEEDS = (f"{EPS_SHRINK}/*",)
+
+
+def adam_eps_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
+    """``adam/eps_shrink/<param>``: the factor ε shrinks each tensor's Adam step by
+    (AdamHealth), with a dotted line where the ε-domination detector reads it."""
+    drawn = _layer_lines(run, EPS_SHRINK, np.min, "min", "step factor")
+    if drawn is None:
+        return None
+    traces, series, note = drawn
+    return log_lines_part(
+        traces,
+        series,
+        "step with ε / without",
+        "The RMS of each tensor's Adam step with ε over its RMS without: 1 when ε is "
+        f"negligible; at or below {EPS_LIMIT:g} (dotted) ε dominates the gradients' RMS and "
+        "Adam runs as SGD at lr/ε (lower ε, or find what makes the gradients tiny)." + note,
+        reference=(EPS_LIMIT, f"ε-dominated: {EPS_LIMIT:g}"),
     )

@@ -102,6 +102,12 @@ GRADIENT_PANELS: tuple[Panel, ...] = (
         "adam", "Adam: gradient² against second moment", attention.adam_panel, attention.ADAM_NEEDS
     ),
     Panel(
+        "adam_eps",
+        "Adam: the step ε leaves",
+        attention.adam_eps_panel,
+        attention.ADAM_EPS_NEEDS,
+    ),
+    Panel(
         "grad_through_time",
         "Gradient through time",
         flow.grad_through_time_panel,
