@@ -342,3 +342,149 @@ def test_the_first_points_of_healthy_runs_are_not_spikes(tmp_path, seed):
     kl = 30.0 * (1.0 - np.exp(-STEPS / 3.0)) + 0.01  # 0.01 -> 30 within ten steps
     run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss), "scalars/kl_loss": (STEPS, kl)})
     assert detect_loss_spikes(run) == []
+
+
+GRAD = "norms/grad_total"
+
+
+def grad_norms(seed: int, n: int = 1000) -> np.ndarray:
+    """A global gradient norm near 1 that swings ~30% between mini-batches (log-normal)."""
+    return np.exp(np.random.default_rng(100 + seed).normal(0.0, 0.3, n))
+
+
+def spiked_run(tmp_path, *, loss_at, grad_at=(), grad_steps=STEPS, seed=0):
+    """A decaying loss spiking 5x at ``loss_at``; the grad norm, recorded at ``grad_steps``,
+    20x at the steps ``grad_at``."""
+    loss = decaying_loss(seed)
+    loss[list(loss_at)] *= 5.0
+    grad = grad_norms(seed, grad_steps.size)
+    grad[np.searchsorted(grad_steps, list(grad_at))] *= 20.0
+    run = write_run(tmp_path / "r", {"scalars/loss": (STEPS, loss), GRAD: (grad_steps, grad)})
+    return run, grad
+
+
+def test_a_grad_norm_spike_3_steps_ahead_is_reported_with_its_lead(tmp_path):
+    run, grad = spiked_run(tmp_path, loss_at=[600], grad_at=[597])
+    [finding] = detect_loss_spikes(run)
+    ev = finding.evidence
+    median, _ = trailing_reference(grad, 597)  # the norm's own trailing median, direct
+    assert ev["grad_spike_before"] is True
+    assert (ev["grad_spike_step"], ev["grad_lead_steps"], ev["grad_lead_resolution"]) == (597, 3, 1)
+    assert ev["grad_spike_ratio"] == pytest.approx(grad[597] / median)
+    assert ev["grad_lookback_steps"] == 50  # the steps the loss's own reference covers
+    assert ev["grad_norm"] == (
+        f"{GRAD} {grad[597] / median:.4g}x its trailing median {median:.4g} at step 597, "
+        "3 steps before"
+    )
+    assert "gave 3 steps of warning" in finding.action
+    assert f"max_norm about {median:.4g}" in finding.action
+    assert finding.keys == ("scalars/loss",)  # the evidence is extra; the finding is the loss's
+
+
+def test_a_grad_norm_spike_at_the_same_step_has_lead_0(tmp_path):
+    run, _ = spiked_run(tmp_path, loss_at=[600], grad_at=[600])
+    [finding] = detect_loss_spikes(run)
+    assert (finding.evidence["grad_spike_step"], finding.evidence["grad_lead_steps"]) == (600, 0)
+    assert finding.evidence["grad_norm"].endswith("at step 600, the same step")
+    assert "warning" not in finding.action  # no time gained: the action stays as it was
+
+
+def test_no_grad_norm_spike_before_is_reported_absent(tmp_path):
+    # a grad spike 100 steps earlier is outside the window; one before the first loss spike
+    # is not credited to the next, 20 steps later
+    run, _ = spiked_run(tmp_path, loss_at=[400, 420, 600], grad_at=[398, 500])
+    first, second, third = detect_loss_spikes(run)
+    assert first.evidence["grad_lead_steps"] == 2
+    for finding, searched in ((second, 19), (third, 50)):  # steps 401-420 and 550-600
+        ev = finding.evidence
+        assert ev["grad_spike_before"] is False
+        assert not {"grad_spike_step", "grad_lead_steps", "grad_spike_ratio"} & set(ev)
+        assert ev["grad_lookback_steps"] == searched
+        assert ev["grad_norm"] == f"no {GRAD} spike in the {searched} steps before " + (
+            f"({searched + 1} measurements scored)"
+        )
+        assert "warning" not in finding.action
+
+
+def test_without_the_grad_norm_the_finding_says_nothing_about_it(tmp_path):
+    loss = decaying_loss(0)
+    loss[600] *= 5.0
+    bare = write_run(tmp_path / "bare", {"scalars/loss": (STEPS, loss)})
+    [finding] = detect_loss_spikes(bare)
+    assert not [k for k in finding.evidence if k.startswith("grad")]
+    with_grad, _ = spiked_run(tmp_path, loss_at=[600], grad_at=[597])
+    [other] = detect_loss_spikes(with_grad)
+    # the grad norm only adds evidence and a sentence: the spike itself is unchanged
+    same = ("start_step", "end_step", "severity", "message", "keys")
+    assert [getattr(other, a) for a in same] == [getattr(finding, a) for a in same]
+    assert finding.evidence.items() <= other.evidence.items()
+    assert other.action.startswith(finding.action)
+
+
+@pytest.mark.parametrize(
+    ("loss_step", "grad_step", "lead"), [(597, 590, "7 steps before"), (600, 600, "the same step")]
+)
+def test_a_coarse_grad_norm_schedule_gives_the_leads_resolution(
+    tmp_path, loss_step, grad_step, lead
+):
+    """Recorded every 10 steps (the probe's default) against a loss every step: the spike
+    measured at step 590 was seen 7 steps ahead, but it may have begun at step 581."""
+    every_10 = np.arange(0, 1000, 10)
+    run, grad = spiked_run(tmp_path, loss_at=[loss_step], grad_at=[grad_step], grad_steps=every_10)
+    [finding] = detect_loss_spikes(run)
+    ev = finding.evidence
+    assert (ev["grad_spike_step"], ev["grad_lead_resolution"]) == (grad_step, 10)
+    assert ev["grad_lead_steps"] == loss_step - grad_step
+    median, _ = trailing_reference(grad, grad_step // 10)  # over its own 50 measurements
+    assert ev["grad_spike_ratio"] == pytest.approx(grad[grad_step // 10] / median)
+    assert ev["grad_norm"].endswith(
+        f"at step {grad_step}, {lead} (to within 10 steps, the spacing of the measurements)"
+    )
+
+
+@pytest.mark.parametrize(("until", "lasted"), [(1000, 600), (570, 560)])
+def test_a_grad_norm_spike_begun_before_the_window_is_no_onset(tmp_path, until, lasted):
+    """Every 10 steps, the norm jumps 20x at step 500 and stays (or comes down at step 570):
+    at the loss spike at step 600 it is far above its 50-measurement median, but it rose
+    100 steps before: no warning of this spike. At step 590 it dips to 3x, under the z test
+    but still high: the same spike goes on."""
+    every_10 = np.arange(0, 1000, 10)
+    grad_at = [s for s in range(500, until, 10) if s != 590]
+    run, grad = spiked_run(tmp_path, loss_at=[600], grad_at=grad_at, grad_steps=every_10)
+    if until == 1000:
+        grad[59] *= 3.0
+        loss = run.series("scalars/loss").values
+        run = write_run(tmp_path / "s", {"scalars/loss": (STEPS, loss), GRAD: (every_10, grad)})
+        _, z = trailing_reference(grad, 59)
+        assert z < 6.0  # under the z test on its own
+    [finding] = detect_loss_spikes(run)
+    ev = finding.evidence
+    assert ev["grad_spike_before"] is False and "warning" not in finding.action
+    assert (ev["grad_spike_began"], ev["grad_spike_lasted_to"]) == (500, lasted)
+    assert ev["grad_norm"] == (
+        f"no new {GRAD} spike in the 50 steps before: one that began at step 500 lasted to "
+        f"step {lasted}"
+    )
+
+
+def test_recurrent_spikes_count_those_the_grad_norm_spiked_before(tmp_path):
+    at = [150, 300, 450, 600, 750, 900]
+    run, _ = spiked_run(tmp_path, loss_at=at, grad_at=[148, 298, 449, 600])
+    [finding] = detect_loss_spikes(run)
+    ev = finding.evidence
+    assert (ev["grad_spikes_before"], ev["grad_spikes_judged"]) == (4, 6)
+    assert (ev["grad_lead_min"], ev["grad_lead_max"], ev["grad_lead_median"]) == (0, 2, 1.5)
+    assert ev["grad_norm"] == f"{GRAD} spiked before 4 of the 6 spikes judged, 0-2 steps before"
+    assert "gave 2 steps of warning (median over 3 of 6 spikes)" in finding.action
+
+
+def test_a_spike_at_the_start_is_not_judged_on_the_grad_norm(tmp_path):
+    """The first points have no grad-norm reference either: the evidence says so."""
+    loss = unstable_from_the_start(0)
+    steps = np.arange(300)
+    run = write_run(
+        tmp_path / "r", {"scalars/loss": (steps, loss), GRAD: (steps, grad_norms(0, 300))}
+    )
+    (finding,) = detect_loss_spikes(run)
+    assert finding.start_step == 1 and "grad_spike_before" not in finding.evidence
+    assert finding.evidence["grad_norm"].startswith("not judged: no norms/grad_total point")

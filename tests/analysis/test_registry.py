@@ -421,3 +421,38 @@ def test_instability_folds_the_findings_it_is_given(tmp_path):
     assert detect_instability(run, computed=nothing) == []
     with pytest.raises(TypeError, match="computed must map symptom detector functions"):
         detect_instability(run, computed=[])
+
+
+def test_a_folded_loss_spike_keeps_its_gradient_norm_lead(tmp_path):
+    """The gradient norm jumps 50x 3 steps before the loss spikes: one episode (exploding
+    gradients, then the loss spike) that keeps the spike's grad-norm sentence and lead,
+    which folding would otherwise drop; the rest of the episode is as without them."""
+    rng = np.random.default_rng(0)
+    steps = np.arange(1000)
+    loss = (2.0 * np.exp(-steps / 300) + 0.1) * np.exp(rng.normal(0.0, 0.05, steps.size))
+    loss[600] *= 5.0
+    grad = np.exp(rng.normal(0.0, 0.3, steps.size))
+    grad[597] *= 50.0
+    run = write_run(
+        tmp_path / "r", {"scalars/loss": (steps, loss), "norms/grad_total": (steps, grad)}
+    )
+    everything = analyze(run, fold=False)
+    [spike] = [f for f in everything if f.detector == "loss_spike"]
+    assert spike.evidence["grad_lead_steps"] == 3
+    folded = analyze(run)
+    [episode] = [f for f in folded if f.detector == "instability"]
+    assert spike not in folded and episode.evidence["symptom[1]"].startswith("loss_spike")
+    carried = {k: v for k, v in episode.evidence.items() if "." in k}
+    assert carried == {
+        "symptom[1].grad_norm": spike.evidence["grad_norm"],
+        "symptom[1].grad_lead_steps": 3,
+    }
+    assert carried["symptom[1].grad_norm"].endswith("at step 597, 3 steps before")
+    bare = [
+        replace(f, evidence={k: v for k, v in f.evidence.items() if not k.startswith("grad")})
+        for f in everything
+    ]
+    [plain] = instability.episodes(bare, 50)
+    assert plain == replace(
+        episode, evidence={k: v for k, v in episode.evidence.items() if k not in carried}
+    )

@@ -185,3 +185,28 @@ def held_level(values: np.ndarray, window: int) -> np.ndarray:
     training that doubles is a fit model's noise, not a spike."""
     med, _ = trailing_median_mad(np.abs(values), window, min_periods=1)
     return np.maximum.accumulate(np.nan_to_num(med))
+
+
+def trailing_z(
+    y: np.ndarray, window: int, *, min_periods: int, floor: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trailing median and robust z-score of each point against the points before it.
+
+    ``z_i = (y_i - med_i) / max(1.4826 * MAD_i, floor)`` over the (up to) ``window``
+    points before ``i`` (:func:`trailing_median_mad`, no look-ahead): Hampel's robust
+    z-score (Rousseeuw & Croux 1993). The loss-spike test scores the loss with it, and the
+    global gradient norm before a loss spike the same way.
+
+    Args:
+        y: ``[n]`` finite values (``log x`` for a positive series).
+        window: the most points a reference holds.
+        min_periods: fewer points before ``i`` than this leave ``z_i = -inf``.
+        floor: the smallest spread: a reference varying less than this is flat.
+
+    Returns:
+        ``med [n]`` (NaN where the reference is too short) and ``z [n]`` (``-inf`` there).
+    """
+    med, mad = trailing_median_mad(y, window, min_periods=min_periods)
+    with np.errstate(invalid="ignore"):
+        z = (y - med) / np.maximum(MAD_SCALE * mad, floor)
+    return med, np.nan_to_num(z, nan=-np.inf)

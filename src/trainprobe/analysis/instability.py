@@ -39,6 +39,10 @@ NEEDS = (" | ".join(dict.fromkeys(module.NEEDS[0] for module in _MODULES)),)
 """Record keys it needs: those of any symptom detector (each needs at least its first)."""
 COMBINES = tuple(detect for _, detect in SYMPTOMS)
 """The detector functions whose findings it folds (``analyze`` passes them as ``computed``)."""
+CARRIED = ("grad_norm", "grad_lead_steps", "grad_lead_median")
+"""A loss spike's evidence an episode keeps besides its message, as ``symptom[i].<key>``: what
+the gradient norm did before it (a sentence) and its lead in steps (one spike's, or the
+median of a recurrent summary's), when ``norms/grad_total`` was recorded."""
 
 
 def detect_instability(
@@ -56,7 +60,9 @@ def detect_instability(
     each episode with two or more kinds of symptom as one finding: the worst severity,
     the union of the spans and keys, every symptom in the evidence, and the action of
     the most severe one. :func:`~trainprobe.analysis.analyze` then leaves the
-    symptoms' own findings out (``fold=False`` keeps them).
+    symptoms' own findings out (``fold=False`` keeps them). Each symptom ``i`` is its
+    message, ``symptom[i]``; a loss spike's gradient-norm evidence stays too
+    (:data:`CARRIED`, as ``symptom[i].grad_norm`` and ``symptom[i].grad_lead_steps``).
 
     Args:
         run: the run to read.
@@ -153,6 +159,7 @@ def _catapult(
     evidence: dict[str, float | int | str] = {"catapults": len(inside)}
     for i, f in enumerate(inside):
         evidence[f"symptom[{i}]"] = f"{f.detector} ({f.severity}) {f.start_step}-{f.end_step}"
+        evidence |= _carried(i, f)
     level = None if ratio is None else ratio_around(ratio, start - gap, end + gap)
     if level is not None:
         evidence["sharpness_ratio_median"] = level
@@ -215,6 +222,7 @@ def _episode(group: list[Finding]) -> Finding:
     for i, f in enumerate(group):
         span = f"{f.start_step}-{f.end_step}"
         evidence[f"symptom[{i}]"] = f"{f.detector} ({f.severity}) {span}: {f.message}"
+        evidence |= _carried(i, f)
     keys = tuple(dict.fromkeys(k for f in group for k in f.keys))
     return Finding(
         NAME,
@@ -226,3 +234,10 @@ def _episode(group: list[Finding]) -> Finding:
         evidence,
         keys,
     )
+
+
+def _carried(i: int, symptom: Finding) -> dict[str, float | int | str]:
+    """Symptom ``i``'s evidence the episode keeps besides its message (:data:`CARRIED`)."""
+    if symptom.detector != loss_spike.NAME:
+        return {}
+    return {f"symptom[{i}].{k}": symptom.evidence[k] for k in CARRIED if k in symptom.evidence}
