@@ -180,6 +180,7 @@ def gradient_series(steps: np.ndarray = GRADIENT_STEPS, seed: int = 0) -> dict:
             steps,
             np.where(steps > steps[-1] // 2, 0.9 / (1 + i), 1.0),
         )
+    series["adam/eps_shrink_total"] = (steps, np.where(steps > steps[-1] // 2, 0.5, 1.0))
     return series
 
 

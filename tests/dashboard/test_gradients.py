@@ -318,7 +318,10 @@ def test_adam_eps_row_draws_each_tensor_and_the_detectors_limit(grad_run):
     from trainprobe.dashboard.attention import adam_eps_panel
 
     part = adam_eps_panel(grad_run, ())
-    assert all(k.startswith("adam/eps_shrink/") for k in part.keys) and part.keys
-    line = next(t for t in part.traces if t.name and t.name.endswith(part.keys[0].split("/")[-1]))
-    np.testing.assert_allclose(line.y, stored(grad_run, part.keys[0]))
+    assert "adam/eps_shrink_total" in part.keys  # what the detector reads, dashed
+    tensors = [k for k in part.keys if k.startswith("adam/eps_shrink/")]
+    line = next(t for t in part.traces if t.name and t.name.endswith(tensors[0].split("/")[-1]))
+    np.testing.assert_allclose(line.y, stored(grad_run, tensors[0]))
+    total = next(t for t in part.traces if t.name == "over every tensor")
+    np.testing.assert_allclose(total.y, stored(grad_run, "adam/eps_shrink_total"))
     assert any(f"{LIMIT:g}" in (t.name or "") for t in part.traces)  # the dotted limit

@@ -152,7 +152,11 @@ def test_activation_stats_on_tuple_outputs_and_chosen_modules(tmp_path):
         x = torch.randn(3, 8)
         out, _ = model.rnn(x.reshape(3, 4, 2))
     run = Run(tmp_path / "r")
-    assert run.keys("activations") == ["activations/mean/rnn", "activations/std/rnn"]
+    assert run.keys("activations") == [
+        "activations/mean/rnn",
+        "activations/std/rnn",
+        "activations/rms/rnn",
+    ]
     assert run.series("activations/mean/rnn").values[0] == pytest.approx(
         out.mean().item(), rel=1e-6
     )

@@ -75,7 +75,8 @@ def format_findings(run: Run, findings: Sequence[Finding], state: RunState | Non
 
 def probe_notes(run: Run) -> list[str]:
     """What the run's metadata says probes did not measure: probes disabled (and why),
-    steps skipped on a non-finite loss, default probes with nothing to read."""
+    steps skipped on a non-finite loss, default probes with nothing to read; and curvature
+    probes whose ``engine="auto"`` fell back to finite differences (why, from when)."""
     meta = run.meta
     notes = [
         f"probe {name!r} disabled: {reason}"
@@ -91,6 +92,13 @@ def probe_notes(run: Run) -> list[str]:
         f"probe {name!r} recorded nothing at some steps: {reason}"
         for name, reason in (meta.get("idle_probes") or {}).items()
     )
+    for name, how in (meta.get("measured_with") or {}).items():
+        if isinstance(how, dict) and how.get("engine") == "fd" and how.get("fallback"):
+            notes.append(
+                f"probe {name!r} ran on finite differences (engine 'fd', attention "
+                f"{how.get('attention') or '?'}) from step {how.get('since_step', '?')}: "
+                f"{how['fallback']}; the products' largest estimated error is {name}/fd_error"
+            )
     return notes
 
 

@@ -30,7 +30,10 @@ Three engines, all over one :class:`trainprobe.functional.Objective` on a flat `
 ``"auto"`` picks ``"graph"`` while at most :data:`MAX_CACHED_BATCHES` batches must be
 cached, else ``"jvp"``; where the graph engine finds a layer without a double backward,
 ``"auto"`` falls back to ``"fd"`` with a warning that names the layer and the error
-estimate. The choice is in ``operator.engine``. No engine returns a
+estimate. The choice is in ``operator.engine`` (and why ``"auto"`` fell back, in
+``operator.fallback``); the scaled-dot-product attention kernels every engine's
+evaluations run on (``"math"``: the scope pins it, finite differences included) are in
+``operator.attention``. No engine returns a
 product through an operation without the derivative it needs: ``"jvp"`` and
 ``"linearize"`` raise where forward AD is missing, and ``"graph"`` checks the gradient
 graph when the operator is made (:mod:`.differentiability`: a custom
@@ -75,6 +78,23 @@ EXACT_ENGINES = ("graph", "jvp", "linearize")
 ENGINES = (*EXACT_ENGINES, "fd")
 MAX_CACHED_BATCHES = 16
 """``engine="auto"`` caches gradient graphs for at most this many batches."""
+SDPA_FLAGS = (
+    ("flash", "flash_sdp_enabled"),
+    ("efficient", "mem_efficient_sdp_enabled"),
+    ("cudnn", "cudnn_sdp_enabled"),
+    ("math", "math_sdp_enabled"),
+)
+"""Scaled-dot-product attention kernels and the ``torch.backends.cuda`` flag of each."""
+
+
+def sdpa_kernels() -> str:
+    """The scaled-dot-product attention kernels torch may choose from now, joined by
+    ``+`` in :data:`SDPA_FLAGS` order: ``"math"`` inside
+    :func:`~trainprobe.functional.differentiable_attention`, ``"flash+efficient+cudnn+math"``
+    with torch's defaults. Read from the global flags that ``sdpa_kernel`` sets (the CPU's
+    fused kernel follows the ``flash`` flag); a flag this torch lacks counts as off."""
+    flags = torch.backends.cuda
+    return "+".join(name for name, flag in SDPA_FLAGS if getattr(flags, flag, lambda: False)())
 
 
 class HessianOperator:
@@ -92,6 +112,10 @@ class HessianOperator:
         matvecs: Hessian-vector products applied so far (a ``matmat`` of ``k`` counts ``k``).
         fd_error: with ``engine="fd"``, the largest estimated relative error of any
             product so far (:mod:`.fd`), else None.
+        fallback: why ``engine="auto"`` runs on ``"fd"`` (the layer without a double
+            backward), else None.
+        attention: the scaled-dot-product attention kernels its evaluations may run on
+            (:func:`sdpa_kernels` inside the evaluation scope: ``"math"``).
         reduce: what combines the loss, gradient and every product over processes (see
             :func:`hessian_operator`), or None.
     """
@@ -117,6 +141,8 @@ class HessianOperator:
         self._pieces = pieces
         self.point = objective.flat_point()  # [P]
         self.fd_error: float | None = None
+        self.fallback: str | None = None
+        self.attention = ""
         self._refinement: HessianOperator | None = None
         objective.check_deterministic(pieces[0][0])
         self._prepare()
@@ -154,6 +180,7 @@ class HessianOperator:
         for index, (batch, weight) in enumerate(self._pieces):
             parts = self.layout.unflatten(w)
             with torch.enable_grad(), self.objective.scope():
+                self.attention = sdpa_kernels()  # what every evaluation's scope allows
                 value = weight * self.objective(parts, batch)
                 if self.reduce is None:  # else checked once combined, the same on every rank
                     _check_finite_loss(value, index)
@@ -483,8 +510,9 @@ def _operator(
         if not fallback:
             raise
         operator = HessianOperator(objective, pieces, engine="fd", reduce=reduce, fd_tol=fd_tol)
+        operator.fallback = str(err).split(". Use ")[0]
         warn_user(
-            f"trainprobe: {str(err).split('. Use ')[0]}; engine='auto' uses finite "
+            f"trainprobe: {operator.fallback}; engine='auto' uses finite "
             "differences of gradients instead (engine='fd': four gradients per product, each "
             f"one checked; estimated relative error {operator.fd_error:.1e} so far)"
         )

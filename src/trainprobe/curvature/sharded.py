@@ -31,6 +31,7 @@ from ..functional import LossFn, Mode, NonFiniteLoss, check_loss_fn, default_bat
 from ..functional.scopes import evaluation
 from ..functional.shards import dtensor_type, local_part
 from .fd import FD_TOL, CentralDifferences
+from .hvp import sdpa_kernels
 from .pieces import _pieces
 
 
@@ -135,6 +136,8 @@ class ShardedHessian:
 
     engine = "fd"
     reduce = None
+    fallback = None
+    attention = ""  # set by each evaluation (sdpa_kernels in its scope)
 
     def __init__(
         self,
@@ -195,6 +198,7 @@ class ShardedHessian:
             for p in self.params:
                 p.grad = None
             with evaluation(self.model, self.mode, self.device), torch.enable_grad():
+                self.attention = sdpa_kernels()  # what the scope allows: "math"
                 for batch, weight in self.pieces:
                     loss = weight * self.loss_fn(self.model, batch)
                     loss.backward()

@@ -109,7 +109,8 @@ def adam_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
 
 
 EPS_SHRINK = "adam/eps_shrink"
-ADAM_EPS_NEEDS = (f"{EPS_SHRINK}/*",)
+EPS_SHRINK_TOTAL = "adam/eps_shrink_total"
+ADAM_EPS_NEEDS = (f"{EPS_SHRINK}*",)  # per tensor, and over every tensor
 
 
 def adam_eps_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
@@ -119,9 +120,12 @@ def adam_eps_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     if drawn is None:
         return None
     traces, series, note = drawn
+    overall = _read(run, [EPS_SHRINK_TOTAL] if EPS_SHRINK_TOTAL in run else [])
+    for line in overall:  # what the detector reads
+        traces.append(_line(line, "over every tensor", dash="dash"))
     return log_lines_part(
         traces,
-        series,
+        [*series, *overall],
         "step with ε / without",
         "The RMS of each tensor's Adam step with ε over its RMS without: 1 when ε is "
         f"negligible; at or below {EPS_LIMIT:g} (dotted) ε dominates the gradients' RMS and "

@@ -48,7 +48,7 @@ def check_probes(probes: Iterable[object]) -> list[Probe]:
         check_schedule(probe.schedule, owner)
         if hasattr(probe, "due"):
             check_schedule(probe.due, f"{owner} due")
-        for optional in ("attach", "settings"):
+        for optional in ("attach", "settings", "measured_with"):
             if hasattr(probe, optional) and not callable(getattr(probe, optional)):
                 raise TypeError(
                     f"{owner}: {optional} must be a method, got {getattr(probe, optional)!r}"
@@ -119,6 +119,17 @@ def checked_finish(
     for key in finished:
         check_written_key(probe_name, declared, key)
     return finished
+
+
+def check_measured_with(probe_name: str, how: object) -> dict[str, Any]:
+    """What a probe's ``measured_with()`` returned, as a dict with string keys (see
+    :mod:`trainprobe.probes.base`), else a ``TypeError``."""
+    if not (isinstance(how, Mapping) and all(isinstance(k, str) for k in how)):
+        raise TypeError(
+            f"probe {probe_name!r}: measured_with() must return a dict with string keys "
+            f"(how its measurement ran, e.g. {{'engine': 'graph'}}), got {how!r}"
+        )
+    return dict(how)
 
 
 def check_options(flush_seconds: float, on_probe_error: str) -> tuple[float, str]:

@@ -46,6 +46,7 @@ from .amp import current_scale, measuring, unscaling_factor
 from .checks import (
     check_logged,
     check_loss_fn,
+    check_measured_with,
     check_model,
     check_optimizer,
     check_options,
@@ -142,6 +143,8 @@ class Monitor:
         self._warned_no_grads = False
         #: trackers that get each committed value too and, at close, the run's findings
         self._mirror = Mirrors(mirror)
+        #: each probe's last measured_with(), as stored in meta["measured_with"]
+        self._measured_with: dict[str, dict[str, Any]] = {}
 
     # -- context management ------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -411,6 +414,8 @@ class Monitor:
             return
         try:
             measured = probe.measure(ctx)
+            how = getattr(probe, "measured_with", None)
+            ran = None if how is None else check_measured_with(probe.name, how())
         except NonFiniteLoss as err:  # one bad batch: this step only, the probe stays on
             if self._ranks is None or not self._ranks.hold(probe, err, skipped=True):
                 self._skip(probe, ctx.step, err)
@@ -423,6 +428,19 @@ class Monitor:
             self._disable(probe, f"raised {type(err).__name__}: {err}")
             return
         values.update(self._checked_keys(probe.name, measured))
+        if ran:
+            self._store_measured_with(probe.name, ran)
+
+    def _store_measured_with(self, name: str, ran: dict[str, Any]) -> None:
+        """Keep ``meta["measured_with"][name]`` (how the probe's measurement ran, see
+        :mod:`trainprobe.probes.base`) up to date, written when it changes. The section
+        holds this monitor's probes: a resumed run's earlier entries give way to them at
+        their first measurement."""
+        if self._measured_with.get(name) == ran:
+            return
+        self._measured_with[name] = ran
+        if self._writer is not None:  # a NullWriter on ranks other than 0
+            self._writer.set_meta({"measured_with": self._measured_with})
 
     def _checked_keys(self, name: str, measured: Mapping[str, Value]) -> dict[str, Value]:
         """``measured``, each key checked against the probe's declared patterns (once per

@@ -21,6 +21,12 @@ from .base import StepContext, step_source
 from .schedules import Schedule, every
 from .source import LossProbe
 
+SHARDED_FALLBACK = (
+    "under FSDP2 the exact engines cannot run (no rank holds the whole model): finite "
+    "differences through the sharded model"
+)
+"""The ``fallback`` of :meth:`CurvatureProbe.measured_with` under FSDP2 with ``engine="auto"``."""
+
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class CurvatureProbe(LossProbe):
@@ -45,6 +51,11 @@ class CurvatureProbe(LossProbe):
     optimizer step, at the parameters that produced this step's gradient. Nothing of
     the model changes (see the curvature module); the probe holds only its own state
     (e.g. eigenvectors for warm starts).
+
+    What its products ran on is left in the run metadata (:meth:`measured_with`):
+    ``run.meta["measured_with"][name]`` is ``{"engine": ..., "attention": ...,
+    "since_step": ...}``, with ``"fallback"`` (why) when ``engine="auto"`` runs on finite
+    differences.
     """
 
     schedule: Schedule = every(100)
@@ -55,6 +66,7 @@ class CurvatureProbe(LossProbe):
     dtype: torch.dtype | None = None
     seed: int = 0
     _previous: Tensor | None = field(default=None, init=False, repr=False)  # [P, k]
+    _ran_on: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,7 +82,8 @@ class CurvatureProbe(LossProbe):
     def operator(self, ctx: StepContext) -> HessianOperator:
         """The Hessian at this step's parameters, on the probe's data and loss (under
         FSDP2 by finite differences through the sharded model, see
-        :mod:`~trainprobe.curvature.sharded`)."""
+        :mod:`~trainprobe.curvature.sharded`); what it runs on is kept for
+        :meth:`measured_with`."""
         own = self.data if self.batches is None else self.batches
         loss_fn, batch = step_source(
             ctx, type(self).__name__, self.loss_fn, own, data_hint="data= (or batches=)"
@@ -83,8 +96,11 @@ class CurvatureProbe(LossProbe):
         else:
             data = {"batch": batch}
         if any_sharded(ctx.params.values()):  # FSDP2, at any world size
-            return self._sharded(ctx, loss_fn, data)  # type: ignore[return-value]
-        return hessian_operator(
+            sharded = self._sharded(ctx, loss_fn, data)
+            fallback = SHARDED_FALLBACK if self.engine == "auto" else None
+            self._note_engine(sharded, fallback, ctx.step)
+            return sharded  # type: ignore[return-value]
+        op = hessian_operator(
             ctx.model,
             loss_fn,
             params=self.params,
@@ -96,6 +112,34 @@ class CurvatureProbe(LossProbe):
             reduce=ctx.ranks.mean if ctx.ranks is not None and own is None else None,
             **data,
         )
+        self._note_engine(op, op.fallback, ctx.step)
+        return op
+
+    def _note_engine(
+        self, op: HessianOperator | ShardedHessian, fallback: str | None, step: int
+    ) -> None:
+        """Keep what ``op`` runs on for :meth:`measured_with` (``since_step``: the first
+        step measured this way)."""
+        ran_on = {"engine": op.engine, "attention": op.attention}
+        if fallback is not None:
+            ran_on["fallback"] = fallback
+        if {k: v for k, v in self._ran_on.items() if k != "since_step"} != ran_on:
+            self._keep(_ran_on={**ran_on, "since_step": step})
+
+    def measured_with(self) -> dict[str, Any]:
+        """How the last measurement's Hessian-vector products ran, for the run metadata
+        (``run.meta["measured_with"][name]``, see :mod:`~trainprobe.probes.base`):
+
+        - ``engine``: ``"graph"``, ``"jvp"``, ``"linearize"`` or ``"fd"`` (finite
+          differences; their error is recorded as ``<name>/fd_error``);
+        - ``attention``: the scaled-dot-product attention kernels the products could use
+          (``"math"``: every engine pins it, finite differences and FSDP2 included);
+        - ``fallback``: only when ``engine="auto"`` runs on ``"fd"``: why;
+        - ``since_step``: the first step measured this way (a later change, e.g. a
+          fallback from a step on, rewrites the entry).
+
+        Empty before the first measurement."""
+        return dict(self._ran_on)
 
     def _sharded(self, ctx: StepContext, loss_fn: Any, data: dict[str, Any]) -> ShardedHessian:
         if self.engine not in ("auto", "fd") or self.params is not None or self.dtype is not None:

@@ -1,4 +1,4 @@
-"""Activation statistics per module: mean, standard deviation, fraction of zeros."""
+"""Activation statistics per module: mean, standard deviation, RMS, fraction of zeros."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ class _Moments:
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class ActivationStats(ProbeOptions):
-    """Mean, standard deviation and zero fraction of module outputs on due steps.
+    """Mean, standard deviation, RMS and zero fraction of module outputs on due steps.
 
     Forward hooks are attached only for due steps and removed when the step
     ends. A module called several times in one step (shared weights, RNN cells)
@@ -110,6 +110,11 @@ class ActivationStats(ProbeOptions):
     ``max_elements`` elements — with a shuffled loader a random subset of the
     batch, which keeps the cost per hooked module small and flat; the standard
     error of a zero fraction estimated from 65,536 elements is below 0.002.
+
+    The root mean square ``sqrt(Σx²/n)`` comes from the same running sums as the
+    standard deviation (no extra reduction). Rybakov et al. 2024, "Methods of improving
+    LLM training stability", watch it on the outputs of each block's attention and MLP
+    linear layers: it grows before the loss diverges.
 
     Keys: see ``keys`` (``zero_frac`` for ReLU-family modules only).
 
@@ -132,6 +137,11 @@ class ActivationStats(ProbeOptions):
             "normalisation would absorb",
         ),
         Key("activations/std/<module>", "standard deviation of the module's outputs"),
+        Key(
+            "activations/rms/<module>",
+            "root mean square of the module's outputs; growing in a block's attention/MLP "
+            "linear layers precedes divergence (Rybakov et al. 2024)",
+        ),
         Key(
             "activations/zero_frac/<module>",
             "fraction of exactly-zero outputs of a ReLU-family module (dead units)",
@@ -217,6 +227,7 @@ class ActivationStats(ProbeOptions):
         out: dict[str, Value] = {
             f"{self.name}/mean": PerLayer(names, means),
             f"{self.name}/std": PerLayer(names, torch.sqrt(torch.clamp(squares - means**2, min=0))),
+            f"{self.name}/rms": PerLayer(names, torch.sqrt(squares)),
         }
         relus = [(n, v[2]) for n, v in called.items() if v[2] is not None]
         if relus:
@@ -247,13 +258,14 @@ class ActivationStats(ProbeOptions):
 def _pooled(
     sums: np.ndarray, *, probe: str, names: tuple[str, ...], relus: tuple[bool, ...]
 ) -> dict[str, float]:
-    """Mean, standard deviation and zero fraction per module from summed moments."""
+    """Mean, standard deviation, RMS and zero fraction per module from summed moments."""
     sums = np.asarray(sums, dtype=np.float64).reshape(len(names), 4)
     out = {}
     for (count, total, squares, nonzero), name, relu in zip(sums, names, relus, strict=True):
         mean = total / count
         out[f"{probe}/mean/{name}"] = float(mean)
         out[f"{probe}/std/{name}"] = float(np.sqrt(max(squares / count - mean**2, 0.0)))
+        out[f"{probe}/rms/{name}"] = float(np.sqrt(squares / count))
         if relu:
             out[f"{probe}/zero_frac/{name}"] = float(1 - nonzero / count)
     return out

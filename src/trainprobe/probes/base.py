@@ -18,7 +18,14 @@ A probe is a small object with one job (DESIGN.md rule 3):
   every gradient); default ``schedule``;
 - optional ``attach(model) -> list[RemovableHandle]``: hooks for a due step;
 - optional ``settings() -> dict``: its options for the run metadata; a built-in probe's
-  are its dataclass fields (:func:`probe_settings`).
+  are its dataclass fields (:func:`probe_settings`);
+- optional ``measured_with() -> dict``: how its measurements ran, where that is decided
+  at run time (the curvature probes: the HVP engine, an ``"auto"`` fallback to finite
+  differences, the attention kernels), JSON-safe, ``{}`` before any; after each
+  measurement the monitor stores it in the run metadata as
+  ``meta["measured_with"][name]`` when it changed (rank 0 writes under
+  ``torch.distributed``; a checkpoint scan stores it alike). Values stay numeric
+  records; this is for what is not a number.
 
 Probes never read device values on the host (no sync) and never change
 ``.grad``, parameters, buffers, train/eval mode or the global RNG: the monitor
@@ -153,8 +160,8 @@ class StepContext:
 
 @runtime_checkable
 class Probe(Protocol):
-    """What the monitor calls; see the module docstring (``due``, ``attach`` and
-    ``settings`` are optional)."""
+    """What the monitor calls; see the module docstring (``due``, ``attach``,
+    ``settings`` and ``measured_with`` are optional)."""
 
     name: str
     schedule: Schedule
