@@ -20,7 +20,9 @@ the loss detectors stay quiet; only the attention statistics show it.
     python examples/transformer_instability.py [--out runs/attn] [--steps 400] [--seeds 3]
 
 The same runs (and a borderline rate) are cases of the detector corpus
-(``benchmarks/corpus/transformer_cases.py``).
+(``benchmarks/corpus/transformer_cases.py``), and so are runs of ``train`` with a large
+Adam ``eps`` or a ``loss_scale`` that makes the gradients tiny against it, which the
+``adam_eps_domination`` detector reads from ``AdamHealth``.
 """
 
 from __future__ import annotations
