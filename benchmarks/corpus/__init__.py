@@ -14,6 +14,7 @@ from . import (
     healthy_controls,
     healthy_edge,
     healthy_loops,
+    logit_drift_cases,
     regions_cases,
     sick_flow,
     sick_instability,
@@ -32,6 +33,7 @@ CASES: tuple[Case, ...] = (
     *sick_structure.CASES,
     *regions_cases.CASES,
     *transformer_cases.CASES,
+    *logit_drift_cases.CASES,
 )
 """Every case, healthy first."""
 

@@ -99,6 +99,8 @@ def nasty_run(tmp_path: Path):
     attention[[12, 20]] = [np.nan, np.inf]
     shrink = np.where(measured < 100, 0.9, 0.01)  # ε dominates from step 100
     shrink[[14, 25]] = [np.nan, np.inf]
+    log_z = 8.0 - measured / 20.0  # drifting below its start
+    log_z[[3, 40]] = [np.nan, -np.inf]
     return write_run(
         tmp_path / "nasty",
         {
@@ -114,6 +116,7 @@ def nasty_run(tmp_path: Path):
             "updates/ratio/gamma": (measured, ratio),
             "attention/max_logit_max": (measured, attention),
             "adam/eps_shrink_total": (measured, shrink),
+            "logits/log_z_mean": (measured, log_z),
             "adam/eps_shrink/fc1.weight": (measured, shrink),
             "adam/eps_share_total": (measured, np.where(measured < 100, np.nan, 1.0)),
             "norms/weight/gamma": (measured, norm),
@@ -240,6 +243,7 @@ def test_registry_is_consistent():
         "gradient_starvation",
         "attention_logit_growth",
         "adam_eps_domination",
+        "output_logit_drift",
         "instability",
     ]
     for detector in DETECTORS:

@@ -14,6 +14,7 @@ from .gradient_conflict import detect_gradient_conflict
 from .gradient_starvation import detect_gradient_starvation
 from .grokking import detect_grokking
 from .instability import detect_instability
+from .logit_drift import detect_output_logit_drift
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .noise_scale import detect_noise_scale
@@ -43,6 +44,7 @@ __all__ = [
     "detect_loss_spikes",
     "detect_noise_scale",
     "detect_nonfinite",
+    "detect_output_logit_drift",
     "detect_region_migration",
     "detect_update_ratio",
     "detect_vanishing_gradients",

@@ -20,6 +20,7 @@ from . import (
     gradient_starvation,
     grokking,
     instability,
+    logit_drift,
     loss_divergence,
     loss_spike,
     noise_scale,
@@ -39,6 +40,7 @@ from .gradient_conflict import detect_gradient_conflict
 from .gradient_starvation import detect_gradient_starvation
 from .grokking import detect_grokking
 from .instability import detect_instability, members
+from .logit_drift import detect_output_logit_drift
 from .loss_divergence import detect_loss_divergence
 from .loss_spike import detect_loss_spikes
 from .noise_scale import detect_noise_scale
@@ -124,6 +126,7 @@ DETECTORS: tuple[Detector, ...] = (
     Detector(gradient_starvation.NAME, detect_gradient_starvation, gradient_starvation.NEEDS),
     Detector(attention_logits.NAME, detect_attention_logit_growth, attention_logits.NEEDS),
     Detector(adam_eps.NAME, detect_adam_eps_domination, adam_eps.NEEDS),
+    Detector(logit_drift.NAME, detect_output_logit_drift, logit_drift.NEEDS),
     Detector(instability.NAME, detect_instability, instability.NEEDS, instability.COMBINES),
 )
 

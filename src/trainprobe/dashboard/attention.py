@@ -11,6 +11,7 @@ import numpy as np
 from trainprobe.analysis.adam_eps import LIMIT as EPS_LIMIT
 from trainprobe.analysis.attention_logits import LIMIT
 from trainprobe.analysis.findings import Finding
+from trainprobe.analysis.logit_drift import LIMIT as DRIFT_LIMIT
 from trainprobe.store import Run
 
 from .curves import _line, _read
@@ -100,8 +101,10 @@ def output_logits_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | 
     return PanelPart(
         traces,
         "nats",
-        "log Z = logsumexp of the output logits. Drifting far from 0 is output-logit "
-        "divergence, which a z-loss (1e-4 · (log Z)²) holds near 0 (Wortsman et al. 2023).",
+        "log Z = logsumexp of the output logits. Every logit drifting together moves it "
+        f"steadily away from its early level ({DRIFT_LIMIT:g} nats or more: the "
+        "output-logit drift finding), what precedes output-logit divergence at scale; a "
+        "z-loss (1e-4 · (log Z)²) holds it near 0 (Wortsman et al. 2023).",
         keys=tuple(s.key for s in found),
     )
 
