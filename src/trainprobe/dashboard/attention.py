@@ -4,8 +4,6 @@ logits' normaliser (OutputLogits), Adam's second moment and the step ε leaves
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from trainprobe.analysis.adam_eps import LIMIT as EPS_LIMIT
@@ -15,7 +13,7 @@ from trainprobe.analysis.logit_drift import LIMIT as DRIFT_LIMIT
 from trainprobe.store import Run
 
 from .curves import _line, _read
-from .gradients import _layer_lines, log_lines_part
+from .gradients import _layer_lines, layer_lines_part
 from .parts import PanelPart
 
 MAX_LOGIT = "attention/max_logit"
@@ -27,39 +25,16 @@ ATTENTION_LOGITS_NEEDS = (f"{MAX_LOGIT}*",)  # per layer, and the largest over t
 def attention_logits_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``attention/max_logit/<layer>``: the largest pre-softmax logit of each attention
     layer, with a dotted line where the growth detector reads it as saturated."""
-    return _lines_and_total(
+    return layer_lines_part(
         run,
         (MAX_LOGIT, np.max, "max", "q·k/√d"),
-        (MAX_OVER_LAYERS, "max over layers"),
         "max q·k/√d",
         "The largest attention logit of each layer. One-hot heads need 10–40; logits "
         f"growing past {LIMIT:g} (dotted) saturate the softmax and stop its gradient "
         "(attention-logit growth: QK-layernorm, a lower peak rate or a longer warmup).",
-        (LIMIT, f"saturated: {LIMIT:g}"),
+        reference=(LIMIT, f"saturated: {LIMIT:g}"),
+        total=(MAX_OVER_LAYERS, "max over layers"),
     )
-
-
-def _lines_and_total(
-    run: Run,
-    lines: tuple[str, Callable, str, str],
-    total: tuple[str, str],
-    title: str,
-    text: str,
-    reference: tuple[float, str],
-) -> PanelPart | None:
-    """A per-layer (or per-tensor) line row, ``lines`` = ``(prefix, reduce, reduce name,
-    label)`` as :func:`~.gradients._layer_lines` takes them, plus the dashed total over
-    them that a detector reads (``total`` = ``(key, label)``), on a log axis with a
-    dotted ``reference`` = ``(level, label)``: the detector's limit."""
-    drawn = _layer_lines(run, *lines)
-    if drawn is None:
-        return None
-    traces, series, note = drawn
-    key, label = total
-    overall = _read(run, [key] if key in run else [])
-    for line in overall:  # what the detector reads
-        traces.append(_line(line, label, dash="dash"))
-    return log_lines_part(traces, [*series, *overall], title, text + note, reference=reference)
 
 
 ATTENTION_ENTROPY_NEEDS = (f"{ENTROPY}/*",)
@@ -115,17 +90,13 @@ ADAM_NEEDS = (f"{ADAM}/*",)
 
 def adam_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``adam/grad_to_v/<param>``: each tensor's mean g² over its mean v̂ (AdamHealth)."""
-    drawn = _layer_lines(run, ADAM, np.max, "max", "g²/v̂")
-    if drawn is None:
-        return None
-    traces, series, note = drawn
-    return log_lines_part(
-        traces,
-        series,
+    return layer_lines_part(
+        run,
+        (ADAM, np.max, "max", "g²/v̂"),
         "mean g² / mean v̂",
         "Each tensor's squared gradient against Adam's second moment: about 1 in steady "
         "training; far above it the gradient grew faster than v̂ follows, where loss "
-        "spikes start." + note,
+        "spikes start.",
         reference=(1.0, "g²/v̂ = 1"),
     )
 
@@ -138,13 +109,13 @@ ADAM_EPS_NEEDS = (f"{EPS_SHRINK}*",)  # per tensor, and over every tensor
 def adam_eps_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``adam/eps_shrink/<param>``: the factor ε shrinks each tensor's Adam step by
     (AdamHealth), with a dotted line where the ε-domination detector reads it."""
-    return _lines_and_total(
+    return layer_lines_part(
         run,
         (EPS_SHRINK, np.min, "min", "step factor"),
-        (EPS_SHRINK_TOTAL, "over every tensor"),
         "step with ε / without",
         "The RMS of each tensor's Adam step with ε over its RMS without: 1 when ε is "
         f"negligible; at or below {EPS_LIMIT:g} (dotted) ε dominates the gradients' RMS and "
         "Adam runs as SGD at lr/ε (lower ε, or find what makes the gradients tiny).",
-        (EPS_LIMIT, f"ε-dominated: {EPS_LIMIT:g}"),
+        reference=(EPS_LIMIT, f"ε-dominated: {EPS_LIMIT:g}"),
+        total=(EPS_SHRINK_TOTAL, "over every tensor"),
     )

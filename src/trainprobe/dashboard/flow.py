@@ -7,7 +7,7 @@ import numpy as np
 from trainprobe.analysis.findings import Finding
 from trainprobe.store import Run
 
-from .gradients import _layer_lines, log_lines_part
+from .gradients import layer_lines_part
 from .parts import PanelPart
 
 NORM = "grad_flow/norm"
@@ -20,16 +20,12 @@ GRAD_FLOW_NEEDS = (f"{NORM}/*",)
 
 def grad_flow_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``grad_flow/norm/<module>``: ``‖∂L/∂y‖`` at each module's output, in model order."""
-    drawn = _layer_lines(run, NORM, np.median, "median", "‖∂L/∂y‖")
-    if drawn is None:
-        return None
-    traces, series, note = drawn
-    return log_lines_part(
-        traces,
-        series,
+    return layer_lines_part(
+        run,
+        (NORM, np.median, "median", "‖∂L/∂y‖"),
         "‖∂L/∂y‖",
         "The gradient reaching each module's output from above. Decades between the last "
-        "modules and the first: the signal fades with depth before it reaches them." + note,
+        "modules and the first: the signal fades with depth before it reaches them.",
     )
 
 
@@ -39,16 +35,12 @@ GRAD_THROUGH_TIME_NEEDS = (f"{RATIO}/*",)
 def grad_through_time_panel(run: Run, findings: tuple[Finding, ...]) -> PanelPart | None:
     """``grad_flow/ratio/<module>``: first over last position of each sequence module's
     input gradient, with a dotted line where the vanishing detector reads it as lost."""
-    drawn = _layer_lines(run, RATIO, np.median, "median", "first/last")
-    if drawn is None:
-        return None
-    traces, series, note = drawn
-    return log_lines_part(
-        traces,
-        series,
+    return layer_lines_part(
+        run,
+        (RATIO, np.median, "median", "first/last"),
         "‖∂L/∂x_first‖ / ‖∂L/∂x_last‖",
         "How much gradient reaches the first position of each sequence against the last. "
         f"Below {VANISHED:g} (dotted) the gradient vanishes through time: what the early "
-        "positions carry is not learned." + note,
+        "positions carry is not learned.",
         reference=(VANISHED, f"first/last = {VANISHED:g}"),
     )

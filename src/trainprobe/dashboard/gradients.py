@@ -130,23 +130,35 @@ def reference_line(series: list[Series], y: float, name: str) -> go.Scatter:
     )
 
 
-def log_lines_part(
-    traces: list[go.Scatter],
-    series: list[Series],
+def layer_lines_part(
+    run: Run,
+    lines: tuple[str, Callable[[np.ndarray], float], str, str],
     y_title: str,
     description: str,
     *,
     reference: tuple[float, str] | None = None,
-) -> PanelPart:
-    """Per-layer lines (and a dotted ``(level, label)`` reference) on a log axis when every
-    value drawn is positive: the row of :func:`_layer_lines`' output."""
+    total: tuple[str, str] | None = None,
+) -> PanelPart | None:
+    """A per-layer line row: ``lines`` = ``(prefix, score, by, what)`` as
+    :func:`_layer_lines` takes them, the dashed ``total`` = ``(key, label)`` over the
+    layers that a detector reads when the run has it, a dotted ``reference`` =
+    ``(level, label)`` (a detector's limit), on a log axis when every value drawn is
+    positive. None when the run has no such layer."""
+    drawn = _layer_lines(run, *lines)
+    if drawn is None:
+        return None
+    traces, series, note = drawn
+    if total is not None and total[0] in run:
+        overall = _read(run, [total[0]])
+        traces += [_line(s, total[1], dash="dash") for s in overall]
+        series = [*series, *overall]
     if reference is not None:
         traces = [*traces, reference_line(series, *reference)]
     log = _all_positive(series)
     return PanelPart(
         traces,
         y_title,
-        description,
+        description + note,
         keys=tuple(s.key for s in series),
         y_log=log,
         y_axis=_log_axis(series) if log else {},
@@ -158,16 +170,12 @@ def weight_spectral_norm_panel(run: Run, findings: tuple[Finding, ...]) -> Panel
 
     No median: norms of matrices of different shapes and roles do not pool.
     """
-    drawn = _layer_lines(run, SPECTRAL_NORM, np.max, "peak", "σ_0")
-    if drawn is None:
-        return None
-    traces, series, note = drawn
-    return log_lines_part(
-        traces,
-        series,
+    return layer_lines_part(
+        run,
+        (SPECTRAL_NORM, np.max, "peak", "σ_0"),
         "spectral norm",
         "Largest singular value per weight matrix. A recurrent one growing far past 1 can "
-        "make gradients explode (Pascanu et al. 2013)." + note,
+        "make gradients explode (Pascanu et al. 2013).",
         reference=(1.0, "σ_0 = 1"),
     )
 
